@@ -1,0 +1,22 @@
+# sglang-ft: the README's commands. `make demo` and `make test` set everything up themselves.
+PY := .venv/bin/python
+
+.PHONY: install demo test test-fast bench clean
+
+install:
+	@bash scripts/install.sh
+
+demo: install
+	$(PY) -m sglang_ft.demo
+
+test: install
+	$(PY) -m pytest -q -ra
+
+test-fast: install
+	$(PY) -m pytest -q -ra -m "not server"
+
+bench: install
+	$(PY) benchmark/throughput.py
+
+clean:
+	rm -rf .venv build *.egg-info .pytest_cache

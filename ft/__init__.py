@@ -1,0 +1,7 @@
+"""sglang-ft's engine-agnostic fault-tolerance library.
+
+Nothing here imports sglang or sglang_ft: it is plain data and algorithms that the SGLang side (python/sglang_ft)
+drives, unit-tested without a model.
+
+- partition.py: unequal-width tensor-parallel layouts (whole GQA groups, MLP columns, vocabulary) as data.
+"""

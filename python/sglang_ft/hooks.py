@@ -1,0 +1,139 @@
+"""Every hook sglang-ft puts on SGLang, in one table: target -> (hook type, handler).
+
+This is the plugin's whole surface on SGLang 0.5.23; `tests/test_hooks.py` resolves every target so an SGLang
+upgrade that moves one fails loudly. Each handler leaves SGLang's behaviour untouched unless `--ft` is on.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from sglang.srt.plugins.hook_registry import HookType
+
+from sglang_ft.launch_checks import ELASTIC_ARCHITECTURES, check_ft_launch
+from sglang_ft.server_args import FtArgs, add_ft_cli_args, cli_error, ft_enabled, publish
+
+logger = logging.getLogger(__name__)
+
+
+def after_add_cli_args(_result, parser, *_args, **_kwargs):
+    """List the `--ft` flags in SGLang's own parser (`--help` included)."""
+    add_ft_cli_args(parser)
+
+
+def around_from_cli_args(original, cls, args, *rest, **kwargs):
+    """Carry the FT options to the subprocesses and refuse a bad `--ft` launch before anything starts."""
+    ft = FtArgs.from_namespace(args)
+    publish(ft)
+    server_args = original(cls, args, *rest, **kwargs)
+    if ft.enabled:
+        problems = check_ft_launch(server_args)
+        if problems:
+            cli_error("; ".join(problems))
+    return server_args
+
+
+def after_get_model_architecture(result, model_config, *_args, **_kwargs):
+    """Under `--ft`, serve Llama-family architectures with the elastic model."""
+    if not ft_enabled():
+        return result
+    _cls, arch = result
+    if arch not in ELASTIC_ARCHITECTURES:
+        raise ValueError(f"--ft supports {ELASTIC_ARCHITECTURES}, not {arch}")
+    from sglang_ft.models.elastic_llama import ElasticLlamaForCausalLM
+
+    return ElasticLlamaForCausalLM, arch
+
+
+def _elastic_shard(model_config):
+    """This rank's shard where the elastic model serves `model_config` in a TP process, else None."""
+    if not ft_enabled() or getattr(model_config, "is_draft_model", False):
+        return None
+    archs = getattr(model_config.hf_config, "architectures", None) or []
+    if not any(a in ELASTIC_ARCHITECTURES for a in archs):
+        return None
+    from sglang_ft.distributed_state import local_shard
+
+    try:
+        return local_shard(model_config.hf_text_config)
+    except (RuntimeError, ValueError, AttributeError):
+        return None  # no TP group in this process (e.g. the launcher sizing memory)
+
+
+def around_get_num_kv_heads(original, model_config, *args, **kwargs):
+    """KV heads on this rank: the layout's (unequal) count under `--ft`."""
+    shard = _elastic_shard(model_config)
+    return original(model_config, *args, **kwargs) if shard is None else shard.num_kv_heads
+
+
+def around_get_num_attention_heads(original, model_config, *args, **kwargs):
+    """Query heads on this rank: the layout's (unequal) count under `--ft`."""
+    shard = _elastic_shard(model_config)
+    if shard is None:
+        return original(model_config, *args, **kwargs)
+    return shard.num_kv_heads * (model_config.num_attention_heads // model_config.get_total_num_kv_heads())
+
+
+def around_safetensors_iterator(original, hf_weights_files, *args, **kwargs):
+    """Under `--ft`, yield lazy tensors so each rank reads only its own slices from the files."""
+    if not ft_enabled():
+        return original(hf_weights_files, *args, **kwargs)
+    from sglang_ft.model_loader.lazy_safetensors import lazy_safetensors_iterator
+
+    return lazy_safetensors_iterator(hf_weights_files)
+
+
+def around_adjust_unaligned_cpu_tp(original, model_config, *args, **kwargs):
+    """Under `--ft`, keep the true head and MLP sizes: SGLang's CPU path pads them for uneven TP, the elastic
+    model splits them unevenly instead."""
+    if ft_enabled():
+        return model_config
+    return original(model_config, *args, **kwargs)
+
+
+def after_apply_token_constraints(token_capacity, *_args, **_kwargs):
+    """Under `--ft`, ranks holding more heads fit fewer tokens: every rank takes the TP group's minimum."""
+    if not ft_enabled():
+        return token_capacity
+    import torch
+
+    from sglang.srt.runtime_context import get_parallel
+
+    parallel = get_parallel()
+    if parallel.tp_size == 1:
+        return token_capacity
+    tensor = torch.tensor(token_capacity, dtype=torch.int64)
+    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MIN, group=parallel.tp_group.cpu_group)
+    return int(tensor.item())
+
+
+_SERVER_ARGS = "sglang.srt.server_args.ServerArgs"
+_WEIGHT_UTILS = "sglang.srt.model_loader.weight_utils"
+
+HOOKS: list[tuple[str, HookType, object]] = [
+    (f"{_SERVER_ARGS}.add_cli_args", HookType.AFTER, after_add_cli_args),
+    (f"{_SERVER_ARGS}.from_cli_args", HookType.AROUND, around_from_cli_args),
+    ("sglang.srt.model_loader.utils.get_model_architecture", HookType.AFTER, after_get_model_architecture),
+    ("sglang.srt.configs.model_config.ModelConfig.get_num_kv_heads", HookType.AROUND, around_get_num_kv_heads),
+    (
+        "sglang.srt.configs.model_config.ModelConfig.get_num_attention_heads",
+        HookType.AROUND,
+        around_get_num_attention_heads,
+    ),
+    (f"{_WEIGHT_UTILS}.safetensors_weights_iterator", HookType.AROUND, around_safetensors_iterator),
+    (
+        f"{_WEIGHT_UTILS}.buffered_multi_thread_safetensors_weights_iterator",
+        HookType.AROUND,
+        around_safetensors_iterator,
+    ),
+    (
+        "sglang.srt.configs.update_config.adjust_config_with_unaligned_cpu_tp",
+        HookType.AROUND,
+        around_adjust_unaligned_cpu_tp,
+    ),
+    (
+        "sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator._apply_token_constraints",
+        HookType.AFTER,
+        after_apply_token_constraints,
+    ),
+]

@@ -1,0 +1,55 @@
+"""Launch-time checks for `--ft`: fail before any process starts, with a message naming the flag at fault."""
+
+from __future__ import annotations
+
+import os
+
+from ft.partition import ModelShape, check_tp_size
+
+ELASTIC_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+
+
+def model_shape_of(hf_config) -> ModelShape:
+    """The partitioning view of a HuggingFace Llama-family config."""
+    heads = hf_config.num_attention_heads
+    kv_heads = getattr(hf_config, "num_key_value_heads", None) or heads
+    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads
+    return ModelShape(
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        hidden_size=hf_config.hidden_size,
+        intermediate_size=hf_config.intermediate_size,
+        vocab_size=hf_config.vocab_size,
+        num_layers=hf_config.num_hidden_layers,
+    )
+
+
+def check_ft_launch(server_args) -> list[str]:
+    """Every problem with these server args under `--ft`, as messages that name the flag; empty when fine."""
+    model_path = server_args.model_path
+    if not model_path:
+        return ["--model-path is required"]
+    if not os.path.isdir(model_path) or not os.path.exists(os.path.join(model_path, "config.json")):
+        return [f"--model-path {model_path!r} is not a local model directory with a config.json"]
+    from transformers import AutoConfig
+
+    try:
+        hf_config = AutoConfig.from_pretrained(model_path, trust_remote_code=server_args.trust_remote_code)
+    except Exception as exc:  # a malformed config is the user's input, not our crash
+        return [f"--model-path {model_path!r}: cannot read its config.json ({exc})"]
+    problems = []
+    archs = getattr(hf_config, "architectures", None) or []
+    if not any(a in ELASTIC_ARCHITECTURES for a in archs):
+        problems.append(
+            f"--ft supports {', '.join(ELASTIC_ARCHITECTURES)}; --model-path {model_path!r} is {archs or 'unknown'}"
+        )
+        return problems
+    try:
+        check_tp_size(model_shape_of(hf_config), server_args.tp_size)
+    except ValueError as exc:
+        problems.append(str(exc))
+    for flag, value in (("--pp-size", server_args.pp_size), ("--dp-size", server_args.dp_size)):
+        if value not in (None, 1):
+            problems.append(f"{flag} {value} is not supported with --ft yet (use 1)")
+    return problems

@@ -1,0 +1,1 @@
+"""Models served under `--ft`: the elastic Llama family."""

@@ -1,0 +1,241 @@
+"""The elastic Llama-family model (Llama, Mistral, Qwen2) served under `--ft`, on SGLang's layers and attention.
+
+Each TP rank holds whole GQA groups of heads, a span of MLP columns and a span of the vocabulary, as given by the
+layout in `sglang_ft.distributed_state`; spans may differ in width (4 KV heads over 3 ranks = 2+1+1). Rank-local
+projections are SGLang `ReplicatedLinear` layers of the local size; row-parallel outputs are all-reduced here.
+Attention is SGLang's RadixAttention, so the radix cache, the KV pool and every attention backend work as usual.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from sglang.srt.layers.activation import SiluAndMul
+from sglang.srt.layers.layernorm import RMSNorm
+from sglang.srt.layers.linear import ReplicatedLinear
+from sglang.srt.layers.logits_processor import LogitsProcessor
+from sglang.srt.layers.radix_attention import RadixAttention
+from sglang.srt.layers.rotary_embedding import get_rope
+from sglang.srt.model_executor.forward_batch_info import ForwardBatch
+from sglang_ft.distributed_state import current_layout
+from sglang_ft.layers.elastic_parallel import ElasticLMHead, ElasticVocabEmbedding, all_reduce
+from sglang_ft.model_loader.lazy_safetensors import read_all, read_cols, read_rows
+from sglang_ft.models.weight_names import WeightRef, parse_weight_name
+
+from ft.partition import RankShard, TPLayout
+
+logger = logging.getLogger(__name__)
+
+
+def _rope_settings(config) -> tuple[float, dict | None]:
+    """(rope_theta, rope_scaling) from either transformers' v5 `rope_parameters` or the older fields."""
+    params = getattr(config, "rope_parameters", None)
+    if params is not None:
+        scaling = params if params.get("rope_type", "default") != "default" else None
+        return params.get("rope_theta", 10000.0), scaling
+    return getattr(config, "rope_theta", 10000.0), getattr(config, "rope_scaling", None)
+
+
+class ElasticAttention(nn.Module):
+    """Self-attention over this rank's GQA groups; the output projection is summed over ranks."""
+
+    def __init__(self, config, layout: TPLayout, shard: RankShard, layer_id: int, prefix: str):
+        super().__init__()
+        shape = layout.shape
+        self.head_dim = shape.head_dim
+        self.num_kv_heads = shard.num_kv_heads
+        self.num_heads = shard.num_kv_heads * shape.group_size
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        attention_bias = bool(getattr(config, "attention_bias", False))
+        qkv_bias = attention_bias or config.model_type == "qwen2"
+        self.qkv_proj = ReplicatedLinear(
+            shape.hidden_size, self.q_size + 2 * self.kv_size, bias=qkv_bias, prefix=f"{prefix}.qkv_proj"
+        )
+        self.o_proj = ReplicatedLinear(self.q_size, shape.hidden_size, bias=False, prefix=f"{prefix}.o_proj")
+        # A row-parallel bias is added once, after the sum over ranks.
+        self.o_bias = nn.Parameter(torch.zeros(shape.hidden_size), requires_grad=False) if attention_bias else None
+        rope_theta, rope_scaling = _rope_settings(config)
+        self.rotary_emb = get_rope(
+            self.head_dim,
+            rotary_dim=self.head_dim,
+            max_position=getattr(config, "max_position_embeddings", 8192),
+            base=rope_theta,
+            rope_scaling=rope_scaling,
+            is_neox_style=True,
+        )
+        self.attn = RadixAttention(
+            self.num_heads,
+            self.head_dim,
+            self.head_dim**-0.5,
+            num_kv_heads=self.num_kv_heads,
+            layer_id=layer_id,
+            prefix=f"{prefix}.attn",
+        )
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, forward_batch: ForwardBatch) -> torch.Tensor:
+        qkv, _ = self.qkv_proj(hidden)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q, k = self.rotary_emb(positions, q, k)
+        out, _ = self.o_proj(self.attn(q, k, v, forward_batch))
+        out = all_reduce(out)
+        return out if self.o_bias is None else out + self.o_bias
+
+
+class ElasticMLP(nn.Module):
+    """SwiGLU over this rank's span of intermediate columns; the down projection is summed over ranks."""
+
+    def __init__(self, hidden_size: int, columns: int, prefix: str):
+        super().__init__()
+        self.gate_up_proj = ReplicatedLinear(hidden_size, 2 * columns, bias=False, prefix=f"{prefix}.gate_up_proj")
+        self.down_proj = ReplicatedLinear(columns, hidden_size, bias=False, prefix=f"{prefix}.down_proj")
+        self.act_fn = SiluAndMul()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate_up, _ = self.gate_up_proj(x)
+        out, _ = self.down_proj(self.act_fn(gate_up))
+        return all_reduce(out)
+
+
+class ElasticDecoderLayer(nn.Module):
+    def __init__(self, config, layout: TPLayout, shard: RankShard, layer_id: int, prefix: str):
+        super().__init__()
+        self.self_attn = ElasticAttention(config, layout, shard, layer_id, f"{prefix}.self_attn")
+        self.mlp = ElasticMLP(config.hidden_size, shard.num_mlp_columns, f"{prefix}.mlp")
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(self, positions, hidden, forward_batch, residual):
+        if residual is None:
+            residual = hidden
+            hidden = self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(positions, hidden, forward_batch)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
+
+
+class ElasticLlamaModel(nn.Module):
+    def __init__(self, config, layout: TPLayout, shard: RankShard):
+        super().__init__()
+        self.embed_tokens = ElasticVocabEmbedding(shard.vocab_rows, config.hidden_size)
+        self.layers = nn.ModuleList(
+            ElasticDecoderLayer(config, layout, shard, i, f"model.layers.{i}") for i in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(self, input_ids, positions, forward_batch, input_embeds=None):
+        hidden = self.embed_tokens(input_ids) if input_embeds is None else input_embeds
+        residual = None
+        for layer in self.layers:
+            hidden, residual = layer(positions, hidden, forward_batch, residual)
+        hidden, _ = self.norm(hidden, residual)
+        return hidden
+
+
+class ElasticLlamaForCausalLM(nn.Module):
+    """Drop-in for SGLang's LlamaForCausalLM under `--ft`, partitioned by the process's TPLayout."""
+
+    def __init__(self, config, quant_config=None, prefix: str = ""):
+        super().__init__()
+        if quant_config is not None:
+            raise ValueError("--ft does not support quantized checkpoints yet")
+        self.config = config
+        self.layout = current_layout(config)
+        from sglang.srt.runtime_context import get_parallel
+
+        self.tp_rank = get_parallel().tp_rank
+        self.shard = self.layout.shard(self.tp_rank)
+        self.model = ElasticLlamaModel(config, self.layout, self.shard)
+        if config.tie_word_embeddings:
+            self.lm_head = ElasticLMHead(self.shard.vocab_rows, config.hidden_size, self._vocab_spans())
+            self.lm_head.weight = self.model.embed_tokens.weight
+        else:
+            self.lm_head = ElasticLMHead(self.shard.vocab_rows, config.hidden_size, self._vocab_spans())
+        self.logits_processor = LogitsProcessor(config, skip_all_gather=True)
+        logger.info(
+            "sglang-ft: TP rank %d of %d holds KV heads %s, MLP columns %s, vocabulary rows %s",
+            self.tp_rank,
+            self.layout.tp_size,
+            self.shard.kv_heads,
+            self.shard.mlp_columns,
+            self.shard.vocab_rows,
+        )
+
+    def _vocab_spans(self):
+        return [s.vocab_rows for s in self.layout.shards]
+
+    @torch.no_grad()
+    def forward(self, input_ids, positions, forward_batch, input_embeds=None, get_embedding=False, **_):
+        hidden = self.model(input_ids, positions, forward_batch, input_embeds)
+        if get_embedding:
+            raise ValueError("--ft serves generation models only")
+        return self.logits_processor(input_ids, hidden, self.lm_head, forward_batch)
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.embed_tokens
+
+    def load_weights(self, weights: Iterable[tuple[str, object]]) -> set[str]:
+        """Copy this rank's slice of each checkpoint tensor into place (reading only that slice when lazy)."""
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            ref = parse_weight_name(name)
+            if ref is None:
+                continue
+            if ref.kind == "lm_head" and self.config.tie_word_embeddings:
+                continue
+            target, piece = self._local_piece(ref, tensor)
+            dest, value = params[target].data[piece[0] : piece[1]], self._read(ref, tensor)
+            if dest.shape != value.shape:
+                raise ValueError(f"{name}: this rank's slice has shape {tuple(value.shape)}, {target} expects "
+                                 f"{tuple(dest.shape)} (layout {self.shard})")
+            dest.copy_(value)
+            loaded.add(target)
+        missing = set(params) - loaded - {"lm_head.weight"} if self.config.tie_word_embeddings else set(params) - loaded
+        if missing:
+            raise ValueError(f"checkpoint is missing {sorted(missing)}")
+        return loaded
+
+    def _local_piece(self, ref: WeightRef, tensor) -> tuple[str, tuple[int, int]]:
+        """The parameter a checkpoint tensor lands in and the rows [a, b) of it that it fills."""
+        if ref.kind in ("q", "k", "v"):
+            attn = self.model.layers[ref.layer].self_attn
+            offset = {"q": 0, "k": attn.q_size, "v": attn.q_size + attn.kv_size}[ref.kind]
+            size = attn.q_size if ref.kind == "q" else attn.kv_size
+            return f"model.layers.{ref.layer}.self_attn.qkv_proj.{ref.suffix}", (offset, offset + size)
+        if ref.kind in ("gate", "up"):
+            cols = self.shard.num_mlp_columns
+            offset = 0 if ref.kind == "gate" else cols
+            return f"model.layers.{ref.layer}.mlp.gate_up_proj.weight", (offset, offset + cols)
+        return ref.param_name, (0, None)
+
+    def _read(self, ref: WeightRef, tensor) -> torch.Tensor:
+        """Read only the slice of `tensor` this rank holds."""
+        shape, shard = self.layout.shape, self.shard
+        hd = shape.head_dim
+        q0, q1 = shard.q_heads(shape.group_size)
+        k0, k1 = shard.kv_heads
+        c0, c1 = shard.mlp_columns
+        v0, v1 = shard.vocab_rows
+        if ref.kind == "q":
+            return read_rows(tensor, q0 * hd, q1 * hd)
+        if ref.kind in ("k", "v"):
+            return read_rows(tensor, k0 * hd, k1 * hd)
+        if ref.kind == "o":
+            return read_cols(tensor, q0 * hd, q1 * hd)
+        if ref.kind in ("gate", "up"):
+            return read_rows(tensor, c0, c1)
+        if ref.kind == "down":
+            return read_cols(tensor, c0, c1)
+        if ref.kind in ("embed", "lm_head"):
+            return read_rows(tensor, v0, v1)
+        return read_all(tensor)
+
+
+EntryClass = [ElasticLlamaForCausalLM]

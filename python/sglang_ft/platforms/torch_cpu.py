@@ -1,0 +1,99 @@
+"""The `torch_cpu` platform: unmodified SGLang serving on a machine with no GPU, with torch-native ops and gloo.
+
+SGLang's in-tree CPU platform needs a CPU build of sgl_kernel (not on PyPI) or vllm. This out-of-tree platform
+subclasses it, so SGLang takes its generic (torch-native) code paths: the `torch_native` attention backend,
+native RMSNorm / RoPE / activation kernels, gloo for tensor parallelism. It also picks each TP rank's OpenMP
+cores, so no SGLANG_* variable is needed. It activates only where no CUDA device exists.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import psutil
+
+from sglang.srt.platforms.cpu import CpuSRTPlatform
+from sglang.srt.platforms.device_mixin import PlatformEnum
+
+logger = logging.getLogger(__name__)
+
+OMP_BIND_ENV = "SGLANG_CPU_OMP_THREADS_BIND"
+
+
+def thread_binding(num_ranks: int, cpu_ids: list[int]) -> str:
+    """SGLANG_CPU_OMP_THREADS_BIND value giving each rank its own cores, or sharing them round robin.
+
+    With at least as many cores as ranks, each rank gets a contiguous block; with fewer, rank r gets core
+    r % num_cores (e.g. `0|1|0|1` for TP 4 on 2 cores).
+    """
+    if num_ranks <= 0:
+        raise ValueError("num_ranks must be positive")
+    cpu_ids = sorted(cpu_ids) or [0]
+    if num_ranks > len(cpu_ids):
+        return "|".join(str(cpu_ids[r % len(cpu_ids)]) for r in range(num_ranks))
+    per_rank = len(cpu_ids) // num_ranks
+    groups = [cpu_ids[r * per_rank : (r + 1) * per_rank] for r in range(num_ranks)]
+    return "|".join(",".join(str(c) for c in g) for g in groups)
+
+
+KV_MEMORY_FRACTION = 0.2  # of the machine's available RAM, shared by every rank's KV pool
+MAX_DEFAULT_TOKENS = 1 << 18
+
+
+def default_max_total_tokens(model_path: str, dtype: str) -> int | None:
+    """A KV pool that fits in a fifth of free RAM (at most 2^18 tokens).
+
+    Every CPU rank measures the same machine-wide free memory, so SGLang's per-device sizing would let each rank
+    claim most of it; a token budget keeps TP > 1 from running the machine out of memory.
+    """
+    try:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(model_path)
+        heads = config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        layers = config.num_hidden_layers
+    except Exception:  # not a Llama-like config: leave sizing to SGLang
+        return None
+    itemsize = 2 if dtype in ("float16", "bfloat16", "half") else 4
+    bytes_per_token = 2 * layers * kv_heads * head_dim * itemsize
+    budget = int(psutil.virtual_memory().available * KV_MEMORY_FRACTION)
+    return max(1024, min(MAX_DEFAULT_TOKENS, budget // bytes_per_token))
+
+
+class TorchCpuPlatform(CpuSRTPlatform):
+    """SGLang's CPU platform marked out-of-tree, so SGLang uses torch-native paths instead of sgl_kernel CPU ops."""
+
+    _enum = PlatformEnum.OOT
+    device_name = "cpu"
+    device_type = "cpu"
+
+    def get_default_attention_backend(self) -> str:
+        return "torch_native"
+
+    def get_default_speculative_draft_attention_backend(self, algorithm: str) -> str:
+        return "torch_native"
+
+    def get_device(self, device_id: int = 0) -> str:
+        """"cpu" as a string: SGLang's `get_device()` feeds this to the `--device` default, which must be a str."""
+        return "cpu"
+
+    def init_backend(self) -> None:
+        """Nothing to initialise: torch's CPU ops are always there."""
+
+    def apply_server_args_defaults(self, server_args) -> None:
+        """CPU defaults: float32, torch-native attention, no graphs, a KV budget, per-rank cores for the user."""
+        server_args.device = "cpu"
+        if server_args.dtype == "auto":
+            server_args.dtype = "float32"  # CPUs without AMX run float32 fastest, and it matches transformers
+        if server_args.attention_backend is None:
+            server_args.attention_backend = "torch_native"
+        server_args.disable_cuda_graph = True
+        if server_args.max_total_tokens is None:
+            server_args.max_total_tokens = default_max_total_tokens(server_args.model_path, server_args.dtype)
+        if not os.environ.get(OMP_BIND_ENV):
+            world = server_args.tp_size * server_args.pp_size * server_args.dp_size
+            os.environ[OMP_BIND_ENV] = thread_binding(world, sorted(os.sched_getaffinity(0)))
+            logger.info("torch_cpu: %s=%s", OMP_BIND_ENV, os.environ[OMP_BIND_ENV])

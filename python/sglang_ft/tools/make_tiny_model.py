@@ -1,0 +1,151 @@
+"""Make a tiny random-weight Llama in HuggingFace format, so tests and the demo never touch a model hub.
+
+The weights are random but deterministic for a seed, and scaled so greedy decoding has clear winners (large logit
+gaps), which keeps greedy outputs identical across TP widths whose all-reduce orders differ. The tokenizer is a
+byte-level BPE trained here on an embedded corpus.
+
+    python -m sglang_ft.tools.make_tiny_model OUT_DIR [--num-layers L] [--hidden-size H] ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+from pathlib import Path
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|{{ message['role'] }}|>{{ message['content'] }}<|end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+SPECIAL_TOKENS = ["<|bos|>", "<|eos|>", "<|pad|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"]
+_WORDS = (
+    "the a an of to in and is was for on that with as by at from it be this are or which not have has had but "
+    "model server token request worker rank tensor parallel group heads cache prefix radix failure heartbeat "
+    "epoch recover restart reload weights bytes memory batch decode prefill latency throughput stream queue "
+    "gpu cpu node link store backup block page layer attention linear embedding vocabulary norm rotary "
+    "red green blue yellow river mountain city ocean forest quiet bright swift slow happy calm storm light "
+    "one two three four five six seven eight nine ten hundred thousand first second third last next "
+    "write read send receive answer question tell story about every people time year way day thing world"
+).split()
+
+
+def build_corpus(seed: int, num_sentences: int = 4000) -> list[str]:
+    """Deterministic pseudo-English sentences: enough text for the BPE trainer to learn a few hundred merges."""
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(num_sentences):
+        words = [rng.choice(_WORDS) for _ in range(rng.randint(4, 14))]
+        words[0] = words[0].capitalize()
+        lines.append(" ".join(words) + rng.choice([".", ".", "?", "!", ","]) + f" {rng.randint(0, 999)}")
+    return lines
+
+
+def train_tokenizer(vocab_size: int, seed: int):
+    """A byte-level BPE of exactly `vocab_size` tokens (filler tokens pad it if the corpus runs out of merges)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if vocab_size < 256 + len(SPECIAL_TOKENS) + 1:
+        raise SystemExit(f"--vocab-size must be at least {256 + len(SPECIAL_TOKENS) + 1} for a byte-level BPE")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(build_corpus(seed), trainer=trainer)
+    missing = vocab_size - tok.get_vocab_size()
+    if missing > 0:
+        tok.add_tokens([f"<|extra_{i}|>" for i in range(missing)])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|bos|>",
+        eos_token="<|eos|>",
+        pad_token="<|pad|>",
+        additional_special_tokens=SPECIAL_TOKENS[3:],
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    assert len(fast) == vocab_size, (len(fast), vocab_size)
+    return fast
+
+
+def make_model(args: argparse.Namespace):
+    """A LlamaForCausalLM with seeded, deliberately peaked random weights."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=args.vocab_size,
+        hidden_size=args.hidden_size,
+        intermediate_size=args.intermediate_size,
+        num_hidden_layers=args.num_layers,
+        num_attention_heads=args.num_attention_heads,
+        num_key_value_heads=args.num_key_value_heads,
+        head_dim=args.hidden_size // args.num_attention_heads,
+        max_position_embeddings=args.max_position_embeddings,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+        torch_dtype="float32",
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=2,
+    )
+    torch.manual_seed(args.seed)
+    model = LlamaForCausalLM(config).to(torch.float32)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() == 1:
+                continue  # RMSNorm weights stay at one
+            fan_in = param.shape[1]
+            std = 1.0 if "embed_tokens" in name else (4.0 if "lm_head" in name else 1.0) / fan_in**0.5
+            param.normal_(0.0, std)
+    model.generation_config.do_sample = False
+    model.generation_config.temperature = None
+    model.generation_config.top_p = None
+    return model
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m sglang_ft.tools.make_tiny_model", description=__doc__.split("\n")[0])
+    parser.add_argument("out_dir", type=Path, help="directory to write config.json, model.safetensors, tokenizer")
+    parser.add_argument("--num-layers", type=int, default=2)
+    parser.add_argument("--hidden-size", type=int, default=64)
+    parser.add_argument("--intermediate-size", type=int, default=160)
+    parser.add_argument("--num-attention-heads", type=int, default=8)
+    parser.add_argument("--num-key-value-heads", type=int, default=4)
+    parser.add_argument("--vocab-size", type=int, default=512)
+    parser.add_argument("--max-position-embeddings", type=int, default=2048)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    for flag in ("num_layers", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "vocab_size"):
+        if getattr(args, flag) <= 0:
+            parser.error(f"--{flag.replace('_', '-')} must be positive")
+    if args.hidden_size % args.num_attention_heads:
+        parser.error("--hidden-size must be divisible by --num-attention-heads")
+    if args.num_attention_heads % args.num_key_value_heads:
+        parser.error("--num-attention-heads must be divisible by --num-key-value-heads")
+    return args
+
+
+def main(argv: list[str] | None = None) -> Path:
+    args = parse_args(argv)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = train_tokenizer(args.vocab_size, args.seed)
+    model = make_model(args)
+    model.save_pretrained(args.out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(args.out_dir)
+    (args.out_dir / "sglang_ft_tiny.json").write_text(json.dumps(vars(args), default=str, indent=1))
+    print(f"wrote tiny Llama ({sum(p.numel() for p in model.parameters())} parameters) to {args.out_dir}")
+    return args.out_dir
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

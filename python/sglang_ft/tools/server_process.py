@@ -1,0 +1,115 @@
+"""Run `python -m sglang.launch_server` as a child process: start, wait until healthy, stop it and all its children.
+
+Shared by the demo, the tests and the benchmarks so every one of them launches SGLang the way a user does.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import requests
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class ServerProcess:
+    """One SGLang server on 127.0.0.1, its log file, and how long it took to become healthy."""
+
+    model_path: str
+    tp_size: int = 1
+    ft: bool = False
+    extra_args: list[str] = field(default_factory=list)
+    port: int = 0
+    log_path: Path | None = None
+    startup_s: float = 0.0
+    proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def command(self) -> list[str]:
+        cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(self.model_path)]
+        cmd += ["--tp-size", str(self.tp_size), "--host", "127.0.0.1", "--port", str(self.port)]
+        cmd += ["--ft"] if self.ft else []
+        return cmd + list(self.extra_args)
+
+    def start(self, timeout_s: float = 300.0) -> "ServerProcess":
+        self.port = self.port or free_port()
+        if self.log_path is None:
+            self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"sglang-ft-server-{self.port}.log"
+        log = open(self.log_path, "w")
+        env = dict(os.environ, PYTHONWARNINGS="ignore")
+        started = time.monotonic()
+        self.proc = subprocess.Popen(
+            self.command(), stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+        try:
+            self._wait_healthy(timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+        self.startup_s = time.monotonic() - started
+        return self
+
+    def _wait_healthy(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}; log:\n{self.log_tail()}")
+            try:
+                if requests.get(f"{self.url}/health_generate", timeout=30).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(1.0)
+        raise TimeoutError(f"server not healthy after {timeout_s:.0f}s; log:\n{self.log_tail()}")
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path and self.log_path.exists() else ""
+
+    def log_tail(self, lines: int = 60) -> str:
+        return "\n".join(self.log_text().splitlines()[-lines:])
+
+    def stop(self, grace_s: float = 15.0) -> None:
+        """SIGTERM the whole process group, then SIGKILL whatever is left."""
+        if self.proc is None:
+            return
+        for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                self.proc.wait(timeout=wait)
+                _reap_group(self.proc.pid)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        self.proc = None
+
+    def __enter__(self) -> "ServerProcess":
+        return self.start() if self.proc is None else self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _reap_group(pgid: int) -> None:
+    """Kill stragglers of the group (scheduler processes outliving the launcher)."""
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass

@@ -1,0 +1,22 @@
+"""Small HTTP helpers the server tests share."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import requests
+
+GREEDY = {"temperature": 0.0, "ignore_eos": True}
+
+
+def generate(url: str, prompt: str, max_new_tokens: int, **extra) -> dict:
+    body = {"text": prompt, "sampling_params": {**GREEDY, "max_new_tokens": max_new_tokens}, **extra}
+    response = requests.post(f"{url}/generate", json=body, timeout=300)
+    response.raise_for_status()
+    return response.json()
+
+
+def generate_concurrently(url: str, prompts: list[str], max_new_tokens: int) -> list[dict]:
+    """All prompts in flight at once, so the server batches them together."""
+    with ThreadPoolExecutor(max_workers=len(prompts)) as pool:
+        return list(pool.map(lambda p: generate(url, p, max_new_tokens), prompts))

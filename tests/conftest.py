@@ -1,0 +1,99 @@
+"""Shared fixtures: tiny models made once per session, real SGLang servers shared per module."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from sglang_ft.tools import make_tiny_model
+
+PROMPTS = [
+    "The model server",
+    "Heartbeat epoch recover restart reload weights bytes memory batch decode prefill latency",
+    "one",
+    "Tell me a story about a quiet river and a bright city in the mountain forest",
+    "rank tensor parallel group heads cache prefix radix failure",
+    "Seven blue",
+]
+MAX_NEW_TOKENS = 24
+
+
+def pytest_collection_modifyitems(config, items):
+    """GPU tests are skipped where no CUDA device exists; every CPU path runs."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def _make(tmp_path_factory, name: str, *flags: str) -> str:
+    out = tmp_path_factory.mktemp(name)
+    make_tiny_model.main([str(out), *flags])
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> str:
+    """8 attention heads, 4 KV heads (the default tiny model)."""
+    return _make(tmp_path_factory, "tiny-8h")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_12h(tmp_path_factory) -> str:
+    """12 attention heads, 4 KV heads."""
+    return _make(tmp_path_factory, "tiny-12h", "--hidden-size", "96", "--num-attention-heads", "12", "--seed", "1")
+
+
+@pytest.fixture(scope="session")
+def hf_outputs():
+    """transformers greedy outputs, computed once per model."""
+    from sglang_ft.tools.hf_reference import greedy_token_ids
+
+    cache: dict[str, list[list[int]]] = {}
+
+    def get(model_path: str) -> list[list[int]]:
+        if model_path not in cache:
+            cache[model_path] = greedy_token_ids(model_path, PROMPTS, MAX_NEW_TOKENS)
+        return cache[model_path]
+
+    return get
+
+
+class ServerPool:
+    """One live SGLang server at a time, reused by consecutive tests that ask for the same configuration."""
+
+    def __init__(self):
+        self.key = None
+        self.server = None
+
+    def get(self, model_path: str, tp_size: int, ft: bool, *extra: str):
+        from sglang_ft.tools.server_process import ServerProcess
+
+        key = (model_path, tp_size, ft, extra)
+        if key != self.key:
+            self.close()
+            self.server = ServerProcess(model_path, tp_size=tp_size, ft=ft, extra_args=list(extra)).start()
+            self.key = key
+        return self.server
+
+    def close(self):
+        if self.server is not None:
+            self.server.stop()
+        self.key = self.server = None
+
+
+@pytest.fixture(scope="session")
+def servers():
+    pool = ServerPool()
+    yield pool
+    pool.close()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _quiet_tokenizers():
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

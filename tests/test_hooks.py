@@ -1,0 +1,56 @@
+"""The plugin's surface on SGLang: every hook target exists in the pinned SGLang, and `--help` lists `--ft`."""
+
+import pkgutil
+import subprocess
+import sys
+from importlib.metadata import entry_points, version
+
+import pytest
+
+from sglang_ft.hooks import HOOKS
+
+
+def test_sglang_is_the_pinned_version():
+    assert version("sglang") == "0.5.23"
+
+
+@pytest.mark.parametrize("target", sorted({t for t, _, _ in HOOKS}))
+def test_every_hook_target_resolves(target):
+    owner, attr = target.rsplit(".", 1)
+    assert hasattr(pkgutil.resolve_name(owner), attr), f"{target} is gone from this SGLang"
+
+
+def test_both_entry_points_are_registered():
+    assert "torch_cpu" in {ep.name for ep in entry_points(group="sglang.srt.platforms")}
+    assert "ft" in {ep.name for ep in entry_points(group="sglang.srt.plugins")}
+
+
+def test_launch_server_help_lists_the_ft_flags():
+    proc = subprocess.run([sys.executable, "-m", "sglang.launch_server", "--help"], capture_output=True, text=True,
+                          timeout=180)
+    assert proc.returncode == 0
+    assert "sglang-ft" in proc.stdout and "--ft " in proc.stdout
+
+
+def test_parsing_carries_ft_to_subprocesses(monkeypatch):
+    """`--ft` is not a ServerArgs field; the plugin publishes it in the environment the schedulers inherit."""
+    import argparse
+
+    from sglang.srt.plugins import load_plugins
+    from sglang.srt.server_args import ServerArgs
+
+    from sglang_ft.server_args import FT_ENV, ft_args
+
+    load_plugins()
+    monkeypatch.delenv(FT_ENV, raising=False)
+    parser = argparse.ArgumentParser()
+    ServerArgs.add_cli_args(parser)
+    try:
+        ServerArgs.from_cli_args(parser.parse_args(["--model-path", "dummy"]))
+        assert ft_args().enabled is False
+        args = parser.parse_args(["--model-path", "dummy", "--ft"])
+        with pytest.raises(SystemExit):  # "dummy" is no model directory, so --ft refuses it
+            ServerArgs.from_cli_args(args)
+        assert ft_args().enabled is True
+    finally:
+        ft_args.cache_clear()  # monkeypatch restores the environment; the cached value must not outlive it

@@ -1,0 +1,55 @@
+"""make_tiny_model: a HuggingFace-format random Llama, loadable by transformers and deterministic for a seed."""
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sglang_ft.tools import make_tiny_model
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256((path / "model.safetensors").read_bytes()).hexdigest()
+
+
+def test_flags_shape_the_model_and_transformers_loads_it(tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    make_tiny_model.main([str(tmp_path), "--num-layers", "3", "--hidden-size", "48", "--intermediate-size", "72",
+                          "--num-attention-heads", "6", "--num-key-value-heads", "3", "--vocab-size", "300"])
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert (config["num_hidden_layers"], config["hidden_size"], config["intermediate_size"]) == (3, 48, 72)
+    assert (config["num_attention_heads"], config["num_key_value_heads"], config["vocab_size"]) == (6, 3, 300)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+    assert len(tokenizer) == 300
+    chat = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    assert "hi" in chat and chat.endswith("<|assistant|>")
+    ids = tokenizer("the model server", return_tensors="pt").input_ids
+    assert tokenizer.decode(ids[0]) == "the model server"
+    assert model(ids).logits.shape == (1, ids.shape[1], 300)
+
+
+def test_same_seed_same_weights_other_seed_other_weights(tmp_path):
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    make_tiny_model.main([str(a), "--seed", "3"])
+    make_tiny_model.main([str(b), "--seed", "3"])
+    make_tiny_model.main([str(c), "--seed", "4"])
+    assert _digest(a) == _digest(b) != _digest(c)
+
+
+def test_bad_flag_exits_with_a_message_naming_it(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "sglang_ft.tools.make_tiny_model", str(tmp_path),
+                           "--num-attention-heads", "6", "--num-key-value-heads", "4"], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "--num-attention-heads" in proc.stderr
+
+
+@pytest.mark.parametrize("flag", ["--hidden-size", "--vocab-size"])
+def test_non_positive_sizes_are_refused(tmp_path, flag):
+    with pytest.raises(SystemExit):
+        make_tiny_model.main([str(tmp_path), flag, "0"])

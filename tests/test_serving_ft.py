@@ -1,0 +1,84 @@
+"""With `--ft`: the elastic unequal-width model equals transformers at TP 1-4, and SGLang's features still work.
+
+Servers are expensive (about a minute each here), so the matrix ends on the TP 3 server (unequal widths: 4+2+2
+query heads) that the feature tests then reuse.
+"""
+
+import json
+import re
+
+import pytest
+import requests
+
+from client import GREEDY, generate, generate_concurrently
+from conftest import MAX_NEW_TOKENS, PROMPTS
+
+pytestmark = pytest.mark.server
+
+MATRIX = [("8h", 1), ("8h", 2), ("8h", 4), ("12h", 1), ("12h", 2), ("12h", 3), ("12h", 4), ("8h", 3)]
+READ_LINE = re.compile(r"(?:TP(\d+)\] )?sglang-ft: read (\d+) of (\d+) checkpoint bytes")  # no TP tag at TP 1
+
+
+@pytest.fixture
+def models(tiny_model, tiny_model_12h):
+    return {"8h": tiny_model, "12h": tiny_model_12h}
+
+
+@pytest.mark.parametrize("model, tp", MATRIX, ids=[f"{m}-tp{t}" for m, t in MATRIX])
+def test_greedy_equals_transformers_and_ranks_read_only_their_slices(servers, models, hf_outputs, model, tp):
+    server = servers.get(models[model], tp, True)
+    outputs = generate_concurrently(server.url, PROMPTS, MAX_NEW_TOKENS)
+    assert [o["output_ids"] for o in outputs] == hf_outputs(models[model])
+
+    reads = {int(r or 0): (int(got), int(total)) for r, got, total in READ_LINE.findall(server.log_text())}
+    assert sorted(reads) == list(range(tp))
+    for got, total in reads.values():
+        # norms are replicated, everything else is split: a rank reads about 1/tp of the checkpoint bytes
+        assert got <= total / tp * 1.1 + 4096 and (tp > 1 or got == total)
+
+
+@pytest.fixture
+def tp3(servers, tiny_model):
+    return servers.get(tiny_model, 3, True)
+
+
+def test_radix_prefix_cache_hits_and_keeps_output(tp3):
+    prompt = " ".join(PROMPTS)
+    first = generate(tp3.url, prompt, 8)
+    second = generate(tp3.url, prompt, 8)
+    assert second["meta_info"]["cached_tokens"] > 0
+    assert second["output_ids"] == first["output_ids"]
+
+
+def test_streaming_yields_the_same_tokens(tp3, hf_outputs, tiny_model):
+    body = {"text": PROMPTS[0], "sampling_params": {**GREEDY, "max_new_tokens": MAX_NEW_TOKENS}, "stream": True}
+    chunks = []
+    with requests.post(f"{tp3.url}/generate", json=body, stream=True, timeout=300) as response:
+        response.raise_for_status()
+        for line in response.iter_lines():
+            if line.startswith(b"data:") and line != b"data: [DONE]":
+                chunks.append(json.loads(line[5:]))
+    assert len(chunks) > 1
+    streamed_ids = [t for c in chunks for t in c["output_ids"]]
+    assert streamed_ids == hf_outputs(tiny_model)[0]
+
+
+def test_openai_completions_and_chat(tp3):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{tp3.url}/v1", api_key="none")
+    model = client.models.list().data[0].id
+    native = generate(tp3.url, PROMPTS[3], 12)
+    completion = client.completions.create(model=model, prompt=PROMPTS[3], max_tokens=12, temperature=0,
+                                           extra_body={"ignore_eos": True})
+    assert completion.choices[0].text == native["text"]
+    assert completion.usage.completion_tokens == 12
+
+    messages = [{"role": "user", "content": "Tell me about the radix cache"}]
+    chat = client.chat.completions.create(model=model, messages=messages, max_tokens=10, temperature=0,
+                                          extra_body={"ignore_eos": True})
+    assert chat.choices[0].finish_reason == "length" and chat.usage.completion_tokens == 10
+    stream = client.chat.completions.create(model=model, messages=messages, max_tokens=10, temperature=0,
+                                            stream=True, extra_body={"ignore_eos": True})
+    streamed = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert streamed == chat.choices[0].message.content
