@@ -1,0 +1,64 @@
+"""Heartbeat failure detection: a worker silent for `interval * 2` is suspect, silent for `timeout` is dead.
+
+Time is passed in, never read, so the detector is deterministic under test. A SIGKILLed worker stops beating
+(and its process exit is reported at once by whoever watches pids); a SIGSTOPped one stops beating too and is
+caught by the same timeout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ft.membership import Membership, WorkerState
+
+
+@dataclass(frozen=True)
+class Transition:
+    worker: int
+    state: WorkerState
+    silent_s: float
+
+
+class FailureDetector:
+    def __init__(self, membership: Membership, interval_s: float, timeout_s: float):
+        if not 0 < interval_s < timeout_s:
+            raise ValueError(f"need 0 < heartbeat interval ({interval_s}s) < timeout ({timeout_s}s)")
+        self.membership = membership
+        self.interval_s = interval_s
+        self.timeout_s = timeout_s
+        self.suspect_after_s = min(2 * interval_s, timeout_s / 2)
+
+    def beat(self, worker: int, pid: int, now: float) -> Transition | None:
+        """Record a heartbeat; a suspect or joining worker that beats becomes healthy again."""
+        record = self.membership.workers.get(worker)
+        if record is None or record.state is WorkerState.DEAD:
+            return None
+        record.pid, record.last_beat = pid, now
+        if self.membership.set_state(worker, WorkerState.HEALTHY, now):
+            return Transition(worker, WorkerState.HEALTHY, 0.0)
+        return None
+
+    def sweep(self, now: float) -> list[Transition]:
+        """Suspect or declare dead every group member whose heartbeats stopped."""
+        changes = []
+        for worker in self.membership.members():
+            record = self.membership.workers[worker]
+            if record.state is WorkerState.DEAD or record.last_beat is None:
+                continue
+            silent = now - record.last_beat
+            if silent >= self.timeout_s:
+                state = WorkerState.DEAD
+            elif silent >= self.suspect_after_s:
+                state = WorkerState.SUSPECT
+            else:
+                continue
+            if self.membership.set_state(worker, state, now):
+                changes.append(Transition(worker, state, silent))
+        return changes
+
+    def declare_dead(self, worker: int, now: float) -> Transition | None:
+        """A process exit or a failed collective: dead at once, without waiting for the timeout."""
+        record = self.membership.workers.get(worker)
+        if record is None or not self.membership.set_state(worker, WorkerState.DEAD, now):
+            return None
+        return Transition(worker, WorkerState.DEAD, now - (record.last_beat or now))

@@ -1,0 +1,81 @@
+"""Heartbeats over ZMQ: a sender thread in each worker, a receiver in the controller.
+
+The sender runs in a thread of its own, so a long forward pass never delays a beat; a process that is killed
+or stopped stops beating, which is what the controller's FailureDetector watches for.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import zmq
+
+from ft.messages import Heartbeat, Message, decode, encode
+
+
+class HeartbeatSender:
+    """Beats `Heartbeat(worker, pid, epoch, seq)` to `endpoint` every `interval_s` from a daemon thread."""
+
+    def __init__(self, endpoint: str, worker: int, interval_s: float, epoch: int = 0):
+        self.endpoint = endpoint
+        self.worker = worker
+        self.interval_s = interval_s
+        self.epoch = epoch
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"ft-heartbeat-{worker}", daemon=True)
+
+    def start(self) -> "HeartbeatSender":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5 * self.interval_s)
+
+    def _run(self) -> None:
+        context = zmq.Context.instance()
+        socket = context.socket(zmq.PUSH)
+        socket.setsockopt(zmq.LINGER, 0)
+        socket.setsockopt(zmq.SNDHWM, 16)  # a stalled controller must not make beats pile up
+        socket.connect(self.endpoint)
+        seq = 0
+        try:
+            while not self._stop.is_set():
+                try:
+                    socket.send(encode(Heartbeat(self.worker, os.getpid(), self.epoch, seq)), zmq.NOBLOCK)
+                except zmq.Again:
+                    pass
+                seq += 1
+                self._stop.wait(self.interval_s)
+        finally:
+            socket.close()
+
+
+class MessageReceiver:
+    """The controller's PULL socket: every worker's heartbeats and failure reports arrive here."""
+
+    def __init__(self, endpoint: str):
+        self.socket = zmq.Context.instance().socket(zmq.PULL)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.bind(endpoint)
+        self.dropped = 0  # frames that were not valid sglang-ft messages
+
+    def poll(self, timeout_s: float) -> list[Message]:
+        """Every message that arrives within `timeout_s` (returns early once something arrived)."""
+        messages = []
+        if self.socket.poll(int(timeout_s * 1000)):
+            while True:
+                try:
+                    frame = self.socket.recv(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                message = decode(frame)
+                if message is None:
+                    self.dropped += 1
+                else:
+                    messages.append(message)
+        return messages
+
+    def close(self) -> None:
+        self.socket.close()
