@@ -1,0 +1,82 @@
+"""Typed messages on sglang-ft's own ZMQ sockets (msgspec msgpack), each carrying the membership epoch.
+
+A receiver decodes with `decode()`, which rejects anything that is not one of these structs, so a malformed or
+foreign frame is an error value, never an exception deep inside a loop.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class Heartbeat(msgspec.Struct, tag=True, frozen=True):
+    """Sent by each worker's heartbeat thread every interval."""
+
+    worker: int  # the worker's id: its TP rank at launch, stable across regroups
+    pid: int
+    epoch: int
+    seq: int
+
+
+class WorkerFailed(msgspec.Struct, tag=True, frozen=True):
+    """A worker reports that a collective failed or timed out (a peer is probably gone)."""
+
+    worker: int
+    epoch: int
+    reason: str
+
+
+class Regroup(msgspec.Struct, tag=True, frozen=True):
+    """The controller's order: form the group `workers` (new rank r = workers[r]) at `epoch` with `layout_json`."""
+
+    epoch: int
+    workers: tuple[int, ...]
+    layout_json: str
+    store_port: int
+    cause: str
+
+
+class Fenced(msgspec.Struct, tag=True, frozen=True):
+    """The controller's answer to a worker of an older epoch: it is out of the group and must exit."""
+
+    worker: int
+    epoch: int
+
+
+Message = Heartbeat | WorkerFailed | Regroup | Fenced
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(Message)
+
+
+def encode(message: Message) -> bytes:
+    return _encoder.encode(message)
+
+
+def decode(frame: bytes) -> Message | None:
+    """The message in `frame`, or None if it is not a valid sglang-ft message."""
+    try:
+        return _decoder.decode(frame)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+
+
+class ControlRequest(msgspec.Struct, frozen=True):
+    """HTTP server -> controller: `status`, or `inject` a fault (`kill`, `hang`, `resume`) into TP rank `rank`."""
+
+    op: str
+    rank: int = -1
+    kind: str = ""
+
+
+_control_decoder = msgspec.json.Decoder(ControlRequest)
+
+
+def encode_control(request: ControlRequest) -> bytes:
+    return msgspec.json.encode(request)
+
+
+def decode_control(frame: bytes) -> ControlRequest | None:
+    try:
+        return _control_decoder.decode(frame)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
