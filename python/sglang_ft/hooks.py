@@ -27,10 +27,36 @@ def around_from_cli_args(original, cls, args, *rest, **kwargs):
     publish(ft)
     server_args = original(cls, args, *rest, **kwargs)
     if ft.enabled:
-        problems = check_ft_launch(server_args)
+        problems = ft.problems() + check_ft_launch(server_args)
         if problems:
             cli_error("; ".join(problems))
     return server_args
+
+
+def before_launch_server(server_args, *args, **kwargs):
+    """Under `--ft`, start the FT controller and add the `/ft/*` routes before SGLang spawns its schedulers."""
+    if ft_enabled():
+        from sglang.srt.entrypoints import http_server
+
+        from sglang_ft.entrypoints.ft_runtime import start_ft_runtime
+
+        start_ft_runtime(server_args.tp_size, http_server.app)
+
+
+def after_scheduler_init(_result, scheduler, *args, **kwargs):
+    """Under `--ft`, every TP worker beats to the controller from a thread of its own."""
+    from sglang_ft.server_args import ft_args
+
+    ft = ft_args()
+    if not ft.enabled or not ft.runtime_dir:
+        return
+    from sglang.srt.runtime_context import get_parallel
+
+    from ft.heartbeat import HeartbeatSender
+
+    scheduler.ft_heartbeat = HeartbeatSender(
+        ft.heartbeat_endpoint, get_parallel().tp_rank, ft.heartbeat_interval_ms / 1e3
+    ).start()
 
 
 def after_get_model_architecture(result, model_config, *_args, **_kwargs):
@@ -113,6 +139,8 @@ _WEIGHT_UTILS = "sglang.srt.model_loader.weight_utils"
 HOOKS: list[tuple[str, HookType, object]] = [
     (f"{_SERVER_ARGS}.add_cli_args", HookType.AFTER, after_add_cli_args),
     (f"{_SERVER_ARGS}.from_cli_args", HookType.AROUND, around_from_cli_args),
+    ("sglang.srt.entrypoints.http_server.launch_server", HookType.BEFORE, before_launch_server),
+    ("sglang.srt.managers.scheduler.Scheduler.__init__", HookType.AFTER, after_scheduler_init),
     ("sglang.srt.model_loader.utils.get_model_architecture", HookType.AFTER, after_get_model_architecture),
     ("sglang.srt.configs.model_config.ModelConfig.get_num_kv_heads", HookType.AROUND, around_get_num_kv_heads),
     (

@@ -21,13 +21,42 @@ class FtArgs:
     """Options of the `ft` plugin. Every CLI flag is `--ft` or starts with `--ft-`."""
 
     enabled: bool = False
+    heartbeat_interval_ms: int = 200
+    heartbeat_timeout_ms: int = 2000
+    enable_fault_injection: bool = False
+    runtime_dir: str = ""  # where the FT controller's sockets live; set by the launcher
+
+    @property
+    def heartbeat_endpoint(self) -> str:
+        return f"ipc://{self.runtime_dir}/heartbeat"
+
+    @property
+    def control_endpoint(self) -> str:
+        return f"ipc://{self.runtime_dir}/control"
+
+    def problems(self) -> list[str]:
+        """Inconsistent FT flags, as messages naming the flag."""
+        found = []
+        if self.heartbeat_interval_ms <= 0:
+            found.append(f"--ft-heartbeat-interval-ms must be positive, got {self.heartbeat_interval_ms}")
+        if self.heartbeat_timeout_ms <= self.heartbeat_interval_ms:
+            found.append(
+                f"--ft-heartbeat-timeout-ms ({self.heartbeat_timeout_ms}) must exceed "
+                f"--ft-heartbeat-interval-ms ({self.heartbeat_interval_ms})"
+            )
+        return found
 
     def to_env(self) -> str:
         return json.dumps(dataclasses.asdict(self))
 
     @classmethod
     def from_namespace(cls, args: argparse.Namespace) -> "FtArgs":
-        return cls(enabled=bool(getattr(args, "ft", False)))
+        return cls(
+            enabled=bool(getattr(args, "ft", False)),
+            heartbeat_interval_ms=getattr(args, "ft_heartbeat_interval_ms", cls.heartbeat_interval_ms),
+            heartbeat_timeout_ms=getattr(args, "ft_heartbeat_timeout_ms", cls.heartbeat_timeout_ms),
+            enable_fault_injection=bool(getattr(args, "ft_enable_fault_injection", False)),
+        )
 
 
 def add_ft_cli_args(parser: argparse.ArgumentParser) -> None:
@@ -39,6 +68,23 @@ def add_ft_cli_args(parser: argparse.ArgumentParser) -> None:
         "--ft",
         action="store_true",
         help="Serve with sglang-ft: elastic unequal-width TP for Llama-family models (Llama, Mistral, Qwen2).",
+    )
+    group.add_argument(
+        "--ft-heartbeat-interval-ms",
+        type=int,
+        default=FtArgs.heartbeat_interval_ms,
+        help="How often each TP worker sends a heartbeat to the FT controller.",
+    )
+    group.add_argument(
+        "--ft-heartbeat-timeout-ms",
+        type=int,
+        default=FtArgs.heartbeat_timeout_ms,
+        help="Silence after which a worker is declared dead (suspect after two missed beats).",
+    )
+    group.add_argument(
+        "--ft-enable-fault-injection",
+        action="store_true",
+        help="Enable POST /ft/inject_fault (kill or hang a TP worker); protected by --api-key when one is set.",
     )
 
 

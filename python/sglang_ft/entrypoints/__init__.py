@@ -1,0 +1,1 @@
+"""sglang-ft's additions to SGLang's HTTP server and launcher."""

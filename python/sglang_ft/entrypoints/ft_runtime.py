@@ -1,0 +1,88 @@
+"""Start sglang-ft's runtime beside SGLang's processes and add the `/ft/*` routes to SGLang's FastAPI app.
+
+Called (through a BEFORE hook on SGLang's `http_server.launch_server`) in the launcher process before SGLang
+spawns its schedulers, so they inherit the controller's endpoints through the environment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import multiprocessing as mp
+import os
+import tempfile
+from typing import Literal
+
+import msgspec
+import zmq
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from ft.messages import ControlRequest, encode_control
+from sglang_ft.server_args import FtArgs, ft_args, publish
+
+logger = logging.getLogger(__name__)
+CONTROL_TIMEOUT_MS = 3000
+
+
+class InjectFaultRequest(BaseModel):
+    """Body of POST /ft/inject_fault."""
+
+    model_config = ConfigDict(extra="forbid")
+    rank: int = Field(ge=0, description="current TP rank of the worker to fault")
+    kind: Literal["kill", "hang", "resume"] = Field(description="SIGKILL, SIGSTOP or SIGCONT")
+
+
+def start_ft_runtime(tp_size: int, app: FastAPI) -> mp.Process:
+    """Make the runtime directory, start the FT controller, publish its endpoints, add the routes."""
+    ft = dataclasses.replace(ft_args(), runtime_dir=tempfile.mkdtemp(prefix="sglang-ft-"))
+    publish(ft)
+    from sglang_ft.managers.ft_controller import run_ft_controller
+
+    process = mp.get_context("spawn").Process(
+        target=run_ft_controller, args=(ft.to_env(), tp_size, os.getpid()), name="sglang-ft-controller", daemon=True
+    )
+    process.start()
+    logger.info("sglang-ft: controller pid %d, runtime dir %s", process.pid, ft.runtime_dir)
+    add_ft_routes(app, ft)
+    return process
+
+
+def ask_controller(ft: FtArgs, request: ControlRequest) -> dict:
+    """One request/reply with the controller (a fresh REQ socket each time, so a lost reply never wedges it)."""
+    socket = zmq.Context.instance().socket(zmq.REQ)
+    socket.setsockopt(zmq.LINGER, 0)
+    try:
+        socket.connect(ft.control_endpoint)
+        socket.send(encode_control(request))
+        if not socket.poll(CONTROL_TIMEOUT_MS):
+            return {"error": "the FT controller did not answer", "code": 503}
+        return msgspec.json.decode(socket.recv())
+    finally:
+        socket.close()
+
+
+def _respond(reply: dict) -> JSONResponse:
+    code = reply.pop("code", 200) if "error" in reply else 200
+    return JSONResponse(reply, status_code=code)
+
+
+def add_ft_routes(app: FastAPI, ft: FtArgs) -> None:
+    if any(getattr(route, "path", None) == "/ft/status" for route in app.routes):
+        return
+
+    @app.get("/ft/status")
+    async def ft_status() -> JSONResponse:
+        return _respond(await asyncio.to_thread(ask_controller, ft, ControlRequest("status")))
+
+    @app.post("/ft/inject_fault")
+    async def ft_inject_fault(body: InjectFaultRequest) -> JSONResponse:
+        if not ft.enable_fault_injection:
+            return JSONResponse(
+                {"error": "fault injection is disabled; start the server with --ft-enable-fault-injection"},
+                status_code=403,
+            )
+        request = ControlRequest("inject", rank=body.rank, kind=body.kind)
+        return _respond(await asyncio.to_thread(ask_controller, ft, request))

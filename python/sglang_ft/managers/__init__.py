@@ -1,0 +1,1 @@
+"""Processes sglang-ft runs beside SGLang's own managers: the FT controller."""

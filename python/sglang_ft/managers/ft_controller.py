@@ -1,0 +1,169 @@
+"""The FT controller: one process beside SGLang's, watching every TP worker and answering `/ft/status`.
+
+It receives heartbeats (ZMQ PULL), declares workers suspect or dead by silence (`--ft-heartbeat-timeout-ms`) or at
+once when a worker's process exits, refuses messages of an older epoch, and serves status and fault injection to
+the HTTP server over a REP socket. It exits when the launcher does.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import time
+from dataclasses import dataclass, field
+
+import msgspec
+import psutil
+import zmq
+
+from ft.failure_detector import FailureDetector, Transition
+from ft.heartbeat import MessageReceiver
+from ft.membership import Membership, WorkerState
+from ft.messages import ControlRequest, Heartbeat, WorkerFailed, decode_control
+
+logger = logging.getLogger("sglang_ft.controller")
+FAULT_SIGNALS = {"kill": signal.SIGKILL, "hang": signal.SIGSTOP, "resume": signal.SIGCONT}
+
+
+@dataclass
+class ControllerState:
+    membership: Membership
+    detector: FailureDetector
+    started: float = field(default_factory=time.monotonic)
+    detections: list[dict] = field(default_factory=list)
+    recoveries: list[dict] = field(default_factory=list)
+    fenced_messages: int = 0
+
+    def status(self, now: float) -> dict:
+        group = self.membership.members()
+        workers = []
+        for worker_id, record in sorted(self.membership.workers.items()):
+            workers.append({
+                "worker": worker_id,
+                "rank": group.index(worker_id) if worker_id in group else None,
+                "pid": record.pid,
+                "state": record.state.value,
+                "last_beat_ms_ago": None if record.last_beat is None else round((now - record.last_beat) * 1e3, 1),
+            })
+        return {
+            "epoch": self.membership.epoch,
+            "tp_size": len(group),
+            "live_workers": len(self.membership.live_members()),
+            "workers": workers,
+            "detections": self.detections,
+            "recoveries": self.recoveries,
+            "fenced_messages": self.fenced_messages,
+        }
+
+
+def _process_gone(pid: int | None) -> bool:
+    if pid is None:
+        return False
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+class FtController:
+    def __init__(self, heartbeat_endpoint: str, control_endpoint: str, tp_size: int, interval_s: float,
+                 timeout_s: float, parent_pid: int, enable_fault_injection: bool):
+        membership = Membership.initial(tp_size)
+        self.state = ControllerState(membership, FailureDetector(membership, interval_s, timeout_s))
+        self.receiver = MessageReceiver(heartbeat_endpoint)
+        self.control = zmq.Context.instance().socket(zmq.REP)
+        self.control.setsockopt(zmq.LINGER, 0)
+        self.control.bind(control_endpoint)
+        self.interval_s = interval_s
+        self.parent_pid = parent_pid
+        self.enable_fault_injection = enable_fault_injection
+
+    def run(self) -> None:
+        logger.info("sglang-ft controller: watching %d workers", len(self.state.membership.members()))
+        while psutil.pid_exists(self.parent_pid):
+            self.step()
+
+    def step(self) -> None:
+        now = time.monotonic()
+        for message in self.receiver.poll(self.interval_s / 4):
+            self._on_message(message, time.monotonic())
+        now = time.monotonic()
+        for change in self.state.detector.sweep(now):
+            self._record(change, "heartbeat timeout" if change.state is WorkerState.DEAD else "missed heartbeats")
+        for worker in self.state.membership.live_members():
+            if _process_gone(self.state.membership.workers[worker].pid):
+                change = self.state.detector.declare_dead(worker, now)
+                if change:
+                    self._record(change, "process exit")
+        self._serve_control(now)
+
+    def _on_message(self, message, now: float) -> None:
+        if not self.state.membership.is_current(message.epoch):
+            self.state.fenced_messages += 1
+            return
+        if isinstance(message, Heartbeat):
+            change = self.state.detector.beat(message.worker, message.pid, now)
+            if change and change.state is WorkerState.HEALTHY and self.state.detections:
+                self._record(change, "heartbeats resumed")
+        elif isinstance(message, WorkerFailed):
+            logger.warning("sglang-ft controller: worker %d reports %s", message.worker, message.reason)
+
+    def _record(self, change: Transition, cause: str) -> None:
+        pid = self.state.membership.workers[change.worker].pid
+        entry = {"worker": change.worker, "pid": pid, "state": change.state.value, "cause": cause,
+                 "silent_ms": round(change.silent_s * 1e3, 1),
+                 "at_s": round(time.monotonic() - self.state.started, 3)}
+        self.state.detections.append(entry)
+        logger.warning("sglang-ft controller: worker %d (pid %s) is %s: %s", change.worker, pid, change.state.value,
+                       cause)
+
+    def _serve_control(self, now: float) -> None:
+        while True:
+            try:
+                frame = self.control.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self.control.send(msgspec.json.encode(self._answer(decode_control(frame), now)))
+
+    def _answer(self, request: ControlRequest | None, now: float) -> dict:
+        if request is None:
+            return {"error": "malformed control request", "code": 400}
+        if request.op == "status":
+            return self.state.status(now)
+        if request.op == "inject":
+            return self._inject(request)
+        return {"error": f"unknown op {request.op!r}", "code": 400}
+
+    def _inject(self, request: ControlRequest) -> dict:
+        if not self.enable_fault_injection:
+            return {"error": "fault injection is disabled; start the server with --ft-enable-fault-injection",
+                    "code": 403}
+        group = self.state.membership.members()
+        if not 0 <= request.rank < len(group):
+            return {"error": f"rank must be in [0, {len(group)}), got {request.rank}", "code": 400}
+        if request.kind not in FAULT_SIGNALS:
+            return {"error": f"kind must be one of {sorted(FAULT_SIGNALS)}, got {request.kind!r}", "code": 400}
+        worker = group[request.rank]
+        pid = self.state.membership.workers[worker].pid
+        if pid is None:
+            return {"error": f"rank {request.rank} has not registered a pid yet", "code": 409}
+        os.kill(pid, FAULT_SIGNALS[request.kind])
+        logger.warning("sglang-ft controller: injected %s into rank %d (pid %d)", request.kind, request.rank, pid)
+        return {"injected": request.kind, "rank": request.rank, "worker": worker, "pid": pid}
+
+
+def run_ft_controller(ft_env: str, tp_size: int, parent_pid: int) -> None:
+    """Process entry point (spawned by the launcher)."""
+    from sglang_ft.server_args import FtArgs
+
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s FT] %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
+    ft = FtArgs(**msgspec.json.decode(ft_env))
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the launcher's Ctrl-C is the launcher's to handle
+    controller = FtController(ft.heartbeat_endpoint, ft.control_endpoint, tp_size, ft.heartbeat_interval_ms / 1e3,
+                              ft.heartbeat_timeout_ms / 1e3, parent_pid, ft.enable_fault_injection)
+    try:
+        controller.run()
+    finally:
+        shutil.rmtree(ft.runtime_dir, ignore_errors=True)  # the launcher is gone: nothing will use the sockets

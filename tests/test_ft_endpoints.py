@@ -1,0 +1,69 @@
+"""`/ft/status` and `/ft/inject_fault` on a real `--ft` server (TP 2): contract, API key, hang detection."""
+
+import time
+
+import psutil
+import pytest
+import requests
+
+pytestmark = pytest.mark.server
+KEY = "test-key"
+TIMEOUT_MS = 1500
+
+
+@pytest.fixture
+def server(servers, tiny_model):
+    return servers.get(tiny_model, 2, True, "--ft-enable-fault-injection", "--api-key", KEY,
+                       "--ft-heartbeat-interval-ms", "100", "--ft-heartbeat-timeout-ms", str(TIMEOUT_MS))
+
+
+def _get(server, path, key=KEY):
+    return requests.get(f"{server.url}{path}", headers={"Authorization": f"Bearer {key}"} if key else {}, timeout=30)
+
+
+def _inject(server, body, key=KEY):
+    return requests.post(f"{server.url}/ft/inject_fault", json=body,
+                         headers={"Authorization": f"Bearer {key}"} if key else {}, timeout=30)
+
+
+def test_status_lists_every_worker(server):
+    assert _get(server, "/ft/status", key=None).status_code == 401
+    status = _get(server, "/ft/status").json()
+    assert status["epoch"] == 0 and status["tp_size"] == 2 and status["recoveries"] == []
+    assert [w["rank"] for w in status["workers"]] == [0, 1]
+    for worker in status["workers"]:
+        assert worker["state"] == "healthy"
+        assert "scheduler" in " ".join(psutil.Process(worker["pid"]).cmdline())  # a real SGLang TP worker
+
+
+@pytest.mark.parametrize("body", [{"rank": 9, "kind": "kill"}, {"rank": 0, "kind": "melt"}, {"rank": -1, "kind": "kill"},
+                                  {"kind": "kill"}, {"rank": 0, "kind": "kill", "extra": 1}])
+def test_bad_fault_requests_get_4xx_and_change_nothing(server, body):
+    response = _inject(server, body)
+    assert 400 <= response.status_code < 500
+    assert all(w["state"] == "healthy" for w in _get(server, "/ft/status").json()["workers"])
+
+
+def test_fault_injection_needs_the_api_key(server):
+    assert _inject(server, {"rank": 1, "kind": "hang"}, key="wrong").status_code == 401
+
+
+def test_a_hung_worker_is_suspected_then_declared_dead_within_the_timeout(server):
+    reply = _inject(server, {"rank": 1, "kind": "hang"}).json()
+    assert reply["injected"] == "hang"
+    hung_at, seen = time.monotonic(), []
+    try:
+        while time.monotonic() - hung_at < 10:
+            state = _get(server, "/ft/status").json()["workers"][1]["state"]
+            if not seen or seen[-1] != state:
+                seen.append(state)
+            if state == "dead":
+                break
+            time.sleep(0.05)
+        detected_s = time.monotonic() - hung_at
+    finally:
+        _inject(server, {"rank": 1, "kind": "resume"})
+    assert seen[-2:] == ["suspect", "dead"]
+    assert detected_s < TIMEOUT_MS / 1000 + 1.0
+    detection = _get(server, "/ft/status").json()["detections"][-1]
+    assert detection["cause"] == "heartbeat timeout" and detection["worker"] == 1
