@@ -43,7 +43,19 @@ class Fenced(msgspec.Struct, tag=True, frozen=True):
     epoch: int
 
 
-Message = Heartbeat | WorkerFailed | Regroup | Fenced
+class RegroupDone(msgspec.Struct, tag=True, frozen=True):
+    """A worker finished its part of the regroup to `epoch`, with what it moved and how long each stage took."""
+
+    worker: int
+    epoch: int
+    stage_ms: dict[str, float]
+    bytes_kept: int
+    bytes_p2p: int
+    bytes_reloaded: int
+    kv_tokens_recomputed: int
+
+
+Message = Heartbeat | WorkerFailed | Regroup | Fenced | RegroupDone
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)
 

@@ -30,6 +30,8 @@ def around_from_cli_args(original, cls, args, *rest, **kwargs):
         problems = ft.problems() + check_ft_launch(server_args)
         if problems:
             cli_error("; ".join(problems))
+        # Recovery re-enters SGLang's plain loop; overlap scheduling buys nothing without an accelerator stream.
+        server_args.disable_overlap_schedule = True
     return server_args
 
 
@@ -40,11 +42,11 @@ def before_launch_server(server_args, *args, **kwargs):
 
         from sglang_ft.entrypoints.ft_runtime import start_ft_runtime
 
-        start_ft_runtime(server_args.tp_size, http_server.app)
+        start_ft_runtime(server_args.tp_size, server_args.model_path, http_server.app)
 
 
-def after_scheduler_init(_result, scheduler, *args, **kwargs):
-    """Under `--ft`, every TP worker beats to the controller from a thread of its own."""
+def after_scheduler_init(_result, scheduler, server_args, port_args, *args, **kwargs):
+    """Under `--ft`, attach the FT worker: heartbeats, the controller's orders, in-place recovery."""
     from sglang_ft.server_args import ft_args
 
     ft = ft_args()
@@ -52,11 +54,83 @@ def after_scheduler_init(_result, scheduler, *args, **kwargs):
         return
     from sglang.srt.runtime_context import get_parallel
 
-    from ft.heartbeat import HeartbeatSender
+    from sglang_ft.managers.ft_worker import FtWorker, install_worker
 
-    scheduler.ft_heartbeat = HeartbeatSender(
-        ft.heartbeat_endpoint, get_parallel().tp_rank, ft.heartbeat_interval_ms / 1e3
-    ).start()
+    parallel = get_parallel()
+    from sglang_ft.distributed.regroup_groups import set_collective_timeout
+
+    worker = FtWorker(scheduler, ft, parallel.tp_rank, port_args)
+    worker.group = tuple(range(parallel.tp_size))
+    install_worker(worker)
+    # From now on a collective stuck on a dead or hung peer fails after the FT timeout, so survivors regroup.
+    set_collective_timeout(ft.collective_timeout_s)
+
+
+def around_dispatch_event_loop(original, scheduler, *args, **kwargs):
+    """Under `--ft`, SGLang's scheduler loop runs inside the FT worker, which recovers failed collectives."""
+    from sglang_ft.managers.ft_worker import current_worker
+
+    worker = current_worker()
+    if worker is None:
+        return original(scheduler, *args, **kwargs)
+    return worker.run_event_loop(lambda s: original(s, *args, **kwargs))
+
+
+def before_ingest_requests(scheduler, *args, **kwargs):
+    """Top of every scheduler iteration: join a regroup the controller ordered, even without a local failure."""
+    from sglang_ft.managers.ft_worker import current_worker
+
+    worker = current_worker()
+    if worker is not None:
+        worker.check_orders()
+
+
+def around_pull_raw_reqs(original, receiver, *args, **kwargs):
+    """Rank 0 remembers what it pulled from the tokenizer manager, to re-send it if a failure interrupts delivery."""
+    from sglang_ft.managers.ft_worker import current_worker
+
+    reqs = original(receiver, *args, **kwargs)
+    worker = current_worker()
+    if worker is not None and reqs:
+        worker.ledger.record_pulled(reqs)
+    return reqs
+
+
+def before_process_input_requests(scheduler, recv_reqs, *args, **kwargs):
+    """Every rank drops requests it already holds (a journal re-send) and records the rest (request_ledger.py)."""
+    from sglang_ft.managers.ft_worker import current_worker
+
+    worker = current_worker()
+    if worker is None or not recv_reqs:
+        return None
+    fresh = worker.ledger.unseen(recv_reqs)
+    worker.ledger.record_processed(fresh)
+    return (scheduler, fresh, *args), kwargs
+
+
+def around_dispatch_to_scheduler(original, tokenizer_manager, obj, *args, **kwargs):
+    """Under `--ft`, the tokenizer manager journals what it sends, to re-send it to a newly elected rank 0."""
+    if ft_enabled():
+        from sglang_ft.managers.request_journal import JOURNAL
+
+        JOURNAL.record(tokenizer_manager, obj)
+    return original(tokenizer_manager, obj, *args, **kwargs)
+
+
+def around_watchdog_check(original, watchdog, *args, **kwargs):
+    """Under `--ft`, a dead scheduler is the FT controller's to recover; the launcher stays up while any lives."""
+    if not ft_enabled():
+        return original(watchdog, *args, **kwargs)
+    schedulers = [(p, n) for p, n in zip(watchdog._processes, watchdog._names) if n.startswith("scheduler")]
+    others = [(p, n) for p, n in zip(watchdog._processes, watchdog._names) if not n.startswith("scheduler")]
+    if schedulers and not any(p.is_alive() for p, _ in schedulers):
+        others = schedulers + others  # every TP worker is gone: nothing left to recover with
+    saved = watchdog._processes, watchdog._names
+    watchdog._processes, watchdog._names = [p for p, _ in others], [n for _, n in others]
+    try:
+        return original(watchdog, *args, **kwargs)
+    finally:
+        watchdog._processes, watchdog._names = saved
 
 
 def after_get_model_architecture(result, model_config, *_args, **_kwargs):
@@ -141,6 +215,20 @@ HOOKS: list[tuple[str, HookType, object]] = [
     (f"{_SERVER_ARGS}.from_cli_args", HookType.AROUND, around_from_cli_args),
     ("sglang.srt.entrypoints.http_server.launch_server", HookType.BEFORE, before_launch_server),
     ("sglang.srt.managers.scheduler.Scheduler.__init__", HookType.AFTER, after_scheduler_init),
+    ("sglang.srt.managers.scheduler._dispatch_event_loop_once", HookType.AROUND, around_dispatch_event_loop),
+    ("sglang.srt.managers.scheduler.Scheduler.ingest_requests", HookType.BEFORE, before_ingest_requests),
+    (
+        "sglang.srt.managers.scheduler_components.request_receiver.SchedulerRequestReceiver._pull_raw_reqs",
+        HookType.AROUND,
+        around_pull_raw_reqs,
+    ),
+    ("sglang.srt.managers.scheduler.Scheduler.process_input_requests", HookType.BEFORE, before_process_input_requests),
+    (
+        "sglang.srt.managers.tokenizer_manager.TokenizerManager._dispatch_to_scheduler",
+        HookType.AROUND,
+        around_dispatch_to_scheduler,
+    ),
+    ("sglang.srt.utils.watchdog.SubprocessWatchdog._check_processes", HookType.AROUND, around_watchdog_check),
     ("sglang.srt.model_loader.utils.get_model_architecture", HookType.AFTER, after_get_model_architecture),
     ("sglang.srt.configs.model_config.ModelConfig.get_num_kv_heads", HookType.AROUND, around_get_num_kv_heads),
     (

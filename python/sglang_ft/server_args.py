@@ -24,6 +24,7 @@ class FtArgs:
     heartbeat_interval_ms: int = 200
     heartbeat_timeout_ms: int = 2000
     enable_fault_injection: bool = False
+    collective_timeout_s: int = 10
     runtime_dir: str = ""  # where the FT controller's sockets live; set by the launcher
 
     @property
@@ -34,11 +35,18 @@ class FtArgs:
     def control_endpoint(self) -> str:
         return f"ipc://{self.runtime_dir}/control"
 
+    @property
+    def order_endpoint(self) -> str:
+        """The controller publishes regroup and fencing orders here (ZMQ PUB)."""
+        return f"ipc://{self.runtime_dir}/orders"
+
     def problems(self) -> list[str]:
         """Inconsistent FT flags, as messages naming the flag."""
         found = []
         if self.heartbeat_interval_ms <= 0:
             found.append(f"--ft-heartbeat-interval-ms must be positive, got {self.heartbeat_interval_ms}")
+        if self.collective_timeout_s <= 0:
+            found.append(f"--ft-collective-timeout-s must be positive, got {self.collective_timeout_s}")
         if self.heartbeat_timeout_ms <= self.heartbeat_interval_ms:
             found.append(
                 f"--ft-heartbeat-timeout-ms ({self.heartbeat_timeout_ms}) must exceed "
@@ -56,6 +64,7 @@ class FtArgs:
             heartbeat_interval_ms=getattr(args, "ft_heartbeat_interval_ms", cls.heartbeat_interval_ms),
             heartbeat_timeout_ms=getattr(args, "ft_heartbeat_timeout_ms", cls.heartbeat_timeout_ms),
             enable_fault_injection=bool(getattr(args, "ft_enable_fault_injection", False)),
+            collective_timeout_s=getattr(args, "ft_collective_timeout_s", cls.collective_timeout_s),
         )
 
 
@@ -80,6 +89,13 @@ def add_ft_cli_args(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=FtArgs.heartbeat_timeout_ms,
         help="Silence after which a worker is declared dead (suspect after two missed beats).",
+    )
+    group.add_argument(
+        "--ft-collective-timeout-s",
+        type=int,
+        default=FtArgs.collective_timeout_s,
+        help="Once serving, a TP collective waiting longer than this fails, so survivors blocked on a dead or "
+        "hung peer leave it and regroup (start-up keeps SGLang's --dist-timeout).",
     )
     group.add_argument(
         "--ft-enable-fault-injection",

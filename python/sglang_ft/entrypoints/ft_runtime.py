@@ -35,18 +35,21 @@ class InjectFaultRequest(BaseModel):
     kind: Literal["kill", "hang", "resume"] = Field(description="SIGKILL, SIGSTOP or SIGCONT")
 
 
-def start_ft_runtime(tp_size: int, app: FastAPI) -> mp.Process:
+def start_ft_runtime(tp_size: int, model_path: str, app: FastAPI) -> mp.Process:
     """Make the runtime directory, start the FT controller, publish its endpoints, add the routes."""
     ft = dataclasses.replace(ft_args(), runtime_dir=tempfile.mkdtemp(prefix="sglang-ft-"))
     publish(ft)
     from sglang_ft.managers.ft_controller import run_ft_controller
 
     process = mp.get_context("spawn").Process(
-        target=run_ft_controller, args=(ft.to_env(), tp_size, os.getpid()), name="sglang-ft-controller", daemon=True
+        target=run_ft_controller, args=(ft.to_env(), tp_size, os.getpid(), model_path), name="sglang-ft-controller", daemon=True
     )
     process.start()
     logger.info("sglang-ft: controller pid %d, runtime dir %s", process.pid, ft.runtime_dir)
     add_ft_routes(app, ft)
+    from sglang_ft.managers.request_journal import JOURNAL
+
+    JOURNAL.follow_orders(ft.order_endpoint)
     return process
 
 

@@ -21,7 +21,9 @@ import zmq
 from ft.failure_detector import FailureDetector, Transition
 from ft.heartbeat import MessageReceiver
 from ft.membership import Membership, WorkerState
-from ft.messages import ControlRequest, Heartbeat, WorkerFailed, decode_control
+from ft.messages import ControlRequest, Fenced, Heartbeat, Regroup, RegroupDone, WorkerFailed, decode_control, encode
+from ft.partition import ModelShape, TPLayout
+from ft.planner import plan_migration
 
 logger = logging.getLogger("sglang_ft.controller")
 FAULT_SIGNALS = {"kill": signal.SIGKILL, "hang": signal.SIGSTOP, "resume": signal.SIGCONT}
@@ -67,15 +69,48 @@ def _process_gone(pid: int | None) -> bool:
         return True
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class PendingRecovery:
+    """A regroup the controller ordered and is waiting for every survivor to finish."""
+
+    order: Regroup
+    detected_at: float
+    detect_ms: float
+    bytes_p2p: int
+    bytes_reloaded: int
+    waiting: set[int]
+    done: list[RegroupDone] = field(default_factory=list)
+    last_sent: float = 0.0
+
+
 class FtController:
     def __init__(self, heartbeat_endpoint: str, control_endpoint: str, tp_size: int, interval_s: float,
-                 timeout_s: float, parent_pid: int, enable_fault_injection: bool):
+                 timeout_s: float, parent_pid: int, enable_fault_injection: bool,
+                 order_endpoint: str | None = None, shape: ModelShape | None = None):
         membership = Membership.initial(tp_size)
         self.state = ControllerState(membership, FailureDetector(membership, interval_s, timeout_s))
         self.receiver = MessageReceiver(heartbeat_endpoint)
-        self.control = zmq.Context.instance().socket(zmq.REP)
+        context = zmq.Context.instance()
+        self.control = context.socket(zmq.REP)
         self.control.setsockopt(zmq.LINGER, 0)
         self.control.bind(control_endpoint)
+        self.orders = None
+        if order_endpoint is not None:
+            self.orders = context.socket(zmq.PUB)
+            self.orders.setsockopt(zmq.LINGER, 0)
+            self.orders.bind(order_endpoint)
+        self.layout = TPLayout.even(shape, tp_size) if shape is not None else None
+        self.pending: PendingRecovery | None = None
+        self.failure_reported_at: float | None = None  # a worker saw a collective fail in the current epoch
+        self.timeout_s = timeout_s
         self.interval_s = interval_s
         self.parent_pid = parent_pid
         self.enable_fault_injection = enable_fault_injection
@@ -97,18 +132,87 @@ class FtController:
                 change = self.state.detector.declare_dead(worker, now)
                 if change:
                     self._record(change, "process exit")
+        reported = self.failure_reported_at
+        if reported is not None and self.pending is None and now - reported > self.timeout_s + 0.5:
+            # a collective failed but every worker is alive (e.g. a timeout under load): rebuild the same group
+            self._start_recovery("collective failure with every worker alive", (now - reported) * 1e3)
+        if self.pending is not None and now - self.pending.last_sent > 0.5:
+            self._publish(self.pending.order)  # late or reconnecting subscribers still get it
         self._serve_control(now)
 
     def _on_message(self, message, now: float) -> None:
-        if not self.state.membership.is_current(message.epoch):
+        membership = self.state.membership
+        if message.worker not in membership.members() or message.epoch > membership.epoch:
+            # a worker outside the group (e.g. a hung one resumed after it was replaced) is fenced
             self.state.fenced_messages += 1
+            self._publish(Fenced(message.worker, membership.epoch))
             return
-        if isinstance(message, Heartbeat):
+        if isinstance(message, RegroupDone):
+            self._on_regroup_done(message, now)
+        elif isinstance(message, Heartbeat):
             change = self.state.detector.beat(message.worker, message.pid, now)
             if change and change.state is WorkerState.HEALTHY and self.state.detections:
                 self._record(change, "heartbeats resumed")
         elif isinstance(message, WorkerFailed):
             logger.warning("sglang-ft controller: worker %d reports %s", message.worker, message.reason)
+            if message.epoch == membership.epoch and self.failure_reported_at is None:
+                self.failure_reported_at = now
+
+    def _publish(self, message) -> None:
+        if self.orders is not None:
+            self.orders.send(encode(message))
+            if isinstance(message, Regroup) and self.pending is not None:
+                self.pending.last_sent = time.monotonic()
+
+    def _start_recovery(self, cause: str, detect_ms: float) -> None:
+        """Plan the group of the live members with minimal migration and order them to form it."""
+        membership = self.state.membership
+        if self.layout is None:
+            return
+        survivors = membership.live_members()
+        if not survivors:
+            logger.error("sglang-ft controller: no worker left alive")
+            return
+        held = {w: self.layout.shards[r] for r, w in enumerate(membership.members())}
+        plan = plan_migration(self.layout.shape, held, list(survivors))
+        epoch = membership.regroup(survivors)
+        self.layout = plan.layout
+        order = Regroup(epoch, survivors, plan.layout.to_json(), free_port(), cause)
+        self.pending = PendingRecovery(order, time.monotonic(), round(detect_ms, 1), plan.bytes_p2p,
+                                       plan.bytes_reloaded, set(survivors))
+        self.failure_reported_at = None
+        logger.warning("sglang-ft controller: epoch %d: regroup %s -> workers %s (plan: %d B peer to peer, %d B "
+                       "from disk)", epoch, cause, list(survivors), plan.bytes_p2p, plan.bytes_reloaded)
+        self._publish(order)
+
+    def _on_regroup_done(self, done: RegroupDone, now: float) -> None:
+        pending = self.pending
+        if pending is None or done.epoch != pending.order.epoch:
+            return
+        pending.waiting.discard(done.worker)
+        pending.done.append(done)
+        if pending.waiting:
+            return
+        stages = {}
+        for report in pending.done:
+            for stage, ms in report.stage_ms.items():
+                stages[stage] = max(stages.get(stage, 0.0), ms)
+        self.state.recoveries.append({
+            "epoch": pending.order.epoch,
+            "cause": pending.order.cause,
+            "detect_ms": pending.detect_ms,
+            "recover_ms": round((now - pending.detected_at) * 1e3, 1),
+            "bytes_p2p": sum(r.bytes_p2p for r in pending.done),
+            "bytes_reloaded": sum(r.bytes_reloaded for r in pending.done),
+            "bytes_kept": sum(r.bytes_kept for r in pending.done),
+            "kv_blocks_restored": 0,
+            "kv_tokens_recomputed": max(r.kv_tokens_recomputed for r in pending.done),
+            "stage_ms": stages,
+            "workers": list(pending.order.workers),
+        })
+        logger.warning("sglang-ft controller: epoch %d recovered in %.1f ms", pending.order.epoch,
+                       self.state.recoveries[-1]["recover_ms"])
+        self.pending = None
 
     def _record(self, change: Transition, cause: str) -> None:
         pid = self.state.membership.workers[change.worker].pid
@@ -118,6 +222,8 @@ class FtController:
         self.state.detections.append(entry)
         logger.warning("sglang-ft controller: worker %d (pid %s) is %s: %s", change.worker, pid, change.state.value,
                        cause)
+        if change.state is WorkerState.DEAD and change.worker in self.state.membership.members():
+            self._start_recovery(f"worker {change.worker}: {cause}", change.silent_s * 1e3)
 
     def _serve_control(self, now: float) -> None:
         while True:
@@ -154,7 +260,18 @@ class FtController:
         return {"injected": request.kind, "rank": request.rank, "worker": worker, "pid": pid}
 
 
-def run_ft_controller(ft_env: str, tp_size: int, parent_pid: int) -> None:
+def model_shape_from_dir(model_path: str) -> ModelShape:
+    """The model's shape from its config.json, without importing transformers."""
+    import json
+    import types
+
+    from sglang_ft.launch_checks import model_shape_of
+
+    with open(os.path.join(model_path, "config.json")) as f:
+        return model_shape_of(types.SimpleNamespace(**json.load(f)))
+
+
+def run_ft_controller(ft_env: str, tp_size: int, parent_pid: int, model_path: str) -> None:
     """Process entry point (spawned by the launcher)."""
     from sglang_ft.server_args import FtArgs
 
@@ -162,7 +279,8 @@ def run_ft_controller(ft_env: str, tp_size: int, parent_pid: int) -> None:
     ft = FtArgs(**msgspec.json.decode(ft_env))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the launcher's Ctrl-C is the launcher's to handle
     controller = FtController(ft.heartbeat_endpoint, ft.control_endpoint, tp_size, ft.heartbeat_interval_ms / 1e3,
-                              ft.heartbeat_timeout_ms / 1e3, parent_pid, ft.enable_fault_injection)
+                              ft.heartbeat_timeout_ms / 1e3, parent_pid, ft.enable_fault_injection,
+                              ft.order_endpoint, model_shape_from_dir(model_path))
     try:
         controller.run()
     finally:

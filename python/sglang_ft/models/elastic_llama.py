@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -24,9 +25,19 @@ from sglang.srt.model_executor.forward_batch_info import ForwardBatch
 from sglang_ft.distributed_state import current_layout
 from sglang_ft.layers.elastic_parallel import ElasticLMHead, ElasticVocabEmbedding, all_reduce
 from sglang_ft.model_loader.lazy_safetensors import read_all, read_cols, read_rows
-from sglang_ft.models.weight_names import WeightRef, parse_weight_name
-
 from ft.partition import RankShard, TPLayout
+from ft.planner import DIMENSIONS
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Checkpoint tensor `name`, rows (axis 0) or columns (axis 1) [lo, hi), held in `view` on this rank."""
+
+    name: str
+    axis: int
+    lo: int
+    hi: int
+    view: torch.Tensor
 
 logger = logging.getLogger(__name__)
 
@@ -180,62 +191,93 @@ class ElasticLlamaForCausalLM(nn.Module):
     def get_input_embeddings(self) -> nn.Module:
         return self.model.embed_tokens
 
+    def unit_pieces(self, dim: str, start: int, end: int) -> list[Piece]:
+        """Where global units [start, end) of `dim` live: checkpoint tensor slices and the views they fill here.
+
+        The order is canonical (layer by layer, then a fixed order of tensors), so two ranks listing the same
+        units can stream them to each other as one flat buffer.
+        """
+        span = getattr(self.shard, dim)
+        if not span[0] <= start <= end <= span[1]:
+            raise ValueError(f"units [{start}, {end}) of {dim} are not in this rank's span {span}")
+        a, b = start - span[0], end - span[0]
+        if dim == "vocab_rows":
+            pieces = [Piece("model.embed_tokens.weight", 0, start, end, self.model.embed_tokens.weight[a:b])]
+            if not self.config.tie_word_embeddings:
+                pieces.append(Piece("lm_head.weight", 0, start, end, self.lm_head.weight[a:b]))
+            return pieces
+        pieces = []
+        hd, g = self.layout.shape.head_dim, self.layout.shape.group_size
+        for i, layer in enumerate(self.model.layers):
+            prefix = f"model.layers.{i}"
+            if dim == "kv_heads":
+                attn = layer.self_attn
+                qkv = [(attn.qkv_proj.weight, "weight")]
+                if attn.qkv_proj.bias is not None:
+                    qkv.append((attn.qkv_proj.bias, "bias"))
+                for param, suffix in qkv:
+                    pieces += [
+                        Piece(f"{prefix}.self_attn.q_proj.{suffix}", 0, start * g * hd, end * g * hd,
+                              param[a * g * hd : b * g * hd]),
+                        Piece(f"{prefix}.self_attn.k_proj.{suffix}", 0, start * hd, end * hd,
+                              param[attn.q_size + a * hd : attn.q_size + b * hd]),
+                        Piece(f"{prefix}.self_attn.v_proj.{suffix}", 0, start * hd, end * hd,
+                              param[attn.q_size + attn.kv_size + a * hd : attn.q_size + attn.kv_size + b * hd]),
+                    ]
+                pieces.append(Piece(f"{prefix}.self_attn.o_proj.weight", 1, start * g * hd, end * g * hd,
+                                    attn.o_proj.weight[:, a * g * hd : b * g * hd]))
+            else:
+                mlp, cols = layer.mlp, self.shard.num_mlp_columns
+                pieces += [
+                    Piece(f"{prefix}.mlp.gate_proj.weight", 0, start, end, mlp.gate_up_proj.weight[a:b]),
+                    Piece(f"{prefix}.mlp.up_proj.weight", 0, start, end, mlp.gate_up_proj.weight[cols + a : cols + b]),
+                    Piece(f"{prefix}.mlp.down_proj.weight", 1, start, end, mlp.down_proj.weight[:, a:b]),
+                ]
+        return pieces
+
+    def replicated_params(self) -> dict[str, torch.Tensor]:
+        """Checkpoint name -> parameter, for the tensors every rank holds whole (norms, row-parallel biases)."""
+        params = {name: p for name, p in self.named_parameters() if "norm" in name}
+        for i, layer in enumerate(self.model.layers):
+            if layer.self_attn.o_bias is not None:
+                params[f"model.layers.{i}.self_attn.o_proj.bias"] = layer.self_attn.o_bias
+        return params
+
+    def all_pieces(self) -> list[Piece]:
+        return [p for dim in DIMENSIONS for p in self.unit_pieces(dim, *getattr(self.shard, dim))]
+
     def load_weights(self, weights: Iterable[tuple[str, object]]) -> set[str]:
-        """Copy this rank's slice of each checkpoint tensor into place (reading only that slice when lazy)."""
-        params = dict(self.named_parameters())
-        loaded: set[str] = set()
-        for name, tensor in weights:
-            ref = parse_weight_name(name)
-            if ref is None:
-                continue
-            if ref.kind == "lm_head" and self.config.tie_word_embeddings:
-                continue
-            target, piece = self._local_piece(ref, tensor)
-            dest, value = params[target].data[piece[0] : piece[1]], self._read(ref, tensor)
-            if dest.shape != value.shape:
-                raise ValueError(f"{name}: this rank's slice has shape {tuple(value.shape)}, {target} expects "
-                                 f"{tuple(dest.shape)} (layout {self.shard})")
-            dest.copy_(value)
-            loaded.add(target)
-        missing = set(params) - loaded - {"lm_head.weight"} if self.config.tie_word_embeddings else set(params) - loaded
-        if missing:
-            raise ValueError(f"checkpoint is missing {sorted(missing)}")
+        """Fill this rank's share from the checkpoint, reading only its slices when the tensors are lazy."""
+        loaded = fill_from_checkpoint(weights, self.all_pieces(), self.replicated_params())
+        expected = {p.name for p in self.all_pieces()} | set(self.replicated_params())
+        if expected - loaded:
+            raise ValueError(f"checkpoint is missing {sorted(expected - loaded)}")
         return loaded
 
-    def _local_piece(self, ref: WeightRef, tensor) -> tuple[str, tuple[int, int]]:
-        """The parameter a checkpoint tensor lands in and the rows [a, b) of it that it fills."""
-        if ref.kind in ("q", "k", "v"):
-            attn = self.model.layers[ref.layer].self_attn
-            offset = {"q": 0, "k": attn.q_size, "v": attn.q_size + attn.kv_size}[ref.kind]
-            size = attn.q_size if ref.kind == "q" else attn.kv_size
-            return f"model.layers.{ref.layer}.self_attn.qkv_proj.{ref.suffix}", (offset, offset + size)
-        if ref.kind in ("gate", "up"):
-            cols = self.shard.num_mlp_columns
-            offset = 0 if ref.kind == "gate" else cols
-            return f"model.layers.{ref.layer}.mlp.gate_up_proj.weight", (offset, offset + cols)
-        return ref.param_name, (0, None)
 
-    def _read(self, ref: WeightRef, tensor) -> torch.Tensor:
-        """Read only the slice of `tensor` this rank holds."""
-        shape, shard = self.layout.shape, self.shard
-        hd = shape.head_dim
-        q0, q1 = shard.q_heads(shape.group_size)
-        k0, k1 = shard.kv_heads
-        c0, c1 = shard.mlp_columns
-        v0, v1 = shard.vocab_rows
-        if ref.kind == "q":
-            return read_rows(tensor, q0 * hd, q1 * hd)
-        if ref.kind in ("k", "v"):
-            return read_rows(tensor, k0 * hd, k1 * hd)
-        if ref.kind == "o":
-            return read_cols(tensor, q0 * hd, q1 * hd)
-        if ref.kind in ("gate", "up"):
-            return read_rows(tensor, c0, c1)
-        if ref.kind == "down":
-            return read_cols(tensor, c0, c1)
-        if ref.kind in ("embed", "lm_head"):
-            return read_rows(tensor, v0, v1)
-        return read_all(tensor)
+def fill_from_checkpoint(weights, pieces: list[Piece], replicated: dict[str, torch.Tensor]) -> set[str]:
+    """Copy checkpoint slices into piece views (and whole tensors into replicated params); names filled."""
+    by_name: dict[str, list[Piece]] = {}
+    for piece in pieces:
+        by_name.setdefault(piece.name, []).append(piece)
+    loaded = set()
+    with torch.no_grad():
+        _fill(weights, by_name, replicated, loaded)
+    return loaded
+
+
+def _fill(weights, by_name, replicated, loaded) -> None:
+    for name, tensor in weights:
+        for piece in by_name.get(name, ()):
+            value = read_rows(tensor, piece.lo, piece.hi) if piece.axis == 0 else read_cols(tensor, piece.lo, piece.hi)
+            if value.shape != piece.view.shape:
+                raise ValueError(f"{name}[{piece.lo}:{piece.hi}] has shape {tuple(value.shape)}, expected "
+                                 f"{tuple(piece.view.shape)}")
+            piece.view.copy_(value)
+            loaded.add(name)
+        if name in replicated:
+            replicated[name].data.copy_(read_all(tensor))
+            loaded.add(name)
 
 
 EntryClass = [ElasticLlamaForCausalLM]

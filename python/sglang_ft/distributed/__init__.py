@@ -1,0 +1,1 @@
+"""Rebuilding SGLang's process groups for a new TP world, in place."""

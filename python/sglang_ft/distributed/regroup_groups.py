@@ -1,0 +1,71 @@
+"""Tear down this process's SGLang process groups and form the new TP group on a fresh store.
+
+Survivors never restart: they drop every communicator locally (a collective teardown would block on the dead
+peer), set their new TP rank and width in SGLang's parallel context, and let SGLang build its groups again.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+
+logger = logging.getLogger(__name__)
+JOIN_TIMEOUT_FACTOR = 3
+REQUEST_BROADCAST_TIMEOUT_S = 2.0
+
+
+def rebuild_process_groups(new_rank: int, new_size: int, store_port: int, timeout_s: float) -> None:
+    import torch.distributed as dist
+
+    from sglang.srt.distributed import parallel_state as ps
+    from sglang.srt.distributed.bootstrap import _init_parallel_groups
+    from sglang.srt.runtime_context import get_device, get_parallel, get_server_args
+
+    parallel = get_parallel()
+    # Ranks and widths the launcher stamped; tearing the groups down clears them, so keep the plain values.
+    placement = {k: v for k, v in parallel._stamp.items() if isinstance(v, (int, bool, str, type(None)))}
+    ps.abort_distributed_environment()
+    for teardown in (ps.destroy_model_parallel, ps.destroy_distributed_environment):
+        try:
+            teardown()
+        except Exception as exc:  # groups already aborted: forget them
+            logger.debug("sglang-ft: %s after abort: %s", teardown.__name__, exc)
+    for handle in ("_WORLD", "_TP", "_PP", "_ATTN_TP", "_ATTN_CP", "_DCP", "_MOE_EP", "_MOE_TP", "_MOE_DP",
+                   "_SHARED_EXPERTS_TP", "_PDMUX_PREFILL_TP_GROUP"):
+        if hasattr(ps, handle):
+            setattr(ps, handle, None)  # a teardown that raised half-way leaves stale handles behind
+    if dist.is_initialized():
+        dist.distributed_c10d._world.default_pg = None
+    for name in ("tp", "attn_tp", "moe_tp", "launch_world"):
+        placement[f"{name}_rank"], placement[f"{name}_size"] = new_rank, new_size
+    parallel.override_permanently(**placement)
+    backend = "gloo" if get_device().device == "cpu" else "nccl"
+    # Our own store: survivors still stuck in an old collective join late, so joining may take up to a few
+    # collective timeouts; collectives in the new group time out after `timeout_s`.
+    store = dist.TCPStore("127.0.0.1", store_port, new_size, is_master=new_rank == 0,
+                          timeout=timedelta(seconds=JOIN_TIMEOUT_FACTOR * timeout_s + 10))
+    dist.init_process_group(backend, store=store, world_size=new_size, rank=new_rank,
+                            timeout=timedelta(seconds=timeout_s))
+    ps._MODEL_PARALLEL_GROUP_TIMEOUT = timedelta(seconds=timeout_s)
+    _init_parallel_groups(backend=backend, dist_init_method=f"tcp://127.0.0.1:{store_port}",
+                          server_args=get_server_args(), gpu_id=get_device().gpu_id)
+    set_collective_timeout(timeout_s)
+
+
+def set_collective_timeout(timeout_s: float) -> None:
+    """Bound every collective of this process's groups (set once serving starts; startup keeps its own).
+
+    The TP CPU group, which carries the per-iteration broadcast of new requests, gets a shorter bound: ranks
+    meet there every iteration, so a long wait there means a peer is gone, and an idle survivor learns it fast.
+    """
+    import torch.distributed as dist
+
+    from sglang.srt.runtime_context import get_parallel
+
+    request_group = get_parallel().tp_group.cpu_group
+    for group in list(dist.distributed_c10d._world.pg_map):
+        bound = min(timeout_s, REQUEST_BROADCAST_TIMEOUT_S) if group is request_group else timeout_s
+        try:
+            dist.set_timeout(timedelta(seconds=bound), group)
+        except (ValueError, RuntimeError, AssertionError) as exc:
+            logger.debug("sglang-ft: cannot set the timeout of %s: %s", group, exc)

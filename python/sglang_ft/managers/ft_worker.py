@@ -1,0 +1,160 @@
+"""sglang-ft inside one TP scheduler process: heartbeats, the controller's orders, and recovery from a failure.
+
+`FtWorker.run_event_loop` wraps SGLang's scheduler loop. When a collective fails (a peer died, or timed out
+because a peer hangs), the worker reports it, waits for the controller's `Regroup` order of a newer epoch, and
+regroups in place (see `sglang_ft.managers.regroup`), then re-enters SGLang's loop. A worker that finds itself
+outside the newest group (a hung process resumed after it was replaced) changes nothing and exits.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+
+import zmq
+
+from ft.heartbeat import HeartbeatSender
+from ft.messages import Fenced, Regroup, WorkerFailed, decode, encode
+from sglang_ft.managers.request_ledger import RequestLedger
+from sglang_ft.server_args import FtArgs
+
+logger = logging.getLogger(__name__)
+ORDER_WAIT_S = 120.0
+COLLECTIVE_FAILURE_MARKERS = ("Connection closed by peer", "Connection reset by peer", "Timed out", "timed out",
+                              "Broken pipe", "gloo", "NCCL", "ProcessGroup")
+
+
+class RegroupOrdered(Exception):
+    """Raised at the top of a scheduler iteration when the controller ordered a newer group.
+
+    A survivor that saw no failure itself (e.g. idle while a peer it was not talking to died) leaves SGLang's loop
+    at this clean point and joins the regroup.
+    """
+
+
+def is_collective_failure(exc: BaseException) -> bool:
+    """Does this exception look like a peer vanished in a collective (not a bug in a step)?"""
+    if isinstance(exc, RegroupOrdered):
+        return True
+    text = f"{type(exc).__name__}: {exc}"
+    return any(marker in text for marker in COLLECTIVE_FAILURE_MARKERS)
+
+
+class OrderListener:
+    """A thread holding the newest Regroup order; it exits the process when this worker is fenced out."""
+
+    def __init__(self, endpoint: str, worker: int, current_epoch):
+        self.worker = worker
+        self.current_epoch = current_epoch  # callable: this worker's epoch now
+        self.latest: Regroup | None = None
+        self._arrived = threading.Condition()
+        self._socket = zmq.Context.instance().socket(zmq.SUB)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.setsockopt(zmq.SUBSCRIBE, b"")
+        self._socket.connect(endpoint)
+        threading.Thread(target=self._run, name=f"ft-orders-{worker}", daemon=True).start()
+
+    def _run(self) -> None:
+        while True:
+            message = decode(self._socket.recv())
+            if isinstance(message, Fenced) and message.worker == self.worker and message.epoch > self.current_epoch():
+                self._exit_fenced(message.epoch)
+            if not isinstance(message, Regroup):
+                continue
+            if message.epoch > self.current_epoch() and self.worker not in message.workers:
+                self._exit_fenced(message.epoch)
+            with self._arrived:
+                if self.latest is None or message.epoch > self.latest.epoch:
+                    self.latest = message
+                    self._arrived.notify_all()
+
+    def _exit_fenced(self, epoch: int) -> None:
+        logger.warning("sglang-ft: worker %d is fenced out by epoch %d (it was replaced); exiting without "
+                       "touching anything", self.worker, epoch)
+        os._exit(0)
+
+    def wait_newer_than(self, epoch: int, timeout_s: float) -> Regroup | None:
+        deadline = time.monotonic() + timeout_s
+        with self._arrived:
+            while self.latest is None or self.latest.epoch <= epoch:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                self._arrived.wait(left)
+            return self.latest
+
+
+class FtWorker:
+    """The FT side of one scheduler: identity (worker id = launch TP rank), epoch, and the recovery loop."""
+
+    def __init__(self, scheduler, ft: FtArgs, worker: int, port_args):
+        self.scheduler = scheduler
+        self.port_args = port_args
+        self.ft = ft
+        self.worker = worker
+        self.epoch = 0
+        self.group: tuple[int, ...] = ()  # worker ids of the current group, in TP-rank order (set at start)
+        self.ledger = RequestLedger()
+        self.heartbeat = HeartbeatSender(ft.heartbeat_endpoint, worker, ft.heartbeat_interval_ms / 1e3).start()
+        self.orders = OrderListener(ft.order_endpoint, worker, lambda: self.epoch)
+        self._reports = zmq.Context.instance().socket(zmq.PUSH)
+        self._reports.setsockopt(zmq.LINGER, 1000)
+        self._reports.connect(ft.heartbeat_endpoint)
+
+    def check_orders(self) -> None:
+        """Called at the top of every scheduler iteration: leave the loop if a newer group was ordered."""
+        latest = self.orders.latest
+        if latest is not None and latest.epoch > self.epoch:
+            raise RegroupOrdered(f"the controller ordered epoch {latest.epoch}")
+
+    def report(self, message) -> None:
+        self._reports.send(encode(message))
+
+    def run_event_loop(self, original) -> None:
+        """SGLang's loop, re-entered after every in-place recovery."""
+        while True:
+            try:
+                return original(self.scheduler)
+            except Exception as exc:  # a failed collective is recovered; anything else is SGLang's to handle
+                if not is_collective_failure(exc):
+                    raise
+                self.recover(exc)
+
+    def recover(self, exc: BaseException) -> None:
+        from sglang_ft.managers.regroup import regroup_in_place
+
+        logger.warning("sglang-ft: worker %d (epoch %d) saw a failed collective: %s", self.worker, self.epoch,
+                       str(exc).splitlines()[0][:200])
+        self.report(WorkerFailed(self.worker, self.epoch, str(exc)[:200]))
+        while True:
+            order = self.orders.wait_newer_than(self.epoch, ORDER_WAIT_S)
+            if order is None:
+                raise RuntimeError(f"no regroup order from the FT controller within {ORDER_WAIT_S:.0f}s") from exc
+            try:
+                done = regroup_in_place(self, order)
+            except Exception as again:  # another failure during the regroup: wait for the next order
+                if not is_collective_failure(again):
+                    raise
+                logger.warning("sglang-ft: regroup to epoch %d failed (%s); waiting for a newer order",
+                               order.epoch, str(again).splitlines()[0][:200])
+                self.epoch = max(self.epoch, order.epoch)
+                continue
+            self.epoch = order.epoch
+            self.heartbeat.epoch = order.epoch
+            self.report(done)
+            return
+
+
+_WORKER: FtWorker | None = None
+
+
+def install_worker(worker: FtWorker) -> None:
+    """One scheduler per process: hooks that run inside SGLang components find its FT worker here."""
+    global _WORKER
+    _WORKER = worker
+
+
+def current_worker() -> FtWorker | None:
+    return _WORKER

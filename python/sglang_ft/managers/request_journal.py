@@ -1,0 +1,76 @@
+"""The tokenizer manager's request journal: what was sent to the TP group and not finished yet.
+
+Requests that reached a scheduler rank 0 that then died, before it shared them with the other ranks, exist
+nowhere else. When the controller elects a new rank 0, the journal re-sends every unfinished request; the
+schedulers drop the ones they already hold (by rid), so each request runs exactly once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+
+import zmq
+
+from ft.messages import Regroup, decode
+
+logger = logging.getLogger(__name__)
+PRUNE_EVERY = 64
+
+
+class RequestJournal:
+    def __init__(self):
+        self.sent: dict[str, object] = {}
+        self.tokenizer_manager = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._since_prune = 0
+        self.resent_total = 0
+
+    def record(self, tokenizer_manager, obj) -> None:
+        """Called on the tokenizer manager's event loop for every dispatch to the scheduler."""
+        self.tokenizer_manager = tokenizer_manager
+        if self.loop is None:
+            self.loop = asyncio.get_event_loop()
+        for item in getattr(obj, "batch", None) or [obj]:
+            rid = getattr(item, "rid", None)
+            if isinstance(rid, str):
+                self.sent[rid] = item
+        self._since_prune += 1
+        if self._since_prune >= PRUNE_EVERY:
+            self.prune()
+
+    def prune(self) -> None:
+        live = self.tokenizer_manager.rid_to_state if self.tokenizer_manager is not None else {}
+        self.sent = {rid: obj for rid, obj in self.sent.items() if rid in live and not live[rid].finished}
+        self._since_prune = 0
+
+    def resend_unfinished(self) -> int:
+        """Re-send every unfinished request (run on the tokenizer manager's event loop)."""
+        self.prune()
+        for obj in self.sent.values():
+            self.tokenizer_manager._dispatch_to_scheduler(obj)
+        self.resent_total += len(self.sent)
+        logger.warning("sglang-ft: re-sent %d unfinished requests to the new TP rank 0", len(self.sent))
+        return len(self.sent)
+
+    def follow_orders(self, endpoint: str) -> None:
+        """Watch the controller's orders; re-send when a regroup elects a different rank 0."""
+        threading.Thread(target=self._follow, args=(endpoint,), name="ft-journal", daemon=True).start()
+
+    def _follow(self, endpoint: str) -> None:
+        socket = zmq.Context.instance().socket(zmq.SUB)
+        socket.setsockopt(zmq.SUBSCRIBE, b"")
+        socket.connect(endpoint)
+        leader, epoch = 0, 0
+        while True:
+            order = decode(socket.recv())
+            if not isinstance(order, Regroup) or order.epoch <= epoch:
+                continue
+            epoch = order.epoch
+            if order.workers[0] != leader and self.loop is not None:
+                self.loop.call_soon_threadsafe(self.resend_unfinished)
+            leader = order.workers[0]
+
+
+JOURNAL = RequestJournal()

@@ -1,0 +1,61 @@
+"""What each scheduler has received, so a regroup can make every rank's request set identical again.
+
+A failure can interrupt the broadcast of newly received requests: some survivors processed them, others not.
+Each rank records the rids it processed; rank 0 also keeps the raw requests of its recent pulls. After a regroup
+the ranks agree on the requests they all hold, drop the others (none of them ran: running needs every rank), and
+rank 0 re-broadcasts any it still has that did not finish anywhere, so nothing accepted is lost.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+HISTORY = 4096
+
+
+class RequestLedger:
+    def __init__(self):
+        self.seen: deque[str] = deque(maxlen=HISTORY)
+        self.pulled: deque = deque(maxlen=HISTORY)  # raw requests rank 0 pulled from the tokenizer manager
+
+    def record_pulled(self, raw_reqs) -> None:
+        self.pulled.extend(r for r in raw_reqs or () if getattr(r, "rid", None) is not None)
+
+    def unseen(self, reqs) -> list:
+        """The requests of `reqs` this rank has not processed before (control messages always pass)."""
+        seen = set(self.seen)
+        return [r for r in reqs if not isinstance(getattr(r, "rid", None), str) or r.rid not in seen]
+
+    def forget(self, rids) -> None:
+        drop = set(rids)
+        kept = [rid for rid in self.seen if rid not in drop]
+        self.seen.clear()
+        self.seen.extend(kept)
+
+    def record_processed(self, reqs) -> None:
+        self.seen.extend(r.rid for r in reqs or () if isinstance(getattr(r, "rid", None), str))
+
+
+def reconcile(scheduler, ledger: RequestLedger, cpu_group, is_source: bool) -> tuple[int, int]:
+    """Make every rank's waiting queue the same; returns (dropped here, re-injected)."""
+    import torch.distributed as dist
+
+    from sglang.srt.utils import broadcast_pyobj
+
+    waiting = [r.rid for r in scheduler.waiting_queue]
+    mine = (waiting, [rid for rid in ledger.seen if rid not in set(waiting)])
+    everyone = [None] * dist.get_world_size(cpu_group)
+    dist.all_gather_object(everyone, mine, group=cpu_group)
+    common = set.intersection(*(set(w) for w, _ in everyone))
+    finished_somewhere = set().union(*(set(f) for _, f in everyone))
+    dropped = [r for r in scheduler.waiting_queue if r.rid not in common]
+    scheduler.waiting_queue = [r for r in scheduler.waiting_queue if r.rid in common]
+    ledger.forget(r.rid for r in dropped)  # so a re-send of them is processed here like everywhere else
+    resend = None
+    if is_source:
+        resend = [r for r in ledger.pulled if r.rid not in common and r.rid not in finished_somewhere]
+        resend = list({r.rid: r for r in resend}.values())
+    resend = broadcast_pyobj(resend, dist.get_rank(cpu_group), cpu_group, src=dist.get_process_group_ranks(cpu_group)[0])
+    if resend:
+        scheduler.process_input_requests(resend)
+    return len(dropped), len(resend or [])

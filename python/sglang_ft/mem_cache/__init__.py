@@ -1,0 +1,1 @@
+"""KV-pool changes for elastic TP: reshaping a pool's head dimension in place."""

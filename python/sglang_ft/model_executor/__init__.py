@@ -1,0 +1,1 @@
+"""Model-runner changes for elastic TP: resharding weights in place after a regroup."""

@@ -1,0 +1,100 @@
+"""Reshard the elastic model in place for a new layout: keep what this rank holds, take slices from peers, and
+read only the slices nobody alive holds from the safetensors files.
+
+Every rank computes the same plan (`ft.planner.plan_migration`), so peer transfers need no negotiation: each move
+is one tagged isend/irecv pair of a flat buffer whose layout both sides derive from `unit_pieces`.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from ft.planner import DIMENSIONS, MigrationPlan
+
+
+@dataclass
+class ReshardStats:
+    bytes_kept: int = 0
+    bytes_p2p_in: int = 0
+    bytes_reloaded: int = 0
+
+
+def _copy(src_pieces, dst_pieces) -> int:
+    moved = 0
+    for src, dst in zip(src_pieces, dst_pieces, strict=True):
+        dst.view.copy_(src.view)
+        moved += dst.view.numel() * dst.view.element_size()
+    return moved
+
+
+def _flat(pieces) -> torch.Tensor:
+    return torch.cat([p.view.reshape(-1) for p in pieces])
+
+
+def _unflatten_into(flat: torch.Tensor, pieces) -> None:
+    offset = 0
+    for piece in pieces:
+        n = piece.view.numel()
+        piece.view.copy_(flat[offset : offset + n].view_as(piece.view))
+        offset += n
+
+
+def build_model_like(old_model, model_runner):
+    """A fresh elastic model for the layout now installed, on the runner's device and dtype (weights unset)."""
+    from sglang.srt.model_loader.utils import set_default_torch_dtype
+
+    with set_default_torch_dtype(model_runner.model_config.dtype), torch.device(model_runner.device):
+        new_model = type(old_model)(old_model.config)
+    # SGLang's loader attaches facts to the model it built (e.g. shared_experts_config); carry them over.
+    for name, value in vars(old_model).items():
+        if name not in vars(new_model):
+            setattr(new_model, name, value)
+    return new_model.eval() if not old_model.training else new_model
+
+
+@torch.no_grad()
+def reshard(old_model, new_model, plan: MigrationPlan, me: int, checkpoint_dir: str) -> ReshardStats:
+    """Fill `new_model` (this worker's new shard) from `old_model`, peers and the checkpoint."""
+    stats = ReshardStats()
+    for dim in DIMENSIONS:
+        (o0, o1), (n0, n1) = getattr(old_model.shard, dim), getattr(new_model.shard, dim)
+        lo, hi = max(o0, n0), min(o1, n1)
+        if lo < hi:
+            stats.bytes_kept += _copy(old_model.unit_pieces(dim, lo, hi), new_model.unit_pieces(dim, lo, hi))
+    for name, param in new_model.replicated_params().items():
+        param.copy_(old_model.replicated_params()[name])
+
+    rank_of = {worker: rank for rank, worker in enumerate(plan.workers)}
+    requests, landing = [], []
+    for tag, move in enumerate(plan.moves):
+        if move.src is None:
+            continue
+        if move.src == me:
+            requests.append(dist.isend(_flat(old_model.unit_pieces(move.dim, move.start, move.end)),
+                                       dst=rank_of[move.dst], tag=tag))
+        elif move.dst == me:
+            pieces = new_model.unit_pieces(move.dim, move.start, move.end)
+            buffer = torch.empty(sum(p.view.numel() for p in pieces), dtype=pieces[0].view.dtype)
+            requests.append(dist.irecv(buffer, src=rank_of[move.src], tag=tag))
+            landing.append((buffer, pieces))
+    for request in requests:
+        request.wait()
+    for buffer, pieces in landing:
+        _unflatten_into(buffer, pieces)
+        stats.bytes_p2p_in += buffer.numel() * buffer.element_size()
+
+    from_disk = [p for m in plan.moves if m.src is None and m.dst == me
+                 for p in new_model.unit_pieces(m.dim, m.start, m.end)]
+    if from_disk:
+        from sglang_ft.model_loader.lazy_safetensors import lazy_safetensors_iterator
+        from sglang_ft.models.elastic_llama import fill_from_checkpoint
+
+        files = sorted(glob.glob(os.path.join(checkpoint_dir, "*.safetensors")))
+        fill_from_checkpoint(lazy_safetensors_iterator(files), from_disk, {})
+        stats.bytes_reloaded = sum(p.view.numel() * p.view.element_size() for p in from_disk)
+    return stats

@@ -1,0 +1,149 @@
+"""Serving through worker failures (TP 4 on the tiny model): nothing lost, same tokens, status and fencing.
+
+Each server here is torn down by its faults, so each test owns one (about a minute to start on CPU).
+"""
+
+import json
+import threading
+import time
+
+import psutil
+import pytest
+import requests
+
+from client import GREEDY, generate
+from conftest import PROMPTS
+
+pytestmark = pytest.mark.server
+NEW_TOKENS = 64
+FAILOVER_PROMPTS = PROMPTS + ["Tell me about heartbeats", "The worker rank"]  # 8 concurrent requests
+
+
+@pytest.fixture
+def ft_server(servers, tiny_model):
+    """A fresh TP 4 server with fault injection; any pooled server is stopped first to free memory."""
+    from sglang_ft.tools.server_process import ServerProcess
+
+    servers.close()
+    server = ServerProcess(tiny_model, tp_size=4, ft=True, extra_args=[
+        "--ft-enable-fault-injection", "--ft-heartbeat-interval-ms", "100", "--ft-heartbeat-timeout-ms", "1500",
+        "--ft-collective-timeout-s", "4"]).start()
+    yield server
+    server.stop()
+
+
+def status(server) -> dict:
+    return requests.get(f"{server.url}/ft/status", timeout=30).json()
+
+
+def inject(server, rank: int, kind: str) -> dict:
+    response = requests.post(f"{server.url}/ft/inject_fault", json={"rank": rank, "kind": kind}, timeout=30)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def wait_for(predicate, timeout_s: float = 60.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def run_with_fault(server, fault, prompts=FAILOVER_PROMPTS, delay_s: float = 1.5) -> list[dict]:
+    """Send every prompt at once, inject `fault()` while they decode, and return every response."""
+    results: list = [None] * len(prompts)
+
+    def one(i):
+        results[i] = generate(server.url, prompts[i], NEW_TOKENS)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
+    for thread in threads:
+        thread.start()
+    time.sleep(delay_s)
+    fault()
+    for thread in threads:
+        thread.join(timeout=600)
+    assert all(r is not None for r in results), "a request never completed"
+    return results
+
+
+@pytest.fixture
+def reference(hf_outputs, tiny_model):
+    from sglang_ft.tools.hf_reference import greedy_token_ids
+
+    return lambda prompts: greedy_token_ids(tiny_model, prompts, NEW_TOKENS)
+
+
+def one_worker_share_bytes(server) -> int:
+    import re
+
+    reads = re.findall(r"sglang-ft: read (\d+) of", server.log_text())
+    return int(reads[0])  # rank 0's slices at launch (TP 4): one worker's share, norms included
+
+
+def test_sigkill_mid_decode_keeps_every_request_and_token(ft_server, reference):
+    victim = status(ft_server)["workers"][2]["pid"]
+    results = run_with_fault(ft_server, lambda: inject(ft_server, 2, "kill"))
+    assert [r["output_ids"] for r in results] == reference(FAILOVER_PROMPTS)
+    assert not psutil.pid_exists(victim) or psutil.Process(victim).status() == psutil.STATUS_ZOMBIE
+    st = status(ft_server)
+    assert st["epoch"] == 1 and st["tp_size"] == 3
+    (recovery,) = st["recoveries"]
+    assert recovery["cause"].startswith("worker 2")
+    assert 0 < recovery["bytes_reloaded"] < one_worker_share_bytes(ft_server)
+    assert recovery["bytes_p2p"] > 0 and recovery["kv_tokens_recomputed"] > 0
+    assert recovery["detect_ms"] >= 0 and recovery["recover_ms"] > 0
+    for stage in ("abort_and_requeue", "rebuild_process_groups", "reshard_weights", "reshape_kv"):
+        assert f"recovery to epoch 1: {stage} done" in ft_server.log_text()
+
+
+def test_three_failures_down_to_tp1_with_streaming_across_one(ft_server, reference):
+    expected = reference(FAILOVER_PROMPTS)
+    for epoch, rank in ((1, 3), (2, 1)):
+        results = run_with_fault(ft_server, lambda: inject(ft_server, rank, "kill"))
+        assert [r["output_ids"] for r in results] == expected
+        wait_for(lambda: status(ft_server)["epoch"] == epoch and len(status(ft_server)["recoveries"]) == epoch)
+        assert status(ft_server)["tp_size"] == 4 - epoch
+
+    # the third failure (TP 2 -> 1) while a streaming request is in flight
+    body = {"text": FAILOVER_PROMPTS[1], "sampling_params": {**GREEDY, "max_new_tokens": NEW_TOKENS}, "stream": True}
+    chunks, errors = [], []
+    with requests.post(f"{ft_server.url}/generate", json=body, stream=True, timeout=600) as response:
+        for n, line in enumerate(response.iter_lines()):
+            if n == 5:
+                inject(ft_server, 1, "kill")
+            if line.startswith(b"data:") and line != b"data: [DONE]":
+                chunk = json.loads(line[5:])
+                (errors if "error" in chunk else chunks).append(chunk)
+    assert errors == []
+    assert chunks[-1]["output_ids"] == expected[1]
+    st = wait_for(lambda: (s := status(ft_server))["epoch"] == 3 and len(s["recoveries"]) == 3 and s)
+    assert st["tp_size"] == 1
+    assert [r["output_ids"] for r in [generate(ft_server.url, p, NEW_TOKENS) for p in FAILOVER_PROMPTS[:3]]] == \
+        expected[:3]
+
+
+def test_rank0_death_then_a_hung_worker_is_fenced(ft_server, reference):
+    expected = reference(FAILOVER_PROMPTS)
+    results = run_with_fault(ft_server, lambda: inject(ft_server, 0, "kill"))
+    assert [r["output_ids"] for r in results] == expected
+    st = wait_for(lambda: (s := status(ft_server))["epoch"] == 1 and len(s["recoveries"]) == 1 and s)
+    assert st["tp_size"] == 3 and [w["rank"] for w in st["workers"]] == [None, 0, 1, 2]
+
+    hung = st["workers"][3]["pid"]  # now TP rank 2
+    stopped_at = time.monotonic()
+    results = run_with_fault(ft_server, lambda: inject(ft_server, 2, "hang"))
+    assert [r["output_ids"] for r in results] == expected
+    st = status(ft_server)
+    detection = [d for d in st["detections"] if d["pid"] == hung and d["state"] == "dead"]
+    assert detection and detection[0]["cause"] == "heartbeat timeout"
+    assert st["epoch"] == 2 and st["tp_size"] == 2
+    assert time.monotonic() - stopped_at < 120
+    psutil.Process(hung).resume()  # SIGCONT: the stale worker must notice it was replaced and exit
+    wait_for(lambda: not psutil.pid_exists(hung) or psutil.Process(hung).status() == psutil.STATUS_ZOMBIE,
+             timeout_s=30, what="the fenced worker to exit")
+    assert [generate(ft_server.url, p, NEW_TOKENS)["output_ids"] for p in FAILOVER_PROMPTS[:2]] == expected[:2]
+    assert status(ft_server)["epoch"] == 2
