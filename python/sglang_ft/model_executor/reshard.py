@@ -82,12 +82,7 @@ def reshard(old_model, new_model, plan: MigrationPlan, me: int, checkpoint_dir: 
             buffer = torch.empty(sum(p.view.numel() for p in pieces), dtype=pieces[0].view.dtype)
             requests.append(dist.irecv(buffer, src=rank_of[move.src], tag=tag))
             landing.append((buffer, pieces))
-    for request in requests:
-        request.wait()
-    for buffer, pieces in landing:
-        _unflatten_into(buffer, pieces)
-        stats.bytes_p2p_in += buffer.numel() * buffer.element_size()
-
+    # Peer transfers are in flight; read the slices nobody alive holds from disk meanwhile (both links busy).
     from_disk = [p for m in plan.moves if m.src is None and m.dst == me
                  for p in new_model.unit_pieces(m.dim, m.start, m.end)]
     if from_disk:
@@ -97,4 +92,9 @@ def reshard(old_model, new_model, plan: MigrationPlan, me: int, checkpoint_dir: 
         files = sorted(glob.glob(os.path.join(checkpoint_dir, "*.safetensors")))
         fill_from_checkpoint(lazy_safetensors_iterator(files), from_disk, {})
         stats.bytes_reloaded = sum(p.view.numel() * p.view.element_size() for p in from_disk)
+    for request in requests:
+        request.wait()
+    for buffer, pieces in landing:
+        _unflatten_into(buffer, pieces)
+        stats.bytes_p2p_in += buffer.numel() * buffer.element_size()
     return stats
