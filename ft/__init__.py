@@ -4,4 +4,8 @@ Nothing here imports sglang or sglang_ft: it is plain data and algorithms that t
 drives, unit-tested without a model.
 
 - partition.py: unequal-width tensor-parallel layouts (whole GQA groups, MLP columns, vocabulary) as data.
+- planner.py: Continuous Minimal Migration: the new layout that moves the fewest bytes, and its transfer schedule.
+- membership.py, failure_detector.py: epochs, worker states, heartbeat-timeout detection.
+- heartbeat.py, messages.py: heartbeats and typed (msgspec) messages over ZMQ.
+- ports.py: loopback port allocation.
 """

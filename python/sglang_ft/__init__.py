@@ -2,11 +2,16 @@
 
 Folders mirror `sglang/srt/` so an SGLang engineer knows where to look:
 - platforms/: the `torch_cpu` platform plugin (serve real SGLang on a machine with no GPU);
-- plugin.py: the `ft` general plugin entry point (registers every hook, listed in hooks.py);
-- server_args.py: the `--ft` / `--ft-*` flags and their carrier into SGLang's subprocesses;
-- models/: the elastic, unequal-width Llama-family model;
+- plugin.py, hooks.py: the `ft` general plugin entry point and the table of every hook on SGLang;
+- server_args.py, launch_checks.py: the `--ft` / `--ft-*` flags, their carrier into subprocesses, launch errors;
+- entrypoints/: the FT runtime beside SGLang's processes and the `/ft/*` HTTP routes;
+- managers/: the FT controller process, the per-scheduler FT worker, the in-place regroup, the request ledger
+  (schedulers) and journal (tokenizer manager);
+- distributed/: rebuilding SGLang's process groups for a new TP world;
+- models/, layers/: the elastic, unequal-width Llama-family model;
+- model_executor/: resharding the model in place; mem_cache/: reshaping the KV pool's heads;
 - model_loader/: lazy per-rank slice reading of safetensors weights;
-- tools/: make_tiny_model.
+- tools/: make_tiny_model, launching servers, the transformers reference; demo.py: `make demo`.
 """
 
 __version__ = "0.1.0"

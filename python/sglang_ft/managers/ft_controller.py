@@ -24,6 +24,7 @@ from ft.membership import Membership, WorkerState
 from ft.messages import ControlRequest, Fenced, Heartbeat, Regroup, RegroupDone, WorkerFailed, decode_control, encode
 from ft.partition import ModelShape, TPLayout
 from ft.planner import plan_migration
+from ft.ports import free_port
 
 logger = logging.getLogger("sglang_ft.controller")
 FAULT_SIGNALS = {"kill": signal.SIGKILL, "hang": signal.SIGSTOP, "resume": signal.SIGCONT}
@@ -67,14 +68,6 @@ def _process_gone(pid: int | None) -> bool:
         return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return True
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass
