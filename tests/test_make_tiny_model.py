@@ -53,3 +53,16 @@ def test_bad_flag_exits_with_a_message_naming_it(tmp_path):
 def test_non_positive_sizes_are_refused(tmp_path, flag):
     with pytest.raises(SystemExit):
         make_tiny_model.main([str(tmp_path), flag, "0"])
+
+
+@pytest.mark.parametrize("architecture, model_type", [("qwen2", "qwen2"), ("mistral", "mistral")])
+def test_other_llama_family_layouts(tmp_path, architecture, model_type):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    make_tiny_model.main([str(tmp_path), "--architecture", architecture])
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["model_type"] == model_type
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+    has_bias = any(name.endswith("q_proj.bias") for name, _ in model.named_parameters())
+    assert has_bias == (architecture == "qwen2")

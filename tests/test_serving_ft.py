@@ -83,3 +83,15 @@ def test_openai_completions_and_chat(tp3):
                                             stream=True, extra_body={"ignore_eos": True})
     streamed = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
     assert streamed == chat.choices[0].message.content
+
+
+@pytest.mark.parametrize("architecture, tp", [("qwen2", 3), ("mistral", 2)])
+def test_qwen2_and_mistral_configs_equal_transformers(servers, tmp_path_factory, hf_outputs, architecture, tp):
+    from sglang_ft.tools import make_tiny_model
+
+    model = tmp_path_factory.mktemp(f"tiny-{architecture}")
+    make_tiny_model.main([str(model), "--architecture", architecture, "--seed", "2"])
+    server = servers.get(str(model), tp, True)
+    assert "sglang-ft: TP rank" in server.log_text()  # served by the elastic model
+    outputs = generate_concurrently(server.url, PROMPTS, MAX_NEW_TOKENS)
+    assert [o["output_ids"] for o in outputs] == hf_outputs(str(model))

@@ -76,12 +76,22 @@ def train_tokenizer(vocab_size: int, seed: int):
     return fast
 
 
-def make_model(args: argparse.Namespace):
-    """A LlamaForCausalLM with seeded, deliberately peaked random weights."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+ARCHITECTURES = ("llama", "mistral", "qwen2")
 
-    config = LlamaConfig(
+
+def _model_classes(architecture: str):
+    import transformers
+
+    prefix = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}[architecture]
+    return getattr(transformers, f"{prefix}Config"), getattr(transformers, f"{prefix}ForCausalLM")
+
+
+def make_model(args: argparse.Namespace):
+    """A Llama-family causal LM (Llama, Mistral or Qwen2 layout) with seeded, deliberately peaked random weights."""
+    import torch
+
+    config_cls, model_cls = _model_classes(args.architecture)
+    config = config_cls(
         vocab_size=args.vocab_size,
         hidden_size=args.hidden_size,
         intermediate_size=args.intermediate_size,
@@ -98,11 +108,15 @@ def make_model(args: argparse.Namespace):
         eos_token_id=1,
         pad_token_id=2,
     )
+    if args.architecture == "mistral":
+        config.sliding_window = None  # full attention, like SGLang's Llama path
     torch.manual_seed(args.seed)
-    model = LlamaForCausalLM(config).to(torch.float32)
+    model = model_cls(config).to(torch.float32)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if param.dim() == 1:
+                if name.endswith(".bias"):  # Qwen2's q/k/v biases
+                    param.normal_(0.0, 0.1)
                 continue  # RMSNorm weights stay at one
             fan_in = param.shape[1]
             std = 1.0 if "embed_tokens" in name else (4.0 if "lm_head" in name else 1.0) / fan_in**0.5
@@ -124,6 +138,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--vocab-size", type=int, default=512)
     parser.add_argument("--max-position-embeddings", type=int, default=2048)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--architecture", choices=ARCHITECTURES, default="llama",
+                        help="config and weight layout: llama (default), mistral, or qwen2 (q/k/v biases)")
     args = parser.parse_args(argv)
     for flag in ("num_layers", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "vocab_size"):
         if getattr(args, flag) <= 0:
@@ -143,7 +159,7 @@ def main(argv: list[str] | None = None) -> Path:
     model.save_pretrained(args.out_dir, safe_serialization=True)
     tokenizer.save_pretrained(args.out_dir)
     (args.out_dir / "sglang_ft_tiny.json").write_text(json.dumps(vars(args), default=str, indent=1))
-    print(f"wrote tiny Llama ({sum(p.numel() for p in model.parameters())} parameters) to {args.out_dir}")
+    print(f"wrote tiny {args.architecture} ({sum(p.numel() for p in model.parameters())} parameters) to {args.out_dir}")
     return args.out_dir
 
 
