@@ -87,3 +87,73 @@ def test_status_json_is_served_over_the_control_socket(controller_factory):
         controller.step()
     assert msgspec.json.decode(socket.recv())["tp_size"] == 2
     socket.close()
+
+
+def _shape():
+    from ft.partition import ModelShape
+
+    return ModelShape(8, 4, 8, 64, 160, 512, 2)
+
+
+@pytest.fixture
+def orchestrating_controller(tmp_path):
+    import zmq
+
+    controller = FtController(f"ipc://{tmp_path}/hb", f"ipc://{tmp_path}/ctl", 3, interval_s=0.05, timeout_s=0.3,
+                              parent_pid=os.getpid(), enable_fault_injection=False,
+                              order_endpoint=f"ipc://{tmp_path}/orders", shape=_shape())
+    subscriber = zmq.Context.instance().socket(zmq.SUB)
+    subscriber.setsockopt(zmq.SUBSCRIBE, b"")
+    subscriber.connect(f"ipc://{tmp_path}/orders")
+    time.sleep(0.2)  # let the subscription reach the publisher
+    yield controller, subscriber
+    subscriber.close()
+    for socket in (controller.control, controller.orders):
+        socket.close()
+    controller.receiver.close()
+
+
+def _orders(subscriber):
+    from ft.messages import Regroup, decode
+
+    found = []
+    while subscriber.poll(200):
+        message = decode(subscriber.recv())
+        if isinstance(message, Regroup):
+            found.append(message)
+    return found
+
+
+def test_a_dead_member_gets_a_minimal_migration_regroup_order(orchestrating_controller):
+    from ft.messages import RegroupDone
+    from ft.partition import TPLayout
+
+    controller, subscriber = orchestrating_controller
+    now = time.monotonic()
+    for worker in range(3):
+        controller._on_message(Heartbeat(worker, os.getpid(), 0, 0), now)
+    change = controller.state.detector.declare_dead(1, now)
+    controller._record(change, "process exit")
+    (order, *_) = _orders(subscriber)
+    assert (order.epoch, order.workers, order.cause) == (1, (0, 2), "worker 1: process exit")
+    layout = TPLayout.from_json(order.layout_json)
+    assert [s.num_kv_heads for s in layout.shards] == [2, 2]
+    for worker in (0, 2):
+        controller._on_message(RegroupDone(worker, 1, {"reshard_weights": 1.0}, 10, 20, 30, 40), time.monotonic())
+    (recovery,) = controller.state.recoveries
+    assert recovery["epoch"] == 1 and recovery["bytes_p2p"] == 40 and recovery["bytes_reloaded"] == 60
+    assert recovery["kv_tokens_recomputed"] == 40 and controller.pending is None
+
+
+def test_a_failed_collective_with_everyone_alive_rebuilds_the_same_group(orchestrating_controller):
+    from ft.messages import WorkerFailed
+
+    controller, subscriber = orchestrating_controller
+    controller._on_message(WorkerFailed(0, 0, "Timed out waiting 2000ms"), time.monotonic())
+    deadline = time.monotonic() + 5
+    while controller.pending is None and time.monotonic() < deadline:
+        for worker in range(3):  # everyone keeps beating: nobody is dead
+            controller._on_message(Heartbeat(worker, os.getpid(), 0, 1), time.monotonic())
+        controller.step()
+    (order, *_) = _orders(subscriber)
+    assert order.workers == (0, 1, 2) and order.epoch == 1 and "every worker alive" in order.cause

@@ -1,0 +1,49 @@
+"""Request reconciliation after a regroup (managers/request_ledger.py), on a one-rank gloo group."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch.distributed as dist
+
+from sglang_ft.managers.request_ledger import RequestLedger, reconcile
+
+
+@pytest.fixture(scope="module")
+def one_rank_group(tmp_path_factory):
+    created = not dist.is_initialized()
+    if created:
+        store = dist.FileStore(str(tmp_path_factory.mktemp("store") / "f"), 1)
+        dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    yield dist.group.WORLD
+    if created:
+        dist.destroy_process_group()
+
+
+class FakeScheduler:
+    def __init__(self, rids):
+        self.waiting_queue = [SimpleNamespace(rid=r) for r in rids]
+        self.processed = []
+
+    def process_input_requests(self, reqs):
+        self.processed += reqs
+
+
+def test_rank0_resends_only_what_nobody_holds_and_nothing_that_finished(one_rank_group):
+    ledger = RequestLedger()
+    ledger.record_processed([SimpleNamespace(rid=r) for r in ("a", "b", "c")])  # c has finished since
+    ledger.record_pulled([SimpleNamespace(rid=r) for r in ("b", "c", "d")])  # d was pulled, never processed
+    scheduler = FakeScheduler(["a", "b"])
+    dropped, resent = reconcile(scheduler, ledger, one_rank_group, is_source=True)
+    assert (dropped, resent) == (0, 1)
+    assert [r.rid for r in scheduler.processed] == ["d"]
+    assert [r.rid for r in scheduler.waiting_queue] == ["a", "b"]
+
+
+def test_duplicates_are_dropped_by_rid_but_control_messages_pass():
+    ledger = RequestLedger()
+    ledger.record_processed([SimpleNamespace(rid="x")])
+    control = SimpleNamespace()  # e.g. a flush request, no rid
+    fresh = ledger.unseen([SimpleNamespace(rid="x"), SimpleNamespace(rid="y"), control])
+    assert [getattr(r, "rid", None) for r in fresh] == ["y", None]
+    ledger.forget(["x"])
+    assert [r.rid for r in ledger.unseen([SimpleNamespace(rid="x")])] == ["x"]
