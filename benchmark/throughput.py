@@ -18,7 +18,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import requests
-
 from sglang_ft.tools import make_tiny_model
 from sglang_ft.tools.server_process import ServerProcess
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 
 import pytest
-
 from sglang_ft.tools import make_tiny_model
 
 PROMPTS = [

@@ -10,7 +10,6 @@ import time
 import psutil
 import pytest
 import requests
-
 from client import GREEDY, generate
 from conftest import PROMPTS
 

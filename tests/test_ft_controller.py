@@ -7,9 +7,9 @@ import time
 
 import msgspec
 import pytest
-
-from ft.messages import ControlRequest, Heartbeat, encode
 from sglang_ft.managers.ft_controller import FtController
+
+from ft.messages import ControlRequest, Heartbeat
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ import sys
 from importlib.metadata import entry_points, version
 
 import pytest
-
 from sglang_ft.hooks import HOOKS
 
 
@@ -38,7 +37,6 @@ def test_parsing_carries_ft_to_subprocesses(monkeypatch):
 
     from sglang.srt.plugins import load_plugins
     from sglang.srt.server_args import ServerArgs
-
     from sglang_ft.server_args import FT_ENV, ft_args
 
     load_plugins()

@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from sglang_ft.tools import make_tiny_model
 
 

@@ -1,7 +1,6 @@
 """The torch_cpu platform plugin: activation rules, thread binding, CPU defaults."""
 
 import pytest
-
 from sglang_ft.platforms import activate_torch_cpu
 
 
@@ -16,7 +15,6 @@ def test_activates_only_without_cuda(monkeypatch):
 
 def test_sglang_resolves_it_as_its_current_platform():
     from sglang.srt.platforms import current_platform
-
     from sglang_ft.platforms.torch_cpu import TorchCpuPlatform
 
     assert isinstance(current_platform, TorchCpuPlatform)

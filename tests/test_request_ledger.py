@@ -4,7 +4,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch.distributed as dist
-
 from sglang_ft.managers.request_ledger import RequestLedger, reconcile
 
 

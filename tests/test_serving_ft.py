@@ -9,7 +9,6 @@ import re
 
 import pytest
 import requests
-
 from client import GREEDY, generate, generate_concurrently
 from conftest import MAX_NEW_TOKENS, PROMPTS
 

@@ -1,7 +1,6 @@
 """Without `--ft`: unmodified SGLang, through the torch_cpu platform plugin, equals transformers at TP 1 and 2."""
 
 import pytest
-
 from client import generate_concurrently
 from conftest import MAX_NEW_TOKENS, PROMPTS
 

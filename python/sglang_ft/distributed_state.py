@@ -39,6 +39,3 @@ def local_shard(hf_config) -> RankShard:
     rank, _ = _tp_rank_and_size()
     return current_layout(hf_config).shard(rank)
 
-
-def has_layout() -> bool:
-    return _layout is not None

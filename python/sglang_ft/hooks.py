@@ -6,14 +6,10 @@ upgrade that moves one fails loudly. Each handler leaves SGLang's behaviour unto
 
 from __future__ import annotations
 
-import logging
-
 from sglang.srt.plugins.hook_registry import HookType
 
 from sglang_ft.launch_checks import ELASTIC_ARCHITECTURES, check_ft_launch
-from sglang_ft.server_args import FtArgs, add_ft_cli_args, cli_error, ft_enabled, publish
-
-logger = logging.getLogger(__name__)
+from sglang_ft.server_args import FtArgs, add_ft_cli_args, cli_error, ft_args, ft_enabled, publish
 
 
 def after_add_cli_args(_result, parser, *_args, **_kwargs):
@@ -47,18 +43,15 @@ def before_launch_server(server_args, *args, **kwargs):
 
 def after_scheduler_init(_result, scheduler, server_args, port_args, *args, **kwargs):
     """Under `--ft`, attach the FT worker: heartbeats, the controller's orders, in-place recovery."""
-    from sglang_ft.server_args import ft_args
-
     ft = ft_args()
     if not ft.enabled or not ft.runtime_dir:
         return
     from sglang.srt.runtime_context import get_parallel
 
+    from sglang_ft.distributed.regroup_groups import set_collective_timeout
     from sglang_ft.managers.ft_worker import FtWorker, install_worker
 
     parallel = get_parallel()
-    from sglang_ft.distributed.regroup_groups import set_collective_timeout
-
     worker = FtWorker(scheduler, ft, parallel.tp_rank, port_args)
     worker.group = tuple(range(parallel.tp_size))
     install_worker(worker)
@@ -196,7 +189,6 @@ def after_apply_token_constraints(token_capacity, *_args, **_kwargs):
     if not ft_enabled():
         return token_capacity
     import torch
-
     from sglang.srt.runtime_context import get_parallel
 
     parallel = get_parallel()

@@ -16,7 +16,6 @@ REQUEST_BROADCAST_TIMEOUT_S = 2.0
 
 def rebuild_process_groups(new_rank: int, new_size: int, store_port: int, timeout_s: float) -> None:
     import torch.distributed as dist
-
     from sglang.srt.distributed import parallel_state as ps
     from sglang.srt.distributed.bootstrap import _init_parallel_groups
     from sglang.srt.runtime_context import get_device, get_parallel, get_server_args
@@ -59,7 +58,6 @@ def set_collective_timeout(timeout_s: float) -> None:
     meet there every iteration, so a long wait there means a peer is gone, and an idle survivor learns it fast.
     """
     import torch.distributed as dist
-
     from sglang.srt.runtime_context import get_parallel
 
     request_group = get_parallel().tp_group.cpu_group

@@ -134,7 +134,7 @@ def regroup_in_place(ft_worker, order: Regroup) -> RegroupDone:
     clock.done("reshard_weights", f"(kept {stats.bytes_kept} B, peers {stats.bytes_p2p_in} B, "
                                   f"disk {stats.bytes_reloaded} B)")
 
-    reshape_kv_heads(runner.token_to_kv_pool, None, new_model.shard.num_kv_heads)
+    reshape_kv_heads(runner.token_to_kv_pool, new_model.shard.num_kv_heads)
     clock.done("reshape_kv", f"({new_model.shard.num_kv_heads} KV heads here)")
 
     dropped, resent = reconcile(scheduler, ft_worker.ledger, scheduler.tp_cpu_group, is_source=new_rank == 0)

@@ -39,7 +39,6 @@ class RequestLedger:
 def reconcile(scheduler, ledger: RequestLedger, cpu_group, is_source: bool) -> tuple[int, int]:
     """Make every rank's waiting queue the same; returns (dropped here, re-injected)."""
     import torch.distributed as dist
-
     from sglang.srt.utils import broadcast_pyobj
 
     waiting = [r.rid for r in scheduler.waiting_queue]

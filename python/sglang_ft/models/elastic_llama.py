@@ -13,8 +13,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
-from torch import nn
-
 from sglang.srt.layers.activation import SiluAndMul
 from sglang.srt.layers.layernorm import RMSNorm
 from sglang.srt.layers.linear import ReplicatedLinear
@@ -22,11 +20,13 @@ from sglang.srt.layers.logits_processor import LogitsProcessor
 from sglang.srt.layers.radix_attention import RadixAttention
 from sglang.srt.layers.rotary_embedding import get_rope
 from sglang.srt.model_executor.forward_batch_info import ForwardBatch
+from torch import nn
+
+from ft.partition import RankShard, TPLayout
+from ft.planner import DIMENSIONS
 from sglang_ft.distributed_state import current_layout
 from sglang_ft.layers.elastic_parallel import ElasticLMHead, ElasticVocabEmbedding, all_reduce
 from sglang_ft.model_loader.lazy_safetensors import read_all, read_cols, read_rows
-from ft.partition import RankShard, TPLayout
-from ft.planner import DIMENSIONS
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,6 @@ import logging
 import os
 
 import psutil
-
 from sglang.srt.platforms.cpu import CpuSRTPlatform
 from sglang.srt.platforms.device_mixin import PlatformEnum
 
