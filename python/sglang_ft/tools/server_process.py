@@ -18,6 +18,10 @@ import requests
 from ft.ports import free_port
 
 
+class PortTaken(RuntimeError):
+    """Another process bound the chosen port first (SGLang picks its own internal ports at launch)."""
+
+
 @dataclass
 class ServerProcess:
     """One SGLang server on 127.0.0.1, its log file, and how long it took to become healthy."""
@@ -41,7 +45,19 @@ class ServerProcess:
         cmd += ["--ft"] if self.ft else []
         return cmd + list(self.extra_args)
 
-    def start(self, timeout_s: float = 300.0) -> "ServerProcess":
+    def start(self, timeout_s: float = 300.0, attempts: int = 3) -> "ServerProcess":
+        """Launch and wait until healthy; a port taken between choosing and binding it is retried on another."""
+        chosen_port = self.port
+        for attempt in range(attempts):
+            try:
+                return self._start_once(timeout_s)
+            except PortTaken:
+                if chosen_port or attempt == attempts - 1:
+                    raise
+                self.port, self.log_path = 0, None
+        raise AssertionError("unreachable")
+
+    def _start_once(self, timeout_s: float) -> "ServerProcess":
         self.port = self.port or free_port()
         if self.log_path is None:
             self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"sglang-ft-server-{self.port}.log"
@@ -64,6 +80,8 @@ class ServerProcess:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}; log:\n{self.log_tail()}")
+            if "address already in use" in self.log_text():
+                raise PortTaken(f"port {self.port} was taken before the server bound it")
             try:
                 if requests.get(f"{self.url}/health_generate", timeout=30).status_code == 200:
                     return
