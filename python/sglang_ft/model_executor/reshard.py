@@ -66,8 +66,9 @@ def reshard(old_model, new_model, plan: MigrationPlan, me: int, checkpoint_dir: 
         lo, hi = max(o0, n0), min(o1, n1)
         if lo < hi:
             stats.bytes_kept += _copy(old_model.unit_pieces(dim, lo, hi), new_model.unit_pieces(dim, lo, hi))
+    old_replicated = old_model.replicated_params()
     for name, param in new_model.replicated_params().items():
-        param.copy_(old_model.replicated_params()[name])
+        param.copy_(old_replicated[name])
 
     rank_of = {worker: rank for rank, worker in enumerate(plan.workers)}
     requests, landing = [], []

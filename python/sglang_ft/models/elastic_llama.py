@@ -163,11 +163,9 @@ class ElasticLlamaForCausalLM(nn.Module):
         self.tp_rank = get_parallel().tp_rank
         self.shard = self.layout.shard(self.tp_rank)
         self.model = ElasticLlamaModel(config, self.layout, self.shard)
+        self.lm_head = ElasticLMHead(self.shard.vocab_rows, config.hidden_size, self._vocab_spans())
         if config.tie_word_embeddings:
-            self.lm_head = ElasticLMHead(self.shard.vocab_rows, config.hidden_size, self._vocab_spans())
             self.lm_head.weight = self.model.embed_tokens.weight
-        else:
-            self.lm_head = ElasticLMHead(self.shard.vocab_rows, config.hidden_size, self._vocab_spans())
         self.logits_processor = LogitsProcessor(config, skip_all_gather=True)
         logger.info(
             "sglang-ft: TP rank %d of %d holds KV heads %s, MLP columns %s, vocabulary rows %s",
@@ -248,8 +246,9 @@ class ElasticLlamaForCausalLM(nn.Module):
 
     def load_weights(self, weights: Iterable[tuple[str, object]]) -> set[str]:
         """Fill this rank's share from the checkpoint, reading only its slices when the tensors are lazy."""
-        loaded = fill_from_checkpoint(weights, self.all_pieces(), self.replicated_params())
-        expected = {p.name for p in self.all_pieces()} | set(self.replicated_params())
+        pieces, replicated = self.all_pieces(), self.replicated_params()
+        loaded = fill_from_checkpoint(weights, pieces, replicated)
+        expected = {p.name for p in pieces} | set(replicated)
         if expected - loaded:
             raise ValueError(f"checkpoint is missing {sorted(expected - loaded)}")
         return loaded
