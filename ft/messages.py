@@ -53,6 +53,8 @@ class RegroupDone(msgspec.Struct, tag=True, frozen=True):
     bytes_p2p: int
     bytes_reloaded: int
     kv_tokens_recomputed: int
+    kv_blocks_restored: int = 0  # from the backup store
+    kv_bytes_p2p: int = 0  # KV received from peers
 
 
 Message = Heartbeat | WorkerFailed | Regroup | Fenced | RegroupDone

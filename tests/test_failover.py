@@ -4,6 +4,9 @@ Each server here is torn down by its faults, so each test owns one (about a minu
 """
 
 import json
+import os
+import re
+import signal
 import threading
 import time
 
@@ -16,6 +19,7 @@ from conftest import PROMPTS
 pytestmark = pytest.mark.server
 NEW_TOKENS = 64
 FAILOVER_PROMPTS = PROMPTS + ["Tell me about heartbeats", "The worker rank"]  # 8 concurrent requests
+CACHED_PROMPT = "A prefix served before the failure stays in the radix cache through the regroup"
 
 
 @pytest.fixture
@@ -26,7 +30,7 @@ def ft_server(servers, tiny_model):
     servers.close()
     server = ServerProcess(tiny_model, tp_size=4, ft=True, extra_args=[
         "--ft-enable-fault-injection", "--ft-heartbeat-interval-ms", "100", "--ft-heartbeat-timeout-ms", "1500",
-        "--ft-collective-timeout-s", "4"]).start()
+        "--ft-collective-timeout-s", "4", "--ft-respawn"]).start()
     yield server
     server.stop()
 
@@ -83,20 +87,33 @@ def one_worker_share_bytes(server) -> int:
     return int(reads[0])  # rank 0's slices at launch (TP 4): one worker's share, norms included
 
 
-def test_sigkill_mid_decode_keeps_every_request_and_token(ft_server, reference):
+def test_sigkill_mid_decode_restores_kv_without_reprefill(ft_server, reference):
+    expected = reference(FAILOVER_PROMPTS + [CACHED_PROMPT])
+    before = generate(ft_server.url, CACHED_PROMPT, NEW_TOKENS)  # finished: its KV stays in the radix cache
     victim = status(ft_server)["workers"][2]["pid"]
     results = run_with_fault(ft_server, lambda: inject(ft_server, 2, "kill"))
-    assert [r["output_ids"] for r in results] == reference(FAILOVER_PROMPTS)
+    assert [r["output_ids"] for r in results] == expected[:-1]
     assert not psutil.pid_exists(victim) or psutil.Process(victim).status() == psutil.STATUS_ZOMBIE
     st = status(ft_server)
     assert st["epoch"] == 1 and st["tp_size"] == 3
     (recovery,) = st["recoveries"]
     assert recovery["cause"].startswith("worker 2")
     assert 0 < recovery["bytes_reloaded"] < one_worker_share_bytes(ft_server)
-    assert recovery["bytes_p2p"] > 0 and recovery["kv_tokens_recomputed"] > 0
-    assert recovery["detect_ms"] >= 0 and recovery["recover_ms"] > 0
-    for stage in ("abort_and_requeue", "rebuild_process_groups", "reshard_weights", "reshape_kv"):
+    assert recovery["bytes_p2p"] > 0 and recovery["detect_ms"] >= 0 and recovery["recover_ms"] > 0
+    # The dead worker's KV heads came back from the backup store; nothing was prefilled again: every in-flight
+    # request was re-admitted with its whole prompt (and more) matched in the radix cache.
+    assert recovery["kv_blocks_restored"] > 0 and recovery["kv_tokens_recomputed"] == 0
+    assert st["kv_blocks_restored"] == recovery["kv_blocks_restored"] and st["kv_tokens_recomputed"] == 0
+    # SGLang's own log: the first prefill after the regroup computes one token per request, the rest is cached.
+    resumed = ft_server.log_text().split("epoch 1 recovered")[1]
+    first_prefill = re.search(r"Prefill batch, #new-seq: (\d+), #new-token: (\d+), #cached-token: (\d+)", resumed)
+    assert first_prefill and int(first_prefill[1]) == int(first_prefill[2]) == len(FAILOVER_PROMPTS)
+    for stage in ("rebuild_process_groups", "park_requests", "reshard_weights", "restore_kv"):
         assert f"recovery to epoch 1: {stage} done" in ft_server.log_text()
+    # A prefix cached before the failure is still cached after it, with the restored heads' KV correct.
+    after = generate(ft_server.url, CACHED_PROMPT, NEW_TOKENS)
+    assert after["meta_info"]["cached_tokens"] >= before["meta_info"]["prompt_tokens"] - 1
+    assert after["output_ids"] == before["output_ids"] == expected[-1]
 
 
 def test_three_failures_down_to_tp1_with_streaming_across_one(ft_server, reference):
@@ -146,3 +163,23 @@ def test_rank0_death_then_a_hung_worker_is_fenced(ft_server, reference):
              timeout_s=30, what="the fenced worker to exit")
     assert [generate(ft_server.url, p, NEW_TOKENS)["output_ids"] for p in FAILOVER_PROMPTS[:2]] == expected[:2]
     assert status(ft_server)["epoch"] == 2
+
+
+def test_backup_store_death_under_load_then_respawn_and_recompute_fallback(ft_server, reference):
+    expected = reference(FAILOVER_PROMPTS)
+    first = wait_for(lambda: (s := status(ft_server)["kv_backup"])["store"] and s, what="the backup store")
+    assert first["state"] == "healthy" and first["restarts"] == 0
+    results = run_with_fault(ft_server, lambda: os.kill(first["pid"], signal.SIGKILL))
+    assert [r["output_ids"] for r in results] == expected  # serving went on while the store was gone
+    backup = wait_for(lambda: (s := status(ft_server)["kv_backup"])["store"] and s, what="the respawned store")
+    assert backup["restarts"] == 1 and backup["pid"] != first["pid"]
+    assert [e["event"] for e in backup["events"]] == ["started", "died (exit -9)", "started"]
+    generate(ft_server.url, FAILOVER_PROMPTS[0], NEW_TOKENS)
+    assert status(ft_server)["kv_backup"]["store"]["writes"] > 0  # backup resumed into the new store
+
+    # The KV cached before the store died is in no store: this failure recomputes it, counted, and stays correct.
+    results = run_with_fault(ft_server, lambda: inject(ft_server, 1, "kill"))
+    assert [r["output_ids"] for r in results] == expected
+    (recovery,) = wait_for(lambda: status(ft_server)["recoveries"], what="the recovery")
+    assert recovery["kv_tokens_recomputed"] > 0 and recovery["kv_blocks_restored"] == 0
+    assert "tokens to recompute" in ft_server.log_text()

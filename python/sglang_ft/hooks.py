@@ -54,6 +54,8 @@ def after_scheduler_init(_result, scheduler, server_args, port_args, *args, **kw
     parallel = get_parallel()
     worker = FtWorker(scheduler, ft, parallel.tp_rank, port_args)
     worker.group = tuple(range(parallel.tp_size))
+    if ft.kv_backup:
+        worker.start_kv_backup(scheduler.tp_worker.model_runner, scheduler.token_to_kv_pool_allocator)
     install_worker(worker)
     # From now on a collective stuck on a dead or hung peer fails after the FT timeout, so survivors regroup.
     set_collective_timeout(ft.collective_timeout_s)
@@ -76,6 +78,49 @@ def before_ingest_requests(scheduler, *args, **kwargs):
     worker = current_worker()
     if worker is not None:
         worker.check_orders()
+
+
+def around_run_batch(original, scheduler, batch, *args, **kwargs):
+    """Remember the batch whose forward a failure interrupted: its tokens' KV is partial (park_requests.py)."""
+    from sglang_ft.managers.ft_worker import current_worker
+
+    try:
+        return original(scheduler, batch, *args, **kwargs)
+    except Exception:
+        worker = current_worker()
+        if worker is not None:
+            worker.failed_batch = batch
+        raise
+
+
+def _kv_stream():
+    from sglang_ft.managers.ft_worker import current_worker
+
+    worker = current_worker()
+    return None if worker is None else worker.kv_stream
+
+
+def after_set_kv_buffer(_result, pool, layer, loc_info, *_args, **kwargs):
+    """Right after a layer writes its KV, stream those rows to the backup store (kv_backup_stream.py)."""
+    stream = _kv_stream()
+    if stream is not None:
+        from sglang.srt.mem_cache.memory_pool import unwrap_write_loc
+
+        layer_id = kwargs.get("layer_id_override")
+        stream.on_kv_written(pool, layer.layer_id if layer_id is None else layer_id, unwrap_write_loc(loc_info)[0])
+
+
+def after_free_slots(_result, allocator, free_index, *_args, **_kwargs):
+    """Freed token slots no longer hold backed-up KV."""
+    stream = _kv_stream()
+    if stream is not None:
+        stream.on_slots_freed(allocator, free_index)
+
+
+def after_clear_allocator(_result, allocator, *_args, **_kwargs):
+    stream = _kv_stream()
+    if stream is not None:
+        stream.on_allocator_cleared(allocator)
 
 
 def around_pull_raw_reqs(original, receiver, *args, **kwargs):
@@ -215,6 +260,10 @@ HOOKS: list[tuple[str, HookType, object]] = [
         around_pull_raw_reqs,
     ),
     ("sglang.srt.managers.scheduler.Scheduler.process_input_requests", HookType.BEFORE, before_process_input_requests),
+    ("sglang.srt.managers.scheduler.Scheduler.run_batch", HookType.AROUND, around_run_batch),
+    ("sglang.srt.mem_cache.memory_pool.MHATokenToKVPool.set_kv_buffer", HookType.AFTER, after_set_kv_buffer),
+    ("sglang.srt.mem_cache.allocator.token.TokenToKVPoolAllocator.free", HookType.AFTER, after_free_slots),
+    ("sglang.srt.mem_cache.allocator.token.TokenToKVPoolAllocator.clear", HookType.AFTER, after_clear_allocator),
     (
         "sglang.srt.managers.tokenizer_manager.TokenizerManager._dispatch_to_scheduler",
         HookType.AROUND,

@@ -25,6 +25,9 @@ class FtArgs:
     heartbeat_timeout_ms: int = 2000
     enable_fault_injection: bool = False
     collective_timeout_s: int = 10
+    kv_backup: bool = True
+    kv_backup_queue: int = 1024
+    respawn: bool = False
     runtime_dir: str = ""  # where the FT controller's sockets live; set by the launcher
 
     @property
@@ -40,6 +43,16 @@ class FtArgs:
         """The controller publishes regroup and fencing orders here (ZMQ PUB)."""
         return f"ipc://{self.runtime_dir}/orders"
 
+    @property
+    def kv_backup_endpoint(self) -> str:
+        """Workers stream their KV to the backup store here (ZMQ PUSH -> PULL)."""
+        return f"ipc://{self.runtime_dir}/kv-backup"
+
+    @property
+    def kv_fetch_endpoint(self) -> str:
+        """A regroup fetches lost heads' KV from the backup store here (ZMQ REQ -> REP)."""
+        return f"ipc://{self.runtime_dir}/kv-fetch"
+
     def problems(self) -> list[str]:
         """Inconsistent FT flags, as messages naming the flag."""
         found = []
@@ -47,6 +60,8 @@ class FtArgs:
             found.append(f"--ft-heartbeat-interval-ms must be positive, got {self.heartbeat_interval_ms}")
         if self.collective_timeout_s <= 0:
             found.append(f"--ft-collective-timeout-s must be positive, got {self.collective_timeout_s}")
+        if self.kv_backup_queue <= 0:
+            found.append(f"--ft-kv-backup-queue must be positive, got {self.kv_backup_queue}")
         if self.heartbeat_timeout_ms <= self.heartbeat_interval_ms:
             found.append(
                 f"--ft-heartbeat-timeout-ms ({self.heartbeat_timeout_ms}) must exceed "
@@ -65,6 +80,9 @@ class FtArgs:
             heartbeat_timeout_ms=getattr(args, "ft_heartbeat_timeout_ms", cls.heartbeat_timeout_ms),
             enable_fault_injection=bool(getattr(args, "ft_enable_fault_injection", False)),
             collective_timeout_s=getattr(args, "ft_collective_timeout_s", cls.collective_timeout_s),
+            kv_backup=getattr(args, "ft_kv_backup", "on") == "on",
+            kv_backup_queue=getattr(args, "ft_kv_backup_queue", cls.kv_backup_queue),
+            respawn=bool(getattr(args, "ft_respawn", False)),
         )
 
 
@@ -96,6 +114,26 @@ def add_ft_cli_args(parser: argparse.ArgumentParser) -> None:
         default=FtArgs.collective_timeout_s,
         help="Once serving, a TP collective waiting longer than this fails, so survivors blocked on a dead or "
         "hung peer leave it and regroup (start-up keeps SGLang's --dist-timeout).",
+    )
+    group.add_argument(
+        "--ft-kv-backup",
+        choices=("on", "off"),
+        default="on",
+        help="Stream every KV row the workers write to a backup store in host memory, so a regroup restores the "
+        "lost heads' KV instead of recomputing it (default on).",
+    )
+    group.add_argument(
+        "--ft-kv-backup-queue",
+        type=int,
+        default=FtArgs.kv_backup_queue,
+        help="Messages (one per layer and forward) a worker queues for the backup store; when the queue is full "
+        "the newest is dropped rather than blocking the forward pass, and that worker's backup is marked "
+        "incomplete (its blocks are recomputed after a failure).",
+    )
+    group.add_argument(
+        "--ft-respawn",
+        action="store_true",
+        help="Restart the KV backup store when it dies (serving goes on degraded without it).",
     )
     group.add_argument(
         "--ft-enable-fault-injection",

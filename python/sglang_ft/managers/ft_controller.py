@@ -38,6 +38,7 @@ class ControllerState:
     detections: list[dict] = field(default_factory=list)
     recoveries: list[dict] = field(default_factory=list)
     fenced_messages: int = 0
+    kv_backup: object = None  # KvStoreKeeper when --ft-kv-backup is on
 
     def status(self, now: float) -> dict:
         group = self.membership.members()
@@ -58,6 +59,9 @@ class ControllerState:
             "detections": self.detections,
             "recoveries": self.recoveries,
             "fenced_messages": self.fenced_messages,
+            "kv_blocks_restored": sum(r["kv_blocks_restored"] for r in self.recoveries),
+            "kv_tokens_recomputed": sum(r["kv_tokens_recomputed"] for r in self.recoveries),
+            "kv_backup": {"state": "off"} if self.kv_backup is None else self.kv_backup.status(),
         }
 
 
@@ -125,6 +129,8 @@ class FtController:
                 change = self.state.detector.declare_dead(worker, now)
                 if change:
                     self._record(change, "process exit")
+        if self.state.kv_backup is not None:
+            self.state.kv_backup.check()
         reported = self.failure_reported_at
         if reported is not None and self.pending is None and now - reported > self.timeout_s + 0.5:
             # a collective failed but every worker is alive (e.g. a timeout under load): rebuild the same group
@@ -198,7 +204,8 @@ class FtController:
             "bytes_p2p": sum(r.bytes_p2p for r in pending.done),
             "bytes_reloaded": sum(r.bytes_reloaded for r in pending.done),
             "bytes_kept": sum(r.bytes_kept for r in pending.done),
-            "kv_blocks_restored": 0,
+            "kv_blocks_restored": sum(r.kv_blocks_restored for r in pending.done),
+            "kv_bytes_p2p": sum(r.kv_bytes_p2p for r in pending.done),
             "kv_tokens_recomputed": max(r.kv_tokens_recomputed for r in pending.done),
             "stage_ms": stages,
             "workers": list(pending.order.workers),
@@ -274,7 +281,13 @@ def run_ft_controller(ft_env: str, tp_size: int, parent_pid: int, model_path: st
     controller = FtController(ft.heartbeat_endpoint, ft.control_endpoint, tp_size, ft.heartbeat_interval_ms / 1e3,
                               ft.heartbeat_timeout_ms / 1e3, parent_pid, ft.enable_fault_injection,
                               ft.order_endpoint, model_shape_from_dir(model_path))
+    if ft.kv_backup:
+        from sglang_ft.managers.kv_store_keeper import KvStoreKeeper
+
+        controller.state.kv_backup = KvStoreKeeper(ft.kv_backup_endpoint, ft.kv_fetch_endpoint, ft.respawn)
     try:
         controller.run()
     finally:
+        if controller.state.kv_backup is not None:
+            controller.state.kv_backup.stop()
         shutil.rmtree(ft.runtime_dir, ignore_errors=True)  # the launcher is gone: nothing will use the sockets

@@ -12,6 +12,7 @@ import logging
 import os
 import threading
 import time
+import traceback
 
 import zmq
 
@@ -45,9 +46,10 @@ def is_collective_failure(exc: BaseException) -> bool:
 class OrderListener:
     """A thread holding the newest Regroup order; it exits the process when this worker is fenced out."""
 
-    def __init__(self, endpoint: str, worker: int, current_epoch):
+    def __init__(self, endpoint: str, worker: int, current_epoch, before_newer_order=None):
         self.worker = worker
         self.current_epoch = current_epoch  # callable: this worker's epoch now
+        self.before_newer_order = before_newer_order  # called (in this thread) before a newer order is handed on
         self.latest: Regroup | None = None
         self._arrived = threading.Condition()
         self._socket = zmq.Context.instance().socket(zmq.SUB)
@@ -65,6 +67,8 @@ class OrderListener:
                 continue
             if message.epoch > self.current_epoch() and self.worker not in message.workers:
                 self._exit_fenced(message.epoch)
+            if (self.latest is None or message.epoch > self.latest.epoch) and self.before_newer_order:
+                self.before_newer_order(message)
             with self._arrived:
                 if self.latest is None or message.epoch > self.latest.epoch:
                     self.latest = message
@@ -97,11 +101,32 @@ class FtWorker:
         self.epoch = 0
         self.group: tuple[int, ...] = ()  # worker ids of the current group, in TP-rank order (set at start)
         self.ledger = RequestLedger()
+        self.failed_batch = None  # the batch whose forward a failed collective interrupted (its KV is partial)
+        self.kv_intact = True  # False while a regroup is rebuilding the KV pool
+        self.kv_stream = None  # KvStreamer when --ft-kv-backup is on
         self.heartbeat = HeartbeatSender(ft.heartbeat_endpoint, worker, ft.heartbeat_interval_ms / 1e3).start()
-        self.orders = OrderListener(ft.order_endpoint, worker, lambda: self.epoch)
+        self.orders = OrderListener(ft.order_endpoint, worker, lambda: self.epoch, self._interrupt_old_group)
         self._reports = zmq.Context.instance().socket(zmq.PUSH)
         self._reports.setsockopt(zmq.LINGER, 1000)
         self._reports.connect(ft.heartbeat_endpoint)
+
+    def _interrupt_old_group(self, order: Regroup) -> None:
+        """A newer group is ordered: make a collective of the old group that is still waiting fail now."""
+        from sglang_ft.distributed.regroup_groups import interrupt_blocked_collectives
+
+        if order.epoch > self.epoch:
+            count = interrupt_blocked_collectives()
+            logger.info("sglang-ft: worker %d: epoch %d ordered; shut down %d connections of the old group",
+                        self.worker, order.epoch, count)
+
+    def start_kv_backup(self, runner, allocator) -> None:
+        """Stream this rank's KV to the node's backup store from now on."""
+        from sglang_ft.mem_cache.kv_backup_stream import KvStreamer
+
+        model = runner.model
+        self.kv_stream = KvStreamer(self.ft.kv_backup_endpoint, self.worker, self.ft.kv_backup_queue,
+                                    runner.token_to_kv_pool, allocator, model.layout.shape.num_key_value_heads)
+        self.kv_stream.follow(runner.token_to_kv_pool, model.shard.kv_heads, self.epoch)
 
     def check_orders(self) -> None:
         """Called at the top of every scheduler iteration: leave the loop if a newer group was ordered."""
@@ -125,8 +150,16 @@ class FtWorker:
     def recover(self, exc: BaseException) -> None:
         from sglang_ft.managers.regroup import regroup_in_place
 
-        logger.warning("sglang-ft: worker %d (epoch %d) saw a failed collective: %s", self.worker, self.epoch,
-                       str(exc).splitlines()[0][:200])
+        where = " <- ".join(f"{f.name}" for f in reversed(traceback.extract_tb(exc.__traceback__)[-4:]))
+        logger.warning("sglang-ft: worker %d (epoch %d) saw a failed collective in %s: %s", self.worker, self.epoch,
+                       where, str(exc).splitlines()[0][:200])
+        # Drop this rank's communicators now: peers still blocked on it in the same collective fail at once
+        # instead of after the collective timeout, so every survivor reaches the regroup together.
+        # (The failed call's frames hold the groups too: clear them first.)
+        from sglang_ft.distributed.regroup_groups import tear_down_process_groups
+
+        traceback.clear_frames(exc.__traceback__)
+        tear_down_process_groups(self.scheduler)
         self.report(WorkerFailed(self.worker, self.epoch, str(exc)[:200]))
         while True:
             order = self.orders.wait_newer_than(self.epoch, ORDER_WAIT_S)

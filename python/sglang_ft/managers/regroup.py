@@ -1,10 +1,12 @@
 """In-place regroup of one surviving scheduler, stage by stage (one log line per stage).
 
-1. abort the step in flight: SGLang's own retract puts every running request back in the waiting queue with
-   the tokens it has committed, and the caches are flushed (their KV is recomputed on re-admission and counted);
-2. rebuild SGLang's process groups for the new world on a fresh store;
+1. rebuild SGLang's process groups for the new world on a fresh store;
+2. park every unfinished request in the radix cache with the KV it committed (`park_requests`): nothing is
+   prefilled again, each request computes only its next token when it is re-admitted;
 3. reshard the weights by the plan (keep, peer to peer, disk);
-4. reshape the KV pool to this rank's new heads;
+4. reshape the KV pool to this rank's new heads and fill every cached slot: kept heads stay, heads that move
+   between survivors go peer to peer, the dead worker's heads come from the KV backup store. Only when the
+   store lacks a block does every rank flush the caches, and the KV is recomputed (counted);
 5. reconcile the requests every rank holds, then resume SGLang's loop.
 """
 
@@ -34,18 +36,19 @@ class StageClock:
         logger.info("sglang-ft: recovery to epoch %d: %s done in %.1f ms %s", self.epoch, stage, self.ms[stage], detail)
 
 
-def requeue_everything(scheduler) -> int:
-    """Retract every running request into the waiting queue and flush the caches; returns tokens to recompute."""
-    from sglang.srt.managers.io_struct import PauseGenerationReqInput
-
-    running = [r for r in scheduler.running_batch.reqs if not r.finished()]
-    if scheduler.last_batch is not None:
-        running += [r for r in scheduler.last_batch.reqs if not r.finished() and r not in running]
-    tokens = sum(len(r.origin_input_ids) + len(r.output_ids) for r in running)
-    scheduler.pause_generation(PauseGenerationReqInput(mode="retract"))
+def recompute_everything(scheduler) -> None:
+    """The fallback: drop every cached token's KV (requests re-prefill from scratch)."""
     if not scheduler.flush_cache(empty_cache=False):
-        raise RuntimeError("sglang-ft: could not flush the caches after retracting every request")
-    return tokens
+        raise RuntimeError("sglang-ft: could not flush the caches for the KV recompute fallback")
+
+
+def any_rank(flag: bool, cpu_group) -> bool:
+    import torch
+    import torch.distributed as dist
+
+    tensor = torch.tensor(int(flag))
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=cpu_group)
+    return bool(tensor.item())
 
 
 def refresh_group_handles(scheduler) -> None:
@@ -100,8 +103,9 @@ def take_over_tokenizer_channels(scheduler, port_args) -> None:
 def regroup_in_place(ft_worker, order: Regroup) -> RegroupDone:
     from sglang_ft.distributed.regroup_groups import rebuild_process_groups
     from sglang_ft.distributed_state import install_layout
+    from sglang_ft.managers.park_requests import park_every_request
     from sglang_ft.managers.request_ledger import reconcile
-    from sglang_ft.mem_cache.kv_reshape import reshape_kv_heads
+    from sglang_ft.mem_cache.kv_reshape import reshape_kv_heads, restore_kv
     from sglang_ft.model_executor.reshard import build_model_like, reshard
 
     scheduler, me = ft_worker.scheduler, ft_worker.worker
@@ -109,9 +113,7 @@ def regroup_in_place(ft_worker, order: Regroup) -> RegroupDone:
     clock = StageClock(order.epoch)
     logger.warning("sglang-ft: worker %d regrouping to epoch %d with workers %s (%s)", me, order.epoch,
                    list(order.workers), order.cause)
-
-    tokens_to_recompute = requeue_everything(scheduler)
-    clock.done("abort_and_requeue", f"({tokens_to_recompute} tokens to recompute)")
+    scheduler._engine_paused = True  # SGLang's pause flag: lets the caches be flushed with requests queued
 
     old_model = runner.model
     held = {w: old_model.layout.shards[r] for r, w in enumerate(ft_worker.group)}
@@ -125,6 +127,12 @@ def regroup_in_place(ft_worker, order: Regroup) -> RegroupDone:
         take_over_tokenizer_channels(scheduler, ft_worker.port_args)
     clock.done("rebuild_process_groups", f"(rank {new_rank} of {len(order.workers)})")
 
+    parked, kv_tokens, recomputed = park_every_request(scheduler, ft_worker.failed_batch, scheduler.tp_cpu_group)
+    ft_worker.failed_batch = None
+    kv_was_intact = ft_worker.kv_intact
+    ft_worker.kv_intact = False  # until the pool holds every cached slot's KV for the new heads again
+    clock.done("park_requests", f"({parked} requests, {kv_tokens} KV tokens kept in the radix cache)")
+
     install_layout(plan.layout)
     new_model = build_model_like(old_model, runner)
     stats = reshard(old_model, new_model, plan, me, runner.model_config.model_path)
@@ -134,11 +142,28 @@ def regroup_in_place(ft_worker, order: Regroup) -> RegroupDone:
     clock.done("reshard_weights", f"(kept {stats.bytes_kept} B, peers {stats.bytes_p2p_in} B, "
                                   f"disk {stats.bytes_reloaded} B)")
 
-    reshape_kv_heads(runner.token_to_kv_pool, new_model.shard.num_kv_heads)
-    clock.done("reshape_kv", f"({new_model.shard.num_kv_heads} KV heads here)")
+    pool, old_heads, new_heads = runner.token_to_kv_pool, held[me].kv_heads, new_model.shard.kv_heads
+    kv = None
+    if kv_was_intact:
+        kv = restore_kv(pool, scheduler.token_to_kv_pool_allocator, old_heads, new_heads, plan, me, order.epoch,
+                        ft_worker.ft.kv_fetch_endpoint if ft_worker.kv_stream is not None else None)
+    else:  # an earlier attempt stopped half way through the KV: its contents cannot be trusted
+        reshape_kv_heads(pool, new_heads[1] - new_heads[0])
+    if ft_worker.kv_stream is not None:
+        ft_worker.kv_stream.follow(pool, new_heads, order.epoch)
+    missing = any_rank(kv is None or kv.rows_missing > 0, scheduler.tp_cpu_group)
+    if missing:
+        recompute_everything(scheduler)
+        recomputed = kv_tokens
+    ft_worker.kv_intact = True
+    clock.done("restore_kv", f"({new_heads[1] - new_heads[0]} KV heads here; " + (
+        f"{kv.live_slots} cached slots: {kv.heads_kept} heads kept, {kv.bytes_p2p_in} B from peers, "
+        f"{kv.blocks_restored} blocks from the backup store" if kv else "not restored") +
+        (f"; {recomputed} tokens to recompute" if missing else "") + ")")
 
     dropped, resent = reconcile(scheduler, ft_worker.ledger, scheduler.tp_cpu_group, is_source=new_rank == 0)
     scheduler._engine_paused = False
     clock.done("reconcile_and_resume", f"(dropped {dropped}, re-sent {resent})")
     return RegroupDone(me, order.epoch, clock.ms, stats.bytes_kept, stats.bytes_p2p_in, stats.bytes_reloaded,
-                       tokens_to_recompute)
+                       recomputed, kv_blocks_restored=0 if missing or kv is None else kv.blocks_restored,
+                       kv_bytes_p2p=0 if kv is None else kv.bytes_p2p_in)

@@ -1,17 +1,124 @@
-"""Reshape an SGLang MHA KV pool to a new number of heads per rank, keeping its token slots.
+"""Reshape an SGLang MHA KV pool to this rank's new KV heads and fill it: kept heads in place, moved heads from
+their live holder (peer to peer), lost heads from the backup store.
 
-Token slots and `req_to_token` keep their meaning: only the head dimension of each layer's K and V buffers
-changes. Today the regroup flushes the caches first, so the new buffers start empty (the KV is recomputed);
-restoring kept and backed-up heads into them is the KV-backup issue's work.
+Token slots and `req_to_token` keep their meaning on every rank (SGLang's allocators are in lockstep), so only
+the head dimension changes, and every rank agrees on which slots hold live KV: those the allocator has handed out, which
+are the radix cache's once every request is parked there (`park_requests`). Rows of slots nobody uses are not moved.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 
-def reshape_kv_heads(pool, new_head_num: int) -> None:
-    """Give `pool` `new_head_num` heads per layer (fresh buffers of the same token capacity)."""
+import torch
+import torch.distributed as dist
+
+from ft.kv_backup import BLOCK_TOKENS, StoreUnavailable, fetch_kv
+from ft.planner import MigrationPlan
+from sglang_ft.mem_cache.kv_backup_stream import rows_from_raw
+
+KV_TAG_BASE = 1 << 16  # peer KV transfers' tags, apart from the weight transfers' (0..moves)
+
+
+@dataclass
+class KvRestoreStats:
+    live_slots: int = 0
+    heads_kept: int = 0
+    bytes_p2p_in: int = 0
+    blocks_restored: int = 0  # from the backup store (16 slots of one KV head, every layer)
+    rows_missing: int = 0  # (head, slot) rows the store could not give: recomputed
+
+
+def reshape_kv_heads(pool, new_head_num: int) -> tuple[list, list]:
+    """Give `pool` `new_head_num` heads per layer (fresh buffers, same slots); returns the old K and V buffers."""
+    old = pool.k_buffer, pool.v_buffer
     pool.head_num = new_head_num
     pool.k_buffer = pool.v_buffer = None
     pool._create_buffers()
     pool.row_dim = pool.head_num * pool.head_dim
     pool.v_row_dim = pool.head_num * pool.v_head_dim
+    return old
+
+
+def live_slots(allocator) -> torch.Tensor:
+    """Every token slot in use, sorted (the same on every rank): with every request parked, the radix cache's."""
+    size = allocator.size + allocator.page_size
+    in_use = torch.ones(size, dtype=torch.bool)
+    in_use[0] = False  # SGLang's padding slot
+    for free in (allocator.free_pages, allocator.release_pages):
+        if free.numel():
+            in_use[free.to("cpu", torch.int64)] = False
+    return torch.nonzero(in_use).flatten()
+
+
+def _local(span, start: int, end: int) -> slice:
+    return slice(start - span[0], end - span[0])
+
+
+@torch.no_grad()
+def restore_kv(pool, allocator, old_heads, new_heads, plan: MigrationPlan, me: int, epoch: int,
+               fetch_endpoint: str | None) -> KvRestoreStats:
+    """Reshape `pool` from global KV heads `old_heads` to `new_heads` and fill the live slots of every head."""
+    old_k, old_v = reshape_kv_heads(pool, new_heads[1] - new_heads[0])
+    stats = KvRestoreStats()
+    lo, hi = max(old_heads[0], new_heads[0]), min(old_heads[1], new_heads[1])
+    if lo < hi:
+        for layer in range(len(old_k)):
+            pool.k_buffer[layer][:, _local(new_heads, lo, hi)] = old_k[layer][:, _local(old_heads, lo, hi)]
+            pool.v_buffer[layer][:, _local(new_heads, lo, hi)] = old_v[layer][:, _local(old_heads, lo, hi)]
+        stats.heads_kept = hi - lo
+    slots = live_slots(allocator)
+    stats.live_slots = len(slots)
+    if not len(slots):
+        return stats
+    device_slots = slots.to(pool.k_buffer[0].device)
+
+    rank_of = {worker: rank for rank, worker in enumerate(plan.workers)}
+    requests, landing = [], []
+    for tag, move in enumerate(plan.moves):
+        if move.dim != "kv_heads" or move.src is None:
+            continue
+        if move.src == me:
+            heads = _local(old_heads, move.start, move.end)
+            flat = torch.stack([torch.stack([k[device_slots][:, heads] for k in old_k]),
+                                torch.stack([v[device_slots][:, heads] for v in old_v])]).contiguous()
+            requests.append(dist.isend(flat, dst=rank_of[move.dst], tag=KV_TAG_BASE + tag))
+        elif move.dst == me:
+            shape = (2, len(old_k), len(slots), move.end - move.start, pool.head_dim)
+            buffer = torch.empty(shape, dtype=pool.k_buffer[0].dtype, device=pool.k_buffer[0].device)
+            requests.append(dist.irecv(buffer, src=rank_of[move.src], tag=KV_TAG_BASE + tag))
+            landing.append((buffer, move))
+    # Peer transfers are in flight; fetch the lost heads from the backup store meanwhile.
+    for move in plan.moves:
+        if move.dim == "kv_heads" and move.src is None and move.dst == me:
+            _restore_from_store(pool, new_heads, move, slots, device_slots, epoch, fetch_endpoint, stats)
+    for request in requests:
+        request.wait()
+    for buffer, move in landing:
+        heads = _local(new_heads, move.start, move.end)
+        for layer in range(len(pool.k_buffer)):
+            pool.k_buffer[layer][device_slots, heads] = buffer[0, layer]
+            pool.v_buffer[layer][device_slots, heads] = buffer[1, layer]
+        stats.bytes_p2p_in += buffer.numel() * buffer.element_size()
+    return stats
+
+
+def _restore_from_store(pool, new_heads, move, slots, device_slots, epoch, endpoint, stats) -> None:
+    heads = move.end - move.start
+    if endpoint is None:
+        stats.rows_missing += heads * len(slots)
+        return
+    try:
+        k, v, found = fetch_kv(endpoint, epoch, (move.start, move.end), slots.numpy())
+    except StoreUnavailable:
+        stats.rows_missing += heads * len(slots)
+        return
+    stats.rows_missing += heads * int((~found).sum())
+    if not found.any():
+        return
+    dtype = pool.k_buffer[0].dtype
+    local = _local(new_heads, move.start, move.end)
+    for layer in range(len(pool.k_buffer)):
+        pool.k_buffer[layer][device_slots, local] = rows_from_raw(k[layer], dtype).to(pool.k_buffer[0].device)
+        pool.v_buffer[layer][device_slots, local] = rows_from_raw(v[layer], dtype).to(pool.v_buffer[0].device)
+    stats.blocks_restored += heads * -(-int(found.sum()) // BLOCK_TOKENS)

@@ -1,0 +1,178 @@
+"""The KV backup wire format, and the worker side of it: a non-blocking sender and a fetch client.
+
+Every TP worker streams the KV rows it writes to the node's backup store (`ft.kv_store`) as the forward pass
+writes them: one `KvWrite` per layer and forward, covering the worker's KV heads and the token slots written.
+Slot numbers are SGLang's token-pool indices, identical on every TP rank, so the store keeps one host copy of
+the whole group's KV keyed by (layer, global KV head, slot), whatever the partition.
+
+Bounded and non-blocking: the sender's ZMQ queue holds at most `queue_messages` messages; when it is full (a
+slow or dead store) the message is dropped at once, never blocking the forward pass, and counted. Every message
+carries a per-worker sequence number, so the store sees the gap on the worker's next message and stops
+trusting that worker's heads (`KvStore`); a restore then finds those blocks missing and recomputes them.
+"""
+
+from __future__ import annotations
+
+import msgspec
+import numpy as np
+import zmq
+
+Span = tuple[int, int]
+BLOCK_TOKENS = 16  # what /ft/status counts as one KV block: 16 token slots of one KV head, every layer
+
+
+class Geometry(msgspec.Struct, frozen=True):
+    """The KV pool's shape for the whole group (all KV heads)."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    slots: int  # token slots, including SGLang's padding slot 0
+    itemsize: int  # bytes per element; rows travel as raw bytes, whatever the dtype
+
+
+class KvWrite(msgspec.Struct, tag=True, frozen=True):
+    """Frames: [header, slots int64, k rows [n, heads, head_dim], v rows]."""
+
+    epoch: int
+    worker: int
+    seq: int
+    layer: int
+    heads: Span
+    geometry: Geometry
+
+
+class KvDrop(msgspec.Struct, tag=True, frozen=True):
+    """Frames: [header, slots int64]: these slots were freed; their rows for `heads` are no longer valid."""
+
+    epoch: int
+    worker: int
+    seq: int
+    heads: Span
+
+
+class KvFetch(msgspec.Struct, tag=True, frozen=True):
+    """Frames: [header, slots int64]. Reply: [KvFetched, k [layers, n, heads, dim], v, found bool [n]]."""
+
+    epoch: int
+    heads: Span
+
+
+class KvFetched(msgspec.Struct, tag=True, frozen=True):
+    found: int
+    geometry: Geometry | None
+
+
+class StoreStats(msgspec.Struct, tag=True, frozen=True):
+    """Frames: [header]. Reply: JSON of the store's counters."""
+
+
+StoreMessage = KvWrite | KvDrop | KvFetch | KvFetched | StoreStats
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(StoreMessage)
+
+
+def encode(message: StoreMessage) -> bytes:
+    return _encoder.encode(message)
+
+
+def decode(frame: bytes) -> StoreMessage | None:
+    """The message in `frame`, or None when it is not a valid KV backup message."""
+    try:
+        return _decoder.decode(frame)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+
+
+def raw_dtype(itemsize: int) -> np.dtype:
+    """A numpy dtype of `itemsize` bytes: rows are copied bit for bit (bf16 has no numpy dtype)."""
+    return {1: np.dtype(np.uint8), 2: np.dtype(np.uint16), 4: np.dtype(np.uint32), 8: np.dtype(np.uint64)}[itemsize]
+
+
+class KvBackupSender:
+    """Streams one worker's KV rows to the backup store without ever blocking the caller."""
+
+    def __init__(self, endpoint: str, worker: int, queue_messages: int = 1024):
+        self.worker = worker
+        self.epoch = 0
+        self.heads: Span = (0, 0)
+        self.geometry: Geometry | None = None
+        self.seq = 0
+        self.sent = self.dropped = self.bytes_sent = 0
+        self._socket = zmq.Context.instance().socket(zmq.PUSH)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.setsockopt(zmq.SNDHWM, queue_messages)
+        self._socket.connect(endpoint)
+
+    def write(self, layer: int, slots: np.ndarray, k_rows: np.ndarray, v_rows: np.ndarray) -> bool:
+        """Back up `k_rows`/`v_rows` ([n, heads, dim], raw dtype) of `slots` for this worker's heads."""
+        header = KvWrite(self.epoch, self.worker, self.seq, layer, self.heads, self.geometry)
+        return self._send([encode(header), _int64(slots), np.ascontiguousarray(k_rows),
+                           np.ascontiguousarray(v_rows)])
+
+    def drop(self, slots: np.ndarray) -> bool:
+        """Tell the store `slots` were freed (their rows for this worker's heads are stale from now on)."""
+        return self._send([encode(KvDrop(self.epoch, self.worker, self.seq, self.heads)), _int64(slots)])
+
+    def _send(self, frames) -> bool:
+        self.seq += 1  # consumed even when dropped: the store sees the gap
+        try:
+            self._socket.send_multipart(frames, flags=zmq.NOBLOCK)
+        except zmq.Again:
+            self.dropped += 1
+            return False
+        self.sent += 1
+        self.bytes_sent += sum(memoryview(f).nbytes for f in frames)
+        return True
+
+    def close(self) -> None:
+        self._socket.close(linger=0)
+
+
+def _int64(slots) -> np.ndarray:
+    return np.ascontiguousarray(slots, dtype=np.int64)
+
+
+class StoreUnavailable(RuntimeError):
+    """The backup store did not answer in time."""
+
+
+def fetch_kv(endpoint: str, epoch: int, heads: Span, slots: np.ndarray, timeout_s: float = 10.0):
+    """The store's rows of `heads` at `slots`: (k [layers, n, heads, dim], v, found bool [n]) in the raw dtype.
+
+    Asking also tells the store the group moved to `epoch`: writes of older epochs are refused from then on.
+    """
+    socket = zmq.Context.instance().socket(zmq.REQ)
+    socket.setsockopt(zmq.LINGER, 0)
+    try:
+        socket.connect(endpoint)
+        socket.send_multipart([encode(KvFetch(epoch, heads)), _int64(slots)])
+        if not socket.poll(int(timeout_s * 1e3)):
+            raise StoreUnavailable(f"the KV backup store did not answer within {timeout_s:.0f}s")
+        header, k, v, found = socket.recv_multipart()
+    finally:
+        socket.close()
+    reply = decode(header)
+    n, h = len(slots), heads[1] - heads[0]
+    if not isinstance(reply, KvFetched) or reply.geometry is None:
+        empty = np.zeros(0, dtype=np.uint8)
+        return empty, empty, np.zeros(n, dtype=bool)
+    g = reply.geometry
+    shape = (g.num_layers, n, h, g.head_dim)
+    dtype = raw_dtype(g.itemsize)
+    return (np.frombuffer(k, dtype=dtype).reshape(shape), np.frombuffer(v, dtype=dtype).reshape(shape),
+            np.frombuffer(found, dtype=bool))
+
+
+def store_stats(endpoint: str, timeout_s: float = 0.5) -> dict | None:
+    """The store's counters, or None when it does not answer."""
+    socket = zmq.Context.instance().socket(zmq.REQ)
+    socket.setsockopt(zmq.LINGER, 0)
+    try:
+        socket.connect(endpoint)
+        socket.send_multipart([encode(StoreStats())])
+        if not socket.poll(int(timeout_s * 1e3)):
+            return None
+        return msgspec.json.decode(socket.recv())
+    finally:
+        socket.close()

@@ -1,0 +1,197 @@
+"""The KV backup store: one process per node holding every KV head's rows in host memory, fed over ZMQ.
+
+Workers stream `KvWrite`/`KvDrop` messages (see `ft.kv_backup`) into a PULL socket; a regroup fetches the rows of
+the heads it lost over a REP socket. The store answers a fetch only after applying every write already queued, so
+a restore sees all KV the group committed before the failure.
+
+What it trusts: a row is valid from its write until a drop of its slot (the slot was freed), a gap in the writing
+worker's sequence numbers (a message was dropped on a full queue: that worker's heads are invalidated whole), or
+a write of an older epoch than the newest fetch (a fenced worker's late message, refused).
+
+Run: `python -m ft.kv_store --push ipc://... --fetch ipc://... --parent-pid N` (the FT controller does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+
+import msgspec
+import numpy as np
+import psutil
+import zmq
+
+from ft.kv_backup import (BLOCK_TOKENS, Geometry, KvDrop, KvFetch, KvFetched, KvWrite, StoreStats, decode, encode,
+                          raw_dtype)
+
+logger = logging.getLogger("sglang_ft.kv_store")
+
+
+class KvStore:
+    """The store's state and rules, apart from its sockets (unit-tested directly)."""
+
+    def __init__(self):
+        self.geometry: Geometry | None = None
+        self.k = self.v = self.valid = None
+        self.epoch = 0
+        self.next_seq: dict[int, int] = {}
+        self.started = time.monotonic()
+        self.counters = dict(writes=0, drops=0, fetches=0, rows_fetched=0, rows_missing=0, stale_refused=0,
+                             sequence_gaps=0, malformed=0, bytes_received=0)
+
+    def apply(self, frames: list[bytes]) -> None:
+        """Apply one message from a worker's stream; anything malformed is counted and ignored."""
+        self.counters["bytes_received"] += sum(len(f) for f in frames)
+        header = decode(frames[0]) if frames else None
+        try:
+            if isinstance(header, KvWrite) and len(frames) == 4:
+                self._write(header, *frames[1:])
+            elif isinstance(header, KvDrop) and len(frames) == 2:
+                self._drop(header, frames[1])
+            else:
+                self.counters["malformed"] += 1
+        except (ValueError, IndexError):
+            self.counters["malformed"] += 1
+
+    def _accept(self, epoch: int, worker: int, seq: int, heads) -> bool:
+        if epoch < self.epoch:
+            self.counters["stale_refused"] += 1
+            return False
+        expected = self.next_seq.get(worker)
+        self.next_seq[worker] = seq + 1
+        if expected is not None and seq != expected and self.valid is not None:
+            self.counters["sequence_gaps"] += 1
+            self.valid[:, heads[0]:heads[1]] = False  # a lost message could have covered any of its slots
+            logger.warning("kv store: worker %d skipped messages %d..%d; its heads %s are no longer backed up",
+                           worker, expected, seq - 1, heads)
+        return True
+
+    def _slots(self, raw: bytes) -> np.ndarray:
+        slots = np.frombuffer(raw, dtype=np.int64)
+        if self.geometry is not None and slots.size and (slots.min() < 0 or slots.max() >= self.geometry.slots):
+            raise ValueError("slot out of range")
+        return slots
+
+    def _write(self, header: KvWrite, slots_raw: bytes, k_raw: bytes, v_raw: bytes) -> None:
+        g = header.geometry
+        if self.geometry is None:
+            self._allocate(g)
+        elif g != self.geometry:
+            raise ValueError(f"geometry {g} differs from the store's {self.geometry}")
+        h0, h1 = header.heads
+        if not (0 <= h0 < h1 <= g.num_kv_heads and 0 <= header.layer < g.num_layers):
+            raise ValueError("heads or layer out of range")
+        if not self._accept(header.epoch, header.worker, header.seq, header.heads):
+            return
+        slots = self._slots(slots_raw)
+        shape = (len(slots), h1 - h0, g.head_dim)
+        dtype = raw_dtype(g.itemsize)
+        k = np.frombuffer(k_raw, dtype=dtype).reshape(shape)
+        v = np.frombuffer(v_raw, dtype=dtype).reshape(shape)
+        self.k[header.layer][h0:h1, slots] = k.transpose(1, 0, 2)  # [heads, n, dim]
+        self.v[header.layer][h0:h1, slots] = v.transpose(1, 0, 2)
+        self.valid[header.layer][h0:h1, slots] = True
+        self.counters["writes"] += 1
+
+    def _drop(self, header: KvDrop, slots_raw: bytes) -> None:
+        if not self._accept(header.epoch, header.worker, header.seq, header.heads) or self.valid is None:
+            return
+        h0, h1 = header.heads
+        self.valid[:, h0:h1, self._slots(slots_raw)] = False
+        self.counters["drops"] += 1
+
+    def _allocate(self, g: Geometry) -> None:
+        if min(g.num_layers, g.num_kv_heads, g.head_dim, g.slots) <= 0:
+            raise ValueError(f"bad geometry {g}")
+        dtype = raw_dtype(g.itemsize)
+        self.geometry = g
+        self.k = np.zeros((g.num_layers, g.num_kv_heads, g.slots, g.head_dim), dtype=dtype)
+        self.v = np.zeros_like(self.k)
+        self.valid = np.zeros((g.num_layers, g.num_kv_heads, g.slots), dtype=bool)
+        logger.info("kv store: holding %d layers x %d KV heads x %d slots (%.1f MiB)", g.num_layers,
+                    g.num_kv_heads, g.slots, 2 * self.k.nbytes / 2**20)
+
+    def fetch(self, request: KvFetch, slots_raw: bytes) -> list[bytes]:
+        """Reply frames for a fetch; it also moves the store to the request's epoch."""
+        self.epoch = max(self.epoch, request.epoch)
+        self.counters["fetches"] += 1
+        slots = self._slots(slots_raw)
+        h0, h1 = request.heads
+        if self.geometry is None or not 0 <= h0 < h1 <= self.geometry.num_kv_heads:
+            self.counters["rows_missing"] += len(slots)
+            return [encode(KvFetched(0, None)), b"", b"", np.zeros(len(slots), dtype=bool).tobytes()]
+        k = np.ascontiguousarray(self.k[:, h0:h1, slots].transpose(0, 2, 1, 3))
+        v = np.ascontiguousarray(self.v[:, h0:h1, slots].transpose(0, 2, 1, 3))
+        found = self.valid[:, h0:h1, slots].all(axis=(0, 1))
+        self.counters["rows_fetched"] += int(found.sum())
+        self.counters["rows_missing"] += int((~found).sum())
+        return [encode(KvFetched(int(found.sum()), self.geometry)), k, v, found.tobytes()]
+
+    def stats(self) -> dict:
+        held = 0 if self.valid is None else int(self.valid.all(axis=0).sum())
+        g = self.geometry
+        return {
+            **self.counters,
+            "epoch": self.epoch,
+            "blocks_held": -(-held // BLOCK_TOKENS),
+            "bytes_held": 0 if g is None else held * 2 * g.num_layers * g.head_dim * g.itemsize,
+            "uptime_s": round(time.monotonic() - self.started, 1),
+        }
+
+
+def serve(push_endpoint: str, fetch_endpoint: str, parent_pid: int) -> None:
+    """The store's loop: apply writes as they come; before answering a fetch, apply every write already queued."""
+    context = zmq.Context.instance()
+    pull = context.socket(zmq.PULL)
+    pull.setsockopt(zmq.LINGER, 0)
+    pull.bind(push_endpoint)
+    rep = context.socket(zmq.REP)
+    rep.setsockopt(zmq.LINGER, 0)
+    rep.bind(fetch_endpoint)
+    poller = zmq.Poller()
+    poller.register(pull, zmq.POLLIN)
+    poller.register(rep, zmq.POLLIN)
+    store = KvStore()
+    logger.info("kv store: listening on %s (writes) and %s (fetches)", push_endpoint, fetch_endpoint)
+    while psutil.pid_exists(parent_pid):
+        events = dict(poller.poll(200))
+        if pull in events or rep in events:
+            _drain(pull, store)
+        if rep in events:
+            frames = rep.recv_multipart()
+            request = decode(frames[0])
+            if isinstance(request, KvFetch) and len(frames) == 2:
+                try:
+                    rep.send_multipart(store.fetch(request, frames[1]))
+                except ValueError as exc:
+                    rep.send_multipart([encode(KvFetched(0, None)), b"", b"", b""])
+                    logger.warning("kv store: bad fetch: %s", exc)
+            elif isinstance(request, StoreStats):
+                rep.send(msgspec.json.encode(store.stats()))
+            else:
+                store.counters["malformed"] += 1
+                rep.send_multipart([encode(KvFetched(0, None)), b"", b"", b""])
+
+
+def _drain(pull, store: KvStore) -> None:
+    while True:
+        try:
+            frames = pull.recv_multipart(zmq.NOBLOCK)
+        except zmq.Again:
+            return
+        store.apply(frames)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="sglang-ft KV backup store (started by the FT controller)")
+    parser.add_argument("--push", required=True, help="ZMQ endpoint the workers stream KV to")
+    parser.add_argument("--fetch", required=True, help="ZMQ endpoint a regroup fetches KV from")
+    parser.add_argument("--parent-pid", type=int, required=True, help="exit when this process exits")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s KV] %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
+    serve(args.push, args.fetch, args.parent_pid)
+
+
+if __name__ == "__main__":
+    main()

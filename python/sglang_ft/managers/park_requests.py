@@ -1,0 +1,79 @@
+"""Park every unfinished request in SGLang's radix cache before a regroup, so none is prefilled again.
+
+SGLang's own retract frees a request's KV (it is recomputed on re-admission). Parking instead inserts the KV each
+request has committed into the radix cache (SGLang's `release_kv_cache(checkpoint=True)`, the path finished
+requests take) and puts the request back in the waiting queue. After the regroup restores every cached slot's KV
+(kept heads, peers, the backup store), re-admission matches the whole committed prefix and computes only the
+newest token: what the next decode step would have computed anyway.
+
+Which KV is committed: a step that failed mid-forward wrote some layers of its tokens, so those tokens are cut
+off; the newest output token never has KV yet. Ranks agree on the length per request (the minimum), so every
+rank's radix tree stays identical.
+"""
+
+from __future__ import annotations
+
+import torch.distributed as dist
+
+
+def committed_kv_len(req, failed_batch) -> int:
+    """Tokens of `req` whose KV every layer wrote in a step that completed."""
+    length = req.kv.kv_committed_len
+    if failed_batch is not None and any(r is req for r in failed_batch.reqs):
+        length -= 1 if failed_batch.forward_mode.is_decode() else req.extend_input_len
+    newest_without_kv = len(req.origin_input_ids) + len(req.output_ids) - 1
+    return max(req.kv.cache_protected_len, min(length, newest_without_kv))
+
+
+def requests_holding_kv(scheduler, failed_batch) -> list:
+    """Unfinished requests that hold KV: the running batch, the last and the failed batch, the chunked request."""
+    candidates = list(scheduler.running_batch.reqs)
+    for batch in (scheduler.last_batch, failed_batch):
+        if batch is not None and batch is not scheduler.running_batch:
+            candidates += batch.reqs
+    if scheduler.chunked_req is not None:
+        candidates.append(scheduler.chunked_req)
+    unique = {id(r): r for r in candidates if not r.finished() and r.kv.holds_kv}
+    return list(unique.values())
+
+
+def agree_on_lengths(lengths: dict[str, int], cpu_group) -> dict[str, int]:
+    """Every rank's minimum per request; a request some rank does not hold keeps nothing."""
+    everyone: list = [None] * dist.get_world_size(cpu_group)
+    dist.all_gather_object(everyone, lengths, group=cpu_group)
+    return {rid: min(other.get(rid, 0) for other in everyone) for rid in lengths}
+
+
+def park(req, keep: int, tree_cache) -> int:
+    """Insert `req`'s first `keep` tokens of KV into the radix cache and release the rest; returns tokens that
+    will have to be recomputed (all of them when the radix cache is off for this request)."""
+    from sglang.srt.mem_cache.common import release_kv_cache
+
+    kv = req.kv
+    keep = max(keep, kv.cache_protected_len)
+    if kv.kv_allocated_len > keep:
+        tree_cache.free_kv_row(kv, [(keep, kv.kv_allocated_len)])
+    kv.kv_allocated_len = kv.kv_committed_len = keep
+    release_kv_cache(req, tree_cache, checkpoint=True)
+    req.reset_for_retract()
+    cached = not (getattr(tree_cache, "disable", False) or req.skip_radix_cache_insert)
+    return 0 if cached else keep
+
+
+def park_every_request(scheduler, failed_batch, cpu_group) -> tuple[int, int, int]:
+    """Park every unfinished request; returns (requests parked, their KV tokens, tokens left to recompute)."""
+    reqs = requests_holding_kv(scheduler, failed_batch)
+    lengths = agree_on_lengths({r.rid: committed_kv_len(r, failed_batch) for r in reqs}, cpu_group)
+    recomputed = kept = 0
+    for req in reqs:
+        recomputed += park(req, lengths[req.rid], scheduler.tree_cache)
+        kept += lengths[req.rid]
+    scheduler.running_batch.reqs = []
+    scheduler.running_batch.batch_is_full = False
+    scheduler.last_batch = scheduler.cur_batch_for_debug = None
+    scheduler.chunked_req = None
+    waiting = {id(r) for r in scheduler.waiting_queue}
+    for req in reqs:
+        if id(req) not in waiting:
+            scheduler._add_request_to_queue(req, is_retracted=True)
+    return len(reqs), kept, recomputed

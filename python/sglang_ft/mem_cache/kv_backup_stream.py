@@ -1,0 +1,71 @@
+"""Stream the KV a scheduler writes to the node's backup store, from hooks on SGLang's KV pool and allocator.
+
+`set_kv_buffer` runs once per layer inside the forward pass; right after it writes, this rank sends the rows it
+just wrote (its KV heads, the step's token slots) on a non-blocking ZMQ queue (`ft.kv_backup.KvBackupSender`).
+Sending per layer, before the layer's all-reduce, means a worker that completed a step has handed all of that
+step's KV to ZMQ before any peer could complete the step: a SIGKILL cannot take a committed step's KV with it.
+Freed slots (finished requests not cached, radix-cache evictions, a flush) are dropped from the store.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ft.kv_backup import Geometry, KvBackupSender
+
+SIGNED = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def raw_rows(tensor: torch.Tensor) -> np.ndarray:
+    """`tensor`'s bytes as an integer numpy array on the host (bit-exact for any float dtype)."""
+    tensor = tensor.detach().contiguous()
+    return tensor.view(SIGNED[tensor.element_size()]).cpu().numpy()
+
+
+def rows_from_raw(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    """The inverse of `raw_rows` (on the host)."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return torch.from_numpy(np.ascontiguousarray(array).view(f"i{itemsize}")).view(dtype)
+
+
+class KvStreamer:
+    """This rank's side of the KV backup: which pool and allocator to follow, and its heads."""
+
+    def __init__(self, endpoint: str, worker: int, queue_messages: int, pool, allocator, num_kv_heads_total: int):
+        self.sender = KvBackupSender(endpoint, worker, queue_messages)
+        self.pool = pool
+        self.allocator = allocator
+        self.num_kv_heads_total = num_kv_heads_total
+
+    def follow(self, pool, heads: tuple[int, int], epoch: int) -> None:
+        """Stream `pool` (after a regroup reshaped it) for global KV heads `heads` at `epoch`."""
+        self.pool = pool
+        self.sender.heads = tuple(heads)
+        self.sender.epoch = epoch
+        self.sender.geometry = Geometry(
+            num_layers=pool.layer_num,
+            num_kv_heads=self.num_kv_heads_total,
+            head_dim=pool.head_dim,
+            slots=int(pool.k_buffer[0].shape[0]),
+            itemsize=pool.k_buffer[0].element_size(),
+        )
+
+    def on_kv_written(self, pool, layer_id: int, loc: torch.Tensor) -> None:
+        if pool is not self.pool or self.sender.geometry is None or loc.numel() == 0:
+            return
+        index = layer_id - pool.start_layer
+        self.sender.write(layer_id, raw_rows(loc), raw_rows(pool.k_buffer[index][loc]),
+                          raw_rows(pool.v_buffer[index][loc]))
+
+    def on_slots_freed(self, allocator, slots: torch.Tensor) -> None:
+        if allocator is self.allocator and self.sender.geometry is not None and slots.numel():
+            self.sender.drop(raw_rows(slots.to(torch.int64)))
+
+    def on_allocator_cleared(self, allocator) -> None:
+        if allocator is self.allocator and self.sender.geometry is not None:
+            self.sender.drop(np.arange(self.sender.geometry.slots, dtype=np.int64))
+
+    def stats(self) -> dict:
+        s = self.sender
+        return {"sent": s.sent, "dropped": s.dropped, "bytes_sent": s.bytes_sent}

@@ -1,0 +1,154 @@
+"""The KV backup store and its wire format: rows in, rows out, and every rule about what it trusts."""
+
+import os
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from ft.kv_backup import (Geometry, KvBackupSender, KvDrop, KvFetch, KvWrite, decode, encode, fetch_kv,
+                          store_stats)
+from ft.kv_store import KvStore, serve
+
+G = Geometry(num_layers=2, num_kv_heads=4, head_dim=3, slots=32, itemsize=4)
+
+
+def rows(n, heads, seed):
+    return np.random.default_rng(seed).integers(0, 2**31, size=(n, heads, G.head_dim), dtype=np.int64).astype(
+        np.uint32)
+
+
+def write(store, worker, seq, layer, heads, slots, k, v, epoch=0):
+    header = KvWrite(epoch, worker, seq, layer, heads, G)
+    store.apply([encode(header), np.asarray(slots, dtype=np.int64).tobytes(), k.tobytes(), v.tobytes()])
+
+
+def fetch(store, heads, slots, epoch=0):
+    header, k, v, found = store.fetch(KvFetch(epoch, heads), np.asarray(slots, dtype=np.int64).tobytes())
+    n, h = len(slots), heads[1] - heads[0]
+    shape = (G.num_layers, n, h, G.head_dim)
+    return (np.frombuffer(bytes(k), dtype=np.uint32).reshape(shape), np.frombuffer(bytes(v), dtype=np.uint32).reshape(shape),
+            np.frombuffer(found, dtype=bool))
+
+
+def fill(store, worker, heads, slots, seed, seq0=0, epoch=0):
+    data = []
+    for layer in range(G.num_layers):
+        k, v = rows(len(slots), heads[1] - heads[0], seed + layer), rows(len(slots), heads[1] - heads[0], seed + 100 + layer)
+        write(store, worker, seq0 + layer, layer, heads, slots, k, v, epoch)
+        data.append((k, v))
+    return data
+
+
+def test_rows_round_trip_per_head_group_and_slot():
+    store = KvStore()
+    a = fill(store, worker=0, heads=(0, 2), slots=[3, 5, 7], seed=1)
+    b = fill(store, worker=1, heads=(2, 4), slots=[5, 9], seed=2)
+    k, v, found = fetch(store, (0, 2), [7, 3])
+    assert found.all()
+    assert np.array_equal(k[1, 0], a[1][0][2]) and np.array_equal(v[0, 1], a[0][1][0])
+    k, v, found = fetch(store, (2, 4), [9])
+    assert found.all() and np.array_equal(k[0, 0], b[0][0][1])
+    _, _, found = fetch(store, (1, 3), [5, 9])  # head 1 never had slot 9
+    assert found.tolist() == [True, False]
+
+
+def test_a_row_needs_every_layer():
+    store = KvStore()
+    write(store, 0, 0, 0, (0, 1), [4], rows(1, 1, 0), rows(1, 1, 1))
+    assert fetch(store, (0, 1), [4])[2].tolist() == [False]
+
+
+def test_freed_slots_are_dropped():
+    store = KvStore()
+    fill(store, 0, (0, 2), [3, 4], seed=1)
+    store.apply([encode(KvDrop(0, 0, 2, (0, 2))), np.array([4], dtype=np.int64).tobytes()])
+    assert fetch(store, (0, 2), [3, 4])[2].tolist() == [True, False]
+
+
+def test_a_sequence_gap_invalidates_that_workers_heads():
+    store = KvStore()
+    fill(store, 0, (0, 2), [3], seed=1)
+    fill(store, 1, (2, 4), [3], seed=2)
+    write(store, 0, 5, 0, (0, 2), [8], rows(1, 2, 3), rows(1, 2, 4))  # messages 2..4 were dropped
+    assert store.counters["sequence_gaps"] == 1
+    assert fetch(store, (0, 2), [3])[2].tolist() == [False]
+    assert fetch(store, (2, 4), [3])[2].tolist() == [True]
+
+
+def test_writes_older_than_the_newest_fetch_are_refused():
+    store = KvStore()
+    old = fill(store, 0, (0, 1), [3], seed=1)
+    fetch(store, (0, 1), [3], epoch=2)
+    fill(store, 0, (0, 1), [3], seed=9, seq0=2, epoch=1)  # a fenced worker's late writes
+    k, _, found = fetch(store, (0, 1), [3], epoch=2)
+    assert store.counters["stale_refused"] == 2 and found.all() and np.array_equal(k[0, 0], old[0][0][0])
+
+
+@pytest.mark.parametrize("frames", [
+    [b"junk"],
+    [encode(KvDrop(0, 0, 0, (0, 1)))],  # missing the slots frame
+    [encode(KvWrite(0, 0, 0, 0, (0, 9), G)), b"", b"", b""],  # heads out of range
+    [encode(KvWrite(0, 0, 0, 0, (0, 1), G)), np.array([99], dtype=np.int64).tobytes(), b"x" * 12, b"x" * 12],
+    [encode(KvWrite(0, 0, 0, 0, (0, 1), G)), np.array([1], dtype=np.int64).tobytes(), b"x" * 5, b"x" * 5],
+])
+def test_malformed_messages_are_counted_not_applied(frames):
+    store = KvStore()
+    store.apply(frames)
+    assert store.counters["malformed"] == 1 and store.counters["writes"] == 0
+
+
+def test_decoders_reject_foreign_frames():
+    assert decode(b"\x00\x01") is None and decode(encode(KvFetch(1, (0, 1)))) == KvFetch(1, (0, 1))
+
+
+def test_sender_never_blocks_and_counts_what_a_full_queue_drops(tmp_path):
+    sender = KvBackupSender(f"ipc://{tmp_path}/nobody", worker=0, queue_messages=4)
+    sender.geometry, sender.heads = G, (0, 1)
+    started = time.monotonic()
+    for seq in range(50):
+        sender.write(0, np.array([1]), rows(1, 1, seq), rows(1, 1, seq))
+    assert time.monotonic() - started < 2.0
+    assert sender.dropped >= 40 and sender.sent + sender.dropped == 50 and sender.seq == 50
+    sender.close()
+
+
+def test_store_process_loop_applies_streamed_writes_before_answering_a_fetch(tmp_path):
+    push, rep = f"ipc://{tmp_path}/push", f"ipc://{tmp_path}/fetch"
+    threading.Thread(target=serve, args=(push, rep, os.getpid()), daemon=True).start()
+    sender = KvBackupSender(push, worker=3)
+    sender.geometry, sender.heads = G, (1, 3)
+    written = [(rows(2, 2, layer), rows(2, 2, layer + 7)) for layer in range(G.num_layers)]
+    for layer, (k, v) in enumerate(written):
+        assert sender.write(layer, np.array([6, 2]), k, v)
+    k, v, found = fetch_kv(rep, 1, (1, 3), np.array([2, 6, 11]))
+    assert found.tolist() == [True, True, False]
+    assert np.array_equal(k[1, 1], written[1][0][0]) and np.array_equal(v[0, 0], written[0][1][1])
+    stats = store_stats(rep)
+    assert stats["writes"] == 2 and stats["epoch"] == 1 and stats["blocks_held"] == 1
+    sender.close()
+
+
+def test_keeper_reports_a_dead_store_as_degraded_and_respawns_it_when_asked(tmp_path):
+    from sglang_ft.managers.kv_store_keeper import KvStoreKeeper
+
+    for respawn in (False, True):
+        keeper = KvStoreKeeper(f"ipc://{tmp_path}/p{respawn}", f"ipc://{tmp_path}/f{respawn}", respawn)
+        try:
+            deadline = time.monotonic() + 30
+            while keeper.status()["store"] is None and time.monotonic() < deadline:
+                time.sleep(0.1)  # the store answers once it has imported and bound its sockets
+            first = keeper.status()
+            assert first["state"] == "healthy" and first["store"]["writes"] == 0
+            keeper.process.kill()
+            keeper.process.wait(timeout=10)
+            keeper.check()
+            st = keeper.status()
+            assert [e["event"] for e in st["events"]][:2] == ["started", "died (exit -9)"]
+            if respawn:
+                assert st["state"] == "healthy" and st["restarts"] == 1 and st["pid"] != first["pid"]
+            else:
+                assert st["state"] == "degraded" and st["pid"] is None and st["store"] is None
+        finally:
+            keeper.stop()
