@@ -17,6 +17,7 @@ test-fast: install
 
 bench: install
 	$(PY) benchmark/throughput.py
+	$(PY) benchmark/failover.py
 
 clean:
 	rm -rf .venv build *.egg-info .pytest_cache

@@ -17,6 +17,8 @@ import msgspec
 import numpy as np
 import zmq
 
+from ft.messages import msgpack_codec
+
 Span = tuple[int, int]
 BLOCK_TOKENS = 16  # what /ft/status counts as one KV block: 16 token slots of one KV head, every layer
 
@@ -68,20 +70,7 @@ class StoreStats(msgspec.Struct, tag=True, frozen=True):
 
 
 StoreMessage = KvWrite | KvDrop | KvFetch | KvFetched | StoreStats
-_encoder = msgspec.msgpack.Encoder()
-_decoder = msgspec.msgpack.Decoder(StoreMessage)
-
-
-def encode(message: StoreMessage) -> bytes:
-    return _encoder.encode(message)
-
-
-def decode(frame: bytes) -> StoreMessage | None:
-    """The message in `frame`, or None when it is not a valid KV backup message."""
-    try:
-        return _decoder.decode(frame)
-    except (msgspec.DecodeError, msgspec.ValidationError):
-        return None
+encode, decode = msgpack_codec(StoreMessage)
 
 
 def raw_dtype(itemsize: int) -> np.dtype:

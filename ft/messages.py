@@ -57,21 +57,21 @@ class RegroupDone(msgspec.Struct, tag=True, frozen=True):
     kv_bytes_p2p: int = 0  # KV received from peers
 
 
+def msgpack_codec(union):
+    """(encode, decode) for a union of tagged structs; decode returns None for anything not one of them."""
+    encoder, decoder = msgspec.msgpack.Encoder(), msgspec.msgpack.Decoder(union)
+
+    def decode(frame: bytes):
+        try:
+            return decoder.decode(frame)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            return None
+
+    return encoder.encode, decode
+
+
 Message = Heartbeat | WorkerFailed | Regroup | Fenced | RegroupDone
-_encoder = msgspec.msgpack.Encoder()
-_decoder = msgspec.msgpack.Decoder(Message)
-
-
-def encode(message: Message) -> bytes:
-    return _encoder.encode(message)
-
-
-def decode(frame: bytes) -> Message | None:
-    """The message in `frame`, or None if it is not a valid sglang-ft message."""
-    try:
-        return _decoder.decode(frame)
-    except (msgspec.DecodeError, msgspec.ValidationError):
-        return None
+encode, decode = msgpack_codec(Message)
 
 
 class ControlRequest(msgspec.Struct, frozen=True):
