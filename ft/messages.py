@@ -43,6 +43,13 @@ class Fenced(msgspec.Struct, tag=True, frozen=True):
     epoch: int
 
 
+class BackupResync(msgspec.Struct, tag=True, frozen=True):
+    """The controller restarted the KV backup store: every worker re-sends the KV it holds to the new one."""
+
+    epoch: int
+    store_pid: int
+
+
 class RegroupDone(msgspec.Struct, tag=True, frozen=True):
     """A worker finished its part of the regroup to `epoch`, with what it moved and how long each stage took."""
 
@@ -70,7 +77,7 @@ def msgpack_codec(union):
     return encoder.encode, decode
 
 
-Message = Heartbeat | WorkerFailed | Regroup | Fenced | RegroupDone
+Message = Heartbeat | WorkerFailed | Regroup | Fenced | BackupResync | RegroupDone
 encode, decode = msgpack_codec(Message)
 
 

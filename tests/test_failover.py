@@ -165,7 +165,7 @@ def test_rank0_death_then_a_hung_worker_is_fenced(ft_server, reference):
     assert status(ft_server)["epoch"] == 2
 
 
-def test_backup_store_death_under_load_then_respawn_and_recompute_fallback(ft_server, reference):
+def test_backup_store_death_under_load_then_respawn_and_resync(ft_server, reference):
     expected = reference(FAILOVER_PROMPTS)
     first = wait_for(lambda: (s := status(ft_server)["kv_backup"])["store"] and s, what="the backup store")
     assert first["state"] == "healthy" and first["restarts"] == 0
@@ -175,11 +175,28 @@ def test_backup_store_death_under_load_then_respawn_and_recompute_fallback(ft_se
     assert backup["restarts"] == 1 and backup["pid"] != first["pid"]
     assert [e["event"] for e in backup["events"]] == ["started", "died (exit -9)", "started"]
     generate(ft_server.url, FAILOVER_PROMPTS[0], NEW_TOKENS)
+    wait_for(lambda: ft_server.log_text().count("to the restarted backup store") == 4, what="every worker's resync")
     assert status(ft_server)["kv_backup"]["store"]["writes"] > 0  # backup resumed into the new store
 
-    # The KV cached before the store died is in no store: this failure recomputes it, counted, and stays correct.
+    # Every worker re-sent what it holds, so the next failure restores from the new store: nothing recomputed.
     results = run_with_fault(ft_server, lambda: inject(ft_server, 1, "kill"))
     assert [r["output_ids"] for r in results] == expected
     (recovery,) = wait_for(lambda: status(ft_server)["recoveries"], what="the recovery")
-    assert recovery["kv_tokens_recomputed"] > 0 and recovery["kv_blocks_restored"] == 0
-    assert "tokens to recompute" in ft_server.log_text()
+    assert recovery["kv_blocks_restored"] > 0 and recovery["kv_tokens_recomputed"] == 0
+
+
+def test_without_kv_backup_the_lost_heads_kv_is_recomputed_and_counted(servers, tiny_model, reference):
+    from sglang_ft.tools.server_process import ServerProcess
+
+    servers.close()
+    server = ServerProcess(tiny_model, tp_size=2, ft=True, extra_args=[
+        "--ft-enable-fault-injection", "--ft-kv-backup", "off", "--ft-collective-timeout-s", "4"]).start()
+    try:
+        assert status(server)["kv_backup"] == {"state": "off"}
+        results = run_with_fault(server, lambda: inject(server, 1, "kill"))
+        assert [r["output_ids"] for r in results] == reference(FAILOVER_PROMPTS)
+        (recovery,) = wait_for(lambda: status(server)["recoveries"], what="the recovery")
+        assert recovery["kv_tokens_recomputed"] > 0 and recovery["kv_blocks_restored"] == 0
+        assert "tokens to recompute" in server.log_text()
+    finally:
+        server.stop()

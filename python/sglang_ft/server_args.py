@@ -133,7 +133,8 @@ def add_ft_cli_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--ft-respawn",
         action="store_true",
-        help="Restart the KV backup store when it dies (serving goes on degraded without it).",
+        help="Restart the KV backup store when it dies, and have every worker re-send the KV it holds (without it, "
+        "serving goes on with the backup degraded).",
     )
     group.add_argument(
         "--ft-enable-fault-injection",

@@ -21,7 +21,7 @@ import zmq
 from ft.failure_detector import FailureDetector, Transition
 from ft.heartbeat import MessageReceiver
 from ft.membership import Membership, WorkerState
-from ft.messages import ControlRequest, Fenced, Heartbeat, Regroup, RegroupDone, WorkerFailed, decode_control, encode
+from ft.messages import BackupResync, ControlRequest, Fenced, Heartbeat, Regroup, RegroupDone, WorkerFailed, decode_control, encode
 from ft.partition import ModelShape, TPLayout
 from ft.planner import plan_migration
 from ft.ports import free_port
@@ -129,8 +129,8 @@ class FtController:
                 change = self.state.detector.declare_dead(worker, now)
                 if change:
                     self._record(change, "process exit")
-        if self.state.kv_backup is not None:
-            self.state.kv_backup.check()
+        if self.state.kv_backup is not None and self.state.kv_backup.check():
+            self._publish(BackupResync(self.state.membership.epoch, self.state.kv_backup.process.pid))
         reported = self.failure_reported_at
         if reported is not None and self.pending is None and now - reported > self.timeout_s + 0.5:
             # a collective failed but every worker is alive (e.g. a timeout under load): rebuild the same group

@@ -17,7 +17,7 @@ import traceback
 import zmq
 
 from ft.heartbeat import HeartbeatSender
-from ft.messages import Fenced, Regroup, WorkerFailed, decode, encode
+from ft.messages import BackupResync, Fenced, Regroup, WorkerFailed, decode, encode
 from sglang_ft.managers.request_ledger import RequestLedger
 from sglang_ft.server_args import FtArgs
 
@@ -51,6 +51,7 @@ class OrderListener:
         self.current_epoch = current_epoch  # callable: this worker's epoch now
         self.before_newer_order = before_newer_order  # called (in this thread) before a newer order is handed on
         self.latest: Regroup | None = None
+        self.resync_requested = False  # the backup store was restarted: re-send the KV this worker holds
         self._arrived = threading.Condition()
         self._socket = zmq.Context.instance().socket(zmq.SUB)
         self._socket.setsockopt(zmq.LINGER, 0)
@@ -63,6 +64,8 @@ class OrderListener:
             message = decode(self._socket.recv())
             if isinstance(message, Fenced) and message.worker == self.worker and message.epoch > self.current_epoch():
                 self._exit_fenced(message.epoch)
+            if isinstance(message, BackupResync):
+                self.resync_requested = True
             if not isinstance(message, Regroup):
                 continue
             if message.epoch > self.current_epoch() and self.worker not in message.workers:
@@ -129,7 +132,14 @@ class FtWorker:
         self.kv_stream.follow(runner.token_to_kv_pool, model.shard.kv_heads, self.epoch)
 
     def check_orders(self) -> None:
-        """Called at the top of every scheduler iteration: leave the loop if a newer group was ordered."""
+        """Called at the top of every scheduler iteration (no forward in flight, every allocated slot written):
+        re-send the KV to a restarted backup store; leave the loop if a newer group was ordered."""
+        if self.orders.resync_requested:
+            self.orders.resync_requested = False
+            if self.kv_stream is not None:
+                slots, sent = self.kv_stream.resync()
+                logger.info("sglang-ft: worker %d re-sent %d slots of KV to the restarted backup store (%d messages)",
+                            self.worker, slots, sent)
         latest = self.orders.latest
         if latest is not None and latest.epoch > self.epoch:
             raise RegroupOrdered(f"the controller ordered epoch {latest.epoch}")

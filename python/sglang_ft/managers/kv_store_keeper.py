@@ -3,7 +3,8 @@
 The store is a child process of the controller (`python -m ft.kv_store`). When it dies, serving goes on: the
 workers' non-blocking senders drop what they cannot queue, and `/ft/status` reports the backup as degraded (a
 failure then recomputes the lost heads' KV). With `--ft-respawn` the keeper starts a fresh store at once; the
-workers' ZMQ sockets reconnect by themselves and backup resumes with the next KV written.
+workers' ZMQ sockets reconnect by themselves, and the controller asks every worker to re-send the KV it holds
+(`BackupResync`), so the new store is complete again after one pass.
 """
 
 from __future__ import annotations
@@ -44,18 +45,20 @@ class KvStoreKeeper:
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
-    def check(self) -> None:
-        """Called every controller step: notice a dead store, restart it under --ft-respawn."""
+    def check(self) -> bool:
+        """Called every controller step: notice a dead store, restart it under --ft-respawn; True if restarted."""
         if self.process is None or self.alive:
-            return
+            return False
         code = self.process.returncode
         self._event(f"died (exit {code})")
         logger.error("sglang-ft controller: the KV backup store (pid %d) died with %s; backup is degraded",
                      self.process.pid, code)
         self.process = None
-        if self.respawn:
-            self.restarts += 1
-            self._start()
+        if not self.respawn:
+            return False
+        self.restarts += 1
+        self._start()
+        return True
 
     def status(self) -> dict:
         return {

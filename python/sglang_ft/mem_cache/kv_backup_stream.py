@@ -15,6 +15,7 @@ import torch
 from ft.kv_backup import Geometry, KvBackupSender
 
 SIGNED = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+RESYNC_SLOTS_PER_MESSAGE = 4096
 
 
 def raw_rows(tensor: torch.Tensor) -> np.ndarray:
@@ -27,6 +28,17 @@ def rows_from_raw(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
     """The inverse of `raw_rows` (on the host)."""
     itemsize = torch.empty((), dtype=dtype).element_size()
     return torch.from_numpy(np.ascontiguousarray(array).view(f"i{itemsize}")).view(dtype)
+
+
+def live_slots(allocator) -> torch.Tensor:
+    """Every token slot the allocator has handed out, sorted (the same on every rank)."""
+    size = allocator.size + allocator.page_size
+    in_use = torch.ones(size, dtype=torch.bool)
+    in_use[0] = False  # SGLang's padding slot
+    for free in (allocator.free_pages, allocator.release_pages):
+        if free.numel():
+            in_use[free.to("cpu", torch.int64)] = False
+    return torch.nonzero(in_use).flatten()
 
 
 class KvStreamer:
@@ -65,6 +77,20 @@ class KvStreamer:
     def on_allocator_cleared(self, allocator) -> None:
         if allocator is self.allocator and self.sender.geometry is not None:
             self.sender.drop(np.arange(self.sender.geometry.slots, dtype=np.int64))
+
+    def resync(self) -> tuple[int, int]:
+        """Re-send every slot in use, for this rank's heads (after the store restarted); returns (slots, sent)."""
+        if self.sender.geometry is None:
+            return 0, 0
+        slots = live_slots(self.allocator).to(self.pool.k_buffer[0].device)
+        sent = 0
+        for start in range(0, len(slots), RESYNC_SLOTS_PER_MESSAGE):
+            chunk = slots[start : start + RESYNC_SLOTS_PER_MESSAGE]
+            for index in range(len(self.pool.k_buffer)):
+                sent += self.sender.write(index + self.pool.start_layer, raw_rows(chunk),
+                                          raw_rows(self.pool.k_buffer[index][chunk]),
+                                          raw_rows(self.pool.v_buffer[index][chunk]))
+        return len(slots), sent
 
     def stats(self) -> dict:
         s = self.sender

@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from ft.kv_backup import BLOCK_TOKENS, StoreUnavailable, fetch_kv
 from ft.planner import MigrationPlan
-from sglang_ft.mem_cache.kv_backup_stream import rows_from_raw
+from sglang_ft.mem_cache.kv_backup_stream import live_slots, rows_from_raw
 
 KV_TAG_BASE = 1 << 16  # peer KV transfers' tags, apart from the weight transfers' (0..moves)
 
@@ -38,17 +38,6 @@ def reshape_kv_heads(pool, new_head_num: int) -> tuple[list, list]:
     pool.row_dim = pool.head_num * pool.head_dim
     pool.v_row_dim = pool.head_num * pool.v_head_dim
     return old
-
-
-def live_slots(allocator) -> torch.Tensor:
-    """Every token slot in use, sorted (the same on every rank): with every request parked, the radix cache's."""
-    size = allocator.size + allocator.page_size
-    in_use = torch.ones(size, dtype=torch.bool)
-    in_use[0] = False  # SGLang's padding slot
-    for free in (allocator.free_pages, allocator.release_pages):
-        if free.numel():
-            in_use[free.to("cpu", torch.int64)] = False
-    return torch.nonzero(in_use).flatten()
 
 
 def _local(span, start: int, end: int) -> slice:
