@@ -1,4 +1,5 @@
-"""Output tokens/s of SGLang with and without `--ft`, at batch 1, 8 and 32 for TP 1..4, beside HuggingFace.
+"""Output tokens/s of SGLang with and without `--ft` (and `--ft` without KV backup), at batch 1, 8 and 32 for TP
+1..4, beside HuggingFace.
 
     python benchmark/throughput.py [--tp 1 2 3 4] [--batches 1 8 32] [--max-new-tokens 64] [--out results/]
 
@@ -63,11 +64,12 @@ def run(args) -> dict:
                "max_new_tokens": args.max_new_tokens, "hf_batch1_tok_s": hf_tokens_per_s(str(model), args.max_new_tokens),
                "rows": []}
     print(f"transformers batch 1: {results['hf_batch1_tok_s']:.1f} tok/s", flush=True)
+    variants = [(False, []), (True, ["--ft-kv-backup", "off"]), (True, [])]  # plain, FT without and with backup
     for tp in args.tp:
-        for ft in (False, True):
-            row = {"tp": tp, "ft": ft}
+        for ft, extra in variants:
+            row = {"tp": tp, "ft": ft, "kv_backup": ft and not extra}
             try:
-                with ServerProcess(str(model), tp_size=tp, ft=ft) as server:
+                with ServerProcess(str(model), tp_size=tp, ft=ft, extra_args=extra) as server:
                     row["startup_s"] = server.startup_s
                     for batch in args.batches:
                         row[f"batch{batch}_tok_s"] = sglang_tokens_per_s(server.url, batch, args.max_new_tokens)
@@ -95,8 +97,9 @@ def markdown(results: dict, batches: list[int]) -> str:
              head, "|" + "---|" * (len(batches) + 5)]
     plain = {r["tp"]: r for r in results["rows"] if not r["ft"]}
     for row in results["rows"]:
+        label = ("on" if row.get("kv_backup", True) else "on, KV backup off") if row["ft"] else "off"
         if "error" in row:
-            lines.append(f"| {row['tp']} | {'on' if row['ft'] else 'off'} | failed: {row['error'][:60]} |")
+            lines.append(f"| {row['tp']} | {label} | failed: {row['error'][:60]} |")
             continue
         last = row[f"batch{batches[-1]}_tok_s"]
         ratio = ""
@@ -104,7 +107,7 @@ def markdown(results: dict, batches: list[int]) -> str:
         if row["ft"] and base:
             ratio = f"{last / base:.2f}"
         cells = " | ".join(f"{row[f'batch{b}_tok_s']:.1f}" for b in batches)
-        lines.append(f"| {row['tp']} | {'on' if row['ft'] else 'off'} | {row['startup_s']:.1f} | {cells} | "
+        lines.append(f"| {row['tp']} | {label} | {row['startup_s']:.1f} | {cells} | "
                      f"{last / hf:.1f}x | {ratio} |")
     return "\n".join(lines)
 

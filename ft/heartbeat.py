@@ -18,6 +18,7 @@ class HeartbeatSender:
     """Beats `Heartbeat(worker, pid, epoch, seq)` to `endpoint` every `interval_s` from a daemon thread."""
 
     def __init__(self, endpoint: str, worker: int, interval_s: float, epoch: int = 0):
+        self.kv_backup_counters = None  # callable returning (sent, dropped, bytes), set once KV backup streams
         self.endpoint = endpoint
         self.worker = worker
         self.interval_s = interval_s
@@ -43,7 +44,9 @@ class HeartbeatSender:
         try:
             while not self._stop.is_set():
                 try:
-                    socket.send(encode(Heartbeat(self.worker, os.getpid(), self.epoch, seq)), zmq.NOBLOCK)
+                    counters = self.kv_backup_counters() if self.kv_backup_counters else None
+                    beat = Heartbeat(self.worker, os.getpid(), self.epoch, seq, counters)
+                    socket.send(encode(beat), zmq.NOBLOCK)
                 except zmq.Again:
                     pass
                 seq += 1

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import time
 
 import msgspec
@@ -189,6 +190,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--fetch", required=True, help="ZMQ endpoint a regroup fetches KV from")
     parser.add_argument("--parent-pid", type=int, required=True, help="exit when this process exits")
     args = parser.parse_args(argv)
+    os.nice(10)  # background work: yield the cores to the forward passes it protects
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s KV] %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
     serve(args.push, args.fetch, args.parent_pid)
 

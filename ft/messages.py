@@ -16,6 +16,7 @@ class Heartbeat(msgspec.Struct, tag=True, frozen=True):
     pid: int
     epoch: int
     seq: int
+    kv_backup: tuple[int, int, int] | None = None  # (messages sent, dropped on a full queue, bytes sent)
 
 
 class WorkerFailed(msgspec.Struct, tag=True, frozen=True):

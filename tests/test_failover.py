@@ -104,6 +104,8 @@ def test_sigkill_mid_decode_restores_kv_without_reprefill(ft_server, reference):
     # request was re-admitted with its whole prompt (and more) matched in the radix cache.
     assert recovery["kv_blocks_restored"] > 0 and recovery["kv_tokens_recomputed"] == 0
     assert st["kv_blocks_restored"] == recovery["kv_blocks_restored"] and st["kv_tokens_recomputed"] == 0
+    live = [w for w in st["workers"] if w["rank"] is not None]
+    assert all(w["kv_backup_sent"] > 0 and w["kv_backup_dropped"] == 0 for w in live)  # from their heartbeats
     # SGLang's own log: the first prefill after the regroup computes one token per request, the rest is cached.
     resumed = ft_server.log_text().split("epoch 1 recovered")[1]
     first_prefill = re.search(r"Prefill batch, #new-seq: (\d+), #new-token: (\d+), #cached-token: (\d+)", resumed)

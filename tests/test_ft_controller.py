@@ -67,6 +67,16 @@ def test_status_follows_heartbeats_and_process_exit(controller_factory):
         victim.kill()
 
 
+def test_status_shows_each_workers_kv_backup_counters_from_its_heartbeats(controller_factory):
+    controller = controller_factory(enable_fault_injection=False)
+    controller._on_message(Heartbeat(0, os.getpid(), 0, 0, (120, 3, 4096)), time.monotonic())
+    controller._on_message(Heartbeat(1, os.getpid(), 0, 0), time.monotonic())
+    first, second = controller.state.status(time.monotonic())["workers"]
+    assert (first["kv_backup_sent"], first["kv_backup_dropped"], first["kv_backup_bytes"]) == (120, 3, 4096)
+    assert "kv_backup_sent" not in second
+    assert controller.state.status(time.monotonic())["kv_backup"] == {"state": "off"}
+
+
 def test_an_old_epoch_is_fenced(controller_factory):
     controller = controller_factory(enable_fault_injection=False)
     controller.state.membership.regroup((0,))

@@ -39,6 +39,7 @@ class ControllerState:
     recoveries: list[dict] = field(default_factory=list)
     fenced_messages: int = 0
     kv_backup: object = None  # KvStoreKeeper when --ft-kv-backup is on
+    kv_senders: dict[int, tuple[int, int, int]] = field(default_factory=dict)  # worker -> its latest counters
 
     def status(self, now: float) -> dict:
         group = self.membership.members()
@@ -50,6 +51,7 @@ class ControllerState:
                 "pid": record.pid,
                 "state": record.state.value,
                 "last_beat_ms_ago": None if record.last_beat is None else round((now - record.last_beat) * 1e3, 1),
+                **_kv_sender_fields(self.kv_senders.get(worker_id)),
             })
         return {
             "epoch": self.membership.epoch,
@@ -63,6 +65,13 @@ class ControllerState:
             "kv_tokens_recomputed": sum(r["kv_tokens_recomputed"] for r in self.recoveries),
             "kv_backup": {"state": "off"} if self.kv_backup is None else self.kv_backup.status(),
         }
+
+
+def _kv_sender_fields(counters) -> dict:
+    if counters is None:
+        return {}
+    sent, dropped, sent_bytes = counters
+    return {"kv_backup_sent": sent, "kv_backup_dropped": dropped, "kv_backup_bytes": sent_bytes}
 
 
 def _process_gone(pid: int | None) -> bool:
@@ -149,6 +158,8 @@ class FtController:
         if isinstance(message, RegroupDone):
             self._on_regroup_done(message, now)
         elif isinstance(message, Heartbeat):
+            if message.kv_backup is not None:
+                self.state.kv_senders[message.worker] = tuple(message.kv_backup)
             change = self.state.detector.beat(message.worker, message.pid, now)
             if change and change.state is WorkerState.HEALTHY and self.state.detections:
                 self._record(change, "heartbeats resumed")

@@ -91,7 +91,3 @@ class KvStreamer:
                                           raw_rows(self.pool.k_buffer[index][chunk]),
                                           raw_rows(self.pool.v_buffer[index][chunk]))
         return len(slots), sent
-
-    def stats(self) -> dict:
-        s = self.sender
-        return {"sent": s.sent, "dropped": s.dropped, "bytes_sent": s.bytes_sent}
