@@ -55,21 +55,35 @@ def wait_for(predicate, timeout_s: float = 60.0, what: str = "condition"):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def run_with_fault(server, fault, prompts=FAILOVER_PROMPTS, delay_s: float = 1.5) -> list[dict]:
-    """Send every prompt at once, inject `fault()` while they decode, and return every response."""
+def run_with_fault(server, fault, prompts=FAILOVER_PROMPTS, after_tokens: int = 8) -> list[dict]:
+    """Send every prompt at once and inject `fault()` once the first (streamed) one has decoded `after_tokens`
+    tokens, so the fault lands mid-decode however fast the machine is; return every final response."""
     results: list = [None] * len(prompts)
+    decoding = threading.Event()
+
+    def streamed():
+        body = {"text": prompts[0], "sampling_params": {**GREEDY, "max_new_tokens": NEW_TOKENS}, "stream": True}
+        with requests.post(f"{server.url}/generate", json=body, stream=True, timeout=600) as response:
+            for line in response.iter_lines():
+                if line.startswith(b"data:") and line != b"data: [DONE]":
+                    results[0] = json.loads(line[5:])
+                    if len(results[0].get("output_ids", [])) >= after_tokens:
+                        decoding.set()
+        decoding.set()
 
     def one(i):
         results[i] = generate(server.url, prompts[i], NEW_TOKENS)
 
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
+    threads = [threading.Thread(target=streamed)] + [threading.Thread(target=one, args=(i,))
+                                                     for i in range(1, len(prompts))]
     for thread in threads:
         thread.start()
-    time.sleep(delay_s)
+    assert decoding.wait(timeout=300), "the requests never started decoding"
     fault()
     for thread in threads:
         thread.join(timeout=600)
     assert all(r is not None for r in results), "a request never completed"
+    assert "error" not in results[0] and len(results[0]["output_ids"]) == NEW_TOKENS
     return results
 
 
