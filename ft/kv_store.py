@@ -23,8 +23,18 @@ import numpy as np
 import psutil
 import zmq
 
-from ft.kv_backup import (BLOCK_TOKENS, Geometry, KvDrop, KvFetch, KvFetched, KvWrite, StoreStats, decode, encode,
-                          raw_dtype)
+from ft.kv_backup import (
+    BLOCK_TOKENS,
+    Geometry,
+    KvDrop,
+    KvFetch,
+    KvFetched,
+    KvWrite,
+    StoreStats,
+    decode,
+    encode,
+    raw_dtype,
+)
 
 logger = logging.getLogger("sglang_ft.kv_store")
 

@@ -7,8 +7,7 @@ import time
 import numpy as np
 import pytest
 
-from ft.kv_backup import (Geometry, KvBackupSender, KvDrop, KvFetch, KvWrite, decode, encode, fetch_kv,
-                          store_stats)
+from ft.kv_backup import Geometry, KvBackupSender, KvDrop, KvFetch, KvWrite, decode, encode, fetch_kv, store_stats
 from ft.kv_store import KvStore, serve
 
 G = Geometry(num_layers=2, num_kv_heads=4, head_dim=3, slots=32, itemsize=4)
@@ -28,14 +27,15 @@ def fetch(store, heads, slots, epoch=0):
     header, k, v, found = store.fetch(KvFetch(epoch, heads), np.asarray(slots, dtype=np.int64).tobytes())
     n, h = len(slots), heads[1] - heads[0]
     shape = (G.num_layers, n, h, G.head_dim)
-    return (np.frombuffer(bytes(k), dtype=np.uint32).reshape(shape), np.frombuffer(bytes(v), dtype=np.uint32).reshape(shape),
-            np.frombuffer(found, dtype=bool))
+    k, v = (np.frombuffer(bytes(rows_), dtype=np.uint32).reshape(shape) for rows_ in (k, v))
+    return k, v, np.frombuffer(found, dtype=bool)
 
 
 def fill(store, worker, heads, slots, seed, seq0=0, epoch=0):
     data = []
     for layer in range(G.num_layers):
-        k, v = rows(len(slots), heads[1] - heads[0], seed + layer), rows(len(slots), heads[1] - heads[0], seed + 100 + layer)
+        width = heads[1] - heads[0]
+        k, v = rows(len(slots), width, seed + layer), rows(len(slots), width, seed + 100 + layer)
         write(store, worker, seq0 + layer, layer, heads, slots, k, v, epoch)
         data.append((k, v))
     return data

@@ -118,6 +118,7 @@ def after_free_slots(_result, allocator, free_index, *_args, **_kwargs):
 
 
 def after_clear_allocator(_result, allocator, *_args, **_kwargs):
+    """A flush frees every slot: none holds backed-up KV any more."""
     stream = _kv_stream()
     if stream is not None:
         stream.on_allocator_cleared(allocator)

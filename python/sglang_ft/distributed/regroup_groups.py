@@ -15,46 +15,6 @@ JOIN_TIMEOUT_FACTOR = 3
 REQUEST_BROADCAST_TIMEOUT_S = 2.0
 
 
-_PLACEMENT: dict = {}
-
-
-def tear_down_process_groups(scheduler=None) -> None:
-    """Drop every communicator of this process (idempotent).
-
-    Done as soon as a collective fails: a gloo group's connections close only when the group object is freed, and
-    a peer still blocked on this rank in the same collective then fails at once instead of at its timeout.
-    """
-    import gc
-
-    import torch.distributed as dist
-    from sglang.srt.distributed import parallel_state as ps
-    from sglang.srt.runtime_context import get_parallel
-
-    if not _PLACEMENT:
-        # Ranks and widths the launcher stamped; tearing the groups down clears them, so keep the plain values.
-        _PLACEMENT.update({k: v for k, v in get_parallel()._stamp.items()
-                           if isinstance(v, (int, bool, str, type(None)))})
-    ps.abort_distributed_environment()
-    for teardown in (ps.destroy_model_parallel, ps.destroy_distributed_environment):
-        try:
-            teardown()
-        except Exception as exc:  # groups already aborted: forget them
-            logger.debug("sglang-ft: %s after abort: %s", teardown.__name__, exc)
-    for handle in ("_WORLD", "_TP", "_PP", "_ATTN_TP", "_ATTN_CP", "_DCP", "_MOE_EP", "_MOE_TP", "_MOE_DP",
-                   "_SHARED_EXPERTS_TP", "_PDMUX_PREFILL_TP_GROUP"):
-        if hasattr(ps, handle):
-            setattr(ps, handle, None)  # a teardown that raised half-way leaves stale handles behind
-    if dist.is_initialized():
-        dist.distributed_c10d._world.default_pg = None
-    if scheduler is not None:
-        for name in ("tp_group", "tp_cpu_group", "attn_tp_group", "attn_tp_cpu_group", "attn_cp_group",
-                     "attn_cp_cpu_group", "pp_group", "world_group"):
-            setattr(scheduler, name, None)
-        worker = scheduler.tp_worker
-        worker.pp_group = worker.world_group = worker.model_runner.pp_group = None
-    gc.collect()
-
-
 def interrupt_blocked_collectives() -> int:
     """Shut down this process's established TCP connections (the old group's gloo pairs and store client).
 
@@ -85,10 +45,21 @@ def rebuild_process_groups(new_rank: int, new_size: int, store_port: int, timeou
     from sglang.srt.distributed.bootstrap import _init_parallel_groups
     from sglang.srt.runtime_context import get_device, get_parallel, get_server_args
 
-    tear_down_process_groups()
     parallel = get_parallel()
-    placement = dict(_PLACEMENT)
-    _PLACEMENT.clear()
+    # Ranks and widths the launcher stamped; tearing the groups down clears them, so keep the plain values.
+    placement = {k: v for k, v in parallel._stamp.items() if isinstance(v, (int, bool, str, type(None)))}
+    ps.abort_distributed_environment()
+    for teardown in (ps.destroy_model_parallel, ps.destroy_distributed_environment):
+        try:
+            teardown()
+        except Exception as exc:  # groups already aborted: forget them
+            logger.debug("sglang-ft: %s after abort: %s", teardown.__name__, exc)
+    for handle in ("_WORLD", "_TP", "_PP", "_ATTN_TP", "_ATTN_CP", "_DCP", "_MOE_EP", "_MOE_TP", "_MOE_DP",
+                   "_SHARED_EXPERTS_TP", "_PDMUX_PREFILL_TP_GROUP"):
+        if hasattr(ps, handle):
+            setattr(ps, handle, None)  # a teardown that raised half-way leaves stale handles behind
+    if dist.is_initialized():
+        dist.distributed_c10d._world.default_pg = None
     for name in ("tp", "attn_tp", "moe_tp", "launch_world"):
         placement[f"{name}_rank"], placement[f"{name}_size"] = new_rank, new_size
     parallel.override_permanently(**placement)

@@ -21,7 +21,17 @@ import zmq
 from ft.failure_detector import FailureDetector, Transition
 from ft.heartbeat import MessageReceiver
 from ft.membership import Membership, WorkerState
-from ft.messages import BackupResync, ControlRequest, Fenced, Heartbeat, Regroup, RegroupDone, WorkerFailed, decode_control, encode
+from ft.messages import (
+    BackupResync,
+    ControlRequest,
+    Fenced,
+    Heartbeat,
+    Regroup,
+    RegroupDone,
+    WorkerFailed,
+    decode_control,
+    encode,
+)
 from ft.partition import ModelShape, TPLayout
 from ft.planner import plan_migration
 from ft.ports import free_port

@@ -165,13 +165,6 @@ class FtWorker:
         where = " <- ".join(f"{f.name}" for f in reversed(traceback.extract_tb(exc.__traceback__)[-4:]))
         logger.warning("sglang-ft: worker %d (epoch %d) saw a failed collective in %s: %s", self.worker, self.epoch,
                        where, str(exc).splitlines()[0][:200])
-        # Drop this rank's communicators now: peers still blocked on it in the same collective fail at once
-        # instead of after the collective timeout, so every survivor reaches the regroup together.
-        # (The failed call's frames hold the groups too: clear them first.)
-        from sglang_ft.distributed.regroup_groups import tear_down_process_groups
-
-        traceback.clear_frames(exc.__traceback__)
-        tear_down_process_groups(self.scheduler)
         self.report(WorkerFailed(self.worker, self.epoch, str(exc)[:200]))
         while True:
             order = self.orders.wait_newer_than(self.epoch, ORDER_WAIT_S)

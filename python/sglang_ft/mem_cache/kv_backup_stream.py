@@ -66,9 +66,13 @@ class KvStreamer:
     def on_kv_written(self, pool, layer_id: int, loc: torch.Tensor) -> None:
         if pool is not self.pool or self.sender.geometry is None or loc.numel() == 0:
             return
-        index = layer_id - pool.start_layer
-        self.sender.write(layer_id, raw_rows(loc), raw_rows(pool.k_buffer[index][loc]),
-                          raw_rows(pool.v_buffer[index][loc]))
+        self._write_layer(layer_id - pool.start_layer, loc)
+
+    def _write_layer(self, index: int, slots: torch.Tensor) -> bool:
+        """Send the pool's rows of `slots` in layer `index` (this rank's heads)."""
+        pool = self.pool
+        return self.sender.write(index + pool.start_layer, raw_rows(slots), raw_rows(pool.k_buffer[index][slots]),
+                                 raw_rows(pool.v_buffer[index][slots]))
 
     def on_slots_freed(self, allocator, slots: torch.Tensor) -> None:
         if allocator is self.allocator and self.sender.geometry is not None and slots.numel():
@@ -86,8 +90,5 @@ class KvStreamer:
         sent = 0
         for start in range(0, len(slots), RESYNC_SLOTS_PER_MESSAGE):
             chunk = slots[start : start + RESYNC_SLOTS_PER_MESSAGE]
-            for index in range(len(self.pool.k_buffer)):
-                sent += self.sender.write(index + self.pool.start_layer, raw_rows(chunk),
-                                          raw_rows(self.pool.k_buffer[index][chunk]),
-                                          raw_rows(self.pool.v_buffer[index][chunk]))
+            sent += sum(self._write_layer(index, chunk) for index in range(len(self.pool.k_buffer)))
         return len(slots), sent

@@ -2,8 +2,9 @@
 their live holder (peer to peer), lost heads from the backup store.
 
 Token slots and `req_to_token` keep their meaning on every rank (SGLang's allocators are in lockstep), so only
-the head dimension changes, and every rank agrees on which slots hold live KV: those the allocator has handed out, which
-are the radix cache's once every request is parked there (`park_requests`). Rows of slots nobody uses are not moved.
+the head dimension changes, and every rank agrees on which slots hold live KV: those the allocator has handed
+out, which are the radix cache's once every request is parked there (`park_requests`). Rows of slots nobody uses
+are not moved.
 """
 
 from __future__ import annotations
@@ -44,6 +45,13 @@ def _local(span, start: int, end: int) -> slice:
     return slice(start - span[0], end - span[0])
 
 
+def _put_rows(pool, slots: torch.Tensor, heads: slice, k_layers, v_layers) -> None:
+    """Write per-layer rows ([n, heads, dim] each) into the pool at `slots` for local `heads`."""
+    for layer, (k, v) in enumerate(zip(k_layers, v_layers, strict=True)):
+        pool.k_buffer[layer][slots, heads] = k.to(pool.k_buffer[layer].device)
+        pool.v_buffer[layer][slots, heads] = v.to(pool.v_buffer[layer].device)
+
+
 @torch.no_grad()
 def restore_kv(pool, allocator, old_heads, new_heads, plan: MigrationPlan, me: int, epoch: int,
                fetch_endpoint: str | None) -> KvRestoreStats:
@@ -69,8 +77,8 @@ def restore_kv(pool, allocator, old_heads, new_heads, plan: MigrationPlan, me: i
             continue
         if move.src == me:
             heads = _local(old_heads, move.start, move.end)
-            flat = torch.stack([torch.stack([k[device_slots][:, heads] for k in old_k]),
-                                torch.stack([v[device_slots][:, heads] for v in old_v])]).contiguous()
+            flat = torch.stack([torch.stack([k[device_slots, heads] for k in old_k]),
+                                torch.stack([v[device_slots, heads] for v in old_v])]).contiguous()
             requests.append(dist.isend(flat, dst=rank_of[move.dst], tag=KV_TAG_BASE + tag))
         elif move.dst == me:
             shape = (2, len(old_k), len(slots), move.end - move.start, pool.head_dim)
@@ -84,10 +92,7 @@ def restore_kv(pool, allocator, old_heads, new_heads, plan: MigrationPlan, me: i
     for request in requests:
         request.wait()
     for buffer, move in landing:
-        heads = _local(new_heads, move.start, move.end)
-        for layer in range(len(pool.k_buffer)):
-            pool.k_buffer[layer][device_slots, heads] = buffer[0, layer]
-            pool.v_buffer[layer][device_slots, heads] = buffer[1, layer]
+        _put_rows(pool, device_slots, _local(new_heads, move.start, move.end), buffer[0], buffer[1])
         stats.bytes_p2p_in += buffer.numel() * buffer.element_size()
     return stats
 
@@ -106,8 +111,6 @@ def _restore_from_store(pool, new_heads, move, slots, device_slots, epoch, endpo
     if not found.any():
         return
     dtype = pool.k_buffer[0].dtype
-    local = _local(new_heads, move.start, move.end)
-    for layer in range(len(pool.k_buffer)):
-        pool.k_buffer[layer][device_slots, local] = rows_from_raw(k[layer], dtype).to(pool.k_buffer[0].device)
-        pool.v_buffer[layer][device_slots, local] = rows_from_raw(v[layer], dtype).to(pool.v_buffer[0].device)
+    _put_rows(pool, device_slots, _local(new_heads, move.start, move.end),
+              [rows_from_raw(layer, dtype) for layer in k], [rows_from_raw(layer, dtype) for layer in v])
     stats.blocks_restored += heads * -(-int(found.sum()) // BLOCK_TOKENS)
