@@ -1,0 +1,380 @@
+"""Project sglang-ft's recovery against restart-and-reload on an 8-GPU H100 server, with the planner the server runs.
+
+    python benchmark/scale_model.py [--full] [--disk vm-disk|nvme|page-cache] [--requests 64] [--tokens 2048]
+        [--detect-s 2.0] [--rebuild-s 0.46] [--warmup-s 20] [--mfu 0.4] [--kv-host pinned|pageable]
+        [--lose worst|W,W,W] [--out-dir benchmark/results]
+
+Arithmetic only (no GPU, no sglang; it runs in well under a second). Four public models in bf16 are served at TP 8
+and lose one, two, then three GPUs, each loss planned from the layout the previous one left, by the same
+`ft.planner.plan_migration` and `schedule_transfers` the FT controller runs. By default the worker lost at each step
+is the one whose loss takes sglang-ft longest to recover (worst case, lowest id on ties); `--lose` names them.
+
+sglang-ft, in place: detection + group rebuild + park + weight transfers (the planner's schedule: peer-to-peer over
+NVLink and the slices only the dead GPU held from disk, at once) + KV restore (the lost heads' KV of the in-flight
+tokens from the node's host backup store; heads moving between survivors over NVLink).
+Restart-and-reload: detection + a new process with its CUDA context + reading the whole checkpoint (every rank its
+shard) + warm-up and CUDA graph capture + re-prefill of every in-flight token, at the widest TP plain SGLang accepts
+on the survivors (a divisor of the head counts: 8 KV heads on 7 GPUs restart at TP 4).
+
+Every figure is measured (benchmark/results/device_bandwidth.json: one H100 80GB HBM3 lent to this project, in a
+VM), cited (datasheets), or a parameter stated as an assumption; `sources_and_assumptions()` lists them, and the
+results (benchmark/results/scale_model.json, .md) carry the list.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from ft.partition import ModelShape, TPLayout
+from ft.planner import Bandwidth, bytes_per_unit, plan_migration, schedule_transfers
+
+GB = 1e9
+RESULTS = Path(__file__).resolve().parent / "results"
+TP = 8
+LOSSES = 3
+
+
+@dataclass(frozen=True)
+class Model:
+    """A decoder's sizes, with the values of its public config.json (bf16 weights)."""
+
+    name: str
+    config: str  # where the values come from
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    vocab_size: int
+    tie_word_embeddings: bool = False
+    num_local_experts: int = 1  # MoE: experts per layer
+    num_experts_per_tok: int = 1  # MoE: experts each token uses (top-k)
+    qkv_bias: bool = False  # Qwen2: q, k and v projections have biases
+    dtype_bytes: int = 2
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def shape(self) -> ModelShape:
+        """The planner's shape. The planner has no expert dimension yet, so an MoE layer's experts count as
+        num_local_experts * intermediate_size MLP columns: the bytes are exact, and a rank's span of columns may
+        cross expert boundaries."""
+        return ModelShape(self.num_attention_heads, self.num_key_value_heads, self.head_dim, self.hidden_size,
+                          self.num_local_experts * self.intermediate_size, self.vocab_size, self.num_hidden_layers,
+                          self.dtype_bytes)
+
+    def parameters(self, active: bool = False) -> int:
+        """Every parameter (or, with `active`, those one token uses: its top-k experts only)."""
+        h, q, kv = self.hidden_size, self.num_attention_heads * self.head_dim, self.num_key_value_heads * self.head_dim
+        attention = 2 * h * q + 2 * h * kv + ((q + 2 * kv) if self.qkv_bias else 0)
+        experts = self.num_experts_per_tok if active else self.num_local_experts
+        router = h * self.num_local_experts if self.num_local_experts > 1 else 0
+        mlp = experts * 3 * h * self.intermediate_size + router
+        layer = attention + mlp + 2 * h  # two RMSNorms
+        embeddings = (1 if self.tie_word_embeddings else 2) * self.vocab_size * h
+        return self.num_hidden_layers * layer + h + embeddings
+
+    def kv_bytes_per_head(self, tokens: int) -> int:
+        """K and V of one KV head over every layer for `tokens` tokens."""
+        return tokens * self.num_hidden_layers * 2 * self.head_dim * self.dtype_bytes
+
+
+MODELS = (
+    Model("Llama-3-8B", "meta-llama/Meta-Llama-3-8B config.json", hidden_size=4096, intermediate_size=14336,
+          num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, vocab_size=128256),
+    Model("Llama-3-70B", "meta-llama/Meta-Llama-3-70B config.json", hidden_size=8192, intermediate_size=28672,
+          num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8, vocab_size=128256),
+    Model("Qwen2-72B", "Qwen/Qwen2-72B config.json", hidden_size=8192, intermediate_size=29568,
+          num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8, vocab_size=152064, qkv_bias=True),
+    Model("Mixtral-8x7B", "mistralai/Mixtral-8x7B-v0.1 config.json", hidden_size=4096, intermediate_size=14336,
+          num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, vocab_size=32000,
+          num_local_experts=8, num_experts_per_tok=2),
+)
+
+# Cited figures (datasheets; not measured here)
+NVLINK_PER_DIRECTION_GBPS = 450.0  # NVIDIA H100 SXM datasheet: NVLink 900 GB/s total bidirectional
+PCIE_GEN5_X16_GBPS = 64.0  # PCIe 5.0 x16, per direction (32 GT/s x 16 lanes); the ceiling of host <-> device copies
+NVME_GBPS = 7.0  # PCIe Gen4 x4 datacenter NVMe class (e.g. Samsung PM9A3 U.2: up to 6.9 GB/s sequential read)
+H100_BF16_DENSE_FLOPS = 989e12  # NVIDIA H100 SXM datasheet: 989 TFLOPS bf16 dense (1,979 with sparsity)
+PAPERS = ("AnchorTP: TFS up to 11x lower, TTP up to 59% lower than restart-and-reload; "
+          "FailSafe: ~100x lower recovery latency, up to 2x throughput")
+
+
+@dataclass(frozen=True)
+class Disk:
+    """Where a checkpoint is read from: its rate to the device, and whether the node's ranks share one link."""
+
+    name: str
+    gbps: float
+    shared: bool
+    source: str
+
+
+def load_measured(path: Path = RESULTS / "device_bandwidth.json") -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def disks(measured: dict) -> dict[str, Disk]:
+    reads = measured["checkpoint_reads"]
+    return {
+        "vm-disk": Disk("vm-disk", reads["cold_to_device"], True,
+                        "measured: safetensors read cold (pages dropped) to the device, the lent VM's virtio disk"),
+        "nvme": Disk("nvme", NVME_GBPS, True,
+                     "datasheet: one PCIe Gen4 datacenter NVMe drive per node, sequential read, assuming the loader "
+                     "keeps up (the measured page-cache-to-device path is slower; a pinned or GPUDirect path is "
+                     "not measured)"),
+        "page-cache": Disk("page-cache", reads["page_cache_to_device"], False,
+                           "measured: safetensors from the page cache to the device, one process; each rank "
+                           "copies at this rate in parallel (host memory is not the limit)"),
+    }
+
+
+@dataclass(frozen=True)
+class Params:
+    disk: Disk
+    kv_host_gbps: float  # host backup store -> device, KV rows scattered into slots
+    process_start_s: float  # python + torch + CUDA context of a fresh process
+    detect_s: float = 2.0  # sglang-ft's default heartbeat timeout (200 ms interval)
+    rebuild_s: float = 0.46  # group rebuild, the largest measured on CPU with gloo (README: 0.06-0.46 s)
+    park_s: float = 0.085  # parking in-flight requests in the radix cache, measured on CPU (README: 50-85 ms)
+    warmup_s: float = 20.0  # assumption: restart's warm-up and CUDA graph capture
+    mfu: float = 0.4  # assumption: prefill reaches 40% of the bf16 dense peak
+    requests: int = 64
+    tokens: int = 2048  # per in-flight request
+    nvlink_gbps: float = NVLINK_PER_DIRECTION_GBPS
+
+    @property
+    def in_flight_tokens(self) -> int:
+        return self.requests * self.tokens
+
+
+def default_params(measured: dict, disk: str = "nvme", kv_host: str = "pinned", **overrides) -> Params:
+    rows = measured["kv_rows"]
+    kv_host_gbps = rows["scatter_from_pinned_host"] if kv_host == "pinned" else rows["scatter_from_pageable_host"]
+    return replace(Params(disks(measured)[disk], kv_host_gbps,
+                          measured["process_start"]["python_import_torch_cuda_context_s"]), **overrides)
+
+
+def sglang_ft_recovery(model: Model, held: dict, dead: int, p: Params) -> dict:
+    """Recover in place from losing worker `dead`, given what every worker holds (in rank order)."""
+    shape = model.shape()
+    plan = plan_migration(shape, held, [w for w in held if w != dead],
+                          bytes_per_unit(shape, model.tie_word_embeddings))
+    nvlink, disk = p.nvlink_gbps * GB, p.disk.gbps * GB
+    if p.disk.shared:  # one disk for the node: its reads are one link, whoever they are for
+        p2p_s = schedule_transfers(plan, Bandwidth(nvlink, math.inf)).estimated_s
+        weights_s = max(p2p_s, plan.bytes_reloaded / disk)
+    else:
+        weights_s = schedule_transfers(plan, Bandwidth(nvlink, disk)).estimated_s
+    # KV follows its head: a head only the dead worker held comes from the host store, one moving between
+    # survivors comes peer to peer; every link at once, like the weights
+    per_head = model.kv_bytes_per_head(p.in_flight_tokens)
+    host_in: dict[int, int] = {}
+    peer_in: dict[int, int] = {}
+    peer_out: dict[int, int] = {}
+    for m in plan.moves:
+        if m.dim != "kv_heads":
+            continue
+        nbytes = (m.end - m.start) * per_head
+        if m.src is None:
+            host_in[m.dst] = host_in.get(m.dst, 0) + nbytes
+        else:
+            peer_in[m.dst] = peer_in.get(m.dst, 0) + nbytes
+            peer_out[m.src] = peer_out.get(m.src, 0) + nbytes
+    kv_s = max([b / (p.kv_host_gbps * GB) for b in host_in.values()]
+               + [b / nvlink for b in (*peer_in.values(), *peer_out.values())], default=0.0)
+    total = p.detect_s + p.rebuild_s + p.park_s + weights_s + kv_s
+    # not what the planner does: every survivor reads an equal share of the missing slices and forwards it over
+    # NVLink, so no rank's disk link carries more than its share (the same as the schedule for a shared disk)
+    fanout_s = max(schedule_transfers(plan, Bandwidth(nvlink, math.inf)).estimated_s,
+                   plan.bytes_reloaded / disk / (1 if p.disk.shared else len(plan.workers)))
+    return {"plan": plan, "tp": len(plan.workers), "bytes_kept": plan.bytes_kept, "bytes_p2p": plan.bytes_p2p,
+            "bytes_reloaded": plan.bytes_reloaded, "kv_bytes_restored": sum(host_in.values()),
+            "kv_bytes_p2p": sum(peer_in.values()), "kv_heads_per_rank": [s.num_kv_heads for s in plan.layout.shards],
+            "terms_s": {"detect": p.detect_s, "rebuild": p.rebuild_s, "park": p.park_s, "weights": weights_s,
+                        "kv_restore": kv_s},
+            "recovery_s": total, "weights_s_reads_fanned_out": fanout_s}
+
+
+def restart_width(model: Model, gpus: int) -> int:
+    """The widest TP plain SGLang serves on `gpus` GPUs without KV-head replication: a divisor of the heads."""
+    return max(t for t in range(1, gpus + 1)
+               if model.num_key_value_heads % t == 0 and model.num_attention_heads % t == 0)
+
+
+def prefill_flops(model: Model, requests: int, tokens: int) -> float:
+    """Matmuls of every token through its active weights (the LM head once per request, as prefill computes
+    logits for the last token only) plus causal attention scores and values."""
+    h, v = model.hidden_size, model.vocab_size
+    body = model.parameters(active=True) - (1 if model.tie_word_embeddings else 2) * v * h
+    attention = 2 * model.num_hidden_layers * model.num_attention_heads * model.head_dim * tokens * (tokens + 1)
+    return requests * (2 * body * tokens + attention + 2 * v * h)
+
+
+def prefill_rate(model: Model, p: Params) -> float:
+    """Prefill tokens per second of one GPU at the assumed utilisation."""
+    return p.in_flight_tokens * p.mfu * H100_BF16_DENSE_FLOPS / prefill_flops(model, p.requests, p.tokens)
+
+
+def restart_and_reload(model: Model, gpus: int, p: Params) -> dict:
+    width = restart_width(model, gpus)
+    checkpoint = model.parameters() * model.dtype_bytes
+    read_s = checkpoint / (p.disk.gbps * GB) / (1 if p.disk.shared else width)
+    prefill_s = prefill_flops(model, p.requests, p.tokens) / (width * p.mfu * H100_BF16_DENSE_FLOPS)
+    terms = {"detect": p.detect_s, "process_start": p.process_start_s, "checkpoint_read": read_s,
+             "warmup": p.warmup_s, "re_prefill": prefill_s}
+    return {"tp": width, "bytes_reloaded": checkpoint, "terms_s": terms, "recovery_s": sum(terms.values()),
+            "prefill_tokens_per_s_per_gpu": prefill_rate(model, p)}
+
+
+def project(model: Model, p: Params, lose: list[int] | None = None) -> list[dict]:
+    """TP 8 losing one, two, then three workers; each step planned from the layout the previous one left."""
+    held = dict(enumerate(TPLayout.even(model.shape(), TP).shards))
+    rows = []
+    for step in range(1, LOSSES + 1):
+        candidates = [lose[step - 1]] if lose else list(held)
+        ft = max((sglang_ft_recovery(model, held, dead, p) | {"dead": dead} for dead in candidates),
+                 key=lambda r: r["recovery_s"])  # the first of equals
+        plan = ft.pop("plan")
+        held = {w: plan.shard_of(w) for w in plan.workers}
+        rr = restart_and_reload(model, len(held), p)
+        rows.append({"model": model.name, "disk": p.disk.name, "losses": step, "dead_worker": ft.pop("dead"),
+                     "sglang_ft": ft, "restart_and_reload": rr, "ratio": rr["recovery_s"] / ft["recovery_s"],
+                     "ratio_without_warmup": (rr["recovery_s"] - p.warmup_s) / ft["recovery_s"]})
+    return rows
+
+
+def markdown_table(rows: list[dict]) -> str:
+    head = ("| model | disk | lost | TP after | kept GB | p2p GB | reloaded GB | KV restored GB | weights s | KV s "
+            "| sglang-ft s | restart TP | restart GB | restart s | ratio | ratio, no warm-up |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        ft, rr = r["sglang_ft"], r["restart_and_reload"]
+        lines.append(
+            f"| {r['model']} | {r['disk']} | {r['losses']} | {ft['tp']} | {ft['bytes_kept'] / GB:.1f} "
+            f"| {ft['bytes_p2p'] / GB:.2f} | {ft['bytes_reloaded'] / GB:.2f} | {ft['kv_bytes_restored'] / GB:.2f} "
+            f"| {ft['terms_s']['weights']:.2f} | {ft['terms_s']['kv_restore']:.2f} | {ft['recovery_s']:.2f} "
+            f"| {rr['tp']} | {rr['bytes_reloaded'] / GB:.1f} | {rr['recovery_s']:.1f} | {r['ratio']:.1f}x "
+            f"| {r['ratio_without_warmup']:.1f}x |")
+    return "\n".join(lines)
+
+
+def observations(rows: list[dict]) -> list[str]:
+    """What the rows show beyond the ratio, computed from them."""
+    notes = []
+    first = [r for r in rows if r["losses"] == 1]
+    kept = min(first, key=lambda r: r["sglang_ft"]["bytes_kept"] / _weights(r))
+    notes.append(
+        f"after one loss the survivors keep as little as {kept['sglang_ft']['bytes_kept'] / _weights(kept):.0%} of "
+        f"the weights in these rows ({kept['model']}, worker {kept['dead_worker']} lost), not 7/8: balanced "
+        "contiguous spans shift, so the rest of what a survivor needs comes over NVLink, and only the lost GPU's "
+        "share from disk")
+    gain = {id(r): r["sglang_ft"]["terms_s"]["weights"] / r["sglang_ft"]["weights_s_reads_fanned_out"]
+            for r in rows}
+    per_rank = [r for r in rows if gain[id(r)] > 1.01]
+    if per_rank:
+        r = max(per_rank, key=lambda r: gain[id(r)])
+        notes.append(
+            f"with a disk link per rank (`{r['disk']}`) the schedule reads the lost GPU's slices on the one or two "
+            f"ranks whose new spans cover them: {r['model']} with {r['losses']} GPU(s) lost spends "
+            f"{r['sglang_ft']['terms_s']['weights']:.2f} s on weights, "
+            f"{r['sglang_ft']['weights_s_reads_fanned_out']:.2f} s if every survivor read an equal share and "
+            "forwarded it over NVLink (not implemented)")
+    return notes
+
+
+def _weights(row: dict) -> int:
+    ft = row["sglang_ft"]
+    return ft["bytes_kept"] + ft["bytes_p2p"] + ft["bytes_reloaded"]
+
+
+def sources_and_assumptions(measured: dict, p: Params) -> list[str]:
+    c, kv, reads = measured["copies"], measured["kv_rows"], measured["checkpoint_reads"]
+    disk_lines = [f"disk `{d.name}`: {d.gbps:g} GB/s, {'one link per node' if d.shared else 'per rank'} ({d.source})"
+                  for d in disks(measured).values()]
+    return [
+        f"measured on one {measured['device']} lent to this project ({measured['date']}, "
+        f"benchmark/results/device_bandwidth.json): host->device pinned {c['h2d_pinned']} GB/s, pageable "
+        f"{c['h2d_pageable']} GB/s; KV rows scattered from pinned host {kv['scatter_from_pinned_host']} GB/s, from "
+        f"pageable host {kv['scatter_from_pageable_host']} GB/s; checkpoint cold to device {reads['cold_to_device']} "
+        f"GB/s (virtio disk of a VM), page cache to device {reads['page_cache_to_device']} GB/s; new process with "
+        f"CUDA context {measured['process_start']['python_import_torch_cuda_context_s']} s",
+        f"cited: NVLink 4 on H100 SXM 900 GB/s total bidirectional, {NVLINK_PER_DIRECTION_GBPS:g} GB/s per "
+        "direction per GPU (NVIDIA H100 datasheet), used as every peer link's rate (a peak; NCCL reaches less)",
+        f"cited: PCIe Gen5 x16 {PCIE_GEN5_X16_GBPS:g} GB/s per direction, the ceiling of the measured host<->device "
+        f"rates (pinned {c['h2d_pinned']} GB/s is {c['h2d_pinned'] / PCIE_GEN5_X16_GBPS:.0%} of it)",
+        f"cited: H100 SXM bf16 dense {H100_BF16_DENSE_FLOPS / 1e12:g} TFLOPS (datasheet); assumption: prefill at "
+        f"{p.mfu:.0%} of it for re-prefill of {p.requests} requests x {p.tokens} tokens = {p.in_flight_tokens} "
+        "tokens (2 FLOPs per active weight per token plus causal attention; "
+        + ", ".join(f"{m.name} {prefill_rate(m, p):,.0f}" for m in MODELS) + " tokens/s per GPU)",
+        *disk_lines,
+        f"KV restore: the lost heads' KV of the in-flight tokens from the host backup store at {p.kv_host_gbps:g} "
+        "GB/s (`--kv-host pinned`, the measured scatter from pinned memory; today the store's rows land in pageable "
+        "memory, `--kv-host pageable`); the ZMQ hop from the store process is not modelled",
+        f"parameters: detection {p.detect_s:g} s (sglang-ft's heartbeat timeout, 200 ms beats; a SIGKILL is seen "
+        f"at once, a hang only after the timeout), used for both systems; group rebuild {p.rebuild_s:g} s and "
+        f"parking {p.park_s:g} s measured on CPU with gloo and a tiny model (README), not on NCCL",
+        f"assumption: restart-and-reload's warm-up and CUDA graph capture {p.warmup_s:g} s; it restarts at the "
+        "widest TP dividing the head counts (TP 4 on 5-7 GPUs for 8 KV heads) and reads the whole checkpoint",
+        "model shapes: the public config.json of each model, bf16; Mixtral's experts are modelled as "
+        "8 x 14336 MLP columns per layer because the planner has no expert dimension yet",
+        "8 KV heads at TP 7, 6, 5 split unevenly (one rank holds 2 heads at TP 7): that rank does twice the "
+        "attention work of the others; throughput after recovery is not modelled",
+        f"papers, as reported (their setups, not this model's): {PAPERS}",
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--full", action="store_true", help="every disk scenario (default: --disk only)")
+    parser.add_argument("--disk", choices=("vm-disk", "nvme", "page-cache"), default="nvme")
+    parser.add_argument("--kv-host", choices=("pinned", "pageable"), default="pinned")
+    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--tokens", type=int, default=2048, help="tokens per in-flight request")
+    parser.add_argument("--detect-s", type=float, default=2.0)
+    parser.add_argument("--rebuild-s", type=float, default=0.46)
+    parser.add_argument("--warmup-s", type=float, default=20.0)
+    parser.add_argument("--mfu", type=float, default=0.4)
+    parser.add_argument("--lose", default="worst", help="'worst' or three worker ids lost in order, e.g. 3,5,0")
+    parser.add_argument("--out-dir", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    lose = None if args.lose == "worst" else [int(w) for w in args.lose.split(",")]
+    if lose is not None and (len(lose) != LOSSES or len(set(lose)) != LOSSES or not set(lose) <= set(range(TP))):
+        parser.error(f"--lose needs {LOSSES} distinct worker ids in 0..{TP - 1}")
+    measured = load_measured()
+    overrides = dict(requests=args.requests, tokens=args.tokens, detect_s=args.detect_s, rebuild_s=args.rebuild_s,
+                     warmup_s=args.warmup_s, mfu=args.mfu)
+    scenarios = list(disks(measured)) if args.full else [args.disk]
+    params = [default_params(measured, d, args.kv_host, **overrides) for d in scenarios]
+    rows = [row for p in params for model in MODELS for row in project(model, p, lose)]
+    table = markdown_table(rows)
+    notes = sources_and_assumptions(measured, params[0])
+    print(table)
+    print(f"\npapers, as reported: {PAPERS}")
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    command = "python benchmark/scale_model.py" + (" --full" if args.full else "")
+    (args.out_dir / "scale_model.json").write_text(json.dumps({
+        "date": dt.date.today().isoformat(), "command": command, "lose": args.lose,
+        "params": [asdict(p) for p in params], "models": [asdict(m) for m in MODELS],
+        "sources_and_assumptions": notes, "observations": observations(rows), "papers": PAPERS, "rows": rows},
+        indent=1) + "\n")
+    (args.out_dir / "scale_model.md").write_text(
+        f"# Scale model: sglang-ft recovery vs restart-and-reload, 8 x H100 at TP 8\n\n`{command}` "
+        f"({dt.date.today().isoformat()}): arithmetic on the project's own planner, not a measurement on 8 GPUs. "
+        f"Lost workers: {args.lose} ({'the slowest to recover at each step' if lose is None else 'as given'}); "
+        f"in flight: {params[0].requests} requests x {params[0].tokens} tokens. GB = 1e9 bytes; ratio = restart s / "
+        f"sglang-ft s.\n\n{table}\n\nPapers, as reported (their setups, not comparable one to one): {PAPERS}.\n\n"
+        "## Observations\n\n" + "\n".join(f"- {n}" for n in observations(rows)) + "\n\n"
+        "## Assumptions and sources\n\n" + "\n".join(f"- {n}" for n in notes) + "\n")
+    print(f"\nwrote {args.out_dir / 'scale_model.json'} and scale_model.md")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
