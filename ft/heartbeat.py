@@ -19,6 +19,8 @@ class HeartbeatSender:
 
     def __init__(self, endpoint: str, worker: int, interval_s: float, epoch: int = 0):
         self.kv_backup_counters = None  # callable returning (sent, dropped, bytes), set once KV backup streams
+        self.joining = False  # a restarted worker waiting to be planned back in
+        self.kv_slots = 0
         self.endpoint = endpoint
         self.worker = worker
         self.interval_s = interval_s
@@ -45,7 +47,7 @@ class HeartbeatSender:
             while not self._stop.is_set():
                 try:
                     counters = self.kv_backup_counters() if self.kv_backup_counters else None
-                    beat = Heartbeat(self.worker, os.getpid(), self.epoch, seq, counters)
+                    beat = Heartbeat(self.worker, os.getpid(), self.epoch, seq, counters, self.joining, self.kv_slots)
                     socket.send(encode(beat), zmq.NOBLOCK)
                 except zmq.Again:
                     pass

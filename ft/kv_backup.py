@@ -13,6 +13,8 @@ trusting that worker's heads (`KvStore`); a restore then finds those blocks miss
 
 from __future__ import annotations
 
+import os
+
 import msgspec
 import numpy as np
 import zmq
@@ -42,6 +44,7 @@ class KvWrite(msgspec.Struct, tag=True, frozen=True):
     layer: int
     heads: Span
     geometry: Geometry
+    sender: int = 0  # the sending process (a restarted worker numbers its messages from 0 again)
 
 
 class KvDrop(msgspec.Struct, tag=True, frozen=True):
@@ -51,6 +54,7 @@ class KvDrop(msgspec.Struct, tag=True, frozen=True):
     worker: int
     seq: int
     heads: Span
+    sender: int = 0
 
 
 class KvFetch(msgspec.Struct, tag=True, frozen=True):
@@ -87,6 +91,7 @@ class KvBackupSender:
         self.heads: Span = (0, 0)
         self.geometry: Geometry | None = None
         self.seq = 0
+        self.sender = os.getpid()
         self.sent = self.dropped = self.bytes_sent = 0
         self._socket = zmq.Context.instance().socket(zmq.PUSH)
         self._socket.setsockopt(zmq.LINGER, 0)
@@ -95,13 +100,14 @@ class KvBackupSender:
 
     def write(self, layer: int, slots: np.ndarray, k_rows: np.ndarray, v_rows: np.ndarray) -> bool:
         """Back up `k_rows`/`v_rows` ([n, heads, dim], raw dtype) of `slots` for this worker's heads."""
-        header = KvWrite(self.epoch, self.worker, self.seq, layer, self.heads, self.geometry)
+        header = KvWrite(self.epoch, self.worker, self.seq, layer, self.heads, self.geometry, self.sender)
         return self._send([encode(header), _int64(slots), np.ascontiguousarray(k_rows),
                            np.ascontiguousarray(v_rows)])
 
     def drop(self, slots: np.ndarray) -> bool:
         """Tell the store `slots` were freed (their rows for this worker's heads are stale from now on)."""
-        return self._send([encode(KvDrop(self.epoch, self.worker, self.seq, self.heads)), _int64(slots)])
+        return self._send([encode(KvDrop(self.epoch, self.worker, self.seq, self.heads, self.sender)),
+                           _int64(slots)])
 
     def _send(self, frames) -> bool:
         self.seq += 1  # consumed even when dropped: the store sees the gap

@@ -46,7 +46,7 @@ class KvStore:
         self.geometry: Geometry | None = None
         self.k = self.v = self.valid = None
         self.epoch = 0
-        self.next_seq: dict[int, int] = {}
+        self.next_seq: dict[tuple[int, int], int] = {}  # (worker, sending process) -> next sequence number
         self.started = time.monotonic()
         self.counters = dict(writes=0, drops=0, fetches=0, rows_fetched=0, rows_missing=0, stale_refused=0,
                              sequence_gaps=0, malformed=0, bytes_received=0)
@@ -65,12 +65,12 @@ class KvStore:
         except (ValueError, IndexError):
             self.counters["malformed"] += 1
 
-    def _accept(self, epoch: int, worker: int, seq: int, heads) -> bool:
+    def _accept(self, epoch: int, worker: int, seq: int, heads, sender: int = 0) -> bool:
         if epoch < self.epoch:
             self.counters["stale_refused"] += 1
             return False
-        expected = self.next_seq.get(worker)
-        self.next_seq[worker] = seq + 1
+        expected = self.next_seq.get((worker, sender))  # a restarted worker (a new sender) starts again at 0
+        self.next_seq[(worker, sender)] = seq + 1
         if expected is not None and seq != expected and self.valid is not None:
             self.counters["sequence_gaps"] += 1
             self.valid[:, heads[0]:heads[1]] = False  # a lost message could have covered any of its slots
@@ -93,7 +93,7 @@ class KvStore:
         h0, h1 = header.heads
         if not (0 <= h0 < h1 <= g.num_kv_heads and 0 <= header.layer < g.num_layers):
             raise ValueError("heads or layer out of range")
-        if not self._accept(header.epoch, header.worker, header.seq, header.heads):
+        if not self._accept(header.epoch, header.worker, header.seq, header.heads, header.sender):
             return
         slots = self._slots(slots_raw)
         shape = (len(slots), h1 - h0, g.head_dim)
@@ -106,7 +106,7 @@ class KvStore:
         self.counters["writes"] += 1
 
     def _drop(self, header: KvDrop, slots_raw: bytes) -> None:
-        if not self._accept(header.epoch, header.worker, header.seq, header.heads) or self.valid is None:
+        if not self._accept(header.epoch, header.worker, header.seq, header.heads, header.sender) or self.valid is None:
             return
         h0, h1 = header.heads
         self.valid[:, h0:h1, self._slots(slots_raw)] = False

@@ -17,6 +17,8 @@ class Heartbeat(msgspec.Struct, tag=True, frozen=True):
     epoch: int
     seq: int
     kv_backup: tuple[int, int, int] | None = None  # (messages sent, dropped on a full queue, bytes sent)
+    joining: bool = False  # a restarted worker, initialised and waiting to be planned back into the group
+    kv_slots: int = 0  # token slots of the worker's KV pool (every member has the same; a joiner needs it)
 
 
 class WorkerFailed(msgspec.Struct, tag=True, frozen=True):
@@ -25,23 +27,41 @@ class WorkerFailed(msgspec.Struct, tag=True, frozen=True):
     worker: int
     epoch: int
     reason: str
+    pid: int = 0
 
 
 class Regroup(msgspec.Struct, tag=True, frozen=True):
-    """The controller's order: form the group `workers` (new rank r = workers[r]) at `epoch` with `layout_json`."""
+    """The controller's order: form the group `workers` (new rank r = workers[r]) at `epoch`.
+
+    `layout_json` is the controller's plan; the members plan again from what each of them actually holds (a
+    regroup interrupted by another failure can leave them in different states) and report the layout they formed.
+    `joining` are restarted workers that have no scheduler state yet.
+    """
 
     epoch: int
     workers: tuple[int, ...]
     layout_json: str
     store_port: int
     cause: str
+    joining: tuple[int, ...] = ()
 
 
-class Fenced(msgspec.Struct, tag=True, frozen=True):
-    """The controller's answer to a worker of an older epoch: it is out of the group and must exit."""
+class Respawn(msgspec.Struct, tag=True, frozen=True):
+    """The controller asks the launcher to start worker `worker` again, with a KV pool of `kv_slots` token slots."""
 
     worker: int
     epoch: int
+    kv_slots: int
+    attempt: int = 1
+
+
+class Fenced(msgspec.Struct, tag=True, frozen=True):
+    """The controller's answer to a worker of an older epoch: the process `pid` of worker `worker` is out of the
+    group and must exit (a restarted process of the same worker is not; pid 0 means any process of it)."""
+
+    worker: int
+    epoch: int
+    pid: int = 0
 
 
 class BackupResync(msgspec.Struct, tag=True, frozen=True):
@@ -63,6 +83,8 @@ class RegroupDone(msgspec.Struct, tag=True, frozen=True):
     kv_tokens_recomputed: int
     kv_blocks_restored: int = 0  # from the backup store
     kv_bytes_p2p: int = 0  # KV received from peers
+    pid: int = 0
+    layout_json: str = ""  # the layout the group formed (every member reports the same)
 
 
 def msgpack_codec(union):
@@ -78,16 +100,18 @@ def msgpack_codec(union):
     return encoder.encode, decode
 
 
-Message = Heartbeat | WorkerFailed | Regroup | Fenced | BackupResync | RegroupDone
+Message = Heartbeat | WorkerFailed | Regroup | Respawn | Fenced | BackupResync | RegroupDone
 encode, decode = msgpack_codec(Message)
 
 
 class ControlRequest(msgspec.Struct, frozen=True):
-    """HTTP server -> controller: `status`, or `inject` a fault (`kill`, `hang`, `resume`) into TP rank `rank`."""
+    """HTTP server -> controller: `status`; `inject` a fault (`kill`, `hang`, `resume`) into TP rank `rank`;
+    `rejoin` the dead worker `worker` (its launch TP rank)."""
 
     op: str
     rank: int = -1
     kind: str = ""
+    worker: int = -1
 
 
 _control_decoder = msgspec.json.Decoder(ControlRequest)

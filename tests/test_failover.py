@@ -30,7 +30,7 @@ def ft_server(servers, tiny_model):
     servers.close()
     server = ServerProcess(tiny_model, tp_size=4, ft=True, extra_args=[
         "--ft-enable-fault-injection", "--ft-heartbeat-interval-ms", "100", "--ft-heartbeat-timeout-ms", "1500",
-        "--ft-collective-timeout-s", "4", "--ft-respawn"]).start()
+        "--ft-collective-timeout-s", "4", "--ft-respawn", "--ft-respawn-delay-s", "3600"]).start()
     yield server
     server.stop()
 
@@ -132,7 +132,7 @@ def test_sigkill_mid_decode_restores_kv_without_reprefill(ft_server, reference):
     assert after["output_ids"] == before["output_ids"] == expected[-1]
 
 
-def test_three_failures_down_to_tp1_with_streaming_across_one(ft_server, reference):
+def test_three_failures_down_to_tp1_with_streaming_across_one_then_a_rejoin_by_hand(ft_server, reference):
     expected = reference(FAILOVER_PROMPTS)
     for epoch, rank in ((1, 3), (2, 1)):
         results = run_with_fault(ft_server, lambda: inject(ft_server, rank, "kill"))
@@ -154,6 +154,16 @@ def test_three_failures_down_to_tp1_with_streaming_across_one(ft_server, referen
     assert chunks[-1]["output_ids"] == expected[1]
     st = wait_for(lambda: (s := status(ft_server))["epoch"] == 3 and len(s["recoveries"]) == 3 and s)
     assert st["tp_size"] == 1
+    assert [r["output_ids"] for r in [generate(ft_server.url, p, NEW_TOKENS) for p in FAILOVER_PROMPTS[:3]]] == \
+        expected[:3]
+
+    # an operator brings worker 3 back by hand (automatic restarts are off here): TP 1 -> 2
+    rejoin = lambda worker: requests.post(f"{ft_server.url}/ft/rejoin", json={"worker": worker}, timeout=30)  # noqa
+    assert rejoin(0).status_code == 409 and rejoin(9).status_code == 400
+    assert rejoin(3).json() == {"rejoining": 3}
+    st = wait_for(lambda: (s := status(ft_server))["tp_size"] == 2 and len(s["recoveries"]) == 4 and s,
+                  timeout_s=300, what="worker 3 to rejoin")
+    assert st["recoveries"][-1]["joined"] == [3] and st["recoveries"][-1]["bytes_reloaded"] == 0
     assert [r["output_ids"] for r in [generate(ft_server.url, p, NEW_TOKENS) for p in FAILOVER_PROMPTS[:3]]] == \
         expected[:3]
 

@@ -167,3 +167,121 @@ def test_a_failed_collective_with_everyone_alive_rebuilds_the_same_group(orchest
         controller.step()
     (order, *_) = _orders(subscriber)
     assert order.workers == (0, 1, 2) and order.epoch == 1 and "every worker alive" in order.cause
+
+
+def _respawns(subscriber):
+    from ft.messages import Respawn, decode
+
+    found = []
+    while subscriber.poll(200):
+        message = decode(subscriber.recv())
+        if isinstance(message, Respawn):
+            found.append(message)
+    return found
+
+
+@pytest.fixture
+def respawning_controller(tmp_path):
+    import zmq
+
+    from ft.respawn import RespawnPolicy
+
+    def make(automatic: bool, enable_fault_injection: bool = True):
+        controller = FtController(f"ipc://{tmp_path}/hb", f"ipc://{tmp_path}/ctl", 3, interval_s=0.05,
+                                  timeout_s=0.3, parent_pid=os.getpid(),
+                                  enable_fault_injection=enable_fault_injection,
+                                  order_endpoint=f"ipc://{tmp_path}/orders", shape=_shape(),
+                                  respawn=RespawnPolicy(automatic=automatic, delay_s=0.0))
+        subscriber = zmq.Context.instance().socket(zmq.SUB)
+        subscriber.setsockopt(zmq.SUBSCRIBE, b"")
+        subscriber.connect(f"ipc://{tmp_path}/orders")
+        time.sleep(0.2)
+        made.append((controller, subscriber))
+        return controller, subscriber
+
+    made = []
+    yield make
+    for controller, subscriber in made:
+        subscriber.close()
+        for socket in (controller.control, controller.orders):
+            socket.close()
+        controller.receiver.close()
+
+
+def _lose_worker_1(controller):
+    """Three members beat (with their KV pool size), worker 1 dies, the survivors finish the regroup."""
+    from ft.messages import RegroupDone
+
+    for worker in range(3):
+        controller._on_message(Heartbeat(worker, os.getpid(), 0, 0, kv_slots=4096), time.monotonic())
+    controller._record(controller.state.detector.declare_dead(1, time.monotonic()), "process exit")
+    for worker in (0, 2):
+        controller._on_message(RegroupDone(worker, 1, {}, 0, 0, 0, 0), time.monotonic())
+    assert controller.pending is None and controller.state.membership.members() == (0, 2)
+
+
+def test_a_dead_worker_is_restarted_and_planned_back_in_with_what_the_survivors_hold(respawning_controller):
+    from ft.messages import RegroupDone
+    from ft.partition import TPLayout
+
+    controller, subscriber = respawning_controller(automatic=True)
+    _lose_worker_1(controller)
+    controller.step()
+    (respawn,) = _respawns(subscriber)
+    assert (respawn.worker, respawn.epoch, respawn.kv_slots) == (1, 1, 4096)
+    assert controller.state.status(time.monotonic())["workers"][1]["state"] == "joining"
+    # the restarted process has initialised: it beats as joining, and is planned in (last, so rank 0 stays)
+    controller._on_message(Heartbeat(1, os.getpid(), -1, 0, joining=True, kv_slots=4096), time.monotonic())
+    controller.step()
+    order = [o for o in _orders(subscriber) if o.epoch == 2][0]
+    assert order.workers == (0, 2, 1) and order.joining == (1,) and order.cause == "rejoin of worker 1"
+    layout = TPLayout.from_json(order.layout_json)
+    assert sorted(s.num_kv_heads for s in layout.shards) == [1, 1, 2]
+    assert controller.state.status(time.monotonic())["workers"][1]["state"] == "joining"  # until it is done
+    assert controller.pending.bytes_reloaded == 0 and controller.pending.bytes_p2p > 0  # all from the survivors
+    for worker in (0, 2, 1):
+        controller._on_message(RegroupDone(worker, 2, {}, 0, 0, 0, 0, layout_json=order.layout_json),
+                               time.monotonic())
+        controller._on_message(Heartbeat(worker, os.getpid(), 2, 1), time.monotonic())
+    status = controller.state.status(time.monotonic())
+    assert status["tp_size"] == 3 and status["recoveries"][-1]["joined"] == [1]
+    assert [w["state"] for w in status["workers"]] == ["healthy"] * 3
+    assert status["respawns"][0]["worker"] == 1 and status["respawns"][0]["attempt"] == 1
+
+
+def test_a_joining_beat_from_a_worker_nobody_restarted_is_not_admitted(respawning_controller):
+    controller, subscriber = respawning_controller(automatic=False)
+    _lose_worker_1(controller)
+    controller._on_message(Heartbeat(1, 4242, -1, 0, joining=True), time.monotonic())
+    controller.step()
+    assert controller.state.fenced_messages == 1 and controller.pending is None
+    assert _respawns(subscriber) == [] and controller.state.membership.members() == (0, 2)
+
+
+def test_rejoin_by_hand_is_an_admin_operation_and_checks_the_worker(respawning_controller):
+    controller, subscriber = respawning_controller(automatic=False, enable_fault_injection=False)
+    _lose_worker_1(controller)
+    now = time.monotonic()
+    assert controller._answer(ControlRequest("rejoin", worker=1), now)["code"] == 403
+    controller.enable_fault_injection = True
+    assert controller._answer(ControlRequest("rejoin", worker=7), now)["code"] == 400
+    assert controller._answer(ControlRequest("rejoin", worker=0), now)["code"] == 409  # healthy
+    assert controller._answer(ControlRequest("rejoin", worker=1), now) == {"rejoining": 1}
+    controller.step()
+    (respawn,) = _respawns(subscriber)
+    assert respawn.worker == 1
+    assert controller._answer(ControlRequest("rejoin", worker=1), time.monotonic())["code"] == 409  # joining
+
+
+def test_a_restart_that_dies_before_it_is_ready_is_dead_again_and_retried(respawning_controller):
+    controller, subscriber = respawning_controller(automatic=True)
+    _lose_worker_1(controller)
+    controller.step()
+    assert [r.attempt for r in _respawns(subscriber)] == [1]
+    victim = subprocess.Popen([sys.executable, "-c", "pass"])
+    victim.wait(timeout=30)
+    controller.state.membership.workers[1].pid = victim.pid  # the restarted process, which exited
+    controller.step()
+    controller.step()
+    assert [r.attempt for r in _respawns(subscriber)] == [2]
+    assert any(d["cause"] == "restart failed" for d in controller.state.detections)

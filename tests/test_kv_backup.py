@@ -18,8 +18,8 @@ def rows(n, heads, seed):
         np.uint32)
 
 
-def write(store, worker, seq, layer, heads, slots, k, v, epoch=0):
-    header = KvWrite(epoch, worker, seq, layer, heads, G)
+def write(store, worker, seq, layer, heads, slots, k, v, epoch=0, sender=0):
+    header = KvWrite(epoch, worker, seq, layer, heads, G, sender)
     store.apply([encode(header), np.asarray(slots, dtype=np.int64).tobytes(), k.tobytes(), v.tobytes()])
 
 
@@ -75,6 +75,17 @@ def test_a_sequence_gap_invalidates_that_workers_heads():
     assert store.counters["sequence_gaps"] == 1
     assert fetch(store, (0, 2), [3])[2].tolist() == [False]
     assert fetch(store, (2, 4), [3])[2].tolist() == [True]
+
+
+def test_a_restarted_worker_numbering_from_zero_again_is_no_gap():
+    store = KvStore()
+    fill(store, 1, (2, 4), [3], seed=2)  # the worker's first process, messages 0 and 1
+    write(store, 1, 0, 0, (2, 3), [6], rows(1, 1, 3), rows(1, 1, 4), sender=4242)  # its restarted process
+    write(store, 1, 1, 1, (2, 3), [6], rows(1, 1, 5), rows(1, 1, 6), sender=4242)
+    assert store.counters["sequence_gaps"] == 0
+    assert fetch(store, (2, 4), [3])[2].tolist() == [True] and fetch(store, (2, 3), [6])[2].tolist() == [True]
+    write(store, 1, 5, 0, (2, 3), [7], rows(1, 1, 7), rows(1, 1, 8), sender=4242)  # now it skips messages
+    assert store.counters["sequence_gaps"] == 1 and fetch(store, (2, 3), [6])[2].tolist() == [False]
 
 
 def test_writes_older_than_the_newest_fetch_are_refused():

@@ -1,6 +1,11 @@
-"""Which KV a request keeps when it is parked for a regroup (pure logic; the server tests cover the rest)."""
+"""Which KV a request keeps when it is parked for a regroup, on SGLang's own `Req` (so a field SGLang renames
+fails here, not mid-recovery); the server tests cover the rest."""
 
+from array import array
 from types import SimpleNamespace
+
+from sglang.srt.managers.schedule_batch import Req
+from sglang.srt.sampling.sampling_params import SamplingParams
 
 from sglang_ft.managers.park_requests import committed_kv_len
 
@@ -14,8 +19,12 @@ class Mode:
 
 
 def request(prompt: int, outputs: int, committed: int, protected: int = 0, extend: int = 0):
-    kv = SimpleNamespace(kv_committed_len=committed, cache_protected_len=protected)
-    return SimpleNamespace(kv=kv, origin_input_ids=[1] * prompt, output_ids=[2] * outputs, extend_input_len=extend)
+    """A request as SGLang's scheduler leaves it: `extend` tokens of its prompt in the current prefill step."""
+    req = Req("r", "", array("q", [1] * prompt), SamplingParams(max_new_tokens=64))
+    req.output_ids = array("q", [2] * outputs)
+    req.kv.kv_committed_len, req.kv.cache_protected_len = committed, protected
+    req.prefix_len, req.extend_end = committed - extend, committed
+    return req
 
 
 def test_between_steps_every_token_but_the_newest_has_kv():

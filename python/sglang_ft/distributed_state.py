@@ -10,6 +10,7 @@ from ft.partition import RankShard, TPLayout
 from sglang_ft.launch_checks import model_shape_of
 
 _layout: TPLayout | None = None
+_layout_rank: int | None = None  # this process's shard in the layout, where it differs from its TP rank
 
 
 def _tp_rank_and_size() -> tuple[int, int]:
@@ -28,14 +29,19 @@ def current_layout(hf_config) -> TPLayout:
     return _layout
 
 
-def install_layout(layout: TPLayout) -> None:
-    """Replace the layout (a regroup does this before resharding)."""
-    global _layout
+def install_layout(layout: TPLayout, rank: int | None = None) -> None:
+    """Replace the layout (a regroup does this before resharding). `rank` picks this process's shard when it is
+    not its TP rank: a restarted worker initialises alone (a TP group of one) with a provisional shard."""
+    global _layout, _layout_rank
     layout.validate()
-    _layout = layout
+    _layout, _layout_rank = layout, rank
+
+
+def layout_rank() -> int:
+    """Which shard of the layout this process holds."""
+    return _tp_rank_and_size()[0] if _layout_rank is None else _layout_rank
 
 
 def local_shard(hf_config) -> RankShard:
-    rank, _ = _tp_rank_and_size()
-    return current_layout(hf_config).shard(rank)
+    return current_layout(hf_config).shard(layout_rank())
 

@@ -51,9 +51,20 @@ def after_scheduler_init(_result, scheduler, server_args, port_args, *args, **kw
     from sglang_ft.distributed.regroup_groups import set_collective_timeout
     from sglang_ft.managers.ft_worker import FtWorker, install_worker
 
+    from sglang_ft.managers.joiner import joiner_identity
+
     parallel = get_parallel()
-    worker = FtWorker(scheduler, ft, parallel.tp_rank, port_args)
-    worker.group = tuple(range(parallel.tp_size))
+    joiner = joiner_identity()
+    if joiner is None:
+        worker = FtWorker(scheduler, ft, parallel.tp_rank, port_args)
+        worker.group = tuple(range(parallel.tp_size))
+    else:  # a restarted worker: alone until the controller plans it back in (managers/joiner.py)
+        worker = FtWorker(scheduler, ft, joiner.worker, port_args, joining=True)
+        allocator_slots = scheduler.token_to_kv_pool_allocator.size
+        if allocator_slots != joiner.kv_slots:
+            raise RuntimeError(f"sglang-ft: restarted worker {joiner.worker} has {allocator_slots} KV slots, the "
+                               f"group has {joiner.kv_slots}")
+    worker.heartbeat.kv_slots = scheduler.token_to_kv_pool_allocator.size
     if ft.kv_backup:
         worker.start_kv_backup(scheduler.tp_worker.model_runner, scheduler.token_to_kv_pool_allocator)
     install_worker(worker)
@@ -156,6 +167,28 @@ def around_dispatch_to_scheduler(original, tokenizer_manager, obj, *args, **kwar
     return original(tokenizer_manager, obj, *args, **kwargs)
 
 
+def around_launch_scheduler_processes(original, cls, server_args, port_args, run_scheduler_process_func,
+                                      *args, **kwargs):
+    """Under `--ft`, the launcher keeps SGLang's scheduler launch arguments to restart dead workers with them."""
+    if ft_enabled():
+        from sglang_ft.entrypoints.worker_spawner import remember_launch
+
+        remember_launch(server_args, port_args, run_scheduler_process_func)
+    return original(cls, server_args, port_args, run_scheduler_process_func, *args, **kwargs)
+
+
+def around_create_ipc_channels(original, cls, *args, **kwargs):
+    """A restarted worker starts as a TP group of one, so SGLang takes it for rank 0: it must not open the
+    tokenizer manager's channels (it would take requests meant for the real rank 0) until a regroup makes it
+    rank 0 for real."""
+    from sglang_ft.managers.ft_worker import current_worker
+    from sglang_ft.managers.joiner import joiner_identity
+
+    if kwargs.get("is_rank_zero") and current_worker() is None and joiner_identity() is not None:
+        kwargs["is_rank_zero"] = False
+    return original(cls, *args, **kwargs)
+
+
 def around_watchdog_check(original, watchdog, *args, **kwargs):
     """Under `--ft`, a dead scheduler is the FT controller's to recover; the launcher stays up while any lives."""
     if not ft_enabled():
@@ -231,11 +264,21 @@ def around_adjust_unaligned_cpu_tp(original, model_config, *args, **kwargs):
 
 
 def after_apply_token_constraints(token_capacity, *_args, **_kwargs):
-    """Under `--ft`, ranks holding more heads fit fewer tokens: every rank takes the TP group's minimum."""
+    """Under `--ft`, ranks holding more heads fit fewer tokens: every rank takes the TP group's minimum. A
+    restarted worker takes the group's token slots, so slot numbers mean the same on every rank."""
     if not ft_enabled():
         return token_capacity
     import torch
     from sglang.srt.runtime_context import get_parallel
+
+    from sglang_ft.managers.joiner import joiner_identity
+
+    joiner = joiner_identity()
+    if joiner is not None:
+        if joiner.kv_slots > token_capacity:
+            raise RuntimeError(f"sglang-ft: restarted worker {joiner.worker} fits {token_capacity} KV tokens, the "
+                               f"group has {joiner.kv_slots}")
+        return joiner.kv_slots
 
     parallel = get_parallel()
     if parallel.tp_size == 1:
@@ -271,6 +314,16 @@ HOOKS: list[tuple[str, HookType, object]] = [
         around_dispatch_to_scheduler,
     ),
     ("sglang.srt.utils.watchdog.SubprocessWatchdog._check_processes", HookType.AROUND, around_watchdog_check),
+    (
+        "sglang.srt.entrypoints.engine.Engine._launch_scheduler_processes",
+        HookType.AROUND,
+        around_launch_scheduler_processes,
+    ),
+    (
+        "sglang.srt.managers.scheduler_components.ipc_channels.SchedulerIpcChannels.create",
+        HookType.AROUND,
+        around_create_ipc_channels,
+    ),
     ("sglang.srt.model_loader.utils.get_model_architecture", HookType.AFTER, after_get_model_architecture),
     ("sglang.srt.configs.model_config.ModelConfig.get_num_kv_heads", HookType.AROUND, around_get_num_kv_heads),
     (

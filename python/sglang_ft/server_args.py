@@ -28,6 +28,7 @@ class FtArgs:
     kv_backup: bool = True
     kv_backup_queue: int = 1024
     respawn: bool = False
+    respawn_delay_s: float = 5.0
     runtime_dir: str = ""  # where the FT controller's sockets live; set by the launcher
 
     @property
@@ -62,6 +63,8 @@ class FtArgs:
             found.append(f"--ft-collective-timeout-s must be positive, got {self.collective_timeout_s}")
         if self.kv_backup_queue <= 0:
             found.append(f"--ft-kv-backup-queue must be positive, got {self.kv_backup_queue}")
+        if self.respawn_delay_s < 0:
+            found.append(f"--ft-respawn-delay-s must not be negative, got {self.respawn_delay_s}")
         if self.heartbeat_timeout_ms <= self.heartbeat_interval_ms:
             found.append(
                 f"--ft-heartbeat-timeout-ms ({self.heartbeat_timeout_ms}) must exceed "
@@ -83,6 +86,7 @@ class FtArgs:
             kv_backup=getattr(args, "ft_kv_backup", "on") == "on",
             kv_backup_queue=getattr(args, "ft_kv_backup_queue", cls.kv_backup_queue),
             respawn=bool(getattr(args, "ft_respawn", False)),
+            respawn_delay_s=getattr(args, "ft_respawn_delay_s", cls.respawn_delay_s),
         )
 
 
@@ -133,8 +137,17 @@ def add_ft_cli_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--ft-respawn",
         action="store_true",
-        help="Restart the KV backup store when it dies, and have every worker re-send the KV it holds (without it, "
-        "serving goes on with the backup degraded).",
+        help="Restart what dies: a dead TP worker is restarted after --ft-respawn-delay-s and planned back into the "
+        "group (full width again, its weights and KV heads from the survivors); a dead KV backup store is restarted "
+        "at once and every worker re-sends the KV it holds. Without it, the group stays narrower (until "
+        "POST /ft/rejoin) and serving goes on with the backup degraded.",
+    )
+    group.add_argument(
+        "--ft-respawn-delay-s",
+        type=float,
+        default=FtArgs.respawn_delay_s,
+        help="With --ft-respawn, how long after a worker's death it is restarted (a repair time; at most 3 automatic "
+        "attempts per failure).",
     )
     group.add_argument(
         "--ft-enable-fault-injection",

@@ -8,11 +8,17 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from datetime import timedelta
 
 logger = logging.getLogger(__name__)
 JOIN_TIMEOUT_FACTOR = 3
+JOIN_POLL_S = 1.0
 REQUEST_BROADCAST_TIMEOUT_S = 2.0
+
+
+class Superseded(RuntimeError):
+    """A newer regroup was ordered while this one was still gathering its members: drop it for the newer one."""
 
 
 def interrupt_blocked_collectives() -> int:
@@ -39,7 +45,56 @@ def interrupt_blocked_collectives() -> int:
     return count
 
 
-def rebuild_process_groups(new_rank: int, new_size: int, store_port: int, timeout_s: float) -> None:
+def _listening(port: int) -> bool:
+    import socket
+
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+        return True
+    except OSError:
+        return False
+
+
+def join_store(rank: int, size: int, port: int, timeout_s: float, superseded):
+    """The new group's TCPStore, once every member has connected to it.
+
+    Members reach a regroup at different times (some finish a collective timeout first), and the one hosting the
+    store may die or move on to a newer order meanwhile. So nothing here blocks for long: connecting and waiting
+    for the others are polled, and each poll gives up as soon as `superseded()` says a newer order exists.
+    """
+    import torch.distributed as dist
+
+    deadline = time.monotonic() + JOIN_TIMEOUT_FACTOR * timeout_s + 10
+    while True:
+        if rank != 0 and not _listening(port):  # probe first: a refused TCPStore connect logs a C++ stack trace
+            if superseded():
+                raise Superseded("a newer regroup was ordered while waiting for this one's store")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the new group's store on port {port} never came up")
+            time.sleep(0.02)
+            continue
+        try:
+            store = dist.TCPStore("127.0.0.1", port, size, is_master=rank == 0, wait_for_workers=False,
+                                  timeout=timedelta(seconds=JOIN_POLL_S))
+            break
+        except (RuntimeError, dist.DistError):  # the host of the store is not listening (yet, or any more)
+            if superseded():
+                raise Superseded("a newer regroup was ordered while connecting to this one's store") from None
+            if time.monotonic() > deadline:
+                raise
+    store.set_timeout(timedelta(seconds=timeout_s))
+    store.add("members", 1)
+    while store.add("members", 0) < size:
+        if superseded():
+            raise Superseded("a newer regroup was ordered while waiting for this one's members")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"not every member of the new group joined within {JOIN_TIMEOUT_FACTOR * timeout_s + 10}s")
+        time.sleep(0.01)
+    return store
+
+
+def rebuild_process_groups(new_rank: int, new_size: int, store_port: int, timeout_s: float,
+                           superseded=lambda: False) -> None:
     import torch.distributed as dist
     from sglang.srt.distributed import parallel_state as ps
     from sglang.srt.distributed.bootstrap import _init_parallel_groups
@@ -66,8 +121,7 @@ def rebuild_process_groups(new_rank: int, new_size: int, store_port: int, timeou
     backend = "gloo" if get_device().device == "cpu" else "nccl"
     # Our own store: survivors still stuck in an old collective join late, so joining may take up to a few
     # collective timeouts; collectives in the new group time out after `timeout_s`.
-    store = dist.TCPStore("127.0.0.1", store_port, new_size, is_master=new_rank == 0,
-                          timeout=timedelta(seconds=JOIN_TIMEOUT_FACTOR * timeout_s + 10))
+    store = join_store(new_rank, new_size, store_port, timeout_s, superseded)
     dist.init_process_group(backend, store=store, world_size=new_size, rank=new_rank,
                             timeout=timedelta(seconds=timeout_s))
     ps._MODEL_PARALLEL_GROUP_TIMEOUT = timedelta(seconds=timeout_s)

@@ -35,6 +35,13 @@ class InjectFaultRequest(BaseModel):
     kind: Literal["kill", "hang", "resume"] = Field(description="SIGKILL, SIGSTOP or SIGCONT")
 
 
+class RejoinRequest(BaseModel):
+    """Body of POST /ft/rejoin."""
+
+    model_config = ConfigDict(extra="forbid")
+    worker: int = Field(ge=0, description="the dead worker to restart and plan back in (its launch TP rank)")
+
+
 def start_ft_runtime(tp_size: int, model_path: str, app: FastAPI) -> mp.Process:
     """Make the runtime directory, start the FT controller, publish its endpoints, add the routes."""
     ft = dataclasses.replace(ft_args(), runtime_dir=tempfile.mkdtemp(prefix="sglang-ft-"))
@@ -47,9 +54,11 @@ def start_ft_runtime(tp_size: int, model_path: str, app: FastAPI) -> mp.Process:
     process.start()
     logger.info("sglang-ft: controller pid %d, runtime dir %s", process.pid, ft.runtime_dir)
     add_ft_routes(app, ft)
+    from sglang_ft.entrypoints.worker_spawner import WorkerSpawner
     from sglang_ft.managers.request_journal import JOURNAL
 
     JOURNAL.follow_orders(ft.order_endpoint)
+    WorkerSpawner(ft.order_endpoint)
     return process
 
 
@@ -88,4 +97,9 @@ def add_ft_routes(app: FastAPI, ft: FtArgs) -> None:
                 status_code=403,
             )
         request = ControlRequest("inject", rank=body.rank, kind=body.kind)
+        return _respond(await asyncio.to_thread(ask_controller, ft, request))
+
+    @app.post("/ft/rejoin")
+    async def ft_rejoin(body: RejoinRequest) -> JSONResponse:
+        request = ControlRequest("rejoin", worker=body.worker)
         return _respond(await asyncio.to_thread(ask_controller, ft, request))

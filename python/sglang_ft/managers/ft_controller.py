@@ -1,8 +1,9 @@
 """The FT controller: one process beside SGLang's, watching every TP worker and answering `/ft/status`.
 
 It receives heartbeats (ZMQ PULL), declares workers suspect or dead by silence (`--ft-heartbeat-timeout-ms`) or at
-once when a worker's process exits, refuses messages of an older epoch, and serves status and fault injection to
-the HTTP server over a REP socket. It exits when the launcher does.
+once when a worker's process exits, refuses messages of an older epoch, orders regroups, asks the launcher to
+restart dead workers (`--ft-respawn`, or an operator's rejoin) and plans them back in once they beat as joining,
+and serves status, fault injection and rejoin to the HTTP server over a REP socket. It exits when the launcher does.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from ft.messages import (
     Heartbeat,
     Regroup,
     RegroupDone,
+    Respawn,
     WorkerFailed,
     decode_control,
     encode,
@@ -35,6 +37,7 @@ from ft.messages import (
 from ft.partition import ModelShape, TPLayout
 from ft.planner import plan_migration
 from ft.ports import free_port
+from ft.respawn import Respawner, RespawnPolicy
 
 logger = logging.getLogger("sglang_ft.controller")
 FAULT_SIGNALS = {"kill": signal.SIGKILL, "hang": signal.SIGSTOP, "resume": signal.SIGCONT}
@@ -50,6 +53,8 @@ class ControllerState:
     fenced_messages: int = 0
     kv_backup: object = None  # KvStoreKeeper when --ft-kv-backup is on
     kv_senders: dict[int, tuple[int, int, int]] = field(default_factory=dict)  # worker -> its latest counters
+    respawns: list[dict] = field(default_factory=list)
+    regrouping: int | None = None  # the epoch of the regroup under way
 
     def status(self, now: float) -> dict:
         group = self.membership.members()
@@ -74,6 +79,8 @@ class ControllerState:
             "kv_blocks_restored": sum(r["kv_blocks_restored"] for r in self.recoveries),
             "kv_tokens_recomputed": sum(r["kv_tokens_recomputed"] for r in self.recoveries),
             "kv_backup": {"state": "off"} if self.kv_backup is None else self.kv_backup.status(),
+            "respawns": self.respawns,
+            "regrouping": self.regrouping,
         }
 
 
@@ -106,11 +113,16 @@ class PendingRecovery:
     done: list[RegroupDone] = field(default_factory=list)
     last_sent: float = 0.0
 
+    def still_joining(self) -> tuple[int, ...]:
+        """Joiners of this order that have not finished it: they still hold nothing."""
+        return tuple(w for w in self.order.joining if w in self.waiting)
+
 
 class FtController:
     def __init__(self, heartbeat_endpoint: str, control_endpoint: str, tp_size: int, interval_s: float,
                  timeout_s: float, parent_pid: int, enable_fault_injection: bool,
-                 order_endpoint: str | None = None, shape: ModelShape | None = None):
+                 order_endpoint: str | None = None, shape: ModelShape | None = None,
+                 respawn: RespawnPolicy = RespawnPolicy()):
         membership = Membership.initial(tp_size)
         self.state = ControllerState(membership, FailureDetector(membership, interval_s, timeout_s))
         self.receiver = MessageReceiver(heartbeat_endpoint)
@@ -130,6 +142,9 @@ class FtController:
         self.interval_s = interval_s
         self.parent_pid = parent_pid
         self.enable_fault_injection = enable_fault_injection
+        self.respawner = Respawner(respawn)
+        self.ready_joiners: set[int] = set()
+        self.kv_slots = 0  # every member's KV pool size, from heartbeats; a restarted worker needs the same
 
     def run(self) -> None:
         logger.info("sglang-ft controller: watching %d workers", len(self.state.membership.members()))
@@ -148,28 +163,40 @@ class FtController:
                 change = self.state.detector.declare_dead(worker, now)
                 if change:
                     self._record(change, "process exit")
+        self._watch_joiners(now)
         if self.state.kv_backup is not None and self.state.kv_backup.check():
             self._publish(BackupResync(self.state.membership.epoch, self.state.kv_backup.process.pid))
         reported = self.failure_reported_at
         if reported is not None and self.pending is None and now - reported > self.timeout_s + 0.5:
             # a collective failed but every worker is alive (e.g. a timeout under load): rebuild the same group
             self._start_recovery("collective failure with every worker alive", (now - reported) * 1e3)
+        if self.pending is None and self.ready_joiners:
+            joiners = tuple(sorted(self.ready_joiners))
+            self._start_recovery(f"rejoin of worker{'s' if len(joiners) > 1 else ''} "
+                                 f"{', '.join(map(str, joiners))}", 0.0, joiners)
         if self.pending is not None and now - self.pending.last_sent > 0.5:
             self._publish(self.pending.order)  # late or reconnecting subscribers still get it
         self._serve_control(now)
 
     def _on_message(self, message, now: float) -> None:
         membership = self.state.membership
+        if isinstance(message, Heartbeat) and message.joining and message.worker not in membership.members():
+            self._on_joiner_beat(message, now)
+            return
         if message.worker not in membership.members() or message.epoch > membership.epoch:
             # a worker outside the group (e.g. a hung one resumed after it was replaced) is fenced
             self.state.fenced_messages += 1
-            self._publish(Fenced(message.worker, membership.epoch))
+            self._publish(Fenced(message.worker, membership.epoch, message.pid))
             return
         if isinstance(message, RegroupDone):
             self._on_regroup_done(message, now)
+        elif isinstance(message, Heartbeat) and self.pending and message.worker in self.pending.still_joining():
+            record = membership.workers[message.worker]  # joining until its first regroup completes
+            record.pid, record.last_beat = message.pid, now
         elif isinstance(message, Heartbeat):
             if message.kv_backup is not None:
                 self.state.kv_senders[message.worker] = tuple(message.kv_backup)
+            self.kv_slots = max(self.kv_slots, message.kv_slots)
             change = self.state.detector.beat(message.worker, message.pid, now)
             if change and change.state is WorkerState.HEALTHY and self.state.detections:
                 self._record(change, "heartbeats resumed")
@@ -184,25 +211,36 @@ class FtController:
             if isinstance(message, Regroup) and self.pending is not None:
                 self.pending.last_sent = time.monotonic()
 
-    def _start_recovery(self, cause: str, detect_ms: float) -> None:
-        """Plan the group of the live members with minimal migration and order them to form it."""
+    def _start_recovery(self, cause: str, detect_ms: float, new_joiners: tuple[int, ...] = ()) -> None:
+        """Plan the group of the live members (and ready joiners, last, so rank 0 stays with a member that holds
+        the scheduler's state) with minimal migration and order them to form it."""
         membership = self.state.membership
         if self.layout is None:
             return
         survivors = membership.live_members()
-        if not survivors:
-            logger.error("sglang-ft controller: no worker left alive")
+        # A joiner whose regroup was interrupted still holds nothing.
+        joining = tuple(self.pending.still_joining()) if self.pending is not None else ()
+        joining = tuple(w for w in joining if w in survivors) + tuple(w for w in new_joiners if w not in survivors)
+        workers = tuple(w for w in survivors if w not in joining) + joining
+        if not workers or len(workers) == len(joining):
+            logger.error("sglang-ft controller: no worker left alive that holds the model")
             return
-        held = {w: self.layout.shards[r] for r, w in enumerate(membership.members())}
-        plan = plan_migration(self.layout.shape, held, list(survivors))
-        epoch = membership.regroup(survivors)
-        self.layout = plan.layout
-        order = Regroup(epoch, survivors, plan.layout.to_json(), free_port(), cause)
+        held = {w: self.layout.shards[r] for r, w in enumerate(membership.members()) if w not in joining}
+        plan = plan_migration(self.layout.shape, held, list(workers))
+        epoch = membership.regroup(workers)
+        for worker in new_joiners:
+            self.ready_joiners.discard(worker)
+            self.respawner.on_ready(worker)
+            membership.workers[worker].last_beat = time.monotonic()  # watched like every member from now on
+        order = Regroup(epoch, workers, plan.layout.to_json(), free_port(), cause, joining)
+        self.layout = plan.layout  # until the members report the layout they formed
         self.pending = PendingRecovery(order, time.monotonic(), round(detect_ms, 1), plan.bytes_p2p,
-                                       plan.bytes_reloaded, set(survivors))
+                                       plan.bytes_reloaded, set(workers))
+        self.state.regrouping = epoch
         self.failure_reported_at = None
-        logger.warning("sglang-ft controller: epoch %d: regroup %s -> workers %s (plan: %d B peer to peer, %d B "
-                       "from disk)", epoch, cause, list(survivors), plan.bytes_p2p, plan.bytes_reloaded)
+        logger.warning("sglang-ft controller: epoch %d: regroup %s -> workers %s%s (plan: %d B peer to peer, %d B "
+                       "from disk)", epoch, cause, list(workers), f", joining {list(joining)}" if joining else "",
+                       plan.bytes_p2p, plan.bytes_reloaded)
         self._publish(order)
 
     def _on_regroup_done(self, done: RegroupDone, now: float) -> None:
@@ -230,10 +268,18 @@ class FtController:
             "kv_tokens_recomputed": max(r.kv_tokens_recomputed for r in pending.done),
             "stage_ms": stages,
             "workers": list(pending.order.workers),
+            "joined": list(pending.order.joining),
         })
+        for worker in pending.order.joining:
+            self.respawner.on_joined(worker)
+            self.state.membership.set_state(worker, WorkerState.HEALTHY, now)
+        layouts = {r.layout_json for r in pending.done if r.layout_json}
+        if len(layouts) == 1:
+            self.layout = TPLayout.from_json(layouts.pop())
         logger.warning("sglang-ft controller: epoch %d recovered in %.1f ms", pending.order.epoch,
                        self.state.recoveries[-1]["recover_ms"])
         self.pending = None
+        self.state.regrouping = None
 
     def _record(self, change: Transition, cause: str) -> None:
         pid = self.state.membership.workers[change.worker].pid
@@ -243,8 +289,49 @@ class FtController:
         self.state.detections.append(entry)
         logger.warning("sglang-ft controller: worker %d (pid %s) is %s: %s", change.worker, pid, change.state.value,
                        cause)
-        if change.state is WorkerState.DEAD and change.worker in self.state.membership.members():
-            self._start_recovery(f"worker {change.worker}: {cause}", change.silent_s * 1e3)
+        if change.state is WorkerState.DEAD:
+            self.respawner.on_dead(change.worker, time.monotonic())
+            self.ready_joiners.discard(change.worker)
+            if change.worker in self.state.membership.members():
+                self._start_recovery(f"worker {change.worker}: {cause}", change.silent_s * 1e3)
+
+    # --- restarting dead workers and planning them back in ---
+
+    def _on_joiner_beat(self, beat: Heartbeat, now: float) -> None:
+        """A restarted worker beats as joining: once it is initialised, plan it into the next group."""
+        record = self.state.membership.workers.get(beat.worker)
+        if record is None or record.state is not WorkerState.JOINING:
+            self.state.fenced_messages += 1  # nobody restarted this worker: it is not ours to admit
+            return
+        record.pid, record.last_beat = beat.pid, now
+        if beat.worker not in self.ready_joiners:
+            logger.warning("sglang-ft controller: restarted worker %d (pid %d) is ready to rejoin", beat.worker,
+                           beat.pid)
+            self.ready_joiners.add(beat.worker)
+            self.respawner.on_ready(beat.worker)
+
+    def _watch_joiners(self, now: float) -> None:
+        """Start the restarts that are due; a restarted worker that died or never became ready is dead again."""
+        membership = self.state.membership
+        for worker, record in membership.workers.items():
+            if record.state is not WorkerState.JOINING or worker in membership.members():
+                continue
+            silent = record.last_beat is not None and now - record.last_beat > self.timeout_s
+            if _process_gone(record.pid) or silent or worker in self.respawner.overdue(now):
+                self.ready_joiners.discard(worker)
+                membership.set_state(worker, WorkerState.DEAD, now)
+                self._record(Transition(worker, WorkerState.DEAD, 0.0), "restart failed")
+        startable = lambda w: (membership.workers[w].state is WorkerState.DEAD  # noqa: E731
+                               and w not in membership.members() and self.kv_slots > 0)
+        for worker in self.respawner.take_due(now, startable):
+            record = membership.workers[worker]
+            record.pid, record.last_beat = None, None
+            membership.set_state(worker, WorkerState.JOINING, now)
+            attempt = self.respawner.attempts[worker]
+            self.state.respawns.append({"worker": worker, "attempt": attempt,
+                                        "at_s": round(now - self.state.started, 3)})
+            logger.warning("sglang-ft controller: restarting worker %d (attempt %d)", worker, attempt)
+            self._publish(Respawn(worker, membership.epoch, self.kv_slots, attempt))
 
     def _serve_control(self, now: float) -> None:
         while True:
@@ -261,7 +348,24 @@ class FtController:
             return self.state.status(now)
         if request.op == "inject":
             return self._inject(request)
+        if request.op == "rejoin":
+            return self._rejoin(request, now)
         return {"error": f"unknown op {request.op!r}", "code": 400}
+
+    def _rejoin(self, request: ControlRequest, now: float) -> dict:
+        if not self.enable_fault_injection:
+            return {"error": "rejoin is an admin operation; start the server with --ft-enable-fault-injection",
+                    "code": 403}
+        record = self.state.membership.workers.get(request.worker)
+        if record is None:
+            return {"error": f"worker must be one of {sorted(self.state.membership.workers)}, got {request.worker}",
+                    "code": 400}
+        if record.state is not WorkerState.DEAD or request.worker in self.state.membership.members():
+            return {"error": f"worker {request.worker} is {record.state.value}, not dead: nothing to rejoin",
+                    "code": 409}
+        if not self.respawner.request(request.worker, now):
+            return {"error": f"worker {request.worker} is already being restarted", "code": 409}
+        return {"rejoining": request.worker}
 
     def _inject(self, request: ControlRequest) -> dict:
         if not self.enable_fault_injection:
@@ -301,7 +405,8 @@ def run_ft_controller(ft_env: str, tp_size: int, parent_pid: int, model_path: st
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the launcher's Ctrl-C is the launcher's to handle
     controller = FtController(ft.heartbeat_endpoint, ft.control_endpoint, tp_size, ft.heartbeat_interval_ms / 1e3,
                               ft.heartbeat_timeout_ms / 1e3, parent_pid, ft.enable_fault_injection,
-                              ft.order_endpoint, model_shape_from_dir(model_path))
+                              ft.order_endpoint, model_shape_from_dir(model_path),
+                              RespawnPolicy(automatic=ft.respawn, delay_s=ft.respawn_delay_s))
     if ft.kv_backup:
         from sglang_ft.managers.kv_store_keeper import KvStoreKeeper
 

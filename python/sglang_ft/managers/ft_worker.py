@@ -3,7 +3,8 @@
 `FtWorker.run_event_loop` wraps SGLang's scheduler loop. When a collective fails (a peer died, or timed out
 because a peer hangs), the worker reports it, waits for the controller's `Regroup` order of a newer epoch, and
 regroups in place (see `sglang_ft.managers.regroup`), then re-enters SGLang's loop. A worker that finds itself
-outside the newest group (a hung process resumed after it was replaced) changes nothing and exits.
+outside the newest group (a hung process resumed after it was replaced) changes nothing and exits. A restarted
+worker (`managers/joiner.py`) waits for the order that plans it back in before it enters SGLang's loop.
 """
 
 from __future__ import annotations
@@ -36,8 +37,12 @@ class RegroupOrdered(Exception):
 
 
 def is_collective_failure(exc: BaseException) -> bool:
-    """Does this exception look like a peer vanished in a collective (not a bug in a step)?"""
-    if isinstance(exc, RegroupOrdered):
+    """Does this exception look like a peer vanished in a collective or a rendezvous (not a bug in a step)?"""
+    import torch.distributed as dist
+
+    from sglang_ft.distributed.regroup_groups import Superseded
+
+    if isinstance(exc, (RegroupOrdered, Superseded, dist.DistError)):
         return True
     text = f"{type(exc).__name__}: {exc}"
     return any(marker in text for marker in COLLECTIVE_FAILURE_MARKERS)
@@ -46,9 +51,10 @@ def is_collective_failure(exc: BaseException) -> bool:
 class OrderListener:
     """A thread holding the newest Regroup order; it exits the process when this worker is fenced out."""
 
-    def __init__(self, endpoint: str, worker: int, current_epoch, before_newer_order=None):
+    def __init__(self, endpoint: str, worker: int, current_epoch, before_newer_order=None, waiting_to_join=None):
         self.worker = worker
         self.current_epoch = current_epoch  # callable: this worker's epoch now
+        self.waiting_to_join = waiting_to_join or (lambda: False)  # callable: a restarted worker not yet planned in
         self.before_newer_order = before_newer_order  # called (in this thread) before a newer order is handed on
         self.latest: Regroup | None = None
         self.resync_requested = False  # the backup store was restarted: re-send the KV this worker holds
@@ -62,12 +68,15 @@ class OrderListener:
     def _run(self) -> None:
         while True:
             message = decode(self._socket.recv())
-            if isinstance(message, Fenced) and message.worker == self.worker and message.epoch > self.current_epoch():
+            if (isinstance(message, Fenced) and message.worker == self.worker and message.pid in (0, os.getpid())
+                    and message.epoch > self.current_epoch()):
                 self._exit_fenced(message.epoch)
             if isinstance(message, BackupResync):
                 self.resync_requested = True
             if not isinstance(message, Regroup):
                 continue
+            if self.waiting_to_join() and self.worker not in message.workers:
+                continue  # a regroup of the others while this restarted worker is still starting up
             if message.epoch > self.current_epoch() and self.worker not in message.workers:
                 self._exit_fenced(message.epoch)
             if (self.latest is None or message.epoch > self.latest.epoch) and self.before_newer_order:
@@ -96,19 +105,25 @@ class OrderListener:
 class FtWorker:
     """The FT side of one scheduler: identity (worker id = launch TP rank), epoch, and the recovery loop."""
 
-    def __init__(self, scheduler, ft: FtArgs, worker: int, port_args):
+    def __init__(self, scheduler, ft: FtArgs, worker: int, port_args, joining: bool = False):
         self.scheduler = scheduler
         self.port_args = port_args
         self.ft = ft
         self.worker = worker
-        self.epoch = 0
+        self.joining = joining  # a restarted worker: no scheduler state until a regroup that includes it completes
+        self.holds_weights = not joining  # a restarted worker's placeholder weights are not the model's
+        self.regrouping = False  # inside a regroup (a joiner's first one included)
+        self.epoch = -1 if joining else 0
         self.group: tuple[int, ...] = ()  # worker ids of the current group, in TP-rank order (set at start)
         self.ledger = RequestLedger()
         self.failed_batch = None  # the batch whose forward a failed collective interrupted (its KV is partial)
         self.kv_intact = True  # False while a regroup is rebuilding the KV pool
         self.kv_stream = None  # KvStreamer when --ft-kv-backup is on
-        self.heartbeat = HeartbeatSender(ft.heartbeat_endpoint, worker, ft.heartbeat_interval_ms / 1e3).start()
-        self.orders = OrderListener(ft.order_endpoint, worker, lambda: self.epoch, self._interrupt_old_group)
+        self.heartbeat = HeartbeatSender(ft.heartbeat_endpoint, worker, ft.heartbeat_interval_ms / 1e3, self.epoch)
+        self.heartbeat.joining = joining
+        self.heartbeat.start()
+        self.orders = OrderListener(ft.order_endpoint, worker, lambda: self.epoch, self._interrupt_old_group,
+                                    lambda: self.joining and not self.regrouping)
         self._reports = zmq.Context.instance().socket(zmq.PUSH)
         self._reports.setsockopt(zmq.LINGER, 1000)
         self._reports.connect(ft.heartbeat_endpoint)
@@ -117,7 +132,7 @@ class FtWorker:
         """A newer group is ordered: make a collective of the old group that is still waiting fail now."""
         from sglang_ft.distributed.regroup_groups import interrupt_blocked_collectives
 
-        if order.epoch > self.epoch:
+        if order.epoch > self.epoch and (self.regrouping or not self.joining):
             count = interrupt_blocked_collectives()
             logger.info("sglang-ft: worker %d: epoch %d ordered; shut down %d connections of the old group",
                         self.worker, order.epoch, count)
@@ -150,26 +165,58 @@ class FtWorker:
         self._reports.send(encode(message))
 
     def run_event_loop(self, original) -> None:
-        """SGLang's loop, re-entered after every in-place recovery."""
+        """SGLang's loop, re-entered after every in-place recovery (entered by a restarted worker once it joined)."""
+        if self.joining:
+            logger.warning("sglang-ft: restarted worker %d is initialised; waiting to be planned back in",
+                           self.worker)
+            self._or_fail_stop(self._regroup_when_ordered, None)
         while True:
             try:
                 return original(self.scheduler)
-            except Exception as exc:  # a failed collective is recovered; anything else is SGLang's to handle
+            except Exception as exc:  # a failed collective is recovered; anything else stops this worker alone
                 if not is_collective_failure(exc):
-                    raise
-                self.recover(exc)
+                    self._fail_stop(exc)
+                self._or_fail_stop(self.recover, exc)
+
+    def _or_fail_stop(self, step, *args) -> None:
+        try:
+            step(*args)
+        except Exception as exc:
+            self._fail_stop(exc)
+
+    def _fail_stop(self, exc: BaseException) -> None:
+        """An unexpected error in this worker: exit like a crashed GPU, so the others regroup without it.
+
+        Upstream SIGQUITs the launcher, which takes the whole server down; under `--ft` one worker's fault stays
+        one worker's fault. The traceback is logged first, so the error is not lost.
+        """
+        logger.error("sglang-ft: worker %d hit an unexpected error and stops; the group regroups without it:\n%s",
+                     self.worker, "".join(traceback.format_exception(exc)))
+        self.report(WorkerFailed(self.worker, self.epoch, f"unexpected error: {exc!r}"[:200], os.getpid()))
+        logging.shutdown()
+        os._exit(1)
 
     def recover(self, exc: BaseException) -> None:
-        from sglang_ft.managers.regroup import regroup_in_place
-
         where = " <- ".join(f"{f.name}" for f in reversed(traceback.extract_tb(exc.__traceback__)[-4:]))
         logger.warning("sglang-ft: worker %d (epoch %d) saw a failed collective in %s: %s", self.worker, self.epoch,
                        where, str(exc).splitlines()[0][:200])
-        self.report(WorkerFailed(self.worker, self.epoch, str(exc)[:200]))
+        self.report(WorkerFailed(self.worker, self.epoch, str(exc)[:200], os.getpid()))
+        self._regroup_when_ordered(exc)
+
+    def _regroup_when_ordered(self, cause: BaseException | None) -> None:
+        """Wait for an order of a newer epoch that includes this worker and regroup; again if that fails."""
+        from sglang_ft.managers.regroup import regroup_in_place
+
+        seen = self.epoch
         while True:
-            order = self.orders.wait_newer_than(self.epoch, ORDER_WAIT_S)
+            wait = None if self.joining and not self.regrouping else ORDER_WAIT_S  # a joiner waits for its turn
+            order = self.orders.wait_newer_than(seen, wait if wait is not None else 1e9)
             if order is None:
-                raise RuntimeError(f"no regroup order from the FT controller within {ORDER_WAIT_S:.0f}s") from exc
+                raise RuntimeError(f"no regroup order from the FT controller within {ORDER_WAIT_S:.0f}s") from cause
+            seen = order.epoch
+            if self.worker not in order.workers:
+                continue  # only a restarted worker still starting up gets here (others are fenced)
+            self.regrouping = True
             try:
                 done = regroup_in_place(self, order)
             except Exception as again:  # another failure during the regroup: wait for the next order
@@ -179,6 +226,8 @@ class FtWorker:
                                order.epoch, str(again).splitlines()[0][:200])
                 self.epoch = max(self.epoch, order.epoch)
                 continue
+            self.regrouping = False
+            self.joining = self.heartbeat.joining = False
             self.epoch = order.epoch
             self.heartbeat.epoch = order.epoch
             self.report(done)

@@ -20,7 +20,7 @@ def committed_kv_len(req, failed_batch) -> int:
     """Tokens of `req` whose KV every layer wrote in a step that completed."""
     length = req.kv.kv_committed_len
     if failed_batch is not None and any(r is req for r in failed_batch.reqs):
-        length -= 1 if failed_batch.forward_mode.is_decode() else req.extend_input_len
+        length -= 1 if failed_batch.forward_mode.is_decode() else req.extend_len
     newest_without_kv = len(req.origin_input_ids) + len(req.output_ids) - 1
     return max(req.kv.cache_protected_len, min(length, newest_without_kv))
 
@@ -37,11 +37,13 @@ def requests_holding_kv(scheduler, failed_batch) -> list:
     return list(unique.values())
 
 
-def agree_on_lengths(lengths: dict[str, int], cpu_group) -> dict[str, int]:
-    """Every rank's minimum per request; a request some rank does not hold keeps nothing."""
+def agree_on_lengths(lengths: dict[str, int] | None, cpu_group) -> dict[str, int]:
+    """Every rank's minimum per request; a request some rank does not hold keeps nothing. A restarted worker
+    (`lengths` None) holds no request yet and takes no part: it receives the survivors' state afterwards."""
     everyone: list = [None] * dist.get_world_size(cpu_group)
     dist.all_gather_object(everyone, lengths, group=cpu_group)
-    return {rid: min(other.get(rid, 0) for other in everyone) for rid in lengths}
+    holders = [other for other in everyone if other is not None]
+    return {rid: min(other.get(rid, 0) for other in holders) for rid in lengths or {}}
 
 
 def park(req, keep: int, tree_cache) -> int:
@@ -60,10 +62,11 @@ def park(req, keep: int, tree_cache) -> int:
     return 0 if cached else keep
 
 
-def park_every_request(scheduler, failed_batch, cpu_group) -> tuple[int, int, int]:
+def park_every_request(scheduler, failed_batch, cpu_group, joining: bool = False) -> tuple[int, int, int]:
     """Park every unfinished request; returns (requests parked, their KV tokens, tokens left to recompute)."""
     reqs = requests_holding_kv(scheduler, failed_batch)
-    lengths = agree_on_lengths({r.rid: committed_kv_len(r, failed_batch) for r in reqs}, cpu_group)
+    mine = None if joining else {r.rid: committed_kv_len(r, failed_batch) for r in reqs}
+    lengths = agree_on_lengths(mine, cpu_group)
     recomputed = kept = 0
     for req in reqs:
         recomputed += park(req, lengths[req.rid], scheduler.tree_cache)

@@ -3,6 +3,8 @@
 1. rebuild SGLang's process groups for the new world on a fresh store;
 2. park every unfinished request in the radix cache with the KV it committed (`park_requests`): nothing is
    prefilled again, each request computes only its next token when it is re-admitted;
+   when restarted workers join, every rank then takes rank 0's scheduler state (`scheduler_sync`): the waiting
+   requests, the radix cache of their KV and the allocator, so the newcomers are in lockstep with the others;
 3. reshard the weights by the plan (keep, peer to peer, disk);
 4. reshape the KV pool to this rank's new heads and fill every cached slot: kept heads stay, heads that move
    between survivors go peer to peer, the dead worker's heads come from the KV backup store. Only when the
@@ -14,10 +16,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 
 from ft.messages import Regroup, RegroupDone
-from ft.partition import TPLayout
+from ft.partition import RankShard, TPLayout
 from ft.planner import plan_migration
 
 logger = logging.getLogger(__name__)
@@ -105,6 +108,7 @@ def regroup_in_place(ft_worker, order: Regroup) -> RegroupDone:
     from sglang_ft.distributed_state import install_layout
     from sglang_ft.managers.park_requests import park_every_request
     from sglang_ft.managers.request_ledger import reconcile
+    from sglang_ft.managers.scheduler_sync import sync_scheduler_state
     from sglang_ft.mem_cache.kv_reshape import reshape_kv_heads, restore_kv
     from sglang_ft.model_executor.reshard import build_model_like, reshard
 
@@ -116,33 +120,43 @@ def regroup_in_place(ft_worker, order: Regroup) -> RegroupDone:
     scheduler._engine_paused = True  # SGLang's pause flag: lets the caches be flushed with requests queued
 
     old_model = runner.model
-    held = {w: old_model.layout.shards[r] for r, w in enumerate(ft_worker.group)}
+    new_rank = order.workers.index(me)
+    newer = lambda: (latest := ft_worker.orders.latest) is not None and latest.epoch > order.epoch  # noqa: E731
+    rebuild_process_groups(new_rank, len(order.workers), order.store_port, ft_worker.ft.collective_timeout_s, newer)
+    refresh_group_handles(scheduler)
+    if new_rank == 0 and (not ft_worker.group or ft_worker.group[0] != me):
+        take_over_tokenizer_channels(scheduler, ft_worker.port_args)
+    held = agree_on_holdings(old_model.shard if ft_worker.holds_weights else None, order, scheduler.tp_cpu_group)
     plan = plan_migration(old_model.layout.shape, held, list(order.workers))
     if plan.layout != TPLayout.from_json(order.layout_json):
-        raise RuntimeError("sglang-ft: this worker's plan differs from the controller's")
-    new_rank = order.workers.index(me)
-    rebuild_process_groups(new_rank, len(order.workers), order.store_port, ft_worker.ft.collective_timeout_s)
-    refresh_group_handles(scheduler)
-    if new_rank == 0 and ft_worker.group[0] != me:
-        take_over_tokenizer_channels(scheduler, ft_worker.port_args)
+        logger.warning("sglang-ft: the controller planned epoch %d from an older view of who holds what (a regroup "
+                       "was interrupted); the group follows what its members hold", order.epoch)
     clock.done("rebuild_process_groups", f"(rank {new_rank} of {len(order.workers)})")
 
-    parked, kv_tokens, recomputed = park_every_request(scheduler, ft_worker.failed_batch, scheduler.tp_cpu_group)
+    parked, kv_tokens, recomputed = park_every_request(scheduler, ft_worker.failed_batch, scheduler.tp_cpu_group,
+                                                       joining=me in order.joining)
     ft_worker.failed_batch = None
     kv_was_intact = ft_worker.kv_intact
     ft_worker.kv_intact = False  # until the pool holds every cached slot's KV for the new heads again
     clock.done("park_requests", f"({parked} requests, {kv_tokens} KV tokens kept in the radix cache)")
+    if order.joining:
+        synced = sync_scheduler_state(scheduler, ft_worker, scheduler.tp_cpu_group, receive=me in order.joining)
+        clock.done("sync_scheduler_state", f"({synced.requests} waiting requests, {synced.cached_tokens} cached "
+                                           f"tokens in {synced.sequences} sequences, from rank 0)")
 
     install_layout(plan.layout)
     new_model = build_model_like(old_model, runner)
-    stats = reshard(old_model, new_model, plan, me, runner.model_config.model_path)
-    runner.model = new_model
+    stats = reshard(old_model, new_model, plan, me, runner.model_config.model_path, held.get(me),
+                    replicated_from=0 if order.joining else None)
+    runner.model = new_model  # complete: every slice arrived, whatever happens to the rest of the regroup
+    ft_worker.holds_weights = True
     ft_worker.group = tuple(order.workers)  # what this worker holds now matches the new group, even if a later
     del old_model                           # stage fails and another regroup follows
     clock.done("reshard_weights", f"(kept {stats.bytes_kept} B, peers {stats.bytes_p2p_in} B, "
                                   f"disk {stats.bytes_reloaded} B)")
 
-    pool, old_heads, new_heads = runner.token_to_kv_pool, held[me].kv_heads, new_model.shard.kv_heads
+    old_heads = held[me].kv_heads if held.get(me) is not None else None
+    pool, new_heads = runner.token_to_kv_pool, new_model.shard.kv_heads
     kv = None
     if kv_was_intact:
         kv = restore_kv(pool, scheduler.token_to_kv_pool_allocator, old_heads, new_heads, plan, me, order.epoch,
@@ -166,4 +180,20 @@ def regroup_in_place(ft_worker, order: Regroup) -> RegroupDone:
     clock.done("reconcile_and_resume", f"(dropped {dropped}, re-sent {resent})")
     return RegroupDone(me, order.epoch, clock.ms, stats.bytes_kept, stats.bytes_p2p_in, stats.bytes_reloaded,
                        recomputed, kv_blocks_restored=0 if missing or kv is None else kv.blocks_restored,
-                       kv_bytes_p2p=0 if kv is None else kv.bytes_p2p_in)
+                       kv_bytes_p2p=0 if kv is None else kv.bytes_p2p_in, pid=os.getpid(),
+                       layout_json=plan.layout.to_json())
+
+
+def agree_on_holdings(mine, order: Regroup, cpu_group) -> dict:
+    """What every member of the new group holds, as each says itself (None: a restarted worker with no weights).
+
+    Each member's model is always complete (a reshard replaces it only once every slice arrived), but a regroup
+    interrupted by another failure can leave members at different layouts: asking them is the only truth, and
+    every member then computes the same plan from the same answers.
+    """
+    import torch.distributed as dist
+
+    everyone: list = [None] * len(order.workers)
+    dist.all_gather_object(everyone, None if mine is None else dataclasses.asdict(mine), group=cpu_group)
+    return {w: RankShard(**{k: tuple(v) for k, v in shard.items()})
+            for w, shard in zip(order.workers, everyone, strict=True) if shard is not None}

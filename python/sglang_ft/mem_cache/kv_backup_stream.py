@@ -30,15 +30,19 @@ def rows_from_raw(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(array).view(f"i{itemsize}")).view(dtype)
 
 
-def live_slots(allocator) -> torch.Tensor:
-    """Every token slot the allocator has handed out, sorted (the same on every rank)."""
-    size = allocator.size + allocator.page_size
-    in_use = torch.ones(size, dtype=torch.bool)
-    in_use[0] = False  # SGLang's padding slot
+def slots_in_use(allocator) -> torch.Tensor:
+    """A bool per token slot (on the host): has the allocator handed it out? (SGLang's padding slot 0: no.)"""
+    in_use = torch.ones(allocator.size + allocator.page_size, dtype=torch.bool)
+    in_use[0] = False
     for free in (allocator.free_pages, allocator.release_pages):
         if free.numel():
             in_use[free.to("cpu", torch.int64)] = False
-    return torch.nonzero(in_use).flatten()
+    return in_use
+
+
+def live_slots(allocator) -> torch.Tensor:
+    """Every token slot the allocator has handed out, sorted (the same on every rank)."""
+    return torch.nonzero(slots_in_use(allocator)).flatten()
 
 
 class KvStreamer:

@@ -55,10 +55,11 @@ def _put_rows(pool, slots: torch.Tensor, heads: slice, k_layers, v_layers) -> No
 @torch.no_grad()
 def restore_kv(pool, allocator, old_heads, new_heads, plan: MigrationPlan, me: int, epoch: int,
                fetch_endpoint: str | None) -> KvRestoreStats:
-    """Reshape `pool` from global KV heads `old_heads` to `new_heads` and fill the live slots of every head."""
+    """Reshape `pool` from global KV heads `old_heads` (None: a restarted worker, holding none) to `new_heads`
+    and fill the live slots of every head."""
     old_k, old_v = reshape_kv_heads(pool, new_heads[1] - new_heads[0])
     stats = KvRestoreStats()
-    lo, hi = max(old_heads[0], new_heads[0]), min(old_heads[1], new_heads[1])
+    lo, hi = (max(old_heads[0], new_heads[0]), min(old_heads[1], new_heads[1])) if old_heads else (0, 0)
     if lo < hi:
         for layer in range(len(old_k)):
             pool.k_buffer[layer][:, _local(new_heads, lo, hi)] = old_k[layer][:, _local(old_heads, lo, hi)]

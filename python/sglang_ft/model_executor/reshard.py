@@ -58,17 +58,26 @@ def build_model_like(old_model, model_runner):
 
 
 @torch.no_grad()
-def reshard(old_model, new_model, plan: MigrationPlan, me: int, checkpoint_dir: str) -> ReshardStats:
-    """Fill `new_model` (this worker's new shard) from `old_model`, peers and the checkpoint."""
+def reshard(old_model, new_model, plan: MigrationPlan, me: int, checkpoint_dir: str, held,
+            replicated_from: int | None = None) -> ReshardStats:
+    """Fill `new_model` (this worker's new shard) from `old_model`, peers and the checkpoint.
+
+    `held` is what this worker held before (None for a restarted worker: its old model is a placeholder). With
+    restarted workers in the group, rank `replicated_from` broadcasts the replicated tensors (norms) to all.
+    """
     stats = ReshardStats()
-    for dim in DIMENSIONS:
-        (o0, o1), (n0, n1) = getattr(old_model.shard, dim), getattr(new_model.shard, dim)
-        lo, hi = max(o0, n0), min(o1, n1)
-        if lo < hi:
-            stats.bytes_kept += _copy(old_model.unit_pieces(dim, lo, hi), new_model.unit_pieces(dim, lo, hi))
-    old_replicated = old_model.replicated_params()
-    for name, param in new_model.replicated_params().items():
-        param.copy_(old_replicated[name])
+    if held is not None:
+        for dim in DIMENSIONS:
+            (o0, o1), (n0, n1) = getattr(held, dim), getattr(new_model.shard, dim)
+            lo, hi = max(o0, n0), min(o1, n1)
+            if lo < hi:
+                stats.bytes_kept += _copy(old_model.unit_pieces(dim, lo, hi), new_model.unit_pieces(dim, lo, hi))
+        old_replicated = old_model.replicated_params()
+        for name, param in new_model.replicated_params().items():
+            param.copy_(old_replicated[name])
+    if replicated_from is not None:
+        for _name, param in sorted(new_model.replicated_params().items()):
+            dist.broadcast(param.data, src=replicated_from)
 
     rank_of = {worker: rank for rank, worker in enumerate(plan.workers)}
     requests, landing = [], []

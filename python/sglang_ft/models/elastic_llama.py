@@ -24,7 +24,7 @@ from torch import nn
 
 from ft.partition import RankShard, TPLayout
 from ft.planner import DIMENSIONS
-from sglang_ft.distributed_state import current_layout
+from sglang_ft.distributed_state import current_layout, layout_rank
 from sglang_ft.layers.elastic_parallel import ElasticLMHead, ElasticVocabEmbedding, all_reduce
 from sglang_ft.model_loader.lazy_safetensors import read_all, read_cols, read_rows
 
@@ -158,9 +158,7 @@ class ElasticLlamaForCausalLM(nn.Module):
             raise ValueError("--ft does not support quantized checkpoints yet")
         self.config = config
         self.layout = current_layout(config)
-        from sglang.srt.runtime_context import get_parallel
-
-        self.tp_rank = get_parallel().tp_rank
+        self.tp_rank = layout_rank()
         self.shard = self.layout.shard(self.tp_rank)
         self.model = ElasticLlamaModel(config, self.layout, self.shard)
         self.lm_head = ElasticLMHead(self.shard.vocab_rows, config.hidden_size, self._vocab_spans())

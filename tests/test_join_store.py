@@ -1,0 +1,40 @@
+"""The new group's rendezvous (`distributed/regroup_groups.join_store`): members arriving at different times all
+get in, and a member waiting for a host that never comes gives up as soon as a newer regroup is ordered."""
+
+import threading
+import time
+
+import pytest
+
+from ft.ports import free_port
+from sglang_ft.distributed.regroup_groups import Superseded, join_store
+
+
+def test_members_arriving_at_different_times_all_join():
+    port, stores = free_port(), {}
+
+    def member(rank: int, delay_s: float):
+        time.sleep(delay_s)
+        stores[rank] = join_store(rank, 3, port, 4, lambda: False)
+
+    threads = [threading.Thread(target=member, args=args) for args in ((1, 0.0), (2, 0.3), (0, 1.0))]  # host last
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert sorted(stores) == [0, 1, 2]
+    assert all(store.add("members", 0) == 3 for store in stores.values())
+
+
+def test_waiting_for_a_host_that_never_comes_stops_when_a_newer_regroup_is_ordered():
+    ordered_at = time.monotonic() + 1.0
+    started = time.monotonic()
+    with pytest.raises(Superseded):
+        join_store(1, 2, free_port(), 30, lambda: time.monotonic() > ordered_at)
+    assert time.monotonic() - started < 5  # not the 100 s join timeout
+
+
+def test_waiting_for_members_that_never_come_stops_when_a_newer_regroup_is_ordered():
+    ordered_at = time.monotonic() + 1.0
+    with pytest.raises(Superseded):
+        join_store(0, 2, free_port(), 30, lambda: time.monotonic() > ordered_at)  # the host, alone
