@@ -168,7 +168,7 @@ def test_three_failures_down_to_tp1_with_streaming_across_one_then_a_rejoin_by_h
         expected[:3]
 
 
-def test_rank0_death_then_a_hung_worker_is_fenced(ft_server, reference):
+def test_rank0_death_then_a_hung_worker_is_fenced_then_a_drain(ft_server, reference):
     expected = reference(FAILOVER_PROMPTS)
     results = run_with_fault(ft_server, lambda: inject(ft_server, 0, "kill"))
     assert [r["output_ids"] for r in results] == expected
@@ -189,6 +189,19 @@ def test_rank0_death_then_a_hung_worker_is_fenced(ft_server, reference):
              timeout_s=30, what="the fenced worker to exit")
     assert [generate(ft_server.url, p, NEW_TOKENS)["output_ids"] for p in FAILOVER_PROMPTS[:2]] == expected[:2]
     assert status(ft_server)["epoch"] == 2
+
+    # an operator drains worker 2 (now rank 1) under load: the group narrows to TP 1 with nothing lost
+    drained = status(ft_server)["workers"][2]["pid"]
+    drain = lambda worker: requests.post(f"{ft_server.url}/ft/drain", json={"worker": worker}, timeout=30)  # noqa
+    assert drain(0).status_code == 409 and drain(7).status_code == 400 and drain(-1).status_code == 400
+    results = run_with_fault(ft_server, lambda: drain(2).raise_for_status())
+    assert [r["output_ids"] for r in results] == expected
+    st = wait_for(lambda: (s := status(ft_server))["epoch"] == 3 and len(s["recoveries"]) == 3 and s)
+    assert st["tp_size"] == 1 and st["recoveries"][-1]["cause"] == "drain of worker 2"
+    assert st["detections"][-1]["cause"] == "drained" and st["detections"][-1]["pid"] == drained
+    wait_for(lambda: not psutil.pid_exists(drained) or psutil.Process(drained).status() == psutil.STATUS_ZOMBIE,
+             timeout_s=30, what="the drained worker to exit")
+    assert drain(1).status_code == 409  # the last worker of the group stays
 
 
 def test_backup_store_death_under_load_then_respawn_and_resync(ft_server, reference):

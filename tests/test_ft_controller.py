@@ -285,3 +285,26 @@ def test_a_restart_that_dies_before_it_is_ready_is_dead_again_and_retried(respaw
     controller.step()
     assert [r.attempt for r in _respawns(subscriber)] == [2]
     assert any(d["cause"] == "restart failed" for d in controller.state.detections)
+
+
+def test_draining_a_worker_regroups_without_it_and_only_a_rejoin_brings_it_back(respawning_controller):
+    from ft.messages import RegroupDone
+
+    controller, subscriber = respawning_controller(automatic=True)
+    for worker in range(3):
+        controller._on_message(Heartbeat(worker, os.getpid(), 0, 0, kv_slots=4096), time.monotonic())
+    now = time.monotonic()
+    assert controller._answer(ControlRequest("drain", worker=5), now)["code"] == 400
+    assert controller._answer(ControlRequest("drain", worker=1), now) == {"draining": 1}
+    (order,) = _orders(subscriber)
+    assert order.workers == (0, 2) and order.cause == "drain of worker 1"
+    assert controller._answer(ControlRequest("drain", worker=0), now)["code"] == 409  # a regroup is under way
+    for worker in (0, 2):
+        controller._on_message(RegroupDone(worker, 1, {}, 0, 0, 0, 0), time.monotonic())
+    assert controller.state.detections[-1]["cause"] == "drained"
+    controller.step()
+    assert _respawns(subscriber) == []  # an operator's drain is not undone automatically
+    assert controller._answer(ControlRequest("drain", worker=1), time.monotonic())["code"] == 409  # not a member
+    assert controller._answer(ControlRequest("rejoin", worker=1), time.monotonic()) == {"rejoining": 1}
+    controller.step()
+    assert [r.worker for r in _respawns(subscriber)] == [1]

@@ -35,11 +35,11 @@ class InjectFaultRequest(BaseModel):
     kind: Literal["kill", "hang", "resume"] = Field(description="SIGKILL, SIGSTOP or SIGCONT")
 
 
-class RejoinRequest(BaseModel):
-    """Body of POST /ft/rejoin."""
+class WorkerRequest(BaseModel):
+    """Body of POST /ft/rejoin and /ft/drain."""
 
     model_config = ConfigDict(extra="forbid")
-    worker: int = Field(ge=0, description="the dead worker to restart and plan back in (its launch TP rank)")
+    worker: int = Field(ge=0, description="the worker (its launch TP rank)")
 
 
 def start_ft_runtime(tp_size: int, model_path: str, app: FastAPI) -> mp.Process:
@@ -100,6 +100,11 @@ def add_ft_routes(app: FastAPI, ft: FtArgs) -> None:
         return _respond(await asyncio.to_thread(ask_controller, ft, request))
 
     @app.post("/ft/rejoin")
-    async def ft_rejoin(body: RejoinRequest) -> JSONResponse:
-        request = ControlRequest("rejoin", worker=body.worker)
-        return _respond(await asyncio.to_thread(ask_controller, ft, request))
+    async def ft_rejoin(body: WorkerRequest) -> JSONResponse:
+        """Restart a dead worker and plan it back into the group."""
+        return _respond(await asyncio.to_thread(ask_controller, ft, ControlRequest("rejoin", worker=body.worker)))
+
+    @app.post("/ft/drain")
+    async def ft_drain(body: WorkerRequest) -> JSONResponse:
+        """Take a healthy worker out of the group (the others regroup without it) until it is rejoined."""
+        return _respond(await asyncio.to_thread(ask_controller, ft, ControlRequest("drain", worker=body.worker)))

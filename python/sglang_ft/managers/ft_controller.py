@@ -350,7 +350,32 @@ class FtController:
             return self._inject(request)
         if request.op == "rejoin":
             return self._rejoin(request, now)
+        if request.op == "drain":
+            return self._drain(request, now)
         return {"error": f"unknown op {request.op!r}", "code": 400}
+
+    def _drain(self, request: ControlRequest, now: float) -> dict:
+        """Take a healthy worker out of the group on purpose (maintenance): the others regroup without it, as after
+        a failure but with no detection delay, and it exits when it sees the order. It stays out until a rejoin."""
+        if not self.enable_fault_injection:
+            return {"error": "drain is an admin operation; start the server with --ft-enable-fault-injection",
+                    "code": 403}
+        membership = self.state.membership
+        record = membership.workers.get(request.worker)
+        if record is None:
+            return {"error": f"worker must be one of {sorted(membership.workers)}, got {request.worker}", "code": 400}
+        if request.worker not in membership.live_members() or record.state is not WorkerState.HEALTHY:
+            return {"error": f"worker {request.worker} is not a healthy member ({record.state.value})", "code": 409}
+        if len(membership.live_members()) < 2:
+            return {"error": "the last worker of the group cannot be drained", "code": 409}
+        if self.pending is not None:
+            return {"error": f"a regroup (epoch {self.pending.order.epoch}) is under way; try again", "code": 409}
+        membership.set_state(request.worker, WorkerState.DEAD, now)
+        self.state.detections.append({"worker": request.worker, "pid": record.pid, "state": "dead",
+                                      "cause": "drained", "silent_ms": 0.0,
+                                      "at_s": round(now - self.state.started, 3)})
+        self._start_recovery(f"drain of worker {request.worker}", 0.0)
+        return {"draining": request.worker}
 
     def _rejoin(self, request: ControlRequest, now: float) -> dict:
         if not self.enable_fault_injection:
