@@ -50,3 +50,61 @@ def test_never_below_the_prefix_the_radix_cache_already_holds():
     req = request(prompt=5, outputs=0, committed=5, protected=4, extend=5)
     batch = SimpleNamespace(reqs=[req], forward_mode=Mode(decode=False))
     assert committed_kv_len(req, batch) == 4
+
+
+def prefilling(tree, pool, allocator, rid: str, prompt: list[int]):
+    """A request in the middle of its first prefill as SGLang's scheduler set it up: its cached prefix matched and
+    locked, a request row, slots for the rest of the prompt, every slot allocated and committed."""
+    import torch
+    from sglang.srt.mem_cache.base_prefix_cache import MatchPrefixParams
+    from sglang.srt.mem_cache.radix_cache import RadixKey
+
+    req = Req(rid, "", array("q", prompt), SamplingParams(max_new_tokens=8))
+    match = tree.match_prefix(MatchPrefixParams(key=RadixKey(array("q", prompt))))
+    req.lock, req.last_node = tree.lock(match.last_device_node), match.last_device_node
+    (row,) = pool.alloc([req])
+    prefix = match.device_prefix_len
+    pool.write((row, slice(0, prefix)), tree.path_device_indices(match.last_device_node)[:prefix].to(torch.int32))
+    pool.write((row, slice(prefix, len(prompt))), allocator.alloc(len(prompt) - prefix).to(torch.int32))
+    req.kv.cache_protected_len = prefix
+    req.kv.kv_allocated_len = req.kv.kv_committed_len = len(prompt)
+    req.prefix_len, req.extend_end = prefix, len(prompt)
+    return req
+
+
+def test_parking_after_a_failed_first_prefill_frees_all_but_the_cached_prefix(monkeypatch):
+    """A new request keeps nothing (its row goes back whole); one with a cached prefix keeps exactly that."""
+    import sglang.srt.managers.schedule_batch as schedule_batch
+    import sglang.srt.mem_cache.common as mem_cache_common
+    import torch
+    from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
+    from sglang.srt.mem_cache.base_prefix_cache import InsertParams
+    from sglang.srt.mem_cache.cache_init_params import CacheInitParams
+    from sglang.srt.mem_cache.memory_pool import ReqToTokenPool
+    from sglang.srt.mem_cache.radix_cache import RadixCache, RadixKey
+
+    from sglang_ft.managers.park_requests import park
+
+    # SGLang reads two launch settings from its runtime context; outside a server, give them their defaults
+    for module in (schedule_batch, mem_cache_common):
+        monkeypatch.setattr(module, "get_serving", lambda: SimpleNamespace(strip_thinking_cache=False))
+        monkeypatch.setattr(module, "get_spec", lambda: SimpleNamespace(speculative_algorithm=None))
+    allocator = TokenToKVPoolAllocator(64, torch.float32, "cpu", None, need_sort=False)
+    pool = ReqToTokenPool(4, 32, "cpu", False)
+    tree = RadixCache(CacheInitParams(disable=False, req_to_token_pool=pool, token_to_kv_pool_allocator=allocator,
+                                      page_size=1))
+    tree.insert(InsertParams(key=RadixKey(array("q", [7, 8, 9])), value=allocator.alloc(3)))
+    free_before = allocator.available_size()
+
+    new = prefilling(tree, pool, allocator, "new", [1, 2, 3, 4, 5])
+    failed = SimpleNamespace(reqs=[new], forward_mode=Mode(decode=False))
+    assert committed_kv_len(new, failed) == 0
+    assert park(new, 0, tree) == 0
+    assert not new.kv.holds_kv and allocator.available_size() == free_before and pool.available_size() == 4
+
+    cached = prefilling(tree, pool, allocator, "cached", [7, 8, 9, 10, 11])
+    failed = SimpleNamespace(reqs=[cached], forward_mode=Mode(decode=False))
+    assert committed_kv_len(cached, failed) == 3
+    assert park(cached, 3, tree) == 0
+    assert not cached.kv.holds_kv and allocator.available_size() == free_before and pool.available_size() == 4
+    assert tree.total_size() == 3  # only the prefix the tree already had

@@ -53,6 +53,11 @@ def park(req, keep: int, tree_cache) -> int:
 
     kv = req.kv
     keep = max(keep, kv.cache_protected_len)
+    if keep == 0:  # a new request whose first prefill failed, nothing cached: give its row back whole
+        kv.kv_committed_len = kv.kv_allocated_len
+        release_kv_cache(req, tree_cache, checkpoint=False)
+        req.reset_for_retract()
+        return 0
     if kv.kv_allocated_len > keep:
         tree_cache.free_kv_row(kv, [(keep, kv.kv_allocated_len)])
     kv.kv_allocated_len = kv.kv_committed_len = keep
