@@ -18,7 +18,7 @@ class HeartbeatSender:
     """Beats `Heartbeat(worker, pid, epoch, seq)` to `endpoint` every `interval_s` from a daemon thread."""
 
     def __init__(self, endpoint: str, worker: int, interval_s: float, epoch: int = 0):
-        self.kv_backup_counters = None  # callable returning (sent, dropped, bytes), set once KV backup streams
+        self.kv_backup_counters = None  # callable returning (sent, dropped, bytes, queued), set once KV backup streams
         self.joining = False  # a restarted worker waiting to be planned back in
         self.kv_slots = 0
         self.endpoint = endpoint
@@ -47,7 +47,8 @@ class HeartbeatSender:
             while not self._stop.is_set():
                 try:
                     counters = self.kv_backup_counters() if self.kv_backup_counters else None
-                    beat = Heartbeat(self.worker, os.getpid(), self.epoch, seq, counters, self.joining, self.kv_slots)
+                    beat = Heartbeat(self.worker, os.getpid(), self.epoch, seq, counters and counters[:3], self.joining,
+                                     self.kv_slots, counters[3] if counters else 0)
                     socket.send(encode(beat), zmq.NOBLOCK)
                 except zmq.Again:
                     pass

@@ -9,11 +9,17 @@ Bounded and non-blocking: the sender's ZMQ queue holds at most `queue_messages` 
 slow or dead store) the message is dropped at once, never blocking the forward pass, and counted. Every message
 carries a per-worker sequence number, so the store sees the gap on the worker's next message and stops
 trusting that worker's heads (`KvStore`); a restore then finds those blocks missing and recomputes them.
+
+How far behind the sender is (`queued`, on every heartbeat): ZMQ does not report its queue's depth, so the sender
+tracks one message per `PROBE_INTERVAL_S` (a zero-copy header frame, whose tracker is done once ZMQ wrote it
+out); the oldest probe not yet written and every message after it are still queued.
 """
 
 from __future__ import annotations
 
 import os
+import time
+from collections import deque
 
 import msgspec
 import numpy as np
@@ -23,6 +29,7 @@ from ft.messages import msgpack_codec
 
 Span = tuple[int, int]
 BLOCK_TOKENS = 16  # what /ft/status counts as one KV block: 16 token slots of one KV head, every layer
+PROBE_INTERVAL_S = 0.05  # at most one tracked message per interval (tracking costs ~40 us a message)
 
 
 class Geometry(msgspec.Struct, frozen=True):
@@ -93,6 +100,8 @@ class KvBackupSender:
         self.seq = 0
         self.sender = os.getpid()
         self.sent = self.dropped = self.bytes_sent = 0
+        self._probes: deque[tuple[int, zmq.MessageTracker]] = deque()  # (index among sent messages, tracker)
+        self._next_probe = 0.0
         self._socket = zmq.Context.instance().socket(zmq.PUSH)
         self._socket.setsockopt(zmq.LINGER, 0)
         self._socket.setsockopt(zmq.SNDHWM, queue_messages)
@@ -111,14 +120,36 @@ class KvBackupSender:
 
     def _send(self, frames) -> bool:
         self.seq += 1  # consumed even when dropped: the store sees the gap
+        nbytes = sum(memoryview(f).nbytes for f in frames)
+        now = time.monotonic()
+        probe = None
+        if now >= self._next_probe:  # the header is fresh bytes, safe to hand to ZMQ without a copy
+            probe = zmq.Frame(frames[0], copy=False, track=True)
+            frames = [probe, *frames[1:]]
         try:
             self._socket.send_multipart(frames, flags=zmq.NOBLOCK)
         except zmq.Again:
             self.dropped += 1
             return False
         self.sent += 1
-        self.bytes_sent += sum(memoryview(f).nbytes for f in frames)
+        self.bytes_sent += nbytes
+        if probe is not None:
+            self._probes.append((self.sent, probe.tracker))
+            self._next_probe = now + PROBE_INTERVAL_S
         return True
+
+    def queued(self) -> int:
+        """Messages handed to ZMQ that it has not written to the store's socket yet (a lower bound: messages
+        between the last probe written and the first one not written are not counted). Thread-safe against `_send`
+        (the heartbeat thread asks)."""
+        probes = self._probes
+        while probes and probes[0][1].done:
+            probes.popleft()
+        return self.sent - probes[0][0] + 1 if probes else 0
+
+    def counters(self) -> tuple[int, int, int, int]:
+        """(messages sent, dropped on a full queue, bytes sent, messages still queued): what heartbeats carry."""
+        return self.sent, self.dropped, self.bytes_sent, self.queued()
 
     def close(self) -> None:
         self._socket.close(linger=0)

@@ -19,6 +19,7 @@ class Heartbeat(msgspec.Struct, tag=True, frozen=True):
     kv_backup: tuple[int, int, int] | None = None  # (messages sent, dropped on a full queue, bytes sent)
     joining: bool = False  # a restarted worker, initialised and waiting to be planned back into the group
     kv_slots: int = 0  # token slots of the worker's KV pool (every member has the same; a joiner needs it)
+    kv_backup_queued: int = 0  # KV backup messages handed to ZMQ not yet written out (`KvBackupSender.queued`)
 
 
 class WorkerFailed(msgspec.Struct, tag=True, frozen=True):

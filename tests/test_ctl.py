@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse
 
 from ft.failure_detector import FailureDetector
 from ft.membership import Membership, WorkerState
+from ft.messages import Heartbeat
 from sglang_ft import ctl
 from sglang_ft.entrypoints.ft_runtime import InjectFaultRequest, WorkerRequest
 from sglang_ft.managers.ft_controller import ControllerState
@@ -49,7 +50,7 @@ class FakeFtServer:
         for worker, record in membership.workers.items():
             record.pid, record.state, record.last_beat = 1000 + worker, WorkerState.HEALTHY, time.monotonic()
         self.state = ControllerState(membership, FailureDetector(membership, 0.2, 2.0))
-        self.state.kv_senders = {w: (100 + w, w, (w + 1) << 20) for w in range(4)}
+        self.state.kv_senders = {w: Heartbeat(w, 1000 + w, 0, 0, (100 + w, w, (w + 1) << 20)) for w in range(4)}
         self.state.kv_backup = _Store()
         # Worker 2 was killed and the others regrouped without it; worker 3 is late with its beats.
         membership.set_state(2, WorkerState.DEAD, time.monotonic())

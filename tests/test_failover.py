@@ -30,6 +30,7 @@ def ft_server(servers, tiny_model):
     servers.close()
     server = ServerProcess(tiny_model, tp_size=4, ft=True, extra_args=[
         "--ft-enable-fault-injection", "--ft-heartbeat-interval-ms", "100", "--ft-heartbeat-timeout-ms", "1500",
+        "--enable-metrics",  # SGLang's /metrics, which shows sglang_ft_* too (test_sigkill_mid_decode_...)
         "--ft-collective-timeout-s", "4", "--ft-respawn", "--ft-respawn-delay-s", "3600"]).start()
     yield server
     server.stop()
@@ -120,6 +121,22 @@ def test_sigkill_mid_decode_restores_kv_without_reprefill(ft_server, reference):
     assert st["kv_blocks_restored"] == recovery["kv_blocks_restored"] and st["kv_tokens_recomputed"] == 0
     live = [w for w in st["workers"] if w["rank"] is not None]
     assert all(w["kv_backup_sent"] > 0 and w["kv_backup_dropped"] == 0 for w in live)  # from their heartbeats
+    # SGLang's own /metrics shows the same, beside SGLang's sglang:* metrics
+    from prometheus_client.parser import text_string_to_metric_families
+
+    metrics = {(sample.name, tuple(sorted(sample.labels.items()))): sample.value for family in
+               text_string_to_metric_families(requests.get(f"{ft_server.url}/metrics", timeout=30).text)
+               for sample in family.samples}
+    assert any(name.startswith("sglang:") for name, _ in metrics)
+    assert (metrics[("sglang_ft_epoch", ())], metrics[("sglang_ft_tp_size", ())]) == (1, 3)
+    assert metrics[("sglang_ft_live_workers", ())] == 3 and metrics[("sglang_ft_kv_backup_store_healthy", ())] == 1
+    failure = (("cause_kind", "failure"),)
+    assert metrics[("sglang_ft_recoveries_total", failure)] == 1
+    assert metrics[("sglang_ft_recovery_seconds_count", failure)] == 1
+    assert metrics[("sglang_ft_recovery_seconds_sum", failure)] * 1e3 == pytest.approx(
+        recovery["detect_ms"] + recovery["recover_ms"], abs=0.5)
+    assert metrics[("sglang_ft_kv_blocks_restored_total", ())] == recovery["kv_blocks_restored"]
+    assert metrics[("sglang_ft_kv_backup_bytes_total", ())] >= sum(w["kv_backup_bytes"] for w in live) > 0
     # SGLang's own log: the first prefill after the regroup computes one token per request, the rest is cached.
     resumed = ft_server.log_text().split("epoch 1 recovered")[1]
     first_prefill = re.search(r"Prefill batch, #new-seq: (\d+), #new-token: (\d+), #cached-token: (\d+)", resumed)

@@ -9,6 +9,7 @@ import pytest
 
 from ft.kv_backup import Geometry, KvBackupSender, KvDrop, KvFetch, KvWrite, decode, encode, fetch_kv, store_stats
 from ft.kv_store import KvStore, serve
+from ft.messages import decode as decode_message
 
 G = Geometry(num_layers=2, num_kv_heads=4, head_dim=3, slots=32, itemsize=4)
 
@@ -123,6 +124,50 @@ def test_sender_never_blocks_and_counts_what_a_full_queue_drops(tmp_path):
     assert time.monotonic() - started < 2.0
     assert sender.dropped >= 40 and sender.sent + sender.dropped == 50 and sender.seq == 50
     sender.close()
+
+
+def test_sender_reports_what_zmq_still_queues_until_the_store_takes_it(tmp_path):
+    import zmq
+
+    endpoint = f"ipc://{tmp_path}/late"
+    sender = KvBackupSender(endpoint, worker=0, queue_messages=64)
+    sender.geometry, sender.heads = G, (0, 1)
+    for seq in range(10):
+        assert sender.write(0, np.array([1]), rows(1, 1, seq), rows(1, 1, seq))
+    assert sender.counters() == (10, 0, sender.bytes_sent, 10)  # no store yet: all ten wait in ZMQ's queue
+    pull = zmq.Context.instance().socket(zmq.PULL)
+    pull.bind(endpoint)
+    assert [len(pull.recv_multipart()) for _ in range(10)] == [4] * 10
+    deadline = time.monotonic() + 10
+    while sender.queued() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert sender.queued() == 0
+    sender.close()
+    pull.close()
+
+
+def test_heartbeats_carry_the_backup_counters_and_an_older_beat_still_decodes(tmp_path):
+    import msgspec
+
+    from ft.heartbeat import HeartbeatSender, MessageReceiver
+    from ft.messages import Heartbeat
+
+    receiver = MessageReceiver(f"ipc://{tmp_path}/hb")
+    beats = HeartbeatSender(f"ipc://{tmp_path}/hb", worker=1, interval_s=0.02)
+    beats.kv_backup_counters = lambda: (7, 1, 4096, 3)
+    beats.start()
+    try:
+        deadline = time.monotonic() + 10
+        received = []
+        while not received and time.monotonic() < deadline:
+            received = receiver.poll(0.1)
+    finally:
+        beats.stop()
+        receiver.close()
+    assert (received[0].kv_backup, received[0].kv_backup_queued) == ((7, 1, 4096), 3)
+    older = msgspec.msgpack.encode({"type": "Heartbeat", "worker": 1, "pid": 2, "epoch": 0, "seq": 5,
+                                    "kv_backup": [7, 1, 4096]})  # from a worker without the queued count
+    assert decode_message(older) == Heartbeat(1, 2, 0, 5, (7, 1, 4096), kv_backup_queued=0)
 
 
 def test_store_process_loop_applies_streamed_writes_before_answering_a_fetch(tmp_path):

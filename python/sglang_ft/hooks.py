@@ -38,7 +38,8 @@ def before_launch_server(server_args, *args, **kwargs):
 
         from sglang_ft.entrypoints.ft_runtime import start_ft_runtime
 
-        start_ft_runtime(server_args.tp_size, server_args.model_path, http_server.app)
+        start_ft_runtime(server_args.tp_size, server_args.model_path, http_server.app,
+                         server_args.enable_metrics)
 
 
 def after_scheduler_init(_result, scheduler, server_args, port_args, *args, **kwargs):

@@ -42,10 +42,14 @@ class WorkerRequest(BaseModel):
     worker: int = Field(ge=0, description="the worker (its launch TP rank)")
 
 
-def start_ft_runtime(tp_size: int, model_path: str, app: FastAPI) -> mp.Process:
+def start_ft_runtime(tp_size: int, model_path: str, app: FastAPI, enable_metrics: bool = False) -> mp.Process:
     """Make the runtime directory, start the FT controller, publish its endpoints, add the routes."""
     ft = dataclasses.replace(ft_args(), runtime_dir=tempfile.mkdtemp(prefix="sglang-ft-"))
     publish(ft)
+    if enable_metrics:  # before the spawn: the controller inherits it and writes its metrics there
+        from sglang_ft.managers.ft_metrics import prepare_multiproc_dir
+
+        prepare_multiproc_dir(ft.runtime_dir)
     from sglang_ft.managers.ft_controller import run_ft_controller
 
     process = mp.get_context("spawn").Process(

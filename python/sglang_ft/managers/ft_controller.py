@@ -3,7 +3,8 @@
 It receives heartbeats (ZMQ PULL), declares workers suspect or dead by silence (`--ft-heartbeat-timeout-ms`) or at
 once when a worker's process exits, refuses messages of an older epoch, orders regroups, asks the launcher to
 restart dead workers (`--ft-respawn`, or an operator's rejoin) and plans them back in once they beat as joining,
-and serves status, fault injection and rejoin to the HTTP server over a REP socket. It exits when the launcher does.
+and serves status, fault injection and rejoin to the HTTP server over a REP socket; under `--enable-metrics` its
+state also shows on SGLang's `/metrics` (`ft_metrics.py`). It exits when the launcher does.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from ft.partition import ModelShape, TPLayout
 from ft.planner import plan_migration
 from ft.ports import free_port
 from ft.respawn import Respawner, RespawnPolicy
+from sglang_ft.managers.ft_metrics import ft_metrics
 
 logger = logging.getLogger("sglang_ft.controller")
 FAULT_SIGNALS = {"kill": signal.SIGKILL, "hang": signal.SIGSTOP, "resume": signal.SIGCONT}
@@ -52,7 +54,7 @@ class ControllerState:
     recoveries: list[dict] = field(default_factory=list)
     fenced_messages: int = 0
     kv_backup: object = None  # KvStoreKeeper when --ft-kv-backup is on
-    kv_senders: dict[int, tuple[int, int, int]] = field(default_factory=dict)  # worker -> its latest counters
+    kv_senders: dict[int, Heartbeat] = field(default_factory=dict)  # worker -> its latest beat with KV counters
     respawns: list[dict] = field(default_factory=list)
     regrouping: int | None = None  # the epoch of the regroup under way
 
@@ -84,11 +86,12 @@ class ControllerState:
         }
 
 
-def _kv_sender_fields(counters) -> dict:
-    if counters is None:
+def _kv_sender_fields(beat: Heartbeat | None) -> dict:
+    if beat is None:
         return {}
-    sent, dropped, sent_bytes = counters
-    return {"kv_backup_sent": sent, "kv_backup_dropped": dropped, "kv_backup_bytes": sent_bytes}
+    sent, dropped, sent_bytes = beat.kv_backup
+    return {"kv_backup_sent": sent, "kv_backup_dropped": dropped, "kv_backup_bytes": sent_bytes,
+            "kv_backup_queued": beat.kv_backup_queued}
 
 
 def _process_gone(pid: int | None) -> bool:
@@ -145,6 +148,7 @@ class FtController:
         self.respawner = Respawner(respawn)
         self.ready_joiners: set[int] = set()
         self.kv_slots = 0  # every member's KV pool size, from heartbeats; a restarted worker needs the same
+        self.metrics = ft_metrics()  # None unless SGLang's metrics are on
 
     def run(self) -> None:
         logger.info("sglang-ft controller: watching %d workers", len(self.state.membership.members()))
@@ -176,6 +180,8 @@ class FtController:
                                  f"{', '.join(map(str, joiners))}", 0.0, joiners)
         if self.pending is not None and now - self.pending.last_sent > 0.5:
             self._publish(self.pending.order)  # late or reconnecting subscribers still get it
+        if self.metrics is not None:  # before answering: what /ft/status shows, /metrics shows too
+            self.metrics.observe(self.state)
         self._serve_control(now)
 
     def _on_message(self, message, now: float) -> None:
@@ -195,7 +201,7 @@ class FtController:
             record.pid, record.last_beat = message.pid, now
         elif isinstance(message, Heartbeat):
             if message.kv_backup is not None:
-                self.state.kv_senders[message.worker] = tuple(message.kv_backup)
+                self.state.kv_senders[message.worker] = message
             self.kv_slots = max(self.kv_slots, message.kv_slots)
             change = self.state.detector.beat(message.worker, message.pid, now)
             if change and change.state is WorkerState.HEALTHY and self.state.detections:

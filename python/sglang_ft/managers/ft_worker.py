@@ -145,8 +145,7 @@ class FtWorker:
         self.kv_stream = KvStreamer(self.ft.kv_backup_endpoint, self.worker, self.ft.kv_backup_queue,
                                     runner.token_to_kv_pool, allocator, model.layout.shape.num_key_value_heads)
         self.kv_stream.follow(runner.token_to_kv_pool, model.shard.kv_heads, self.epoch)
-        sender = self.kv_stream.sender
-        self.heartbeat.kv_backup_counters = lambda: (sender.sent, sender.dropped, sender.bytes_sent)
+        self.heartbeat.kv_backup_counters = self.kv_stream.sender.counters
 
     def check_orders(self) -> None:
         """Called at the top of every scheduler iteration (no forward in flight, every allocated slot written):

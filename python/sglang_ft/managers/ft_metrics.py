@@ -1,0 +1,122 @@
+"""The FT controller's state as Prometheus metrics (`sglang_ft_*`), served on SGLang's own `/metrics`.
+
+With `--enable-metrics` SGLang runs prometheus_client in multiprocess mode: every process writes its metrics to
+files under PROMETHEUS_MULTIPROC_DIR and the HTTP server's MultiProcessCollector merges them. The controller is one
+more such process; `FtMetrics.observe` maps its state to metrics once per controller step. With metrics off (no
+PROMETHEUS_MULTIPROC_DIR) `ft_metrics()` is None: prometheus_client is not even imported.
+"""
+
+from __future__ import annotations
+
+import os
+
+MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"
+CAUSE_KINDS = ("failure", "drain", "rejoin")
+RECOVERY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+DETECTION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
+
+
+def prepare_multiproc_dir(runtime_dir: str) -> None:
+    """Called in the launcher before it spawns the controller, under `--enable-metrics`.
+
+    SGLang sets PROMETHEUS_MULTIPROC_DIR only in `Engine._launch_subprocesses`, after our hook on `launch_server`
+    has spawned the controller, which would then not inherit it. So set it first, as a user may: SGLang then
+    keeps it for every process of its own. It lives in the FT runtime directory and goes with it.
+    """
+    if MULTIPROC_DIR not in os.environ:
+        path = os.environ.get("prometheus_multiproc_dir") or os.path.join(runtime_dir, "prometheus")  # legacy name
+        os.makedirs(path, exist_ok=True)
+        os.environ[MULTIPROC_DIR] = path
+
+
+def ft_metrics() -> FtMetrics | None:
+    """The controller's metrics when SGLang's metrics are on (the variable is inherited from the launcher)."""
+    return FtMetrics() if os.environ.get(MULTIPROC_DIR) else None
+
+
+def cause_kind(cause: str) -> str:
+    """The label of a recovery's cause (the controller's `Regroup.cause`): failure, drain or rejoin."""
+    if cause.startswith("drain of"):
+        return "drain"
+    if cause.startswith("rejoin of"):
+        return "rejoin"
+    return "failure"
+
+
+def _gauge(name: str, text: str):
+    from prometheus_client import Gauge
+
+    # one writer (the controller): its latest value is the value
+    return Gauge(f"sglang_ft_{name}", text, multiprocess_mode="mostrecent", registry=None)
+
+
+def _counter(name: str, text: str, labels=()):
+    from prometheus_client import Counter
+
+    return Counter(f"sglang_ft_{name}", text, labels, registry=None)  # exposed as sglang_ft_{name}_total
+
+
+def _histogram(name: str, text: str, buckets, labels=()):
+    from prometheus_client import Histogram
+
+    return Histogram(f"sglang_ft_{name}", text, labels, registry=None, buckets=buckets)
+
+
+class FtMetrics:
+    """Gauges follow the state; counters and histograms take each new recovery once, and the deltas of the
+    workers' KV backup counters (which restart at 0 with a restarted worker's process)."""
+
+    def __init__(self):
+        self.epoch = _gauge("epoch", "Membership epoch (+1 per regroup)")
+        self.tp_size = _gauge("tp_size", "Workers in the current group")
+        self.live_workers = _gauge("live_workers", "Group members not declared dead")
+        self.kv_backup_lag = _gauge("kv_backup_lag", "KV backup messages queued in the live workers' senders, not "
+                                                     "yet written out (sum of their latest heartbeats; a lower bound)")
+        self.recoveries = _counter("recoveries", "Completed regroups", ["cause_kind"])
+        self.recovery_seconds = _histogram("recovery_seconds", "Detection plus recovery time of each completed "
+                                           "regroup", RECOVERY_BUCKETS, ["cause_kind"])
+        self.detection_seconds = _histogram("detection_seconds", "Silence of a failed worker before the regroup was "
+                                            "ordered (failures only)", DETECTION_BUCKETS)
+        for kind in CAUSE_KINDS:  # every series exists from the start, at 0
+            self.recoveries.labels(kind)
+            self.recovery_seconds.labels(kind)
+        self.kv_blocks_restored = _counter("kv_blocks_restored", "KV blocks regroups restored from the backup store")
+        self.kv_tokens_recomputed = _counter("kv_tokens_recomputed", "Tokens whose KV regroups had to recompute")
+        self.kv_backup_bytes = _counter("kv_backup_bytes", "Bytes the workers streamed to the KV backup store")
+        self.kv_backup_dropped = _counter("kv_backup_dropped", "KV backup messages dropped on a full queue")
+        self.store_healthy = None  # made once a KV backup store exists: with backup off there is no series
+        self._recoveries_seen = 0
+        self._senders: dict[int, tuple[int, int, int]] = {}  # worker -> (pid, bytes, dropped) already counted
+
+    def observe(self, state) -> None:
+        """Map the controller's `ControllerState` to the metrics (cheap: a few writes to a memory-mapped file)."""
+        membership = state.membership
+        live = membership.live_members()
+        self.epoch.set(membership.epoch)
+        self.tp_size.set(len(membership.members()))
+        self.live_workers.set(len(live))
+        for recovery in state.recoveries[self._recoveries_seen:]:
+            kind = cause_kind(recovery["cause"])
+            self.recoveries.labels(kind).inc()
+            self.recovery_seconds.labels(kind).observe((recovery["detect_ms"] + recovery["recover_ms"]) / 1e3)
+            if kind == "failure":
+                self.detection_seconds.observe(recovery["detect_ms"] / 1e3)
+            self.kv_blocks_restored.inc(recovery["kv_blocks_restored"])
+            self.kv_tokens_recomputed.inc(recovery["kv_tokens_recomputed"])
+        self._recoveries_seen = len(state.recoveries)
+        for worker, beat in state.kv_senders.items():
+            _, dropped, sent_bytes = beat.kv_backup
+            pid, counted_bytes, counted_dropped = self._senders.get(worker, (beat.pid, 0, 0))
+            if pid != beat.pid:  # a restarted worker's process counts from 0 again
+                counted_bytes = counted_dropped = 0
+            if sent_bytes > counted_bytes:
+                self.kv_backup_bytes.inc(sent_bytes - counted_bytes)
+            if dropped > counted_dropped:
+                self.kv_backup_dropped.inc(dropped - counted_dropped)
+            self._senders[worker] = (beat.pid, sent_bytes, dropped)
+        self.kv_backup_lag.set(sum(state.kv_senders[w].kv_backup_queued for w in live if w in state.kv_senders))
+        if state.kv_backup is not None:
+            if self.store_healthy is None:
+                self.store_healthy = _gauge("kv_backup_store_healthy", "1 while the KV backup store runs, 0 while "
+                                            "it is down (backup degraded)")
+            self.store_healthy.set(1 if state.kv_backup.alive else 0)

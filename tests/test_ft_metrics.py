@@ -1,0 +1,131 @@
+"""The FT controller's Prometheus metrics (`ft_metrics.py`), without a server.
+
+A real FtController runs in a child process with PROMETHEUS_MULTIPROC_DIR set, as under SGLang's `--enable-metrics`
+(prometheus_client picks multiprocess mode at import); this process reads the values back the way SGLang's
+`/metrics` does, through a MultiProcessCollector on that directory.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+import types
+
+import pytest
+from sglang_ft.managers.ft_metrics import MULTIPROC_DIR, cause_kind, prepare_multiproc_dir
+
+
+def drive(sockets: str) -> dict:
+    """Three workers beat with KV backup counters, worker 1 dies, the survivors regroup, the store goes down."""
+    from sglang_ft.managers.ft_controller import FtController
+
+    from ft.messages import Heartbeat, RegroupDone
+    from ft.partition import ModelShape
+
+    controller = FtController(f"ipc://{sockets}/hb", f"ipc://{sockets}/ctl", 3, interval_s=0.05, timeout_s=30,
+                              parent_pid=os.getpid(), enable_fault_injection=False,
+                              shape=ModelShape(8, 4, 8, 64, 160, 512, 2))
+    store = types.SimpleNamespace(alive=True, check=lambda: False, status=lambda: {})
+    controller.state.kv_backup = store
+    for worker in range(3):
+        beat = Heartbeat(worker, os.getpid(), 0, 0, (10, 0, 1000), kv_backup_queued=5 + worker)
+        controller._on_message(beat, time.monotonic())
+    controller.step()
+    first = _values(controller)
+    controller._record(controller.state.detector.declare_dead(1, time.monotonic()), "process exit")
+    for worker in (0, 2):
+        controller._on_message(RegroupDone(worker, 1, {}, 0, 0, 0, 7, kv_blocks_restored=5), time.monotonic())
+    controller._on_message(Heartbeat(0, os.getpid(), 1, 1, (15, 2, 1500), kv_backup_queued=3), time.monotonic())
+    restarted = os.getppid()  # another live process: worker 2's counters start again
+    controller._on_message(Heartbeat(2, restarted, 1, 0, (1, 0, 200), kv_backup_queued=4), time.monotonic())
+    store.alive = False
+    controller.step()
+    return {"first": first, "recoveries": controller.state.recoveries, "metrics_on": controller.metrics is not None,
+            "prometheus_imported": "prometheus_client" in sys.modules}
+
+
+def _values(controller) -> dict:
+    status = controller.state.status(time.monotonic())
+    return {key: status[key] for key in ("epoch", "tp_size", "live_workers")}
+
+
+def _run_driver(tmp_path, env: dict, cwd) -> dict:
+    sockets = tmp_path / "sockets"
+    sockets.mkdir(exist_ok=True)
+    code = f"import json, sys; sys.path.insert(0, {os.path.dirname(__file__)!r}); import test_ft_metrics as t; " \
+           f"print(json.dumps(t.drive({str(sockets)!r})))"
+    done = subprocess.run([sys.executable, "-c", code], env=env, cwd=cwd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if k.lower() != MULTIPROC_DIR.lower()}
+    return {**env, **extra}
+
+
+def _collect(path) -> dict:
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=str(path))
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in registry.collect() for s in family.samples}
+
+
+def test_controller_state_reaches_the_multiprocess_collector(tmp_path):
+    metrics_dir = tmp_path / "prometheus"
+    metrics_dir.mkdir()
+    run = _run_driver(tmp_path, _env(PROMETHEUS_MULTIPROC_DIR=str(metrics_dir)), cwd=tmp_path)
+    assert run["metrics_on"] and run["first"] == {"epoch": 0, "tp_size": 3, "live_workers": 3}
+    (recovery,) = run["recoveries"]
+    values = _collect(metrics_dir)
+    failure, drain = (("cause_kind", "failure"),), (("cause_kind", "drain"),)
+
+    assert values[("sglang_ft_epoch", ())] == 1
+    assert values[("sglang_ft_tp_size", ())] == 2 and values[("sglang_ft_live_workers", ())] == 2
+    assert values[("sglang_ft_recoveries_total", failure)] == 1 and values[("sglang_ft_recoveries_total", drain)] == 0
+    assert values[("sglang_ft_recovery_seconds_count", failure)] == 1
+    seconds = (recovery["detect_ms"] + recovery["recover_ms"]) / 1e3
+    assert values[("sglang_ft_recovery_seconds_sum", failure)] == pytest.approx(seconds)
+    assert values[("sglang_ft_recovery_seconds_bucket", failure + (("le", "0.05"),))] == (seconds <= 0.05)
+    assert values[("sglang_ft_recovery_seconds_bucket", failure + (("le", "+Inf"),))] == 1
+    assert values[("sglang_ft_detection_seconds_count", ())] == 1
+    assert values[("sglang_ft_detection_seconds_sum", ())] == pytest.approx(recovery["detect_ms"] / 1e3)
+    assert values[("sglang_ft_kv_blocks_restored_total", ())] == 10
+    assert values[("sglang_ft_kv_tokens_recomputed_total", ())] == 7
+    # 3 x 1000 bytes, then worker 0 sent 500 more and worker 2's new process 200 (its counters restart at 0)
+    assert values[("sglang_ft_kv_backup_bytes_total", ())] == 3700
+    assert values[("sglang_ft_kv_backup_dropped_total", ())] == 2
+    assert values[("sglang_ft_kv_backup_lag", ())] == 3 + 4  # the live members' latest beats; dead worker 1 not
+    assert values[("sglang_ft_kv_backup_store_healthy", ())] == 0
+    assert all(f.startswith(("counter_", "gauge_mostrecent_", "histogram_")) for f in os.listdir(metrics_dir))
+
+
+def test_without_the_multiprocess_dir_metrics_are_off_and_write_nothing(tmp_path):
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    run = _run_driver(tmp_path, _env(), cwd=cwd)
+    assert run["first"] == {"epoch": 0, "tp_size": 3, "live_workers": 3}
+    assert not run["metrics_on"] and not run["prometheus_imported"]
+    assert os.listdir(cwd) == []
+
+
+def test_the_launcher_sets_the_directory_before_the_controller_is_spawned(tmp_path, monkeypatch):
+    monkeypatch.delenv(MULTIPROC_DIR, raising=False)
+    monkeypatch.delenv("prometheus_multiproc_dir", raising=False)
+    prepare_multiproc_dir(str(tmp_path))
+    assert os.environ[MULTIPROC_DIR] == str(tmp_path / "prometheus") and (tmp_path / "prometheus").is_dir()
+    monkeypatch.setenv(MULTIPROC_DIR, "/a/users/own")
+    prepare_multiproc_dir(str(tmp_path / "other"))
+    assert os.environ[MULTIPROC_DIR] == "/a/users/own" and not (tmp_path / "other").exists()
+
+
+@pytest.mark.parametrize("cause, kind", [
+    ("worker 1: process exit", "failure"), ("worker 2: heartbeat timeout", "failure"),
+    ("collective failure with every worker alive", "failure"), ("drain of worker 2", "drain"),
+    ("rejoin of worker 1", "rejoin"), ("rejoin of workers 1, 3", "rejoin")])
+def test_cause_kinds_are_few(cause, kind):
+    assert cause_kind(cause) == kind
