@@ -29,84 +29,17 @@ import platform
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import psutil
 import requests
 from sglang_ft.tools import make_tiny_model
+from sglang_ft.tools.load import Load, rate_series, scheduler_pid
 from sglang_ft.tools.server_process import ServerProcess
 
 PROMPTS = [f"Request {i}: the tensor parallel group serves tokens while a worker may fail at any time"
            for i in range(64)]
 BENCH_MODEL_FLAGS = ["--hidden-size", "96", "--num-attention-heads", "12", "--num-key-value-heads", "12",
                      "--intermediate-size", "192", "--seed", "3"]
-
-
-@dataclass
-class Load:
-    """Closed-loop streaming clients: each sends a request, reads it to the end, sends the next."""
-
-    url: str
-    max_new_tokens: int
-    tokens: list[float] = field(default_factory=list)  # arrival time of every streamed token
-    completed: int = 0
-    failed_attempts: int = 0
-    unfinished: int = 0
-    stop: threading.Event = field(default_factory=threading.Event)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def client(self, index: int) -> None:
-        n = index
-        while not self.stop.is_set():
-            if self._one(PROMPTS[n % len(PROMPTS)]):
-                n += 1
-
-    def _one(self, prompt: str) -> bool:
-        """One request until it completes; a failed attempt is retried (re-sent) until the load stops."""
-        body = {"text": prompt, "stream": True,
-                "sampling_params": {"temperature": 0, "ignore_eos": True, "max_new_tokens": self.max_new_tokens}}
-        while True:
-            try:
-                with requests.post(f"{self.url}/generate", json=body, stream=True, timeout=(2, 120)) as r:
-                    r.raise_for_status()
-                    seen = 0
-                    for line in r.iter_lines():
-                        if not line.startswith(b"data:") or line == b"data: [DONE]":
-                            continue
-                        chunk = json.loads(line[5:])
-                        if "error" in chunk:
-                            raise RuntimeError(chunk["error"])
-                        now, count = time.monotonic(), len(chunk.get("output_ids", []))
-                        with self.lock:
-                            self.tokens.extend([now] * max(0, count - seen))
-                        seen = max(seen, count)
-                if seen >= self.max_new_tokens:
-                    with self.lock:
-                        self.completed += 1
-                    return True
-                raise RuntimeError("stream ended early")
-            except (requests.RequestException, RuntimeError, ValueError):
-                with self.lock:
-                    self.failed_attempts += 1
-                if self.stop.is_set():
-                    with self.lock:
-                        self.unfinished += 1
-                    return False
-                time.sleep(0.2)
-
-
-def rate_series(tokens: list[float], start: float, end: float, window: float = 1.0) -> list[tuple[float, float]]:
-    """(time since `start`, tokens/s over the preceding `window`) every 0.25 s."""
-    out, t = [], start + window
-    ordered = sorted(tokens)
-    import bisect
-
-    while t <= end:
-        count = bisect.bisect_right(ordered, t) - bisect.bisect_right(ordered, t - window)
-        out.append((round(t - start, 2), count / window))
-        t += 0.25
-    return out
 
 
 def probe_first_success(load: Load, fault_at: float, out: dict) -> None:
@@ -142,11 +75,8 @@ def summarize(load: Load, started: float, fault_at: float, ended: float) -> dict
 
 
 def run_load(url_of, clients: int, max_new_tokens: int, before_s: float, after_s: float, fault) -> dict:
-    load = Load(url_of(), max_new_tokens)
-    threads = [threading.Thread(target=load.client, args=(i,), daemon=True) for i in range(clients)]
     started = time.monotonic()
-    for thread in threads:
-        thread.start()
+    load = Load(url_of(), PROMPTS, max_new_tokens).start(clients)
     time.sleep(before_s)
     fault_at = time.monotonic()
     extra = fault(load)
@@ -154,21 +84,10 @@ def run_load(url_of, clients: int, max_new_tokens: int, before_s: float, after_s
     probe = threading.Thread(target=probe_first_success, args=(load, fault_at, first_success), daemon=True)
     probe.start()
     time.sleep(max(0.0, fault_at + after_s - time.monotonic()))
-    load.stop.set()
     ended = time.monotonic()
-    for thread in [*threads, probe]:
-        thread.join(timeout=180)
+    load.finish()
+    probe.join(timeout=180)
     return {**summarize(load, started, fault_at, ended), **first_success, **extra}
-
-
-def scheduler_pid(server: ServerProcess, rank: int) -> int:
-    for child in psutil.Process(server.proc.pid).children(recursive=True):
-        try:
-            if f"scheduler_TP{rank}" in " ".join(child.cmdline()):
-                return child.pid
-        except psutil.Error:
-            continue
-    raise RuntimeError(f"no scheduler process for TP rank {rank}")
 
 
 def measure_sglang_ft(model: str, args) -> dict:
@@ -219,7 +138,7 @@ def measure_restart_and_reload(model: str, args) -> dict:
         load.url = restarted.url  # clients re-send failed requests here
 
     def fault(load: Load):
-        os.kill(scheduler_pid(holder["server"], 2), signal.SIGKILL)
+        os.kill(scheduler_pid(holder["server"].proc.pid, 2), signal.SIGKILL)
         thread = threading.Thread(target=supervise, args=(time.monotonic(), load), daemon=True)
         thread.start()
         return {}
