@@ -9,8 +9,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import multiprocessing as mp
 import os
+import subprocess
+import sys
 import tempfile
 from typing import Literal
 
@@ -42,7 +43,7 @@ class WorkerRequest(BaseModel):
     worker: int = Field(ge=0, description="the worker (its launch TP rank)")
 
 
-def start_ft_runtime(tp_size: int, model_path: str, app: FastAPI, enable_metrics: bool = False) -> mp.Process:
+def start_ft_runtime(tp_size: int, model_path: str, app: FastAPI, enable_metrics: bool = False) -> subprocess.Popen:
     """Make the runtime directory, start the FT controller, publish its endpoints, add the routes."""
     ft = dataclasses.replace(ft_args(), runtime_dir=tempfile.mkdtemp(prefix="sglang-ft-"))
     publish(ft)
@@ -50,12 +51,11 @@ def start_ft_runtime(tp_size: int, model_path: str, app: FastAPI, enable_metrics
         from sglang_ft.managers.ft_metrics import prepare_multiproc_dir
 
         prepare_multiproc_dir(ft.runtime_dir)
-    from sglang_ft.managers.ft_controller import run_ft_controller
-
-    process = mp.get_context("spawn").Process(
-        target=run_ft_controller, args=(ft.to_env(), tp_size, os.getpid(), model_path), name="sglang-ft-controller", daemon=True
-    )
-    process.start()
+    # A plain child process, not multiprocessing's spawn: spawn would re-import `sglang.launch_server` (the
+    # launcher's __main__, seconds of CPU) in a process that needs only zmq and msgspec.
+    process = subprocess.Popen(
+        [sys.executable, "-m", "sglang_ft.managers.ft_controller", str(tp_size), str(os.getpid()), model_path],
+        env=dict(os.environ, SGLANG_FT_CONTROLLER_ARGS=ft.to_env()))
     logger.info("sglang-ft: controller pid %d, runtime dir %s", process.pid, ft.runtime_dir)
     add_ft_routes(app, ft)
     from sglang_ft.entrypoints.worker_spawner import WorkerSpawner

@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -428,7 +429,7 @@ def model_shape_from_dir(model_path: str) -> ModelShape:
 
 
 def run_ft_controller(ft_env: str, tp_size: int, parent_pid: int, model_path: str) -> None:
-    """Process entry point (spawned by the launcher)."""
+    """Process entry point (started by the launcher: `python -m sglang_ft.managers.ft_controller`)."""
     from sglang_ft.server_args import FtArgs
 
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s FT] %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
@@ -448,3 +449,7 @@ def run_ft_controller(ft_env: str, tp_size: int, parent_pid: int, model_path: st
         if controller.state.kv_backup is not None:
             controller.state.kv_backup.stop()
         shutil.rmtree(ft.runtime_dir, ignore_errors=True)  # the launcher is gone: nothing will use the sockets
+
+
+if __name__ == "__main__":
+    run_ft_controller(os.environ["SGLANG_FT_CONTROLLER_ARGS"], int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])
