@@ -15,7 +15,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-import uvicorn
+from fake_http import serving
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
@@ -101,17 +101,8 @@ def procs():
 @pytest.fixture
 def fake(procs):
     server = FakeFtServer(procs)
-    uv = uvicorn.Server(uvicorn.Config(server.app, host="127.0.0.1", port=0, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not uv.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "the fake server did not start"
-        time.sleep(0.01)
-    server.url = f"http://127.0.0.1:{uv.servers[0].sockets[0].getsockname()[1]}"
-    yield server
-    uv.should_exit = True
-    thread.join(timeout=5)
+    with serving(server.app) as server.url:
+        yield server
     for proc in server.procs[len(procs):]:
         proc.kill()
         proc.wait()
