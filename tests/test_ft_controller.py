@@ -308,3 +308,31 @@ def test_draining_a_worker_regroups_without_it_and_only_a_rejoin_brings_it_back(
     assert controller._answer(ControlRequest("rejoin", worker=1), time.monotonic()) == {"rejoining": 1}
     controller.step()
     assert [r.worker for r in _respawns(subscriber)] == [1]
+
+
+def test_the_controller_process_cleans_up_its_runtime_dir_when_terminated(tmp_path, tiny_model):
+    """Started as the launcher starts it; a stopped server (SIGTERM to its group) leaves no sockets behind."""
+    import signal
+    import subprocess
+    import sys
+
+    from ft.messages import ControlRequest
+    from sglang_ft.server_args import FtArgs
+
+    runtime = tmp_path / "runtime"
+    runtime.mkdir()
+    ft = FtArgs(enabled=True, kv_backup=False, runtime_dir=str(runtime))
+    proc = subprocess.Popen([sys.executable, "-m", "sglang_ft.managers.ft_controller", "2", str(os.getpid()),
+                             tiny_model], env=dict(os.environ, SGLANG_FT_CONTROLLER_ARGS=ft.to_env()))
+    try:
+        from sglang_ft.entrypoints.ft_runtime import ask_controller
+
+        deadline = time.monotonic() + 60
+        while "workers" not in (reply := ask_controller(ft, ControlRequest("status"))):
+            assert time.monotonic() < deadline and proc.poll() is None, reply
+        assert len(reply["workers"]) == 2 and any(runtime.iterdir())  # serving on its sockets
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        assert not runtime.exists()
+    finally:
+        proc.kill()

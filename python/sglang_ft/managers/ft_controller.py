@@ -435,6 +435,7 @@ def run_ft_controller(ft_env: str, tp_size: int, parent_pid: int, model_path: st
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s FT] %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
     ft = FtArgs(**msgspec.json.decode(ft_env))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the launcher's Ctrl-C is the launcher's to handle
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # a stopped server: clean up below, then exit
     controller = FtController(ft.heartbeat_endpoint, ft.control_endpoint, tp_size, ft.heartbeat_interval_ms / 1e3,
                               ft.heartbeat_timeout_ms / 1e3, parent_pid, ft.enable_fault_injection,
                               ft.order_endpoint, model_shape_from_dir(model_path),
