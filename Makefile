@@ -1,7 +1,7 @@
 # sglang-ft: the README's commands. `make demo` and `make test` set everything up themselves.
 PY := .venv/bin/python
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast bench bench-full clean
 
 install:
 	@bash scripts/install.sh
@@ -16,8 +16,10 @@ test-fast: install
 	$(PY) -m pytest -q -ra -m "not server"
 
 bench: install
-	$(PY) benchmark/throughput.py
-	$(PY) benchmark/failover.py
+	$(PY) benchmark/bench_all.py
+
+bench-full: install
+	$(PY) benchmark/bench_all.py --full
 
 clean:
 	rm -rf .venv build *.egg-info .pytest_cache

@@ -1,0 +1,109 @@
+"""`make bench`: every benchmark in its quick form (about 12 minutes on 2 cores), then one summary table.
+
+    python benchmark/bench_all.py            # quick forms; results in benchmark/results/quick/
+    python benchmark/bench_all.py --full     # each benchmark's --full form; results in benchmark/results/
+
+Each benchmark runs as its own process (a failure in one is reported and the others still run) and writes its
+JSON; the summary reads those files, so it shows exactly what was measured in this run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).parent
+
+# name, script, quick arguments, full arguments
+BENCHMARKS = [
+    ("scale model", "scale_model.py", [], ["--full"]),
+    ("throughput", "throughput.py", ["--tp", "2", "--batches", "8", "32"], []),
+    ("ft overhead", "ft_overhead.py", [], ["--full"]),
+    ("failover", "failover.py", ["--before-s", "8", "--after-s", "30"], []),
+    ("under faults", "under_faults.py", [], ["--full"]),
+]
+
+
+def run_all(out: Path, full: bool, only: set[str] | None) -> dict[str, dict]:
+    outcomes = {}
+    for name, script, quick_args, full_args in BENCHMARKS:
+        if only and name.split()[0] not in only:
+            continue
+        out_flag = "--out-dir" if script == "scale_model.py" else "--out"
+        cmd = [sys.executable, str(HERE / script), *(full_args if full else quick_args), out_flag, str(out)]
+        print(f"== {name}: {' '.join(cmd[1:])}", flush=True)
+        started = time.monotonic()
+        code = subprocess.call(cmd)
+        outcomes[name] = {"exit": code, "seconds": round(time.monotonic() - started, 1)}
+        print(f"== {name}: exit {code} after {outcomes[name]['seconds']} s", flush=True)
+    return outcomes
+
+
+def _load(out: Path, name: str) -> dict | None:
+    path = out / name
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def summary_rows(out: Path) -> list[tuple[str, str, str]]:
+    """(measure, value, target) from whatever results exist in `out`."""
+    rows = []
+    if scale := _load(out, "scale_model.json"):
+        ratios = [row["ratio"] for row in scale["rows"]]
+        rows.append(("scale model: restart-and-reload / sglang-ft recovery time, 8 GPUs losing 1-3",
+                     f"{min(ratios):.1f}x .. {max(ratios):.1f}x", "projection"))
+    if throughput := _load(out, "throughput.json"):
+        by_key = {(r["tp"], r["ft"]): r for r in throughput["rows"] if "batch32_tok_s" in r}
+        for tp in sorted({tp for tp, _ in by_key}):
+            if (tp, True) in by_key and (tp, False) in by_key:
+                ratio = by_key[(tp, True)]["batch32_tok_s"] / by_key[(tp, False)]["batch32_tok_s"]
+                rows.append((f"throughput: --ft / plain, TP {tp}, batch 32", f"{ratio:.2f}", ">= 0.9"))
+    if overhead := _load(out, "ft_overhead.json"):
+        rows.append((f"ft overhead: --ft / plain tokens/s, TP {overhead['tp']}, no fault",
+                     f"{overhead['ft_throughput_ratio']}", ">= 0.95"))
+        rows.append(("ft overhead: --ft / plain p99 latency", f"{overhead['ft_p99_ratio']}", "-"))
+    if failover := _load(out, "failover.json"):
+        rows.append(("failover: TFS, restart-and-reload / sglang-ft", f"{failover['tfs_ratio']}x", ">= 20x"))
+        rows.append(("failover: TTP reduction", f"{failover['ttp_reduction']:.0%}"
+                     if failover["ttp_reduction"] is not None else "n/a", ">= 70%"))
+        rows.append(("failover: detection (ms)", f"{failover['detect_ms']}", "<= 2 heartbeats"))
+        rows.append(("failover: requests lost by sglang-ft", f"{failover['lost_requests']}", "0"))
+    if faults := _load(out, "under_faults.json"):
+        ratios = faults["ratios"]
+        rows.append(("under faults: throughput, sglang-ft / restart-and-reload",
+                     f"{ratios['throughput_ft_over_rr']}x", ">= 2.5x"))
+        rows.append(("under faults: recovery latency, restart-and-reload / sglang-ft",
+                     f"{ratios['recovery_rr_over_ft']}x", ">= 100x"))
+        rows.append(("under faults: requests lost by sglang-ft", f"{ratios['ft_lost']}", "0"))
+    return rows
+
+
+def table(rows: list[tuple[str, str, str]]) -> str:
+    lines = ["| measure | this run | target |", "|---|---|---|"]
+    lines += [f"| {measure} | {value} | {target} |" for measure, value, target in rows]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--full", action="store_true", help="each benchmark's --full form (much longer)")
+    parser.add_argument("--only", nargs="+", choices=sorted({name.split()[0] for name, *_ in BENCHMARKS}),
+                        help="run only these (first word of the name)")
+    parser.add_argument("--out", type=Path, help="default: benchmark/results/quick, or benchmark/results with --full")
+    args = parser.parse_args(argv)
+    out = args.out or (HERE / "results" if args.full else HERE / "results" / "quick")
+    out.mkdir(parents=True, exist_ok=True)
+    outcomes = run_all(out, args.full, set(args.only) if args.only else None)
+    print(f"\nsglang-ft benchmarks ({'full' if args.full else 'quick'} forms), results in {out}:\n")
+    print(table(summary_rows(out)))
+    failed = [name for name, outcome in outcomes.items() if outcome["exit"] != 0]
+    if failed:
+        print(f"\nfailed: {', '.join(failed)} (see the output above)")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,33 @@
+"""`make bench`'s summary: read from the benchmarks' own result files (the recorded ones in benchmark/results)."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+RESULTS = Path(__file__).parent.parent / "benchmark" / "results"
+spec = importlib.util.spec_from_file_location("bench_all", RESULTS.parent / "bench_all.py")
+bench_all = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bench_all)
+
+
+def test_summary_reads_every_recorded_result():
+    rows = {measure: (value, target) for measure, value, target in bench_all.summary_rows(RESULTS)}
+    failover = json.loads((RESULTS / "failover.json").read_text())
+    assert rows["failover: TFS, restart-and-reload / sglang-ft"] == (f"{failover['tfs_ratio']}x", ">= 20x")
+    assert rows["failover: requests lost by sglang-ft"][0] == str(failover["lost_requests"])
+    faults = json.loads((RESULTS / "under_faults.json").read_text())["ratios"]
+    assert rows["under faults: throughput, sglang-ft / restart-and-reload"][0] == f"{faults['throughput_ft_over_rr']}x"
+    assert any(measure.startswith("scale model") for measure in rows)
+    assert any(measure.startswith("throughput: --ft / plain, TP 4") for measure in rows)
+
+
+def test_missing_results_are_left_out_not_invented(tmp_path):
+    assert bench_all.summary_rows(tmp_path) == []
+    assert bench_all.table([]).count("\n") == 1  # the header only
+
+
+def test_every_benchmark_script_exists_and_only_names_them():
+    for _, script, _, _ in bench_all.BENCHMARKS:
+        assert (RESULTS.parent / script).exists()
+    outcomes = bench_all.run_all(RESULTS, full=False, only={"nothing"})
+    assert outcomes == {}
