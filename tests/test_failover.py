@@ -215,7 +215,8 @@ def test_rank0_death_then_a_hung_worker_is_fenced_then_a_drain(ft_server, refere
     assert [r["output_ids"] for r in results] == expected
     st = wait_for(lambda: (s := status(ft_server))["epoch"] == 3 and len(s["recoveries"]) == 3 and s)
     assert st["tp_size"] == 1 and st["recoveries"][-1]["cause"] == "drain of worker 2"
-    assert st["detections"][-1]["cause"] == "drained" and st["detections"][-1]["pid"] == drained
+    # (a busy machine may add "suspect" records after it, so look the drain's own record up)
+    assert [d["pid"] for d in st["detections"] if d["cause"] == "drained"] == [drained]
     wait_for(lambda: not psutil.pid_exists(drained) or psutil.Process(drained).status() == psutil.STATUS_ZOMBIE,
              timeout_s=30, what="the drained worker to exit")
     assert drain(1).status_code == 409  # the last worker of the group stays
