@@ -141,6 +141,7 @@ def measure_restart_and_reload(model: str, args) -> dict:
         os.kill(scheduler_pid(holder["server"].proc.pid, 2), signal.SIGKILL)
         thread = threading.Thread(target=supervise, args=(time.monotonic(), load), daemon=True)
         thread.start()
+        holder["supervisor"] = thread
         return {}
 
     try:
@@ -150,6 +151,8 @@ def measure_restart_and_reload(model: str, args) -> dict:
         result.update(startup_s=round(first_startup, 1), bytes_moved=checkpoint, **timings)
         return result
     finally:
+        if "supervisor" in holder:  # a relaunch still under way would leave its server running
+            holder["supervisor"].join(timeout=300)
         holder["server"].stop()
 
 
