@@ -51,10 +51,11 @@ from sglang_ft.tools import make_tiny_model
 from sglang_ft.tools.load import OpenLoad, arrival_times, scheduler_pid
 from sglang_ft.tools.server_process import ServerProcess
 
-# quick: 2 kills and a rejoin in 60 s (seed 69 of the generator with these parameters); full: 3 min, 3 kills, a
+# quick: a kill at 10 s and its rejoin 20 s later in 45 s (seed 37 of the generator with these parameters; short
+# enough for `make bench`, long enough for restart-and-reload to come back in the drain); full: 3 min, 3 kills, a
 # hang and 4 rejoins (seed 1)
 PRESETS = {
-    "quick": dict(window_s=60.0, trace_seed=69, acceleration=3e6, hang_fraction=0.0, rate=1.5, max_new_tokens=16,
+    "quick": dict(window_s=45.0, trace_seed=37, acceleration=3e6, hang_fraction=0.0, rate=1.5, max_new_tokens=16,
                   drain_s=60.0),
     "full": dict(window_s=180.0, trace_seed=1, acceleration=3e6, hang_fraction=0.25, rate=1.5, max_new_tokens=24,
                  drain_s=120.0),

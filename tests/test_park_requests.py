@@ -4,6 +4,8 @@ fails here, not mid-recovery); the server tests cover the rest."""
 from array import array
 from types import SimpleNamespace
 
+import pytest
+
 from sglang.srt.managers.schedule_batch import Req
 from sglang.srt.sampling.sampling_params import SamplingParams
 
@@ -72,8 +74,9 @@ def prefilling(tree, pool, allocator, rid: str, prompt: list[int]):
     return req
 
 
-def test_parking_after_a_failed_first_prefill_frees_all_but_the_cached_prefix(monkeypatch):
-    """A new request keeps nothing (its row goes back whole); one with a cached prefix keeps exactly that."""
+@pytest.fixture
+def radix(monkeypatch):
+    """SGLang's own token allocator, request pool and radix cache, with a 3-token prefix already cached."""
     import sglang.srt.managers.schedule_batch as schedule_batch
     import sglang.srt.mem_cache.common as mem_cache_common
     import torch
@@ -82,8 +85,6 @@ def test_parking_after_a_failed_first_prefill_frees_all_but_the_cached_prefix(mo
     from sglang.srt.mem_cache.cache_init_params import CacheInitParams
     from sglang.srt.mem_cache.memory_pool import ReqToTokenPool
     from sglang.srt.mem_cache.radix_cache import RadixCache, RadixKey
-
-    from sglang_ft.managers.park_requests import park
 
     # SGLang reads two launch settings from its runtime context; outside a server, give them their defaults
     for module in (schedule_batch, mem_cache_common):
@@ -94,6 +95,14 @@ def test_parking_after_a_failed_first_prefill_frees_all_but_the_cached_prefix(mo
     tree = RadixCache(CacheInitParams(disable=False, req_to_token_pool=pool, token_to_kv_pool_allocator=allocator,
                                       page_size=1))
     tree.insert(InsertParams(key=RadixKey(array("q", [7, 8, 9])), value=allocator.alloc(3)))
+    return SimpleNamespace(allocator=allocator, pool=pool, tree=tree)
+
+
+def test_parking_after_a_failed_first_prefill_frees_all_but_the_cached_prefix(radix):
+    """A new request keeps nothing (its row goes back whole); one with a cached prefix keeps exactly that."""
+    from sglang_ft.managers.park_requests import park
+
+    tree, pool, allocator = radix.tree, radix.pool, radix.allocator
     free_before = allocator.available_size()
 
     new = prefilling(tree, pool, allocator, "new", [1, 2, 3, 4, 5])
@@ -108,3 +117,34 @@ def test_parking_after_a_failed_first_prefill_frees_all_but_the_cached_prefix(mo
     assert park(cached, 3, tree) == 0
     assert not cached.kv.holds_kv and allocator.available_size() == free_before and pool.available_size() == 4
     assert tree.total_size() == 3  # only the prefix the tree already had
+
+
+def test_parking_every_request_frees_in_one_batch_and_queues_them(radix, monkeypatch):
+    """Several requests parked at once: the slots they do not keep go back in one merge of the free list (a
+    merge per request cost tens of ms on a large pool), and every request waits in the queue again."""
+    import sglang_ft.managers.park_requests as park_requests
+
+    tree, pool, allocator = radix.tree, radix.pool, radix.allocator
+    free_before = allocator.available_size()
+    reqs = [prefilling(tree, pool, allocator, rid, prompt)
+            for rid, prompt in (("a", [1, 2, 3, 4]), ("b", [7, 8, 9, 5, 6]), ("c", [4, 4, 4]))]
+    failed = SimpleNamespace(reqs=[reqs[0]], forward_mode=Mode(decode=False))  # "a" loses its whole prefill
+    merges = []
+    free = allocator.free
+    monkeypatch.setattr(allocator, "free", lambda index: (merges.append(allocator.free_group is None), free(index)))
+    monkeypatch.setattr(park_requests, "agree_on_lengths", lambda lengths, group: lengths)  # one rank
+    queued = []
+    scheduler = SimpleNamespace(
+        running_batch=SimpleNamespace(reqs=list(reqs[1:]), batch_is_full=True), last_batch=failed,
+        cur_batch_for_debug=None, chunked_req=None, waiting_queue=[], tree_cache=tree,
+        token_to_kv_pool_allocator=allocator, _add_request_to_queue=lambda req, is_retracted: queued.append(req))
+
+    parked, kept, recomputed = park_requests.park_every_request(scheduler, failed, cpu_group=None)
+
+    # a request with no output yet keeps its prompt but the last token (the one its first decode step feeds)
+    assert (parked, kept, recomputed) == (3, 0 + 4 + 2, 0)
+    assert sorted(r.rid for r in queued) == ["a", "b", "c"] and scheduler.running_batch.reqs == []
+    assert merges.count(True) == 1  # the frees were grouped and merged once
+    assert allocator.free_group is None
+    # "a" gave everything back; "b" and "c" are in the radix cache now (with the old prefix: 3 + 1 + 2 tokens)
+    assert allocator.available_size() == free_before - 3 and tree.total_size() == 6

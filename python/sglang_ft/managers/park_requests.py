@@ -73,9 +73,14 @@ def park_every_request(scheduler, failed_batch, cpu_group, joining: bool = False
     mine = None if joining else {r.rid: committed_kv_len(r, failed_batch) for r in reqs}
     lengths = agree_on_lengths(mine, cpu_group)
     recomputed = kept = 0
-    for req in reqs:
-        recomputed += park(req, lengths[req.rid], scheduler.tree_cache)
-        kept += lengths[req.rid]
+    allocator = scheduler.token_to_kv_pool_allocator
+    allocator.free_group_begin()  # one merge of the free list for all of them, as SGLang's own batch frees do
+    try:
+        for req in reqs:
+            recomputed += park(req, lengths[req.rid], scheduler.tree_cache)
+            kept += lengths[req.rid]
+    finally:
+        allocator.free_group_end()
     scheduler.running_batch.reqs = []
     scheduler.running_batch.batch_is_full = False
     scheduler.last_batch = scheduler.cur_batch_for_debug = None

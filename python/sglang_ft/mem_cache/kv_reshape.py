@@ -58,18 +58,17 @@ def restore_kv(pool, allocator, old_heads, new_heads, plan: MigrationPlan, me: i
     """Reshape `pool` from global KV heads `old_heads` (None: a restarted worker, holding none) to `new_heads`
     and fill the live slots of every head."""
     old_k, old_v = reshape_kv_heads(pool, new_heads[1] - new_heads[0])
-    stats = KvRestoreStats()
     lo, hi = (max(old_heads[0], new_heads[0]), min(old_heads[1], new_heads[1])) if old_heads else (0, 0)
-    if lo < hi:
-        for layer in range(len(old_k)):
-            pool.k_buffer[layer][:, _local(new_heads, lo, hi)] = old_k[layer][:, _local(old_heads, lo, hi)]
-            pool.v_buffer[layer][:, _local(new_heads, lo, hi)] = old_v[layer][:, _local(old_heads, lo, hi)]
-        stats.heads_kept = hi - lo
+    stats = KvRestoreStats(heads_kept=max(0, hi - lo))
     slots = live_slots(allocator)
     stats.live_slots = len(slots)
     if not len(slots):
         return stats
     device_slots = slots.to(pool.k_buffer[0].device)
+    if lo < hi:  # kept heads: only the live rows are copied (the pool is sized for the whole memory budget)
+        kept_new, kept_old = _local(new_heads, lo, hi), _local(old_heads, lo, hi)
+        _put_rows(pool, device_slots, kept_new, [k[device_slots, kept_old] for k in old_k],
+                  [v[device_slots, kept_old] for v in old_v])
 
     rank_of = {worker: rank for rank, worker in enumerate(plan.workers)}
     requests, landing = [], []
