@@ -67,10 +67,15 @@ class MessageReceiver:
         self.socket.bind(endpoint)
         self.dropped = 0  # frames that were not valid sglang-ft messages
 
-    def poll(self, timeout_s: float) -> list[Message]:
-        """Every message that arrives within `timeout_s` (returns early once something arrived)."""
+    def poll(self, timeout_s: float, wake_fds: list[int] = ()) -> list[Message]:
+        """Every message that arrives within `timeout_s`; returns early once something arrived or one of
+        `wake_fds` (e.g. a process-exit pidfd) became readable."""
         messages = []
-        if self.socket.poll(int(timeout_s * 1000)):
+        poller = zmq.Poller()
+        poller.register(self.socket, zmq.POLLIN)
+        for fd in wake_fds:
+            poller.register(fd, zmq.POLLIN)
+        if self.socket in dict(poller.poll(int(timeout_s * 1000))):
             while True:
                 try:
                     frame = self.socket.recv(zmq.NOBLOCK)

@@ -31,3 +31,8 @@ def test_every_benchmark_script_exists_and_only_names_them():
         assert (RESULTS.parent / script).exists()
     outcomes = bench_all.run_all(RESULTS, full=False, only={"nothing"})
     assert outcomes == {}
+
+
+def test_the_quick_run_leaves_out_what_only_the_full_run_has():
+    quick_only_skipped = bench_all.run_all(RESULTS, full=False, only={"throughput"})
+    assert quick_only_skipped == {}  # nothing launched: throughput runs only under --full

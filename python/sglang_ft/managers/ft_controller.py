@@ -38,6 +38,7 @@ from ft.messages import (
 )
 from ft.partition import ModelShape, TPLayout
 from ft.planner import plan_migration
+from ft.process_watch import ProcessWatch
 from ft.ports import free_port
 from ft.respawn import Respawner, RespawnPolicy
 from sglang_ft.managers.ft_metrics import ft_metrics
@@ -95,15 +96,6 @@ def _kv_sender_fields(beat: Heartbeat | None) -> dict:
             "kv_backup_queued": beat.kv_backup_queued}
 
 
-def _process_gone(pid: int | None) -> bool:
-    if pid is None:
-        return False
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
-
-
 @dataclass
 class PendingRecovery:
     """A regroup the controller ordered and is waiting for every survivor to finish."""
@@ -150,6 +142,7 @@ class FtController:
         self.ready_joiners: set[int] = set()
         self.kv_slots = 0  # every member's KV pool size, from heartbeats; a restarted worker needs the same
         self.metrics = ft_metrics()  # None unless SGLang's metrics are on
+        self.exits = ProcessWatch()  # wakes the loop the moment a worker's process exits
 
     def run(self) -> None:
         logger.info("sglang-ft controller: watching %d workers", len(self.state.membership.members()))
@@ -157,14 +150,15 @@ class FtController:
             self.step()
 
     def step(self) -> None:
-        now = time.monotonic()
-        for message in self.receiver.poll(self.interval_s / 4):
+        watched = [self.state.membership.workers[w].pid for w in self.state.membership.live_members()]
+        for message in self.receiver.poll(self.interval_s / 2, self.exits.fds(watched)):
             self._on_message(message, time.monotonic())
         now = time.monotonic()
         for change in self.state.detector.sweep(now):
             self._record(change, "heartbeat timeout" if change.state is WorkerState.DEAD else "missed heartbeats")
         for worker in self.state.membership.live_members():
-            if _process_gone(self.state.membership.workers[worker].pid):
+            pid = self.state.membership.workers[worker].pid
+            if self.exits.gone(pid):
                 change = self.state.detector.declare_dead(worker, now)
                 if change:
                     self._record(change, "process exit")
@@ -297,6 +291,7 @@ class FtController:
         logger.warning("sglang-ft controller: worker %d (pid %s) is %s: %s", change.worker, pid, change.state.value,
                        cause)
         if change.state is WorkerState.DEAD:
+            self.exits.forget(pid)  # a restarted worker is watched afresh under its new pid
             self.respawner.on_dead(change.worker, time.monotonic())
             self.ready_joiners.discard(change.worker)
             if change.worker in self.state.membership.members():
@@ -324,7 +319,7 @@ class FtController:
             if record.state is not WorkerState.JOINING or worker in membership.members():
                 continue
             silent = record.last_beat is not None and now - record.last_beat > self.timeout_s
-            if _process_gone(record.pid) or silent or worker in self.respawner.overdue(now):
+            if self.exits.gone(record.pid) or silent or worker in self.respawner.overdue(now):
                 self.ready_joiners.discard(worker)
                 membership.set_state(worker, WorkerState.DEAD, now)
                 self._record(Transition(worker, WorkerState.DEAD, 0.0), "restart failed")
@@ -378,6 +373,7 @@ class FtController:
         if self.pending is not None:
             return {"error": f"a regroup (epoch {self.pending.order.epoch}) is under way; try again", "code": 409}
         membership.set_state(request.worker, WorkerState.DEAD, now)
+        self.exits.forget(record.pid)
         self.state.detections.append({"worker": request.worker, "pid": record.pid, "state": "dead",
                                       "cause": "drained", "silent_ms": 0.0,
                                       "at_s": round(now - self.state.started, 3)})
