@@ -86,7 +86,10 @@ encode, decode = msgpack_codec(StoreMessage)
 
 def raw_dtype(itemsize: int) -> np.dtype:
     """A numpy dtype of `itemsize` bytes: rows are copied bit for bit (bf16 has no numpy dtype)."""
-    return {1: np.dtype(np.uint8), 2: np.dtype(np.uint16), 4: np.dtype(np.uint32), 8: np.dtype(np.uint64)}[itemsize]
+    dtypes = {1: np.dtype(np.uint8), 2: np.dtype(np.uint16), 4: np.dtype(np.uint32), 8: np.dtype(np.uint64)}
+    if itemsize not in dtypes:
+        raise ValueError(f"no {itemsize}-byte element type")
+    return dtypes[itemsize]
 
 
 class KvBackupSender:

@@ -35,6 +35,7 @@ from ft.kv_backup import (
     encode,
     raw_dtype,
 )
+from ft.process_watch import ProcessWatch
 
 logger = logging.getLogger("sglang_ft.kv_store")
 
@@ -116,6 +117,9 @@ class KvStore:
         if min(g.num_layers, g.num_kv_heads, g.head_dim, g.slots) <= 0:
             raise ValueError(f"bad geometry {g}")
         dtype = raw_dtype(g.itemsize)
+        needed = 2 * g.num_layers * g.num_kv_heads * g.slots * g.head_dim * g.itemsize
+        if needed > psutil.virtual_memory().available:  # a forged or mistaken geometry must not exhaust the host
+            raise ValueError(f"geometry {g} needs {needed} B, more than this host has free")
         self.geometry = g
         self.k = np.zeros((g.num_layers, g.num_kv_heads, g.slots, g.head_dim), dtype=dtype)
         self.v = np.zeros_like(self.k)
@@ -165,7 +169,8 @@ def serve(push_endpoint: str, fetch_endpoint: str, parent_pid: int) -> None:
     poller.register(rep, zmq.POLLIN)
     store = KvStore()
     logger.info("kv store: listening on %s (writes) and %s (fetches)", push_endpoint, fetch_endpoint)
-    while psutil.pid_exists(parent_pid):
+    parent = ProcessWatch()
+    while not parent.gone(parent_pid):
         events = dict(poller.poll(200))
         if pull in events or rep in events:
             _drain(pull, store)

@@ -121,7 +121,8 @@ def test_parking_after_a_failed_first_prefill_frees_all_but_the_cached_prefix(ra
 
 def test_parking_every_request_frees_in_one_batch_and_queues_them(radix, monkeypatch):
     """Several requests parked at once: the slots they do not keep go back in one merge of the free list (a
-    merge per request cost tens of ms on a large pool), and every request waits in the queue again."""
+    merge per request cost tens of ms on a large pool), and every request waits in the queue again, even beyond
+    `--max-queued-requests` (accepted work is never aborted as "queue full")."""
     import sglang_ft.managers.park_requests as park_requests
 
     tree, pool, allocator = radix.tree, radix.pool, radix.allocator
@@ -134,16 +135,22 @@ def test_parking_every_request_frees_in_one_batch_and_queues_them(radix, monkeyp
     monkeypatch.setattr(allocator, "free", lambda index: (merges.append(allocator.free_group is None), free(index)))
     monkeypatch.setattr(park_requests, "agree_on_lengths", lambda lengths, group: lengths)  # one rank
     queued = []
-    scheduler = SimpleNamespace(
+
+    def add_to_queue(req, is_retracted):  # SGLang aborts instead of queueing beyond --max-queued-requests
+        assert is_retracted and scheduler.max_queued_requests is None
+        queued.append(req)
+
+    scheduler = SimpleNamespace(max_queued_requests=1, 
         running_batch=SimpleNamespace(reqs=list(reqs[1:]), batch_is_full=True), last_batch=failed,
         cur_batch_for_debug=None, chunked_req=None, waiting_queue=[], tree_cache=tree,
-        token_to_kv_pool_allocator=allocator, _add_request_to_queue=lambda req, is_retracted: queued.append(req))
+        token_to_kv_pool_allocator=allocator, _add_request_to_queue=add_to_queue)
 
     parked, kept, recomputed = park_requests.park_every_request(scheduler, failed, cpu_group=None)
 
     # a request with no output yet keeps its prompt but the last token (the one its first decode step feeds)
     assert (parked, kept, recomputed) == (3, 0 + 4 + 2, 0)
     assert sorted(r.rid for r in queued) == ["a", "b", "c"] and scheduler.running_batch.reqs == []
+    assert scheduler.max_queued_requests == 1  # the bound is back for new requests
     assert merges.count(True) == 1  # the frees were grouped and merged once
     assert allocator.free_group is None
     # "a" gave everything back; "b" and "c" are in the radix cache now (with the old prefix: 3 + 1 + 2 tokens)

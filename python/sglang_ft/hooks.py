@@ -9,7 +9,7 @@ from __future__ import annotations
 from sglang.srt.plugins.hook_registry import HookType
 
 from sglang_ft.launch_checks import ELASTIC_ARCHITECTURES, check_ft_launch
-from sglang_ft.server_args import FtArgs, add_ft_cli_args, cli_error, ft_args, ft_enabled, publish
+from sglang_ft.server_args import FT_DEFAULT_MAX_QUEUED_REQUESTS, FtArgs, add_ft_cli_args, cli_error, ft_args, ft_enabled, publish
 
 
 def after_add_cli_args(_result, parser, *_args, **_kwargs):
@@ -28,6 +28,8 @@ def around_from_cli_args(original, cls, args, *rest, **kwargs):
             cli_error("; ".join(problems))
         # Recovery re-enters SGLang's plain loop; overlap scheduling buys nothing without an accelerator stream.
         server_args.disable_overlap_schedule = True
+        if server_args.max_queued_requests is None:  # a flood gets 503 + Retry-After, not unbounded memory
+            server_args.max_queued_requests = FT_DEFAULT_MAX_QUEUED_REQUESTS
     return server_args
 
 

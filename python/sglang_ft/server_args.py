@@ -14,6 +14,9 @@ import sys
 from functools import lru_cache
 
 FT_ENV = "SGLANG_FT_ARGS"
+# SGLang's --max-queued-requests when --ft is on and it is not given: beyond it new requests get 503 (a few MB of
+# queued prompts at most, where upstream's default queues without bound)
+FT_DEFAULT_MAX_QUEUED_REQUESTS = 4096
 
 
 @dataclasses.dataclass(frozen=True)

@@ -58,6 +58,9 @@ def start_ft_runtime(tp_size: int, model_path: str, app: FastAPI, enable_metrics
         env=dict(os.environ, SGLANG_FT_CONTROLLER_ARGS=ft.to_env()))
     logger.info("sglang-ft: controller pid %d, runtime dir %s", process.pid, ft.runtime_dir)
     add_ft_routes(app, ft)
+    from sglang_ft.entrypoints.overload import RetryAfterOn503
+
+    app.add_middleware(RetryAfterOn503)
     from sglang_ft.entrypoints.worker_spawner import WorkerSpawner
     from sglang_ft.managers.request_journal import JOURNAL
 

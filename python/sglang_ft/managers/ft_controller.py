@@ -18,7 +18,6 @@ import time
 from dataclasses import dataclass, field
 
 import msgspec
-import psutil
 import zmq
 
 from ft.failure_detector import FailureDetector, Transition
@@ -146,7 +145,7 @@ class FtController:
 
     def run(self) -> None:
         logger.info("sglang-ft controller: watching %d workers", len(self.state.membership.members()))
-        while psutil.pid_exists(self.parent_pid):
+        while not self.exits.gone(self.parent_pid):  # a zombie launcher (killed, not yet reaped) is gone too
             self.step()
 
     def step(self) -> None:

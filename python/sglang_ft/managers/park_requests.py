@@ -86,7 +86,14 @@ def park_every_request(scheduler, failed_batch, cpu_group, joining: bool = False
     scheduler.last_batch = scheduler.cur_batch_for_debug = None
     scheduler.chunked_req = None
     waiting = {id(r) for r in scheduler.waiting_queue}
-    for req in reqs:
-        if id(req) not in waiting:
-            scheduler._add_request_to_queue(req, is_retracted=True)
+    # Accepted work is never turned away: `--max-queued-requests` bounds what new clients may add, but SGLang's
+    # queue check would also abort a parked request (as "queue full") when a flood filled the queue.
+    limit = getattr(scheduler, "max_queued_requests", None)
+    scheduler.max_queued_requests = None
+    try:
+        for req in reqs:
+            if id(req) not in waiting:
+                scheduler._add_request_to_queue(req, is_retracted=True)
+    finally:
+        scheduler.max_queued_requests = limit
     return len(reqs), kept, recomputed

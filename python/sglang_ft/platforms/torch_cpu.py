@@ -37,14 +37,16 @@ def thread_binding(num_ranks: int, cpu_ids: list[int]) -> str:
 
 
 KV_MEMORY_FRACTION = 0.2  # of the machine's available RAM, shared by every rank's KV pool
-MAX_DEFAULT_TOKENS = 1 << 18
+MAX_DEFAULT_TOKENS = 1 << 16
 
 
 def default_max_total_tokens(model_path: str, dtype: str) -> int | None:
-    """A KV pool that fits in a fifth of free RAM (at most 2^18 tokens).
+    """A KV pool that fits in a fifth of free RAM (at most 2^16 tokens).
 
     Every CPU rank measures the same machine-wide free memory, so SGLang's per-device sizing would let each rank
-    claim most of it; a token budget keeps TP > 1 from running the machine out of memory.
+    claim most of it; a token budget keeps TP > 1 from running the machine out of memory. 2^16 tokens is 32 full
+    2048-token contexts, more than a CPU serves at once; a larger pool only costs time: SGLang zeroes it at start,
+    and a regroup that widens a rank's heads allocates (and zeroes) it again, at CPU memory bandwidth.
     """
     try:
         from transformers import AutoConfig
