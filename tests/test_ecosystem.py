@@ -186,3 +186,20 @@ def test_ctl_status_reads_the_live_server(server):
     table = subprocess.run([sys.executable, "-m", "sglang_ft.ctl", "--url", server.url, "status"],
                            capture_output=True, text=True, timeout=60, env=dict(os.environ, COLUMNS="140"))
     assert table.returncode == 0 and "healthy" in table.stdout and "dead" in table.stdout
+
+
+def test_sigkill_of_the_servers_main_process_leaves_no_orphan(server):
+    """Last in this module: the launcher (HTTP server, tokenizer) dies without a chance to clean up; its workers,
+    detokenizer, FT controller and backup store notice and exit on their own (the launcher stays unreaped, a
+    zombie, as under a careless parent: they must not wait for it to vanish)."""
+    import signal
+
+    import psutil
+
+    launcher = psutil.Process(server.proc.pid)
+    family = launcher.children(recursive=True)
+    names = " ".join(p.name() + " " + " ".join(p.cmdline()[:4]) for p in family)
+    assert "ft_controller" in names and "kv_store" in names and names.count("scheduler") >= 2, names
+    os.kill(launcher.pid, signal.SIGKILL)
+    gone, alive = psutil.wait_procs(family, timeout=30)
+    assert not alive, [(p.pid, p.name()) for p in alive]

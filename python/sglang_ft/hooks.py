@@ -170,6 +170,22 @@ def around_dispatch_to_scheduler(original, tokenizer_manager, obj, *args, **kwar
     return original(tokenizer_manager, obj, *args, **kwargs)
 
 
+def before_validate_one_request(tokenizer_manager, obj, input_ids, *args, **kwargs):
+    """Under `--ft`, refuse out-of-vocabulary token ids and n < 1 with a 400 (`entrypoints/input_checks.py`)."""
+    if ft_enabled():
+        from sglang_ft.entrypoints.input_checks import check_generate_input
+
+        check_generate_input(obj, input_ids, tokenizer_manager.model_config.vocab_size)
+
+
+def after_sigterm(_result, signal_handler, *args, **kwargs):
+    """Under `--ft`, SGLang's drain on SIGTERM ends after `--ft-drain-timeout-s` (`entrypoints/shutdown.py`)."""
+    if ft_enabled():
+        from sglang_ft.entrypoints.shutdown import bound_the_drain
+
+        bound_the_drain(signal_handler.tokenizer_manager, ft_args().drain_timeout_s)
+
+
 def around_launch_scheduler_processes(original, cls, server_args, port_args, run_scheduler_process_func,
                                       *args, **kwargs):
     """Under `--ft`, the launcher keeps SGLang's scheduler launch arguments to restart dead workers with them."""
@@ -317,6 +333,9 @@ HOOKS: list[tuple[str, HookType, object]] = [
         around_dispatch_to_scheduler,
     ),
     ("sglang.srt.utils.watchdog.SubprocessWatchdog._check_processes", HookType.AROUND, around_watchdog_check),
+    ("sglang.srt.managers.tokenizer_manager.TokenizerManager._validate_one_request", HookType.BEFORE,
+     before_validate_one_request),
+    ("sglang.srt.managers.tokenizer_manager.SignalHandler.sigterm_handler", HookType.AFTER, after_sigterm),
     (
         "sglang.srt.entrypoints.engine.Engine._launch_scheduler_processes",
         HookType.AROUND,

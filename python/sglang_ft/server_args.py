@@ -32,6 +32,7 @@ class FtArgs:
     kv_backup_queue: int = 1024
     respawn: bool = False
     respawn_delay_s: float = 5.0
+    drain_timeout_s: float = 60.0
     runtime_dir: str = ""  # where the FT controller's sockets live; set by the launcher
 
     @property
@@ -68,6 +69,8 @@ class FtArgs:
             found.append(f"--ft-kv-backup-queue must be positive, got {self.kv_backup_queue}")
         if self.respawn_delay_s < 0:
             found.append(f"--ft-respawn-delay-s must not be negative, got {self.respawn_delay_s}")
+        if self.drain_timeout_s < 0:
+            found.append(f"--ft-drain-timeout-s must not be negative, got {self.drain_timeout_s}")
         if self.heartbeat_timeout_ms <= self.heartbeat_interval_ms:
             found.append(
                 f"--ft-heartbeat-timeout-ms ({self.heartbeat_timeout_ms}) must exceed "
@@ -90,6 +93,7 @@ class FtArgs:
             kv_backup_queue=getattr(args, "ft_kv_backup_queue", cls.kv_backup_queue),
             respawn=bool(getattr(args, "ft_respawn", False)),
             respawn_delay_s=getattr(args, "ft_respawn_delay_s", cls.respawn_delay_s),
+            drain_timeout_s=getattr(args, "ft_drain_timeout_s", cls.drain_timeout_s),
         )
 
 
@@ -151,6 +155,13 @@ def add_ft_cli_args(parser: argparse.ArgumentParser) -> None:
         default=FtArgs.respawn_delay_s,
         help="With --ft-respawn, how long after a worker's death it is restarted (a repair time; at most 3 automatic "
         "attempts per failure).",
+    )
+    group.add_argument(
+        "--ft-drain-timeout-s",
+        type=float,
+        default=FtArgs.drain_timeout_s,
+        help="On SIGTERM the server stops admitting and drains the requests in flight; those still running this "
+        "long after are aborted (their clients get an abort, nothing is left hanging) and the shutdown completes.",
     )
     group.add_argument(
         "--ft-enable-fault-injection",

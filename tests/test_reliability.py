@@ -1,0 +1,173 @@
+"""What users throw at an `--ft` server besides faults, on one live TP 2 server: malformed bodies, a flood beyond
+its queue, forged and stale messages on the controller's socket, and at the end
+a SIGTERM while requests stream (drained up to --ft-drain-timeout-s, then every process gone).
+
+The server admits 2 running and 3 queued requests, so a flood of 24 overflows it at once.
+"""
+
+import json
+import os
+import re
+import signal
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+
+import psutil
+import pytest
+import requests
+import zmq
+
+from ft.messages import Heartbeat, WorkerFailed, encode
+from tests.client import GREEDY, generate
+
+pytestmark = pytest.mark.server
+LIMITS = ["--max-running-requests", "2", "--max-queued-requests", "3", "--ft-drain-timeout-s", "4"]
+
+
+@pytest.fixture(scope="module")
+def server(servers, tiny_model):
+    from sglang_ft.tools.server_process import ServerProcess
+
+    servers.close()  # this module's last test stops its server: never shared with the pool
+    process = ServerProcess(tiny_model, tp_size=2, ft=True, extra_args=LIMITS).start()
+    yield process
+    process.stop()
+
+
+def loads(url: str) -> dict:
+    return requests.get(f"{url}/v1/loads", timeout=30).json()["loads"][0]
+
+
+def wait_for(condition, timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if value := condition():
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"not within {timeout_s:g} s: {what}")
+
+
+BAD_BODIES = [
+    ("/generate", b"not json"),
+    ("/generate", {}),
+    ("/generate", {"text": 5}),
+    ("/generate", {"text": "x", "sampling_params": {"max_new_tokens": "many"}}),
+    ("/generate", {"text": "x", "sampling_params": {"max_new_tokens": -1}}),
+    ("/generate", {"text": "x", "sampling_params": {"temperature": -1}}),
+    ("/generate", {"text": "x", "sampling_params": {"top_p": 2}}),
+    ("/generate", {"text": "x", "sampling_params": {"top_k": 0}}),
+    ("/generate", {"text": "x", "sampling_params": {"stop": 5}}),
+    ("/generate", {"text": "x", "sampling_params": {"n": 0}}),  # upstream: 200 with one completion
+    ("/generate", {"text": "x " * 5000, "sampling_params": {"max_new_tokens": 4}}),  # beyond the context
+    ("/generate", {"input_ids": [10**9], "sampling_params": {"max_new_tokens": 2}}),  # upstream: 200, garbage
+    ("/generate", {"input_ids": [-1], "sampling_params": {"max_new_tokens": 2}}),  # upstream: 200, garbage
+    ("/v1/completions", {"model": "m", "prompt": 7}),
+    ("/v1/completions", {"model": "m", "prompt": "x", "max_tokens": -5}),
+    ("/v1/chat/completions", {"model": "m", "messages": "hi"}),
+    ("/v1/chat/completions", {"model": "m", "messages": [{"role": "bogus", "content": "x"}]}),
+    ("/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "x"}], "temperature": "hot"}),
+    ("/ft/inject_fault", {"rank": "x", "kind": "kill"}),
+    ("/ft/drain", {"worker": -1}),
+    ("/ft/rejoin", {"worker": 0, "extra": 1}),
+]
+
+
+def test_malformed_bodies_get_4xx_with_a_message_and_change_nothing(server):
+    before = loads(server.url)
+    for path, body in BAD_BODIES:
+        kwargs = {"data": body, "headers": {"content-type": "application/json"}} if isinstance(body, bytes) else \
+            {"json": body}
+        response = requests.post(f"{server.url}{path}", timeout=60, **kwargs)
+        assert 400 <= response.status_code < 500, (path, body, response.status_code, response.text[:200])
+        assert response.text.strip(), (path, body)  # a message, not an empty error
+    assert requests.get(f"{server.url}/health", timeout=30).status_code == 200
+    after = loads(server.url)
+    assert after["num_used_tokens"] == before["num_used_tokens"] and after["num_running_reqs"] == 0
+    status = requests.get(f"{server.url}/ft/status", timeout=30).json()
+    assert status["epoch"] == 0 and status["tp_size"] == 2  # no worker was hurt by any of it
+
+
+def test_a_flood_gets_503_with_retry_after_and_everything_accepted_completes(server):
+    def send(i: int) -> requests.Response:
+        body = {"text": f"flood {i}", "sampling_params": {**GREEDY, "max_new_tokens": 12}}
+        return requests.post(f"{server.url}/generate", json=body, timeout=300)
+
+    with ThreadPoolExecutor(24) as pool:
+        answers = list(pool.map(send, range(24)))
+    codes = Counter(a.status_code for a in answers)
+    assert set(codes) == {200, 503} and codes[200] >= 5, codes  # 2 running + 3 queued at least
+    for answer in answers:
+        if answer.status_code == 503:
+            assert answer.headers["Retry-After"] == "1" and "queue is full" in answer.text
+        else:
+            assert answer.json()["meta_info"]["completion_tokens"] == 12
+    accepted = [i for i, a in enumerate(answers) if a.status_code == 200]
+    alone = generate(server.url, f"flood {accepted[0]}", 12)  # the same greedy answer when not under a flood
+    assert alone["output_ids"] == answers[accepted[0]].json()["output_ids"]
+    wait_for(lambda: loads(server.url)["num_running_reqs"] == 0, 30, "the queue drained")
+
+
+def runtime_dir(server) -> str:
+    return re.search(r"runtime dir (\S+)", server.log_text()).group(1)
+
+
+def test_forged_and_stale_messages_on_the_controller_socket_change_nothing(server):
+    """A process on this machine that is not a member sends beats and failure reports: counted as fenced or
+    ignored; no regroup follows and the members stay healthy."""
+    status = requests.get(f"{server.url}/ft/status", timeout=30).json()
+    fenced = status["fenced_messages"]
+    socket = zmq.Context.instance().socket(zmq.PUSH)
+    socket.setsockopt(zmq.LINGER, 1000)
+    socket.connect(f"ipc://{runtime_dir(server)}/heartbeat")
+    try:
+        socket.send(encode(Heartbeat(7, os.getpid(), 0, 1)))  # a worker that does not exist
+        socket.send(encode(Heartbeat(1, os.getpid(), 99, 1)))  # a member's id from a future epoch
+        socket.send(encode(WorkerFailed(0, -1, "stale report", os.getpid())))  # an epoch long gone
+        socket.send(b"\x00garbage")
+    finally:
+        socket.close()
+    wait_for(lambda: requests.get(f"{server.url}/ft/status", timeout=30).json()["fenced_messages"] >= fenced + 2,
+             10, "the forged beats fenced")
+    time.sleep(3.5)  # past the heartbeat timeout (2 s) + 0.5 s a real failure report would trigger a regroup after
+    status = requests.get(f"{server.url}/ft/status", timeout=30).json()
+    assert status["epoch"] == 0 and status["regrouping"] is None and status["recoveries"] == []
+    assert [w["state"] for w in status["workers"]] == ["healthy", "healthy"]
+    assert generate(server.url, "still serving", 4)["meta_info"]["completion_tokens"] == 4
+
+
+def stream_lines(url: str, max_new_tokens: int, started: threading.Event, out: list) -> None:
+    body = {"text": f"finish {max_new_tokens}", "stream": True,
+            "sampling_params": {**GREEDY, "max_new_tokens": max_new_tokens}}
+    with requests.post(f"{url}/generate", json=body, stream=True, timeout=120) as response:
+        for line in response.iter_lines():
+            if line:
+                out.append(line)
+                started.set()
+
+
+def test_sigterm_drains_what_finishes_in_time_aborts_the_rest_then_every_process_exits(server):
+    """Last in this module: it stops the server. A short request in flight at SIGTERM completes whole; one that
+    would run far past --ft-drain-timeout-s (4 s here) ends with an abort its client sees; nothing is left."""
+    launcher = psutil.Process(server.proc.pid)
+    family = [launcher, *launcher.children(recursive=True)]  # schedulers, detokenizer, controller, backup store
+    assert len(family) >= 5
+    short, long_ = [], []
+    events = [threading.Event(), threading.Event()]
+    threads = [threading.Thread(target=stream_lines, args=(server.url, 24, events[0], short)),
+               threading.Thread(target=stream_lines, args=(server.url, 2000, events[1], long_))]
+    for thread, event in zip(threads, events):
+        thread.start()
+        assert event.wait(60)
+    signalled = time.monotonic()
+    os.kill(launcher.pid, signal.SIGTERM)
+    for thread in threads:
+        thread.join(timeout=120)
+    assert short[-1] == b"data: [DONE]" and json.loads(short[-2][6:])["meta_info"]["completion_tokens"] == 24
+    last = json.loads(long_[-2][6:]) if long_[-1] == b"data: [DONE]" else json.loads(long_[-1][6:])
+    assert last["meta_info"]["finish_reason"]["type"] == "abort", last["meta_info"]
+    assert last["meta_info"]["completion_tokens"] < 2000
+    gone, alive = psutil.wait_procs(family, timeout=60)
+    assert not alive, [p.pid for p in alive]
+    assert time.monotonic() - signalled < 60  # bounded: 4 s of drain, SGLang's 5 s polls, the processes' exit
