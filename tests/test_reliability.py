@@ -1,5 +1,5 @@
 """What users throw at an `--ft` server besides faults, on one live TP 2 server: malformed bodies, a flood beyond
-its queue, forged and stale messages on the controller's socket, and at the end
+its queue, a client that hangs up mid-stream, forged and stale messages on the controller's socket, and at the end
 a SIGTERM while requests stream (drained up to --ft-drain-timeout-s, then every process gone).
 
 The server admits 2 running and 3 queued requests, so a flood of 24 overflows it at once.
@@ -97,7 +97,8 @@ def test_a_flood_gets_503_with_retry_after_and_everything_accepted_completes(ser
     with ThreadPoolExecutor(24) as pool:
         answers = list(pool.map(send, range(24)))
     codes = Counter(a.status_code for a in answers)
-    assert set(codes) == {200, 503} and codes[200] >= 5, codes  # 2 running + 3 queued at least
+    # at least the 3 queue places are taken (more when some arrive after the first were admitted to run)
+    assert set(codes) == {200, 503} and codes[200] >= 3, codes
     for answer in answers:
         if answer.status_code == 503:
             assert answer.headers["Retry-After"] == "1" and "queue is full" in answer.text
@@ -107,6 +108,22 @@ def test_a_flood_gets_503_with_retry_after_and_everything_accepted_completes(ser
     alone = generate(server.url, f"flood {accepted[0]}", 12)  # the same greedy answer when not under a flood
     assert alone["output_ids"] == answers[accepted[0]].json()["output_ids"]
     wait_for(lambda: loads(server.url)["num_running_reqs"] == 0, 30, "the queue drained")
+
+
+def test_a_client_hanging_up_mid_stream_frees_its_kv(server):
+    """SGLang aborts the request of a client that left; under --ft that abort used to be dropped (the ledger took
+    it for a re-send of the request it names) and the request decoded to its end into a closed socket."""
+    baseline = loads(server.url)["num_used_tokens"]
+    body = {"text": "a long answer", "stream": True, "sampling_params": {**GREEDY, "max_new_tokens": 1500}}
+    with requests.post(f"{server.url}/generate", json=body, stream=True, timeout=60) as response:
+        chunks = response.iter_lines()
+        for _ in range(8):
+            next(chunks)
+        assert loads(server.url)["num_used_tokens"] > baseline
+    hung_up = time.monotonic()  # the connection is closed here, long before 1500 tokens
+    wait_for(lambda: (lambda load: load["num_used_tokens"] == baseline and load["num_running_reqs"] == 0)(
+        loads(server.url)), 20, f"the aborted request's KV freed (back to {baseline} tokens in use)")
+    assert time.monotonic() - hung_up < 20
 
 
 def runtime_dir(server) -> str:

@@ -18,6 +18,9 @@ def one_rank_group(tmp_path_factory):
         dist.destroy_process_group()
 
 
+ANY_MESSAGE = lambda message: True  # noqa: E731  (the fakes below stand for SGLang's tokenized requests)
+
+
 class FakeScheduler:
     def __init__(self, rids):
         self.waiting_queue = [SimpleNamespace(rid=r) for r in rids]
@@ -28,7 +31,7 @@ class FakeScheduler:
 
 
 def test_rank0_resends_only_what_nobody_holds_and_nothing_that_finished(one_rank_group):
-    ledger = RequestLedger()
+    ledger = RequestLedger(is_new_request=ANY_MESSAGE)
     ledger.record_processed([SimpleNamespace(rid=r) for r in ("a", "b", "c")])  # c has finished since
     ledger.record_pulled([SimpleNamespace(rid=r) for r in ("b", "c", "d")])  # d was pulled, never processed
     scheduler = FakeScheduler(["a", "b"])
@@ -39,10 +42,24 @@ def test_rank0_resends_only_what_nobody_holds_and_nothing_that_finished(one_rank
 
 
 def test_duplicates_are_dropped_by_rid_but_control_messages_pass():
-    ledger = RequestLedger()
+    ledger = RequestLedger(is_new_request=ANY_MESSAGE)
     ledger.record_processed([SimpleNamespace(rid="x")])
     control = SimpleNamespace()  # e.g. a flush request, no rid
     fresh = ledger.unseen([SimpleNamespace(rid="x"), SimpleNamespace(rid="y"), control])
     assert [getattr(r, "rid", None) for r in fresh] == ["y", None]
     ledger.forget(["x"])
     assert [r.rid for r in ledger.unseen([SimpleNamespace(rid="x")])] == ["x"]
+
+
+def test_an_abort_naming_a_request_already_processed_is_never_dropped():
+    """It carries the rid of a request every rank holds; taking it for a re-send of that request dropped every
+    abort under --ft (a hung-up client's request then decoded to its end)."""
+    from sglang.srt.managers.io_struct import AbortReq
+
+    ledger = RequestLedger()
+    ledger.seen.append("a")
+    abort = AbortReq(rid="a")
+    assert ledger.unseen([abort]) == [abort]
+    ledger.record_processed([abort])
+    ledger.record_pulled([abort])
+    assert list(ledger.seen) == ["a"] and list(ledger.pulled) == []  # neither recorded as a request

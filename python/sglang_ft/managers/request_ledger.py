@@ -13,18 +13,31 @@ from collections import deque
 HISTORY = 4096
 
 
+def is_new_request(message) -> bool:
+    """Does `message` start a request? An abort (or another control message) names a request by its rid too, and
+    must never be taken for a re-send of that request and dropped."""
+    from sglang.srt.managers.io_struct import TokenizedEmbeddingReqInput, TokenizedGenerateReqInput
+
+    return isinstance(message, (TokenizedGenerateReqInput, TokenizedEmbeddingReqInput))
+
+
 class RequestLedger:
-    def __init__(self):
+    def __init__(self, is_new_request=is_new_request):
+        self.is_new_request = is_new_request
         self.seen: deque[str] = deque(maxlen=HISTORY)
         self.pulled: deque = deque(maxlen=HISTORY)  # raw requests rank 0 pulled from the tokenizer manager
 
+    def _requests(self, messages) -> list:
+        return [m for m in messages or () if self.is_new_request(m) and isinstance(getattr(m, "rid", None), str)]
+
     def record_pulled(self, raw_reqs) -> None:
-        self.pulled.extend(r for r in raw_reqs or () if getattr(r, "rid", None) is not None)
+        self.pulled.extend(self._requests(raw_reqs))
 
     def unseen(self, reqs) -> list:
-        """The requests of `reqs` this rank has not processed before (control messages always pass)."""
+        """The messages of `reqs` minus requests this rank has processed before (control messages always pass)."""
         seen = set(self.seen)
-        return [r for r in reqs if not isinstance(getattr(r, "rid", None), str) or r.rid not in seen]
+        repeats = {id(r) for r in self._requests(reqs) if r.rid in seen}
+        return [r for r in reqs if id(r) not in repeats]
 
     def forget(self, rids) -> None:
         drop = set(rids)
@@ -33,7 +46,7 @@ class RequestLedger:
         self.seen.extend(kept)
 
     def record_processed(self, reqs) -> None:
-        self.seen.extend(r.rid for r in reqs or () if isinstance(getattr(r, "rid", None), str))
+        self.seen.extend(r.rid for r in self._requests(reqs))
 
 
 def reconcile(scheduler, ledger: RequestLedger, cpu_group, is_source: bool) -> tuple[int, int]:
