@@ -20,3 +20,22 @@ def generate_concurrently(url: str, prompts: list[str], max_new_tokens: int) -> 
     """All prompts in flight at once, so the server batches them together."""
     with ThreadPoolExecutor(max_workers=len(prompts)) as pool:
         return list(pool.map(lambda p: generate(url, p, max_new_tokens), prompts))
+
+
+def still_running(processes, timeout_s: float) -> list:
+    """Of `processes` (psutil), those still running after up to `timeout_s`: a zombie (exited, not yet reaped by
+    whoever adopted it) counts as gone."""
+    import time
+
+    import psutil
+
+    def running(process) -> bool:
+        try:
+            return process.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    deadline = time.monotonic() + timeout_s
+    while (alive := [p for p in processes if running(p)]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return alive

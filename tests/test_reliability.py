@@ -20,7 +20,7 @@ import requests
 import zmq
 
 from ft.messages import Heartbeat, WorkerFailed, encode
-from tests.client import GREEDY, generate
+from tests.client import GREEDY, generate, still_running
 
 pytestmark = pytest.mark.server
 LIMITS = ["--max-running-requests", "2", "--max-queued-requests", "3", "--ft-drain-timeout-s", "4"]
@@ -185,6 +185,6 @@ def test_sigterm_drains_what_finishes_in_time_aborts_the_rest_then_every_process
     last = json.loads(long_[-2][6:]) if long_[-1] == b"data: [DONE]" else json.loads(long_[-1][6:])
     assert last["meta_info"]["finish_reason"]["type"] == "abort", last["meta_info"]
     assert last["meta_info"]["completion_tokens"] < 2000
-    gone, alive = psutil.wait_procs(family, timeout=60)
+    alive = still_running(family, timeout_s=60)
     assert not alive, [p.pid for p in alive]
     assert time.monotonic() - signalled < 60  # bounded: 4 s of drain, SGLang's 5 s polls, the processes' exit
