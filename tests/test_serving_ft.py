@@ -14,7 +14,9 @@ from conftest import MAX_NEW_TOKENS, PROMPTS
 
 pytestmark = pytest.mark.server
 
-MATRIX = [("8h", 1), ("8h", 2), ("8h", 4), ("12h", 3), ("12h", 4), ("8h", 3)]  # 12h at 1 and 2 splits evenly as 8h does
+# unequal splits at TP 3 for both models, even ones at TP 1 and 2 (TP 4 is compared with transformers by the
+# failover, ecosystem and demo tests; 12h at 1, 2 and 4 splits evenly as 8h does)
+MATRIX = [("8h", 1), ("8h", 2), ("12h", 3), ("8h", 3)]
 READ_LINE = re.compile(r"(?:TP(\d+)\] )?sglang-ft: read (\d+) of (\d+) checkpoint bytes")  # no TP tag at TP 1
 
 
