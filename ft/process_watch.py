@@ -48,9 +48,9 @@ class ProcessWatch:
         return bool(readable)
 
     def fds(self, pids) -> list[int]:
-        """Descriptors to wait on for `pids` (each readable once its process exits); none for a process already
-        known to be gone (it would wake every wait) and none without pidfds."""
-        return [self._fds[pid] for pid in pids if not self.gone(pid) and pid in self._fds]
+        """Descriptors `gone` has opened for `pids` (each readable once its process exits), without checking them
+        again; none for a process already known to be gone (it would wake every wait) and none without pidfds."""
+        return [self._fds[pid] for pid in pids if pid in self._fds and pid not in self._gone]
 
     def forget(self, pid: int | None) -> None:
         fd = self._fds.pop(pid, None)

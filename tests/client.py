@@ -39,3 +39,15 @@ def still_running(processes, timeout_s: float) -> list:
     while (alive := [p for p in processes if running(p)]) and time.monotonic() < deadline:
         time.sleep(0.2)
     return alive
+
+
+def wait_for(predicate, timeout_s: float = 60.0, what: str = "condition", poll_s: float = 0.1):
+    """`predicate()`'s first truthy value within `timeout_s`, polled every `poll_s`; fails the test otherwise."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if value := predicate():
+            return value
+        time.sleep(poll_s)
+    raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}")

@@ -13,7 +13,7 @@ import time
 import psutil
 import pytest
 import requests
-from client import GREEDY, generate
+from client import GREEDY, generate, wait_for
 from conftest import PROMPTS
 
 pytestmark = pytest.mark.server
@@ -45,15 +45,6 @@ def inject(server, rank: int, kind: str) -> dict:
     assert response.status_code == 200, response.text
     return response.json()
 
-
-def wait_for(predicate, timeout_s: float = 60.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def run_with_fault(server, fault, prompts=FAILOVER_PROMPTS, after_tokens: int = 8) -> list[dict]:

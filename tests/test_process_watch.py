@@ -51,6 +51,8 @@ def test_an_exit_wakes_a_wait_on_the_heartbeat_socket_at_once(sleeper, tmp_path)
     receiver = MessageReceiver(f"ipc://{tmp_path}/beats")
     watch = ProcessWatch()
     try:
+        assert watch.fds([sleeper.pid]) == []  # not asked about yet: no descriptor opened
+        assert not watch.gone(sleeper.pid) and len(watch.fds([sleeper.pid])) == 1  # as the controller's sweep does
         started = time.monotonic()
         assert receiver.poll(0.2, watch.fds([sleeper.pid])) == []
         assert time.monotonic() - started >= 0.19  # nothing happened: the whole timeout

@@ -1,6 +1,7 @@
 """Restarted workers rejoin a serving group (TP 4 on the tiny model) under steady load: back to full width with
 the running requests intact, every output equal to transformers, nothing recomputed."""
 
+import functools
 import re
 import threading
 import time
@@ -8,6 +9,7 @@ import time
 import pytest
 import requests
 from client import generate
+from client import wait_for as client_wait_for
 from conftest import PROMPTS
 
 pytestmark = pytest.mark.server
@@ -49,14 +51,7 @@ def status(server) -> dict:
     return requests.get(f"{server.url}/ft/status", timeout=60).json()
 
 
-def wait_for(predicate, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
+wait_for = functools.partial(client_wait_for, poll_s=0.5)  # this module's polling pace
 
 
 def kill(server, rank: int) -> int:

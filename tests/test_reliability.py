@@ -5,6 +5,7 @@ a SIGTERM while requests stream (drained up to --ft-drain-timeout-s, then every 
 The server admits 2 running and 3 queued requests, so a flood of 24 overflows it at once.
 """
 
+import functools
 import json
 import os
 import re
@@ -21,6 +22,7 @@ import zmq
 
 from ft.messages import Heartbeat, WorkerFailed, encode
 from tests.client import GREEDY, generate, still_running
+from tests.client import wait_for as client_wait_for
 
 pytestmark = pytest.mark.server
 LIMITS = ["--max-running-requests", "2", "--max-queued-requests", "3", "--ft-drain-timeout-s", "4"]
@@ -40,13 +42,7 @@ def loads(url: str) -> dict:
     return requests.get(f"{url}/v1/loads", timeout=30).json()["loads"][0]
 
 
-def wait_for(condition, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if value := condition():
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"not within {timeout_s:g} s: {what}")
+wait_for = functools.partial(client_wait_for, poll_s=0.2)  # this module's polling pace
 
 
 BAD_BODIES = [

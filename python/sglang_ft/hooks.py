@@ -9,7 +9,15 @@ from __future__ import annotations
 from sglang.srt.plugins.hook_registry import HookType
 
 from sglang_ft.launch_checks import ELASTIC_ARCHITECTURES, check_ft_launch
-from sglang_ft.server_args import FT_DEFAULT_MAX_QUEUED_REQUESTS, FtArgs, add_ft_cli_args, cli_error, ft_args, ft_enabled, publish
+from sglang_ft.server_args import (
+    FT_DEFAULT_MAX_QUEUED_REQUESTS,
+    FtArgs,
+    add_ft_cli_args,
+    cli_error,
+    ft_args,
+    ft_enabled,
+    publish,
+)
 
 
 def after_add_cli_args(_result, parser, *_args, **_kwargs):
