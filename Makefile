@@ -10,7 +10,7 @@ demo: install
 	$(PY) -m sglang_ft.demo
 
 test: install
-	$(PY) -m pytest -q -ra
+	$(PY) -m pytest -q -ra --durations=15
 
 test-fast: install
 	$(PY) -m pytest -q -ra -m "not server"

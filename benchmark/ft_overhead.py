@@ -17,7 +17,6 @@ import datetime as dt
 import json
 import os
 import platform
-import statistics
 import threading
 import time
 from pathlib import Path

@@ -1,6 +1,8 @@
 """Serving through worker failures (TP 4 on the tiny model): nothing lost, same tokens, status and fencing.
 
-Each server here is torn down by its faults, so each test owns one (about a minute to start on CPU).
+Servers take a minute or more to start on CPU, so the first three tests share one and each takes it one failure
+further (TP 4 -> 3 -> 2 -> 1, then a rejoin by hand); they run in file order and each checks the state it starts
+from. The rank-0 test and the no-backup test have servers of their own.
 """
 
 import json
@@ -22,16 +24,41 @@ FAILOVER_PROMPTS = PROMPTS + ["Tell me about heartbeats", "The worker rank"]  # 
 CACHED_PROMPT = "A prefix served before the failure stays in the radix cache through the regroup"
 
 
-@pytest.fixture
-def ft_server(servers, tiny_model):
-    """A fresh TP 4 server with fault injection; any pooled server is stopped first to free memory."""
+FT_FLAGS = ["--ft-enable-fault-injection", "--ft-heartbeat-interval-ms", "100", "--ft-heartbeat-timeout-ms", "1500",
+            "--enable-metrics",  # SGLang's /metrics, which shows sglang_ft_* too (test_sigkill_mid_decode_...)
+            "--ft-collective-timeout-s", "4", "--ft-respawn", "--ft-respawn-delay-s", "3600"]
+
+
+SHARED: list = []  # the first three tests' server, stopped before any other server of this module starts
+
+
+def stop_others(servers) -> None:
+    """Free the cores and memory for a new server: the pool's and this module's shared one."""
+    servers.close()
+    for server in SHARED:
+        server.stop()
+
+
+def start_tp4(servers, tiny_model):
+    """A TP 4 server with fault injection."""
     from sglang_ft.tools.server_process import ServerProcess
 
-    servers.close()
-    server = ServerProcess(tiny_model, tp_size=4, ft=True, extra_args=[
-        "--ft-enable-fault-injection", "--ft-heartbeat-interval-ms", "100", "--ft-heartbeat-timeout-ms", "1500",
-        "--enable-metrics",  # SGLang's /metrics, which shows sglang_ft_* too (test_sigkill_mid_decode_...)
-        "--ft-collective-timeout-s", "4", "--ft-respawn", "--ft-respawn-delay-s", "3600"]).start()
+    stop_others(servers)
+    return ServerProcess(tiny_model, tp_size=4, ft=True, extra_args=FT_FLAGS).start()
+
+
+@pytest.fixture(scope="module")
+def ft_server(servers, tiny_model):
+    """The module's shared server, taken one failure further by each of the first three tests."""
+    server = start_tp4(servers, tiny_model)
+    SHARED.append(server)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def fresh_ft_server(servers, tiny_model):
+    server = start_tp4(servers, tiny_model)
     yield server
     server.stop()
 
@@ -140,15 +167,38 @@ def test_sigkill_mid_decode_restores_kv_without_reprefill(ft_server, reference):
     assert after["output_ids"] == before["output_ids"] == expected[-1]
 
 
-def test_three_failures_down_to_tp1_with_streaming_across_one_then_a_rejoin_by_hand(ft_server, reference):
+def test_backup_store_death_under_load_then_respawn_and_resync(ft_server, reference):
+    """Second on the shared server (TP 3): the store dies under load and is respawned; every worker re-sends what
+    it holds, so the next failure (TP 3 -> 2) restores from the new store with nothing recomputed."""
     expected = reference(FAILOVER_PROMPTS)
-    for epoch, rank in ((1, 3), (2, 1)):
-        results = run_with_fault(ft_server, lambda: inject(ft_server, rank, "kill"))
-        assert [r["output_ids"] for r in results] == expected
-        wait_for(lambda: status(ft_server)["epoch"] == epoch and len(status(ft_server)["recoveries"]) == epoch)
-        assert status(ft_server)["tp_size"] == 4 - epoch
+    st = status(ft_server)
+    assert (st["epoch"], st["tp_size"]) == (1, 3)
+    first = wait_for(lambda: (s := status(ft_server)["kv_backup"])["store"] and s, what="the backup store")
+    assert first["state"] == "healthy" and first["restarts"] == 0
+    results = run_with_fault(ft_server, lambda: os.kill(first["pid"], signal.SIGKILL))
+    assert [r["output_ids"] for r in results] == expected  # serving went on while the store was gone
+    backup = wait_for(lambda: (s := status(ft_server)["kv_backup"])["store"] and s, what="the respawned store")
+    assert backup["restarts"] == 1 and backup["pid"] != first["pid"]
+    assert [e["event"] for e in backup["events"]] == ["started", "died (exit -9)", "started"]
+    generate(ft_server.url, FAILOVER_PROMPTS[0], NEW_TOKENS)
+    wait_for(lambda: ft_server.log_text().count("to the restarted backup store") == 3, what="every worker's resync")
+    assert status(ft_server)["kv_backup"]["store"]["writes"] > 0  # backup resumed into the new store
 
-    # the third failure (TP 2 -> 1) while a streaming request is in flight
+    results = run_with_fault(ft_server, lambda: inject(ft_server, 1, "kill"))
+    assert [r["output_ids"] for r in results] == expected
+    st = wait_for(lambda: (s := status(ft_server))["epoch"] == 2 and len(s["recoveries"]) == 2 and s,
+                  what="the recovery")
+    assert st["tp_size"] == 2
+    assert st["recoveries"][-1]["kv_blocks_restored"] > 0 and st["recoveries"][-1]["kv_tokens_recomputed"] == 0
+
+
+def test_the_last_failure_streams_across_down_to_tp1_then_a_rejoin_by_hand(ft_server, reference):
+    """Third on the shared server (TP 2): the last failure while a streaming request is in flight, then an
+    operator brings the worker back (automatic restarts are off here): TP 1 -> 2."""
+    expected = reference(FAILOVER_PROMPTS)
+    st = status(ft_server)
+    assert (st["epoch"], st["tp_size"]) == (2, 2)
+    victim = next(w["worker"] for w in st["workers"] if w["rank"] == 1)
     body = {"text": FAILOVER_PROMPTS[1], "sampling_params": {**GREEDY, "max_new_tokens": NEW_TOKENS}, "stream": True}
     chunks, errors = [], []
     with requests.post(f"{ft_server.url}/generate", json=body, stream=True, timeout=600) as response:
@@ -165,18 +215,19 @@ def test_three_failures_down_to_tp1_with_streaming_across_one_then_a_rejoin_by_h
     assert [r["output_ids"] for r in [generate(ft_server.url, p, NEW_TOKENS) for p in FAILOVER_PROMPTS[:3]]] == \
         expected[:3]
 
-    # an operator brings worker 3 back by hand (automatic restarts are off here): TP 1 -> 2
+    survivor = next(w["worker"] for w in st["workers"] if w["rank"] == 0)
     rejoin = lambda worker: requests.post(f"{ft_server.url}/ft/rejoin", json={"worker": worker}, timeout=30)  # noqa
-    assert rejoin(0).status_code == 409 and rejoin(9).status_code == 400
-    assert rejoin(3).json() == {"rejoining": 3}
+    assert rejoin(survivor).status_code == 409 and rejoin(9).status_code == 400
+    assert rejoin(victim).json() == {"rejoining": victim}
     st = wait_for(lambda: (s := status(ft_server))["tp_size"] == 2 and len(s["recoveries"]) == 4 and s,
-                  timeout_s=300, what="worker 3 to rejoin")
-    assert st["recoveries"][-1]["joined"] == [3] and st["recoveries"][-1]["bytes_reloaded"] == 0
+                  timeout_s=300, what=f"worker {victim} to rejoin")
+    assert st["recoveries"][-1]["joined"] == [victim] and st["recoveries"][-1]["bytes_reloaded"] == 0
     assert [r["output_ids"] for r in [generate(ft_server.url, p, NEW_TOKENS) for p in FAILOVER_PROMPTS[:3]]] == \
         expected[:3]
 
 
-def test_rank0_death_then_a_hung_worker_is_fenced_then_a_drain(ft_server, reference):
+def test_rank0_death_then_a_hung_worker_is_fenced_then_a_drain(fresh_ft_server, reference):
+    ft_server = fresh_ft_server
     expected = reference(FAILOVER_PROMPTS)
     results = run_with_fault(ft_server, lambda: inject(ft_server, 0, "kill"))
     assert [r["output_ids"] for r in results] == expected
@@ -213,30 +264,10 @@ def test_rank0_death_then_a_hung_worker_is_fenced_then_a_drain(ft_server, refere
     assert drain(1).status_code == 409  # the last worker of the group stays
 
 
-def test_backup_store_death_under_load_then_respawn_and_resync(ft_server, reference):
-    expected = reference(FAILOVER_PROMPTS)
-    first = wait_for(lambda: (s := status(ft_server)["kv_backup"])["store"] and s, what="the backup store")
-    assert first["state"] == "healthy" and first["restarts"] == 0
-    results = run_with_fault(ft_server, lambda: os.kill(first["pid"], signal.SIGKILL))
-    assert [r["output_ids"] for r in results] == expected  # serving went on while the store was gone
-    backup = wait_for(lambda: (s := status(ft_server)["kv_backup"])["store"] and s, what="the respawned store")
-    assert backup["restarts"] == 1 and backup["pid"] != first["pid"]
-    assert [e["event"] for e in backup["events"]] == ["started", "died (exit -9)", "started"]
-    generate(ft_server.url, FAILOVER_PROMPTS[0], NEW_TOKENS)
-    wait_for(lambda: ft_server.log_text().count("to the restarted backup store") == 4, what="every worker's resync")
-    assert status(ft_server)["kv_backup"]["store"]["writes"] > 0  # backup resumed into the new store
-
-    # Every worker re-sent what it holds, so the next failure restores from the new store: nothing recomputed.
-    results = run_with_fault(ft_server, lambda: inject(ft_server, 1, "kill"))
-    assert [r["output_ids"] for r in results] == expected
-    (recovery,) = wait_for(lambda: status(ft_server)["recoveries"], what="the recovery")
-    assert recovery["kv_blocks_restored"] > 0 and recovery["kv_tokens_recomputed"] == 0
-
-
 def test_without_kv_backup_the_lost_heads_kv_is_recomputed_and_counted(servers, tiny_model, reference):
     from sglang_ft.tools.server_process import ServerProcess
 
-    servers.close()
+    stop_others(servers)
     server = ServerProcess(tiny_model, tp_size=2, ft=True, extra_args=[
         "--ft-enable-fault-injection", "--ft-kv-backup", "off", "--ft-collective-timeout-s", "4"]).start()
     try:

@@ -22,8 +22,8 @@ import requests
 
 from sglang_ft.tools import make_tiny_model
 from sglang_ft.tools.hf_reference import greedy_token_ids
-from sglang_ft.tools.load import Load, rate_series
-from sglang_ft.tools.server_process import ServerProcess
+from sglang_ft.tools.load import Load, longest_gap, rate_series
+from sglang_ft.tools.server_process import ServerProcess, leftover_processes
 
 DEMO_PROMPTS = [
     "The model server",
@@ -130,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[demo] healthy in {server.startup_s:.1f}s at {server.url} (log: {server.log_path})", flush=True)
         server_group = server.proc.pid
         summary = run(server, args, expected)
-    summary["leftover_processes"] = _leftovers(server_group)
+    # what outlived the launcher's graceful exit (the stop then killed it), and anything that escaped the group
+    summary["leftover_processes"] = sorted(set(server.stragglers + leftover_processes(server_group)))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
     print(f"[demo] plot: {args.out / 'throughput.png'}   summary: {args.out / 'summary.json'}")
@@ -167,7 +168,7 @@ def run(server: ServerProcess, args, expected: dict[str, list[int]]) -> dict:
     before = load.tokens_between(started + 2, fault_at) / max(1e-9, fault_at - started - 2)
     after_from = recovered_at if recovered_at is not None else fault_at
     after = load.tokens_between(after_from + 1, ended) / max(1e-9, ended - after_from - 1)
-    pause = _longest_gap(load.tokens, fault_at)
+    pause = longest_gap(load.tokens, fault_at)
     recovery = status["recoveries"][0] if status["recoveries"] else {}
     print(f"[demo] served {load.completed} requests; failed attempts re-sent by clients: {load.failed_attempts}; "
           f"lost: {load.unfinished}")
@@ -181,25 +182,6 @@ def run(server: ServerProcess, args, expected: dict[str, list[int]]) -> dict:
             "recover_ms": recovery.get("recover_ms"), "kv_blocks_restored": recovery.get("kv_blocks_restored"),
             "kv_tokens_recomputed": recovery.get("kv_tokens_recomputed"), "longest_pause_s": round(pause, 3),
             "tokens_per_s_before": round(before, 1), "tokens_per_s_after": round(after, 1)}
-
-
-def _longest_gap(tokens: list[float], since: float) -> float:
-    times = sorted(t for t in tokens if t >= since)
-    return max((b - a for a, b in zip([since, *times], times)), default=0.0)
-
-
-def _leftovers(process_group: int) -> list[int]:
-    """Processes of the server's group still alive after it stopped (should be none)."""
-    import psutil
-
-    left = []
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        try:
-            if os.getpgid(proc.pid) == process_group and proc.status() != psutil.STATUS_ZOMBIE:
-                left.append(proc.pid)
-        except (psutil.Error, ProcessLookupError):
-            continue
-    return left
 
 
 if __name__ == "__main__":

@@ -186,6 +186,15 @@ def before_validate_one_request(tokenizer_manager, obj, input_ids, *args, **kwar
         check_generate_input(obj, input_ids, tokenizer_manager.model_config.vocab_size)
 
 
+def after_validate_detokenize(error, serving, request, *args, **kwargs):
+    """Under `--ft`, `/v1/detokenize` of an id outside the vocabulary is a 400, not upstream's 500."""
+    if ft_enabled() and error is None:
+        from sglang_ft.entrypoints.input_checks import detokenize_error
+
+        return detokenize_error(request.tokens, serving.tokenizer_manager.model_config.vocab_size)
+    return None
+
+
 def after_sigterm(_result, signal_handler, *args, **kwargs):
     """Under `--ft`, SGLang's drain on SIGTERM ends after `--ft-drain-timeout-s` (`entrypoints/shutdown.py`)."""
     if ft_enabled():
@@ -344,6 +353,8 @@ HOOKS: list[tuple[str, HookType, object]] = [
     ("sglang.srt.managers.tokenizer_manager.TokenizerManager._validate_one_request", HookType.BEFORE,
      before_validate_one_request),
     ("sglang.srt.managers.tokenizer_manager.SignalHandler.sigterm_handler", HookType.AFTER, after_sigterm),
+    ("sglang.srt.entrypoints.openai.serving_tokenize.OpenAIServingDetokenize._validate_request", HookType.AFTER,
+     after_validate_detokenize),
     (
         "sglang.srt.entrypoints.engine.Engine._launch_scheduler_processes",
         HookType.AROUND,

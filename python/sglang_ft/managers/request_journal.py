@@ -3,13 +3,20 @@
 Requests that reached a scheduler rank 0 that then died, before it shared them with the other ranks, exist
 nowhere else. When the controller elects a new rank 0, the journal re-sends every unfinished request; the
 schedulers drop the ones they already hold (by rid), so each request runs exactly once.
+
+Before re-sending it replaces the tokenizer manager's socket to the schedulers with a fresh one at the same
+endpoint. The old rank 0 may be hung rather than dead: its connection then stays open, the kernel keeps accepting
+bytes for it, and ZMQ's PUSH would go on sending it every other request, which would be lost when it finally
+exits. Closing the socket drops every old connection; the new rank 0 (re)connects to the fresh one.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
+import time
 
 import zmq
 
@@ -54,6 +61,24 @@ class RequestJournal:
         logger.warning("sglang-ft: re-sent %d unfinished requests to the new TP rank 0", len(self.sent))
         return len(self.sent)
 
+    async def switch_rank0(self) -> int:
+        """A new rank 0 was elected: a fresh socket to the schedulers, then every unfinished request re-sent on it
+        (sends wait in it until the new rank 0 has connected). Runs on the tokenizer manager's event loop."""
+        manager = self.tokenizer_manager
+        if getattr(manager, "tokenizer_ipc_name", None) is not None:  # several tokenizers: theirs is a connect
+            return self.resend_unfinished()
+        old = manager.send_to_scheduler
+        endpoint = old.getsockopt(zmq.LAST_ENDPOINT).decode()
+        fresh = old.context.socket(zmq.PUSH)
+        for option in (zmq.SNDHWM, zmq.SNDBUF):
+            fresh.setsockopt(option, old.getsockopt(option))
+        manager.send_to_scheduler = fresh  # from here on nothing is queued for the old rank 0
+        old.close(linger=0)
+        resent = self.resend_unfinished()
+        await bind_when_free(fresh, endpoint)
+        logger.warning("sglang-ft: the tokenizer manager's socket to the new TP rank 0 is open at %s", endpoint)
+        return resent
+
     def follow_orders(self, endpoint: str) -> None:
         """Watch the controller's orders; re-send when a regroup elects a different rank 0."""
         threading.Thread(target=self._follow, args=(endpoint,), name="ft-journal", daemon=True).start()
@@ -69,8 +94,25 @@ class RequestJournal:
                 continue
             epoch = order.epoch
             if order.workers[0] != leader and self.loop is not None:
-                self.loop.call_soon_threadsafe(self.resend_unfinished)
+                self.loop.call_soon_threadsafe(lambda: self.loop.create_task(self.switch_rank0()))
             leader = order.workers[0]
+
+
+async def bind_when_free(socket, endpoint: str, timeout_s: float = 2.0) -> None:
+    """Bind `socket` where a just-closed socket was bound. ZMQ closes in the background: an ipc socket's file is
+    unlinked then (it would remove the new one's file if bound first), a TCP port is free only then."""
+    deadline = time.monotonic() + timeout_s
+    path = endpoint[len("ipc://"):] if endpoint.startswith("ipc://") else None
+    while path is not None and os.path.exists(path) and time.monotonic() < deadline:
+        await asyncio.sleep(0.002)
+    while True:
+        try:
+            socket.bind(endpoint)
+            return
+        except zmq.ZMQError as exc:
+            if exc.errno != zmq.EADDRINUSE or time.monotonic() >= deadline:
+                raise
+            await asyncio.sleep(0.01)
 
 
 JOURNAL = RequestJournal()

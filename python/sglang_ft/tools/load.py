@@ -37,6 +37,7 @@ class Load:
     mismatched: int = 0
     failed_attempts: int = 0
     unfinished: int = 0  # accepted by a client but not completed when the load stopped
+    durations: list[float] = field(default_factory=list)  # seconds from first send to the end, per completed request
     stop: threading.Event = field(default_factory=threading.Event)
     lock: threading.Lock = field(default_factory=threading.Lock)
     threads: list[threading.Thread] = field(default_factory=list)
@@ -63,11 +64,13 @@ class Load:
         """One request until it completes; a failed attempt is retried (re-sent) until the load stops."""
         body = {"text": prompt, "stream": True,
                 "sampling_params": {"temperature": 0, "ignore_eos": True, "max_new_tokens": self.max_new_tokens}}
+        first_sent = time.monotonic()
         while True:
             try:
                 output_ids = self._stream(body)
                 with self.lock:
                     self.completed += 1
+                    self.durations.append(time.monotonic() - first_sent)
                     if self.expected is not None and output_ids != self.expected[prompt]:
                         self.mismatched += 1
                 return True
@@ -93,6 +96,14 @@ class Load:
     def tokens_between(self, start: float, end: float) -> int:
         with self.lock:
             return sum(start <= t < end for t in self.tokens)
+
+
+def longest_gap(times: list[float], since: float, until: float | None = None) -> float:
+    """The longest time with no token arriving between `since` and `until` (default: the last token): the longest
+    stall a load with requests always in flight saw."""
+    inside = sorted(t for t in times if t >= since and (until is None or t <= until))
+    edges = [since, *inside] + ([until] if until is not None else [])
+    return max((b - a for a, b in zip(edges, edges[1:])), default=0.0)
 
 
 def stream_generate(url: str, body: dict, on_tokens: Callable[[int, float], None],

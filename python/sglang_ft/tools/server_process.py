@@ -34,6 +34,7 @@ class ServerProcess:
     log_path: Path | None = None
     startup_s: float = 0.0
     proc: subprocess.Popen | None = None
+    stragglers: list[int] = field(default_factory=list)  # left running after the launcher exited at the last stop
 
     @property
     def url(self) -> str:
@@ -97,7 +98,8 @@ class ServerProcess:
         return "\n".join(self.log_text().splitlines()[-lines:])
 
     def stop(self, grace_s: float = 15.0) -> None:
-        """SIGTERM the whole process group, then SIGKILL whatever is left."""
+        """SIGTERM the whole process group, then SIGKILL whatever is left; what was still running once the launcher
+        had exited is kept in `stragglers` (a clean shutdown leaves none)."""
         if self.proc is None:
             return
         for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
@@ -107,6 +109,7 @@ class ServerProcess:
                 break
             try:
                 self.proc.wait(timeout=wait)
+                self.stragglers = leftover_processes(self.proc.pid, wait_s=5.0 if sig == signal.SIGTERM else 0.0)
                 _reap_group(self.proc.pid)
                 break
             except subprocess.TimeoutExpired:
@@ -118,6 +121,24 @@ class ServerProcess:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def leftover_processes(process_group: int, wait_s: float = 0.0) -> list[int]:
+    """Live (not zombie) processes of a process group, after giving them up to `wait_s` to exit."""
+    import psutil
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        left = []
+        for proc in psutil.process_iter():
+            try:
+                if os.getpgid(proc.pid) == process_group and proc.status() != psutil.STATUS_ZOMBIE:
+                    left.append(proc.pid)
+            except (psutil.Error, ProcessLookupError):
+                continue
+        if not left or time.monotonic() >= deadline:
+            return left
+        time.sleep(0.1)
 
 
 def _reap_group(pgid: int) -> None:
