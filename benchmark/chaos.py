@@ -260,8 +260,11 @@ def soak(server: ServerProcess, args, expected: dict[str, list[int]]) -> dict:
     thread.join(timeout=2 * monkey.settle_s)
     faults_done = time.monotonic()
     deadline = faults_done + args.rejoin_timeout_s
-    while (missing := monkey.missing(monkey.watch_joins(), auto)) and time.monotonic() < deadline:
-        time.sleep(1.0)  # the load goes on while restarted workers come back
+    try:
+        while (missing := monkey.missing(monkey.watch_joins(), auto)) and time.monotonic() < deadline:
+            time.sleep(1.0)  # the load goes on while restarted workers come back
+    except requests.RequestException as exc:
+        return {"unreachable": f"the server stopped answering: {exc!r}", "actions": monkey.records}
     load_ended = time.monotonic()
     load.finish(timeout_s=args.hung_after_s)
     after = wait_loads(url, baseline)
@@ -307,6 +310,8 @@ def wait_loads(url: str, baseline: dict, timeout_s: float = 30.0) -> dict:
 
 def failures(report: dict) -> list[str]:
     """What broke the pass criteria (see the module docstring); empty when the soak passed."""
+    if "unreachable" in report:
+        return [report["unreachable"]]
     found = []
     for key, what in (("mismatched", "outputs differ from transformers"), ("resent", "attempts had to be re-sent"),
                       ("lost", "requests lost"), ("hung", "requests hung")):
@@ -335,6 +340,8 @@ def failures(report: dict) -> list[str]:
 
 
 def table(report: dict) -> str:
+    if "unreachable" in report:
+        return f"| chaos soak | |\n|---|---|\n| verdict | FAIL: {report['unreachable']} |"
     faults = ", ".join(f"{report['survived'].get(k, 0)}/{n} {k}" for k, n in report["faults"].items())
     rows = [
         ("requests served", report["served"]),

@@ -47,6 +47,12 @@ def test_each_broken_criterion_fails_the_soak(changes, message):
     assert len(found) == 1 and message in found[0], found
 
 
+def test_a_server_that_stopped_answering_fails_the_soak():
+    report = {"unreachable": "the server stopped answering: ReadTimeout()", "actions": []}
+    assert chaos.failures(report) == [report["unreachable"]]
+    assert "FAIL: the server stopped answering" in chaos.table({**report, "failures": chaos.failures(report)})
+
+
 def test_a_fault_not_survived_is_named():
     actions = passing_report()["actions"]
     actions[1] = {**actions[1], "ok": False, "outcome": "never declared dead"}

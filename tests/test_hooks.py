@@ -43,3 +43,31 @@ def test_parsing_carries_ft_to_subprocesses(monkeypatch):
         assert ft_args().enabled is True
     finally:
         ft_args.cache_clear()  # monkeypatch restores the environment; the cached value must not outlive it
+
+
+class _Process:
+    def __init__(self, alive: bool):
+        self.alive, self.exitcode, self.pid = alive, None if alive else -9, 1
+
+    def is_alive(self) -> bool:
+        return self.alive
+
+
+@pytest.mark.parametrize("restarted_alive, checked", [(True, ["detokenizer"]),
+                                                      (False, ["scheduler_0", "scheduler_1", "detokenizer"])])
+def test_the_watchdog_counts_restarted_workers_as_the_group(monkeypatch, restarted_alive, checked):
+    """Found by the chaos soak: once every scheduler SGLang launched had been replaced by a restart, its watchdog
+    took the server for dead and SIGQUIT it while the restarted workers served."""
+    from types import SimpleNamespace
+
+    from sglang_ft import hooks
+    from sglang_ft.entrypoints import worker_spawner
+
+    monkeypatch.setattr(hooks, "ft_enabled", lambda: True)
+    monkeypatch.setattr(worker_spawner, "_RESTARTED", {1: _Process(restarted_alive)})
+    watchdog = SimpleNamespace(_processes=[_Process(False), _Process(False), _Process(True)],
+                               _names=["scheduler_0", "scheduler_1", "detokenizer"])
+    seen = []
+    hooks.around_watchdog_check(lambda w: seen.extend(w._names), watchdog)
+    assert seen == checked
+    assert watchdog._names == ["scheduler_0", "scheduler_1", "detokenizer"]  # restored after the check

@@ -231,8 +231,10 @@ def around_watchdog_check(original, watchdog, *args, **kwargs):
         return original(watchdog, *args, **kwargs)
     schedulers = [(p, n) for p, n in zip(watchdog._processes, watchdog._names) if n.startswith("scheduler")]
     others = [(p, n) for p, n in zip(watchdog._processes, watchdog._names) if not n.startswith("scheduler")]
-    if schedulers and not any(p.is_alive() for p, _ in schedulers):
-        others = schedulers + others  # every TP worker is gone: nothing left to recover with
+    from sglang_ft.entrypoints.worker_spawner import restarted_worker_alive
+
+    if schedulers and not any(p.is_alive() for p, _ in schedulers) and not restarted_worker_alive():
+        others = schedulers + others  # every TP worker is gone, restarted ones too: nothing left to recover with
     saved = watchdog._processes, watchdog._names
     watchdog._processes, watchdog._names = [p for p, _ in others], [n for _, n in others]
     try:

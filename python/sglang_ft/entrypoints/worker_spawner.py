@@ -38,10 +38,19 @@ def remember_launch(server_args, port_args, run_scheduler_process) -> None:
     _LAUNCH = LaunchArgs(server_args, port_args, run_scheduler_process)
 
 
+_RESTARTED: dict[int, mp.Process] = {}  # worker -> the process of its latest restart
+
+
+def restarted_worker_alive() -> bool:
+    """Whether a restarted worker runs. SGLang's watchdog knows only the schedulers it launched first: once those
+    are all replaced, the group lives on in restarted processes that it has never heard of."""
+    return any(process.is_alive() for process in list(_RESTARTED.values()))
+
+
 class WorkerSpawner:
     def __init__(self, order_endpoint: str):
         self.order_endpoint = order_endpoint
-        self.processes: dict[int, mp.Process] = {}
+        self.processes = _RESTARTED
         threading.Thread(target=self._run, name="ft-spawner", daemon=True).start()
 
     def _run(self) -> None:
