@@ -169,6 +169,29 @@ def test_a_failed_collective_with_everyone_alive_rebuilds_the_same_group(orchest
     assert order.workers == (0, 1, 2) and order.epoch == 1 and "every worker alive" in order.cause
 
 
+def test_a_regroup_that_failed_on_its_members_is_ordered_again(orchestrating_controller):
+    """Found by the chaos soak: a regroup failed on both members (a gloo timeout), nobody died, and with no newer
+    order the members gave up after 120 s and the server lost its last workers."""
+    from ft.messages import WorkerFailed
+
+    controller, subscriber = orchestrating_controller
+    now = time.monotonic()
+    for worker in range(3):
+        controller._on_message(Heartbeat(worker, os.getpid(), 0, 0), now)
+    controller._record(controller.state.detector.declare_dead(1, now), "process exit")
+    (first, *_) = _orders(subscriber)
+    assert first.epoch == 1 and controller.pending is not None
+    controller._on_message(WorkerFailed(0, 1, "regroup to epoch 1 failed: Timed out waiting 2000ms"),
+                           time.monotonic())
+    deadline = time.monotonic() + 5
+    while controller.pending.order.epoch == 1 and time.monotonic() < deadline:
+        for worker in (0, 2):  # the members keep beating: nobody else died
+            controller._on_message(Heartbeat(worker, os.getpid(), 1, 1), time.monotonic())
+        controller.step()
+    order = controller.pending.order
+    assert (order.epoch, order.workers) == (2, (0, 2)) and "regroup to epoch 1 failed" in order.cause
+
+
 def _respawns(subscriber):
     from ft.messages import Respawn, decode
 

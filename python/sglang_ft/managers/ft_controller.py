@@ -165,9 +165,12 @@ class FtController:
         if self.state.kv_backup is not None and self.state.kv_backup.check():
             self._publish(BackupResync(self.state.membership.epoch, self.state.kv_backup.process.pid))
         reported = self.failure_reported_at
-        if reported is not None and self.pending is None and now - reported > self.timeout_s + 0.5:
-            # a collective failed but every worker is alive (e.g. a timeout under load): rebuild the same group
-            self._start_recovery("collective failure with every worker alive", (now - reported) * 1e3)
+        if reported is not None and now - reported > self.timeout_s + 0.5:
+            # a collective failed, or a regroup failed on its members, and every worker is alive (e.g. a timeout
+            # under load): order the same group again (joiners of a failed regroup stay joiners)
+            cause = "collective failure with every worker alive" if self.pending is None else \
+                f"regroup to epoch {self.pending.order.epoch} failed with every worker alive"
+            self._start_recovery(cause, (now - reported) * 1e3)
         if self.pending is None and self.ready_joiners:
             joiners = tuple(sorted(self.ready_joiners))
             self._start_recovery(f"rejoin of worker{'s' if len(joiners) > 1 else ''} "

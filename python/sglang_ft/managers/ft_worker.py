@@ -224,6 +224,9 @@ class FtWorker:
                 logger.warning("sglang-ft: regroup to epoch %d failed (%s); waiting for a newer order",
                                order.epoch, str(again).splitlines()[0][:200])
                 self.epoch = max(self.epoch, order.epoch)
+                # if nobody died, only this report makes the controller order the regroup again
+                self.report(WorkerFailed(self.worker, order.epoch, f"regroup to epoch {order.epoch} failed: "
+                                         f"{str(again).splitlines()[0]}"[:200], os.getpid()))
                 continue
             self.regrouping = False
             self.joining = self.heartbeat.joining = False
