@@ -46,9 +46,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import psutil
 import requests
 
+from ft.process_watch import ProcessWatch
 from sglang_ft.tools import make_tiny_model
 from sglang_ft.tools.hf_reference import greedy_token_ids
 from sglang_ft.tools.load import Load, longest_gap
@@ -71,11 +71,7 @@ PRESETS = {
 }
 
 
-def gone(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
+gone = ProcessWatch().gone  # a process that exited, zombie or reaped (the controller's own check)
 
 
 @dataclass
