@@ -51,7 +51,7 @@ import requests
 from ft.process_watch import ProcessWatch
 from sglang_ft.tools import make_tiny_model
 from sglang_ft.tools.hf_reference import greedy_token_ids
-from sglang_ft.tools.load import Load, longest_gap
+from sglang_ft.tools.load import Load, longest_gap, server_load
 from sglang_ft.tools.server_process import ServerProcess
 
 KINDS = ("kill", "hang", "stall", "store", "rejoin")
@@ -290,7 +290,7 @@ def soak(server: ServerProcess, args, expected: dict[str, list[int]]) -> dict:
 
 
 def loads(url: str) -> dict:
-    return requests.get(f"{url}/v1/loads", timeout=30).json()["loads"][0]
+    return server_load(url, since=time.time())
 
 
 def wait_loads(url: str, baseline: dict, timeout_s: float = 30.0) -> dict:

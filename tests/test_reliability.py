@@ -23,6 +23,7 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 
 from ft.messages import Heartbeat, WorkerFailed, encode
+from sglang_ft.tools.load import server_load
 from tests.client import GREEDY, generate, still_running
 from tests.client import wait_for as client_wait_for
 
@@ -41,7 +42,8 @@ def server(servers, tiny_model):
 
 
 def loads(url: str) -> dict:
-    return requests.get(f"{url}/v1/loads", timeout=30).json()["loads"][0]
+    """A snapshot published after this call began (a plain read can predate the last prefill or finish)."""
+    return server_load(url, since=time.time())
 
 
 wait_for = functools.partial(client_wait_for, poll_s=0.2)  # this module's polling pace
@@ -120,7 +122,8 @@ def test_a_client_hanging_up_mid_stream_frees_its_kv(server):
         chunks = response.iter_lines()
         for _ in range(8):
             next(chunks)
-        assert loads(server.url)["num_used_tokens"] > baseline
+        wait_for(lambda: (lambda load: load["num_used_tokens"] > baseline and load["num_running_reqs"] == 1)(
+            loads(server.url)), 20, "the streaming request's KV in use")
     hung_up = time.monotonic()  # the connection is closed here, long before 1500 tokens
     wait_for(lambda: (lambda load: load["num_used_tokens"] == baseline and load["num_running_reqs"] == 0)(
         loads(server.url)), 20, f"the aborted request's KV freed (back to {baseline} tokens in use)")

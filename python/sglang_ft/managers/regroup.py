@@ -100,7 +100,21 @@ def take_over_tokenizer_channels(scheduler, port_args) -> None:
     scheduler.request_receiver = dataclasses.replace(
         scheduler.request_receiver, recv_from_tokenizer=fresh.recv_from_tokenizer, recv_from_rpc=fresh.recv_from_rpc
     )
+    take_over_load_snapshots(scheduler, port_args)
     logger.warning("sglang-ft: this worker is now TP rank 0 and talks to the tokenizer manager")
+
+
+def take_over_load_snapshots(scheduler, port_args) -> None:
+    """Publish /v1/loads from here on: SGLang gives only the rank 0 it started a snapshot writer, so after that
+    process dies the endpoint (and every router reading it) would report its last load forever."""
+    from sglang.srt.managers.load_snapshot import create_load_snapshot_writer
+    from sglang.srt.runtime_context import get_observability, get_parallel
+
+    parallel = get_parallel()
+    scheduler.load_snapshot_writer = create_load_snapshot_writer(
+        port_args, parallel.num_dp_ranks, parallel.dp_rank or 0,
+        publish_interval=get_observability().load_snapshot_publish_interval,
+    )
 
 
 def regroup_in_place(ft_worker, order: Regroup) -> RegroupDone:

@@ -98,6 +98,19 @@ class Load:
             return sum(start <= t < end for t in self.tokens)
 
 
+def server_load(url: str, since: float | None = None, timeout_s: float = 30.0) -> dict:
+    """The TP group's `/v1/loads` snapshot, published at or after `since` (time.time()). SGLang publishes one after
+    each prefill, every 15th decode step and on idle, so a plain read can predate what the caller just did."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        load = requests.get(f"{url}/v1/loads", timeout=30).json()["loads"][0]
+        if since is None or load["timestamp"] >= since:
+            return load
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"{url}/v1/loads: nothing published in {timeout_s:.0f} s (last {load['timestamp']})")
+        time.sleep(0.05)
+
+
 def longest_gap(times: list[float], since: float, until: float | None = None) -> float:
     """The longest time with no token arriving between `since` and `until` (default: the last token): the longest
     stall a load with requests always in flight saw."""
