@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from concurrent.futures import ThreadPoolExecutor
 
 import requests
@@ -9,17 +10,29 @@ import requests
 GREEDY = {"temperature": 0.0, "ignore_eos": True}
 
 
-def generate(url: str, prompt: str, max_new_tokens: int, **extra) -> dict:
+def generate(url: str, prompt: str, max_new_tokens: int, api_key: str | None = None, **extra) -> dict:
     body = {"text": prompt, "sampling_params": {**GREEDY, "max_new_tokens": max_new_tokens}, **extra}
-    response = requests.post(f"{url}/generate", json=body, timeout=300)
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    response = requests.post(f"{url}/generate", json=body, headers=headers, timeout=300)
     response.raise_for_status()
     return response.json()
 
 
-def generate_concurrently(url: str, prompts: list[str], max_new_tokens: int) -> list[dict]:
+def generate_concurrently(url: str, prompts: list[str], max_new_tokens: int, api_key: str | None = None) -> list[dict]:
     """All prompts in flight at once, so the server batches them together."""
     with ThreadPoolExecutor(max_workers=len(prompts)) as pool:
-        return list(pool.map(lambda p: generate(url, p, max_new_tokens), prompts))
+        return list(pool.map(lambda p: generate(url, p, max_new_tokens, api_key), prompts))
+
+
+READ_LINE = re.compile(r"(?:TP(\d+)\] )?sglang-ft: read (\d+) of (\d+) checkpoint bytes")  # no TP tag at TP 1
+
+
+def assert_ranks_read_only_their_slices(log_text: str, tp: int) -> None:
+    """Norms are replicated, everything else is split: each rank reads about 1/tp of the checkpoint bytes."""
+    reads = {int(r or 0): (int(got), int(total)) for r, got, total in READ_LINE.findall(log_text)}
+    assert sorted(reads) == list(range(tp))
+    for got, total in reads.values():
+        assert got <= total / tp * 1.1 + 4096 and (tp > 1 or got == total)
 
 
 def still_running(processes, timeout_s: float) -> list:

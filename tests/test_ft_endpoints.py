@@ -1,10 +1,13 @@
-"""`/ft/status` and `/ft/inject_fault` on a real `--ft` server (TP 2): contract, API key, hang detection."""
+"""A real `--ft` server at TP 2: greedy equals transformers, `/ft/status` and `/ft/inject_fault` (contract, API key,
+hang detection)."""
 
 import time
 
 import psutil
 import pytest
 import requests
+from client import assert_ranks_read_only_their_slices, generate_concurrently
+from conftest import MAX_NEW_TOKENS, PROMPTS
 
 pytestmark = pytest.mark.server
 KEY = "test-key"
@@ -24,6 +27,12 @@ def _get(server, path, key=KEY):
 def _inject(server, body, key=KEY):
     return requests.post(f"{server.url}/ft/inject_fault", json=body,
                          headers={"Authorization": f"Bearer {key}"} if key else {}, timeout=30)
+
+
+def test_greedy_equals_transformers_at_tp2_and_ranks_read_half(server, tiny_model, hf_outputs):
+    outputs = generate_concurrently(server.url, PROMPTS, MAX_NEW_TOKENS, api_key=KEY)
+    assert [o["output_ids"] for o in outputs] == hf_outputs(tiny_model)
+    assert_ranks_read_only_their_slices(server.log_text(), 2)
 
 
 def test_status_lists_every_worker(server):
