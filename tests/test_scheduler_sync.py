@@ -126,3 +126,33 @@ def test_only_the_token_allocator_is_supported(leader):
     paged.token_to_kv_pool_allocator.page_size = 16
     with pytest.raises(NotImplementedError, match="page-size 1"):
         apply_snapshot(paged, snapshot, take_requests=False)
+
+
+def test_the_rebuild_drops_from_the_kv_backup_only_what_it_freed(leader):
+    """SGLang's radix cache (the unified one it serves with) frees a key's "duplicate" slots on insert; rebuilding
+    the tree inserts shared prefixes again with the very slots the tree keeps. Those must not reach the KV backup
+    as drops: they did (found by a failure after a rejoin, whose KV restore then missed the shared prompt's rows)."""
+    from sglang.srt.mem_cache.unified_radix_cache import ComponentType, UnifiedRadixCache
+
+    from sglang_ft.mem_cache.kv_backup_stream import KvStreamer
+
+    snapshot = take_snapshot(leader, with_requests=True)
+    rank = make_rank()
+    allocator = rank.token_to_kv_pool_allocator
+    rank.tree_cache = UnifiedRadixCache(CacheInitParams(
+        disable=False, req_to_token_pool=None, token_to_kv_pool_allocator=allocator, page_size=1,
+        tree_components=(ComponentType.FULL,)))
+    for tokens in ([9, 9, 9, 9, 9], [1, 2, 3, 4, 10, 11], [1, 2, 3, 4, 20]):
+        cache(rank, tokens)
+    streamer = KvStreamer("inproc://kv-backup-test", 0, 16, None, allocator, 4)
+    streamer.sender.geometry = object()  # streaming
+    dropped = []
+    streamer.sender.drop = lambda slots: dropped.extend(slots.tolist())
+    free = allocator.free
+    allocator.free = lambda slots: (free(slots), streamer.on_slots_freed(allocator, slots))  # the plugin's hook
+
+    unused = slots_of(rank, (9, 9, 9, 9, 9))  # no waiting request uses it: really freed
+
+    stats = apply_snapshot(rank, snapshot, take_requests=False, kv_stream=streamer)
+    assert stats.freed_slots == 5 and sorted(dropped) == sorted(unused)
+    streamer.sender.close()

@@ -16,6 +16,7 @@ dropped from the KV backup); such a prefix is recomputed if it is asked for agai
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import pickle
 import types
@@ -132,26 +133,16 @@ def take_snapshot(scheduler, with_requests: bool) -> dict:
     return snapshot
 
 
-def apply_snapshot(scheduler, snapshot: dict, take_requests: bool, kv_stream=None) -> SyncStats:
-    """Rebuild this rank's radix cache and allocator (and, on a joiner, its waiting queue) from `snapshot`."""
+def _rebuild_tree(scheduler, sequences, before: torch.Tensor, stats: SyncStats) -> torch.Tensor:
+    """Reset the radix cache and insert rank 0's sequences with their slots; returns the slots they use."""
     from sglang.srt.mem_cache.base_prefix_cache import InsertParams
 
-    allocator, tree = scheduler.token_to_kv_pool_allocator, scheduler.tree_cache
-    if getattr(allocator, "page_size", 1) != 1 or not hasattr(allocator, "free_pages"):
-        raise NotImplementedError("sglang-ft: re-admitting a worker needs SGLang's token allocator (--page-size 1)")
-    stats = SyncStats()
-    if take_requests:
-        scheduler.waiting_queue = [rebuild_request(state, scheduler) for state in snapshot["requests"]]
-    stats.requests = len(scheduler.waiting_queue)
-
-    before = slots_in_use(allocator)
-    if scheduler.req_to_token_pool.available_size() != scheduler.req_to_token_pool.size:
-        raise RuntimeError("sglang-ft: a request still holds a request slot during the scheduler sync")
+    tree = scheduler.tree_cache
     tree.reset()
     scheduler.req_to_token_pool.clear()
     in_use = torch.zeros_like(before)
-    device = allocator.free_pages.device
-    for seq in snapshot["sequences"]:
+    device = scheduler.token_to_kv_pool_allocator.free_pages.device
+    for seq in sequences:
         slots = torch.from_numpy(seq.slots)
         in_use[slots] = True
         value = slots.to(device)
@@ -162,7 +153,27 @@ def apply_snapshot(scheduler, snapshot: dict, take_requests: bool, kv_stream=Non
             tree.insert(InsertParams(key=prompt, value=value[: len(prompt)], priority=seq.priority + 1))
         stats.sequences += 1
     stats.cached_tokens = int(in_use.sum())
+    return in_use
+
+
+def apply_snapshot(scheduler, snapshot: dict, take_requests: bool, kv_stream=None) -> SyncStats:
+    """Rebuild this rank's radix cache and allocator (and, on a joiner, its waiting queue) from `snapshot`. Only
+    the slots no sequence uses any more are dropped from the KV backup."""
+    allocator = scheduler.token_to_kv_pool_allocator
+    if getattr(allocator, "page_size", 1) != 1 or not hasattr(allocator, "free_pages"):
+        raise NotImplementedError("sglang-ft: re-admitting a worker needs SGLang's token allocator (--page-size 1)")
+    stats = SyncStats()
+    if take_requests:
+        scheduler.waiting_queue = [rebuild_request(state, scheduler) for state in snapshot["requests"]]
+    stats.requests = len(scheduler.waiting_queue)
+
+    before = slots_in_use(allocator)
+    if scheduler.req_to_token_pool.available_size() != scheduler.req_to_token_pool.size:
+        raise RuntimeError("sglang-ft: a request still holds a request slot during the scheduler sync")
+    with kv_stream.muting_drops() if kv_stream is not None else contextlib.nullcontext():
+        in_use = _rebuild_tree(scheduler, snapshot["sequences"], before, stats)
     in_use[0] = True  # SGLang's padding slot is never handed out
+    device = allocator.free_pages.device
     allocator.free_pages = torch.nonzero(~in_use).flatten().to(device, torch.int64)
     allocator.release_pages = torch.empty((0,), dtype=torch.int64, device=device)
     freed = torch.nonzero(before & ~in_use).flatten()

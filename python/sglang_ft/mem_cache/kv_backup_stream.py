@@ -9,6 +9,8 @@ Freed slots (finished requests not cached, radix-cache evictions, a flush) are d
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 
@@ -53,6 +55,17 @@ class KvStreamer:
         self.pool = pool
         self.allocator = allocator
         self.num_kv_heads_total = num_kv_heads_total
+        self.drops_muted = False
+
+    @contextlib.contextmanager
+    def muting_drops(self):
+        """While the caller rebuilds the allocator itself (and drops what it really freed afterwards): SGLang's radix
+        insert frees a key's "duplicate" slots, which during a rebuild are the very slots the tree keeps."""
+        self.drops_muted = True
+        try:
+            yield
+        finally:
+            self.drops_muted = False
 
     def follow(self, pool, heads: tuple[int, int], epoch: int) -> None:
         """Stream `pool` (after a regroup reshaped it) for global KV heads `heads` at `epoch`."""
@@ -79,11 +92,11 @@ class KvStreamer:
                                  raw_rows(pool.v_buffer[index][slots]))
 
     def on_slots_freed(self, allocator, slots: torch.Tensor) -> None:
-        if allocator is self.allocator and self.sender.geometry is not None and slots.numel():
+        if allocator is self.allocator and not self.drops_muted and self.sender.geometry is not None and slots.numel():
             self.sender.drop(raw_rows(slots.to(torch.int64)))
 
     def on_allocator_cleared(self, allocator) -> None:
-        if allocator is self.allocator and self.sender.geometry is not None:
+        if allocator is self.allocator and not self.drops_muted and self.sender.geometry is not None:
             self.sender.drop(np.arange(self.sender.geometry.slots, dtype=np.int64))
 
     def resync(self) -> tuple[int, int]:
