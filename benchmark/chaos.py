@@ -242,7 +242,7 @@ class Monkey:
 def soak(server: ServerProcess, args, expected: dict[str, list[int]]) -> dict:
     """The load and the monkey together, then the wait for rejoins, the drain and the checks; the report."""
     url = server.url
-    baseline = loads(url)
+    baseline = server_load(url)
     load = Load(url, PROMPTS, args.max_new_tokens, expected=expected).start(args.clients)
     started = time.monotonic()
     monkey = Monkey(url, random.Random(args.seed), args.heartbeat_timeout_ms / 1e3, args.min_live,
@@ -289,15 +289,11 @@ def soak(server: ServerProcess, args, expected: dict[str, list[int]]) -> dict:
     }
 
 
-def loads(url: str) -> dict:
-    return server_load(url, since=time.time())
-
-
 def wait_loads(url: str, baseline: dict, timeout_s: float = 30.0) -> dict:
     """`/v1/loads` once no request is left and the pool is back to `baseline`'s tokens, or at `timeout_s`."""
     deadline = time.monotonic() + timeout_s
     while True:
-        now = loads(url)
+        now = server_load(url)
         idle = now["num_running_reqs"] == 0 and now["num_waiting_reqs"] == 0
         if (idle and now["num_used_tokens"] == baseline["num_used_tokens"]) or time.monotonic() >= deadline:
             return now

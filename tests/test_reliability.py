@@ -41,11 +41,6 @@ def server(servers, tiny_model):
     process.stop()
 
 
-def loads(url: str) -> dict:
-    """A snapshot published after this call began (a plain read can predate the last prefill or finish)."""
-    return server_load(url, since=time.time())
-
-
 wait_for = functools.partial(client_wait_for, poll_s=0.2)  # this module's polling pace
 
 
@@ -78,7 +73,7 @@ BAD_BODIES = [
 
 
 def test_malformed_bodies_get_4xx_with_a_message_and_change_nothing(server):
-    before = loads(server.url)
+    before = server_load(server.url)
     for path, body in BAD_BODIES:
         kwargs = {"data": body, "headers": {"content-type": "application/json"}} if isinstance(body, bytes) else \
             {"json": body}
@@ -86,7 +81,7 @@ def test_malformed_bodies_get_4xx_with_a_message_and_change_nothing(server):
         assert 400 <= response.status_code < 500, (path, body, response.status_code, response.text[:200])
         assert response.text.strip(), (path, body)  # a message, not an empty error
     assert requests.get(f"{server.url}/health", timeout=30).status_code == 200
-    after = loads(server.url)
+    after = server_load(server.url)
     assert after["num_used_tokens"] == before["num_used_tokens"] and after["num_running_reqs"] == 0
     status = requests.get(f"{server.url}/ft/status", timeout=30).json()
     assert status["epoch"] == 0 and status["tp_size"] == 2  # no worker was hurt by any of it
@@ -110,23 +105,23 @@ def test_a_flood_gets_503_with_retry_after_and_everything_accepted_completes(ser
     accepted = [i for i, a in enumerate(answers) if a.status_code == 200]
     alone = generate(server.url, f"flood {accepted[0]}", 12)  # the same greedy answer when not under a flood
     assert alone["output_ids"] == answers[accepted[0]].json()["output_ids"]
-    wait_for(lambda: loads(server.url)["num_running_reqs"] == 0, 30, "the queue drained")
+    wait_for(lambda: server_load(server.url)["num_running_reqs"] == 0, 30, "the queue drained")
 
 
 def test_a_client_hanging_up_mid_stream_frees_its_kv(server):
     """SGLang aborts the request of a client that left; under --ft that abort used to be dropped (the ledger took
     it for a re-send of the request it names) and the request decoded to its end into a closed socket."""
-    baseline = loads(server.url)["num_used_tokens"]
+    baseline = server_load(server.url)["num_used_tokens"]
     body = {"text": "a long answer", "stream": True, "sampling_params": {**GREEDY, "max_new_tokens": 1500}}
     with requests.post(f"{server.url}/generate", json=body, stream=True, timeout=60) as response:
         chunks = response.iter_lines()
         for _ in range(8):
             next(chunks)
         wait_for(lambda: (lambda load: load["num_used_tokens"] > baseline and load["num_running_reqs"] == 1)(
-            loads(server.url)), 20, "the streaming request's KV in use")
+            server_load(server.url)), 20, "the streaming request's KV in use")
     hung_up = time.monotonic()  # the connection is closed here, long before 1500 tokens
     wait_for(lambda: (lambda load: load["num_used_tokens"] == baseline and load["num_running_reqs"] == 0)(
-        loads(server.url)), 20, f"the aborted request's KV freed (back to {baseline} tokens in use)")
+        server_load(server.url)), 20, f"the aborted request's KV freed (back to {baseline} tokens in use)")
     assert time.monotonic() - hung_up < 20
 
 
@@ -265,7 +260,7 @@ def test_hypothesis_on_sampling_parameters_finds_no_server_error(server):
 def test_after_the_fuzz_the_server_is_whole(server):
     assert requests.get(f"{server.url}/health", timeout=30).status_code == 200
     wait_for(lambda: (lambda load: load["num_used_tokens"] == 0 and load["num_running_reqs"] == 0)(
-        loads(server.url)), 30, "no KV in use once the fuzzed requests are done")
+        server_load(server.url)), 30, "no KV in use once the fuzzed requests are done")
     status = requests.get(f"{server.url}/ft/status", timeout=30).json()
     assert status["epoch"] == 0 and [w["state"] for w in status["workers"]] == ["healthy", "healthy"]
 

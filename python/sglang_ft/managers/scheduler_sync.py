@@ -133,14 +133,14 @@ def take_snapshot(scheduler, with_requests: bool) -> dict:
     return snapshot
 
 
-def _rebuild_tree(scheduler, sequences, before: torch.Tensor, stats: SyncStats) -> torch.Tensor:
-    """Reset the radix cache and insert rank 0's sequences with their slots; returns the slots they use."""
+def _rebuild_tree(scheduler, sequences, num_slots: int, stats: SyncStats) -> torch.Tensor:
+    """Reset the radix cache and insert rank 0's sequences with their slots; returns which of `num_slots` they use."""
     from sglang.srt.mem_cache.base_prefix_cache import InsertParams
 
     tree = scheduler.tree_cache
     tree.reset()
     scheduler.req_to_token_pool.clear()
-    in_use = torch.zeros_like(before)
+    in_use = torch.zeros(num_slots, dtype=torch.bool)
     device = scheduler.token_to_kv_pool_allocator.free_pages.device
     for seq in sequences:
         slots = torch.from_numpy(seq.slots)
@@ -171,7 +171,7 @@ def apply_snapshot(scheduler, snapshot: dict, take_requests: bool, kv_stream=Non
     if scheduler.req_to_token_pool.available_size() != scheduler.req_to_token_pool.size:
         raise RuntimeError("sglang-ft: a request still holds a request slot during the scheduler sync")
     with kv_stream.muting_drops() if kv_stream is not None else contextlib.nullcontext():
-        in_use = _rebuild_tree(scheduler, snapshot["sequences"], before, stats)
+        in_use = _rebuild_tree(scheduler, snapshot["sequences"], len(before), stats)
     in_use[0] = True  # SGLang's padding slot is never handed out
     device = allocator.free_pages.device
     allocator.free_pages = torch.nonzero(~in_use).flatten().to(device, torch.int64)

@@ -99,12 +99,14 @@ class Load:
 
 
 def server_load(url: str, since: float | None = None, timeout_s: float = 30.0) -> dict:
-    """The TP group's `/v1/loads` snapshot, published at or after `since` (time.time()). SGLang publishes one after
-    each prefill, every 15th decode step and on idle, so a plain read can predate what the caller just did."""
+    """The TP group's `/v1/loads` snapshot, published at or after `since` (time.time(); default: this call). SGLang
+    publishes one after each prefill, every 15th decode step and on idle, so a plain read can predate what the
+    caller just did."""
+    since = time.time() if since is None else since
     deadline = time.monotonic() + timeout_s
     while True:
         load = requests.get(f"{url}/v1/loads", timeout=30).json()["loads"][0]
-        if since is None or load["timestamp"] >= since:
+        if load["timestamp"] >= since:
             return load
         if time.monotonic() >= deadline:
             raise TimeoutError(f"{url}/v1/loads: nothing published in {timeout_s:.0f} s (last {load['timestamp']})")
