@@ -97,3 +97,26 @@ def test_a_hung_rank0_gets_nothing_after_the_switch_and_the_new_one_gets_everyth
     assert resent == 10
     assert sorted(after) == sorted([f"before-{i}" for i in range(10)] + [f"after-{i}" for i in range(10)])
     assert [m for m in after if m.startswith("after")] == [f"after-{i}" for i in range(10)]  # in order
+
+
+def test_the_fresh_socket_binds_the_same_ipc_path_at_once(tmp_path):
+    """libzmq leaves a closed socket's ipc file in place and unlinks it itself when binding: the switch must not
+    wait for the file to go (it waited out a 2 s timeout at every rank-0 election)."""
+    from sglang_ft.managers.request_journal import bind_when_free
+
+    context = zmq.Context.instance()
+    endpoint = f"ipc://{tmp_path}/to-scheduler"
+    old = context.socket(zmq.PUSH)
+    old.bind(endpoint)
+    old.close(linger=0)
+    fresh, peer = context.socket(zmq.PUSH), context.socket(zmq.PULL)
+    try:
+        started = time.monotonic()
+        asyncio.run(bind_when_free(fresh, endpoint))
+        assert time.monotonic() - started < 0.5
+        peer.connect(endpoint)
+        fresh.send(b"request")
+        assert peer.poll(5000) and peer.recv() == b"request"
+    finally:
+        fresh.close(linger=0)
+        peer.close(linger=0)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import threading
 import time
 
@@ -99,12 +98,11 @@ class RequestJournal:
 
 
 async def bind_when_free(socket, endpoint: str, timeout_s: float = 2.0) -> None:
-    """Bind `socket` where a just-closed socket was bound. ZMQ closes in the background: an ipc socket's file is
-    unlinked then (it would remove the new one's file if bound first), a TCP port is free only then."""
+    """Bind `socket` where a just-closed socket was bound. A TCP port is free only once ZMQ closed the old socket in
+    the background, so EADDRINUSE is retried. An ipc path needs no wait: libzmq (4.3, what pyzmq >= 25 bundles)
+    unlinks a leftover file when binding and never unlinks a named ipc file on close (waiting for that cost every
+    rank-0 election 2 s)."""
     deadline = time.monotonic() + timeout_s
-    path = endpoint[len("ipc://"):] if endpoint.startswith("ipc://") else None
-    while path is not None and os.path.exists(path) and time.monotonic() < deadline:
-        await asyncio.sleep(0.002)
     while True:
         try:
             socket.bind(endpoint)
