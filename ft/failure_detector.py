@@ -33,6 +33,8 @@ class FailureDetector:
         record = self.membership.workers.get(worker)
         if record is None or record.state is WorkerState.DEAD:
             return None
+        if record.last_beat is not None and record.pid == pid:
+            record.max_beat_gap_s = max(record.max_beat_gap_s, now - record.last_beat)
         record.pid, record.last_beat = pid, now
         if self.membership.set_state(worker, WorkerState.HEALTHY, now):
             return Transition(worker, WorkerState.HEALTHY, 0.0)

@@ -23,6 +23,7 @@ class Worker:
     pid: int | None = None
     state: WorkerState = WorkerState.JOINING
     last_beat: float | None = None  # monotonic seconds of the last heartbeat
+    max_beat_gap_s: float = 0.0  # longest silence of this worker that ended in a beat: the timeout's real margin
     dead_since: float | None = None
 
 

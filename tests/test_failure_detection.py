@@ -43,6 +43,19 @@ def test_a_suspect_that_beats_again_is_healthy_but_the_dead_stay_dead():
     assert membership.workers[0].state is WorkerState.DEAD
 
 
+def test_the_longest_gap_a_worker_recovered_from_is_kept_per_process():
+    membership = Membership.initial(2)
+    detector = FailureDetector(membership, interval_s=0.1, timeout_s=1.0)
+    for now in (0.0, 0.1, 0.7, 0.8):  # one 0.6 s gap: suspect, then healthy again
+        detector.beat(0, 100, now)
+        detector.sweep(now)
+    assert membership.workers[0].max_beat_gap_s == pytest.approx(0.6)
+    assert membership.workers[0].state is WorkerState.HEALTHY
+    detector.beat(1, 101, now=0.0)
+    detector.beat(1, 202, now=0.9)  # a new process: its first beat is no gap of the old one's
+    assert membership.workers[1].max_beat_gap_s == 0.0
+
+
 def test_regroup_bumps_the_epoch_and_fences_the_old_one():
     membership = Membership.initial(4)
     assert membership.is_current(0)

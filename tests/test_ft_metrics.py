@@ -41,7 +41,8 @@ def drive(sockets: str) -> dict:
     controller._on_message(Heartbeat(2, restarted, 1, 0, (1, 0, 200), kv_backup_queued=4), time.monotonic())
     store.alive = False
     controller.step()
-    return {"first": first, "recoveries": controller.state.recoveries, "metrics_on": controller.metrics is not None,
+    workers = controller.state.status(time.monotonic())["workers"]
+    return {"first": first, "gaps_ms": {w["worker"]: w["max_beat_gap_ms"] for w in workers if w["state"] != "dead"}, "recoveries": controller.state.recoveries, "metrics_on": controller.metrics is not None,
             "prometheus_imported": "prometheus_client" in sys.modules}
 
 
@@ -101,6 +102,9 @@ def test_controller_state_reaches_the_multiprocess_collector(tmp_path):
     assert values[("sglang_ft_kv_backup_dropped_total", ())] == 2
     assert values[("sglang_ft_kv_backup_lag", ())] == 3 + 4  # the live members' latest beats; dead worker 1 not
     assert values[("sglang_ft_kv_backup_store_healthy", ())] == 0
+    # worker 0 beat twice, worker 2 from a new process (no gap across processes): the worst live gap is worker 0's
+    assert run["gaps_ms"]["2"] == 0 and run["gaps_ms"]["0"] > 0
+    assert values[("sglang_ft_max_heartbeat_gap_seconds", ())] == pytest.approx(run["gaps_ms"]["0"] / 1e3, abs=1e-4)
     assert all(f.startswith(("counter_", "gauge_mostrecent_", "histogram_")) for f in os.listdir(metrics_dir))
 
 

@@ -72,6 +72,8 @@ class FtMetrics:
         self.live_workers = _gauge("live_workers", "Group members not declared dead")
         self.kv_backup_lag = _gauge("kv_backup_lag", "KV backup messages queued in the live workers' senders, not "
                                                      "yet written out (sum of their latest heartbeats; a lower bound)")
+        self.max_beat_gap = _gauge("max_heartbeat_gap_seconds", "Longest heartbeat gap a live group member has "
+                                   "recovered from: how close a slow but alive worker came to the timeout")
         self.recoveries = _counter("recoveries", "Completed regroups", ["cause_kind"])
         self.recovery_seconds = _histogram("recovery_seconds", "Detection plus recovery time of each completed "
                                            "regroup", RECOVERY_BUCKETS, ["cause_kind"])
@@ -95,6 +97,7 @@ class FtMetrics:
         self.epoch.set(membership.epoch)
         self.tp_size.set(len(membership.members()))
         self.live_workers.set(len(live))
+        self.max_beat_gap.set(max((membership.workers[w].max_beat_gap_s for w in live), default=0.0))
         for recovery in state.recoveries[self._recoveries_seen:]:
             kind = cause_kind(recovery["cause"])
             self.recoveries.labels(kind).inc()
