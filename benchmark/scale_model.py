@@ -62,12 +62,12 @@ class Model:
         return self.hidden_size // self.num_attention_heads
 
     def shape(self) -> ModelShape:
-        """The planner's shape. The planner has no expert dimension yet, so an MoE layer's experts count as
-        num_local_experts * intermediate_size MLP columns: the bytes are exact, and a rank's span of columns may
-        cross expert boundaries."""
+        """The planner's shape: an MoE layer's unit of MLP columns is that column of every expert (the router is
+        replicated and never moves), as the elastic model partitions it."""
+        experts = self.num_local_experts if self.num_local_experts > 1 else 0
         return ModelShape(self.num_attention_heads, self.num_key_value_heads, self.head_dim, self.hidden_size,
-                          self.num_local_experts * self.intermediate_size, self.vocab_size, self.num_hidden_layers,
-                          self.dtype_bytes)
+                          self.intermediate_size, self.vocab_size, self.num_hidden_layers, self.dtype_bytes,
+                          num_experts=experts)
 
     def parameters(self, active: bool = False) -> int:
         """Every parameter (or, with `active`, those one token uses: its top-k experts only)."""

@@ -86,6 +86,7 @@ class RegroupDone(msgspec.Struct, tag=True, frozen=True):
     kv_bytes_p2p: int = 0  # KV received from peers
     pid: int = 0
     layout_json: str = ""  # the layout the group formed (every member reports the same)
+    expert_bytes_moved: int = 0  # MoE: expert weights received from peers or disk (part of bytes_p2p + reloaded)
 
 
 def msgpack_codec(union):

@@ -35,7 +35,12 @@ def spans_from_sizes(sizes: list[int], start: int = 0) -> list[Span]:
 
 @dataclass(frozen=True)
 class ModelShape:
-    """The sizes of a Llama-family decoder that partitioning needs."""
+    """The sizes of a Llama-family decoder that partitioning needs.
+
+    For a mixture-of-experts model `intermediate_size` is one expert's FFN width: a unit of `mlp_columns` is that
+    column of every routed expert, plus `shared_columns_per_unit` columns of a shared expert (Qwen2-MoE's is a
+    whole multiple of an expert's width), so every rank holds the same span of every expert.
+    """
 
     num_attention_heads: int
     num_key_value_heads: int
@@ -45,6 +50,8 @@ class ModelShape:
     vocab_size: int
     num_layers: int
     dtype_bytes: int = 4
+    num_experts: int = 0  # routed experts per MoE layer; 0 for a dense MLP
+    shared_columns_per_unit: int = 0
 
     @property
     def group_size(self) -> int:
@@ -54,6 +61,15 @@ class ModelShape:
     def __post_init__(self):
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
+        if self.num_experts < 0 or self.shared_columns_per_unit < 0:
+            raise ValueError("num_experts and shared_columns_per_unit cannot be negative")
+        if self.shared_columns_per_unit and not self.num_experts:
+            raise ValueError("a shared expert needs routed experts (num_experts > 0)")
+
+    @property
+    def ffns_per_column(self) -> int:
+        """Dense FFN columns one unit of `mlp_columns` stands for: 1, or one per expert plus the shared ones."""
+        return self.num_experts + self.shared_columns_per_unit if self.num_experts else 1
 
 
 @dataclass(frozen=True)

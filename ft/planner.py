@@ -23,7 +23,7 @@ def bytes_per_unit(shape: ModelShape, tied_embeddings: bool = False, kv_bytes_pe
     h, hd, g, b, layers = shape.hidden_size, shape.head_dim, shape.group_size, shape.dtype_bytes, shape.num_layers
     return {
         "kv_heads": layers * (2 * g * hd * h + 2 * hd * h) * b + kv_bytes_per_group,  # q and o, k and v
-        "mlp_columns": layers * 3 * h * b,  # gate and up rows, down column
+        "mlp_columns": layers * 3 * h * b * shape.ffns_per_column,  # gate and up rows, down column (per expert)
         "vocab_rows": (1 if tied_embeddings else 2) * h * b,  # embedding row, LM head row
     }
 

@@ -49,6 +49,12 @@ def tiny_model_12h(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny_moe_model(tmp_path_factory) -> str:
+    """A Mixtral-style mixture of experts: 8 heads, 4 KV heads, 4 experts of 160 columns, top 2."""
+    return _make(tmp_path_factory, "tiny-mixtral", "--moe", "--seed", "3")
+
+
+@pytest.fixture(scope="session")
 def hf_outputs():
     """transformers greedy outputs, computed once per model."""
     from sglang_ft.tools.hf_reference import greedy_token_ids

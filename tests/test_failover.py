@@ -1,8 +1,9 @@
-"""Serving through worker failures (TP 4 on the tiny model): nothing lost, same tokens, status and fencing.
+"""Serving through worker failures (TP 4): nothing lost, same tokens, status and fencing.
 
 Servers take a minute or more to start on CPU, so the first three tests share one and each takes it one failure
 further (TP 4 -> 3 -> 2 -> 1, then a rejoin by hand); they run in file order and each checks the state it starts
-from. The rank-0 test and the no-backup test have servers of their own.
+from. That server serves the tiny Mixtral-style mixture of experts (its experts' columns regroup like a dense
+MLP's); the rank-0 test and the no-backup test have servers of their own, on the dense tiny Llama.
 """
 
 import json
@@ -49,9 +50,9 @@ def start_tp4(servers, tiny_model):
 
 
 @pytest.fixture(scope="module")
-def ft_server(servers, tiny_model):
-    """The module's shared server, taken one failure further by each of the first three tests."""
-    server = start_tp4(servers, tiny_model)
+def ft_server(servers, tiny_moe_model):
+    """The module's shared server (MoE), taken one failure further by each of the first three tests."""
+    server = start_tp4(servers, tiny_moe_model)
     SHARED.append(server)
     yield server
     server.stop()
@@ -107,11 +108,33 @@ def run_with_fault(server, fault, prompts=FAILOVER_PROMPTS, after_tokens: int = 
     return results
 
 
-@pytest.fixture
-def reference(hf_outputs, tiny_model):
+def _reference(model_path: str):
     from sglang_ft.tools.hf_reference import greedy_token_ids
 
-    return lambda prompts: greedy_token_ids(tiny_model, prompts, NEW_TOKENS)
+    return lambda prompts: greedy_token_ids(model_path, prompts, NEW_TOKENS)
+
+
+@pytest.fixture
+def reference(tiny_model):
+    return _reference(tiny_model)
+
+
+@pytest.fixture
+def moe_reference(tiny_moe_model):
+    return _reference(tiny_moe_model)
+
+
+def planned_expert_bytes(model_path: str, dead: int) -> int:
+    """Bytes of MLP-column (expert) moves the planner orders for TP 4 -> 3 when worker `dead` dies."""
+    from sglang_ft.launch_checks import model_shape_of
+    from transformers import AutoConfig
+
+    from ft.partition import TPLayout
+    from ft.planner import plan_migration
+
+    shape = model_shape_of(AutoConfig.from_pretrained(model_path))
+    plan = plan_migration(shape, dict(enumerate(TPLayout.even(shape, 4).shards)), [w for w in range(4) if w != dead])
+    return sum(m.nbytes for m in plan.moves if m.dim == "mlp_columns")
 
 
 def one_worker_share_bytes(server) -> int:
@@ -121,8 +144,8 @@ def one_worker_share_bytes(server) -> int:
     return int(reads[0])  # rank 0's slices at launch (TP 4): one worker's share, norms included
 
 
-def test_sigkill_mid_decode_restores_kv_without_reprefill(ft_server, reference):
-    expected = reference(FAILOVER_PROMPTS + [CACHED_PROMPT])
+def test_sigkill_mid_decode_restores_kv_without_reprefill(ft_server, moe_reference):
+    expected = moe_reference(FAILOVER_PROMPTS + [CACHED_PROMPT])
     before = generate(ft_server.url, CACHED_PROMPT, NEW_TOKENS)  # finished: its KV stays in the radix cache
     victim = status(ft_server)["workers"][2]["pid"]
     results = run_with_fault(ft_server, lambda: inject(ft_server, 2, "kill"))
@@ -134,6 +157,8 @@ def test_sigkill_mid_decode_restores_kv_without_reprefill(ft_server, reference):
     assert recovery["cause"].startswith("worker 2")
     assert 0 < recovery["bytes_reloaded"] < one_worker_share_bytes(ft_server)
     assert recovery["bytes_p2p"] > 0 and recovery["detect_ms"] >= 0 and recovery["recover_ms"] > 0
+    # the experts' columns moved exactly as the planner's MLP-column moves say (every expert's slice of them)
+    assert recovery["expert_bytes_moved"] == planned_expert_bytes(ft_server.model_path, dead=2) > 0
     # The dead worker's KV heads came back from the backup store; nothing was prefilled again: every in-flight
     # request was re-admitted with its whole prompt (and more) matched in the radix cache.
     assert recovery["kv_blocks_restored"] > 0 and recovery["kv_tokens_recomputed"] == 0
@@ -168,10 +193,10 @@ def test_sigkill_mid_decode_restores_kv_without_reprefill(ft_server, reference):
     assert after["output_ids"] == before["output_ids"] == expected[-1]
 
 
-def test_backup_store_death_under_load_then_respawn_and_resync(ft_server, reference):
+def test_backup_store_death_under_load_then_respawn_and_resync(ft_server, moe_reference):
     """Second on the shared server (TP 3): the store dies under load and is respawned; every worker re-sends what
     it holds, so the next failure (TP 3 -> 2) restores from the new store with nothing recomputed."""
-    expected = reference(FAILOVER_PROMPTS)
+    expected = moe_reference(FAILOVER_PROMPTS)
     st = status(ft_server)
     assert (st["epoch"], st["tp_size"]) == (1, 3)
     first = wait_for(lambda: (s := status(ft_server)["kv_backup"])["store"] and s, what="the backup store")
@@ -193,10 +218,10 @@ def test_backup_store_death_under_load_then_respawn_and_resync(ft_server, refere
     assert st["recoveries"][-1]["kv_blocks_restored"] > 0 and st["recoveries"][-1]["kv_tokens_recomputed"] == 0
 
 
-def test_the_last_failure_streams_across_down_to_tp1_then_a_rejoin_by_hand(ft_server, reference):
+def test_the_last_failure_streams_across_down_to_tp1_then_a_rejoin_by_hand(ft_server, moe_reference):
     """Third on the shared server (TP 2): the last failure while a streaming request is in flight, then an
     operator brings the worker back (automatic restarts are off here): TP 1 -> 2."""
-    expected = reference(FAILOVER_PROMPTS)
+    expected = moe_reference(FAILOVER_PROMPTS)
     st = status(ft_server)
     assert (st["epoch"], st["tp_size"]) == (2, 2)
     victim = next(w["worker"] for w in st["workers"] if w["rank"] == 1)

@@ -65,3 +65,40 @@ def test_other_llama_family_layouts(tmp_path, architecture, model_type):
     model = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
     has_bias = any(name.endswith("q_proj.bias") for name, _ in model.named_parameters())
     assert has_bias == (architecture == "qwen2")
+
+
+@pytest.mark.parametrize("base, model_type", [("llama", "mixtral"), ("qwen2", "qwen2_moe")])
+def test_moe_flag_makes_mixtral_or_qwen2_moe_with_a_shared_expert(tmp_path, base, model_type):
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    make_tiny_model.main([str(tmp_path), "--architecture", base, "--moe", "--num-experts", "6",
+                          "--num-experts-per-tok", "3", "--intermediate-size", "32"])
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["model_type"] == model_type and config["num_experts_per_tok"] == 3
+    experts = config["num_local_experts"] if model_type == "mixtral" else config["num_experts"]
+    assert experts == 6
+    if model_type == "qwen2_moe":
+        assert (config["moe_intermediate_size"], config["shared_expert_intermediate_size"]) == (32, 64)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+    ids = torch.tensor([[5, 6, 7]])
+    assert model(ids).logits.shape == (1, 3, 512)
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:  # the hub's per-expert tensor names
+        names = set(f.keys())
+    per_expert = "block_sparse_moe.experts.5.w1" if model_type == "mixtral" else "mlp.experts.5.gate_proj"
+    assert f"model.layers.0.{per_expert}.weight" in names
+    assert any("shared_expert." in n for n in names) == (model_type == "qwen2_moe")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--num-experts", "4"], "--num-experts needs --moe"),
+    (["--moe", "--num-experts", "2", "--num-experts-per-tok", "3"], "--num-experts-per-tok must be in 1..--num-experts"),
+    (["--moe", "--shared-expert-intermediate-size", "64"], "is for qwen2_moe"),
+    (["--moe", "--architecture", "qwen2", "--shared-expert-intermediate-size", "100"], "a multiple of"),
+    (["--moe", "--num-experts", "0"], "--num-experts must be positive"),
+])
+def test_moe_flags_are_checked(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit):
+        make_tiny_model.main([str(tmp_path), *argv])
+    assert message in capsys.readouterr().err

@@ -42,7 +42,11 @@ def test_model_shapes_give_the_published_parameter_counts(name, billions):
 
 def test_mixtral_active_parameters_and_expert_columns():
     mixtral = MODELS["Mixtral-8x7B"]
-    assert mixtral.shape().intermediate_size == 8 * 14336
+    shape = mixtral.shape()
+    assert (shape.intermediate_size, shape.num_experts) == (14336, 8)
+    # a unit of MLP columns is that column of all 8 experts: the planner's bytes are every expert's weights
+    mlp_bytes = bytes_per_unit(shape)["mlp_columns"] * shape.intermediate_size
+    assert mlp_bytes == 32 * 8 * 3 * 4096 * 14336 * 2
     assert mixtral.parameters(active=True) / 1e9 == pytest.approx(12.9, rel=0.02)  # top-2 of 8 experts
     assert MODELS["Llama-3-8B"].parameters(active=True) == MODELS["Llama-3-8B"].parameters()
 

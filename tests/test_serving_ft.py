@@ -8,7 +8,7 @@ import json
 
 import pytest
 import requests
-from client import GREEDY, assert_ranks_read_only_their_slices, generate, generate_concurrently
+from client import GREEDY, assert_ranks_read_only_their_slices, generate, generate_concurrently, wait_for
 from conftest import MAX_NEW_TOKENS, PROMPTS
 
 pytestmark = pytest.mark.server
@@ -90,3 +90,31 @@ def test_qwen2_and_mistral_configs_equal_transformers(servers, tmp_path_factory,
     assert "sglang-ft: TP rank" in server.log_text()  # served by the elastic model
     outputs = generate_concurrently(server.url, PROMPTS, MAX_NEW_TOKENS)
     assert [o["output_ids"] for o in outputs] == hf_outputs(str(model))
+
+
+def test_qwen2_moe_with_a_shared_expert_equals_transformers_from_tp4_down_to_tp1(servers, tmp_path_factory,
+                                                                                 hf_outputs):
+    """A Qwen2-MoE-style model (q/k/v biases, 4 routed experts, a gated shared expert twice as wide) at TP 4, then
+    at TP 3, 2 and 1 after SIGKILLs: the experts' columns regroup with unequal widths (160 over 3 = 54+53+53). The
+    radix cache is flushed at each width so every prompt is computed at that width."""
+    from sglang_ft.tools import make_tiny_model
+
+    model = str(tmp_path_factory.mktemp("tiny-qwen2-moe"))
+    make_tiny_model.main([model, "--moe", "--architecture", "qwen2", "--seed", "4"])
+    server = servers.get(model, 4, True, "--ft-enable-fault-injection")
+    status = lambda: requests.get(f"{server.url}/ft/status", timeout=30).json()  # noqa: E731
+    try:
+        for tp in (4, 3, 2, 1):
+            assert status()["tp_size"] == tp
+            assert requests.post(f"{server.url}/flush_cache", timeout=30).status_code == 200
+            outputs = generate_concurrently(server.url, PROMPTS, MAX_NEW_TOKENS)
+            assert [o["output_ids"] for o in outputs] == hf_outputs(model), f"at TP {tp}"
+            if tp > 1:  # a middle rank where there is one, so the survivors' spans shift both ways
+                fault = {"rank": min(1, tp - 1), "kind": "kill"}
+                assert requests.post(f"{server.url}/ft/inject_fault", json=fault, timeout=30).status_code == 200
+                wait_for(lambda: (s := status())["tp_size"] == tp - 1 and s["regrouping"] is None, 120,
+                         f"the regroup to TP {tp - 1}")
+        recoveries = status()["recoveries"]
+        assert len(recoveries) == 3 and all(r["expert_bytes_moved"] > 0 for r in recoveries)
+    finally:
+        servers.close()  # this server ends at TP 1: no other test may reuse it

@@ -105,7 +105,8 @@ def add_ft_cli_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--ft",
         action="store_true",
-        help="Serve with sglang-ft: elastic unequal-width TP for Llama-family models (Llama, Mistral, Qwen2).",
+        help="Serve with sglang-ft: elastic unequal-width TP for Llama-family models (Llama, Mistral, Qwen2, "
+        "Mixtral, Qwen2-MoE).",
     )
     group.add_argument(
         "--ft-heartbeat-interval-ms",

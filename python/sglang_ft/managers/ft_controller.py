@@ -69,6 +69,7 @@ class ControllerState:
                 "pid": record.pid,
                 "state": record.state.value,
                 "last_beat_ms_ago": None if record.last_beat is None else round((now - record.last_beat) * 1e3, 1),
+                "max_beat_gap_ms": round(record.max_beat_gap_s * 1e3, 1),
                 **_kv_sender_fields(self.kv_senders.get(worker_id)),
             })
         return {
@@ -266,6 +267,7 @@ class FtController:
             "bytes_p2p": sum(r.bytes_p2p for r in pending.done),
             "bytes_reloaded": sum(r.bytes_reloaded for r in pending.done),
             "bytes_kept": sum(r.bytes_kept for r in pending.done),
+            "expert_bytes_moved": sum(r.expert_bytes_moved for r in pending.done),
             "kv_blocks_restored": sum(r.kv_blocks_restored for r in pending.done),
             "kv_bytes_p2p": sum(r.kv_bytes_p2p for r in pending.done),
             "kv_tokens_recomputed": max(r.kv_tokens_recomputed for r in pending.done),

@@ -195,7 +195,7 @@ def regroup_in_place(ft_worker, order: Regroup) -> RegroupDone:
     return RegroupDone(me, order.epoch, clock.ms, stats.bytes_kept, stats.bytes_p2p_in, stats.bytes_reloaded,
                        recomputed, kv_blocks_restored=0 if missing or kv is None else kv.blocks_restored,
                        kv_bytes_p2p=0 if kv is None else kv.bytes_p2p_in, pid=os.getpid(),
-                       layout_json=plan.layout.to_json())
+                       layout_json=plan.layout.to_json(), expert_bytes_moved=stats.expert_bytes_moved)
 
 
 def agree_on_holdings(mine, order: Regroup, cpu_group) -> dict:

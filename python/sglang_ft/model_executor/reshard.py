@@ -22,6 +22,11 @@ class ReshardStats:
     bytes_kept: int = 0
     bytes_p2p_in: int = 0
     bytes_reloaded: int = 0
+    expert_bytes_moved: int = 0  # MoE experts' columns among bytes_p2p_in + bytes_reloaded
+
+
+def _nbytes(pieces) -> int:
+    return sum(p.view.numel() * p.view.element_size() for p in pieces)
 
 
 def _copy(src_pieces, dst_pieces) -> int:
@@ -95,13 +100,16 @@ def reshard(old_model, new_model, plan: MigrationPlan, me: int, checkpoint_dir: 
     # Peer transfers are in flight; read the slices nobody alive holds from disk meanwhile (both links busy).
     from_disk = [p for m in plan.moves if m.src is None and m.dst == me
                  for p in new_model.unit_pieces(m.dim, m.start, m.end)]
+    if new_model.layout.shape.num_experts:  # every unit of MLP columns is expert weights
+        stats.expert_bytes_moved = sum(_nbytes(new_model.unit_pieces(m.dim, m.start, m.end)) for m in plan.moves
+                                       if m.dst == me and m.dim == "mlp_columns")
     if from_disk:
         from sglang_ft.model_loader.lazy_safetensors import lazy_safetensors_iterator
         from sglang_ft.models.elastic_llama import fill_from_checkpoint
 
         files = sorted(glob.glob(os.path.join(checkpoint_dir, "*.safetensors")))
         fill_from_checkpoint(lazy_safetensors_iterator(files), from_disk, {})
-        stats.bytes_reloaded = sum(p.view.numel() * p.view.element_size() for p in from_disk)
+        stats.bytes_reloaded = _nbytes(from_disk)
     for request in requests:
         request.wait()
     for buffer, pieces in landing:

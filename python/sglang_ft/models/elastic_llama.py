@@ -1,4 +1,5 @@
-"""The elastic Llama-family model (Llama, Mistral, Qwen2) served under `--ft`, on SGLang's layers and attention.
+"""The elastic Llama-family model (Llama, Mistral, Qwen2, and the MoE Mixtral and Qwen2-MoE) served under `--ft`,
+on SGLang's layers and attention.
 
 Each TP rank holds whole GQA groups of heads, a span of MLP columns and a span of the vocabulary, as given by the
 layout in `sglang_ft.distributed_state`; spans may differ in width (4 KV heads over 3 ranks = 2+1+1). Rank-local
@@ -63,7 +64,7 @@ class ElasticAttention(nn.Module):
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         attention_bias = bool(getattr(config, "attention_bias", False))
-        qkv_bias = attention_bias or config.model_type == "qwen2"
+        qkv_bias = attention_bias or config.model_type in ("qwen2", "qwen2_moe")
         self.qkv_proj = ReplicatedLinear(
             shape.hidden_size, self.q_size + 2 * self.kv_size, bias=qkv_bias, prefix=f"{prefix}.qkv_proj"
         )
@@ -102,6 +103,7 @@ class ElasticMLP(nn.Module):
 
     def __init__(self, hidden_size: int, columns: int, prefix: str):
         super().__init__()
+        self.columns = columns
         self.gate_up_proj = ReplicatedLinear(hidden_size, 2 * columns, bias=False, prefix=f"{prefix}.gate_up_proj")
         self.down_proj = ReplicatedLinear(columns, hidden_size, bias=False, prefix=f"{prefix}.down_proj")
         self.act_fn = SiluAndMul()
@@ -111,12 +113,32 @@ class ElasticMLP(nn.Module):
         out, _ = self.down_proj(self.act_fn(gate_up))
         return all_reduce(out)
 
+    def column_pieces(self, piece, prefix: str, start: int, end: int, a: int, b: int) -> list[Piece]:
+        """Checkpoint slices for global columns [start, end), local [a, b)."""
+        gate_up, cols = self.gate_up_proj.weight, self.columns
+        return [piece(f"{prefix}.gate_proj.weight", 0, start, end, gate_up[a:b]),
+                piece(f"{prefix}.up_proj.weight", 0, start, end, gate_up[cols + a : cols + b]),
+                piece(f"{prefix}.down_proj.weight", 1, start, end, self.down_proj.weight[:, a:b])]
+
+    def replicated_params(self, prefix: str) -> dict[str, torch.Tensor]:
+        return {}
+
+
+def make_mlp(config, shard: RankShard, shape, prefix: str) -> tuple[nn.Module, str]:
+    """The layer's feed-forward block and its checkpoint prefix: a dense MLP or a mixture of experts."""
+    from sglang_ft.models.elastic_moe import MOE_ARCHITECTURES, ElasticSparseMoe
+
+    if not shape.num_experts:
+        return ElasticMLP(config.hidden_size, shard.num_mlp_columns, f"{prefix}.mlp"), f"{prefix}.mlp"
+    moe_prefix = f"{prefix}.{MOE_ARCHITECTURES[config.architectures[0]]}"
+    return ElasticSparseMoe(config, shard.num_mlp_columns, shape.shared_columns_per_unit, moe_prefix), moe_prefix
+
 
 class ElasticDecoderLayer(nn.Module):
     def __init__(self, config, layout: TPLayout, shard: RankShard, layer_id: int, prefix: str):
         super().__init__()
         self.self_attn = ElasticAttention(config, layout, shard, layer_id, f"{prefix}.self_attn")
-        self.mlp = ElasticMLP(config.hidden_size, shard.num_mlp_columns, f"{prefix}.mlp")
+        self.mlp, self.mlp_prefix = make_mlp(config, shard, layout.shape, prefix)
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
@@ -223,12 +245,7 @@ class ElasticLlamaForCausalLM(nn.Module):
                 pieces.append(Piece(f"{prefix}.self_attn.o_proj.weight", 1, start * g * hd, end * g * hd,
                                     attn.o_proj.weight[:, a * g * hd : b * g * hd]))
             else:
-                mlp, cols = layer.mlp, self.shard.num_mlp_columns
-                pieces += [
-                    Piece(f"{prefix}.mlp.gate_proj.weight", 0, start, end, mlp.gate_up_proj.weight[a:b]),
-                    Piece(f"{prefix}.mlp.up_proj.weight", 0, start, end, mlp.gate_up_proj.weight[cols + a : cols + b]),
-                    Piece(f"{prefix}.mlp.down_proj.weight", 1, start, end, mlp.down_proj.weight[:, a:b]),
-                ]
+                pieces += layer.mlp.column_pieces(Piece, layer.mlp_prefix, start, end, a, b)
         return pieces
 
     def replicated_params(self) -> dict[str, torch.Tensor]:
@@ -237,6 +254,7 @@ class ElasticLlamaForCausalLM(nn.Module):
         for i, layer in enumerate(self.model.layers):
             if layer.self_attn.o_bias is not None:
                 params[f"model.layers.{i}.self_attn.o_proj.bias"] = layer.self_attn.o_bias
+            params.update(layer.mlp.replicated_params(layer.mlp_prefix))
         return params
 
     def all_pieces(self) -> list[Piece]:

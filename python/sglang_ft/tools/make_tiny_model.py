@@ -76,18 +76,34 @@ def train_tokenizer(vocab_size: int, seed: int):
     return fast
 
 
-ARCHITECTURES = ("llama", "mistral", "qwen2")
+ARCHITECTURES = ("llama", "mistral", "qwen2", "mixtral", "qwen2_moe")
+MOE_OF = {"llama": "mixtral", "mistral": "mixtral", "qwen2": "qwen2_moe"}  # what --moe turns an architecture into
 
 
 def _model_classes(architecture: str):
     import transformers
 
-    prefix = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}[architecture]
+    prefix = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "mixtral": "Mixtral",
+              "qwen2_moe": "Qwen2Moe"}[architecture]
     return getattr(transformers, f"{prefix}Config"), getattr(transformers, f"{prefix}ForCausalLM")
 
 
+def _moe_fields(args: argparse.Namespace) -> dict:
+    """Config fields of the mixture of experts: Mixtral's experts are `intermediate_size` wide; Qwen2-MoE's are
+    `moe_intermediate_size` wide, beside a gated shared expert."""
+    if args.architecture == "mixtral":
+        return {"num_local_experts": args.num_experts, "num_experts_per_tok": args.num_experts_per_tok}
+    if args.architecture == "qwen2_moe":
+        return {"num_experts": args.num_experts, "num_experts_per_tok": args.num_experts_per_tok,
+                "moe_intermediate_size": args.intermediate_size, "norm_topk_prob": False,
+                "shared_expert_intermediate_size": args.shared_expert_intermediate_size,
+                "decoder_sparse_step": 1, "mlp_only_layers": []}
+    return {}
+
+
 def make_model(args: argparse.Namespace):
-    """A Llama-family causal LM (Llama, Mistral or Qwen2 layout) with seeded, deliberately peaked random weights."""
+    """A Llama-family causal LM (Llama, Mistral, Qwen2, Mixtral or Qwen2-MoE layout) with seeded, deliberately peaked
+    random weights."""
     import torch
 
     config_cls, model_cls = _model_classes(args.architecture)
@@ -107,8 +123,9 @@ def make_model(args: argparse.Namespace):
         bos_token_id=0,
         eos_token_id=1,
         pad_token_id=2,
+        **_moe_fields(args),
     )
-    if args.architecture == "mistral":
+    if args.architecture in ("mistral", "mixtral"):
         config.sliding_window = None  # full attention, like SGLang's Llama path
     torch.manual_seed(args.seed)
     model = model_cls(config).to(torch.float32)
@@ -118,7 +135,7 @@ def make_model(args: argparse.Namespace):
                 if name.endswith(".bias"):  # Qwen2's q/k/v biases
                     param.normal_(0.0, 0.1)
                 continue  # RMSNorm weights stay at one
-            fan_in = param.shape[1]
+            fan_in = param.shape[-1]  # [out, in], or [experts, out, in] for fused expert weights
             std = 1.0 if "embed_tokens" in name else (4.0 if "lm_head" in name else 1.0) / fan_in**0.5
             param.normal_(0.0, std)
     model.generation_config.do_sample = False
@@ -139,11 +156,41 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-position-embeddings", type=int, default=2048)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--architecture", choices=ARCHITECTURES, default="llama",
-                        help="config and weight layout: llama (default), mistral, or qwen2 (q/k/v biases)")
+                        help="config and weight layout: llama (default), mistral, qwen2 (q/k/v biases), or the mixtures "
+                             "of experts mixtral and qwen2_moe (with a shared expert)")
+    parser.add_argument("--moe", action="store_true",
+                        help="make the architecture's mixture-of-experts form: llama or mistral -> mixtral, qwen2 -> "
+                             "qwen2_moe; --intermediate-size is then one expert's width")
+    parser.add_argument("--num-experts", type=int, default=None, help="routed experts per layer (MoE; default 4)")
+    parser.add_argument("--num-experts-per-tok", type=int, default=None, help="experts per token (MoE; default 2)")
+    parser.add_argument("--shared-expert-intermediate-size", type=int, default=None,
+                        help="qwen2_moe's shared expert width, a multiple of --intermediate-size (default twice it)")
     args = parser.parse_args(argv)
-    for flag in ("num_layers", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "vocab_size"):
-        if getattr(args, flag) <= 0:
+    if args.moe:
+        args.architecture = MOE_OF.get(args.architecture, args.architecture)
+    moe = args.architecture in ("mixtral", "qwen2_moe")
+    for flag in ("num_experts", "num_experts_per_tok", "shared_expert_intermediate_size"):
+        if getattr(args, flag) is not None and not moe:
+            parser.error(f"--{flag.replace('_', '-')} needs --moe (or a mixture-of-experts --architecture)")
+    if args.shared_expert_intermediate_size is not None and args.architecture != "qwen2_moe":
+        parser.error("--shared-expert-intermediate-size is for qwen2_moe (Mixtral has no shared expert)")
+    if moe:
+        if args.num_experts is not None and args.num_experts <= 0:
+            parser.error("--num-experts must be positive")
+        args.num_experts = 4 if args.num_experts is None else args.num_experts
+        args.num_experts_per_tok = 2 if args.num_experts_per_tok is None else args.num_experts_per_tok
+        if args.architecture == "qwen2_moe" and args.shared_expert_intermediate_size is None:
+            args.shared_expert_intermediate_size = 2 * args.intermediate_size
+        if not 1 <= args.num_experts_per_tok <= args.num_experts:
+            parser.error(f"--num-experts-per-tok must be in 1..--num-experts ({args.num_experts}), got "
+                         f"{args.num_experts_per_tok}")
+    for flag in ("num_layers", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "vocab_size",
+                 "shared_expert_intermediate_size"):
+        if getattr(args, flag) is not None and getattr(args, flag) <= 0:
             parser.error(f"--{flag.replace('_', '-')} must be positive")
+    if args.architecture == "qwen2_moe" and args.shared_expert_intermediate_size % args.intermediate_size:
+        parser.error("--shared-expert-intermediate-size must be a multiple of --intermediate-size (the elastic model "
+                     "gives every rank the same share of both)")
     if args.hidden_size % args.num_attention_heads:
         parser.error("--hidden-size must be divisible by --num-attention-heads")
     if args.num_attention_heads % args.num_key_value_heads:
