@@ -49,6 +49,7 @@ from pathlib import Path
 import requests
 
 from ft.process_watch import ProcessWatch
+from sglang_ft.server_args import FtArgs
 from sglang_ft.tools import make_tiny_model
 from sglang_ft.tools.hf_reference import greedy_token_ids
 from sglang_ft.tools.load import Load, longest_gap, server_load
@@ -365,7 +366,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--clients", type=int, default=3, help="closed-loop streaming clients")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--min-live", type=int, default=1, help="never fail a worker that would leave fewer serving")
-    parser.add_argument("--heartbeat-timeout-ms", type=int, default=2000, help="the server's --ft-heartbeat-timeout-ms")
+    parser.add_argument("--heartbeat-timeout-ms", type=int, default=FtArgs.heartbeat_timeout_ms,
+                        help="the server's --ft-heartbeat-timeout-ms (default: sglang-ft's)")
     parser.add_argument("--hung-after-s", type=float, default=120.0, help="a request taking longer counts as hung")
     parser.add_argument("--rejoin-timeout-s", type=float, default=300.0,
                         help="after the last fault, wait this long for dead workers to come back")

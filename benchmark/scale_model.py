@@ -1,7 +1,7 @@
 """Project sglang-ft's recovery against restart-and-reload on an 8-GPU H100 server, with the planner the server runs.
 
     python benchmark/scale_model.py [--full] [--disk vm-disk|nvme|page-cache] [--requests 64] [--tokens 2048]
-        [--detect-s 2.0] [--rebuild-s 0.46] [--warmup-s 20] [--mfu 0.4] [--kv-host pinned|pageable]
+        [--detect-s 1.0] [--rebuild-s 0.46] [--warmup-s 20] [--mfu 0.4] [--kv-host pinned|pageable]
         [--lose worst|W,W,W] [--out-dir benchmark/results]
 
 Arithmetic only (no GPU, no sglang; it runs in well under a second). Four public models in bf16 are served at TP 8
@@ -140,7 +140,7 @@ class Params:
     disk: Disk
     kv_host_gbps: float  # host backup store -> device, KV rows scattered into slots
     process_start_s: float  # python + torch + CUDA context of a fresh process
-    detect_s: float = 2.0  # sglang-ft's default heartbeat timeout (200 ms interval)
+    detect_s: float = 1.0  # sglang-ft's default heartbeat timeout (200 ms interval)
     rebuild_s: float = 0.46  # group rebuild, the largest measured on CPU with gloo (README: 0.06-0.46 s)
     park_s: float = 0.085  # parking in-flight requests in the radix cache, measured on CPU (README: 50-85 ms)
     warmup_s: float = 20.0  # assumption: restart's warm-up and CUDA graph capture
@@ -337,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kv-host", choices=("pinned", "pageable"), default="pinned")
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--tokens", type=int, default=2048, help="tokens per in-flight request")
-    parser.add_argument("--detect-s", type=float, default=2.0)
+    parser.add_argument("--detect-s", type=float, default=Params.detect_s)
     parser.add_argument("--rebuild-s", type=float, default=0.46)
     parser.add_argument("--warmup-s", type=float, default=20.0)
     parser.add_argument("--mfu", type=float, default=0.4)

@@ -21,6 +21,7 @@ class HeartbeatSender:
         self.kv_backup_counters = None  # callable returning (sent, dropped, bytes, queued), set once KV backup streams
         self.joining = False  # a restarted worker waiting to be planned back in
         self.kv_slots = 0
+        self.serving = False  # set once the worker's scheduler has finished a batch
         self.endpoint = endpoint
         self.worker = worker
         self.interval_s = interval_s
@@ -48,7 +49,7 @@ class HeartbeatSender:
                 try:
                     counters = self.kv_backup_counters() if self.kv_backup_counters else None
                     beat = Heartbeat(self.worker, os.getpid(), self.epoch, seq, counters and counters[:3], self.joining,
-                                     self.kv_slots, counters[3] if counters else 0)
+                                     self.kv_slots, counters[3] if counters else 0, self.serving)
                     socket.send(encode(beat), zmq.NOBLOCK)
                 except zmq.Again:
                     pass

@@ -23,7 +23,8 @@ class Worker:
     pid: int | None = None
     state: WorkerState = WorkerState.JOINING
     last_beat: float | None = None  # monotonic seconds of the last heartbeat
-    max_beat_gap_s: float = 0.0  # longest silence of this worker that ended in a beat: the timeout's real margin
+    max_beat_gap_s: float = 0.0  # longest silence while serving that ended in a beat: the timeout's real margin
+    serving: bool = False  # has finished a batch (its beats say so); before that, silence is judged by the startup bound
     dead_since: float | None = None
 
 

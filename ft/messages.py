@@ -20,6 +20,7 @@ class Heartbeat(msgspec.Struct, tag=True, frozen=True):
     joining: bool = False  # a restarted worker, initialised and waiting to be planned back into the group
     kv_slots: int = 0  # token slots of the worker's KV pool (every member has the same; a joiner needs it)
     kv_backup_queued: int = 0  # KV backup messages handed to ZMQ not yet written out (`KvBackupSender.queued`)
+    serving: bool = False  # has finished a batch: judged by the heartbeat timeout from then on, by the startup one before
 
 
 class WorkerFailed(msgspec.Struct, tag=True, frozen=True):

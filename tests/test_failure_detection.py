@@ -56,6 +56,20 @@ def test_the_longest_gap_a_worker_recovered_from_is_kept_per_process():
     assert membership.workers[1].max_beat_gap_s == 0.0
 
 
+def test_a_starting_worker_gets_the_startup_bound_then_the_timeout_once_serving():
+    membership = Membership.initial(2)
+    detector = FailureDetector(membership, interval_s=0.2, timeout_s=1.0)
+    assert detector.startup_timeout_s == 10.0  # 5 timeouts, at least 10 s
+    detector.beat(0, 100, now=0.0, serving=False)  # loading weights, first forward: long GIL holds
+    detector.beat(1, 101, now=0.0, serving=False)
+    assert [(c.worker, c.state) for c in detector.sweep(now=3.0)] == [(0, WorkerState.SUSPECT),
+                                                                      (1, WorkerState.SUSPECT)]
+    detector.beat(0, 100, now=3.0, serving=True)  # worker 0 finished a batch; worker 1 is still starting
+    assert membership.workers[0].max_beat_gap_s == 0.0  # a startup gap is not the serving timeout's margin
+    assert [(c.worker, c.state) for c in detector.sweep(now=4.0)] == [(0, WorkerState.DEAD)]
+    assert [(c.worker, c.state) for c in detector.sweep(now=10.0)] == [(1, WorkerState.DEAD)]
+
+
 def test_regroup_bumps_the_epoch_and_fences_the_old_one():
     membership = Membership.initial(4)
     assert membership.is_current(0)

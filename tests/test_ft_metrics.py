@@ -29,16 +29,18 @@ def drive(sockets: str) -> dict:
     store = types.SimpleNamespace(alive=True, check=lambda: False, status=lambda: {})
     controller.state.kv_backup = store
     for worker in range(3):
-        beat = Heartbeat(worker, os.getpid(), 0, 0, (10, 0, 1000), kv_backup_queued=5 + worker)
+        beat = Heartbeat(worker, os.getpid(), 0, 0, (10, 0, 1000), kv_backup_queued=5 + worker, serving=True)
         controller._on_message(beat, time.monotonic())
     controller.step()
     first = _values(controller)
     controller._record(controller.state.detector.declare_dead(1, time.monotonic()), "process exit")
     for worker in (0, 2):
         controller._on_message(RegroupDone(worker, 1, {}, 0, 0, 0, 7, kv_blocks_restored=5), time.monotonic())
-    controller._on_message(Heartbeat(0, os.getpid(), 1, 1, (15, 2, 1500), kv_backup_queued=3), time.monotonic())
+    controller._on_message(Heartbeat(0, os.getpid(), 1, 1, (15, 2, 1500), kv_backup_queued=3, serving=True),
+                           time.monotonic())
     restarted = os.getppid()  # another live process: worker 2's counters start again
-    controller._on_message(Heartbeat(2, restarted, 1, 0, (1, 0, 200), kv_backup_queued=4), time.monotonic())
+    controller._on_message(Heartbeat(2, restarted, 1, 0, (1, 0, 200), kv_backup_queued=4, serving=True),
+                           time.monotonic())
     store.alive = False
     controller.step()
     workers = controller.state.status(time.monotonic())["workers"]

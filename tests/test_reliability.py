@@ -146,7 +146,7 @@ def test_forged_and_stale_messages_on_the_controller_socket_change_nothing(serve
         socket.close()
     wait_for(lambda: requests.get(f"{server.url}/ft/status", timeout=30).json()["fenced_messages"] >= fenced + 2,
              10, "the forged beats fenced")
-    time.sleep(3.5)  # past the heartbeat timeout (2 s) + 0.5 s a real failure report would trigger a regroup after
+    time.sleep(3.5)  # well past the heartbeat timeout (1 s) + 0.5 s a real failure report would trigger a regroup after
     status = requests.get(f"{server.url}/ft/status", timeout=30).json()
     assert status["epoch"] == 0 and status["regrouping"] is None and status["recoveries"] == []
     assert [w["state"] for w in status["workers"]] == ["healthy", "healthy"]

@@ -103,16 +103,21 @@ def before_ingest_requests(scheduler, *args, **kwargs):
 
 
 def around_run_batch(original, scheduler, batch, *args, **kwargs):
-    """Remember the batch whose forward a failure interrupted: its tokens' KV is partial (park_requests.py)."""
+    """Remember the batch whose forward a failure interrupted: its tokens' KV is partial (park_requests.py); after
+    the first batch that completes, the worker's heartbeats say it is serving."""
     from sglang_ft.managers.ft_worker import current_worker
 
     try:
-        return original(scheduler, batch, *args, **kwargs)
+        result = original(scheduler, batch, *args, **kwargs)
     except Exception:
         worker = current_worker()
         if worker is not None:
             worker.failed_batch = batch
         raise
+    worker = current_worker()
+    if worker is not None and not worker.heartbeat.serving:
+        worker.heartbeat.serving = True  # past startup: judged by the heartbeat timeout from now on
+    return result
 
 
 def _kv_stream():

@@ -201,7 +201,7 @@ class FtController:
             if message.kv_backup is not None:
                 self.state.kv_senders[message.worker] = message
             self.kv_slots = max(self.kv_slots, message.kv_slots)
-            change = self.state.detector.beat(message.worker, message.pid, now)
+            change = self.state.detector.beat(message.worker, message.pid, now, message.serving)
             if change and change.state is WorkerState.HEALTHY and self.state.detections:
                 self._record(change, "heartbeats resumed")
         elif isinstance(message, WorkerFailed):
@@ -322,7 +322,7 @@ class FtController:
         for worker, record in membership.workers.items():
             if record.state is not WorkerState.JOINING or worker in membership.members():
                 continue
-            silent = record.last_beat is not None and now - record.last_beat > self.timeout_s
+            silent = record.last_beat is not None and now - record.last_beat > self.state.detector.startup_timeout_s
             if self.exits.gone(record.pid) or silent or worker in self.respawner.overdue(now):
                 self.ready_joiners.discard(worker)
                 membership.set_state(worker, WorkerState.DEAD, now)
