@@ -1,4 +1,4 @@
-"""`make bench`: the quick forms (about 11 minutes on 2 cores), then one summary table.
+"""`make bench`: the quick forms (about 9 minutes on 2 cores), then one summary table of what this run measured.
 
     python benchmark/bench_all.py            # quick forms; results in benchmark/results/quick/
     python benchmark/bench_all.py --full     # the full forms (--full, or a script's defaults); benchmark/results/
@@ -44,13 +44,16 @@ def run_all(out: Path, full: bool, only: set[str] | None) -> dict[str, dict]:
     return outcomes
 
 
-def _load(out: Path, name: str) -> dict | None:
-    path = out / name
-    return json.loads(path.read_text()) if path.exists() else None
+def summary_rows(out: Path, since: float | None = None) -> list[tuple[str, str, str]]:
+    """(measure, value, target) from the results in `out` (with `since`, a time.time(): only those written after
+    it, so a result left from an earlier run never passes for this one's)."""
 
+    def _load(out: Path, name: str) -> dict | None:
+        path = out / name
+        if not path.exists() or (since is not None and path.stat().st_mtime < since):
+            return None
+        return json.loads(path.read_text())
 
-def summary_rows(out: Path) -> list[tuple[str, str, str]]:
-    """(measure, value, target) from whatever results exist in `out`."""
     rows = []
     if scale := _load(out, "scale_model.json"):
         ratios = [row["ratio"] for row in scale["rows"]]
@@ -102,9 +105,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out = args.out or (HERE / "results" if args.full else HERE / "results" / "quick")
     out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
     outcomes = run_all(out, args.full, set(args.only) if args.only else None)
-    print(f"\nsglang-ft benchmarks ({'full' if args.full else 'quick'} forms), results in {out}:\n")
-    print(table(summary_rows(out)))
+    print(f"\nsglang-ft benchmarks ({'full' if args.full else 'quick'} forms) of this run, results in {out}:\n")
+    print(table(summary_rows(out, since=started)))
     failed = [name for name, outcome in outcomes.items() if outcome["exit"] != 0]
     if failed:
         print(f"\nfailed: {', '.join(failed)} (see the output above)")

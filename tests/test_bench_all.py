@@ -26,6 +26,17 @@ def test_missing_results_are_left_out_not_invented(tmp_path):
     assert bench_all.table([]).count("\n") == 1  # the header only
 
 
+def test_a_result_older_than_the_run_is_left_out(tmp_path):
+    import os
+    import shutil
+    import time
+
+    shutil.copy(RESULTS / "failover.json", tmp_path / "failover.json")
+    os.utime(tmp_path / "failover.json", (time.time() - 3600, time.time() - 3600))  # left by an earlier run
+    assert bench_all.summary_rows(tmp_path, since=time.time() - 60) == []
+    assert len(bench_all.summary_rows(tmp_path)) == 4  # all of it, when no run start is given
+
+
 def test_every_benchmark_script_exists_and_only_names_them():
     for _, script, _, _ in bench_all.BENCHMARKS:
         assert (RESULTS.parent / script).exists()
