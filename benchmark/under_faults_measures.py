@@ -113,13 +113,16 @@ def summarize(run: dict, window_s: float, slo: tuple[float, float]) -> dict:
 def ratios(ft: dict, rr: dict) -> dict:
     """sglang-ft against restart-and-reload, each with its target and whether it was met."""
     thr = ft["throughput_tokens_per_s"] / rr["throughput_tokens_per_s"] if rr["throughput_tokens_per_s"] else None
+    # restart-and-reload served nothing inside the window: no finite ratio, and any throughput at all beats it
+    unbounded = not rr["throughput_tokens_per_s"] and ft["throughput_tokens_per_s"] > 0
     mf, mr = ft["mean_recovery"], rr["mean_recovery"]
     rec = mr["s"] / mf["s"] if mf and mr and mf["s"] and mr["s"] is not None else None
     return {"throughput_ft_over_rr": _r(thr, 2), "recovery_rr_over_ft": _r(rec, 1),
+            "throughput_ratio_unbounded": unbounded,
             "recovery_ratio_is_lower_bound": bool(mr and mr["lower_bound"]), "ft_lost": ft["lost"],
             "targets": {"throughput_ft_over_rr": f">= {TARGETS['throughput']}x",
                         "recovery_rr_over_ft": f">= {TARGETS['recovery']:g}x", "ft_lost": TARGETS["ft_lost"]},
-            "met": {"throughput_ft_over_rr": thr is not None and thr >= TARGETS["throughput"],
+            "met": {"throughput_ft_over_rr": unbounded or (thr is not None and thr >= TARGETS["throughput"]),
                     "recovery_rr_over_ft": rec is not None and rec >= TARGETS["recovery"],
                     "ft_lost": ft["lost"] == TARGETS["ft_lost"]}}
 
@@ -164,7 +167,9 @@ def table(report: dict) -> str:
     r = report.get("ratios")
     if r:
         yes = lambda key: "met" if r["met"][key] else "NOT met"  # noqa: E731
-        lines += ["", f"- throughput sglang-ft / restart-and-reload: {r['throughput_ft_over_rr']}x "
+        thr = "unbounded (restart-and-reload served no token in the window)" if r.get("throughput_ratio_unbounded") \
+            else f"{r['throughput_ft_over_rr']}x"
+        lines += ["", f"- throughput sglang-ft / restart-and-reload: {thr} "
                       f"(target >= {TARGETS['throughput']}x: {yes('throughput_ft_over_rr')})",
                   f"- recovery latency restart-and-reload / sglang-ft: "
                   f"{'>= ' if r['recovery_ratio_is_lower_bound'] else ''}{r['recovery_rr_over_ft']}x "

@@ -110,6 +110,17 @@ def test_summarize_and_ratios_on_synthetic_runs():
     assert r["ft_lost"] == 0 and r["met"]["ft_lost"]
     assert r["throughput_ft_over_rr"] == pytest.approx(ft["throughput_tokens_per_s"] / rr["throughput_tokens_per_s"],
                                                        abs=0.01)
+    assert not r["throughput_ratio_unbounded"]
+    # a baseline that served no token in the window: no finite ratio, and the target is met by any throughput
+    idle = {**rr, "throughput_tokens_per_s": 0.0}
+    r = m.ratios(ft, idle)
+    assert r["throughput_ft_over_rr"] is None and r["throughput_ratio_unbounded"] and r["met"]["throughput_ft_over_rr"]
+    assert not m.ratios({**ft, "throughput_tokens_per_s": 0.0}, idle)["met"]["throughput_ft_over_rr"]
+    report = {"config": {"tp": 4, "rate": 1.0, "arrivals": "poisson", "max_new_tokens": 4, "window_s": 20.0,
+                         "trace_summary": "1 kill", "slo_ttft_s": 2.0, "slo_tpot_s": 0.5},
+              "systems": {"ft": ft, "rr": idle}, "ratios": r}
+    assert "throughput sglang-ft / restart-and-reload: unbounded (restart-and-reload served no token in the " \
+           "window) (target >= 2.5x: met)" in m.table(report)
 
 
 def test_table_and_plot(tmp_path):
