@@ -30,7 +30,7 @@ def moe_model(request, tmp_path_factory):
 def _shares(config, shape, spans, path):
     """Each rank's ElasticSparseMoe for layer 0, filled from the checkpoint through its own pieces."""
     from sglang_ft.model_loader.lazy_safetensors import lazy_safetensors_iterator
-    from sglang_ft.models.elastic_llama import Piece, fill_from_checkpoint
+    from sglang_ft.models.elastic_llama import fill_from_checkpoint
     from sglang_ft.models.elastic_moe import MOE_ARCHITECTURES, ElasticSparseMoe
 
     prefix = f"model.layers.0.{MOE_ARCHITECTURES[config.architectures[0]]}"
@@ -38,8 +38,8 @@ def _shares(config, shape, spans, path):
     for lo, hi in spans:
         block = ElasticSparseMoe(config, hi - lo, shape.shared_columns_per_unit, prefix).eval()
         replicated = block.replicated_params(prefix)
-        loaded = fill_from_checkpoint(lazy_safetensors_iterator(files), block.column_pieces(
-            Piece, prefix, lo, hi, 0, hi - lo), replicated)
+        loaded = fill_from_checkpoint(lazy_safetensors_iterator(files), block.column_pieces(prefix, lo, hi, 0, hi - lo),
+                                      replicated)
         assert set(replicated) <= loaded  # the router (and shared gate) are read whole on every rank
         yield block
 

@@ -113,12 +113,12 @@ class ElasticMLP(nn.Module):
         out, _ = self.down_proj(self.act_fn(gate_up))
         return all_reduce(out)
 
-    def column_pieces(self, piece, prefix: str, start: int, end: int, a: int, b: int) -> list[Piece]:
+    def column_pieces(self, prefix: str, start: int, end: int, a: int, b: int) -> list[Piece]:
         """Checkpoint slices for global columns [start, end), local [a, b)."""
         gate_up, cols = self.gate_up_proj.weight, self.columns
-        return [piece(f"{prefix}.gate_proj.weight", 0, start, end, gate_up[a:b]),
-                piece(f"{prefix}.up_proj.weight", 0, start, end, gate_up[cols + a : cols + b]),
-                piece(f"{prefix}.down_proj.weight", 1, start, end, self.down_proj.weight[:, a:b])]
+        return [Piece(f"{prefix}.gate_proj.weight", 0, start, end, gate_up[a:b]),
+                Piece(f"{prefix}.up_proj.weight", 0, start, end, gate_up[cols + a : cols + b]),
+                Piece(f"{prefix}.down_proj.weight", 1, start, end, self.down_proj.weight[:, a:b])]
 
     def replicated_params(self, prefix: str) -> dict[str, torch.Tensor]:
         return {}
@@ -126,7 +126,7 @@ class ElasticMLP(nn.Module):
 
 def make_mlp(config, shard: RankShard, shape, prefix: str) -> tuple[nn.Module, str]:
     """The layer's feed-forward block and its checkpoint prefix: a dense MLP or a mixture of experts."""
-    from sglang_ft.models.elastic_moe import MOE_ARCHITECTURES, ElasticSparseMoe
+    from sglang_ft.models.elastic_moe import MOE_ARCHITECTURES, ElasticSparseMoe  # imports this module: not at the top
 
     if not shape.num_experts:
         return ElasticMLP(config.hidden_size, shard.num_mlp_columns, f"{prefix}.mlp"), f"{prefix}.mlp"
@@ -245,7 +245,7 @@ class ElasticLlamaForCausalLM(nn.Module):
                 pieces.append(Piece(f"{prefix}.self_attn.o_proj.weight", 1, start * g * hd, end * g * hd,
                                     attn.o_proj.weight[:, a * g * hd : b * g * hd]))
             else:
-                pieces += layer.mlp.column_pieces(Piece, layer.mlp_prefix, start, end, a, b)
+                pieces += layer.mlp.column_pieces(layer.mlp_prefix, start, end, a, b)
         return pieces
 
     def replicated_params(self) -> dict[str, torch.Tensor]:

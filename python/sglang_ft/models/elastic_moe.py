@@ -17,6 +17,7 @@ from sglang.srt.layers.moe.topk import StandardTopKOutput, fused_topk_torch_nati
 from torch import nn
 
 from sglang_ft.layers.elastic_parallel import all_reduce
+from sglang_ft.models.elastic_llama import Piece
 
 MOE_ARCHITECTURES = {"MixtralForCausalLM": "block_sparse_moe", "Qwen2MoeForCausalLM": "mlp"}  # checkpoint prefix
 
@@ -71,24 +72,24 @@ class ElasticSparseMoe(nn.Module):
             out = out + torch.sigmoid(self.shared_expert_gate(x)[0]) * shared
         return out.to(x.dtype)
 
-    def column_pieces(self, piece, prefix: str, start: int, end: int, a: int, b: int) -> list:
+    def column_pieces(self, prefix: str, start: int, end: int, a: int, b: int) -> list[Piece]:
         """Checkpoint slices for global columns [start, end) (local [a, b)) of every expert, then the shared
-        expert's matching columns; `piece(name, axis, lo, hi, view)` makes one."""
+        expert's matching columns."""
         names = self._expert_names(prefix)
         pieces, cols = [], self.columns
         for e in range(self.num_experts):
             gate, up, down = names(e)
-            pieces += [piece(gate, 0, start, end, self.w13_weight[e, a:b]),
-                       piece(up, 0, start, end, self.w13_weight[e, cols + a : cols + b]),
-                       piece(down, 1, start, end, self.w2_weight[e, :, a:b])]
+            pieces += [Piece(gate, 0, start, end, self.w13_weight[e, a:b]),
+                       Piece(up, 0, start, end, self.w13_weight[e, cols + a : cols + b]),
+                       Piece(down, 1, start, end, self.w2_weight[e, :, a:b])]
         if self.shared_columns:
             m = self.shared_columns // cols
             s0, s1, lo, hi = start * m, end * m, a * m, b * m
             gate_up, down = self.shared_gate_up.weight, self.shared_down.weight
-            pieces += [piece(f"{prefix}.shared_expert.gate_proj.weight", 0, s0, s1, gate_up[lo:hi]),
-                       piece(f"{prefix}.shared_expert.up_proj.weight", 0, s0, s1,
+            pieces += [Piece(f"{prefix}.shared_expert.gate_proj.weight", 0, s0, s1, gate_up[lo:hi]),
+                       Piece(f"{prefix}.shared_expert.up_proj.weight", 0, s0, s1,
                              gate_up[self.shared_columns + lo : self.shared_columns + hi]),
-                       piece(f"{prefix}.shared_expert.down_proj.weight", 1, s0, s1, down[:, lo:hi])]
+                       Piece(f"{prefix}.shared_expert.down_proj.weight", 1, s0, s1, down[:, lo:hi])]
         return pieces
 
     def replicated_params(self, prefix: str) -> dict[str, torch.Tensor]:
