@@ -63,3 +63,39 @@ def test_an_abort_naming_a_request_already_processed_is_never_dropped():
     ledger.record_processed([abort])
     ledger.record_pulled([abort])
     assert list(ledger.seen) == ["a"] and list(ledger.pulled) == []  # neither recorded as a request
+
+
+def test_a_joiners_synced_requests_are_held_so_a_journal_resend_of_them_is_dropped():
+    """A restarted worker takes rank 0's waiting queue as SGLang `Req`s, not as tokenized messages; when it later
+    became rank 0 and the journal re-sent those requests, it kept them twice (a chaos soak: the same rid twice in
+    one batch output crashed SGLang's detokenizer and the whole server)."""
+    from array import array
+
+    from sglang.srt.managers.schedule_batch import Req
+    from sglang.srt.observability.req_time_stats import SchedulerReqTimeStats
+    from sglang.srt.sampling.sampling_params import SamplingParams
+    from sglang_ft.managers.request_ledger import is_new_request
+
+    class Resend(SimpleNamespace):  # stands for the journal's TokenizedGenerateReqInput
+        pass
+
+    held = [Req(rid, "", array("q", [1, 2]), SamplingParams(max_new_tokens=4), time_stats=SchedulerReqTimeStats())
+            for rid in ("a", "b")]
+    resend = [Resend(rid=rid) for rid in ("a", "b", "c")]
+    ledger = RequestLedger(is_new_request=lambda m: isinstance(m, Resend) or is_new_request(m))  # real for `Req`
+    ledger.record_processed(held)  # what the joiner did before: a `Req` is no request message, nothing recorded
+    assert [m.rid for m in ledger.unseen(resend)] == ["a", "b", "c"]
+    ledger.record_held(held)
+    assert [m.rid for m in ledger.unseen(resend)] == ["c"]
+
+
+def test_a_request_still_held_is_never_taken_twice_even_past_the_bounded_history():
+    from sglang_ft.managers.request_ledger import held_rids
+
+    scheduler = FakeScheduler(["w"])
+    scheduler.running_batch = SimpleNamespace(reqs=[SimpleNamespace(rid="r")])
+    scheduler.chunked_req = SimpleNamespace(rid="c")
+    assert held_rids(scheduler) == {"w", "r", "c"}
+    ledger = RequestLedger(is_new_request=ANY_MESSAGE)  # a fresh history: none of them recorded
+    resend = [SimpleNamespace(rid=rid) for rid in ("w", "r", "c", "new")]
+    assert [m.rid for m in ledger.unseen(resend, held=held_rids(scheduler))] == ["new"]

@@ -169,7 +169,9 @@ def before_process_input_requests(scheduler, recv_reqs, *args, **kwargs):
     worker = current_worker()
     if worker is None or not recv_reqs:
         return None
-    fresh = worker.ledger.unseen(recv_reqs)
+    from sglang_ft.managers.request_ledger import held_rids
+
+    fresh = worker.ledger.unseen(recv_reqs, held=held_rids(scheduler))
     worker.ledger.record_processed(fresh)
     return (scheduler, fresh, *args), kwargs
 

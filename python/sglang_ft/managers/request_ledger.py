@@ -33,9 +33,10 @@ class RequestLedger:
     def record_pulled(self, raw_reqs) -> None:
         self.pulled.extend(self._requests(raw_reqs))
 
-    def unseen(self, reqs) -> list:
-        """The messages of `reqs` minus requests this rank has processed before (control messages always pass)."""
-        seen = set(self.seen)
+    def unseen(self, reqs, held=()) -> list:
+        """The messages of `reqs` minus requests this rank has processed before or still holds (`held` rids; the
+        history is bounded, a long-running request is not), control messages always passing."""
+        seen = set(self.seen).union(held)
         repeats = {id(r) for r in self._requests(reqs) if r.rid in seen}
         return [r for r in reqs if id(r) not in repeats]
 
@@ -47,6 +48,19 @@ class RequestLedger:
 
     def record_processed(self, reqs) -> None:
         self.seen.extend(r.rid for r in self._requests(reqs))
+
+    def record_held(self, reqs) -> None:
+        """Requests this rank holds without having processed their message: a joiner's copy of rank 0's waiting
+        queue (SGLang `Req`s, not tokenized messages), so a journal re-send of them is dropped here too."""
+        self.seen.extend(r.rid for r in reqs)
+
+
+def held_rids(scheduler) -> set[str]:
+    """The rids of the requests a scheduler holds: waiting, running, or the one being prefilled in chunks."""
+    held = {r.rid for r in scheduler.waiting_queue} | {r.rid for r in scheduler.running_batch.reqs}
+    if scheduler.chunked_req is not None:
+        held.add(scheduler.chunked_req.rid)
+    return held
 
 
 def reconcile(scheduler, ledger: RequestLedger, cpu_group, is_source: bool) -> tuple[int, int]:

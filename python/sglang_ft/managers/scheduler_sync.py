@@ -198,5 +198,5 @@ def sync_scheduler_state(scheduler, ft_worker, cpu_group, receive: bool) -> Sync
     snapshot = broadcast_pyobj(snapshot, rank, cpu_group, src=dist.get_process_group_ranks(cpu_group)[0])
     stats = apply_snapshot(scheduler, snapshot, take_requests=receive, kv_stream=ft_worker.kv_stream)
     if receive:
-        ft_worker.ledger.record_processed(scheduler.waiting_queue)
+        ft_worker.ledger.record_held(scheduler.waiting_queue)
     return stats
