@@ -272,6 +272,7 @@ def soak(server: ServerProcess, args, expected: dict[str, list[int]]) -> dict:
     survived = Counter(r["kind"] for r in monkey.records if r["ok"])
     return {
         "served": load.completed, "mismatched": load.mismatched, "resent": load.failed_attempts,
+        "resent_why": [f"t={t - started:.1f}s {why}" for t, why in load.failures],
         "lost": load.unfinished, "hung": sum(d > args.hung_after_s for d in load.durations),
         "longest_request_s": round(max(load.durations, default=0.0), 2),
         "longest_stall_s": round(longest_gap(load.tokens, started, load_ended), 2),
@@ -315,7 +316,10 @@ def failures(report: dict) -> list[str]:
     if report["not_back"]:
         found.append(f"workers {report['not_back']} never rejoined")
     for r in report["recoveries"]:
-        if r.get("joined") and (r.get("bytes_reloaded") or r.get("kv_tokens_recomputed")):
+        # a rejoin alone must take everything from peers; one ordered for a failure that also admits a joiner may
+        # read the dead worker's slices from disk
+        from_disk = r.get("bytes_reloaded") and r["cause"].startswith("rejoin of")
+        if r.get("joined") and (from_disk or r.get("kv_tokens_recomputed")):
             found.append(f"the rejoin of epoch {r['epoch']} read {r['bytes_reloaded']} bytes from disk and "
                          f"recomputed {r['kv_tokens_recomputed']} KV tokens")
     if report["kv_tokens_used"]["after"] != report["kv_tokens_used"]["before"] or report["requests_left"]:
@@ -339,6 +343,7 @@ def table(report: dict) -> str:
     rows = [
         ("requests served", report["served"]),
         ("lost / re-sent / hung", f"{report['lost']} / {report['resent']} / {report['hung']}"),
+        *((("why re-sent", "; ".join(report["resent_why"])),) if report.get("resent_why") else ()),
         ("outputs differing from transformers", report["mismatched"]),
         ("faults survived", faults or "none"),
         ("rejoins", ", ".join(f"worker {w} (epoch {r['epoch']})" for r in report["recoveries"]

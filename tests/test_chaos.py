@@ -33,8 +33,10 @@ def test_a_clean_soak_passes():
     ({"lost": 3}, "3 requests lost"),
     ({"hung": 1}, "1 requests hung"),
     ({"not_back": [2]}, "workers [2] never rejoined"),
-    ({"recoveries": [{"epoch": 3, "joined": [1], "bytes_reloaded": 4096, "kv_tokens_recomputed": 0}]},
-     "the rejoin of epoch 3 read 4096 bytes from disk"),
+    ({"recoveries": [{"epoch": 3, "cause": "rejoin of worker 1", "joined": [1], "bytes_reloaded": 4096,
+                      "kv_tokens_recomputed": 0}]}, "the rejoin of epoch 3 read 4096 bytes from disk"),
+    ({"recoveries": [{"epoch": 3, "cause": "worker 2: heartbeat timeout", "joined": [1], "bytes_reloaded": 0,
+                      "kv_tokens_recomputed": 7}]}, "recomputed 7 KV tokens"),
     ({"kv_tokens_used": {"before": 0, "after": 48}}, "KV slots leaked"),
     ({"requests_left": 1}, "KV slots leaked"),
     ({"replaced_still_running": [77]}, "replaced processes still running: [77]"),
@@ -45,6 +47,14 @@ def test_a_clean_soak_passes():
 def test_each_broken_criterion_fails_the_soak(changes, message):
     found = chaos.failures(passing_report(**changes))
     assert len(found) == 1 and message in found[0], found
+
+
+def test_a_failure_that_also_admits_a_joiner_may_read_the_dead_workers_slices():
+    """A worker that dies while another is ready to rejoin: one regroup does both, and the dead one's slices are on
+    disk only (a rejoin alone must take everything from its peers)."""
+    both = {"epoch": 6, "cause": "worker 2: heartbeat timeout", "joined": [1], "bytes_reloaded": 303104,
+            "kv_tokens_recomputed": 0}
+    assert chaos.failures(passing_report(recoveries=[both])) == []
 
 
 def test_a_server_that_stopped_answering_fails_the_soak():

@@ -36,6 +36,7 @@ class Load:
     completed: int = 0
     mismatched: int = 0
     failed_attempts: int = 0
+    failures: list[tuple[float, str]] = field(default_factory=list)  # (time.monotonic(), why) of each failed attempt
     unfinished: int = 0  # accepted by a client but not completed when the load stopped
     durations: list[float] = field(default_factory=list)  # seconds from first send to the end, per completed request
     stop: threading.Event = field(default_factory=threading.Event)
@@ -74,9 +75,10 @@ class Load:
                     if self.expected is not None and output_ids != self.expected[prompt]:
                         self.mismatched += 1
                 return True
-            except (requests.RequestException, RuntimeError, ValueError):
+            except (requests.RequestException, RuntimeError, ValueError) as exc:
                 with self.lock:
                     self.failed_attempts += 1
+                    self.failures.append((time.monotonic(), f"{type(exc).__name__}: {exc}"[:300]))
                 if self.stop.is_set():
                     with self.lock:
                         self.unfinished += 1
