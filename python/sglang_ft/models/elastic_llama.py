@@ -109,9 +109,13 @@ class ElasticMLP(nn.Module):
         self.act_fn = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return all_reduce(self.partial(x))
+
+    def partial(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's share of the output (the sum over ranks is the whole output)."""
         gate_up, _ = self.gate_up_proj(x)
         out, _ = self.down_proj(self.act_fn(gate_up))
-        return all_reduce(out)
+        return out
 
     def column_pieces(self, prefix: str, start: int, end: int, a: int, b: int) -> list[Piece]:
         """Checkpoint slices for global columns [start, end), local [a, b)."""

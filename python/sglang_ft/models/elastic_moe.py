@@ -17,7 +17,7 @@ from sglang.srt.layers.moe.topk import StandardTopKOutput, fused_topk_torch_nati
 from torch import nn
 
 from sglang_ft.layers.elastic_parallel import all_reduce
-from sglang_ft.models.elastic_llama import Piece
+from sglang_ft.models.elastic_llama import ElasticMLP, Piece
 
 MOE_ARCHITECTURES = {"MixtralForCausalLM": "block_sparse_moe", "Qwen2MoeForCausalLM": "mlp"}  # checkpoint prefix
 
@@ -31,8 +31,8 @@ class ElasticSparseMoe(nn.Module):
     """Top-k routed experts (and an optional gated shared expert) over this rank's span of each expert's columns.
 
     `w13_weight` [experts, 2 * columns, hidden] and `w2_weight` [experts, hidden, columns] are the layout SGLang's
-    `moe_forward_native` computes with; `shared_gate_up`/`shared_down` hold `shared_per_unit` shared-expert columns
-    per routed column.
+    `moe_forward_native` computes with; `shared_expert` (a dense elastic MLP) holds `shared_per_unit` shared-expert
+    columns per routed column.
     """
 
     def __init__(self, config, columns: int, shared_per_unit: int, prefix: str):
@@ -49,10 +49,7 @@ class ElasticSparseMoe(nn.Module):
         self.runner_config = MoeRunnerConfig(num_experts=self.num_experts, top_k=self.top_k, activation="silu")
         self.shared_columns = columns * shared_per_unit
         if self.shared_columns:
-            self.shared_gate_up = ReplicatedLinear(hidden, 2 * self.shared_columns, bias=False,
-                                                   prefix=f"{prefix}.shared_expert.gate_up_proj")
-            self.shared_down = ReplicatedLinear(self.shared_columns, hidden, bias=False,
-                                                prefix=f"{prefix}.shared_expert.down_proj")
+            self.shared_expert = ElasticMLP(hidden, self.shared_columns, f"{prefix}.shared_expert")
             self.shared_expert_gate = ReplicatedLinear(hidden, 1, bias=False, prefix=f"{prefix}.shared_expert_gate")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -66,10 +63,7 @@ class ElasticSparseMoe(nn.Module):
         weights, ids = fused_topk_torch_native(x, logits, self.top_k, self.renormalize)
         out = moe_forward_native(self, x, StandardTopKOutput(weights, ids, logits), self.runner_config)
         if self.shared_columns:
-            gate_up, _ = self.shared_gate_up(x)
-            gate, up = gate_up.chunk(2, dim=-1)
-            shared, _ = self.shared_down(nn.functional.silu(gate) * up)
-            out = out + torch.sigmoid(self.shared_expert_gate(x)[0]) * shared
+            out = out + torch.sigmoid(self.shared_expert_gate(x)[0]) * self.shared_expert.partial(x)
         return out.to(x.dtype)
 
     def column_pieces(self, prefix: str, start: int, end: int, a: int, b: int) -> list[Piece]:
@@ -84,12 +78,7 @@ class ElasticSparseMoe(nn.Module):
                        Piece(down, 1, start, end, self.w2_weight[e, :, a:b])]
         if self.shared_columns:
             m = self.shared_columns // cols
-            s0, s1, lo, hi = start * m, end * m, a * m, b * m
-            gate_up, down = self.shared_gate_up.weight, self.shared_down.weight
-            pieces += [Piece(f"{prefix}.shared_expert.gate_proj.weight", 0, s0, s1, gate_up[lo:hi]),
-                       Piece(f"{prefix}.shared_expert.up_proj.weight", 0, s0, s1,
-                             gate_up[self.shared_columns + lo : self.shared_columns + hi]),
-                       Piece(f"{prefix}.shared_expert.down_proj.weight", 1, s0, s1, down[:, lo:hi])]
+            pieces += self.shared_expert.column_pieces(f"{prefix}.shared_expert", start * m, end * m, a * m, b * m)
         return pieces
 
     def replicated_params(self, prefix: str) -> dict[str, torch.Tensor]:
