@@ -255,8 +255,12 @@ def test_the_last_failure_streams_across_down_to_tp1_then_a_rejoin_by_hand(ft_se
 def test_rank0_death_then_a_hung_worker_is_fenced_then_a_drain(fresh_ft_server, reference):
     ft_server = fresh_ft_server
     expected = reference(FAILOVER_PROMPTS)
-    results = run_with_fault(ft_server, lambda: inject(ft_server, 0, "kill"))
-    assert [r["output_ids"] for r in results] == expected
+    # rank 0 dies at the worst instant: every rank finished a step, rank 0 never sent its tokens (kill_unsent)
+    results = run_with_fault(ft_server, lambda: inject(ft_server, 0, "kill_unsent"))
+    assert [r["output_ids"] for r in results] == expected  # the streamed one too: no token missing
+    log = ft_server.log_text()
+    assert "dies before sending the output" in log
+    assert re.search(r"the old rank 0 died before sending its last output: [1-9]\d* requests rewound", log)
     st = wait_for(lambda: (s := status(ft_server))["epoch"] == 1 and len(s["recoveries"]) == 1 and s)
     assert st["tp_size"] == 3 and [w["rank"] for w in st["workers"]] == [None, 0, 1, 2]
     # the new rank 0 publishes /v1/loads (SGLang gave a snapshot writer only to the rank 0 it started)

@@ -15,6 +15,7 @@ from types import SimpleNamespace
 import zmq
 import zmq.asyncio
 
+from sglang_ft.managers.output_rewind import ReceivedTokens
 from sglang_ft.managers.request_journal import RequestJournal
 
 STALE_RANK0 = """
@@ -65,19 +66,19 @@ async def scenario(endpoint: str, stale_pid_holder: list) -> tuple[list[str], li
     journal.tokenizer_manager = manager
     for i in range(10):
         rid = f"before-{i}"
-        manager.rid_to_state[rid] = SimpleNamespace(finished=False)
+        manager.rid_to_state[rid] = SimpleNamespace(finished=False, output_ids=list(range(i)))
         journal.sent[rid] = rid
         manager._dispatch_to_scheduler(rid)
     await asyncio.sleep(0.3)
     before = drain(new_rank0, 0.5)
 
-    resent = await journal.switch_rank0()
+    resent = await journal.switch_rank0(epoch=3)
     for i in range(10):
         manager._dispatch_to_scheduler(f"after-{i}")
     await asyncio.sleep(0.3)
     after = []
     deadline = time.monotonic() + 10
-    while len(after) < resent + 10 and time.monotonic() < deadline:
+    while len(after) < resent + 11 and time.monotonic() < deadline:
         after += drain(new_rank0, 0.5)
         await asyncio.sleep(0.05)
     manager.send_to_scheduler.close(linger=0)
@@ -95,8 +96,10 @@ def test_a_hung_rank0_gets_nothing_after_the_switch_and_the_new_one_gets_everyth
     # without the switch, the hung rank 0 swallowed part of the requests (the bug this guards against)
     assert 0 < len(before) < 10
     assert resent == 10
-    assert sorted(after) == sorted([f"before-{i}" for i in range(10)] + [f"after-{i}" for i in range(10)])
-    assert [m for m in after if m.startswith("after")] == [f"after-{i}" for i in range(10)]  # in order
+    # the re-sends, then what the tokenizer manager received of each (output_rewind.py), then the new requests
+    assert sorted(after[:10]) == [f"before-{i}" for i in range(10)]
+    assert after[10] == ReceivedTokens(epoch=3, received={f"before-{i}": i for i in range(10)})
+    assert after[11:] == [f"after-{i}" for i in range(10)]
 
 
 def test_the_fresh_socket_binds_the_same_ipc_path_at_once(tmp_path):

@@ -6,6 +6,10 @@ upgrade that moves one fails loudly. Each handler leaves SGLang's behaviour unto
 
 from __future__ import annotations
 
+import logging
+import os
+import signal
+
 from sglang.srt.plugins.hook_registry import HookType
 
 from sglang_ft.launch_checks import ELASTIC_ARCHITECTURES, check_ft_launch
@@ -18,6 +22,8 @@ from sglang_ft.server_args import (
     ft_enabled,
     publish,
 )
+
+logger = logging.getLogger(__name__)
 
 
 def after_add_cli_args(_result, parser, *_args, **_kwargs):
@@ -79,6 +85,8 @@ def after_scheduler_init(_result, scheduler, server_args, port_args, *args, **kw
     if ft.kv_backup:
         worker.start_kv_backup(scheduler.tp_worker.model_runner, scheduler.token_to_kv_pool_allocator)
     install_worker(worker)
+    # the "kill_unsent" fault (ft_controller.FAULT_SIGNALS) arms a death right before this worker's next send
+    signal.signal(signal.SIGUSR1, lambda *_: setattr(worker, "die_before_next_send", True))
     # From now on a collective stuck on a dead or hung peer fails after the FT timeout, so survivors regroup.
     set_collective_timeout(ft.collective_timeout_s)
 
@@ -152,28 +160,65 @@ def after_clear_allocator(_result, allocator, *_args, **_kwargs):
 
 
 def around_pull_raw_reqs(original, receiver, *args, **kwargs):
-    """Rank 0 remembers what it pulled from the tokenizer manager, to re-send it if a failure interrupts delivery."""
+    """Rank 0 remembers what it pulled from the tokenizer manager, to re-send it if a failure interrupts delivery;
+    a newly elected rank 0 first waits for the tokenizer manager's output counts (output_rewind.py)."""
     from sglang_ft.managers.ft_worker import current_worker
 
-    reqs = original(receiver, *args, **kwargs)
     worker = current_worker()
-    if worker is not None and reqs:
+    if worker is None:
+        return original(receiver, *args, **kwargs)
+    from sglang_ft.managers.output_rewind import split_received_tokens
+
+    if worker.counts_wait is not None:
+        reqs = worker.counts_wait.pull_until_counted(lambda: original(receiver, *args, **kwargs))
+        worker.counts_wait = None
+    else:  # counts that come when none is awaited are stale: rewinding to them would duplicate output
+        reqs = original(receiver, *args, **kwargs)
+        reqs = split_received_tokens(reqs)[1] if reqs else reqs
+    if reqs:
         worker.ledger.record_pulled(reqs)
     return reqs
 
 
 def before_process_input_requests(scheduler, recv_reqs, *args, **kwargs):
-    """Every rank drops requests it already holds (a journal re-send) and records the rest (request_ledger.py)."""
+    """Every rank drops requests it already holds (a journal re-send) and records the rest (request_ledger.py);
+    output counts from the tokenizer manager rewind what a dead rank 0 never sent (output_rewind.py)."""
     from sglang_ft.managers.ft_worker import current_worker
 
     worker = current_worker()
     if worker is None or not recv_reqs:
         return None
+    from sglang_ft.managers.output_rewind import apply_received_tokens, split_received_tokens
     from sglang_ft.managers.request_ledger import held_rids
 
+    counts, recv_reqs = split_received_tokens(recv_reqs)
+    for message in counts:
+        apply_received_tokens(scheduler, worker.finished, message)
     fresh = worker.ledger.unseen(recv_reqs, held=held_rids(scheduler))
     worker.ledger.record_processed(fresh)
     return (scheduler, fresh, *args), kwargs
+
+
+def after_stream_output(_result, streamer, reqs, *_args, **_kwargs):
+    """Remember the requests that just finished: a dying rank 0 may not have sent their end (output_rewind.py)."""
+    from sglang_ft.managers.ft_worker import current_worker
+
+    worker = current_worker()
+    if worker is not None:
+        worker.finished.record(reqs)
+
+
+def around_send_output(original, sender, output, *args, **kwargs):
+    """The "kill_unsent" fault: die after a step, before its output leaves (the tokens a dying rank 0 computed and
+    never sent, on purpose)."""
+    from sglang_ft.managers.ft_worker import current_worker
+
+    worker = current_worker()
+    if worker is not None and worker.die_before_next_send and getattr(output, "rids", None):
+        logger.warning("sglang-ft: worker %d dies before sending the output of %d requests (injected fault)",
+                       worker.worker, len(output.rids))
+        os.kill(os.getpid(), signal.SIGKILL)
+    return original(sender, output, *args, **kwargs)
 
 
 def around_dispatch_to_scheduler(original, tokenizer_manager, obj, *args, **kwargs):
@@ -350,6 +395,16 @@ HOOKS: list[tuple[str, HookType, object]] = [
     ),
     ("sglang.srt.managers.scheduler.Scheduler.process_input_requests", HookType.BEFORE, before_process_input_requests),
     ("sglang.srt.managers.scheduler.Scheduler.run_batch", HookType.AROUND, around_run_batch),
+    (
+        "sglang.srt.managers.scheduler_components.output_streamer.SchedulerOutputStreamer.stream_output",
+        HookType.AFTER,
+        after_stream_output,
+    ),
+    (
+        "sglang.srt.managers.scheduler_components.output_sender.SenderWrapper.send_output",
+        HookType.AROUND,
+        around_send_output,
+    ),
     ("sglang.srt.mem_cache.memory_pool.MHATokenToKVPool.set_kv_buffer", HookType.AFTER, after_set_kv_buffer),
     ("sglang.srt.mem_cache.allocator.token.TokenToKVPoolAllocator.free", HookType.AFTER, after_free_slots),
     ("sglang.srt.mem_cache.allocator.token.TokenToKVPoolAllocator.clear", HookType.AFTER, after_clear_allocator),

@@ -33,7 +33,9 @@ class InjectFaultRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     rank: int = Field(ge=0, description="current TP rank of the worker to fault")
-    kind: Literal["kill", "hang", "resume"] = Field(description="SIGKILL, SIGSTOP or SIGCONT")
+    kind: Literal["kill", "hang", "resume", "kill_unsent"] = Field(
+        description="SIGKILL, SIGSTOP or SIGCONT; kill_unsent: SIGKILL at the end of its next step, before that "
+                    "step's output is sent")
 
 
 class WorkerRequest(BaseModel):

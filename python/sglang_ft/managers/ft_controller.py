@@ -43,7 +43,10 @@ from ft.respawn import Respawner, RespawnPolicy
 from sglang_ft.managers.ft_metrics import ft_metrics
 
 logger = logging.getLogger("sglang_ft.controller")
-FAULT_SIGNALS = {"kill": signal.SIGKILL, "hang": signal.SIGSTOP, "resume": signal.SIGCONT}
+# kill_unsent: the worker SIGKILLs itself after its next step, before that step's output leaves (a rank 0's
+# computed tokens never reach the client: the race a real death can hit, made certain)
+FAULT_SIGNALS = {"kill": signal.SIGKILL, "hang": signal.SIGSTOP, "resume": signal.SIGCONT,
+                 "kill_unsent": signal.SIGUSR1}
 
 
 @dataclass

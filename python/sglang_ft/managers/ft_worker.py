@@ -19,6 +19,7 @@ import zmq
 
 from ft.heartbeat import HeartbeatSender
 from ft.messages import BackupResync, Fenced, Regroup, WorkerFailed, decode, encode
+from sglang_ft.managers.output_rewind import FinishedRequests
 from sglang_ft.managers.request_ledger import RequestLedger
 from sglang_ft.server_args import FtArgs
 
@@ -116,6 +117,9 @@ class FtWorker:
         self.epoch = -1 if joining else 0
         self.group: tuple[int, ...] = ()  # worker ids of the current group, in TP-rank order (set at start)
         self.ledger = RequestLedger()
+        self.finished = FinishedRequests()  # for a re-send of output a dying rank 0 never sent (output_rewind.py)
+        self.counts_wait = None  # ReceivedTokensWait while this new rank 0 waits for the tokenizer manager's counts
+        self.die_before_next_send = False  # the "kill_unsent" fault is armed
         self.failed_batch = None  # the batch whose forward a failed collective interrupted (its KV is partial)
         self.kv_intact = True  # False while a regroup is rebuilding the KV pool
         self.kv_stream = None  # KvStreamer when --ft-kv-backup is on

@@ -104,6 +104,16 @@ def take_over_tokenizer_channels(scheduler, port_args) -> None:
     logger.warning("sglang-ft: this worker is now TP rank 0 and talks to the tokenizer manager")
 
 
+def await_output_counts(ft_worker, epoch: int) -> None:
+    """The old rank 0 may have died before sending its last step's output: before its first step, this new rank 0
+    waits for the tokenizer manager's count of what it received (output_rewind.py), if it holds any output."""
+    from sglang_ft.managers.output_rewind import MAX_WAIT_S, ReceivedTokensWait, may_hold_undelivered_output
+
+    if ft_worker.counts_wait is None and may_hold_undelivered_output(ft_worker.scheduler, ft_worker.finished):
+        # bounded well inside the collective timeout: the other ranks wait in the request broadcast meanwhile
+        ft_worker.counts_wait = ReceivedTokensWait(epoch, min(MAX_WAIT_S, ft_worker.ft.collective_timeout_s / 2))
+
+
 def take_over_load_snapshots(scheduler, port_args) -> None:
     """Publish /v1/loads from here on: SGLang gives only the rank 0 it started a snapshot writer, so after that
     process dies the endpoint (and every router reading it) would report its last load forever."""
@@ -140,6 +150,7 @@ def regroup_in_place(ft_worker, order: Regroup) -> RegroupDone:
     refresh_group_handles(scheduler)
     if new_rank == 0 and (not ft_worker.group or ft_worker.group[0] != me):
         take_over_tokenizer_channels(scheduler, ft_worker.port_args)
+        await_output_counts(ft_worker, order.epoch)
     held = agree_on_holdings(old_model.shard if ft_worker.holds_weights else None, order, scheduler.tp_cpu_group)
     plan = plan_migration(old_model.layout.shape, held, list(order.workers))
     if plan.layout != TPLayout.from_json(order.layout_json):

@@ -4,6 +4,9 @@ Requests that reached a scheduler rank 0 that then died, before it shared them w
 nowhere else. When the controller elects a new rank 0, the journal re-sends every unfinished request; the
 schedulers drop the ones they already hold (by rid), so each request runs exactly once.
 
+After the re-sends it tells the new rank 0 how many output tokens it has received per unfinished request
+(`output_rewind.ReceivedTokens`): the old rank 0 may have died with a step's output unsent.
+
 Before re-sending it replaces the tokenizer manager's socket to the schedulers with a fresh one at the same
 endpoint. The old rank 0 may be hung rather than dead: its connection then stays open, the kernel keeps accepting
 bytes for it, and ZMQ's PUSH would go on sending it every other request, which would be lost when it finally
@@ -20,9 +23,11 @@ import time
 import zmq
 
 from ft.messages import Regroup, decode
+from sglang_ft.managers.output_rewind import ReceivedTokens
 
 logger = logging.getLogger(__name__)
 PRUNE_EVERY = 64
+SETTLE_S = 0.05  # lets outputs the detokenizer already forwarded land before counting what was received
 
 
 class RequestJournal:
@@ -60,12 +65,26 @@ class RequestJournal:
         logger.warning("sglang-ft: re-sent %d unfinished requests to the new TP rank 0", len(self.sent))
         return len(self.sent)
 
-    async def switch_rank0(self) -> int:
+    def received_tokens(self, epoch: int) -> ReceivedTokens:
+        """How many output tokens the tokenizer manager holds for every unfinished request sent."""
+        states = self.tokenizer_manager.rid_to_state
+        return ReceivedTokens(epoch, {rid: len(states[rid].output_ids) for rid in self.sent if rid in states})
+
+    async def resend_and_count(self, epoch: int) -> int:
+        await asyncio.sleep(SETTLE_S)
+        resent = self.resend_unfinished()
+        from sglang.srt.managers.io_struct import wrap_as_pickle
+
+        self.tokenizer_manager._dispatch_to_scheduler(wrap_as_pickle(self.received_tokens(epoch)))
+        return resent
+
+    async def switch_rank0(self, epoch: int = 0) -> int:
         """A new rank 0 was elected: a fresh socket to the schedulers, then every unfinished request re-sent on it
-        (sends wait in it until the new rank 0 has connected). Runs on the tokenizer manager's event loop."""
+        and the output counts (sends wait in it until the new rank 0 has connected). Runs on the tokenizer
+        manager's event loop."""
         manager = self.tokenizer_manager
         if getattr(manager, "tokenizer_ipc_name", None) is not None:  # several tokenizers: theirs is a connect
-            return self.resend_unfinished()
+            return await self.resend_and_count(epoch)
         old = manager.send_to_scheduler
         endpoint = old.getsockopt(zmq.LAST_ENDPOINT).decode()
         fresh = old.context.socket(zmq.PUSH)
@@ -73,7 +92,7 @@ class RequestJournal:
             fresh.setsockopt(option, old.getsockopt(option))
         manager.send_to_scheduler = fresh  # from here on nothing is queued for the old rank 0
         old.close(linger=0)
-        resent = self.resend_unfinished()
+        resent = await self.resend_and_count(epoch)
         await bind_when_free(fresh, endpoint)
         logger.warning("sglang-ft: the tokenizer manager's socket to the new TP rank 0 is open at %s", endpoint)
         return resent
@@ -93,7 +112,7 @@ class RequestJournal:
                 continue
             epoch = order.epoch
             if order.workers[0] != leader and self.loop is not None:
-                self.loop.call_soon_threadsafe(lambda: self.loop.create_task(self.switch_rank0()))
+                self.loop.call_soon_threadsafe(lambda e=epoch: self.loop.create_task(self.switch_rank0(e)))
             leader = order.workers[0]
 
 
