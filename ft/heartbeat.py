@@ -22,6 +22,7 @@ class HeartbeatSender:
         self.joining = False  # a restarted worker waiting to be planned back in
         self.kv_slots = 0
         self.serving = False  # set once the worker's scheduler has finished a batch
+        self.load_probe = None  # callable returning a WorkerLoad (or None), set by the worker
         self.endpoint = endpoint
         self.worker = worker
         self.interval_s = interval_s
@@ -49,7 +50,7 @@ class HeartbeatSender:
                 try:
                     counters = self.kv_backup_counters() if self.kv_backup_counters else None
                     beat = Heartbeat(self.worker, os.getpid(), self.epoch, seq, counters and counters[:3], self.joining,
-                                     self.kv_slots, counters[3] if counters else 0, self.serving)
+                                     self.kv_slots, counters[3] if counters else 0, self.serving, self._load())
                     socket.send(encode(beat), zmq.NOBLOCK)
                 except zmq.Again:
                     pass
@@ -57,6 +58,14 @@ class HeartbeatSender:
                 self._stop.wait(self.interval_s)
         finally:
             socket.close()
+
+
+    def _load(self):
+        """The worker's load, read from this thread while the scheduler runs: a racing read is skipped, not fatal."""
+        try:
+            return self.load_probe() if self.load_probe else None
+        except Exception:
+            return None
 
 
 class MessageReceiver:

@@ -9,6 +9,23 @@ from __future__ import annotations
 import msgspec
 
 
+class WorkerLoad(msgspec.Struct, frozen=True):
+    """What one worker holds and does, for `/ft/status`: unequal heads mean unequal KV bytes and attention work."""
+
+    q_heads: int
+    kv_heads: int
+    kv_tokens_used: int  # token slots allocated (running requests and the radix cache)
+    kv_tokens_free: int
+    kv_bytes_per_token: int  # this worker's KV for one token: its KV heads, every layer, K and V
+    running_requests: int
+    waiting_requests: int
+    outstanding_tokens: int  # prompt tokens not yet prefilled plus output tokens not yet decoded
+    last_step_ms: float  # the latest forward (SGLang's run_batch) on this worker
+    last_step_collective_ms: float | None = None  # of which inside TP collectives: waiting for wider peers (CPU)
+    steps: int = 0  # forwards since the worker started
+    busy_ms_total: float = 0.0  # their time outside TP collectives (CPU): this worker's own work, summed
+
+
 class Heartbeat(msgspec.Struct, tag=True, frozen=True):
     """Sent by each worker's heartbeat thread every interval."""
 
@@ -21,6 +38,7 @@ class Heartbeat(msgspec.Struct, tag=True, frozen=True):
     kv_slots: int = 0  # token slots of the worker's KV pool (every member has the same; a joiner needs it)
     kv_backup_queued: int = 0  # KV backup messages handed to ZMQ not yet written out (`KvBackupSender.queued`)
     serving: bool = False  # has finished a batch: judged by the heartbeat timeout from then on, by the startup one before
+    load: WorkerLoad | None = None
 
 
 class WorkerFailed(msgspec.Struct, tag=True, frozen=True):

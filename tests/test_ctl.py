@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse
 
 from ft.failure_detector import FailureDetector
 from ft.membership import Membership, WorkerState
-from ft.messages import Heartbeat
+from ft.messages import Heartbeat, WorkerLoad
 from sglang_ft import ctl
 from sglang_ft.entrypoints.ft_runtime import InjectFaultRequest, WorkerRequest
 from sglang_ft.managers.ft_controller import ControllerState
@@ -50,6 +50,11 @@ class FakeFtServer:
             record.pid, record.state, record.last_beat = 1000 + worker, WorkerState.HEALTHY, time.monotonic()
         self.state = ControllerState(membership, FailureDetector(membership, 0.2, 2.0))
         self.state.kv_senders = {w: Heartbeat(w, 1000 + w, 0, 0, (100 + w, w, (w + 1) << 20)) for w in range(4)}
+        # 8 KV heads over the 3 left: 3 + 3 + 2, so the same 100 tokens cost worker 3 a third less KV
+        self.state.loads = {w: WorkerLoad(q_heads=2 * h, kv_heads=h, kv_tokens_used=100, kv_tokens_free=900,
+                                          kv_bytes_per_token=h << 10, running_requests=2, waiting_requests=1,
+                                          outstanding_tokens=40, last_step_ms=12.5)
+                            for w, h in ((0, 3), (1, 3), (2, 3), (3, 2))}
         self.state.kv_backup = _Store()
         # Worker 2 was killed and the others regrouped without it; worker 3 is late with its beats.
         membership.set_state(2, WorkerState.DEAD, time.monotonic())
@@ -163,15 +168,15 @@ def test_status_tables(capsys, fake):
     assert code == 0 and err == ""
     workers_header, recoveries_header = [
         [" ".join(filter(None, cells)) for cells in zip(*_rows(out, "┃")[i:i + 2])] for i in (0, 2)]
-    assert workers_header == ["worker", "rank", "pid", "state", "kv_backup sent", "kv_backup dropped",
-                              "kv_backup bytes"]
+    assert workers_header == ["worker", "rank", "pid", "state", "kv heads", "kv_bytes used", "outstanding tokens",
+                              "last_step ms", "kv_backup dropped", "kv_backup bytes"]
     assert recoveries_header == ["epoch", "cause", "detect ms", "recover ms", "bytes p2p", "bytes reloaded",
                                  "kv_blocks restored", "kv_tokens recomputed", "joined"]
     rows = _rows(out)
     workers = {row[0]: row for row in rows[:4]}
-    assert workers["0"] == ["0", "0", "1000", "healthy", "100", "0", "1.0 MiB"]
-    assert workers["2"] == ["2", "-", "1002", "dead", "102", "2", "3.0 MiB"]
-    assert workers["3"][1:4] == ["2", "1003", "suspect"]
+    assert workers["0"] == ["0", "0", "1000", "healthy", "3", "300.0 KiB", "40", "12.5", "0", "1.0 MiB"]
+    assert workers["2"] == ["2", "-", "1002", "dead", "-", "-", "-", "-", "2", "3.0 MiB"]  # no load: not a member
+    assert workers["3"][1:6] == ["2", "1003", "suspect", "2", "200.0 KiB"]
     assert re.search(r"epoch 1\s+tp_size 3\s+regrouping no\s+kv_backup healthy\s+kv_blocks_restored 12\s+"
                      r"kv_tokens_recomputed 0", out)
     assert rows[4:] == [["1", "worker 2: no heartbeat for 2000 ms", "2012.4", "845.2", "3.0 MiB", "0 B", "12", "0",

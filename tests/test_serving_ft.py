@@ -45,6 +45,32 @@ def test_radix_prefix_cache_hits_and_keeps_output(tp3):
     assert second["output_ids"] == first["output_ids"]
 
 
+def test_status_shows_each_workers_unequal_share_and_its_load(tp3):
+    """4 KV heads over 3 workers: 2 + 1 + 1, so the same cached tokens cost rank 0 twice the KV bytes."""
+    import threading
+
+    def workers():
+        return requests.get(f"{tp3.url}/ft/status", timeout=30).json()["workers"]
+
+    running = threading.Thread(target=generate, args=(tp3.url, "a long request " * 8, 200))
+    running.start()
+    busy = wait_for(lambda: (w := workers()) and all(x.get("running_requests") == 1 for x in w) and w,
+                    what="every worker to report the running request")
+    running.join()
+    assert all(0 < x["outstanding_tokens"] <= 200 for x in busy)
+    settled = wait_for(lambda: (w := workers()) and all(x["running_requests"] == 0 for x in w) and w,
+                       what="every worker to report it finished")
+    assert [x["kv_heads"] for x in settled] == [2, 1, 1] and [x["q_heads"] for x in settled] == [4, 2, 2]
+    used = {x["kv_tokens_used"] for x in settled}
+    assert len(used) == 1 and used.pop() > 0  # the same tokens (the radix cache keeps them) on every worker
+    assert len({x["kv_tokens_used"] + x["kv_tokens_free"] for x in settled}) == 1
+    per_token = [x["kv_bytes_per_token"] for x in settled]
+    assert per_token[0] == 2 * per_token[1] == 2 * per_token[2]
+    assert [x["kv_bytes_used"] for x in settled] == [x["kv_tokens_used"] * p for x, p in zip(settled, per_token)]
+    assert all(x["last_step_ms"] > 0 and x["outstanding_tokens"] == 0 for x in settled)
+    assert all(0 < x["last_step_collective_ms"] < x["last_step_ms"] for x in settled)  # gloo: blocking, timed
+
+
 def test_streaming_yields_the_same_tokens(tp3, hf_outputs, tiny_model):
     body = {"text": PROMPTS[0], "sampling_params": {**GREEDY, "max_new_tokens": MAX_NEW_TOKENS}, "stream": True}
     chunks = []

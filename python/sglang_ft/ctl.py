@@ -112,13 +112,15 @@ def _table(title: str, columns: tuple[str, ...], text_columns: tuple[str, ...]) 
 
 def render_status(status: dict) -> Group:
     """Workers, one summary line, recoveries: what an operator checks first after a fault."""
-    workers = _table("workers", ("worker", "rank", "pid", "state", "kv_backup_sent", "kv_backup_dropped",
-                                 "kv_backup_bytes"), ("state",))
+    workers = _table("workers", ("worker", "rank", "pid", "state", "kv_heads", "kv_bytes_used", "outstanding_tokens",
+                                 "last_step_ms", "kv_backup_dropped", "kv_backup_bytes"), ("state",))
     for w in status.get("workers", []):
         state = w.get("state", "?")
         workers.add_row(_cell(w.get("worker")), _cell(w.get("rank")), _cell(w.get("pid")),
-                        Text(state, style=STATE_STYLES.get(state, "")), _cell(w.get("kv_backup_sent")),
-                        _cell(w.get("kv_backup_dropped")), _size(w.get("kv_backup_bytes")))
+                        Text(state, style=STATE_STYLES.get(state, "")), _cell(w.get("kv_heads")),
+                        _size(w.get("kv_bytes_used")), _cell(w.get("outstanding_tokens")),
+                        _cell(w.get("last_step_ms")), _cell(w.get("kv_backup_dropped")),
+                        _size(w.get("kv_backup_bytes")))
     regrouping = status.get("regrouping")
     summary = Text.assemble(
         ("epoch ", "bold"), str(status.get("epoch")), ("  tp_size ", "bold"), str(status.get("tp_size")),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import time
 
 from sglang.srt.plugins.hook_registry import HookType
 
@@ -112,9 +113,13 @@ def before_ingest_requests(scheduler, *args, **kwargs):
 
 def around_run_batch(original, scheduler, batch, *args, **kwargs):
     """Remember the batch whose forward a failure interrupted: its tokens' KV is partial (park_requests.py); after
-    the first batch that completes, the worker's heartbeats say it is serving."""
+    the first batch that completes, the worker's heartbeats say it is serving; its time is the worker's step time."""
     from sglang_ft.managers.ft_worker import current_worker
 
+    from sglang_ft.layers.elastic_parallel import COLLECTIVES
+
+    COLLECTIVES.reset()
+    started = time.perf_counter()
     try:
         result = original(scheduler, batch, *args, **kwargs)
     except Exception:
@@ -123,9 +128,14 @@ def around_run_batch(original, scheduler, batch, *args, **kwargs):
             worker.failed_batch = batch
         raise
     worker = current_worker()
-    if worker is not None and not worker.heartbeat.serving:
+    if worker is not None:
+        worker.record_step(time.perf_counter() - started, None if _on_cuda(scheduler) else COLLECTIVES.seconds)
         worker.heartbeat.serving = True  # past startup: judged by the heartbeat timeout from now on
     return result
+
+
+def _on_cuda(scheduler) -> bool:
+    return str(scheduler.tp_worker.model_runner.device).startswith("cuda")
 
 
 def _kv_stream():

@@ -7,6 +7,9 @@ gathering unequal shards by padding to the widest one.
 
 from __future__ import annotations
 
+import contextlib
+import time
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -20,13 +23,40 @@ def tp_world() -> int:
     return get_parallel().tp_size
 
 
+class CollectiveClock:
+    """Seconds this rank spent inside TP collectives since `reset()`: with unequal shards, the ranks with less work
+    wait there for the widest one, so a step's time minus this is the rank's own work (`/ft/status`). Host time:
+    exact for gloo on CPU, where collectives block; CUDA collectives return at launch, so it is not kept there."""
+
+    def __init__(self):
+        self.seconds = 0.0
+
+    def reset(self) -> None:
+        self.seconds = 0.0
+
+    @contextlib.contextmanager
+    def timing(self, x: torch.Tensor):
+        if x.is_cuda:
+            yield
+            return
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds += time.perf_counter() - started
+
+
+COLLECTIVES = CollectiveClock()
+
+
 def all_reduce(x: torch.Tensor) -> torch.Tensor:
     """Sum over the TP group (identity at TP 1)."""
     if tp_world() == 1:
         return x
     from sglang.srt.distributed import tensor_model_parallel_all_reduce
 
-    return tensor_model_parallel_all_reduce(x)
+    with COLLECTIVES.timing(x):
+        return tensor_model_parallel_all_reduce(x)
 
 
 def all_gather_spans(x: torch.Tensor, spans: list[Span]) -> torch.Tensor:
@@ -38,7 +68,8 @@ def all_gather_spans(x: torch.Tensor, spans: list[Span]) -> torch.Tensor:
     widest = max(end - start for start, end in spans)
     if x.shape[-1] < widest:
         x = F.pad(x, (0, widest - x.shape[-1]))
-    parts = tensor_model_parallel_all_gather(x.contiguous(), dim=-1).split(widest, dim=-1)
+    with COLLECTIVES.timing(x):
+        parts = tensor_model_parallel_all_gather(x.contiguous(), dim=-1).split(widest, dim=-1)
     full = x.new_empty(*x.shape[:-1], max(end for _, end in spans))
     for part, (start, end) in zip(parts, spans):
         full[..., start:end] = part[..., : end - start]

@@ -32,6 +32,7 @@ from ft.messages import (
     RegroupDone,
     Respawn,
     WorkerFailed,
+    WorkerLoad,
     decode_control,
     encode,
 )
@@ -59,6 +60,7 @@ class ControllerState:
     fenced_messages: int = 0
     kv_backup: object = None  # KvStoreKeeper when --ft-kv-backup is on
     kv_senders: dict[int, Heartbeat] = field(default_factory=dict)  # worker -> its latest beat with KV counters
+    loads: dict[int, WorkerLoad] = field(default_factory=dict)  # worker -> its latest reported load
     respawns: list[dict] = field(default_factory=list)
     regrouping: int | None = None  # the epoch of the regroup under way
 
@@ -74,6 +76,7 @@ class ControllerState:
                 "last_beat_ms_ago": None if record.last_beat is None else round((now - record.last_beat) * 1e3, 1),
                 "max_beat_gap_ms": round(record.max_beat_gap_s * 1e3, 1),
                 **_kv_sender_fields(self.kv_senders.get(worker_id)),
+                **_load_fields(self.loads.get(worker_id) if worker_id in group else None),
             })
         return {
             "epoch": self.membership.epoch,
@@ -89,6 +92,12 @@ class ControllerState:
             "respawns": self.respawns,
             "regrouping": self.regrouping,
         }
+
+
+def _load_fields(load: WorkerLoad | None) -> dict:
+    if load is None:
+        return {}
+    return {**msgspec.structs.asdict(load), "kv_bytes_used": load.kv_tokens_used * load.kv_bytes_per_token}
 
 
 def _kv_sender_fields(beat: Heartbeat | None) -> dict:
@@ -203,6 +212,8 @@ class FtController:
         elif isinstance(message, Heartbeat):
             if message.kv_backup is not None:
                 self.state.kv_senders[message.worker] = message
+            if message.load is not None:
+                self.state.loads[message.worker] = message.load
             self.kv_slots = max(self.kv_slots, message.kv_slots)
             change = self.state.detector.beat(message.worker, message.pid, now, message.serving)
             if change and change.state is WorkerState.HEALTHY and self.state.detections:

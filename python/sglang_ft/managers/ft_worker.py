@@ -21,6 +21,7 @@ from ft.heartbeat import HeartbeatSender
 from ft.messages import BackupResync, Fenced, Regroup, WorkerFailed, decode, encode
 from sglang_ft.managers.output_rewind import FinishedRequests
 from sglang_ft.managers.request_ledger import RequestLedger
+from sglang_ft.managers.worker_load import probe_load
 from sglang_ft.server_args import FtArgs
 
 logger = logging.getLogger(__name__)
@@ -120,11 +121,16 @@ class FtWorker:
         self.finished = FinishedRequests()  # for a re-send of output a dying rank 0 never sent (output_rewind.py)
         self.counts_wait = None  # ReceivedTokensWait while this new rank 0 waits for the tokenizer manager's counts
         self.die_before_next_send = False  # the "kill_unsent" fault is armed
+        self.last_step_s = 0.0  # the latest forward's time (SGLang's run_batch), for /ft/status
+        self.last_step_collective_s: float | None = 0.0  # of which inside TP collectives (None where not measured)
+        self.steps = 0
+        self.busy_s_total = 0.0  # forward time outside TP collectives, summed over every step
         self.failed_batch = None  # the batch whose forward a failed collective interrupted (its KV is partial)
         self.kv_intact = True  # False while a regroup is rebuilding the KV pool
         self.kv_stream = None  # KvStreamer when --ft-kv-backup is on
         self.heartbeat = HeartbeatSender(ft.heartbeat_endpoint, worker, ft.heartbeat_interval_ms / 1e3, self.epoch)
         self.heartbeat.joining = joining
+        self.heartbeat.load_probe = lambda: probe_load(self)
         self.heartbeat.start()
         self.orders = OrderListener(ft.order_endpoint, worker, lambda: self.epoch, self._interrupt_old_group,
                                     lambda: self.joining and not self.regrouping)
@@ -163,6 +169,12 @@ class FtWorker:
         latest = self.orders.latest
         if latest is not None and latest.epoch > self.epoch:
             raise RegroupOrdered(f"the controller ordered epoch {latest.epoch}")
+
+    def record_step(self, seconds: float, collective_s: float | None) -> None:
+        """A forward completed: its time, and how much of it was spent inside TP collectives (for /ft/status)."""
+        self.last_step_s, self.last_step_collective_s = seconds, collective_s
+        self.steps += 1
+        self.busy_s_total += seconds - (collective_s or 0.0)
 
     def report(self, message) -> None:
         self._reports.send(encode(message))
@@ -234,6 +246,9 @@ class FtWorker:
                 continue
             self.regrouping = False
             self.joining = self.heartbeat.joining = False
+            # a member that holds the model: judged by the heartbeat timeout now, not the startup bound (a joiner
+            # hung right after its join waited out 10 s before, stalling the group: the 10-minute chaos soak)
+            self.heartbeat.serving = True
             self.epoch = order.epoch
             self.heartbeat.epoch = order.epoch
             self.report(done)

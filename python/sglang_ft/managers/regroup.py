@@ -107,11 +107,13 @@ def take_over_tokenizer_channels(scheduler, port_args) -> None:
 def await_output_counts(ft_worker, epoch: int) -> None:
     """The old rank 0 may have died before sending its last step's output: before its first step, this new rank 0
     waits for the tokenizer manager's count of what it received (output_rewind.py), if it holds any output."""
+    from sglang_ft.distributed.regroup_groups import REQUEST_BROADCAST_TIMEOUT_S
     from sglang_ft.managers.output_rewind import MAX_WAIT_S, ReceivedTokensWait, may_hold_undelivered_output
 
     if ft_worker.counts_wait is None and may_hold_undelivered_output(ft_worker.scheduler, ft_worker.finished):
-        # bounded well inside the collective timeout: the other ranks wait in the request broadcast meanwhile
-        ft_worker.counts_wait = ReceivedTokensWait(epoch, min(MAX_WAIT_S, ft_worker.ft.collective_timeout_s / 2))
+        # the other ranks wait in the request broadcast meanwhile: stay well inside its timeout
+        bound = min(REQUEST_BROADCAST_TIMEOUT_S, ft_worker.ft.collective_timeout_s) / 2
+        ft_worker.counts_wait = ReceivedTokensWait(epoch, min(MAX_WAIT_S, bound))
 
 
 def take_over_load_snapshots(scheduler, port_args) -> None:
