@@ -86,17 +86,20 @@ def run_phase(url: str, clients: int, duration_s: float) -> dict:
     for thread in threads:
         thread.join()
     elapsed = time.monotonic() - began
-    after = members(status(url))
+    return {**summarize_phase(before, members(status(url)), samples), "tokens_per_s": round(tokens[0] / elapsed, 1),
+            "failures": failures[0]}
+
+
+def summarize_phase(before: list[dict], after: list[dict], kv_ratios: list[float]) -> dict:
+    """The phase's balance from the workers' status at its start and end and the KV max/min samples taken in it."""
     busy = [a["busy_ms_total"] - b["busy_ms_total"] for a, b in zip(after, before, strict=True)]
     return {
         "tp": len(after),
         "kv_heads": [w["kv_heads"] for w in after],
-        "tokens_per_s": round(tokens[0] / elapsed, 1),
-        "failures": failures[0],
-        "kv_max_min_ratio": round(statistics.median(samples), 3) if samples else None,
-        "kv_samples": len(samples),
+        "kv_max_min_ratio": round(statistics.median(kv_ratios), 3) if kv_ratios else None,
+        "kv_samples": len(kv_ratios),
         "busy_ms": [round(b, 1) for b in busy],
-        "busy_slowest_mean_ratio": round(max(busy) / statistics.mean(busy), 3) if all(busy) else None,
+        "busy_slowest_mean_ratio": round(max(busy) / statistics.mean(busy), 3) if busy and all(busy) else None,
     }
 
 
