@@ -57,3 +57,15 @@ def test_launch_server_help_lists_the_ft_flags(launched):
     proc = launched["help"]
     assert proc.returncode == 0
     assert "sglang-ft" in proc.stdout and "--ft " in proc.stdout
+
+
+def test_more_than_one_node_is_refused_until_multinode_ft_lands(tiny_model):
+    """Each node's launcher would start an FT controller of its own (seen on two network-namespace nodes)."""
+    from types import SimpleNamespace
+
+    from sglang_ft.launch_checks import check_ft_launch
+
+    args = dict(model_path=tiny_model, trust_remote_code=False, tp_size=2, pp_size=1, dp_size=1)
+    assert check_ft_launch(SimpleNamespace(**args, nnodes=1)) == []
+    assert check_ft_launch(SimpleNamespace(**args, nnodes=2)) == [
+        "--nnodes 2 is not supported with --ft yet (one node: use 1)"]

@@ -1,7 +1,7 @@
 """Several "nodes" on one machine: Linux network namespaces joined by veth pairs to one bridge.
 
 Multi-node TP needs machines that can fail one at a time: a whole node killed (every process in it at once) or cut
-off (its link down). Each node here is a network namespace with its own address (10.77.<net>.<i+1>); its veth's
+off (its link down). Each node here is a network namespace (and a /dev/shm of its own) with its own address (10.77.<net>.<i+1>); its veth's
 other end sits on a bridge in the root namespace, which also gets an address, so the test process can reach every
 node. `kill()` SIGKILLs every process in a node's namespace; `cut()` takes its link down (its processes live on,
 unreachable), `mend()` brings it back.
@@ -92,11 +92,19 @@ class NetnsNodes:
         _ip("link", "del", self.bridge, check=False)
 
     def command(self, index: int, argv: list[str]) -> list[str]:
-        """`argv` run inside node `index`'s namespace."""
-        return ["ip", "netns", "exec", self.nodes[index].namespace, *argv]
+        """`argv` run inside node `index`'s network namespace, with a /dev/shm of its own: SGLang tells ranks on
+        the same node from others by whether they see each other's shared memory."""
+        private_shm = 'mount -t tmpfs tmpfs /dev/shm && exec "$@"'
+        return ["ip", "netns", "exec", self.nodes[index].namespace, "unshare", "--mount", "--propagation", "private",
+                "sh", "-c", private_shm, "node", *argv]
 
-    def popen(self, index: int, argv: list[str], **kwargs) -> subprocess.Popen:
-        return subprocess.Popen(self.command(index, argv), **kwargs)
+    def popen(self, index: int, argv: list[str], env: dict | None = None, **kwargs) -> subprocess.Popen:
+        """Start `argv` in node `index`. Gloo and SGLang are pointed at the node's interface: by default gloo binds
+        the address the hostname resolves to (a loopback one) and SGLang looks for the interface that routes to the
+        internet (none here), neither reachable from the other nodes."""
+        env = {**(os.environ if env is None else env), "GLOO_SOCKET_IFNAME": "eth0",
+               "SGLANG_HOST_IP": self.nodes[index].address}
+        return subprocess.Popen(self.command(index, argv), env=env, **kwargs)
 
     def pids(self, index: int) -> list[int]:
         listed = _ip("netns", "pids", self.nodes[index].namespace, check=False)
