@@ -58,3 +58,19 @@ def test_nodes_reach_each_other_a_cut_isolates_and_a_kill_takes_every_process():
         namespaces = [node.namespace for node in nodes.nodes]
     listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert not any(name in listed for name in namespaces)  # removed on exit
+
+
+def test_nodes_left_by_a_killed_test_process_are_removed_by_the_next_one():
+    owner = subprocess.Popen([sys.executable, "-c", """
+import sys, time
+from sglang_ft.tools.netns import NetnsNodes
+nodes = NetnsNodes(1).__enter__()
+print(nodes.nodes[0].namespace, flush=True)
+time.sleep(600)
+"""], stdout=subprocess.PIPE, text=True)
+    left = owner.stdout.readline().strip()
+    owner.kill()  # no chance to clean up
+    owner.wait(timeout=10)
+    assert left in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert left in NetnsNodes.remove_stale()
+    assert left not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout

@@ -27,6 +27,24 @@ def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return subprocess.run(["ip", *args], capture_output=True, text=True, check=check)
 
 
+def _kill(pid: int) -> bool:
+    try:
+        os.kill(pid, signal.SIGKILL)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
 @dataclass(frozen=True)
 class Node:
     index: int
@@ -42,10 +60,12 @@ class NetnsNodes:
         if not 1 <= count <= 8:
             raise ValueError(f"count must be in [1, 8], got {count}")
         tag = uuid.uuid4().hex[:6]
-        self.bridge = f"ftbr{tag}"
-        self.host_address = f"10.{net}.{int(tag[:2], 16)}.254"
         subnet = int(tag[:2], 16)
-        self.nodes = [Node(i, f"ft-{tag}-{i}", f"10.{net}.{subnet}.{i + 1}", f"ftv{tag}{i}") for i in range(count)]
+        self.bridge = f"ftbr{tag}"
+        self.host_address = f"10.{net}.{subnet}.254"
+        # the owner's pid in each name: remove_stale() deletes the nodes of a test process that was killed
+        self.nodes = [Node(i, f"ftns-{os.getpid()}-{tag}-{i}", f"10.{net}.{subnet}.{i + 1}", f"ftv{tag}{i}")
+                      for i in range(count)]
 
     @staticmethod
     def unavailable() -> str | None:
@@ -59,7 +79,23 @@ class NetnsNodes:
         _ip("netns", "del", probe, check=False)
         return None
 
+    @staticmethod
+    def remove_stale() -> list[str]:
+        """Delete the nodes (and their bridges) left by processes that died without cleaning up; returns them."""
+        removed = []
+        for line in _ip("netns", "list", check=False).stdout.splitlines():
+            name = line.split()[0] if line.split() else ""
+            parts = name.split("-")
+            if len(parts) == 4 and parts[0] == "ftns" and parts[1].isdigit() and not _alive(int(parts[1])):
+                for pid in _ip("netns", "pids", name, check=False).stdout.split():
+                    _kill(int(pid))
+                _ip("netns", "del", name, check=False)
+                _ip("link", "del", f"ftbr{parts[2]}", check=False)
+                removed.append(name)
+        return removed
+
     def __enter__(self) -> "NetnsNodes":
+        self.remove_stale()
         try:
             self._create()
         except BaseException:
@@ -112,14 +148,7 @@ class NetnsNodes:
 
     def kill(self, index: int) -> list[int]:
         """SIGKILL every process in node `index` at once (a node that lost power); returns their pids."""
-        killed = []
-        for pid in self.pids(index):
-            try:
-                os.kill(pid, signal.SIGKILL)
-                killed.append(pid)
-            except ProcessLookupError:
-                pass
-        return killed
+        return [pid for pid in self.pids(index) if _kill(pid)]
 
     def cut(self, index: int) -> None:
         """Take node `index`'s link down: its processes run on and can reach no other node."""
