@@ -114,9 +114,8 @@ def before_ingest_requests(scheduler, *args, **kwargs):
 def around_run_batch(original, scheduler, batch, *args, **kwargs):
     """Remember the batch whose forward a failure interrupted: its tokens' KV is partial (park_requests.py); after
     the first batch that completes, the worker's heartbeats say it is serving; its time is the worker's step time."""
-    from sglang_ft.managers.ft_worker import current_worker
-
     from sglang_ft.layers.elastic_parallel import COLLECTIVES
+    from sglang_ft.managers.ft_worker import current_worker
 
     COLLECTIVES.reset()
     started = time.perf_counter()
