@@ -1,22 +1,24 @@
 """Bad command lines under `--ft` exit non-zero before starting anything, with a message naming the flag; `--help`
-lists the plugin's flags. Each case is a real `python -m sglang.launch_server` (about 20 s of imports here), so
-all of them are launched at once and each test reads its own result."""
+lists the plugin's flags.
+
+Two real `python -m sglang.launch_server` runs (about 20 s of imports each here, launched at once) show the wiring:
+a refused launch exits non-zero with the message, `--help` lists the flags. Every other case is the same check,
+`check_ft_launch`, called on the parsed arguments directly.
+"""
 
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 
+from sglang_ft.launch_checks import check_ft_launch
+
 
 @pytest.fixture(scope="module")
-def launched(tiny_model, tmp_path_factory) -> dict[str, subprocess.CompletedProcess]:
-    missing = tmp_path_factory.mktemp("cli") / "missing"
+def launched(tiny_model) -> dict[str, subprocess.CompletedProcess]:
     cases = {
         "tp5": ["--ft", "--model-path", tiny_model, "--tp-size", "5"],
-        "tp8": ["--ft", "--model-path", tiny_model, "--tp-size", "8"],
-        "missing": ["--ft", "--model-path", str(missing), "--tp-size", "2"],
-        "no-model": ["--ft", "--tp-size", "2"],
-        "dp2": ["--ft", "--model-path", tiny_model, "--dp-size", "2"],
         "help": ["--help"],
     }
     procs = {name: subprocess.Popen([sys.executable, "-m", "sglang.launch_server", *argv], stdout=subprocess.PIPE,
@@ -28,29 +30,17 @@ def launched(tiny_model, tmp_path_factory) -> dict[str, subprocess.CompletedProc
     return results
 
 
-@pytest.mark.parametrize("case", ["tp5", "tp8"])
-def test_tp_wider_than_kv_heads(launched, case):
-    proc = launched[case]
+def server_args(model_path, **overrides):
+    """What `check_ft_launch` reads of SGLang's ServerArgs."""
+    return SimpleNamespace(**{"model_path": model_path, "trust_remote_code": False, "tp_size": 2, "pp_size": 1,
+                              "dp_size": 1, "nnodes": 1, **overrides})
+
+
+def test_a_refused_launch_exits_before_starting_with_the_flag_named(launched):
+    proc = launched["tp5"]
     assert proc.returncode != 0
     assert "--tp-size" in proc.stderr and "4 KV heads" in proc.stderr
-
-
-def test_model_path_that_does_not_exist(launched):
-    proc = launched["missing"]
-    assert proc.returncode != 0
-    assert "--model-path" in proc.stderr and "missing" in proc.stderr
-
-
-def test_model_path_not_given(launched):
-    proc = launched["no-model"]
-    assert proc.returncode != 0
-    assert "--model-path" in proc.stderr
-
-
-def test_dp_size_not_supported_yet(launched):
-    proc = launched["dp2"]
-    assert proc.returncode != 0
-    assert "--dp-size" in proc.stderr
+    assert "scheduler" not in proc.stderr.lower()  # nothing was started
 
 
 def test_launch_server_help_lists_the_ft_flags(launched):
@@ -59,13 +49,33 @@ def test_launch_server_help_lists_the_ft_flags(launched):
     assert "sglang-ft" in proc.stdout and "--ft " in proc.stdout
 
 
+def test_a_good_launch_has_no_problem(tiny_model):
+    assert check_ft_launch(server_args(tiny_model)) == []
+
+
+@pytest.mark.parametrize("tp", [5, 8])
+def test_tp_wider_than_kv_heads(tiny_model, tp):
+    problems = check_ft_launch(server_args(tiny_model, tp_size=tp))
+    assert len(problems) == 1 and "--tp-size" in problems[0] and "4 KV heads" in problems[0]
+
+
+def test_model_path_that_does_not_exist(tmp_path):
+    missing = str(tmp_path / "missing")
+    [problem] = check_ft_launch(server_args(missing))
+    assert "--model-path" in problem and "missing" in problem
+
+
+def test_model_path_not_given():
+    assert check_ft_launch(server_args(None)) == ["--model-path is required"]
+
+
+@pytest.mark.parametrize("flag", ["dp_size", "pp_size"])
+def test_dp_and_pp_not_supported_yet(tiny_model, flag):
+    [problem] = check_ft_launch(server_args(tiny_model, **{flag: 2}))
+    assert f"--{flag.replace('_', '-')} 2" in problem
+
+
 def test_more_than_one_node_is_refused_until_multinode_ft_lands(tiny_model):
     """Each node's launcher would start an FT controller of its own (seen on two network-namespace nodes)."""
-    from types import SimpleNamespace
-
-    from sglang_ft.launch_checks import check_ft_launch
-
-    args = dict(model_path=tiny_model, trust_remote_code=False, tp_size=2, pp_size=1, dp_size=1)
-    assert check_ft_launch(SimpleNamespace(**args, nnodes=1)) == []
-    assert check_ft_launch(SimpleNamespace(**args, nnodes=2)) == [
+    assert check_ft_launch(server_args(tiny_model, nnodes=2)) == [
         "--nnodes 2 is not supported with --ft yet (one node: use 1)"]
