@@ -20,8 +20,11 @@ def drive(sockets: str) -> dict:
     """Three workers beat with KV backup counters, worker 1 dies, the survivors regroup, the store goes down."""
     from sglang_ft.managers.ft_controller import FtController
 
-    from ft.messages import Heartbeat, RegroupDone
+    from ft.messages import Heartbeat, RegroupDone, WorkerLoad
     from ft.partition import ModelShape
+
+    def load(kv_heads: int, outstanding: int) -> WorkerLoad:  # 10 tokens of 32 KV bytes per head each
+        return WorkerLoad(2 * kv_heads, kv_heads, 10, 90, 32 * kv_heads, 1, 0, outstanding, 5.0)
 
     controller = FtController(f"ipc://{sockets}/hb", f"ipc://{sockets}/ctl", 3, interval_s=0.05, timeout_s=30,
                               parent_pid=os.getpid(), enable_fault_injection=False,
@@ -29,18 +32,19 @@ def drive(sockets: str) -> dict:
     store = types.SimpleNamespace(alive=True, check=lambda: False, status=lambda: {})
     controller.state.kv_backup = store
     for worker in range(3):
-        beat = Heartbeat(worker, os.getpid(), 0, 0, (10, 0, 1000), kv_backup_queued=5 + worker, serving=True)
+        beat = Heartbeat(worker, os.getpid(), 0, 0, (10, 0, 1000), kv_backup_queued=5 + worker, serving=True,
+                         load=load((2, 1, 1)[worker], 40))
         controller._on_message(beat, time.monotonic())
     controller.step()
     first = _values(controller)
     controller._record(controller.state.detector.declare_dead(1, time.monotonic()), "process exit")
     for worker in (0, 2):
         controller._on_message(RegroupDone(worker, 1, {}, 0, 0, 0, 7, kv_blocks_restored=5), time.monotonic())
-    controller._on_message(Heartbeat(0, os.getpid(), 1, 1, (15, 2, 1500), kv_backup_queued=3, serving=True),
-                           time.monotonic())
+    controller._on_message(Heartbeat(0, os.getpid(), 1, 1, (15, 2, 1500), kv_backup_queued=3, serving=True,
+                                     load=load(3, 7)), time.monotonic())  # (heads 3 + 1: a spread to see)
     restarted = os.getppid()  # another live process: worker 2's counters start again
-    controller._on_message(Heartbeat(2, restarted, 1, 0, (1, 0, 200), kv_backup_queued=4, serving=True),
-                           time.monotonic())
+    controller._on_message(Heartbeat(2, restarted, 1, 0, (1, 0, 200), kv_backup_queued=4, serving=True,
+                                     load=load(1, 7)), time.monotonic())
     store.alive = False
     controller.step()
     workers = controller.state.status(time.monotonic())["workers"]
@@ -107,6 +111,12 @@ def test_controller_state_reaches_the_multiprocess_collector(tmp_path):
     # worker 0 beat twice, worker 2 from a new process (no gap across processes): the worst live gap is worker 0's
     assert run["gaps_ms"]["2"] == 0 and run["gaps_ms"]["0"] > 0
     assert values[("sglang_ft_max_heartbeat_gap_seconds", ())] == pytest.approx(run["gaps_ms"]["0"] / 1e3, abs=1e-4)
+    # each member's load from its latest beat; worker 1, out of the group, reads 0
+    kv_bytes = {w: values[("sglang_ft_worker_kv_bytes_used", (("worker", w),))] for w in "012"}
+    assert kv_bytes == {"0": 10 * 32 * 3, "1": 0, "2": 10 * 32 * 1}
+    assert values[("sglang_ft_kv_bytes_max_min_ratio", ())] == 3.0
+    assert values[("sglang_ft_worker_outstanding_tokens", (("worker", "0"),))] == 7
+    assert values[("sglang_ft_worker_outstanding_tokens", (("worker", "1"),))] == 0
     assert all(f.startswith(("counter_", "gauge_mostrecent_", "histogram_")) for f in os.listdir(metrics_dir))
 
 

@@ -43,11 +43,11 @@ def cause_kind(cause: str) -> str:
     return "failure"
 
 
-def _gauge(name: str, text: str):
+def _gauge(name: str, text: str, labels=()):
     from prometheus_client import Gauge
 
     # one writer (the controller): its latest value is the value
-    return Gauge(f"sglang_ft_{name}", text, multiprocess_mode="mostrecent", registry=None)
+    return Gauge(f"sglang_ft_{name}", text, labels, multiprocess_mode="mostrecent", registry=None)
 
 
 def _counter(name: str, text: str, labels=()):
@@ -62,6 +62,10 @@ def _histogram(name: str, text: str, buckets, labels=()):
     return Histogram(f"sglang_ft_{name}", text, labels, registry=None, buckets=buckets)
 
 
+def _kv_bytes(load) -> int:
+    return load.kv_tokens_used * load.kv_bytes_per_token
+
+
 class FtMetrics:
     """Gauges follow the state; counters and histograms take each new recovery once, and the deltas of the
     workers' KV backup counters (which restart at 0 with a restarted worker's process)."""
@@ -74,6 +78,12 @@ class FtMetrics:
                                                      "yet written out (sum of their latest heartbeats; a lower bound)")
         self.max_beat_gap = _gauge("max_heartbeat_gap_seconds", "Longest heartbeat gap a live group member has "
                                    "recovered from: how close a slow but alive worker came to the timeout")
+        self.worker_kv_bytes = _gauge("worker_kv_bytes_used", "KV bytes a group member holds (0 outside the group)",
+                                      ["worker"])
+        self.worker_outstanding = _gauge("worker_outstanding_tokens", "Prompt tokens to prefill plus output tokens "
+                                         "to decode on a group member (0 outside the group)", ["worker"])
+        self.kv_spread = _gauge("kv_bytes_max_min_ratio", "KV bytes of the fullest group member over the emptiest "
+                                "(unequal heads after a failure make it exceed 1)")
         self.recoveries = _counter("recoveries", "Completed regroups", ["cause_kind"])
         self.recovery_seconds = _histogram("recovery_seconds", "Detection plus recovery time of each completed "
                                            "regroup", RECOVERY_BUCKETS, ["cause_kind"])
@@ -117,9 +127,22 @@ class FtMetrics:
             if dropped > counted_dropped:
                 self.kv_backup_dropped.inc(dropped - counted_dropped)
             self._senders[worker] = (beat.pid, sent_bytes, dropped)
+        self._observe_loads(state)
         self.kv_backup_lag.set(sum(state.kv_senders[w].kv_backup_queued for w in live if w in state.kv_senders))
         if state.kv_backup is not None:
             if self.store_healthy is None:
                 self.store_healthy = _gauge("kv_backup_store_healthy", "1 while the KV backup store runs, 0 while "
                                             "it is down (backup degraded)")
             self.store_healthy.set(1 if state.kv_backup.alive else 0)
+
+    def _observe_loads(self, state) -> None:
+        """Per-worker load from the members' heartbeats; a worker outside the group reads 0 (a multiprocess gauge
+        cannot drop a series)."""
+        members = set(state.membership.members())
+        for worker in state.membership.workers:
+            load = state.loads.get(worker) if worker in members else None
+            self.worker_kv_bytes.labels(str(worker)).set(_kv_bytes(load) if load else 0)
+            self.worker_outstanding.labels(str(worker)).set(load.outstanding_tokens if load else 0)
+        used = [_kv_bytes(state.loads[w]) for w in members if w in state.loads]
+        if used and min(used) > 0:
+            self.kv_spread.set(max(used) / min(used))
