@@ -33,7 +33,7 @@ def launched(tiny_model) -> dict[str, subprocess.CompletedProcess]:
 def server_args(model_path, **overrides):
     """What `check_ft_launch` reads of SGLang's ServerArgs."""
     return SimpleNamespace(**{"model_path": model_path, "trust_remote_code": False, "tp_size": 2, "pp_size": 1,
-                              "dp_size": 1, "nnodes": 1, **overrides})
+                              "dp_size": 1, "nnodes": 1, "dist_init_addr": None, **overrides})
 
 
 def test_a_refused_launch_exits_before_starting_with_the_flag_named(launched):
@@ -75,7 +75,22 @@ def test_dp_and_pp_not_supported_yet(tiny_model, flag):
     assert f"--{flag.replace('_', '-')} 2" in problem
 
 
-def test_more_than_one_node_is_refused_until_multinode_ft_lands(tiny_model):
-    """Each node's launcher would start an FT controller of its own (seen on two network-namespace nodes)."""
-    assert check_ft_launch(server_args(tiny_model, nnodes=2)) == [
-        "--nnodes 2 is not supported with --ft yet (one node: use 1)"]
+def test_more_than_one_node_needs_the_address_of_node_0(tiny_model):
+    """The FT controller runs on node 0; every node's workers reach it there."""
+    assert check_ft_launch(server_args(tiny_model, nnodes=2, dist_init_addr="10.0.0.1:5000")) == []
+    [problem] = check_ft_launch(server_args(tiny_model, nnodes=2))
+    assert "--nnodes 2" in problem and "--dist-init-addr" in problem
+
+
+def test_across_nodes_the_controller_is_reached_over_tcp_at_node_0():
+    from sglang_ft.server_args import CONTROLLER_PORT_OFFSET, FtArgs, across_nodes
+
+    one = FtArgs(enabled=True, runtime_dir="/tmp/x")
+    assert across_nodes(one, SimpleNamespace(nnodes=1)) is one and one.heartbeat_endpoint == "ipc:///tmp/x/heartbeat"
+    two = across_nodes(one, SimpleNamespace(nnodes=2, node_rank=1, dist_init_addr="10.0.0.1:5000"))
+    base = 5000 + CONTROLLER_PORT_OFFSET
+    assert (two.nnodes, two.node_rank, two.rendezvous_host) == (2, 1, "10.0.0.1")
+    assert [two.heartbeat_endpoint, two.control_endpoint, two.order_endpoint, two.kv_backup_endpoint,
+            two.kv_fetch_endpoint] == [f"tcp://10.0.0.1:{base + i}" for i in range(5)]
+    assert FtArgs(nnodes=2, respawn=True).problems() == [
+        "--ft-respawn is not supported with --nnodes > 1 yet (a node restarts its own workers)"]

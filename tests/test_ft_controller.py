@@ -359,3 +359,37 @@ def test_the_controller_process_cleans_up_its_runtime_dir_when_terminated(tmp_pa
         assert not runtime.exists()
     finally:
         proc.kill()
+
+
+def test_a_silent_node_leaves_in_one_regroup_and_its_pids_are_not_signalled(tmp_path):
+    """TP 4 over two nodes, the controller on node 0 (workers 0, 1): node 1's workers stop beating together. The
+    first to time out takes its silent node-mate with it, one regroup; their pids belong to another machine."""
+    import zmq
+
+    controller = FtController(f"ipc://{tmp_path}/hb", f"ipc://{tmp_path}/ctl", 4, interval_s=0.05, timeout_s=0.3,
+                              parent_pid=os.getpid(), enable_fault_injection=True,
+                              order_endpoint=f"ipc://{tmp_path}/orders", shape=_shape(), local_workers=range(2))
+    subscriber = zmq.Context.instance().socket(zmq.SUB)
+    subscriber.setsockopt(zmq.SUBSCRIBE, b"")
+    subscriber.connect(f"ipc://{tmp_path}/orders")
+    time.sleep(0.2)
+    try:
+        for worker in range(4):
+            controller._on_message(Heartbeat(worker, os.getpid(), 0, 0, serving=True), time.monotonic())
+        reply = controller._answer(ControlRequest("inject", rank=3, kind="kill"), time.monotonic())
+        assert reply["code"] == 409 and "another node" in reply["error"]
+        time.sleep(0.1)
+        controller._on_message(Heartbeat(2, os.getpid(), 0, 1, serving=True), time.monotonic())  # 2 beats later
+        deadline = time.monotonic() + 5
+        while controller.state.membership.epoch == 0 and time.monotonic() < deadline:
+            for worker in (0, 1):  # node 0 keeps beating
+                controller._on_message(Heartbeat(worker, os.getpid(), 0, 2, serving=True), time.monotonic())
+            controller.step()
+        (order,) = _orders(subscriber)
+        assert order.workers == (0, 1) and order.cause == "worker 3: heartbeat timeout"
+        assert {d["worker"] for d in controller.state.detections if d["state"] == "dead"} == {2, 3}
+    finally:
+        subscriber.close()
+        for socket in (controller.control, controller.orders):
+            socket.close()
+        controller.receiver.close()

@@ -17,6 +17,7 @@ from sglang_ft.launch_checks import ELASTIC_ARCHITECTURES, check_ft_launch
 from sglang_ft.server_args import (
     FT_DEFAULT_MAX_QUEUED_REQUESTS,
     FtArgs,
+    across_nodes,
     add_ft_cli_args,
     cli_error,
     ft_args,
@@ -38,7 +39,11 @@ def around_from_cli_args(original, cls, args, *rest, **kwargs):
     publish(ft)
     server_args = original(cls, args, *rest, **kwargs)
     if ft.enabled:
-        problems = ft.problems() + check_ft_launch(server_args)
+        problems = check_ft_launch(server_args)
+        if not problems:
+            ft = across_nodes(ft, server_args)
+            publish(ft)
+        problems = ft.problems() + problems
         if problems:
             cli_error("; ".join(problems))
         # Recovery re-enters SGLang's plain loop; overlap scheduling buys nothing without an accelerator stream.
@@ -53,8 +58,11 @@ def before_launch_server(server_args, *args, **kwargs):
     if ft_enabled():
         from sglang.srt.entrypoints import http_server
 
-        from sglang_ft.entrypoints.ft_runtime import start_ft_runtime
+        from sglang_ft.entrypoints.ft_runtime import join_ft_runtime, start_ft_runtime
 
+        if ft_args().node_rank > 0:  # the controller runs on node 0; this node's workers reach it over TCP
+            join_ft_runtime()
+            return
         start_ft_runtime(server_args.tp_size, server_args.model_path, http_server.app,
                          server_args.enable_metrics)
 

@@ -74,7 +74,8 @@ def check_ft_launch(server_args) -> list[str]:
     for flag, value in (("--pp-size", server_args.pp_size), ("--dp-size", server_args.dp_size)):
         if value not in (None, 1):
             problems.append(f"{flag} {value} is not supported with --ft yet (use 1)")
-    if getattr(server_args, "nnodes", 1) not in (None, 1):
-        # each node would start a controller of its own, each ordering regroups of the workers it sees
-        problems.append(f"--nnodes {server_args.nnodes} is not supported with --ft yet (one node: use 1)")
+    nnodes = getattr(server_args, "nnodes", 1) or 1
+    if nnodes > 1 and not getattr(server_args, "dist_init_addr", None):
+        problems.append(f"--nnodes {nnodes} with --ft needs --dist-init-addr (node 0's address: the FT controller "
+                        "runs there)")
     return problems

@@ -17,6 +17,7 @@ FT_ENV = "SGLANG_FT_ARGS"
 # SGLang's --max-queued-requests when --ft is on and it is not given: beyond it new requests get 503 (a few MB of
 # queued prompts at most, where upstream's default queues without bound)
 FT_DEFAULT_MAX_QUEUED_REQUESTS = 4096
+CONTROLLER_PORT_OFFSET = 40  # past SGLang's own ports derived from --dist-init-addr (its port + 1 .. + 7)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,29 +35,45 @@ class FtArgs:
     respawn_delay_s: float = 5.0
     drain_timeout_s: float = 60.0
     runtime_dir: str = ""  # where the FT controller's sockets live; set by the launcher
+    # Across nodes (SGLang's --nnodes): the controller and the backup store run on node 0 and every node's workers
+    # reach them over TCP at this host, on CONTROLLER_PORT_OFFSET + 0..4 past SGLang's --dist-init-addr port.
+    nnodes: int = 1
+    node_rank: int = 0
+    controller_host: str = ""
+    controller_port: int = 0
+
+    def _endpoint(self, name: str, offset: int) -> str:
+        if self.controller_port:
+            return f"tcp://{self.controller_host}:{self.controller_port + offset}"
+        return f"ipc://{self.runtime_dir}/{name}"
 
     @property
     def heartbeat_endpoint(self) -> str:
-        return f"ipc://{self.runtime_dir}/heartbeat"
+        return self._endpoint("heartbeat", 0)
 
     @property
     def control_endpoint(self) -> str:
-        return f"ipc://{self.runtime_dir}/control"
+        return self._endpoint("control", 1)
 
     @property
     def order_endpoint(self) -> str:
         """The controller publishes regroup and fencing orders here (ZMQ PUB)."""
-        return f"ipc://{self.runtime_dir}/orders"
+        return self._endpoint("orders", 2)
 
     @property
     def kv_backup_endpoint(self) -> str:
         """Workers stream their KV to the backup store here (ZMQ PUSH -> PULL)."""
-        return f"ipc://{self.runtime_dir}/kv-backup"
+        return self._endpoint("kv-backup", 3)
 
     @property
     def kv_fetch_endpoint(self) -> str:
         """A regroup fetches lost heads' KV from the backup store here (ZMQ REQ -> REP)."""
-        return f"ipc://{self.runtime_dir}/kv-fetch"
+        return self._endpoint("kv-fetch", 4)
+
+    @property
+    def rendezvous_host(self) -> str:
+        """Where a regroup's TCPStore listens (hosted by the new rank 0, reached by every member)."""
+        return self.controller_host or "127.0.0.1"
 
     def problems(self) -> list[str]:
         """Inconsistent FT flags, as messages naming the flag."""
@@ -71,6 +88,8 @@ class FtArgs:
             found.append(f"--ft-respawn-delay-s must not be negative, got {self.respawn_delay_s}")
         if self.drain_timeout_s < 0:
             found.append(f"--ft-drain-timeout-s must not be negative, got {self.drain_timeout_s}")
+        if self.nnodes > 1 and self.respawn:
+            found.append("--ft-respawn is not supported with --nnodes > 1 yet (a node restarts its own workers)")
         if self.heartbeat_timeout_ms <= self.heartbeat_interval_ms:
             found.append(
                 f"--ft-heartbeat-timeout-ms ({self.heartbeat_timeout_ms}) must exceed "
@@ -171,6 +190,15 @@ def add_ft_cli_args(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="Enable POST /ft/inject_fault (kill or hang a TP worker); protected by --api-key when one is set.",
     )
+
+
+def across_nodes(ft: FtArgs, server_args) -> FtArgs:
+    """`ft` for SGLang's multi-node launch: the controller's TCP address, from `--dist-init-addr` (node 0)."""
+    if (server_args.nnodes or 1) <= 1:
+        return ft
+    host, port = server_args.dist_init_addr.rsplit(":", 1)
+    return dataclasses.replace(ft, nnodes=server_args.nnodes, node_rank=server_args.node_rank or 0,
+                               controller_host=host.strip("[]"), controller_port=int(port) + CONTROLLER_PORT_OFFSET)
 
 
 def publish(ft: FtArgs) -> None:

@@ -45,17 +45,17 @@ def interrupt_blocked_collectives() -> int:
     return count
 
 
-def _listening(port: int) -> bool:
+def _listening(host: str, port: int) -> bool:
     import socket
 
     try:
-        socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+        socket.create_connection((host, port), timeout=0.2).close()
         return True
     except OSError:
         return False
 
 
-def join_store(rank: int, size: int, port: int, timeout_s: float, superseded):
+def join_store(rank: int, size: int, port: int, timeout_s: float, superseded, host: str = "127.0.0.1"):
     """The new group's TCPStore, once every member has connected to it.
 
     Members reach a regroup at different times (some finish a collective timeout first), and the one hosting the
@@ -66,7 +66,7 @@ def join_store(rank: int, size: int, port: int, timeout_s: float, superseded):
 
     deadline = time.monotonic() + JOIN_TIMEOUT_FACTOR * timeout_s + 10
     while True:
-        if rank != 0 and not _listening(port):  # probe first: a refused TCPStore connect logs a C++ stack trace
+        if rank != 0 and not _listening(host, port):  # probe first: a refused TCPStore connect logs a C++ stack trace
             if superseded():
                 raise Superseded("a newer regroup was ordered while waiting for this one's store")
             if time.monotonic() > deadline:
@@ -74,7 +74,7 @@ def join_store(rank: int, size: int, port: int, timeout_s: float, superseded):
             time.sleep(0.02)
             continue
         try:
-            store = dist.TCPStore("127.0.0.1", port, size, is_master=rank == 0, wait_for_workers=False,
+            store = dist.TCPStore(host, port, size, is_master=rank == 0, wait_for_workers=False,
                                   timeout=timedelta(seconds=JOIN_POLL_S))
             break
         except (RuntimeError, dist.DistError):  # the host of the store is not listening (yet, or any more)
@@ -94,7 +94,9 @@ def join_store(rank: int, size: int, port: int, timeout_s: float, superseded):
 
 
 def rebuild_process_groups(new_rank: int, new_size: int, store_port: int, timeout_s: float,
-                           superseded=lambda: False) -> None:
+                           superseded=lambda: False, host: str = "127.0.0.1") -> None:
+    """Drop this process's groups and build SGLang's for the new world; the new rank 0 hosts the store, which the
+    others reach at `host` (the new rank 0's address: 127.0.0.1 on one node)."""
     import torch.distributed as dist
     from sglang.srt.distributed import parallel_state as ps
     from sglang.srt.distributed.bootstrap import _init_parallel_groups
@@ -121,11 +123,11 @@ def rebuild_process_groups(new_rank: int, new_size: int, store_port: int, timeou
     backend = "gloo" if get_device().device == "cpu" else "nccl"
     # Our own store: survivors still stuck in an old collective join late, so joining may take up to a few
     # collective timeouts; collectives in the new group time out after `timeout_s`.
-    store = join_store(new_rank, new_size, store_port, timeout_s, superseded)
+    store = join_store(new_rank, new_size, store_port, timeout_s, superseded, host)
     dist.init_process_group(backend, store=store, world_size=new_size, rank=new_rank,
                             timeout=timedelta(seconds=timeout_s))
     ps._MODEL_PARALLEL_GROUP_TIMEOUT = timedelta(seconds=timeout_s)
-    _init_parallel_groups(backend=backend, dist_init_method=f"tcp://127.0.0.1:{store_port}",
+    _init_parallel_groups(backend=backend, dist_init_method=f"tcp://{host}:{store_port}",
                           server_args=get_server_args(), gpu_id=get_device().gpu_id)
     set_collective_timeout(timeout_s)
 

@@ -45,6 +45,14 @@ class WorkerRequest(BaseModel):
     worker: int = Field(ge=0, description="the worker (its launch TP rank)")
 
 
+def join_ft_runtime() -> None:
+    """On a node other than 0: no controller, store, journal or routes here; a runtime directory of its own (for
+    what its processes keep locally) and the controller's TCP endpoints, already in the published options."""
+    ft = dataclasses.replace(ft_args(), runtime_dir=tempfile.mkdtemp(prefix="sglang-ft-"))
+    publish(ft)
+    logger.info("sglang-ft: node %d of %d; FT controller at %s", ft.node_rank, ft.nnodes, ft.heartbeat_endpoint)
+
+
 def start_ft_runtime(tp_size: int, model_path: str, app: FastAPI, enable_metrics: bool = False) -> subprocess.Popen:
     """Make the runtime directory, start the FT controller, publish its endpoints, add the routes."""
     ft = dataclasses.replace(ft_args(), runtime_dir=tempfile.mkdtemp(prefix="sglang-ft-"))

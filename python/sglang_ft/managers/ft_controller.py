@@ -130,7 +130,7 @@ class FtController:
     def __init__(self, heartbeat_endpoint: str, control_endpoint: str, tp_size: int, interval_s: float,
                  timeout_s: float, parent_pid: int, enable_fault_injection: bool,
                  order_endpoint: str | None = None, shape: ModelShape | None = None,
-                 respawn: RespawnPolicy = RespawnPolicy()):
+                 respawn: RespawnPolicy = RespawnPolicy(), local_workers: range | None = None):
         membership = Membership.initial(tp_size)
         self.state = ControllerState(membership, FailureDetector(membership, interval_s, timeout_s))
         self.receiver = MessageReceiver(heartbeat_endpoint)
@@ -155,20 +155,37 @@ class FtController:
         self.kv_slots = 0  # every member's KV pool size, from heartbeats; a restarted worker needs the same
         self.metrics = ft_metrics()  # None unless SGLang's metrics are on
         self.exits = ProcessWatch()  # wakes the loop the moment a worker's process exits
+        # the workers on this node (all, on one node): only their pids mean anything here; the others' deaths are
+        # seen by heartbeat timeout and by the survivors' reports
+        self.local_workers = range(tp_size) if local_workers is None else local_workers
 
     def run(self) -> None:
         logger.info("sglang-ft controller: watching %d workers", len(self.state.membership.members()))
         while not self.exits.gone(self.parent_pid):  # a zombie launcher (killed, not yet reaped) is gone too
             self.step()
 
+    def _silent_node_mates(self, changes: list[Transition], now: float) -> list[Transition]:
+        """A worker on another node timed out: its node-mates that also missed beats went with it (a whole node
+        lost, or cut off). Declared dead now, they leave in the same regroup instead of one regroup each."""
+        per_node = len(self.local_workers)
+        lost_nodes = {c.worker // per_node for c in changes
+                      if c.state is WorkerState.DEAD and c.worker not in self.local_workers}
+        mates = [w for w in self.state.membership.live_members()
+                 if w // per_node in lost_nodes and self.state.membership.workers[w].state is WorkerState.SUSPECT]
+        return [change for w in mates if (change := self.state.detector.declare_dead(w, now))]
+
+    def _live_local(self) -> list[int]:
+        return [w for w in self.state.membership.live_members() if w in self.local_workers]
+
     def step(self) -> None:
-        watched = [self.state.membership.workers[w].pid for w in self.state.membership.live_members()]
+        watched = [self.state.membership.workers[w].pid for w in self._live_local()]
         for message in self.receiver.poll(self.interval_s / 2, self.exits.fds(watched)):
             self._on_message(message, time.monotonic())
         now = time.monotonic()
-        for change in self.state.detector.sweep(now):
+        changes = self.state.detector.sweep(now)
+        for change in changes + self._silent_node_mates(changes, now):
             self._record(change, "heartbeat timeout" if change.state is WorkerState.DEAD else "missed heartbeats")
-        for worker in self.state.membership.live_members():
+        for worker in self._live_local():
             pid = self.state.membership.workers[worker].pid
             if self.exits.gone(pid):
                 change = self.state.detector.declare_dead(worker, now)
@@ -423,6 +440,9 @@ class FtController:
         if request.kind not in FAULT_SIGNALS:
             return {"error": f"kind must be one of {sorted(FAULT_SIGNALS)}, got {request.kind!r}", "code": 400}
         worker = group[request.rank]
+        if worker not in self.local_workers:
+            return {"error": f"rank {request.rank} (worker {worker}) runs on another node: fault injection signals "
+                             "processes of the controller's node only", "code": 409}
         pid = self.state.membership.workers[worker].pid
         if pid is None:
             return {"error": f"rank {request.rank} has not registered a pid yet", "code": 409}
@@ -453,7 +473,8 @@ def run_ft_controller(ft_env: str, tp_size: int, parent_pid: int, model_path: st
     controller = FtController(ft.heartbeat_endpoint, ft.control_endpoint, tp_size, ft.heartbeat_interval_ms / 1e3,
                               ft.heartbeat_timeout_ms / 1e3, parent_pid, ft.enable_fault_injection,
                               ft.order_endpoint, model_shape_from_dir(model_path),
-                              RespawnPolicy(automatic=ft.respawn, delay_s=ft.respawn_delay_s))
+                              RespawnPolicy(automatic=ft.respawn, delay_s=ft.respawn_delay_s),
+                              range(tp_size // ft.nnodes))
     if ft.kv_backup:
         from sglang_ft.managers.kv_store_keeper import KvStoreKeeper
 

@@ -148,7 +148,8 @@ def regroup_in_place(ft_worker, order: Regroup) -> RegroupDone:
     old_model = runner.model
     new_rank = order.workers.index(me)
     newer = lambda: (latest := ft_worker.orders.latest) is not None and latest.epoch > order.epoch  # noqa: E731
-    rebuild_process_groups(new_rank, len(order.workers), order.store_port, ft_worker.ft.collective_timeout_s, newer)
+    rebuild_process_groups(new_rank, len(order.workers), order.store_port, ft_worker.ft.collective_timeout_s, newer,
+                           ft_worker.ft.rendezvous_host)  # rank 0 stays on node 0, the controller's
     refresh_group_handles(scheduler)
     if new_rank == 0 and (not ft_worker.group or ft_worker.group[0] != me):
         take_over_tokenizer_channels(scheduler, ft_worker.port_args)
