@@ -44,9 +44,11 @@ def healthy(url: str, procs) -> bool:
         return False
 
 
-def test_a_whole_node_killed_mid_decode_loses_nothing_and_its_kv_comes_from_the_other_node(tiny_model, tmp_path):
+def test_a_whole_node_killed_mid_decode_loses_nothing_and_its_kv_comes_from_the_other_node(servers, tiny_model,
+                                                                                         tmp_path):
     from sglang_ft.tools.hf_reference import greedy_token_ids
 
+    servers.close()  # two nodes' processes start here: free the pooled server's cores and memory first
     expected = greedy_token_ids(tiny_model, PROMPTS, NEW_TOKENS)
     with NetnsNodes(2) as nodes:
         procs = launch(nodes, tiny_model, tmp_path)
