@@ -19,6 +19,8 @@ import logging
 import time
 from collections import OrderedDict
 
+from sglang_ft.managers.request_ledger import held_requests
+
 logger = logging.getLogger(__name__)
 KEEP_FINISHED = 1024  # requests that finished recently, per rank
 RECENT_FINISH_S = 10.0  # a finish this recent may have been in a step a dying rank 0 did not send
@@ -54,15 +56,6 @@ class FinishedRequests:
 
     def any_since(self, seconds: float) -> bool:
         return bool(self.by_rid) and next(reversed(self.by_rid.values()))[1] > time.monotonic() - seconds
-
-
-def held_requests(scheduler) -> dict[str, object]:
-    """The requests a scheduler holds (waiting, running, being prefilled in chunks), by rid."""
-    held = {r.rid: r for r in scheduler.waiting_queue}
-    held.update({r.rid: r for r in scheduler.running_batch.reqs})
-    if scheduler.chunked_req is not None:
-        held[scheduler.chunked_req.rid] = scheduler.chunked_req
-    return held
 
 
 def may_hold_undelivered_output(scheduler, finished: FinishedRequests) -> bool:

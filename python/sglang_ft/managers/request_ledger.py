@@ -55,12 +55,17 @@ class RequestLedger:
         self.seen.extend(r.rid for r in reqs)
 
 
-def held_rids(scheduler) -> set[str]:
-    """The rids of the requests a scheduler holds: waiting, running, or the one being prefilled in chunks."""
-    held = {r.rid for r in scheduler.waiting_queue} | {r.rid for r in scheduler.running_batch.reqs}
+def held_requests(scheduler) -> dict[str, object]:
+    """The requests a scheduler holds, by rid: waiting, running, or the one being prefilled in chunks."""
+    held = {r.rid: r for r in scheduler.waiting_queue}
+    held.update({r.rid: r for r in scheduler.running_batch.reqs})
     if scheduler.chunked_req is not None:
-        held.add(scheduler.chunked_req.rid)
+        held[scheduler.chunked_req.rid] = scheduler.chunked_req
     return held
+
+
+def held_rids(scheduler) -> set[str]:
+    return set(held_requests(scheduler))
 
 
 def reconcile(scheduler, ledger: RequestLedger, cpu_group, is_source: bool) -> tuple[int, int]:
