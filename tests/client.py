@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import re
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import requests
@@ -22,6 +24,40 @@ def generate_concurrently(url: str, prompts: list[str], max_new_tokens: int, api
     """All prompts in flight at once, so the server batches them together."""
     with ThreadPoolExecutor(max_workers=len(prompts)) as pool:
         return list(pool.map(lambda p: generate(url, p, max_new_tokens, api_key), prompts))
+
+
+def run_with_fault(url: str, fault, prompts: list[str], max_new_tokens: int, after_tokens: int = 8,
+                   api_key: str | None = None) -> list[dict]:
+    """Send every prompt at once and call `fault()` once the first (streamed) one has decoded `after_tokens`
+    tokens, so the fault lands mid-decode however fast the machine is; return every final response."""
+    results: list = [None] * len(prompts)
+    decoding = threading.Event()
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+    def streamed():
+        body = {"text": prompts[0], "sampling_params": {**GREEDY, "max_new_tokens": max_new_tokens}, "stream": True}
+        with requests.post(f"{url}/generate", json=body, headers=headers, stream=True, timeout=600) as response:
+            for line in response.iter_lines():
+                if line.startswith(b"data:") and line != b"data: [DONE]":
+                    results[0] = json.loads(line[5:])
+                    if len(results[0].get("output_ids", [])) >= after_tokens:
+                        decoding.set()
+        decoding.set()
+
+    def one(i):
+        results[i] = generate(url, prompts[i], max_new_tokens, api_key)
+
+    threads = [threading.Thread(target=streamed)] + [threading.Thread(target=one, args=(i,))
+                                                     for i in range(1, len(prompts))]
+    for thread in threads:
+        thread.start()
+    assert decoding.wait(timeout=300), "the requests never started decoding"
+    fault()
+    for thread in threads:
+        thread.join(timeout=600)
+    assert all(r is not None for r in results), "a request never completed"
+    assert "error" not in results[0] and len(results[0]["output_ids"]) == max_new_tokens
+    return results
 
 
 READ_LINE = re.compile(r"(?:TP(\d+)\] )?sglang-ft: read (\d+) of (\d+) checkpoint bytes")  # no TP tag at TP 1

@@ -43,9 +43,16 @@ def tiny_model(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
-def tiny_model_12h(tmp_path_factory) -> str:
-    """12 attention heads, 4 KV heads."""
-    return _make(tmp_path_factory, "tiny-12h", "--hidden-size", "96", "--num-attention-heads", "12", "--seed", "1")
+def tiny_qwen2_12h(tmp_path_factory) -> str:
+    """A Qwen2 config (q/k/v biases) with 12 attention heads, 4 KV heads."""
+    return _make(tmp_path_factory, "tiny-qwen2-12h", "--architecture", "qwen2", "--hidden-size", "96",
+                 "--num-attention-heads", "12", "--seed", "2")
+
+
+@pytest.fixture(scope="session")
+def tiny_mistral(tmp_path_factory) -> str:
+    """A Mistral config: 8 attention heads, 4 KV heads."""
+    return _make(tmp_path_factory, "tiny-mistral", "--architecture", "mistral", "--seed", "2")
 
 
 @pytest.fixture(scope="session")

@@ -3,19 +3,20 @@
 Servers take a minute or more to start on CPU, so the first three tests share one and each takes it one failure
 further (TP 4 -> 3 -> 2 -> 1, then a rejoin by hand); they run in file order and each checks the state it starts
 from. That server serves the tiny Mixtral-style mixture of experts (its experts' columns regroup like a dense
-MLP's); the rank-0 test and the no-backup test have servers of their own, on the dense tiny Llama.
+MLP's); the rank-0 test has a server of its own, on the dense tiny Llama (test_ft_endpoints fails over without a KV
+backup).
 """
 
 import json
 import os
 import re
 import signal
-import threading
 import time
 
 import psutil
 import pytest
 import requests
+import client
 from client import GREEDY, generate, wait_for
 from conftest import PROMPTS
 from sglang_ft.tools.load import server_load
@@ -75,37 +76,9 @@ def inject(server, rank: int, kind: str) -> dict:
     return response.json()
 
 
-
 def run_with_fault(server, fault, prompts=FAILOVER_PROMPTS, after_tokens: int = 8) -> list[dict]:
-    """Send every prompt at once and inject `fault()` once the first (streamed) one has decoded `after_tokens`
-    tokens, so the fault lands mid-decode however fast the machine is; return every final response."""
-    results: list = [None] * len(prompts)
-    decoding = threading.Event()
-
-    def streamed():
-        body = {"text": prompts[0], "sampling_params": {**GREEDY, "max_new_tokens": NEW_TOKENS}, "stream": True}
-        with requests.post(f"{server.url}/generate", json=body, stream=True, timeout=600) as response:
-            for line in response.iter_lines():
-                if line.startswith(b"data:") and line != b"data: [DONE]":
-                    results[0] = json.loads(line[5:])
-                    if len(results[0].get("output_ids", [])) >= after_tokens:
-                        decoding.set()
-        decoding.set()
-
-    def one(i):
-        results[i] = generate(server.url, prompts[i], NEW_TOKENS)
-
-    threads = [threading.Thread(target=streamed)] + [threading.Thread(target=one, args=(i,))
-                                                     for i in range(1, len(prompts))]
-    for thread in threads:
-        thread.start()
-    assert decoding.wait(timeout=300), "the requests never started decoding"
-    fault()
-    for thread in threads:
-        thread.join(timeout=600)
-    assert all(r is not None for r in results), "a request never completed"
-    assert "error" not in results[0] and len(results[0]["output_ids"]) == NEW_TOKENS
-    return results
+    """The prompts at once, `fault()` mid-decode (see client.run_with_fault); every final response."""
+    return client.run_with_fault(server.url, fault, prompts, NEW_TOKENS, after_tokens)
 
 
 def _reference(model_path: str):
@@ -295,20 +268,3 @@ def test_rank0_death_then_a_hung_worker_is_fenced_then_a_drain(fresh_ft_server, 
     wait_for(lambda: not psutil.pid_exists(drained) or psutil.Process(drained).status() == psutil.STATUS_ZOMBIE,
              timeout_s=30, what="the drained worker to exit")
     assert drain(1).status_code == 409  # the last worker of the group stays
-
-
-def test_without_kv_backup_the_lost_heads_kv_is_recomputed_and_counted(servers, tiny_model, reference):
-    from sglang_ft.tools.server_process import ServerProcess
-
-    stop_others(servers)
-    server = ServerProcess(tiny_model, tp_size=2, ft=True, extra_args=[
-        "--ft-enable-fault-injection", "--ft-kv-backup", "off", "--ft-collective-timeout-s", "4"]).start()
-    try:
-        assert status(server)["kv_backup"] == {"state": "off"}
-        results = run_with_fault(server, lambda: inject(server, 1, "kill"))
-        assert [r["output_ids"] for r in results] == reference(FAILOVER_PROMPTS)
-        (recovery,) = wait_for(lambda: status(server)["recoveries"], what="the recovery")
-        assert recovery["kv_tokens_recomputed"] > 0 and recovery["kv_blocks_restored"] == 0
-        assert "tokens to recompute" in server.log_text()
-    finally:
-        server.stop()
