@@ -69,6 +69,8 @@ class KvFetch(msgspec.Struct, tag=True, frozen=True):
 
     epoch: int
     heads: Span
+    # (worker, process id) of `epoch`'s group: what these processes sent before the regroup still counts
+    members: tuple[tuple[int, int], ...] = ()
 
 
 class KvFetched(msgspec.Struct, tag=True, frozen=True):
@@ -166,16 +168,19 @@ class StoreUnavailable(RuntimeError):
     """The backup store did not answer in time."""
 
 
-def fetch_kv(endpoint: str, epoch: int, heads: Span, slots: np.ndarray, timeout_s: float = 10.0):
+def fetch_kv(endpoint: str, epoch: int, heads: Span, slots: np.ndarray, timeout_s: float = 10.0,
+             members: tuple[tuple[int, int], ...] = ()):
     """The store's rows of `heads` at `slots`: (k [layers, n, heads, dim], v, found bool [n]) in the raw dtype.
 
-    Asking also tells the store the group moved to `epoch`: writes of older epochs are refused from then on.
+    Asking also tells the store the group moved to `epoch` with `members`: writes of older epochs are refused from
+    then on, except those of the processes that stay in the group (sent before the regroup, they can arrive after
+    this fetch).
     """
     socket = zmq.Context.instance().socket(zmq.REQ)
     socket.setsockopt(zmq.LINGER, 0)
     try:
         socket.connect(endpoint)
-        socket.send_multipart([encode(KvFetch(epoch, heads)), _int64(slots)])
+        socket.send_multipart([encode(KvFetch(epoch, heads, tuple(members))), _int64(slots)])
         if not socket.poll(int(timeout_s * 1e3)):
             raise StoreUnavailable(f"the KV backup store did not answer within {timeout_s:.0f}s")
         header, k, v, found = socket.recv_multipart()

@@ -6,7 +6,11 @@ a restore sees all KV the group committed before the failure.
 
 What it trusts: a row is valid from its write until a drop of its slot (the slot was freed), a gap in the writing
 worker's sequence numbers (a message was dropped on a full queue: that worker's heads are invalidated whole), or
-a write of an older epoch than the newest fetch (a fenced worker's late message, refused).
+a write of an older epoch than the newest fetch from a process that left the group (a fenced worker's late
+message, refused). A process that stays in the group keeps its older writes: the regroup's fetch can overtake what
+it sent just before (its drops while parking requests), and refusing those would invalidate all its heads. (Such a
+write could only do harm if it arrived after its slot was freed, reused and written again by another member,
+i.e. delayed in the sender's ZMQ I/O thread across a whole regroup and a new request's prefill.)
 
 Run: `python -m ft.kv_store --push ipc://... --fetch ipc://... --parent-pid N` (the FT controller does).
 """
@@ -47,6 +51,7 @@ class KvStore:
         self.geometry: Geometry | None = None
         self.k = self.v = self.valid = None
         self.epoch = 0
+        self.staying: set[tuple[int, int]] = set()  # (worker, sending process) of the group at `epoch`
         self.next_seq: dict[tuple[int, int], int] = {}  # (worker, sending process) -> next sequence number
         self.started = time.monotonic()
         self.counters = dict(writes=0, drops=0, fetches=0, rows_fetched=0, rows_missing=0, stale_refused=0,
@@ -67,7 +72,7 @@ class KvStore:
             self.counters["malformed"] += 1
 
     def _accept(self, epoch: int, worker: int, seq: int, heads, sender: int = 0) -> bool:
-        if epoch < self.epoch:
+        if epoch < self.epoch and (worker, sender) not in self.staying:
             self.counters["stale_refused"] += 1
             return False
         expected = self.next_seq.get((worker, sender))  # a restarted worker (a new sender) starts again at 0
@@ -128,7 +133,9 @@ class KvStore:
                     g.num_kv_heads, g.slots, 2 * self.k.nbytes / 2**20)
 
     def fetch(self, request: KvFetch, slots_raw: bytes) -> list[bytes]:
-        """Reply frames for a fetch; it also moves the store to the request's epoch."""
+        """Reply frames for a fetch; it also moves the store to the request's epoch and its members."""
+        if request.epoch > self.epoch:
+            self.staying = {(worker, sender) for worker, sender in request.members}
         self.epoch = max(self.epoch, request.epoch)
         self.counters["fetches"] += 1
         slots = self._slots(slots_raw)

@@ -55,7 +55,8 @@ class Regroup(msgspec.Struct, tag=True, frozen=True):
 
     `layout_json` is the controller's plan; the members plan again from what each of them actually holds (a
     regroup interrupted by another failure can leave them in different states) and report the layout they formed.
-    `joining` are restarted workers that have no scheduler state yet.
+    `joining` are restarted workers that have no scheduler state yet; `pids[r]` is the process of `workers[r]` (0
+    where not known), so the backup store can tell a member's late writes from a fenced process's.
     """
 
     epoch: int
@@ -64,6 +65,7 @@ class Regroup(msgspec.Struct, tag=True, frozen=True):
     store_port: int
     cause: str
     joining: tuple[int, ...] = ()
+    pids: tuple[int, ...] = ()
 
 
 class Respawn(msgspec.Struct, tag=True, frozen=True):

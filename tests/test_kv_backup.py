@@ -24,20 +24,20 @@ def write(store, worker, seq, layer, heads, slots, k, v, epoch=0, sender=0):
     store.apply([encode(header), np.asarray(slots, dtype=np.int64).tobytes(), k.tobytes(), v.tobytes()])
 
 
-def fetch(store, heads, slots, epoch=0):
-    header, k, v, found = store.fetch(KvFetch(epoch, heads), np.asarray(slots, dtype=np.int64).tobytes())
+def fetch(store, heads, slots, epoch=0, members=()):
+    header, k, v, found = store.fetch(KvFetch(epoch, heads, members), np.asarray(slots, dtype=np.int64).tobytes())
     n, h = len(slots), heads[1] - heads[0]
     shape = (G.num_layers, n, h, G.head_dim)
     k, v = (np.frombuffer(bytes(rows_), dtype=np.uint32).reshape(shape) for rows_ in (k, v))
     return k, v, np.frombuffer(found, dtype=bool)
 
 
-def fill(store, worker, heads, slots, seed, seq0=0, epoch=0):
+def fill(store, worker, heads, slots, seed, seq0=0, epoch=0, sender=0):
     data = []
     for layer in range(G.num_layers):
         width = heads[1] - heads[0]
         k, v = rows(len(slots), width, seed + layer), rows(len(slots), width, seed + 100 + layer)
-        write(store, worker, seq0 + layer, layer, heads, slots, k, v, epoch)
+        write(store, worker, seq0 + layer, layer, heads, slots, k, v, epoch, sender)
         data.append((k, v))
     return data
 
@@ -96,6 +96,27 @@ def test_writes_older_than_the_newest_fetch_are_refused():
     fill(store, 0, (0, 1), [3], seed=9, seq0=2, epoch=1)  # a fenced worker's late writes
     k, _, found = fetch(store, (0, 1), [3], epoch=2)
     assert store.counters["stale_refused"] == 2 and found.all() and np.array_equal(k[0, 0], old[0][0][0])
+
+
+def test_a_staying_members_writes_sent_before_the_regroup_still_count_after_its_fetch():
+    """The regroup's fetch (epoch 1, members 0 and 2) can overtake what survivor 0 sent just before it. Those late
+    writes are accepted, so 0's next message is no gap and its heads stay backed up; the same worker id from
+    another process (a fenced one, later re-admitted as a new process) and a worker that left are refused."""
+    store = KvStore()
+    fill(store, 0, (0, 1), [3], seed=1, sender=100)
+    kept = fill(store, 1, (1, 2), [3], seed=2, sender=101)
+    fetch(store, (1, 2), [3], epoch=1, members=((0, 100), (2, 300)))
+    late = fill(store, 0, (0, 1), [4], seed=3, seq0=2, epoch=0, sender=100)  # sent before the regroup
+    fill(store, 0, (0, 2), [5], seed=4, seq0=4, epoch=1, sender=100)
+    assert store.counters["stale_refused"] == 0 and store.counters["sequence_gaps"] == 0
+    k, _, found = fetch(store, (0, 1), [3, 4], epoch=1)
+    assert found.all() and np.array_equal(k[0, 1], late[0][0][0])
+    fill(store, 1, (1, 2), [3], seed=5, seq0=2, epoch=0, sender=101)  # worker 1 left the group
+    fetch(store, (0, 1), [3], epoch=2, members=((0, 100), (1, 102)))  # 1 re-admitted as process 102
+    fill(store, 1, (1, 2), [3], seed=6, seq0=4, epoch=1, sender=101)  # the old process 101, late again
+    assert store.counters["stale_refused"] == 4
+    k, _, found = fetch(store, (1, 2), [3], epoch=2)
+    assert found.all() and np.array_equal(k[0, 0], kept[0][0][0])  # what 1 wrote before it left
 
 
 @pytest.mark.parametrize("frames", [

@@ -188,7 +188,8 @@ def regroup_in_place(ft_worker, order: Regroup) -> RegroupDone:
     kv = None
     if kv_was_intact:
         kv = restore_kv(pool, scheduler.token_to_kv_pool_allocator, old_heads, new_heads, plan, me, order.epoch,
-                        ft_worker.ft.kv_fetch_endpoint if ft_worker.kv_stream is not None else None)
+                        ft_worker.ft.kv_fetch_endpoint if ft_worker.kv_stream is not None else None,
+                        tuple(zip(order.workers, order.pids)))
     else:  # an earlier attempt stopped half way through the KV: its contents cannot be trusted
         reshape_kv_heads(pool, new_heads[1] - new_heads[0])
     if ft_worker.kv_stream is not None:

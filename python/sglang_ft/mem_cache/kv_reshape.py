@@ -54,9 +54,9 @@ def _put_rows(pool, slots: torch.Tensor, heads: slice, k_layers, v_layers) -> No
 
 @torch.no_grad()
 def restore_kv(pool, allocator, old_heads, new_heads, plan: MigrationPlan, me: int, epoch: int,
-               fetch_endpoint: str | None) -> KvRestoreStats:
+               fetch_endpoint: str | None, members: tuple[tuple[int, int], ...] = ()) -> KvRestoreStats:
     """Reshape `pool` from global KV heads `old_heads` (None: a restarted worker, holding none) to `new_heads`
-    and fill the live slots of every head."""
+    and fill the live slots of every head. `members` ((worker, pid) of the new group) go to the backup store."""
     old_k, old_v = reshape_kv_heads(pool, new_heads[1] - new_heads[0])
     lo, hi = (max(old_heads[0], new_heads[0]), min(old_heads[1], new_heads[1])) if old_heads else (0, 0)
     stats = KvRestoreStats(heads_kept=max(0, hi - lo))
@@ -88,7 +88,7 @@ def restore_kv(pool, allocator, old_heads, new_heads, plan: MigrationPlan, me: i
     # Peer transfers are in flight; fetch the lost heads from the backup store meanwhile.
     for move in plan.moves:
         if move.dim == "kv_heads" and move.src is None and move.dst == me:
-            _restore_from_store(pool, new_heads, move, slots, device_slots, epoch, fetch_endpoint, stats)
+            _restore_from_store(pool, new_heads, move, slots, device_slots, epoch, fetch_endpoint, stats, members)
     for request in requests:
         request.wait()
     for buffer, move in landing:
@@ -97,13 +97,13 @@ def restore_kv(pool, allocator, old_heads, new_heads, plan: MigrationPlan, me: i
     return stats
 
 
-def _restore_from_store(pool, new_heads, move, slots, device_slots, epoch, endpoint, stats) -> None:
+def _restore_from_store(pool, new_heads, move, slots, device_slots, epoch, endpoint, stats, members) -> None:
     heads = move.end - move.start
     if endpoint is None:
         stats.rows_missing += heads * len(slots)
         return
     try:
-        k, v, found = fetch_kv(endpoint, epoch, (move.start, move.end), slots.numpy())
+        k, v, found = fetch_kv(endpoint, epoch, (move.start, move.end), slots.numpy(), members=members)
     except StoreUnavailable:
         stats.rows_missing += heads * len(slots)
         return
