@@ -80,6 +80,8 @@ def test_more_than_one_node_needs_the_address_of_node_0(tiny_model):
     assert check_ft_launch(server_args(tiny_model, nnodes=2, dist_init_addr="10.0.0.1:5000")) == []
     [problem] = check_ft_launch(server_args(tiny_model, nnodes=2))
     assert "--nnodes 2" in problem and "--dist-init-addr" in problem
+    [problem] = check_ft_launch(server_args(tiny_model, nnodes=2, dist_init_addr="[fd00::1]:5000"))
+    assert "--dist-init-addr [fd00::1]:5000 is IPv6" in problem
 
 
 def test_across_nodes_the_controller_is_reached_over_tcp_at_node_0():

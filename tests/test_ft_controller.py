@@ -393,3 +393,32 @@ def test_a_silent_node_leaves_in_one_regroup_and_its_pids_are_not_signalled(tmp_
         for socket in (controller.control, controller.orders):
             socket.close()
         controller.receiver.close()
+
+
+def test_a_group_left_without_a_node_0_worker_is_not_formed(tmp_path, caplog):
+    """Rank 0 must stay on node 0 (the tokenizer's IPC and the rendezvous are there): when node 0's workers die and
+    node 1's live, no group of node-1 workers is ordered."""
+    import zmq
+
+    controller = FtController(f"ipc://{tmp_path}/hb", f"ipc://{tmp_path}/ctl", 4, interval_s=0.05, timeout_s=0.3,
+                              parent_pid=os.getpid(), enable_fault_injection=False,
+                              order_endpoint=f"ipc://{tmp_path}/orders", shape=_shape(), local_workers=range(2))
+    subscriber = zmq.Context.instance().socket(zmq.SUB)
+    subscriber.setsockopt(zmq.SUBSCRIBE, b"")
+    subscriber.connect(f"ipc://{tmp_path}/orders")
+    time.sleep(0.2)
+    try:
+        for worker in range(4):
+            controller._on_message(Heartbeat(worker, os.getpid(), 0, 0, serving=True), time.monotonic())
+        for worker in (0, 1):
+            assert controller.state.detector.declare_dead(worker, time.monotonic())
+        with caplog.at_level("ERROR"):
+            controller._start_recovery("workers 0, 1: process exit", 0.0)
+        assert controller.pending is None and controller.state.membership.epoch == 0
+        assert _orders(subscriber) == []
+        assert "no worker left alive on node 0" in caplog.text
+    finally:
+        subscriber.close()
+        for socket in (controller.control, controller.orders):
+            socket.close()
+        controller.receiver.close()

@@ -1,7 +1,8 @@
 """`--ft` across nodes: TP 4 over two "nodes" (network namespaces, tools/netns.py), two workers each, with SGLang's
 own multi-node launch (`--nnodes 2 --node-rank R --dist-init-addr`). The FT controller and the KV backup store run
 on node 0; node 1's workers beat, take orders and stream their KV there over TCP, so their backup is off their
-node. Node 1 is killed whole (every process at once) mid-decode."""
+node. Node 1 is killed whole (every process at once) mid-decode; and, on a TP 2 server (one worker a node), its
+link is cut mid-decode instead, then mended."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import sys
 import threading
 import time
 
+import psutil
 import pytest
 import requests
 from client import generate, wait_for
@@ -24,11 +26,11 @@ NEW_TOKENS = 48
 PORT = 30000
 
 
-def launch(nodes: NetnsNodes, model: str, log_dir) -> list[subprocess.Popen]:
+def launch(nodes: NetnsNodes, model: str, log_dir, tp_size: int = 4) -> list[subprocess.Popen]:
     head = nodes.nodes[0].address
     procs = []
     for node in nodes.nodes:
-        argv = [sys.executable, "-m", "sglang.launch_server", "--model-path", model, "--tp-size", "4",
+        argv = [sys.executable, "-m", "sglang.launch_server", "--model-path", model, "--tp-size", str(tp_size),
                 "--nnodes", "2", "--node-rank", str(node.index), "--dist-init-addr", f"{head}:5757",
                 "--host", node.address, "--port", str(PORT), "--ft", "--ft-collective-timeout-s", "4"]
         log = open(log_dir / f"node{node.index}.log", "w")
@@ -44,6 +46,36 @@ def healthy(url: str, procs) -> bool:
         return False
 
 
+def running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def status_of(url: str) -> dict:
+    return requests.get(f"{url}/ft/status", timeout=30).json()
+
+
+def stop(procs) -> None:
+    for proc in procs:
+        proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    time.sleep(1)
+
+
+def start_requests(url: str, results: list) -> list[threading.Thread]:
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, generate(url, PROMPTS[i], NEW_TOKENS)))
+               for i in range(len(PROMPTS))]
+    for thread in threads:
+        thread.start()
+    return threads
+
+
 def test_a_whole_node_killed_mid_decode_loses_nothing_and_its_kv_comes_from_the_other_node(servers, tiny_model,
                                                                                          tmp_path):
     from sglang_ft.tools.hf_reference import greedy_token_ids
@@ -55,35 +87,67 @@ def test_a_whole_node_killed_mid_decode_loses_nothing_and_its_kv_comes_from_the_
         url = f"http://{nodes.nodes[0].address}:{PORT}"
         try:
             wait_for(lambda: healthy(url, procs), timeout_s=300, poll_s=2, what="the two-node server")
-            status = requests.get(f"{url}/ft/status", timeout=30).json()
+            status = status_of(url)
             assert status["tp_size"] == 4 and [w["state"] for w in status["workers"]] == ["healthy"] * 4
 
             results: list = [None] * len(PROMPTS)
-            threads = [threading.Thread(target=lambda i=i: results.__setitem__(
-                i, generate(url, PROMPTS[i], NEW_TOKENS))) for i in range(len(PROMPTS))]
-            for thread in threads:
-                thread.start()
-            wait_for(lambda: requests.get(f"{url}/ft/status", timeout=30).json()["workers"][2].get(
-                "running_requests"), timeout_s=120, poll_s=0.05, what="node 1 to decode")
+            threads = start_requests(url, results)
+            wait_for(lambda: status_of(url)["workers"][2].get("running_requests"), timeout_s=120, poll_s=0.05, what="node 1 to decode")
             killed = nodes.kill(1)  # the whole node at once: its launcher, schedulers and detokenizer-less rest
             assert len(killed) >= 3
             for thread in threads:
                 thread.join(timeout=300)
             assert [r["output_ids"] for r in results] == expected
 
-            status = wait_for(lambda: (s := requests.get(f"{url}/ft/status", timeout=30).json())["recoveries"] and s)
+            status = wait_for(lambda: (s := status_of(url))["recoveries"] and s)
             assert status["tp_size"] == 2 and [w["rank"] for w in status["workers"]] == [0, 1, None, None]
             (recovery,) = status["recoveries"]  # the node's two workers leave in one regroup
             assert recovery["workers"] == [0, 1] and "heartbeat timeout" in recovery["cause"]
             # node 1's heads' KV came from the backup store, which runs on node 0
             assert recovery["kv_blocks_restored"] > 0 and recovery["kv_tokens_recomputed"] == 0
+            assert status["kv_backup"]["store"]["sequence_gaps"] == 0  # the survivors' heads stayed backed up
             assert [generate(url, p, NEW_TOKENS)["output_ids"] for p in PROMPTS[:2]] == expected[:2]
         finally:
-            for proc in procs:
-                proc.terminate()
-            for proc in procs:
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-            time.sleep(1)
+            stop(procs)
+
+
+def test_a_node_cut_off_mid_decode_is_fenced_and_when_its_link_returns_it_changes_nothing(servers, tiny_model,
+                                                                                          tmp_path):
+    """The cut node's worker runs on, silent: the survivor regroups by heartbeat timeout. When the link returns,
+    its late messages are refused and it learns it was replaced, and exits without touching anything."""
+    from sglang_ft.tools.hf_reference import greedy_token_ids
+
+    servers.close()
+    expected = greedy_token_ids(tiny_model, PROMPTS, NEW_TOKENS)
+    with NetnsNodes(2) as nodes:
+        procs = launch(nodes, tiny_model, tmp_path, tp_size=2)
+        url = f"http://{nodes.nodes[0].address}:{PORT}"
+        try:
+            wait_for(lambda: healthy(url, procs), timeout_s=300, poll_s=2, what="the two-node server")
+            cut_off = status_of(url)["workers"][1]["pid"]
+            results: list = [None] * len(PROMPTS)
+            threads = start_requests(url, results)
+            wait_for(lambda: status_of(url)["workers"][1].get("running_requests"), timeout_s=120, poll_s=0.05,
+                     what="node 1 to decode")
+            nodes.cut(1)
+            for thread in threads:
+                thread.join(timeout=300)
+            assert [r["output_ids"] for r in results] == expected
+            status = wait_for(lambda: (s := status_of(url))["recoveries"] and s)
+            assert status["tp_size"] == 1 and [w["rank"] for w in status["workers"]] == [0, None]
+            (recovery,) = status["recoveries"]
+            assert recovery["workers"] == [0] and "heartbeat timeout" in recovery["cause"]
+            assert recovery["kv_blocks_restored"] > 0 and recovery["kv_tokens_recomputed"] == 0
+            assert running(cut_off)  # cut off, not dead: it still runs on node 1
+            # the survivor's heads stayed backed up through the regroup (its last writes before it count)
+            assert status["kv_backup"]["store"]["sequence_gaps"] == 0
+
+            nodes.mend(1)
+            wait_for(lambda: not running(cut_off), timeout_s=120, poll_s=0.5,
+                     what="the cut-off worker to learn it was replaced and exit")
+            assert "is fenced out by epoch" in (tmp_path / "node1.log").read_text()
+            after = status_of(url)
+            assert after["epoch"] == status["epoch"] and after["tp_size"] == 1  # no regroup, no readmission
+            assert [generate(url, p, NEW_TOKENS)["output_ids"] for p in PROMPTS[:2]] == expected[:2]
+        finally:
+            stop(procs)

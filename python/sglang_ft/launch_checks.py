@@ -78,4 +78,7 @@ def check_ft_launch(server_args) -> list[str]:
     if nnodes > 1 and not getattr(server_args, "dist_init_addr", None):
         problems.append(f"--nnodes {nnodes} with --ft needs --dist-init-addr (node 0's address: the FT controller "
                         "runs there)")
+    elif nnodes > 1 and server_args.dist_init_addr.startswith("["):
+        problems.append(f"--dist-init-addr {server_args.dist_init_addr} is IPv6: --ft across nodes needs an IPv4 "
+                        "address or a host name for node 0 (its ZMQ sockets are IPv4)")
     return problems

@@ -260,6 +260,11 @@ class FtController:
         if not workers or len(workers) == len(joining):
             logger.error("sglang-ft controller: no worker left alive that holds the model")
             return
+        if workers[0] not in self.local_workers:
+            # rank 0 takes the tokenizer's requests over IPC and hosts the rendezvous: both live on this node only
+            logger.error("sglang-ft controller: no worker left alive on node 0, where the tokenizer runs: workers "
+                         "%s on other nodes cannot serve alone", list(workers))
+            return
         held = {w: self.layout.shards[r] for r, w in enumerate(membership.members()) if w not in joining}
         plan = plan_migration(self.layout.shape, held, list(workers))
         epoch = membership.regroup(workers)
@@ -267,7 +272,8 @@ class FtController:
             self.ready_joiners.discard(worker)
             self.respawner.on_ready(worker)
             membership.workers[worker].last_beat = time.monotonic()  # watched like every member from now on
-        order = Regroup(epoch, workers, plan.layout.to_json(), free_port(), cause, joining)
+        pids = tuple(membership.workers[w].pid or 0 for w in workers)
+        order = Regroup(epoch, workers, plan.layout.to_json(), free_port(), cause, joining, pids)
         self.layout = plan.layout  # until the members report the layout they formed
         self.pending = PendingRecovery(order, time.monotonic(), round(detect_ms, 1), plan.bytes_p2p,
                                        plan.bytes_reloaded, set(workers))
