@@ -1,0 +1,102 @@
+"""Hybrid attention's data-parallel part: the remainder heads' KV and attention for the requests a worker owns.
+
+With `H % W` remainder KV heads (see `ft.remainder_routing`), a worker holds those heads' KV only for the requests
+it owns, in a pool of its own sized for its share of requests rather than for every token slot; SGLang's token
+slots (the same on every rank) address it through a map. Its attention output is zero on other requests' rows,
+so the usual row-parallel output projection and all-reduce add each request's remainder heads exactly once.
+
+Plain torch (scaled_dot_product_attention per owned request): the same on CPU and CUDA, without an attention
+backend's paged kernels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+class RemainderPoolFull(RuntimeError):
+    """The owner has no free row left for the remainder heads' KV."""
+
+
+class RemainderKvPool:
+    """KV rows of the remainder heads, [layers, capacity, heads, head_dim], addressed by SGLang's global slots."""
+
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, global_slots: int, capacity: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        shape = (num_layers, capacity, num_kv_heads, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.local_of = torch.full((global_slots,), -1, dtype=torch.int64, device=device)
+        self._free = torch.arange(capacity, dtype=torch.int64, device=device)  # a stack: the last ones go first
+        self._free_count = capacity
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def used(self) -> int:
+        return self.capacity - self._free_count
+
+    def assign(self, global_slots: torch.Tensor) -> torch.Tensor:
+        """Local rows of `global_slots`, taking free rows for those without one."""
+        local = self.local_of[global_slots]
+        new = torch.unique(global_slots[local < 0])
+        if len(new):
+            if len(new) > self._free_count:
+                raise RemainderPoolFull(f"{len(new)} rows asked, {self._free_count} of {self.capacity} free")
+            self._free_count -= len(new)
+            self.local_of[new] = self._free[self._free_count : self._free_count + len(new)]
+            local = self.local_of[global_slots]
+        return local
+
+    def release(self, global_slots: torch.Tensor) -> None:
+        """SGLang freed these slots: their rows (where this worker has them) are free again."""
+        local = self.local_of[global_slots]
+        held = torch.unique(local[local >= 0])
+        self._free[self._free_count : self._free_count + len(held)] = held
+        self._free_count += len(held)
+        self.local_of[global_slots] = -1
+
+    def write(self, layer: int, global_slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        local = self.assign(global_slots)
+        self.k[layer, local] = k.to(self.k.dtype)
+        self.v[layer, local] = v.to(self.v.dtype)
+
+    def read(self, layer: int, global_slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        local = self.local_of[global_slots]
+        if bool((local < 0).any()):
+            raise KeyError("a slot of an owned request has no remainder KV on this worker")
+        return self.k[layer, local], self.v[layer, local]
+
+
+@dataclass(frozen=True)
+class OwnedSpan:
+    """One owned request in a forward batch: its query rows [start, start + count) and the global slots of its
+    whole sequence so far (cached prefix, then those `count` tokens)."""
+
+    start: int
+    count: int
+    slots: torch.Tensor
+
+
+def remainder_attention(q: torch.Tensor, pool: RemainderKvPool, layer: int, spans: list[OwnedSpan],
+                        group_size: int, scaling: float) -> torch.Tensor:
+    """Causal attention of the remainder query heads `q` [tokens, kv_heads * group_size, head_dim] over the owned
+    requests' KV in `pool`; rows of requests not owned here are zero."""
+    out = torch.zeros_like(q)
+    for span in spans:
+        k, v = pool.read(layer, span.slots)
+        k = k.repeat_interleave(group_size, dim=1).transpose(0, 1)  # [heads, kv_len, head_dim]
+        v = v.repeat_interleave(group_size, dim=1).transpose(0, 1)
+        query = q[span.start : span.start + span.count].transpose(0, 1)
+        prefix = len(span.slots) - span.count
+        keys = torch.arange(len(span.slots), device=q.device)
+        mask = keys[None, :] <= (prefix + torch.arange(span.count, device=q.device))[:, None]
+        attended = F.scaled_dot_product_attention(query, k.to(q.dtype), v.to(q.dtype), attn_mask=mask,
+                                                  scale=scaling)
+        out[span.start : span.start + span.count] = attended.transpose(0, 1)
+    return out
