@@ -1,5 +1,6 @@
 """The FT controller's control API, driven directly (no server): status, and fault injection rules."""
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -105,22 +106,32 @@ def _shape():
     return ModelShape(8, 4, 8, 64, 160, 512, 2)
 
 
-@pytest.fixture
-def orchestrating_controller(tmp_path):
+@contextlib.contextmanager
+def _ordering_controller(tmp_path, tp_size: int, **kwargs):
+    """A controller that publishes orders, and a subscriber to them; closed after."""
     import zmq
 
-    controller = FtController(f"ipc://{tmp_path}/hb", f"ipc://{tmp_path}/ctl", 3, interval_s=0.05, timeout_s=0.3,
-                              parent_pid=os.getpid(), enable_fault_injection=False,
-                              order_endpoint=f"ipc://{tmp_path}/orders", shape=_shape())
+    kwargs.setdefault("enable_fault_injection", False)
+    controller = FtController(f"ipc://{tmp_path}/hb", f"ipc://{tmp_path}/ctl", tp_size, interval_s=0.05,
+                              timeout_s=0.3, parent_pid=os.getpid(), order_endpoint=f"ipc://{tmp_path}/orders",
+                              shape=_shape(), **kwargs)
     subscriber = zmq.Context.instance().socket(zmq.SUB)
     subscriber.setsockopt(zmq.SUBSCRIBE, b"")
     subscriber.connect(f"ipc://{tmp_path}/orders")
     time.sleep(0.2)  # let the subscription reach the publisher
-    yield controller, subscriber
-    subscriber.close()
-    for socket in (controller.control, controller.orders):
-        socket.close()
-    controller.receiver.close()
+    try:
+        yield controller, subscriber
+    finally:
+        subscriber.close()
+        for socket in (controller.control, controller.orders):
+            socket.close()
+        controller.receiver.close()
+
+
+@pytest.fixture
+def orchestrating_controller(tmp_path):
+    with _ordering_controller(tmp_path, 3) as pair:
+        yield pair
 
 
 def _orders(subscriber):
@@ -364,16 +375,7 @@ def test_the_controller_process_cleans_up_its_runtime_dir_when_terminated(tmp_pa
 def test_a_silent_node_leaves_in_one_regroup_and_its_pids_are_not_signalled(tmp_path):
     """TP 4 over two nodes, the controller on node 0 (workers 0, 1): node 1's workers stop beating together. The
     first to time out takes its silent node-mate with it, one regroup; their pids belong to another machine."""
-    import zmq
-
-    controller = FtController(f"ipc://{tmp_path}/hb", f"ipc://{tmp_path}/ctl", 4, interval_s=0.05, timeout_s=0.3,
-                              parent_pid=os.getpid(), enable_fault_injection=True,
-                              order_endpoint=f"ipc://{tmp_path}/orders", shape=_shape(), local_workers=range(2))
-    subscriber = zmq.Context.instance().socket(zmq.SUB)
-    subscriber.setsockopt(zmq.SUBSCRIBE, b"")
-    subscriber.connect(f"ipc://{tmp_path}/orders")
-    time.sleep(0.2)
-    try:
+    with _ordering_controller(tmp_path, 4, enable_fault_injection=True, local_workers=range(2)) as (controller, subscriber):
         for worker in range(4):
             controller._on_message(Heartbeat(worker, os.getpid(), 0, 0, serving=True), time.monotonic())
         reply = controller._answer(ControlRequest("inject", rank=3, kind="kill"), time.monotonic())
@@ -388,26 +390,12 @@ def test_a_silent_node_leaves_in_one_regroup_and_its_pids_are_not_signalled(tmp_
         (order,) = _orders(subscriber)
         assert order.workers == (0, 1) and order.cause == "worker 3: heartbeat timeout"
         assert {d["worker"] for d in controller.state.detections if d["state"] == "dead"} == {2, 3}
-    finally:
-        subscriber.close()
-        for socket in (controller.control, controller.orders):
-            socket.close()
-        controller.receiver.close()
 
 
 def test_a_group_left_without_a_node_0_worker_is_not_formed(tmp_path, caplog):
     """Rank 0 must stay on node 0 (the tokenizer's IPC and the rendezvous are there): when node 0's workers die and
     node 1's live, no group of node-1 workers is ordered."""
-    import zmq
-
-    controller = FtController(f"ipc://{tmp_path}/hb", f"ipc://{tmp_path}/ctl", 4, interval_s=0.05, timeout_s=0.3,
-                              parent_pid=os.getpid(), enable_fault_injection=False,
-                              order_endpoint=f"ipc://{tmp_path}/orders", shape=_shape(), local_workers=range(2))
-    subscriber = zmq.Context.instance().socket(zmq.SUB)
-    subscriber.setsockopt(zmq.SUBSCRIBE, b"")
-    subscriber.connect(f"ipc://{tmp_path}/orders")
-    time.sleep(0.2)
-    try:
+    with _ordering_controller(tmp_path, 4, local_workers=range(2)) as (controller, subscriber):
         for worker in range(4):
             controller._on_message(Heartbeat(worker, os.getpid(), 0, 0, serving=True), time.monotonic())
         for worker in (0, 1):
@@ -417,8 +405,3 @@ def test_a_group_left_without_a_node_0_worker_is_not_formed(tmp_path, caplog):
         assert controller.pending is None and controller.state.membership.epoch == 0
         assert _orders(subscriber) == []
         assert "no worker left alive on node 0" in caplog.text
-    finally:
-        subscriber.close()
-        for socket in (controller.control, controller.orders):
-            socket.close()
-        controller.receiver.close()
