@@ -375,7 +375,8 @@ def test_the_controller_process_cleans_up_its_runtime_dir_when_terminated(tmp_pa
 def test_a_silent_node_leaves_in_one_regroup_and_its_pids_are_not_signalled(tmp_path):
     """TP 4 over two nodes, the controller on node 0 (workers 0, 1): node 1's workers stop beating together. The
     first to time out takes its silent node-mate with it, one regroup; their pids belong to another machine."""
-    with _ordering_controller(tmp_path, 4, enable_fault_injection=True, local_workers=range(2)) as (controller, subscriber):
+    node0 = _ordering_controller(tmp_path, 4, enable_fault_injection=True, local_workers=range(2))
+    with node0 as (controller, subscriber):
         for worker in range(4):
             controller._on_message(Heartbeat(worker, os.getpid(), 0, 0, serving=True), time.monotonic())
         reply = controller._answer(ControlRequest("inject", rank=3, kind="kill"), time.monotonic())
