@@ -92,7 +92,8 @@ def test_a_whole_node_killed_mid_decode_loses_nothing_and_its_kv_comes_from_the_
 
             results: list = [None] * len(PROMPTS)
             threads = start_requests(url, results)
-            wait_for(lambda: status_of(url)["workers"][2].get("running_requests"), timeout_s=120, poll_s=0.05, what="node 1 to decode")
+            wait_for(lambda: status_of(url)["workers"][2].get("running_requests"), timeout_s=120, poll_s=0.05,
+                     what="node 1 to decode")
             killed = nodes.kill(1)  # the whole node at once: its launcher, schedulers and detokenizer-less rest
             assert len(killed) >= 3
             for thread in threads:
