@@ -13,7 +13,7 @@ def test_demo_survives_the_kill_with_nothing_lost_and_leaves_a_plot(servers, tin
     servers.close()  # the demo runs its own TP 4 server; free the pooled one's memory and cores first
     out = tmp_path / "demo"
     run = subprocess.run(
-        [sys.executable, "-m", "sglang_ft.demo", "--model-dir", tiny_model, "--before-s", "6", "--after-s", "10",
+        [sys.executable, "-m", "sglang_ft.demo", "--model-dir", tiny_model, "--before-s", "4", "--after-s", "8",
          "--out", str(out)], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
     summary = json.loads((out / "summary.json").read_text())

@@ -234,7 +234,7 @@ def test_hypothesis_on_sampling_parameters_finds_no_server_error(server):
     its limits; never a 5xx (but the 503 of a full queue)."""
     from hypothesis import strategies as st
 
-    @settings(max_examples=15, deadline=None, derandomize=True, database=None,  # 25 took up to 96 s of CI here
+    @settings(max_examples=10, deadline=None, derandomize=True, database=None,  # 25 took up to 96 s of CI here
               suppress_health_check=list(HealthCheck))
     @given(params=st.dictionaries(st.sampled_from(SAMPLING_KEYS), sampling_values(), max_size=4))
     def no_server_error(params):

@@ -135,6 +135,7 @@ def regroup_in_place(ft_worker, order: Regroup) -> RegroupDone:
     from sglang_ft.managers.park_requests import park_every_request
     from sglang_ft.managers.request_ledger import reconcile
     from sglang_ft.managers.scheduler_sync import sync_scheduler_state
+    from sglang_ft.managers.torn_step import complete_torn_step
     from sglang_ft.mem_cache.kv_reshape import reshape_kv_heads, restore_kv
     from sglang_ft.model_executor.reshard import build_model_like, reshard
 
@@ -161,7 +162,10 @@ def regroup_in_place(ft_worker, order: Regroup) -> RegroupDone:
                        "was interrupted); the group follows what its members hold", order.epoch)
     clock.done("rebuild_process_groups", f"(rank {new_rank} of {len(order.workers)})")
 
-    parked, kv_tokens, recomputed = park_every_request(scheduler, ft_worker.failed_batch, scheduler.tp_cpu_group,
+    cpu_group = scheduler.tp_cpu_group
+    complete_torn_step(scheduler, ft_worker.failed_batch, lambda mine: _all_gather_object(mine, cpu_group), new_rank,
+                       joining=me in order.joining)
+    parked, kv_tokens, recomputed = park_every_request(scheduler, ft_worker.failed_batch, cpu_group,
                                                        joining=me in order.joining)
     ft_worker.failed_batch = None
     kv_was_intact = ft_worker.kv_intact
@@ -213,6 +217,14 @@ def regroup_in_place(ft_worker, order: Regroup) -> RegroupDone:
                        layout_json=plan.layout.to_json(), expert_bytes_moved=stats.expert_bytes_moved)
 
 
+def _all_gather_object(mine, cpu_group) -> list:
+    import torch.distributed as dist
+
+    everyone: list = [None] * dist.get_world_size(cpu_group)
+    dist.all_gather_object(everyone, mine, group=cpu_group)
+    return everyone
+
+
 def agree_on_holdings(mine, order: Regroup, cpu_group) -> dict:
     """What every member of the new group holds, as each says itself (None: a restarted worker with no weights).
 
@@ -220,9 +232,6 @@ def agree_on_holdings(mine, order: Regroup, cpu_group) -> dict:
     interrupted by another failure can leave members at different layouts: asking them is the only truth, and
     every member then computes the same plan from the same answers.
     """
-    import torch.distributed as dist
-
-    everyone: list = [None] * len(order.workers)
-    dist.all_gather_object(everyone, None if mine is None else dataclasses.asdict(mine), group=cpu_group)
+    everyone = _all_gather_object(None if mine is None else dataclasses.asdict(mine), cpu_group)
     return {w: RankShard(**{k: tuple(v) for k, v in shard.items()})
             for w, shard in zip(order.workers, everyone, strict=True) if shard is not None}
