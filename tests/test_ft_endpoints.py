@@ -1,5 +1,6 @@
 """A real `--ft` server at TP 2 without KV backup: greedy equals transformers, `/ft/status` and `/ft/inject_fault`
-(contract, API key), and a worker hung mid-decode: detected in time, its lost heads' KV recomputed."""
+(contract, API key), a step torn between the two ranks, and a worker hung mid-decode: detected in time, its lost
+heads' KV recomputed."""
 
 import time
 
@@ -58,6 +59,20 @@ def test_fault_injection_needs_the_api_key(server):
     assert _inject(server, {"rank": 1, "kind": "hang"}, key="wrong").status_code == 401
 
 
+def test_a_step_finished_on_one_rank_and_failed_on_the_other_is_finished_on_both(server, tiny_model, hf_outputs):
+    """`fail_step` on rank 1 mid-decode: rank 0 finishes the step (and streams its tokens), rank 1 takes it as
+    failed, and the group regroups with both workers. Rank 1 takes the step's tokens from rank 0 (torn_step.py);
+    without that the ranks' requests differ by a token and the next batch's collectives mismatch."""
+    epoch = _get(server, "/ft/status").json()["epoch"]
+    outputs = run_with_fault(server.url, lambda: _inject(server, {"rank": 1, "kind": "fail_step"}).raise_for_status(),
+                             PROMPTS, MAX_NEW_TOKENS, api_key=KEY)
+    assert [o["output_ids"] for o in outputs] == hf_outputs(tiny_model)
+    (recovery,) = wait_for(lambda: _get(server, "/ft/status").json()["recoveries"], what="the recovery")
+    assert recovery["epoch"] == epoch + 1 and recovery["cause"] == "collective failure with every worker alive"
+    assert _get(server, "/ft/status").json()["tp_size"] == 2
+    assert "take its tokens here" in server.log_text()
+
+
 def test_a_worker_hung_mid_decode_is_declared_dead_in_time_and_its_lost_kv_is_recomputed(server, tiny_model,
                                                                                            hf_outputs):
     """No KV backup here: the survivor recomputes the KV of the heads it takes over, and every output still equals
@@ -86,6 +101,7 @@ def test_a_worker_hung_mid_decode_is_declared_dead_in_time_and_its_lost_kv_is_re
     assert detected[0] < TIMEOUT_MS / 1000 + 1.0
     detections = _get(server, "/ft/status").json()["detections"]
     assert [d["worker"] for d in detections if d["cause"] == "heartbeat timeout"] == [1]
-    (recovery,) = wait_for(lambda: _get(server, "/ft/status").json()["recoveries"], what="the recovery")
+    recovery = wait_for(lambda: [r for r in _get(server, "/ft/status").json()["recoveries"]
+                                 if "heartbeat timeout" in r["cause"]], what="the recovery")[0]
     assert recovery["kv_tokens_recomputed"] > 0 and recovery["kv_blocks_restored"] == 0
     assert "tokens to recompute" in server.log_text()

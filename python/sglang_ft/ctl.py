@@ -247,9 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     inject = sub.add_parser("inject", parents=[common], help="fault the worker at a TP rank (POST /ft/inject_fault)")
     inject.add_argument("--rank", type=int, required=True, help="current TP rank of the worker")
-    inject.add_argument("--kind", required=True, choices=["kill", "hang", "resume", "kill_unsent"],
+    inject.add_argument("--kind", required=True, choices=["kill", "hang", "resume", "kill_unsent", "fail_step"],
                         help="SIGKILL, SIGSTOP or SIGCONT; kill_unsent: SIGKILL after its next step, before that "
-                             "step's output is sent")
+                             "step's output is sent; fail_step: its next step fails there alone, after the forward")
     inject.set_defaults(run=cmd_inject)
 
     for name, (what, done) in WORKER_OPS.items():

@@ -94,8 +94,10 @@ def after_scheduler_init(_result, scheduler, server_args, port_args, *args, **kw
     if ft.kv_backup:
         worker.start_kv_backup(scheduler.tp_worker.model_runner, scheduler.token_to_kv_pool_allocator)
     install_worker(worker)
-    # the "kill_unsent" fault (ft_controller.FAULT_SIGNALS) arms a death right before this worker's next send
+    # the "kill_unsent" fault (ft_controller.FAULT_SIGNALS) arms a death right before this worker's next send,
+    # "fail_step" a failure of its next step right after the forward
     signal.signal(signal.SIGUSR1, lambda *_: setattr(worker, "die_before_next_send", True))
+    signal.signal(signal.SIGUSR2, lambda *_: setattr(worker, "fail_next_step", True))
     # From now on a collective stuck on a dead or hung peer fails after the FT timeout, so survivors regroup.
     set_collective_timeout(ft.collective_timeout_s)
 
@@ -138,7 +140,14 @@ def around_run_batch(original, scheduler, batch, *args, **kwargs):
     if worker is not None:
         worker.record_step(time.perf_counter() - started, None if _on_cuda(scheduler) else COLLECTIVES.seconds)
         worker.heartbeat.serving = True  # past startup: judged by the heartbeat timeout from now on
+        if worker.fail_next_step:
+            worker.fail_next_step, worker.failed_batch = False, batch
+            raise InjectedStepFailure("the step's last collective timed out on this worker alone (injected fault)")
     return result
+
+
+class InjectedStepFailure(RuntimeError):
+    """The "fail_step" fault: this worker takes a step the others finish as failed (see torn_step.py)."""
 
 
 def _on_cuda(scheduler) -> bool:

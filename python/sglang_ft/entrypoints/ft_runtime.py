@@ -33,9 +33,10 @@ class InjectFaultRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     rank: int = Field(ge=0, description="current TP rank of the worker to fault")
-    kind: Literal["kill", "hang", "resume", "kill_unsent"] = Field(
+    kind: Literal["kill", "hang", "resume", "kill_unsent", "fail_step"] = Field(
         description="SIGKILL, SIGSTOP or SIGCONT; kill_unsent: SIGKILL at the end of its next step, before that "
-                    "step's output is sent")
+                    "step's output is sent; fail_step: its next step fails there alone after the forward (the "
+                    "others finish it), and the group regroups with every worker")
 
 
 class WorkerRequest(BaseModel):

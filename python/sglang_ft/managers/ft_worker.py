@@ -121,6 +121,7 @@ class FtWorker:
         self.finished = FinishedRequests()  # for a re-send of output a dying rank 0 never sent (output_rewind.py)
         self.counts_wait = None  # ReceivedTokensWait while this new rank 0 waits for the tokenizer manager's counts
         self.die_before_next_send = False  # the "kill_unsent" fault is armed
+        self.fail_next_step = False  # the "fail_step" fault is armed
         self.last_step_s = 0.0  # the latest forward's time (SGLang's run_batch), for /ft/status
         self.last_step_collective_s: float | None = 0.0  # of which inside TP collectives (None where not measured)
         self.steps = 0
