@@ -8,7 +8,7 @@ Faults come from one thread, one at a time, about `--interval-s` apart (uniform 
 round is the kinds below in a seeded random order, and a kind that cannot apply yet (a kill or hang that would
 leave fewer than `--min-live` workers serving, a rejoin with no worker dead) waits for a later turn. Dead workers
 come back by the server's own restarts (`--rejoin auto`, the default: `--ft-respawn`, 1 s after a death) or when
-the monkey asks (`--rejoin asked`: a fifth kind, `POST /ft/rejoin`); after the last fault the load goes on until
+the monkey asks (`--rejoin asked`: a sixth kind, `POST /ft/rejoin`); after the last fault the load goes on until
 they are all back.
 
 - kill: SIGKILL a serving worker (rank 0 included), as a GPU that dies takes its process.
@@ -17,6 +17,8 @@ they are all back.
 - stall: SIGSTOP a serving worker for a quarter of the heartbeat timeout, then SIGCONT: a hiccup, not a failure;
   it must stay in the group.
 - store: SIGKILL the KV backup store; its keeper must respawn it.
+- torn: a serving worker takes its next step as failed while the others finish it (`fail_step`: what a rank dying
+  inside the last all-gather leaves); the group must regroup with every worker in it.
 - rejoin (`--rejoin asked` only): `POST /ft/rejoin` for a dead worker.
 
 Pass (the exit code is 1 otherwise):
@@ -55,7 +57,7 @@ from sglang_ft.tools.hf_reference import greedy_token_ids
 from sglang_ft.tools.load import Load, longest_gap, server_load
 from sglang_ft.tools.server_process import ServerProcess
 
-KINDS = ("kill", "hang", "stall", "store", "rejoin")
+KINDS = ("kill", "hang", "stall", "store", "torn", "rejoin")
 AUTO_KINDS = KINDS[:-1]  # with the server's own restarts nothing needs asking
 PROMPTS = [
     "The model server",
@@ -65,7 +67,7 @@ PROMPTS = [
     "one two three",
     "Seven blue mountains and a bright city",
 ]
-# short: one round of the five kinds (the form `make test` runs); full: a 10-minute soak
+# short: one round of the kinds (the form `make test` runs); full: a 10-minute soak
 PRESETS = {
     "short": dict(rounds=1, duration_s=90.0, interval_s=6.0),
     "full": dict(rounds=1000, duration_s=600.0, interval_s=10.0),
@@ -112,6 +114,8 @@ class Monkey:
             return len(self.serving(st)) > self.min_live
         if kind == "stall":
             return bool(self.serving(st))
+        if kind == "torn":
+            return len(self.serving(st)) >= 2
         if kind == "store":
             return st["kv_backup"].get("pid") is not None
         return bool(self.dead(st))
@@ -209,6 +213,18 @@ class Monkey:
         kept = any(w["worker"] == worker and w["pid"] == pid and w["rank"] is not None
                    for w in self.status()["workers"])
         return (True, f"stalled {pause:.2f} s, kept") if kept else (False, f"dropped after a {pause:.2f} s stall")
+
+    def torn(self, worker: int, pid: int, epoch: int) -> tuple[bool, str]:
+        rank = next(w["rank"] for w in self.status()["workers"] if w["worker"] == worker)
+        response = requests.post(f"{self.url}/ft/inject_fault", json={"rank": rank, "kind": "fail_step"},
+                                 headers=self.headers, timeout=30)
+        if response.status_code != 200:
+            return False, f"HTTP {response.status_code}: {response.text[:200]}"
+        st = self._wait(lambda s: s if s["epoch"] > epoch and s["regrouping"] is None else None, self.settle_s)
+        if st is None:
+            return False, "no regroup after the torn step"
+        kept = any(w["worker"] == worker and w["pid"] == pid and w["rank"] is not None for w in st["workers"])
+        return (True, f"regrouped with every worker, TP {st['tp_size']}") if kept else (False, "it left the group")
 
     def kill_store(self, pid: int, restarts: int) -> tuple[bool, str]:
         self._signal(pid, signal.SIGKILL)

@@ -83,7 +83,8 @@ def test_faults_apply_only_where_they_leave_enough_workers_serving():
     assert monkey.applicable("rejoin", three) and monkey.applicable("store", three)
     two = status([0, None, None, 1], ["healthy", "dead", "dead", "healthy"])
     assert not monkey.applicable("kill", two) and not monkey.applicable("hang", two)
-    assert monkey.applicable("stall", two)
+    assert monkey.applicable("stall", two) and monkey.applicable("torn", two)
+    assert not monkey.applicable("torn", status([0, None], ["healthy", "dead"]))  # a torn step needs two ranks
     monkey.rejoining = {1: 0.0, 2: 0.0}  # both asked back already: nothing left to rejoin
     assert not monkey.applicable("rejoin", two)
     assert not monkey.applicable("store", status([0, 1], ["healthy"] * 2, store_pid=None))
@@ -108,8 +109,8 @@ def test_bad_arguments_name_the_flag(argv, flag, capsys):
 
 @pytest.mark.server
 def test_short_soak_survives_every_fault_kind_with_nothing_lost(servers, tiny_model, tmp_path):
-    """One round of kill, hang, stall and store kill under three streaming clients on a TP 4 server that restarts
-    its dead workers itself; the soak waits until both are back. Each rejoin takes its weights and the running
+    """One round of kill, hang, stall, store kill and a torn step under three streaming clients on a TP 4 server
+    that restarts its dead workers itself; the soak waits until both are back. Each rejoin takes its weights and the running
     requests' KV from the survivors: nothing read from disk, nothing recomputed."""
     servers.close()  # the soak runs its own TP 4 server
     report = chaos.main(["--model-dir", tiny_model, "--out", str(tmp_path), "--seed", "0", "--interval-s", "4"])
