@@ -24,27 +24,28 @@ logger = logging.getLogger(__name__)
 Gather = Callable[[object], list]  # this rank's object in, every rank's out (all_gather_object)
 
 
-def _batch_reqs(*batches) -> list:
+def _batch_reqs(scheduler, failed_batch) -> list:
+    """Every request of the last steps on this rank (finished ones included)."""
     seen = {}
-    for batch in batches:
+    for batch in (scheduler.last_batch, failed_batch, scheduler.running_batch):
         for req in getattr(batch, "reqs", None) or ():
             seen.setdefault(id(req), req)
     return list(seen.values())
 
 
-def report(scheduler, failed_batch) -> dict[str, int]:
-    """Output tokens of every request of the last steps on this rank (finished ones included)."""
-    reqs = _batch_reqs(scheduler.last_batch, failed_batch, scheduler.running_batch)
-    return {req.rid: len(req.output_ids) for req in reqs}
+def _lengths(everyone: list, rid: str) -> tuple[int, int, int]:
+    """(the source: the lowest rank of those with the longest output, that length, the shortest length)."""
+    lengths = [(other[rid], rank) for rank, other in enumerate(everyone) if other and rid in other]
+    longest, source = max(lengths, key=lambda x: (x[0], -x[1]))
+    return source, longest, min(length for length, _ in lengths)
 
 
 def behind(everyone: list, mine: dict[str, int] | None) -> dict[str, tuple[int, int]]:
     """{rid: (source rank, its length)} for this rank's requests some rank is ahead on (`everyone`: each rank's
-    report, None for a rank that takes no part)."""
+    output lengths by rid, None for a rank that takes no part)."""
     found = {}
     for rid, length in (mine or {}).items():
-        lengths = [(other[rid], rank) for rank, other in enumerate(everyone) if other and rid in other]
-        longest, source = max(lengths, key=lambda x: (x[0], -x[1]))
+        source, longest, _ = _lengths(everyone, rid)
         if longest > length:
             found[rid] = (source, longest)
     return found
@@ -55,9 +56,7 @@ def tails_to_send(reqs_by_rid: dict, everyone: list, me: int) -> dict[str, dict]
     asked for) its logprob fields whole."""
     tails = {}
     for rid, req in reqs_by_rid.items():
-        lengths = [(other[rid], rank) for rank, other in enumerate(everyone) if other and rid in other]
-        shortest = min(length for length, _ in lengths)
-        longest, source = max(lengths, key=lambda x: (x[0], -x[1]))
+        source, longest, shortest = _lengths(everyone, rid)
         if source != me or longest == shortest:
             continue
         tail = {"from": shortest, "tokens": list(req.output_ids[shortest:])}
@@ -81,9 +80,9 @@ def adopt(req, tail: dict) -> None:
 
 def complete_torn_step(scheduler, failed_batch, gather: Gather, me: int, joining: bool = False) -> int:
     """Bring this rank's requests to the most advanced rank's step; returns how many it advanced here."""
-    mine = None if joining else report(scheduler, failed_batch)
+    reqs_by_rid = {req.rid: req for req in _batch_reqs(scheduler, failed_batch)}
+    mine = None if joining else {rid: len(req.output_ids) for rid, req in reqs_by_rid.items()}
     everyone = gather(mine)
-    reqs_by_rid = {req.rid: req for req in _batch_reqs(scheduler.last_batch, failed_batch, scheduler.running_batch)}
     if not any(behind(everyone, other) for other in everyone):
         return 0  # the usual case: every rank stopped at the same step
     merged: dict[str, dict] = {}
