@@ -21,6 +21,15 @@ class Superseded(RuntimeError):
     """A newer regroup was ordered while this one was still gathering its members: drop it for the newer one."""
 
 
+def all_gather_object(mine, group) -> list:
+    """Every rank's `mine`, in rank order (torch's all_gather_object, returning the list)."""
+    import torch.distributed as dist
+
+    everyone: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(everyone, mine, group=group)
+    return everyone
+
+
 def interrupt_blocked_collectives() -> int:
     """Shut down this process's established TCP connections (the old group's gloo pairs and store client).
 

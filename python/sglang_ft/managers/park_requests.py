@@ -13,8 +13,6 @@ rank's radix tree stays identical.
 
 from __future__ import annotations
 
-import torch.distributed as dist
-
 
 def committed_kv_len(req, failed_batch) -> int:
     """Tokens of `req` whose KV every layer wrote in a step that completed."""
@@ -40,8 +38,9 @@ def requests_holding_kv(scheduler, failed_batch) -> list:
 def agree_on_lengths(lengths: dict[str, int] | None, cpu_group) -> dict[str, int]:
     """Every rank's minimum per request; a request some rank does not hold keeps nothing. A restarted worker
     (`lengths` None) holds no request yet and takes no part: it receives the survivors' state afterwards."""
-    everyone: list = [None] * dist.get_world_size(cpu_group)
-    dist.all_gather_object(everyone, lengths, group=cpu_group)
+    from sglang_ft.distributed.regroup_groups import all_gather_object
+
+    everyone = all_gather_object(lengths, cpu_group)
     holders = [other for other in everyone if other is not None]
     return {rid: min(other.get(rid, 0) for other in holders) for rid in lengths or {}}
 

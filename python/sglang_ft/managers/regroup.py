@@ -130,7 +130,7 @@ def take_over_load_snapshots(scheduler, port_args) -> None:
 
 
 def regroup_in_place(ft_worker, order: Regroup) -> RegroupDone:
-    from sglang_ft.distributed.regroup_groups import rebuild_process_groups
+    from sglang_ft.distributed.regroup_groups import all_gather_object, rebuild_process_groups
     from sglang_ft.distributed_state import install_layout
     from sglang_ft.managers.park_requests import park_every_request
     from sglang_ft.managers.request_ledger import reconcile
@@ -163,7 +163,7 @@ def regroup_in_place(ft_worker, order: Regroup) -> RegroupDone:
     clock.done("rebuild_process_groups", f"(rank {new_rank} of {len(order.workers)})")
 
     cpu_group = scheduler.tp_cpu_group
-    complete_torn_step(scheduler, ft_worker.failed_batch, lambda mine: _all_gather_object(mine, cpu_group), new_rank,
+    complete_torn_step(scheduler, ft_worker.failed_batch, lambda mine: all_gather_object(mine, cpu_group), new_rank,
                        joining=me in order.joining)
     parked, kv_tokens, recomputed = park_every_request(scheduler, ft_worker.failed_batch, cpu_group,
                                                        joining=me in order.joining)
@@ -217,14 +217,6 @@ def regroup_in_place(ft_worker, order: Regroup) -> RegroupDone:
                        layout_json=plan.layout.to_json(), expert_bytes_moved=stats.expert_bytes_moved)
 
 
-def _all_gather_object(mine, cpu_group) -> list:
-    import torch.distributed as dist
-
-    everyone: list = [None] * dist.get_world_size(cpu_group)
-    dist.all_gather_object(everyone, mine, group=cpu_group)
-    return everyone
-
-
 def agree_on_holdings(mine, order: Regroup, cpu_group) -> dict:
     """What every member of the new group holds, as each says itself (None: a restarted worker with no weights).
 
@@ -232,6 +224,8 @@ def agree_on_holdings(mine, order: Regroup, cpu_group) -> dict:
     interrupted by another failure can leave members at different layouts: asking them is the only truth, and
     every member then computes the same plan from the same answers.
     """
-    everyone = _all_gather_object(None if mine is None else dataclasses.asdict(mine), cpu_group)
+    from sglang_ft.distributed.regroup_groups import all_gather_object
+
+    everyone = all_gather_object(None if mine is None else dataclasses.asdict(mine), cpu_group)
     return {w: RankShard(**{k: tuple(v) for k, v in shard.items()})
             for w, shard in zip(order.workers, everyone, strict=True) if shard is not None}

@@ -73,10 +73,11 @@ def reconcile(scheduler, ledger: RequestLedger, cpu_group, is_source: bool) -> t
     import torch.distributed as dist
     from sglang.srt.utils import broadcast_pyobj
 
+    from sglang_ft.distributed.regroup_groups import all_gather_object
+
     waiting = [r.rid for r in scheduler.waiting_queue]
     mine = (waiting, [rid for rid in ledger.seen if rid not in set(waiting)])
-    everyone = [None] * dist.get_world_size(cpu_group)
-    dist.all_gather_object(everyone, mine, group=cpu_group)
+    everyone = all_gather_object(mine, cpu_group)
     common = set.intersection(*(set(w) for w, _ in everyone))
     finished_somewhere = set().union(*(set(f) for _, f in everyone))
     dropped = [r for r in scheduler.waiting_queue if r.rid not in common]
