@@ -26,7 +26,7 @@ BENCHMARKS = [
     # failover's TFS is under_faults' recovery latency; its restart baseline alone needs 45-95 s to come back here
     ("failover", "failover.py", None, []),
     ("under faults", "under_faults.py", [], ["--full"]),
-    ("balance", "balance.py", None, []),  # the naive layout only, until issue 6's balanced variants exist
+    ("balance", "balance.py", None, []),
 ]
 
 
@@ -85,14 +85,15 @@ def summary_rows(out: Path, since: float | None = None) -> list[tuple[str, str, 
                      _times(ratios["recovery_rr_over_ft"]), ">= 100x"))
         rows.append(("under faults: requests lost by sglang-ft", f"{ratios['ft_lost']}", "0"))
     if balance := _load(out, "balance.json"):
-        variant = balance["variant"]
-        naive = variant["kv_placement"] == "contiguous" and variant["attention"] == "tp"
-        layout = f"{variant['kv_placement']} KV, {variant['attention']} attention"
-        after = balance["after"]
-        rows.append((f"balance: KV bytes max / min worker after 1 of 4 fails ({layout})",
-                     f"{after['kv_max_min_ratio']}", ">= 1.33 (naive)" if naive else "<= 1.05"))
-        rows.append((f"balance: busy time slowest / mean worker after the failure ({layout})",
-                     f"{after['busy_slowest_mean_ratio']}", "-" if naive else "<= 1.10"))
+        for name, variant in balance.get("variants", {}).items():
+            naive = variant["attention"] == "tp"
+            after = variant["after"]
+            rows.append((f"balance: KV bytes max / min worker after 1 of 4 fails ({name})",
+                         f"{after['kv_max_min_ratio']}", ">= 1.33 (naive)" if naive else "<= 1.05"))
+            rows.append((f"balance: busy time slowest / mean worker after the failure ({name})",
+                         f"{after['busy_slowest_mean_ratio']}", "-" if naive else "<= 1.10"))
+            rows.append((f"balance: prefix cache hit rate after the failure ({name})",
+                         f"{after.get('prefix_hit_rate')}", "-"))
     return rows
 
 

@@ -389,6 +389,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--min-live", type=int, default=1, help="never fail a worker that would leave fewer serving")
     parser.add_argument("--heartbeat-timeout-ms", type=int, default=FtArgs.heartbeat_timeout_ms,
                         help="the server's --ft-heartbeat-timeout-ms (default: sglang-ft's)")
+    parser.add_argument("--attention", choices=("tp", "hybrid"), default="tp", help="the server's --ft-attention")
+    parser.add_argument("--routing", choices=("round_robin", "load", "prefix_load"), default="prefix_load",
+                        help="the server's --ft-routing (with --attention hybrid)")
     parser.add_argument("--hung-after-s", type=float, default=120.0, help="a request taking longer counts as hung")
     parser.add_argument("--rejoin-timeout-s", type=float, default=300.0,
                         help="after the last fault, wait this long for dead workers to come back")
@@ -412,7 +415,8 @@ def main(argv: list[str] | None = None) -> dict:
     if not (args.model_dir / "config.json").exists():
         make_tiny_model.main([str(args.model_dir)])
     expected = dict(zip(PROMPTS, greedy_token_ids(str(args.model_dir), PROMPTS, args.max_new_tokens)))
-    flags = ["--ft-enable-fault-injection", "--ft-heartbeat-timeout-ms", str(args.heartbeat_timeout_ms)]
+    flags = ["--ft-enable-fault-injection", "--ft-heartbeat-timeout-ms", str(args.heartbeat_timeout_ms),
+             "--ft-attention", args.attention, "--ft-routing", args.routing]
     flags += ["--ft-respawn", "--ft-respawn-delay-s", "1"] if args.rejoin == "auto" else []
     server = ServerProcess(str(args.model_dir), tp_size=args.tp, ft=True, extra_args=flags).start()
     print(f"[chaos] TP {args.tp} --ft server healthy in {server.startup_s:.1f} s; {args.clients} clients, up to "

@@ -112,15 +112,17 @@ class KvBackupSender:
         self._socket.setsockopt(zmq.SNDHWM, queue_messages)
         self._socket.connect(endpoint)
 
-    def write(self, layer: int, slots: np.ndarray, k_rows: np.ndarray, v_rows: np.ndarray) -> bool:
-        """Back up `k_rows`/`v_rows` ([n, heads, dim], raw dtype) of `slots` for this worker's heads."""
-        header = KvWrite(self.epoch, self.worker, self.seq, layer, self.heads, self.geometry, self.sender)
+    def write(self, layer: int, slots: np.ndarray, k_rows: np.ndarray, v_rows: np.ndarray,
+              heads: Span | None = None) -> bool:
+        """Back up `k_rows`/`v_rows` ([n, heads, dim], raw dtype) of `slots` for this worker's heads (or `heads`:
+        the remainder heads of hybrid attention, for the requests it owns)."""
+        header = KvWrite(self.epoch, self.worker, self.seq, layer, heads or self.heads, self.geometry, self.sender)
         return self._send([encode(header), _int64(slots), np.ascontiguousarray(k_rows),
                            np.ascontiguousarray(v_rows)])
 
-    def drop(self, slots: np.ndarray) -> bool:
-        """Tell the store `slots` were freed (their rows for this worker's heads are stale from now on)."""
-        return self._send([encode(KvDrop(self.epoch, self.worker, self.seq, self.heads, self.sender)),
+    def drop(self, slots: np.ndarray, heads: Span | None = None) -> bool:
+        """Tell the store `slots` were freed (their rows for this worker's heads, or `heads`, are stale now)."""
+        return self._send([encode(KvDrop(self.epoch, self.worker, self.seq, heads or self.heads, self.sender)),
                            _int64(slots)])
 
     def _send(self, frames) -> bool:

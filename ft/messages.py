@@ -24,6 +24,12 @@ class WorkerLoad(msgspec.Struct, frozen=True):
     last_step_collective_ms: float | None = None  # of which inside TP collectives: waiting for wider peers (CPU)
     steps: int = 0  # forwards since the worker started
     busy_ms_total: float = 0.0  # their time outside TP collectives (CPU): this worker's own work, summed
+    # hybrid attention: the remainder heads this worker computes for the requests it owns, and their KV
+    remainder_kv_heads: int = 0
+    remainder_requests: int = 0  # unfinished requests it owns
+    remainder_kv_tokens_used: int = 0
+    remainder_kv_bytes_per_token: int = 0
+    remainder_rows_copied: int = 0  # cached-prefix rows received from the worker that computed them
 
 
 class Heartbeat(msgspec.Struct, tag=True, frozen=True):

@@ -98,10 +98,20 @@ class RankShard:
 
 @dataclass(frozen=True)
 class TPLayout:
-    """A whole TP group's assignment: `shards[r]` is what TP rank r holds."""
+    """A whole TP group's assignment: `shards[r]` is what TP rank r holds.
+
+    Under hybrid attention (`ft.remainder_routing`) the shards' KV-head spans tile only the evenly divisible heads
+    and `remainder` is the span of KV heads every rank holds the weights of and runs as data-parallel attention,
+    each request's on its owner; it is empty otherwise.
+    """
 
     shape: ModelShape
     shards: tuple[RankShard, ...]
+    remainder: Span = (0, 0)
+
+    @property
+    def num_remainder_kv_heads(self) -> int:
+        return self.remainder[1] - self.remainder[0]
 
     @property
     def tp_size(self) -> int:
@@ -111,20 +121,28 @@ class TPLayout:
         return self.shards[rank]
 
     @classmethod
-    def even(cls, shape: ModelShape, tp_size: int) -> "TPLayout":
-        """The balanced layout: rank r gets the r-th span of every dimension."""
+    def even(cls, shape: ModelShape, tp_size: int, hybrid: bool = False) -> "TPLayout":
+        """The balanced layout: rank r gets the r-th span of every dimension. With `hybrid`, every rank gets
+        `H // tp_size` KV heads and the `H % tp_size` last ones are the data-parallel remainder."""
         check_tp_size(shape, tp_size)
-        kv = spans_from_sizes(balanced_sizes(shape.num_key_value_heads, tp_size))
+        heads = shape.num_key_value_heads
+        tp_heads = heads - heads % tp_size if hybrid else heads
+        kv = spans_from_sizes(balanced_sizes(tp_heads, tp_size))
         mlp = spans_from_sizes(balanced_sizes(shape.intermediate_size, tp_size))
         vocab = spans_from_sizes(balanced_sizes(shape.vocab_size, tp_size))
-        layout = cls(shape, tuple(RankShard(k, m, v) for k, m, v in zip(kv, mlp, vocab)))
+        remainder = (tp_heads, heads) if tp_heads < heads else (0, 0)
+        layout = cls(shape, tuple(RankShard(k, m, v) for k, m, v in zip(kv, mlp, vocab)), remainder)
         layout.validate()
         return layout
 
     def validate(self) -> None:
         """Raise ValueError unless every dimension is covered exactly once by non-empty spans."""
+        heads = self.shape.num_key_value_heads
+        tp_heads = self.remainder[0] if self.num_remainder_kv_heads else heads
+        if self.remainder != (0, 0) and not 0 < self.remainder[0] < self.remainder[1] == heads:
+            raise ValueError(f"remainder heads {self.remainder} are not the last ones of the {heads} KV heads")
         dims = {
-            "kv_heads": self.shape.num_key_value_heads,
+            "kv_heads": tp_heads,
             "mlp_columns": self.shape.intermediate_size,
             "vocab_rows": self.shape.vocab_size,
         }
@@ -139,13 +157,14 @@ class TPLayout:
                 raise ValueError(f"{dim} spans {spans} do not cover [0, {total})")
 
     def to_json(self) -> str:
-        return json.dumps({"shape": asdict(self.shape), "shards": [asdict(s) for s in self.shards]})
+        return json.dumps({"shape": asdict(self.shape), "shards": [asdict(s) for s in self.shards],
+                           "remainder": self.remainder})
 
     @classmethod
     def from_json(cls, text: str) -> "TPLayout":
         data = json.loads(text)
         shards = tuple(RankShard(**{k: tuple(v) for k, v in s.items()}) for s in data["shards"])
-        layout = cls(ModelShape(**data["shape"]), shards)
+        layout = cls(ModelShape(**data["shape"]), shards, tuple(data.get("remainder", (0, 0))))
         layout.validate()
         return layout
 

@@ -38,6 +38,9 @@ class Move:
     dst: int
     src: int | None
     nbytes: int
+    # KV heads `src` holds as hybrid attention's remainder (every rank has their weights; their KV is spread over
+    # the group by request, so it comes from the backup store); `src` may be `dst` itself
+    from_remainder: bool = False
 
 
 @dataclass(frozen=True)
@@ -136,39 +139,70 @@ def plan_migration(
     held: dict[int, RankShard | None],
     new_workers: list[int],
     unit_bytes: dict[str, int] | None = None,
+    hybrid: bool = False,
+    remainder_held: dict[int, Span] | None = None,
 ) -> MigrationPlan:
     """Plan the group of `new_workers` (ids, in new rank order) given what each worker holds now.
 
     `held` maps every worker that holds anything (dead ones included, so their slices are known) to its shard;
-    a new worker absent from `held` or mapped to None holds nothing (a rejoin).
+    a new worker absent from `held` or mapped to None holds nothing (a rejoin). With `hybrid`, only the evenly
+    divisible KV heads are spread (`TPLayout.even(..., hybrid=True)`); the remainder heads every rank holds whole
+    are the reshard's to fill (`sglang_ft.model_executor.reshard`), so they are not among the moves.
+    `remainder_held` maps workers of a hybrid group to the remainder heads they hold: KV heads nobody holds by TP
+    come from one of them (`Move.from_remainder`) rather than from disk.
     """
     check_tp_size(shape, len(new_workers))
     unit_bytes = unit_bytes or bytes_per_unit(shape)
-    totals = {"kv_heads": shape.num_key_value_heads, "mlp_columns": shape.intermediate_size,
-              "vocab_rows": shape.vocab_size}
+    heads = shape.num_key_value_heads
+    tp_heads = heads - heads % len(new_workers) if hybrid else heads
+    totals = {"kv_heads": tp_heads, "mlp_columns": shape.intermediate_size, "vocab_rows": shape.vocab_size}
     live = set(new_workers)
     new_spans: dict[str, list[Span]] = {}
     moves: list[Move] = []
     kept = p2p = reloaded = 0
     for dim in DIMENSIONS:
-        old = [getattr(held[w], dim) if held.get(w) is not None else None for w in new_workers]
+        old = [_clip(getattr(held[w], dim), totals[dim]) if held.get(w) is not None else None for w in new_workers]
         spans = best_spans(totals[dim], old)
         new_spans[dim] = spans
         for worker, mine, span in zip(new_workers, old, spans):
-            for start, end, src in _sources(span, worker, mine, dim, held, live):
+            for start, end, src, from_remainder in _sources_with_remainder(span, worker, mine, dim, held, live,
+                                                                             remainder_held or {}):
                 nbytes = (end - start) * unit_bytes[dim]
-                if src == worker:
+                if src == worker and not from_remainder:
                     kept += nbytes
                     continue
-                moves.append(Move(dim, start, end, worker, src, nbytes))
-                if src is None:
+                moves.append(Move(dim, start, end, worker, src, nbytes, from_remainder))
+                if src == worker:
+                    kept += nbytes
+                elif src is None:
                     reloaded += nbytes
                 else:
                     p2p += nbytes
     shards = tuple(RankShard(*(new_spans[d][r] for d in DIMENSIONS)) for r in range(len(new_workers)))
-    layout = TPLayout(shape, shards)
+    layout = TPLayout(shape, shards, (tp_heads, heads) if tp_heads < heads else (0, 0))
     layout.validate()
     return MigrationPlan(tuple(new_workers), layout, tuple(moves), kept, p2p, reloaded)
+
+
+def _clip(span: Span, total: int) -> Span | None:
+    """`span` within [0, total) (a worker's heads beyond a hybrid layout's TP part count for nothing there)."""
+    return (span[0], min(span[1], total)) if span[0] < total else None
+
+
+def _sources_with_remainder(span: Span, worker: int, mine: Span | None, dim: str, held, live,
+                            remainder_held: dict[int, Span]) -> list[tuple[int, int, int | None, bool]]:
+    """`_sources`, where KV heads no live worker holds by TP come from a live holder of them as remainder heads
+    (this worker first) before the disk."""
+    found = []
+    for start, end, src in _sources(span, worker, mine, dim, held, live):
+        if src is not None or dim != "kv_heads" or not remainder_held:
+            found.append((start, end, src, False))
+            continue
+        holders = {w: RankShard(s, (0, 0), (0, 0)) for w, s in remainder_held.items() if w in live}
+        for lo, hi, holder in _sources((start, end), worker, remainder_held.get(worker) if worker in live else None,
+                                       dim, holders, live):
+            found.append((lo, hi, holder, holder is not None))
+    return found
 
 
 def _sources(span: Span, worker: int, mine: Span | None, dim: str, held, live) -> list[tuple[int, int, int | None]]:
@@ -217,6 +251,8 @@ def schedule_transfers(plan: MigrationPlan, bandwidth: Bandwidth) -> TransferSch
     disk: dict[int, list[Move]] = {}
     p2p_out: dict[int, int] = {}
     for move in plan.moves:
+        if move.src == move.dst:  # a worker's own remainder heads becoming TP heads: a local copy
+            continue
         if move.src is None:
             disk.setdefault(move.dst, []).append(move)
         else:

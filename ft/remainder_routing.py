@@ -88,6 +88,12 @@ class RemainderRouter:
         self.owner_of[rid], self.tokens_of[rid] = owner, max(0, tokens)
         return owner
 
+    def assign(self, rid: str, tokens: int, owner: int) -> None:
+        """Record `rid` with an owner chosen elsewhere (a regroup placing the requests it resumes)."""
+        if owner not in self.workers:
+            raise ValueError(f"worker {owner} is not in the group {self.workers}")
+        self.owner_of[rid], self.tokens_of[rid] = owner, max(0, tokens)
+
     def progress(self, rid: str, tokens_left: int) -> None:
         """`rid` now owes `tokens_left` tokens (after a step generated some)."""
         if rid in self.tokens_of:

@@ -19,9 +19,11 @@ def test_summary_reads_every_recorded_result():
     throughput = rows["under faults: throughput, sglang-ft / restart-and-reload"][0]
     assert throughput == (f"{faults['throughput_ft_over_rr']}x" if not faults.get("throughput_ratio_unbounded") else
                           "unbounded (restart-and-reload served no token in the window)")
-    balance = json.loads((RESULTS / "balance.json").read_text())["after"]
-    assert rows["balance: KV bytes max / min worker after 1 of 4 fails (contiguous KV, tp attention)"] == (
-        str(balance["kv_max_min_ratio"]), ">= 1.33 (naive)")
+    balance = json.loads((RESULTS / "balance.json").read_text())["variants"]
+    assert rows["balance: KV bytes max / min worker after 1 of 4 fails (tp)"] == (
+        str(balance["tp"]["after"]["kv_max_min_ratio"]), ">= 1.33 (naive)")
+    assert rows["balance: KV bytes max / min worker after 1 of 4 fails (hybrid-load)"] == (
+        str(balance["hybrid-load"]["after"]["kv_max_min_ratio"]), "<= 1.05")
     assert any(measure.startswith("scale model") for measure in rows)
     assert any(measure.startswith("throughput: --ft / plain, TP 4") for measure in rows)
 

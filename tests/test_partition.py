@@ -87,3 +87,23 @@ def test_balanced_sizes_refuses_empty_parts():
     assert balanced_sizes(7, 3) == [3, 2, 2]
     with pytest.raises(ValueError):
         balanced_sizes(2, 3)
+
+
+@pytest.mark.parametrize("kv_heads, tp, per_rank, remainder", [(8, 3, 2, (6, 8)), (4, 3, 1, (3, 4)), (8, 4, 2, (0, 0)),
+                                                               (12, 5, 2, (10, 12))])
+def test_hybrid_layout_gives_every_rank_the_same_heads_and_keeps_the_rest_as_remainder(kv_heads, tp, per_rank,
+                                                                                         remainder):
+    shape = ModelShape(kv_heads * 2, kv_heads, 8, kv_heads * 16, 96, 128, 2)
+    layout = TPLayout.even(shape, tp, hybrid=True)
+    assert [s.num_kv_heads for s in layout.shards] == [per_rank] * tp
+    assert layout.remainder == remainder and layout.num_remainder_kv_heads == kv_heads % tp
+    assert TPLayout.from_json(layout.to_json()) == layout
+    assert TPLayout.from_json(TPLayout.even(shape, tp).to_json()).remainder == (0, 0)  # older messages: none
+
+
+@pytest.mark.parametrize("remainder", [(5, 8), (6, 7), (0, 8)])
+def test_a_remainder_that_is_not_the_last_heads_left_over_is_rejected(remainder):
+    shape = ModelShape(16, 8, 8, 128, 96, 128, 2)
+    even = TPLayout.even(shape, 3, hybrid=True)
+    with pytest.raises(ValueError):
+        TPLayout(shape, even.shards, remainder).validate()

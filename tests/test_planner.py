@@ -118,3 +118,37 @@ def test_schedule_overlaps_peer_copies_and_disk_reads():
     assert 0 < schedule.estimated_s <= schedule.sequential_s
     for queue in schedule.p2p_queues.values():
         assert [m.nbytes for m in queue] == sorted((m.nbytes for m in queue), reverse=True)
+
+
+def test_a_hybrid_plan_spreads_the_divisible_heads_and_leaves_the_remainder_to_every_rank():
+    """8 KV heads, worker 2 of 4 lost: 2 heads each by TP over 3 workers, heads 6-7 the remainder; a survivor keeps
+    what it held of the TP part, and no move is planned for the remainder heads."""
+    shape = ModelShape(16, 8, 8, 128, 96, 128, 2)
+    held = dict(enumerate(TPLayout.even(shape, 4).shards))
+    plan = plan_migration(shape, held, [0, 1, 3], hybrid=True)
+    assert plan.layout.remainder == (6, 8) and [s.kv_heads for s in plan.layout.shards] == [(0, 2), (2, 4), (4, 6)]
+    assert all(m.end <= 6 for m in plan.moves if m.dim == "kv_heads")
+    assert {(m.start, m.end, m.src) for m in plan.moves if m.dim == "kv_heads"} == {(4, 6, None)}  # worker 2's
+    assert plan_migration(shape, held, [0, 1, 3]).layout.remainder == (0, 0)
+    assert plan_migration(shape, held, [0, 1, 2, 3], hybrid=True).layout.remainder == (0, 0)  # 8 over 4: none
+
+
+def test_a_rejoin_after_hybrid_attention_takes_the_remainder_heads_from_a_peer_not_the_disk():
+    """4 KV heads at TP 3 hybrid (1 each by TP, head 3 the remainder on every rank) back to TP 4: the joiner's
+    head comes from a survivor's remainder copy; no byte is read from disk."""
+    shape = ModelShape(8, 4, 8, 64, 96, 128, 2)
+    hybrid = plan_migration(shape, dict(enumerate(TPLayout.even(shape, 4).shards)), [0, 2, 3], hybrid=True).layout
+    held = dict(zip([0, 2, 3], hybrid.shards))
+    plan = plan_migration(shape, held, [0, 1, 2, 3], remainder_held={w: hybrid.remainder for w in (0, 2, 3)})
+    heads = [m for m in plan.moves if m.dim == "kv_heads"]
+    assert plan.bytes_reloaded == 0 and heads and all(m.from_remainder and m.src in (0, 2, 3) for m in heads)
+    without = plan_migration(shape, held, [0, 1, 2, 3])
+    assert without.bytes_reloaded > 0  # what the remainder holders save
+
+
+def test_a_workers_own_remainder_head_that_becomes_its_tp_head_is_kept_and_its_kv_restored():
+    shape = ModelShape(8, 4, 8, 64, 96, 128, 2)
+    held = {0: TPLayout.even(shape, 2).shards[0]}  # worker 0 alone held heads 0-1 by TP ...
+    plan = plan_migration(shape, held, [0], remainder_held={0: (2, 4)})  # ... and 2-3 as remainder
+    assert [(m.start, m.end, m.src, m.from_remainder) for m in plan.moves if m.dim == "kv_heads"] == [(2, 4, 0, True)]
+    assert plan.bytes_p2p == 0  # a local copy, not a transfer (the other dimensions' halves come from disk)

@@ -91,3 +91,24 @@ def test_even_heads_by_tensor_parallel_plus_remainder_heads_by_owner_sum_to_full
     torch.testing.assert_close(total, expected, rtol=1e-4, atol=1e-4)
     if remainder:  # the remainder KV is spread by owner, not held by one worker for every request
         assert len(set(owners)) == min(workers, len(lengths))
+
+
+def test_a_decode_batch_in_one_padded_call_equals_attention_per_request():
+    torch.manual_seed(3)
+    heads, lengths = 1, [4, 9, 1, 6]
+    pool = RemainderKvPool(2, heads, D, global_slots=64, capacity=32)
+    slots = torch.randperm(63)[: sum(lengths)] + 1
+    spans, cursor = [], 0
+    for i, n in enumerate(lengths):
+        mine = slots[cursor : cursor + n]
+        pool.write(1, mine, torch.randn(n, heads, D), torch.randn(n, heads, D))
+        spans.append(OwnedSpan(i, 1, mine))
+        cursor += n
+    q = torch.randn(len(lengths), heads * GROUP, D)
+    batched = remainder_attention(q, pool, 1, spans, GROUP, D**-0.5)
+    one_by_one = torch.cat([remainder_attention(q[i : i + 1], pool, 1, [OwnedSpan(0, 1, s.slots)], GROUP, D**-0.5)
+                            for i, s in enumerate(spans)])
+    torch.testing.assert_close(batched, one_by_one)
+    pool.release(spans[2].slots)
+    with pytest.raises(KeyError):
+        remainder_attention(q, pool, 1, spans, GROUP, D**-0.5)

@@ -62,3 +62,11 @@ def test_load_keeps_every_worker_within_one_request_of_the_least_loaded(sizes, w
         router.admit(str(i), tokens)
     loads = router.load().values()
     assert max(loads) - min(loads) <= max(sizes)
+
+
+def test_a_regroup_can_place_a_request_on_an_owner_chosen_for_it():
+    router = RemainderRouter((0, 1, 2), "load")
+    router.assign("resumed", 40, 2)
+    assert router.owner_of["resumed"] == 2 and router.load() == {0: 0, 1: 0, 2: 40}
+    with pytest.raises(ValueError, match="not in the group"):
+        router.assign("other", 1, 5)

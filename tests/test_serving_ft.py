@@ -1,6 +1,6 @@
 """With `--ft`: the elastic unequal-width model equals transformers at TP 1-4, and SGLang's features still work.
 
-Servers are expensive (about a minute each here), so the matrix ends on the TP 3 server (unequal widths: 4+2+2
+Servers are expensive (about a minute each here), so the matrix ends on the TP 3 server (unequal widths: 6+3+3
 query heads) that the feature tests then reuse.
 """
 
@@ -13,10 +13,11 @@ from conftest import MAX_NEW_TOKENS, PROMPTS
 
 pytestmark = pytest.mark.server
 
-# Unequal splits at TP 3 for a Qwen2 config of 12 heads (q/k/v biases) and for the default Llama, whose server the
-# feature tests then reuse; an even one at TP 1, on a Mistral config. TP 2 is compared with transformers on
-# test_ft_endpoints's server, TP 4 by the failover, ecosystem and demo tests; 12 heads at 1, 2 and 4 split evenly.
-MATRIX = [("mistral-8h", 1), ("qwen2-12h", 3), ("8h", 3)]
+# An unequal split at TP 3 for a Qwen2 config of 12 heads and 4 KV heads (q/k/v biases), whose server the feature
+# tests then reuse; an even one at TP 1, on a Mistral config. TP 2 is compared with transformers on
+# test_ft_endpoints's server, TP 4 by the failover, ecosystem and demo tests, the default Llama at TP 3 by the
+# failover tests (contiguous) and test_hybrid_attention (hybrid).
+MATRIX = [("mistral-8h", 1), ("qwen2-12h", 3)]
 
 
 @pytest.fixture
@@ -35,8 +36,8 @@ def test_greedy_equals_transformers_and_ranks_read_only_their_slices(servers, mo
 
 
 @pytest.fixture
-def tp3(servers, tiny_model):
-    return servers.get(tiny_model, 3, True)
+def tp3(servers, tiny_qwen2_12h):
+    return servers.get(tiny_qwen2_12h, 3, True)
 
 
 def test_radix_prefix_cache_hits_and_keeps_output(tp3):
@@ -48,7 +49,8 @@ def test_radix_prefix_cache_hits_and_keeps_output(tp3):
 
 
 def test_status_shows_each_workers_unequal_share_and_its_load(tp3):
-    """4 KV heads over 3 workers: 2 + 1 + 1, so the same cached tokens cost rank 0 twice the KV bytes."""
+    """4 KV heads over 3 workers: 2 + 1 + 1, so the same cached tokens cost rank 0 twice the KV bytes (the
+    imbalance `--ft-attention hybrid` removes: test_hybrid_attention)."""
     import threading
 
     def workers():
@@ -62,7 +64,8 @@ def test_status_shows_each_workers_unequal_share_and_its_load(tp3):
     running.join()
     settled = wait_for(lambda: (w := workers()) and all(x["running_requests"] == 0 for x in w) and w,
                        what="every worker to report it finished")
-    assert [x["kv_heads"] for x in settled] == [2, 1, 1] and [x["q_heads"] for x in settled] == [4, 2, 2]
+    assert [x["kv_heads"] for x in settled] == [2, 1, 1] and [x["q_heads"] for x in settled] == [6, 3, 3]
+    assert [x["remainder_kv_heads"] for x in settled] == [0, 0, 0]
     used = {x["kv_tokens_used"] for x in settled}
     assert len(used) == 1 and used.pop() > 0  # the same tokens (the radix cache keeps them) on every worker
     assert len({x["kv_tokens_used"] + x["kv_tokens_free"] for x in settled}) == 1
@@ -73,7 +76,7 @@ def test_status_shows_each_workers_unequal_share_and_its_load(tp3):
     assert all(0 < x["last_step_collective_ms"] < x["last_step_ms"] for x in settled)  # gloo: blocking, timed
 
 
-def test_streaming_yields_the_same_tokens(tp3, hf_outputs, tiny_model):
+def test_streaming_yields_the_same_tokens(tp3, hf_outputs, tiny_qwen2_12h):
     body = {"text": PROMPTS[0], "sampling_params": {**GREEDY, "max_new_tokens": MAX_NEW_TOKENS}, "stream": True}
     chunks = []
     with requests.post(f"{tp3.url}/generate", json=body, stream=True, timeout=300) as response:
@@ -84,7 +87,7 @@ def test_streaming_yields_the_same_tokens(tp3, hf_outputs, tiny_model):
     assert len(chunks) > 1
     ids = [c["output_ids"] for c in chunks]  # each chunk carries every token so far
     assert all(later[: len(earlier)] == earlier and len(later) > len(earlier) for earlier, later in zip(ids, ids[1:]))
-    assert ids[-1] == hf_outputs(tiny_model)[0]
+    assert ids[-1] == hf_outputs(tiny_qwen2_12h)[0]
 
 
 def test_openai_completions_and_chat(tp3):

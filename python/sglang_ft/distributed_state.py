@@ -21,11 +21,14 @@ def _tp_rank_and_size() -> tuple[int, int]:
 
 
 def current_layout(hf_config) -> TPLayout:
-    """The layout of this TP group, the balanced one unless a regroup installed another."""
+    """The layout of this TP group, the balanced one (hybrid under `--ft-attention hybrid`) unless a regroup
+    installed another."""
     global _layout
     if _layout is None:
+        from sglang_ft.server_args import ft_args
+
         _, tp_size = _tp_rank_and_size()
-        _layout = TPLayout.even(model_shape_of(hf_config), tp_size)
+        _layout = TPLayout.even(model_shape_of(hf_config), tp_size, hybrid=ft_args().attention == "hybrid")
     return _layout
 
 

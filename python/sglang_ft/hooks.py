@@ -48,6 +48,8 @@ def around_from_cli_args(original, cls, args, *rest, **kwargs):
             cli_error("; ".join(problems))
         # Recovery re-enters SGLang's plain loop; overlap scheduling buys nothing without an accelerator stream.
         server_args.disable_overlap_schedule = True
+        if ft.attention == "hybrid":  # which rows a worker computes changes with every batch's owners
+            server_args.disable_cuda_graph = True
         if server_args.max_queued_requests is None:  # a flood gets 503 + Retry-After, not unbounded memory
             server_args.max_queued_requests = FT_DEFAULT_MAX_QUEUED_REQUESTS
     return server_args
@@ -94,6 +96,9 @@ def after_scheduler_init(_result, scheduler, server_args, port_args, *args, **kw
     if ft.kv_backup:
         worker.start_kv_backup(scheduler.tp_worker.model_runner, scheduler.token_to_kv_pool_allocator)
     install_worker(worker)
+    from sglang_ft.managers import remainder_owners
+
+    remainder_owners.install(scheduler, ft, worker.kv_stream)
     # the "kill_unsent" fault (ft_controller.FAULT_SIGNALS) arms a death right before this worker's next send,
     # "fail_step" a failure of its next step right after the forward
     signal.signal(signal.SIGUSR1, lambda *_: setattr(worker, "die_before_next_send", True))
@@ -172,14 +177,22 @@ def after_set_kv_buffer(_result, pool, layer, loc_info, *_args, **kwargs):
 
 
 def after_free_slots(_result, allocator, free_index, *_args, **_kwargs):
-    """Freed token slots no longer hold backed-up KV."""
+    """Freed token slots no longer hold backed-up KV, nor remainder heads' KV (hybrid attention)."""
+    from sglang_ft.managers.remainder_owners import active
+
+    if (placement := active()) is not None:
+        placement.release_slots(free_index)
     stream = _kv_stream()
     if stream is not None:
         stream.on_slots_freed(allocator, free_index)
 
 
 def after_clear_allocator(_result, allocator, *_args, **_kwargs):
-    """A flush frees every slot: none holds backed-up KV any more."""
+    """A flush frees every slot: none holds backed-up KV (or remainder heads' KV) any more."""
+    from sglang_ft.managers.remainder_owners import active
+
+    if (placement := active()) is not None:
+        placement.clear()
     stream = _kv_stream()
     if stream is not None:
         stream.on_allocator_cleared(allocator)
@@ -226,12 +239,26 @@ def before_process_input_requests(scheduler, recv_reqs, *args, **kwargs):
 
 
 def after_stream_output(_result, streamer, reqs, *_args, **_kwargs):
-    """Remember the requests that just finished: a dying rank 0 may not have sent their end (output_rewind.py)."""
+    """Remember the requests that just finished: a dying rank 0 may not have sent their end (output_rewind.py);
+    under hybrid attention they no longer count towards their owner's load."""
     from sglang_ft.managers.ft_worker import current_worker
+    from sglang_ft.managers.remainder_owners import active
 
     worker = current_worker()
     if worker is not None:
         worker.finished.record(reqs)
+    if (placement := active()) is not None:
+        placement.finished(reqs)
+
+
+def around_match_kv_cache(original, req, tree_cache, *args, **kwargs):
+    """Under hybrid attention, a request's owner is chosen at its first radix-cache match, and it reuses a cached
+    prefix only as far as that owner holds the prefix's remainder heads (managers/remainder_owners.py)."""
+    from sglang_ft.managers import remainder_owners
+
+    if remainder_owners.active() is None:
+        return original(req, tree_cache, *args, **kwargs)
+    return remainder_owners.around_match_kv_cache(original, req, tree_cache, *args, **kwargs)
 
 
 def around_send_output(original, sender, output, *args, **kwargs):
@@ -434,6 +461,7 @@ HOOKS: list[tuple[str, HookType, object]] = [
     ("sglang.srt.mem_cache.memory_pool.MHATokenToKVPool.set_kv_buffer", HookType.AFTER, after_set_kv_buffer),
     ("sglang.srt.mem_cache.allocator.token.TokenToKVPoolAllocator.free", HookType.AFTER, after_free_slots),
     ("sglang.srt.mem_cache.allocator.token.TokenToKVPoolAllocator.clear", HookType.AFTER, after_clear_allocator),
+    ("sglang.srt.mem_cache.common.match_kv_cache", HookType.AROUND, around_match_kv_cache),
     (
         "sglang.srt.managers.tokenizer_manager.TokenizerManager._dispatch_to_scheduler",
         HookType.AROUND,

@@ -34,6 +34,8 @@ class FtArgs:
     respawn: bool = False
     respawn_delay_s: float = 5.0
     drain_timeout_s: float = 60.0
+    attention: str = "tp"  # or "hybrid": the KV heads that do not divide evenly run as data-parallel attention
+    routing: str = "prefix_load"  # which worker owns a request's remainder heads under hybrid attention
     runtime_dir: str = ""  # where the FT controller's sockets live; set by the launcher
     # Across nodes (SGLang's --nnodes): the controller and the backup store run on node 0 and every node's workers
     # reach them over TCP at this host, on CONTROLLER_PORT_OFFSET + 0..4 past SGLang's --dist-init-addr port.
@@ -113,6 +115,8 @@ class FtArgs:
             respawn=bool(getattr(args, "ft_respawn", False)),
             respawn_delay_s=getattr(args, "ft_respawn_delay_s", cls.respawn_delay_s),
             drain_timeout_s=getattr(args, "ft_drain_timeout_s", cls.drain_timeout_s),
+            attention=getattr(args, "ft_attention", cls.attention),
+            routing=getattr(args, "ft_routing", cls.routing),
         )
 
 
@@ -184,6 +188,24 @@ def add_ft_cli_args(parser: argparse.ArgumentParser) -> None:
         default=FtArgs.drain_timeout_s,
         help="On SIGTERM the server stops admitting and drains the requests in flight; those still running this "
         "long after are aborted (their clients get an abort, nothing is left hanging) and the shutdown completes.",
+    )
+    group.add_argument(
+        "--ft-attention",
+        choices=("tp", "hybrid"),
+        default=FtArgs.attention,
+        help="How KV heads that do not divide evenly over the TP workers are served. tp: unequal spans (4 KV heads "
+        "over 3 workers = 2+1+1), so one worker stores and computes more. hybrid: every worker runs H // W heads "
+        "as tensor-parallel attention and the H %% W remainder heads run as data-parallel attention, each request's "
+        "whole on one worker (its owner, by --ft-routing), so KV memory and attention work even out (FailSafe's "
+        "cyclic placement and hybrid attention, per request). Applies to the group formed at launch.",
+    )
+    group.add_argument(
+        "--ft-routing",
+        choices=("round_robin", "load", "prefix_load"),
+        default=FtArgs.routing,
+        help="With --ft-attention hybrid, which worker owns a request's remainder heads: in turn; the one with the "
+        "fewest outstanding tokens; or the one holding its cached prefix unless that one is overloaded (SGLang's "
+        "cache-aware balance rule), else the least loaded.",
     )
     group.add_argument(
         "--ft-enable-fault-injection",

@@ -66,6 +66,19 @@ class RemainderKvPool:
         self.k[layer, local] = k.to(self.k.dtype)
         self.v[layer, local] = v.to(self.v.dtype)
 
+    def rows(self, global_slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every layer's K and V rows of `global_slots` (held here), [layers, slots, heads, head_dim]."""
+        local = self.local_of[global_slots]
+        if bool((local < 0).any()):
+            raise KeyError("asked for remainder KV rows this worker does not hold")
+        return self.k[:, local], self.v[:, local]
+
+    def put_rows(self, global_slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store every layer's K and V rows of `global_slots` (a copy from the worker that wrote them)."""
+        local = self.assign(global_slots)
+        self.k[:, local] = k.to(self.k.dtype)
+        self.v[:, local] = v.to(self.v.dtype)
+
     def read(self, layer: int, global_slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         local = self.local_of[global_slots]
         if bool((local < 0).any()):
@@ -83,10 +96,23 @@ class OwnedSpan:
     slots: torch.Tensor
 
 
+@dataclass(frozen=True)
+class RemainderBatch:
+    """A forward batch as the remainder heads see it on one rank: the token rows of the requests it owns
+    (`rows`, in batch order), the slots those tokens write, each owned request's span in the owned rows."""
+
+    pool: RemainderKvPool
+    rows: torch.Tensor
+    new_slots: torch.Tensor
+    spans: list[OwnedSpan]
+
+
 def remainder_attention(q: torch.Tensor, pool: RemainderKvPool, layer: int, spans: list[OwnedSpan],
                         group_size: int, scaling: float) -> torch.Tensor:
     """Causal attention of the remainder query heads `q` [tokens, kv_heads * group_size, head_dim] over the owned
     requests' KV in `pool`; rows of requests not owned here are zero."""
+    if len(spans) > 1 and all(span.count == 1 for span in spans) and len(q) == len(spans):
+        return _decode_attention(q, pool, layer, spans, group_size, scaling)
     out = torch.zeros_like(q)
     for span in spans:
         k, v = pool.read(layer, span.slots)
@@ -100,3 +126,21 @@ def remainder_attention(q: torch.Tensor, pool: RemainderKvPool, layer: int, span
                                                   scale=scaling)
         out[span.start : span.start + span.count] = attended.transpose(0, 1)
     return out
+
+
+def _decode_attention(q, pool: RemainderKvPool, layer: int, spans: list[OwnedSpan], group_size: int,
+                      scaling: float) -> torch.Tensor:
+    """A decode batch (one query row per owned request, `q` holding exactly those rows): one padded attention call
+    for all of them, each request's row attending to its own sequence."""
+    lengths = torch.tensor([len(span.slots) for span in spans], device=q.device)
+    table = torch.nn.utils.rnn.pad_sequence([span.slots for span in spans], batch_first=True)
+    valid = torch.arange(table.shape[1], device=q.device)[None, :] < lengths[:, None]
+    local = pool.local_of[table]
+    if bool((local[valid] < 0).any()):
+        raise KeyError("a slot of an owned request has no remainder KV on this worker")
+    local = local.clamp(min=0)
+    k = pool.k[layer, local].to(q.dtype).repeat_interleave(group_size, dim=2).transpose(1, 2)  # [n, heads, len, d]
+    v = pool.v[layer, local].to(q.dtype).repeat_interleave(group_size, dim=2).transpose(1, 2)
+    query = q[:, :, None, :]  # [n, heads, 1, d]
+    attended = F.scaled_dot_product_attention(query, k, v, attn_mask=valid[:, None, None, :], scale=scaling)
+    return attended[:, :, 0, :]

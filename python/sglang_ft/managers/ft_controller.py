@@ -99,7 +99,8 @@ class ControllerState:
 def _load_fields(load: WorkerLoad | None) -> dict:
     if load is None:
         return {}
-    return {**msgspec.structs.asdict(load), "kv_bytes_used": load.kv_tokens_used * load.kv_bytes_per_token}
+    return {**msgspec.structs.asdict(load), "kv_bytes_used": load.kv_tokens_used * load.kv_bytes_per_token
+            + load.remainder_kv_tokens_used * load.remainder_kv_bytes_per_token}
 
 
 def _kv_sender_fields(beat: Heartbeat | None) -> dict:
@@ -145,7 +146,10 @@ class FtController:
             self.orders = context.socket(zmq.PUB)
             self.orders.setsockopt(zmq.LINGER, 0)
             self.orders.bind(order_endpoint)
-        self.layout = TPLayout.even(shape, tp_size) if shape is not None else None
+        from sglang_ft.server_args import ft_args
+
+        self.hybrid = ft_args().attention == "hybrid"
+        self.layout = TPLayout.even(shape, tp_size, self.hybrid) if shape is not None else None
         self.pending: PendingRecovery | None = None
         self.failure_reported_at: float | None = None  # a worker saw a collective fail in the current epoch
         self.timeout_s = timeout_s
@@ -268,7 +272,7 @@ class FtController:
                          "%s on other nodes cannot serve alone", list(workers))
             return
         held = {w: self.layout.shards[r] for r, w in enumerate(membership.members()) if w not in joining}
-        plan = plan_migration(self.layout.shape, held, list(workers))
+        plan = plan_migration(self.layout.shape, held, list(workers), hybrid=self.hybrid)
         epoch = membership.regroup(workers)
         for worker in new_joiners:
             self.ready_joiners.discard(worker)

@@ -165,6 +165,9 @@ class FtWorker:
             self.orders.resync_requested = False
             if self.kv_stream is not None:
                 slots, sent = self.kv_stream.resync()
+                placement = self.scheduler.tp_worker.model_runner.model.remainder
+                if placement is not None:  # hybrid attention: the remainder rows this worker holds, too
+                    sent += placement.resync()
                 logger.info("sglang-ft: worker %d re-sent %d slots of KV to the restarted backup store (%d messages)",
                             self.worker, slots, sent)
         latest = self.orders.latest

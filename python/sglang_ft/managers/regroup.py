@@ -132,10 +132,12 @@ def take_over_load_snapshots(scheduler, port_args) -> None:
 def regroup_in_place(ft_worker, order: Regroup) -> RegroupDone:
     from sglang_ft.distributed.regroup_groups import all_gather_object, rebuild_process_groups
     from sglang_ft.distributed_state import install_layout
+    from sglang_ft.managers import remainder_owners
     from sglang_ft.managers.park_requests import park_every_request
     from sglang_ft.managers.request_ledger import reconcile
     from sglang_ft.managers.scheduler_sync import sync_scheduler_state
     from sglang_ft.managers.torn_step import complete_torn_step
+    from ft.kv_backup import BLOCK_TOKENS
     from sglang_ft.mem_cache.kv_reshape import reshape_kv_heads, restore_kv
     from sglang_ft.model_executor.reshard import build_model_like, reshard
 
@@ -155,8 +157,10 @@ def regroup_in_place(ft_worker, order: Regroup) -> RegroupDone:
     if new_rank == 0 and (not ft_worker.group or ft_worker.group[0] != me):
         take_over_tokenizer_channels(scheduler, ft_worker.port_args)
         await_output_counts(ft_worker, order.epoch)
-    held = agree_on_holdings(old_model.shard if ft_worker.holds_weights else None, order, scheduler.tp_cpu_group)
-    plan = plan_migration(old_model.layout.shape, held, list(order.workers))
+    held, remainder_held = agree_on_holdings(old_model if ft_worker.holds_weights else None, order,
+                                             scheduler.tp_cpu_group)
+    plan = plan_migration(old_model.layout.shape, held, list(order.workers),
+                          hybrid=ft_worker.ft.attention == "hybrid", remainder_held=remainder_held)
     if plan.layout != TPLayout.from_json(order.layout_json):
         logger.warning("sglang-ft: the controller planned epoch %d from an older view of who holds what (a regroup "
                        "was interrupted); the group follows what its members hold", order.epoch)
@@ -181,6 +185,7 @@ def regroup_in_place(ft_worker, order: Regroup) -> RegroupDone:
     stats = reshard(old_model, new_model, plan, me, runner.model_config.model_path, held.get(me),
                     replicated_from=0 if order.joining else None)
     runner.model = new_model  # complete: every slice arrived, whatever happens to the rest of the regroup
+    placement = remainder_owners.install(scheduler, ft_worker.ft, ft_worker.kv_stream)  # hybrid attention only
     ft_worker.holds_weights = True
     ft_worker.group = tuple(order.workers)  # what this worker holds now matches the new group, even if a later
     del old_model                           # stage fails and another regroup follows
@@ -198,7 +203,11 @@ def regroup_in_place(ft_worker, order: Regroup) -> RegroupDone:
         reshape_kv_heads(pool, new_heads[1] - new_heads[0])
     if ft_worker.kv_stream is not None:
         ft_worker.kv_stream.follow(pool, new_heads, order.epoch)
-    missing = any_rank(kv is None or kv.rows_missing > 0, scheduler.tp_cpu_group)
+    remainder_restored = remainder_missing = 0
+    if placement is not None and kv is not None:
+        remainder_restored, remainder_missing = restore_remainder_kv(placement, ft_worker, order)
+        kv.blocks_restored += placement.pool.k.shape[2] * -(-remainder_restored // BLOCK_TOKENS)
+    missing = any_rank(kv is None or kv.rows_missing > 0 or remainder_missing > 0, scheduler.tp_cpu_group)
     if missing:
         recompute_everything(scheduler)
         recomputed = kv_tokens
@@ -206,6 +215,7 @@ def regroup_in_place(ft_worker, order: Regroup) -> RegroupDone:
     clock.done("restore_kv", f"({new_heads[1] - new_heads[0]} KV heads here; " + (
         f"{kv.live_slots} cached slots: {kv.heads_kept} heads kept, {kv.bytes_p2p_in} B from peers, "
         f"{kv.blocks_restored} blocks from the backup store" if kv else "not restored") +
+        (f"; remainder heads' rows of {remainder_restored} slots" if placement is not None else "") +
         (f"; {recomputed} tokens to recompute" if missing else "") + ")")
 
     dropped, resent = reconcile(scheduler, ft_worker.ledger, scheduler.tp_cpu_group, is_source=new_rank == 0)
@@ -217,8 +227,24 @@ def regroup_in_place(ft_worker, order: Regroup) -> RegroupDone:
                        layout_json=plan.layout.to_json(), expert_bytes_moved=stats.expert_bytes_moved)
 
 
-def agree_on_holdings(mine, order: Regroup, cpu_group) -> dict:
-    """What every member of the new group holds, as each says itself (None: a restarted worker with no weights).
+def restore_remainder_kv(placement, ft_worker, order: Regroup) -> tuple[int, int]:
+    """Hybrid attention: spread the cached slots' remainder heads over the new group, each worker's share from the
+    backup store (every head's KV is there, whoever held it); (slots restored, slots missing) here."""
+    from sglang_ft.managers.scheduler_sync import cached_sequences
+    from sglang_ft.mem_cache.kv_backup_stream import live_slots
+    from sglang_ft.mem_cache.kv_reshape import fetch_rows
+
+    endpoint = ft_worker.ft.kv_fetch_endpoint if ft_worker.kv_stream is not None else None
+    members = tuple(zip(order.workers, order.pids))
+    fetch = lambda heads, slots: fetch_rows(endpoint, order.epoch, heads, slots, members,  # noqa: E731
+                                            placement.pool.k.dtype)
+    scheduler = ft_worker.scheduler
+    return placement.adopt(cached_sequences(scheduler), live_slots(scheduler.token_to_kv_pool_allocator), fetch)
+
+
+def agree_on_holdings(model, order: Regroup, cpu_group) -> tuple[dict, dict]:
+    """What every member of the new group holds, as each says itself (None: a restarted worker with no weights):
+    its shard, and the remainder KV heads it holds under hybrid attention.
 
     Each member's model is always complete (a reshard replaces it only once every slice arrived), but a regroup
     interrupted by another failure can leave members at different layouts: asking them is the only truth, and
@@ -226,6 +252,14 @@ def agree_on_holdings(mine, order: Regroup, cpu_group) -> dict:
     """
     from sglang_ft.distributed.regroup_groups import all_gather_object
 
-    everyone = all_gather_object(None if mine is None else dataclasses.asdict(mine), cpu_group)
-    return {w: RankShard(**{k: tuple(v) for k, v in shard.items()})
-            for w, shard in zip(order.workers, everyone, strict=True) if shard is not None}
+    mine = None if model is None else (dataclasses.asdict(model.shard), model.layout.remainder)
+    everyone = all_gather_object(mine, cpu_group)
+    held, remainder_held = {}, {}
+    for worker, holding in zip(order.workers, everyone, strict=True):
+        if holding is None:
+            continue
+        shard, remainder = holding
+        held[worker] = RankShard(**{k: tuple(v) for k, v in shard.items()})
+        if remainder[0] < remainder[1]:
+            remainder_held[worker] = tuple(remainder)
+    return held, remainder_held

@@ -44,6 +44,8 @@ class CachedSequence:
     cache_salt: str | None
     prompt_len: int
     priority: int
+    rid: str = ""  # the waiting request it was matched for
+    max_new_tokens: int = 0
 
 
 @dataclass
@@ -75,7 +77,8 @@ def cached_sequences(scheduler) -> list[CachedSequence]:
                                       extra_key=req.extra_key, rid=req.rid)
         slots = tree.prefix_device_indices(probe).to("cpu", torch.int64).numpy()
         found.append(CachedSequence(tokens[: len(slots)], slots, req.extra_key, req.cache_salt,
-                                    len(req.origin_input_ids), req.priority or 0))
+                                    len(req.origin_input_ids), req.priority or 0, req.rid,
+                                    req.sampling_params.max_new_tokens or 0))
     return found
 
 

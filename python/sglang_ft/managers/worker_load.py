@@ -34,6 +34,7 @@ def probe_load(ft_worker) -> WorkerLoad | None:
     if scheduler.chunked_req is not None:
         waiting.append(scheduler.chunked_req)
     free = allocator.available_size()
+    placement = model.remainder
     return WorkerLoad(
         q_heads=model.shard.num_kv_heads * model.layout.shape.group_size,
         kv_heads=model.shard.num_kv_heads,
@@ -47,4 +48,15 @@ def probe_load(ft_worker) -> WorkerLoad | None:
         last_step_collective_ms=None if (wait := ft_worker.last_step_collective_s) is None else round(wait * 1e3, 2),
         steps=ft_worker.steps,
         busy_ms_total=round(ft_worker.busy_s_total * 1e3, 1),
+        **({} if placement is None else remainder_load(placement)),
     )
+
+
+def remainder_load(placement) -> dict:
+    """Hybrid attention's share of this worker: its remainder heads, requests and their KV."""
+    pool = placement.pool
+    return {"remainder_kv_heads": pool.k.shape[2],
+            "remainder_requests": list(placement.router.owner_of.values()).count(placement.rank),
+            "remainder_kv_tokens_used": pool.used,
+            "remainder_rows_copied": placement.rows_copied,
+            "remainder_kv_bytes_per_token": 2 * pool.k[:, 0].numel() * pool.k.element_size()}

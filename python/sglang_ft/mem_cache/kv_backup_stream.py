@@ -91,6 +91,16 @@ class KvStreamer:
         return self.sender.write(index + pool.start_layer, raw_rows(slots), raw_rows(pool.k_buffer[index][slots]),
                                  raw_rows(pool.v_buffer[index][slots]))
 
+    def write_rows(self, layer_id: int, heads: tuple[int, int], slots: torch.Tensor, k: torch.Tensor,
+                   v: torch.Tensor) -> None:
+        """Back up rows kept outside SGLang's pool: hybrid attention's remainder heads, [n, heads, dim]."""
+        if self.sender.geometry is not None and slots.numel():
+            self.sender.write(layer_id, raw_rows(slots), raw_rows(k), raw_rows(v), heads=heads)
+
+    def drop_rows(self, heads: tuple[int, int], slots: torch.Tensor) -> None:
+        if not self.drops_muted and self.sender.geometry is not None and slots.numel():
+            self.sender.drop(raw_rows(slots.to(torch.int64)), heads=heads)
+
     def on_slots_freed(self, allocator, slots: torch.Tensor) -> None:
         if allocator is self.allocator and not self.drops_muted and self.sender.geometry is not None and slots.numel():
             self.sender.drop(raw_rows(slots.to(torch.int64)))

@@ -73,7 +73,7 @@ def restore_kv(pool, allocator, old_heads, new_heads, plan: MigrationPlan, me: i
     rank_of = {worker: rank for rank, worker in enumerate(plan.workers)}
     requests, landing = [], []
     for tag, move in enumerate(plan.moves):
-        if move.dim != "kv_heads" or move.src is None:
+        if move.dim != "kv_heads" or move.src is None or move.from_remainder:
             continue
         if move.src == me:
             heads = _local(old_heads, move.start, move.end)
@@ -85,9 +85,10 @@ def restore_kv(pool, allocator, old_heads, new_heads, plan: MigrationPlan, me: i
             buffer = torch.empty(shape, dtype=pool.k_buffer[0].dtype, device=pool.k_buffer[0].device)
             requests.append(dist.irecv(buffer, src=rank_of[move.src], tag=KV_TAG_BASE + tag))
             landing.append((buffer, move))
-    # Peer transfers are in flight; fetch the lost heads from the backup store meanwhile.
+    # Peer transfers are in flight; fetch the lost heads from the backup store meanwhile (and heads that were
+    # hybrid attention's remainder: their KV is spread over the old group by request, whole only in the store).
     for move in plan.moves:
-        if move.dim == "kv_heads" and move.src is None and move.dst == me:
+        if move.dim == "kv_heads" and (move.src is None or move.from_remainder) and move.dst == me:
             _restore_from_store(pool, new_heads, move, slots, device_slots, epoch, fetch_endpoint, stats, members)
     for request in requests:
         request.wait()
@@ -97,20 +98,30 @@ def restore_kv(pool, allocator, old_heads, new_heads, plan: MigrationPlan, me: i
     return stats
 
 
+def fetch_rows(endpoint: str | None, epoch: int, heads, slots: torch.Tensor, members, dtype: torch.dtype):
+    """Every layer's K and V rows of global `heads` at `slots` from the backup store, [layers, n, heads, dim]
+    each, and which slots it had (numpy bool); None where there is no store or it does not answer."""
+    if endpoint is None:
+        return None
+    try:
+        k, v, found = fetch_kv(endpoint, epoch, tuple(heads), slots.numpy(), members=members)
+    except StoreUnavailable:
+        return None
+    if not found.any():
+        return None, None, found
+    return (torch.stack([rows_from_raw(layer, dtype) for layer in k]),
+            torch.stack([rows_from_raw(layer, dtype) for layer in v]), found)
+
+
 def _restore_from_store(pool, new_heads, move, slots, device_slots, epoch, endpoint, stats, members) -> None:
     heads = move.end - move.start
-    if endpoint is None:
+    fetched = fetch_rows(endpoint, epoch, (move.start, move.end), slots, members, pool.k_buffer[0].dtype)
+    if fetched is None:
         stats.rows_missing += heads * len(slots)
         return
-    try:
-        k, v, found = fetch_kv(endpoint, epoch, (move.start, move.end), slots.numpy(), members=members)
-    except StoreUnavailable:
-        stats.rows_missing += heads * len(slots)
-        return
+    k, v, found = fetched
     stats.rows_missing += heads * int((~found).sum())
     if not found.any():
         return
-    dtype = pool.k_buffer[0].dtype
-    _put_rows(pool, device_slots, _local(new_heads, move.start, move.end),
-              [rows_from_raw(layer, dtype) for layer in k], [rows_from_raw(layer, dtype) for layer in v])
+    _put_rows(pool, device_slots, _local(new_heads, move.start, move.end), k, v)
     stats.blocks_restored += heads * -(-int(found.sum()) // BLOCK_TOKENS)

@@ -83,6 +83,7 @@ def reshard(old_model, new_model, plan: MigrationPlan, me: int, checkpoint_dir: 
     if replicated_from is not None:
         for _name, param in sorted(new_model.replicated_params().items()):
             dist.broadcast(param.data, src=replicated_from)
+    from_disk = _fill_remainder_heads(old_model if held is not None else None, new_model, stats)
 
     rank_of = {worker: rank for rank, worker in enumerate(plan.workers)}
     requests, landing = [], []
@@ -90,16 +91,20 @@ def reshard(old_model, new_model, plan: MigrationPlan, me: int, checkpoint_dir: 
         if move.src is None:
             continue
         if move.src == me:
-            requests.append(dist.isend(_flat(old_model.unit_pieces(move.dim, move.start, move.end)),
-                                       dst=rank_of[move.dst], tag=tag))
+            held_pieces = (old_model.remainder_pieces(move.start, move.end) if move.from_remainder else
+                           old_model.unit_pieces(move.dim, move.start, move.end))
+            if move.dst == me:  # own remainder heads that become TP heads here
+                stats.bytes_kept += _copy(held_pieces, new_model.unit_pieces(move.dim, move.start, move.end))
+                continue
+            requests.append(dist.isend(_flat(held_pieces), dst=rank_of[move.dst], tag=tag))
         elif move.dst == me:
             pieces = new_model.unit_pieces(move.dim, move.start, move.end)
             buffer = torch.empty(sum(p.view.numel() for p in pieces), dtype=pieces[0].view.dtype)
             requests.append(dist.irecv(buffer, src=rank_of[move.src], tag=tag))
             landing.append((buffer, pieces))
     # Peer transfers are in flight; read the slices nobody alive holds from disk meanwhile (both links busy).
-    from_disk = [p for m in plan.moves if m.src is None and m.dst == me
-                 for p in new_model.unit_pieces(m.dim, m.start, m.end)]
+    from_disk += [p for m in plan.moves if m.src is None and m.dst == me
+                  for p in new_model.unit_pieces(m.dim, m.start, m.end)]
     if new_model.layout.shape.num_experts:  # every unit of MLP columns is expert weights
         stats.expert_bytes_moved = sum(_nbytes(new_model.unit_pieces(m.dim, m.start, m.end)) for m in plan.moves
                                        if m.dst == me and m.dim == "mlp_columns")
@@ -116,3 +121,19 @@ def reshard(old_model, new_model, plan: MigrationPlan, me: int, checkpoint_dir: 
         _unflatten_into(buffer, pieces)
         stats.bytes_p2p_in += buffer.numel() * buffer.element_size()
     return stats
+
+
+def _fill_remainder_heads(old_model, new_model, stats: ReshardStats) -> list:
+    """Hybrid attention's remainder heads, which every rank holds whole: copied where this rank held them (in its
+    span or its old remainder), otherwise the pieces to read from disk (returned). They are a few heads' q, k, v
+    and o slices of every layer, read by each rank that lacks them rather than sent by one that has them."""
+    first, last = new_model.layout.remainder
+    from_disk = []
+    for head in range(first, last):
+        pieces = new_model.remainder_pieces(head, head + 1)
+        held = None if old_model is None else old_model.head_pieces_held(head, head + 1)
+        if held is None:
+            from_disk += pieces
+        else:
+            stats.bytes_kept += _copy(held, pieces)
+    return from_disk

@@ -27,6 +27,7 @@ from ft.partition import RankShard, TPLayout
 from ft.planner import DIMENSIONS
 from sglang_ft.distributed_state import current_layout, layout_rank
 from sglang_ft.layers.elastic_parallel import ElasticLMHead, ElasticVocabEmbedding, all_reduce
+from sglang_ft.layers.remainder_attention import RemainderBatch, remainder_attention
 from sglang_ft.model_loader.lazy_safetensors import read_all, read_cols, read_rows
 
 
@@ -88,14 +89,47 @@ class ElasticAttention(nn.Module):
             layer_id=layer_id,
             prefix=f"{prefix}.attn",
         )
+        # Hybrid attention: every rank holds the remainder heads' weights; it computes them for its own requests.
+        self.group_size = shape.group_size
+        self.remainder_kv_heads = layout.num_remainder_kv_heads
+        self.rem_q_size = self.remainder_kv_heads * shape.group_size * self.head_dim
+        self.rem_kv_size = self.remainder_kv_heads * self.head_dim
+        self.rem_qkv_proj = self.rem_o_proj = None
+        self.remainder_written = lambda *_: None  # the placement's backup of the rows written (set by the model)
+        if self.remainder_kv_heads:
+            self.rem_qkv_proj = ReplicatedLinear(shape.hidden_size, self.rem_q_size + 2 * self.rem_kv_size,
+                                                 bias=qkv_bias, prefix=f"{prefix}.rem_qkv_proj")
+            self.rem_o_proj = ReplicatedLinear(self.rem_q_size, shape.hidden_size, bias=False,
+                                               prefix=f"{prefix}.rem_o_proj")
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, forward_batch: ForwardBatch) -> torch.Tensor:
         qkv, _ = self.qkv_proj(hidden)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q, k = self.rotary_emb(positions, q, k)
         out, _ = self.o_proj(self.attn(q, k, v, forward_batch))
+        if self.rem_qkv_proj is not None:
+            self._add_remainder_heads(out, positions, hidden, forward_batch.ft_remainder)
         out = all_reduce(out)
         return out if self.o_bias is None else out + self.o_bias
+
+    def _add_remainder_heads(self, out, positions, hidden, batch: RemainderBatch) -> None:
+        """Add the remainder heads' output of the requests this rank owns (data-parallel attention): the other
+        rows stay as they are, and the all-reduce adds each request's remainder heads exactly once."""
+        if not batch.spans:
+            return
+        rows = batch.rows
+        qkv, _ = self.rem_qkv_proj(hidden[rows])
+        q, k, v = qkv.split([self.rem_q_size, self.rem_kv_size, self.rem_kv_size], dim=-1)
+        q, k = self.rotary_emb(positions[rows], q, k)
+        heads, hd = self.remainder_kv_heads, self.head_dim
+        layer = self.attn.layer_id
+        k, v = k.reshape(-1, heads, hd), v.reshape(-1, heads, hd)
+        batch.pool.write(layer, batch.new_slots, k, v)
+        self.remainder_written(layer, batch.new_slots, k, v)
+        attended = remainder_attention(q.reshape(-1, heads * self.group_size, hd), batch.pool, layer, batch.spans,
+                                       self.group_size, self.attn.scaling)
+        projected, _ = self.rem_o_proj(attended.reshape(len(rows), -1))
+        out.index_add_(0, rows, projected)
 
 
 class ElasticMLP(nn.Module):
@@ -191,6 +225,7 @@ class ElasticLlamaForCausalLM(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.logits_processor = LogitsProcessor(config, skip_all_gather=True)
+        self.remainder = None  # under hybrid attention, the scheduler's RemainderPlacement (remainder_owners.py)
         logger.info(
             "sglang-ft: TP rank %d of %d holds KV heads %s, MLP columns %s, vocabulary rows %s",
             self.tp_rank,
@@ -205,6 +240,10 @@ class ElasticLlamaForCausalLM(nn.Module):
 
     @torch.no_grad()
     def forward(self, input_ids, positions, forward_batch, input_embeds=None, get_embedding=False, **_):
+        if self.layout.num_remainder_kv_heads:
+            if self.remainder is None:
+                raise RuntimeError("sglang-ft: hybrid attention needs the scheduler's remainder placement")
+            forward_batch.ft_remainder = self.remainder.batch(forward_batch)
         hidden = self.model(input_ids, positions, forward_batch, input_embeds)
         if get_embedding:
             raise ValueError("--ft serves generation models only")
@@ -234,20 +273,8 @@ class ElasticLlamaForCausalLM(nn.Module):
             prefix = f"model.layers.{i}"
             if dim == "kv_heads":
                 attn = layer.self_attn
-                qkv = [(attn.qkv_proj.weight, "weight")]
-                if attn.qkv_proj.bias is not None:
-                    qkv.append((attn.qkv_proj.bias, "bias"))
-                for param, suffix in qkv:
-                    pieces += [
-                        Piece(f"{prefix}.self_attn.q_proj.{suffix}", 0, start * g * hd, end * g * hd,
-                              param[a * g * hd : b * g * hd]),
-                        Piece(f"{prefix}.self_attn.k_proj.{suffix}", 0, start * hd, end * hd,
-                              param[attn.q_size + a * hd : attn.q_size + b * hd]),
-                        Piece(f"{prefix}.self_attn.v_proj.{suffix}", 0, start * hd, end * hd,
-                              param[attn.q_size + attn.kv_size + a * hd : attn.q_size + attn.kv_size + b * hd]),
-                    ]
-                pieces.append(Piece(f"{prefix}.self_attn.o_proj.weight", 1, start * g * hd, end * g * hd,
-                                    attn.o_proj.weight[:, a * g * hd : b * g * hd]))
+                pieces += head_pieces(f"{prefix}.self_attn", attn.qkv_proj, attn.o_proj, attn.q_size, attn.kv_size,
+                                      start, end, a, g * hd, hd)
             else:
                 pieces += layer.mlp.column_pieces(layer.mlp_prefix, start, end, a, b)
         return pieces
@@ -261,8 +288,33 @@ class ElasticLlamaForCausalLM(nn.Module):
             params.update(layer.mlp.replicated_params(layer.mlp_prefix))
         return params
 
+    def remainder_pieces(self, start: int | None = None, end: int | None = None) -> list[Piece]:
+        """Checkpoint slices of remainder heads [start, end) (hybrid attention; all of them by default), which
+        every rank holds whole."""
+        first, last = self.layout.remainder
+        start, end = first if start is None else start, last if end is None else end
+        if not first <= start <= end <= last:
+            raise ValueError(f"heads [{start}, {end}) are not among the remainder heads {self.layout.remainder}")
+        shape = self.layout.shape
+        pieces = []
+        for i, layer in enumerate(self.model.layers):
+            attn = layer.self_attn
+            if attn.rem_qkv_proj is not None and start < end:
+                pieces += head_pieces(f"model.layers.{i}.self_attn", attn.rem_qkv_proj, attn.rem_o_proj,
+                                      attn.rem_q_size, attn.rem_kv_size, start, end, start - first,
+                                      shape.group_size * shape.head_dim, shape.head_dim)
+        return pieces
+
+    def head_pieces_held(self, start: int, end: int) -> list[Piece] | None:
+        """Slices of KV heads [start, end) wherever this rank holds all of them (its TP span or the remainder)."""
+        for span, pieces in ((self.shard.kv_heads, self.unit_pieces), (self.layout.remainder, None)):
+            if span[0] <= start and end <= span[1] and span[0] < span[1]:
+                return pieces("kv_heads", start, end) if pieces else self.remainder_pieces(start, end)
+        return None
+
     def all_pieces(self) -> list[Piece]:
-        return [p for dim in DIMENSIONS for p in self.unit_pieces(dim, *getattr(self.shard, dim))]
+        return [p for dim in DIMENSIONS for p in self.unit_pieces(dim, *getattr(self.shard, dim))] + \
+            self.remainder_pieces()
 
     def load_weights(self, weights: Iterable[tuple[str, object]]) -> set[str]:
         """Fill this rank's share from the checkpoint, reading only its slices when the tensors are lazy."""
@@ -272,6 +324,26 @@ class ElasticLlamaForCausalLM(nn.Module):
         if expected - loaded:
             raise ValueError(f"checkpoint is missing {sorted(expected - loaded)}")
         return loaded
+
+
+def head_pieces(prefix: str, qkv_proj, o_proj, q_size: int, kv_size: int, start: int, end: int, a: int,
+                q_rows: int, kv_rows: int) -> list[Piece]:
+    """Checkpoint slices of global KV heads [start, end) held from local head `a` on in a fused qkv projection
+    (q, then k, then v rows) and an output projection (columns); `q_rows` and `kv_rows` per KV head."""
+    n = end - start
+    pieces = []
+    params = [(qkv_proj.weight, "weight")] + ([(qkv_proj.bias, "bias")] if qkv_proj.bias is not None else [])
+    for param, suffix in params:
+        pieces += [
+            Piece(f"{prefix}.q_proj.{suffix}", 0, start * q_rows, end * q_rows, param[a * q_rows : (a + n) * q_rows]),
+            Piece(f"{prefix}.k_proj.{suffix}", 0, start * kv_rows, end * kv_rows,
+                  param[q_size + a * kv_rows : q_size + (a + n) * kv_rows]),
+            Piece(f"{prefix}.v_proj.{suffix}", 0, start * kv_rows, end * kv_rows,
+                  param[q_size + kv_size + a * kv_rows : q_size + kv_size + (a + n) * kv_rows]),
+        ]
+    pieces.append(Piece(f"{prefix}.o_proj.weight", 1, start * q_rows, end * q_rows,
+                        o_proj.weight[:, a * q_rows : (a + n) * q_rows]))
+    return pieces
 
 
 def fill_from_checkpoint(weights, pieces: list[Piece], replicated: dict[str, torch.Tensor]) -> set[str]:
