@@ -41,6 +41,7 @@ class Move:
     # KV heads `src` holds as hybrid attention's remainder (every rank has their weights; their KV is spread over
     # the group by request, so it comes from the backup store); `src` may be `dst` itself
     from_remainder: bool = False
+    to_remainder: bool = False  # weights of the new layout's remainder heads, which every rank holds whole
 
 
 @dataclass(frozen=True)
@@ -146,8 +147,8 @@ def plan_migration(
 
     `held` maps every worker that holds anything (dead ones included, so their slices are known) to its shard;
     a new worker absent from `held` or mapped to None holds nothing (a rejoin). With `hybrid`, only the evenly
-    divisible KV heads are spread (`TPLayout.even(..., hybrid=True)`); the remainder heads every rank holds whole
-    are the reshard's to fill (`sglang_ft.model_executor.reshard`), so they are not among the moves.
+    divisible KV heads are spread (`TPLayout.even(..., hybrid=True)`); every rank lacking a remainder head's weights
+    gets them by a move (`Move.to_remainder`).
     `remainder_held` maps workers of a hybrid group to the remainder heads they hold: KV heads nobody holds by TP
     come from one of them (`Move.from_remainder`) rather than from disk.
     """
@@ -178,8 +179,23 @@ def plan_migration(
                     reloaded += nbytes
                 else:
                     p2p += nbytes
+    remainder = (tp_heads, heads) if tp_heads < heads else (0, 0)
+    if tp_heads < heads:  # every rank holds the remainder heads' weights: from itself, a peer, or the disk
+        for worker in new_workers:
+            mine = held[worker].kv_heads if held.get(worker) is not None else None
+            for start, end, src, from_remainder in _sources_with_remainder(remainder, worker, mine, "kv_heads",
+                                                                         held, live, remainder_held or {}):
+                nbytes = (end - start) * unit_bytes["kv_heads"]
+                if src == worker:
+                    kept += nbytes
+                    continue
+                moves.append(Move("kv_heads", start, end, worker, src, nbytes, from_remainder, to_remainder=True))
+                if src is None:
+                    reloaded += nbytes
+                else:
+                    p2p += nbytes
     shards = tuple(RankShard(*(new_spans[d][r] for d in DIMENSIONS)) for r in range(len(new_workers)))
-    layout = TPLayout(shape, shards, (tp_heads, heads) if tp_heads < heads else (0, 0))
+    layout = TPLayout(shape, shards, remainder)
     layout.validate()
     return MigrationPlan(tuple(new_workers), layout, tuple(moves), kept, p2p, reloaded)
 

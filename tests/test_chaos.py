@@ -111,9 +111,11 @@ def test_bad_arguments_name_the_flag(argv, flag, capsys):
 def test_short_soak_survives_every_fault_kind_with_nothing_lost(servers, tiny_model, tmp_path):
     """One round of kill, hang, stall, store kill and a torn step under three streaming clients on a TP 4 server
     that restarts its dead workers itself; the soak waits until both are back. Each rejoin takes its weights and the running
-    requests' KV from the survivors: nothing read from disk, nothing recomputed."""
+    requests' KV from the survivors: nothing read from disk, nothing recomputed. With hybrid attention and load
+    routing, so the group passes through TP 3 with remainder heads (4 KV heads over 3) and back."""
     servers.close()  # the soak runs its own TP 4 server
-    report = chaos.main(["--model-dir", tiny_model, "--out", str(tmp_path), "--seed", "0", "--interval-s", "4"])
+    report = chaos.main(["--model-dir", tiny_model, "--out", str(tmp_path), "--seed", "0", "--interval-s", "4",
+                         "--attention", "hybrid", "--routing", "load"])
     assert report["failures"] == [], report["failures"]
     assert report["faults"] == {k: 1 for k in chaos.AUTO_KINDS} == report["survived"]
     assert report["served"] > 0 and report["tp_size_at_end"] == 4

@@ -19,8 +19,10 @@ import requests
 from tests.client import still_running
 
 pytestmark = pytest.mark.server
+# Hybrid attention with round-robin owners: TP 3 after the first failure runs 1 KV head per worker by TP and each
+# request's fourth head on its owner, so `n` > 1 and shared prompts reuse cached rows across owners.
 FT_FLAGS = ["--ft-enable-fault-injection", "--ft-heartbeat-interval-ms", "100", "--ft-heartbeat-timeout-ms", "1500",
-            "--ft-collective-timeout-s", "4"]
+            "--ft-collective-timeout-s", "4", "--ft-attention", "hybrid", "--ft-routing", "round_robin"]
 
 
 @pytest.fixture(scope="module")

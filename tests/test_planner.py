@@ -120,15 +120,17 @@ def test_schedule_overlaps_peer_copies_and_disk_reads():
         assert [m.nbytes for m in queue] == sorted((m.nbytes for m in queue), reverse=True)
 
 
-def test_a_hybrid_plan_spreads_the_divisible_heads_and_leaves_the_remainder_to_every_rank():
+def test_a_hybrid_plan_spreads_the_divisible_heads_and_gives_every_rank_the_remainder():
     """8 KV heads, worker 2 of 4 lost: 2 heads each by TP over 3 workers, heads 6-7 the remainder; a survivor keeps
-    what it held of the TP part, and no move is planned for the remainder heads."""
+    what it held of the TP part, and the remainder heads' weights go from their holder to every other rank."""
     shape = ModelShape(16, 8, 8, 128, 96, 128, 2)
     held = dict(enumerate(TPLayout.even(shape, 4).shards))
     plan = plan_migration(shape, held, [0, 1, 3], hybrid=True)
     assert plan.layout.remainder == (6, 8) and [s.kv_heads for s in plan.layout.shards] == [(0, 2), (2, 4), (4, 6)]
-    assert all(m.end <= 6 for m in plan.moves if m.dim == "kv_heads")
-    assert {(m.start, m.end, m.src) for m in plan.moves if m.dim == "kv_heads"} == {(4, 6, None)}  # worker 2's
+    tp_moves = {(m.start, m.end, m.src) for m in plan.moves if m.dim == "kv_heads" and not m.to_remainder}
+    assert tp_moves == {(4, 6, None)}  # worker 2's heads, from disk
+    remainder_moves = {(m.start, m.end, m.dst, m.src) for m in plan.moves if m.to_remainder}
+    assert remainder_moves == {(6, 8, 0, 3), (6, 8, 1, 3)}  # worker 3 held them by TP: peer to peer
     assert plan_migration(shape, held, [0, 1, 3]).layout.remainder == (0, 0)
     assert plan_migration(shape, held, [0, 1, 2, 3], hybrid=True).layout.remainder == (0, 0)  # 8 over 4: none
 

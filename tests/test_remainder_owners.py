@@ -104,15 +104,21 @@ def test_owners_write_their_rows_and_a_prefix_reused_elsewhere_is_copied_to_the_
     assert ranks[2].pool.used == 0  # a worker that owns nothing holds nothing
 
 
-def test_a_freed_slot_is_forgotten_everywhere_and_dropped_from_the_backup_by_its_holders():
-    drops = []
-    stream = SimpleNamespace(drop_rows=lambda heads, slots: drops.append((heads, slots.tolist())),
-                             write_rows=lambda *a: None)
+def two_ranks_after_one_prefill(stream):
+    """Two ranks after request "a" (slots 5-7) prefilled on its owner, rank 0."""
     ranks, _, req_to_token = placements(2, "round_robin", stream)
     req_to_token[0, :3] = torch.tensor([5, 6, 7])
     batch = extend_batch(["a"], [0], [3], [3], [5, 6, 7])
     for placement, view in zip(ranks, on_every_rank(ranks, lambda p: p.batch(batch))):
         write_owned(placement, view, lambda s: s)
+    return ranks
+
+
+def test_a_freed_slot_is_forgotten_everywhere_and_dropped_from_the_backup_by_its_holders():
+    drops = []
+    stream = SimpleNamespace(drop_rows=lambda heads, slots: drops.append((heads, slots.tolist())),
+                             write_rows=lambda *a: None)
+    ranks = two_ranks_after_one_prefill(stream)
     assert ranks[0].pool.used == 3
     for placement in ranks:
         placement.release_slots(torch.tensor([5, 6, 7]))
@@ -180,10 +186,6 @@ def test_a_restarted_backup_store_gets_every_remainder_row_this_worker_holds_aga
     stream = SimpleNamespace(write_rows=lambda layer, heads, slots, k, v: sent.append((layer, heads, slots.tolist(),
                                                                                        k[:, 0, 0].tolist())),
                              drop_rows=lambda *a: None)
-    ranks, _, req_to_token = placements(2, "round_robin", stream)
-    req_to_token[0, :3] = torch.tensor([5, 6, 7])
-    batch = extend_batch(["a"], [0], [3], [3], [5, 6, 7])
-    for placement, view in zip(ranks, on_every_rank(ranks, lambda p: p.batch(batch))):
-        write_owned(placement, view, lambda s: s)
+    ranks = two_ranks_after_one_prefill(stream)
     assert ranks[0].resync() == LAYERS and ranks[1].resync() == 0
     assert sent == [(0, (3, 4), [5, 6, 7], [5.0, 6.0, 7.0]), (1, (3, 4), [5, 6, 7], [6.0, 7.0, 8.0])]

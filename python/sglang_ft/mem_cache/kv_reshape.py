@@ -73,7 +73,7 @@ def restore_kv(pool, allocator, old_heads, new_heads, plan: MigrationPlan, me: i
     rank_of = {worker: rank for rank, worker in enumerate(plan.workers)}
     requests, landing = [], []
     for tag, move in enumerate(plan.moves):
-        if move.dim != "kv_heads" or move.src is None or move.from_remainder:
+        if move.dim != "kv_heads" or move.src is None or move.from_remainder or move.to_remainder:
             continue
         if move.src == me:
             heads = _local(old_heads, move.start, move.end)
@@ -88,7 +88,8 @@ def restore_kv(pool, allocator, old_heads, new_heads, plan: MigrationPlan, me: i
     # Peer transfers are in flight; fetch the lost heads from the backup store meanwhile (and heads that were
     # hybrid attention's remainder: their KV is spread over the old group by request, whole only in the store).
     for move in plan.moves:
-        if move.dim == "kv_heads" and (move.src is None or move.from_remainder) and move.dst == me:
+        if move.dim == "kv_heads" and (move.src is None or move.from_remainder) and move.dst == me \
+                and not move.to_remainder:  # (the remainder heads' KV is spread by request: remainder_owners.py)
             _restore_from_store(pool, new_heads, move, slots, device_slots, epoch, fetch_endpoint, stats, members)
     for request in requests:
         request.wait()

@@ -83,7 +83,8 @@ def reshard(old_model, new_model, plan: MigrationPlan, me: int, checkpoint_dir: 
     if replicated_from is not None:
         for _name, param in sorted(new_model.replicated_params().items()):
             dist.broadcast(param.data, src=replicated_from)
-    from_disk = _fill_remainder_heads(old_model if held is not None else None, new_model, stats)
+    if held is not None:
+        _keep_remainder_heads(old_model, new_model, stats)
 
     rank_of = {worker: rank for rank, worker in enumerate(plan.workers)}
     requests, landing = [], []
@@ -91,20 +92,18 @@ def reshard(old_model, new_model, plan: MigrationPlan, me: int, checkpoint_dir: 
         if move.src is None:
             continue
         if move.src == me:
-            held_pieces = (old_model.remainder_pieces(move.start, move.end) if move.from_remainder else
-                           old_model.unit_pieces(move.dim, move.start, move.end))
+            held_pieces = _source_pieces(old_model, move)
             if move.dst == me:  # own remainder heads that become TP heads here
-                stats.bytes_kept += _copy(held_pieces, new_model.unit_pieces(move.dim, move.start, move.end))
+                stats.bytes_kept += _copy(held_pieces, _target_pieces(new_model, move))
                 continue
             requests.append(dist.isend(_flat(held_pieces), dst=rank_of[move.dst], tag=tag))
         elif move.dst == me:
-            pieces = new_model.unit_pieces(move.dim, move.start, move.end)
+            pieces = _target_pieces(new_model, move)
             buffer = torch.empty(sum(p.view.numel() for p in pieces), dtype=pieces[0].view.dtype)
             requests.append(dist.irecv(buffer, src=rank_of[move.src], tag=tag))
             landing.append((buffer, pieces))
     # Peer transfers are in flight; read the slices nobody alive holds from disk meanwhile (both links busy).
-    from_disk += [p for m in plan.moves if m.src is None and m.dst == me
-                  for p in new_model.unit_pieces(m.dim, m.start, m.end)]
+    from_disk = [p for m in plan.moves if m.src is None and m.dst == me for p in _target_pieces(new_model, m)]
     if new_model.layout.shape.num_experts:  # every unit of MLP columns is expert weights
         stats.expert_bytes_moved = sum(_nbytes(new_model.unit_pieces(m.dim, m.start, m.end)) for m in plan.moves
                                        if m.dst == me and m.dim == "mlp_columns")
@@ -123,17 +122,25 @@ def reshard(old_model, new_model, plan: MigrationPlan, me: int, checkpoint_dir: 
     return stats
 
 
-def _fill_remainder_heads(old_model, new_model, stats: ReshardStats) -> list:
-    """Hybrid attention's remainder heads, which every rank holds whole: copied where this rank held them (in its
-    span or its old remainder), otherwise the pieces to read from disk (returned). They are a few heads' q, k, v
-    and o slices of every layer, read by each rank that lacks them rather than sent by one that has them."""
+def _source_pieces(old_model, move) -> list:
+    """What the sender of `move` holds: its TP span's slices, or its remainder heads'."""
+    if move.from_remainder:
+        return old_model.remainder_pieces(move.start, move.end)
+    if move.to_remainder:  # a remainder head the sender holds in its TP span
+        return old_model.unit_pieces("kv_heads", move.start, move.end)
+    return old_model.unit_pieces(move.dim, move.start, move.end)
+
+
+def _target_pieces(new_model, move) -> list:
+    return (new_model.remainder_pieces(move.start, move.end) if move.to_remainder else
+            new_model.unit_pieces(move.dim, move.start, move.end))
+
+
+def _keep_remainder_heads(old_model, new_model, stats: ReshardStats) -> None:
+    """The new layout's remainder heads this rank already holds (in its old span or its old remainder): copied.
+    The plan moves the others here (`Move.to_remainder`)."""
     first, last = new_model.layout.remainder
-    from_disk = []
     for head in range(first, last):
-        pieces = new_model.remainder_pieces(head, head + 1)
-        held = None if old_model is None else old_model.head_pieces_held(head, head + 1)
-        if held is None:
-            from_disk += pieces
-        else:
-            stats.bytes_kept += _copy(held, pieces)
-    return from_disk
+        held = old_model.head_pieces_held(head, head + 1)
+        if held is not None:
+            stats.bytes_kept += _copy(held, new_model.remainder_pieces(head, head + 1))
