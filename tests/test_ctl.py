@@ -291,3 +291,10 @@ def test_subcommand_help(capsys, command):
     with pytest.raises(SystemExit) as exit_info:
         ctl.main([command, "--help"])
     assert exit_info.value.code == 0 and "--url" in capsys.readouterr().out
+
+
+def test_a_worker_under_hybrid_attention_shows_its_tp_and_remainder_heads():
+    from sglang_ft import ctl
+
+    assert ctl._heads({"kv_heads": 2, "remainder_kv_heads": 2}) == "2+2"
+    assert ctl._heads({"kv_heads": 3, "remainder_kv_heads": 0}) == "3" and ctl._heads({}) == "-"

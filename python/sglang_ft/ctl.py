@@ -110,6 +110,12 @@ def _table(title: str, columns: tuple[str, ...], text_columns: tuple[str, ...]) 
     return table
 
 
+def _heads(worker: dict) -> str:
+    """KV heads by TP, plus the remainder heads it runs for the requests it owns under hybrid attention ("1+1")."""
+    remainder = worker.get("remainder_kv_heads")
+    return f"{worker.get('kv_heads')}+{remainder}" if remainder else _cell(worker.get("kv_heads"))
+
+
 def render_status(status: dict) -> Group:
     """Workers, one summary line, recoveries: what an operator checks first after a fault."""
     workers = _table("workers", ("worker", "rank", "pid", "state", "kv_heads", "kv_bytes_used", "outstanding_tokens",
@@ -117,7 +123,7 @@ def render_status(status: dict) -> Group:
     for w in status.get("workers", []):
         state = w.get("state", "?")
         workers.add_row(_cell(w.get("worker")), _cell(w.get("rank")), _cell(w.get("pid")),
-                        Text(state, style=STATE_STYLES.get(state, "")), _cell(w.get("kv_heads")),
+                        Text(state, style=STATE_STYLES.get(state, "")), _heads(w),
                         _size(w.get("kv_bytes_used")), _cell(w.get("outstanding_tokens")),
                         _cell(w.get("last_step_ms")), _cell(w.get("kv_backup_dropped")),
                         _size(w.get("kv_backup_bytes")))
