@@ -307,9 +307,11 @@ class ElasticLlamaForCausalLM(nn.Module):
 
     def head_pieces_held(self, start: int, end: int) -> list[Piece] | None:
         """Slices of KV heads [start, end) wherever this rank holds all of them (its TP span or the remainder)."""
-        for span, pieces in ((self.shard.kv_heads, self.unit_pieces), (self.layout.remainder, None)):
-            if span[0] <= start and end <= span[1] and span[0] < span[1]:
-                return pieces("kv_heads", start, end) if pieces else self.remainder_pieces(start, end)
+        (tp_first, tp_last), (first, last) = self.shard.kv_heads, self.layout.remainder
+        if tp_first <= start and end <= tp_last:
+            return self.unit_pieces("kv_heads", start, end)
+        if first < last and first <= start and end <= last:
+            return self.remainder_pieces(start, end)
         return None
 
     def all_pieces(self) -> list[Piece]:
