@@ -31,6 +31,12 @@ class WorkerLoad(msgspec.Struct, frozen=True):
     remainder_kv_bytes_per_token: int = 0
     remainder_rows_copied: int = 0  # cached-prefix rows received from the worker that computed them
 
+    @property
+    def kv_bytes_used(self) -> int:
+        """The KV bytes this worker holds: its TP heads' rows and, under hybrid attention, its remainder rows."""
+        return (self.kv_tokens_used * self.kv_bytes_per_token
+                + self.remainder_kv_tokens_used * self.remainder_kv_bytes_per_token)
+
 
 class Heartbeat(msgspec.Struct, tag=True, frozen=True):
     """Sent by each worker's heartbeat thread every interval."""

@@ -145,3 +145,13 @@ def test_the_launcher_sets_the_directory_before_the_controller_is_spawned(tmp_pa
     ("rejoin of worker 1", "rejoin"), ("rejoin of workers 1, 3", "rejoin")])
 def test_cause_kinds_are_few(cause, kind):
     assert cause_kind(cause) == kind
+
+
+def test_a_workers_kv_bytes_count_its_remainder_rows_under_hybrid_attention():
+    """Status and metrics read the same number: TP heads' rows plus the remainder rows the worker owns."""
+    from ft.messages import WorkerLoad
+    from sglang_ft.managers.ft_controller import _load_fields
+
+    load = WorkerLoad(4, 2, 100, 900, 256, 1, 0, 10, 5.0, remainder_kv_heads=2, remainder_kv_tokens_used=30,
+                      remainder_kv_bytes_per_token=256)
+    assert load.kv_bytes_used == 100 * 256 + 30 * 256 == _load_fields(load)["kv_bytes_used"]

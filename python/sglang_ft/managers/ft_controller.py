@@ -99,8 +99,7 @@ class ControllerState:
 def _load_fields(load: WorkerLoad | None) -> dict:
     if load is None:
         return {}
-    return {**msgspec.structs.asdict(load), "kv_bytes_used": load.kv_tokens_used * load.kv_bytes_per_token
-            + load.remainder_kv_tokens_used * load.remainder_kv_bytes_per_token}
+    return {**msgspec.structs.asdict(load), "kv_bytes_used": load.kv_bytes_used}
 
 
 def _kv_sender_fields(beat: Heartbeat | None) -> dict:

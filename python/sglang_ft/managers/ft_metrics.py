@@ -62,8 +62,6 @@ def _histogram(name: str, text: str, buckets, labels=()):
     return Histogram(f"sglang_ft_{name}", text, labels, registry=None, buckets=buckets)
 
 
-def _kv_bytes(load) -> int:
-    return load.kv_tokens_used * load.kv_bytes_per_token
 
 
 class FtMetrics:
@@ -141,8 +139,8 @@ class FtMetrics:
         members = set(state.membership.members())
         for worker in state.membership.workers:
             load = state.loads.get(worker) if worker in members else None
-            self.worker_kv_bytes.labels(str(worker)).set(_kv_bytes(load) if load else 0)
+            self.worker_kv_bytes.labels(str(worker)).set(load.kv_bytes_used if load else 0)
             self.worker_outstanding.labels(str(worker)).set(load.outstanding_tokens if load else 0)
-        used = [_kv_bytes(state.loads[w]) for w in members if w in state.loads]
+        used = [state.loads[w].kv_bytes_used for w in members if w in state.loads]
         if used and min(used) > 0:
             self.kv_spread.set(max(used) / min(used))
