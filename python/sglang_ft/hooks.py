@@ -252,8 +252,8 @@ def after_stream_output(_result, streamer, reqs, *_args, **_kwargs):
 
 
 def around_match_kv_cache(original, req, tree_cache, *args, **kwargs):
-    """Under hybrid attention, a request's owner is chosen at its first radix-cache match, and it reuses a cached
-    prefix only as far as that owner holds the prefix's remainder heads (managers/remainder_owners.py)."""
+    """Under hybrid attention, a request's owner is chosen at its first radix-cache match, knowing which workers
+    hold its cached prefix's remainder rows (managers/remainder_owners.py; rows the owner lacks are copied to it)."""
     from sglang_ft.managers import remainder_owners
 
     if remainder_owners.active() is None:

@@ -130,6 +130,7 @@ def take_over_load_snapshots(scheduler, port_args) -> None:
 
 
 def regroup_in_place(ft_worker, order: Regroup) -> RegroupDone:
+    from ft.kv_backup import BLOCK_TOKENS
     from sglang_ft.distributed.regroup_groups import all_gather_object, rebuild_process_groups
     from sglang_ft.distributed_state import install_layout
     from sglang_ft.managers import remainder_owners
@@ -137,7 +138,6 @@ def regroup_in_place(ft_worker, order: Regroup) -> RegroupDone:
     from sglang_ft.managers.request_ledger import reconcile
     from sglang_ft.managers.scheduler_sync import sync_scheduler_state
     from sglang_ft.managers.torn_step import complete_torn_step
-    from ft.kv_backup import BLOCK_TOKENS
     from sglang_ft.mem_cache.kv_reshape import reshape_kv_heads, restore_kv
     from sglang_ft.model_executor.reshard import build_model_like, reshard
 
