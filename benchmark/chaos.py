@@ -260,7 +260,8 @@ def soak(server: ServerProcess, args, expected: dict[str, list[int]]) -> dict:
     """The load and the monkey together, then the wait for rejoins, the drain and the checks; the report."""
     url = server.url
     baseline = server_load(url)
-    load = Load(url, PROMPTS, args.max_new_tokens, expected=expected).start(args.clients)
+    # staggered lengths: the clients' requests overlap, so a regroup (a rejoin above all) finds some running
+    load = Load(url, PROMPTS, args.max_new_tokens, expected=expected, stagger_tokens=5).start(args.clients)
     started = time.monotonic()
     monkey = Monkey(url, random.Random(args.seed), args.heartbeat_timeout_ms / 1e3, args.min_live,
                     t0=started)

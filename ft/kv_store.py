@@ -7,7 +7,9 @@ a restore sees all KV the group committed before the failure.
 What it trusts: a row is valid from its write until a drop of its slot (the slot was freed), a gap in the writing
 worker's sequence numbers (a message was dropped on a full queue: that worker's heads are invalidated whole), or
 a write of an older epoch than the newest fetch from a process that left the group (a fenced worker's late
-message, refused). A process that stays in the group keeps its older writes: the regroup's fetch can overtake what
+message, refused). A gap invalidates every head span that sending process ever wrote, not only the span of the
+message that revealed it: one process writes several (its TP heads and hybrid attention's remainder heads, and other
+heads after a regroup), and the lost message may have covered any of them. A process that stays in the group keeps its older writes: the regroup's fetch can overtake what
 it sent just before (its drops while parking requests), and refusing those would invalidate all its heads. (Such a
 write could only do harm if it arrived after its slot was freed, reused and written again by another member,
 i.e. delayed in the sender's ZMQ I/O thread across a whole regroup and a new request's prefill.)
@@ -53,6 +55,7 @@ class KvStore:
         self.epoch = 0
         self.staying: set[tuple[int, int]] = set()  # (worker, sending process) of the group at `epoch`
         self.next_seq: dict[tuple[int, int], int] = {}  # (worker, sending process) -> next sequence number
+        self.spans_sent: dict[tuple[int, int], set[tuple[int, int]]] = {}  # (worker, sending process) -> heads
         self.started = time.monotonic()
         self.counters = dict(writes=0, drops=0, fetches=0, rows_fetched=0, rows_missing=0, stale_refused=0,
                              sequence_gaps=0, malformed=0, bytes_received=0)
@@ -77,11 +80,14 @@ class KvStore:
             return False
         expected = self.next_seq.get((worker, sender))  # a restarted worker (a new sender) starts again at 0
         self.next_seq[(worker, sender)] = seq + 1
+        spans = self.spans_sent.setdefault((worker, sender), set())
+        spans.add((int(heads[0]), int(heads[1])))
         if expected is not None and seq != expected and self.valid is not None:
             self.counters["sequence_gaps"] += 1
-            self.valid[:, heads[0]:heads[1]] = False  # a lost message could have covered any of its slots
+            for start, end in spans:  # a lost message could have covered any of these heads' slots
+                self.valid[:, start:end] = False
             logger.warning("kv store: worker %d skipped messages %d..%d; its heads %s are no longer backed up",
-                           worker, expected, seq - 1, heads)
+                           worker, expected, seq - 1, sorted(spans))
         return True
 
     def _slots(self, raw: bytes) -> np.ndarray:

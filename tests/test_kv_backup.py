@@ -78,6 +78,20 @@ def test_a_sequence_gap_invalidates_that_workers_heads():
     assert fetch(store, (2, 4), [3])[2].tolist() == [True]
 
 
+def test_a_sequence_gap_invalidates_every_span_that_process_wrote():
+    """Hybrid attention: a worker streams its TP heads and the remainder heads it owns in separate messages, so the
+    message lost may have been for either span, whichever message reveals the gap."""
+    store = KvStore()
+    fill(store, 0, (0, 1), [3], seed=1)  # TP head, messages 0 and 1
+    fill(store, 0, (3, 4), [5], seed=2, seq0=2)  # remainder head, messages 2 and 3
+    fill(store, 1, (1, 2), [3], seed=3)
+    write(store, 0, 6, 0, (0, 1), [8], rows(1, 1, 3), rows(1, 1, 4))  # messages 4 and 5 were dropped
+    assert store.counters["sequence_gaps"] == 1
+    assert fetch(store, (3, 4), [5])[2].tolist() == [False]  # not only the TP head of the revealing message
+    assert fetch(store, (0, 1), [3])[2].tolist() == [False]
+    assert fetch(store, (1, 2), [3])[2].tolist() == [True]  # another worker's heads stay
+
+
 def test_a_restarted_worker_numbering_from_zero_again_is_no_gap():
     store = KvStore()
     fill(store, 1, (2, 4), [3], seed=2)  # the worker's first process, messages 0 and 1

@@ -1,7 +1,7 @@
 """benchmark/under_faults.py without SGLang servers: its measures on synthetic records (percentiles, goodput under
 the SLO, recovery latency per fault, phases, ratios, the table and plot), the open-loop arrival schedule (seeded,
 at the stated rate), the traces it draws (valid, the quick one with a kill and its rejoin), and `OpenLoad` against
-an in-process fake of SGLang's streaming `/generate` that cuts some attempts."""
+an in-process fake of SGLang's streaming `/generate` that cuts some attempts, and `Load`'s staggered lengths."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 
 from ft.fault_trace import dumps_trace, parse_trace
-from sglang_ft.tools.load import OpenLoad, RequestRecord, arrival_times
+from sglang_ft.tools.load import Load, OpenLoad, RequestRecord, arrival_times
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmark"))
 import under_faults  # noqa: E402
@@ -214,3 +214,35 @@ def test_open_load_stops_sending_when_finished():
         records = load.finish(drain_s=0.0)
     assert records[0].sent and records[0].lost and records[0].failed_attempts >= 2
     assert not records[1].sent and records[1].lost and records[1].failed_attempts == 0
+
+
+def test_closed_load_staggers_each_clients_length_and_checks_the_reference_prefix():
+    """`Load(stagger_tokens=k)`: client i asks for k * i tokens fewer (so clients drift out of lockstep) and its
+    output is checked against the reference's first tokens; a wrong token still counts as a mismatch."""
+    app, asked = FastAPI(), []
+
+    @app.post("/generate")
+    async def generate(request: Request):
+        body = await request.json()
+        n = body["sampling_params"]["max_new_tokens"]
+        asked.append((body["text"], n))
+        ids = [7] * n if body["text"] == "wrong" else list(range(n))
+
+        def chunks():
+            for k in range(1, n + 1):
+                yield b"data: " + json.dumps({"output_ids": ids[:k]}).encode() + b"\n\n"
+            yield b"data: [DONE]\n\n"
+
+        return StreamingResponse(chunks(), media_type="text/event-stream")
+
+    expected = {"p": list(range(10)), "wrong": list(range(10))}
+    with serving(app) as url:
+        load = Load(url, ["p"], 10, expected=expected, stagger_tokens=3).start(3)
+        time.sleep(0.3)
+        load.finish(timeout_s=5)
+        assert load.completed > 3 and load.mismatched == 0 and load.failed_attempts == 0
+        assert {n for _, n in asked} == {10, 7, 4}
+        wrong = Load(url, ["wrong"], 10, expected=expected, stagger_tokens=3).start(2)
+        time.sleep(0.2)
+        wrong.finish(timeout_s=5)
+    assert wrong.completed > 0 and wrong.mismatched == wrong.completed

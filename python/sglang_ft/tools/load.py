@@ -4,7 +4,9 @@
 `Load`: each client sends a request, reads its stream to the end and sends the next; an attempt that fails
 (connection refused, stream cut, an error chunk) is re-sent, as a real client would, and counted. The load records
 when every token arrived, so throughput over time, the pause a failure causes and how fast it comes back can be
-read off afterwards; with `expected` it also checks every completed output against a reference.
+read off afterwards; with `expected` it also checks every completed output against a reference. With
+`stagger_tokens`, client i asks for that many tokens fewer per i, so the clients drift apart instead of prefilling
+and finishing in lockstep (which leaves the server idle between rounds).
 
 `OpenLoad`: requests arrive on a fixed schedule (`arrival_times`: Poisson or evenly spaced, seeded) whatever the
 server does, each on its own thread, re-sent after a failed attempt like `Load`'s; one `RequestRecord` per request
@@ -31,7 +33,8 @@ class Load:
     url: str
     prompts: list[str]
     max_new_tokens: int
-    expected: dict[str, list[int]] | None = None  # prompt -> reference greedy token ids
+    expected: dict[str, list[int]] | None = None  # prompt -> reference greedy token ids (max_new_tokens of them)
+    stagger_tokens: int = 0  # client i asks for max_new_tokens - i * stagger_tokens (at least 1)
     tokens: list[float] = field(default_factory=list)  # arrival time of every streamed token
     completed: int = 0
     mismatched: int = 0
@@ -57,14 +60,15 @@ class Load:
 
     def client(self, index: int) -> None:
         n = index
+        max_new_tokens = max(1, self.max_new_tokens - index * self.stagger_tokens)
         while not self.stop.is_set():
-            if self._one(self.prompts[n % len(self.prompts)]):
+            if self._one(self.prompts[n % len(self.prompts)], max_new_tokens):
                 n += 1
 
-    def _one(self, prompt: str) -> bool:
+    def _one(self, prompt: str, max_new_tokens: int) -> bool:
         """One request until it completes; a failed attempt is retried (re-sent) until the load stops."""
         body = {"text": prompt, "stream": True,
-                "sampling_params": {"temperature": 0, "ignore_eos": True, "max_new_tokens": self.max_new_tokens}}
+                "sampling_params": {"temperature": 0, "ignore_eos": True, "max_new_tokens": max_new_tokens}}
         first_sent = time.monotonic()
         while True:
             try:
@@ -72,7 +76,7 @@ class Load:
                 with self.lock:
                     self.completed += 1
                     self.durations.append(time.monotonic() - first_sent)
-                    if self.expected is not None and output_ids != self.expected[prompt]:
+                    if self.expected is not None and output_ids != self.expected[prompt][:max_new_tokens]:
                         self.mismatched += 1
                 return True
             except (requests.RequestException, RuntimeError, ValueError) as exc:
@@ -91,7 +95,7 @@ class Load:
                 self.tokens.extend([now] * n)
 
         output_ids = stream_generate(self.url, body, on_tokens)
-        if len(output_ids) < self.max_new_tokens:
+        if len(output_ids) < body["sampling_params"]["max_new_tokens"]:
             raise RuntimeError("stream ended early")
         return output_ids
 
