@@ -136,6 +136,18 @@ def test_prefix_owner_is_the_least_loaded_holder_of_the_prefix():
     assert placement.owner_of("fresh", 10) == 0  # no prefix: the least loaded worker
 
 
+def test_a_request_aborted_in_the_queue_no_longer_loads_its_owner():
+    placement = placements(2, "load")[0][0]
+    for rid, tokens in (("queued", 500), ("running", 40)):
+        placement.owner_of(rid, tokens)
+    assert placement.router.load() == {0: 500, 1: 40}
+    placement.aborted_before_running(SimpleNamespace(rid="running", kv=SimpleNamespace(holds_kv=True)))
+    assert placement.router.load() == {0: 500, 1: 40}  # it still runs its last forward: released at its finish
+    placement.aborted_before_running(SimpleNamespace(rid="queued", kv=SimpleNamespace(holds_kv=False)))
+    assert placement.router.load() == {0: 0, 1: 40}
+    assert placement.owner_of("next", 10) == 0  # the least loaded again
+
+
 def test_after_a_regroup_cached_slots_are_spread_and_each_worker_fetches_its_own():
     ranks, _, _ = placements(3)
     resumed = [SimpleNamespace(rid=f"r{i}", slots=list(range(1 + 10 * i, 11 + 10 * i)), prompt_len=5, max_new_tokens=20)
@@ -189,3 +201,16 @@ def test_a_restarted_backup_store_gets_every_remainder_row_this_worker_holds_aga
     ranks = two_ranks_after_one_prefill(stream)
     assert ranks[0].resync() == LAYERS and ranks[1].resync() == 0
     assert sent == [(0, (3, 4), [5, 6, 7], [5.0, 6.0, 7.0]), (1, (3, 4), [5, 6, 7], [6.0, 7.0, 8.0])]
+
+
+def test_sglang_dropping_a_queued_request_reaches_the_placement(monkeypatch):
+    """The AFTER hook on SGLang's `Scheduler._release_aborted_request` (every queue it drops requests from)."""
+    from sglang_ft import hooks
+    from sglang_ft.managers import remainder_owners
+
+    placement = placements(2, "load")[0][0]
+    placement.owner_of("queued", 300)
+    monkeypatch.setattr(remainder_owners, "_active", placement)
+    hooks.after_release_aborted_request(None, object(), SimpleNamespace(rid="queued",
+                                                                        kv=SimpleNamespace(holds_kv=False)))
+    assert placement.router.load() == {0: 0, 1: 0}

@@ -251,6 +251,14 @@ def after_stream_output(_result, streamer, reqs, *_args, **_kwargs):
         placement.finished(reqs)
 
 
+def after_release_aborted_request(_result, scheduler, req, *_args, **_kwargs):
+    """Under hybrid attention, a request dropped from SGLang's queues no longer counts towards its owner's load."""
+    from sglang_ft.managers.remainder_owners import active
+
+    if (placement := active()) is not None:
+        placement.aborted_before_running(req)
+
+
 def around_match_kv_cache(original, req, tree_cache, *args, **kwargs):
     """Under hybrid attention, a request's owner is chosen at its first radix-cache match, knowing which workers
     hold its cached prefix's remainder rows (managers/remainder_owners.py; rows the owner lacks are copied to it)."""
@@ -448,6 +456,8 @@ HOOKS: list[tuple[str, HookType, object]] = [
     ),
     ("sglang.srt.managers.scheduler.Scheduler.process_input_requests", HookType.BEFORE, before_process_input_requests),
     ("sglang.srt.managers.scheduler.Scheduler.run_batch", HookType.AROUND, around_run_batch),
+    ("sglang.srt.managers.scheduler.Scheduler._release_aborted_request", HookType.AFTER,
+     after_release_aborted_request),
     (
         "sglang.srt.managers.scheduler_components.output_streamer.SchedulerOutputStreamer.stream_output",
         HookType.AFTER,

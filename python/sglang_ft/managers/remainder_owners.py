@@ -189,6 +189,13 @@ class RemainderPlacement:
             if req.finished():
                 self.router.release(req.rid)
 
+    def aborted_before_running(self, req) -> None:
+        """SGLang dropped a queued request (a client abort, a full queue, a lower priority): it will not stream
+        a finish, so its owner's load is released here. A request holding KV still runs a last (aborted) forward
+        and is released when that finish streams."""
+        if not req.kv.holds_kv:
+            self.router.release(req.rid)
+
 
 def install(scheduler, ft_args, stream=None) -> RemainderPlacement | None:
     """Give the model its placement where its layout has remainder heads (and drop any older one)."""
