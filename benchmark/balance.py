@@ -5,14 +5,16 @@ every layout variant side by side in one run.
 
 After 1 of 4 workers fails, 8 KV heads over 3 workers are 3 + 3 + 2 with TP attention (`--ft-attention tp`): the
 wider workers hold more KV bytes for the same tokens (they fill first and cap the batch) and do more attention work
-(every step waits for them). With `--ft-attention hybrid` every worker runs 2 heads by TP and each request's other
-2 heads run whole on one owner, chosen by `--ft-routing` (round_robin, load, prefix_load).
+(every step waits for them). With `--ft-kv-placement cyclic` every worker runs 2 heads by TP and the other 2 heads'
+KV rotates over all workers token by token, their attention merged across them; with `--ft-attention hybrid` the
+other 2 heads of each request run whole on one owner, chosen by `--ft-routing` (round_robin, load, prefix_load).
 
 Each variant gets its own server; each phase (TP 4 fault-free, then TP 3 after a SIGKILL) runs a closed loop of
 `--clients` greedy requests on a shared-prefix workload of mixed lengths for `--duration-s`, sampling `/ft/status`
 every 0.25 s:
 - KV max/min: the ratio of the workers' `kv_bytes_used` (TP heads' and remainder heads' rows), median over samples
-  (target <= 1.05; the naive layout is expected >= 1.33);
+  (target <= 1.05; the naive layout is expected >= 1.33), and how far apart they are in blocks (16 tokens of one
+  KV head), median and worst sample;
 - slowest/mean busy: each worker's forward time outside TP collectives over the phase (`busy_ms_total`), the
   slowest against the mean (target <= 1.10);
 - throughput after / before the failure (target >= 0.9 x 3/4); on 2 shared cores TP 3 can beat TP 4, so this
@@ -36,6 +38,7 @@ import time
 from pathlib import Path
 
 import requests
+from ft.kv_backup import BLOCK_TOKENS
 from sglang_ft.tools import make_tiny_model
 from sglang_ft.tools.server_process import ServerProcess
 
@@ -89,9 +92,10 @@ def run_phase(url: str, clients: int, duration_s: float) -> dict:
     for thread in threads:
         thread.start()
     while time.monotonic() < stop_at:
-        used = [w["kv_bytes_used"] for w in members(status(url))]
+        workers = members(status(url))
+        used = [w["kv_bytes_used"] for w in workers]
         if used and min(used) > 0:
-            samples.append(max(used) / min(used))
+            samples.append((max(used) / min(used), (max(used) - min(used)) / block_bytes(workers[0])))
         time.sleep(0.25)
     for thread in threads:
         thread.join()
@@ -100,8 +104,15 @@ def run_phase(url: str, clients: int, duration_s: float) -> dict:
             "failures": failures[0], "prefix_hit_rate": round(prompt[1] / prompt[0], 3) if prompt[0] else None}
 
 
-def summarize_phase(before: list[dict], after: list[dict], kv_ratios: list[float]) -> dict:
-    """The phase's balance from the workers' status at its start and end and the KV max/min samples taken in it."""
+def block_bytes(worker: dict) -> int:
+    """One KV block: 16 tokens of one KV head, every layer's K and V."""
+    return BLOCK_TOKENS * worker["kv_bytes_per_token"] // worker["kv_heads"]
+
+
+def summarize_phase(before: list[dict], after: list[dict], samples: list[tuple[float, float]]) -> dict:
+    """The phase's balance from the workers' status at its start and end and the KV samples taken in it: (max/min
+    ratio, max - min in blocks) of the workers' KV bytes used."""
+    kv_ratios, kv_blocks_apart = [r for r, _ in samples], [b for _, b in samples]
     busy = [a["busy_ms_total"] - b["busy_ms_total"] for a, b in zip(after, before, strict=True)]
     return {
         "tp": len(after),
@@ -109,6 +120,9 @@ def summarize_phase(before: list[dict], after: list[dict], kv_ratios: list[float
         "remainder_kv_heads": [w.get("remainder_kv_heads", 0) for w in after],
         "kv_max_min_ratio": round(statistics.median(kv_ratios), 3) if kv_ratios else None,
         "kv_samples": len(kv_ratios),
+        # how far apart the workers' KV bytes are, in blocks (16 tokens of one KV head): median and worst sample
+        "kv_blocks_apart_median": round(statistics.median(kv_blocks_apart), 2) if kv_blocks_apart else None,
+        "kv_blocks_apart_max": round(max(kv_blocks_apart), 2) if kv_blocks_apart else None,
         "busy_ms": [round(b, 1) for b in busy],
         "busy_slowest_mean_ratio": round(max(busy) / statistics.mean(busy), 3) if busy and all(busy) else None,
         # hybrid attention: cached-prefix rows sent to a request's owner because another worker computed them
@@ -117,17 +131,22 @@ def summarize_phase(before: list[dict], after: list[dict], kv_ratios: list[float
     }
 
 
-VARIANTS = {"tp": ("tp", None), "hybrid-round_robin": ("hybrid", "round_robin"), "hybrid-load": ("hybrid", "load"),
-            "hybrid-prefix_load": ("hybrid", "prefix_load")}
+VARIANTS = {  # name -> the server's FT flags
+    "tp": [],  # contiguous: 3 + 3 + 2 heads
+    "cyclic": ["--ft-kv-placement", "cyclic"],
+    "hybrid-round_robin": ["--ft-attention", "hybrid", "--ft-routing", "round_robin"],
+    "hybrid-load": ["--ft-attention", "hybrid", "--ft-routing", "load"],
+    "hybrid-prefix_load": ["--ft-attention", "hybrid", "--ft-routing", "prefix_load"],
+}
 
 
-def run_variant(model: Path, attention: str, routing: str | None, clients: int, duration_s: float) -> dict:
+def run_variant(model: Path, name: str, clients: int, duration_s: float) -> dict:
     """One server at TP 4: a fault-free phase, a SIGKILL of one worker, a phase at TP 3."""
-    flags = ["--ft-enable-fault-injection", "--ft-attention", attention] + (["--ft-routing", routing] if routing else [])
+    flags = ["--ft-enable-fault-injection", *VARIANTS[name]]
     with ServerProcess(str(model), tp_size=4, ft=True, extra_args=flags) as server:
         run_phase(server.url, clients, 3.0)  # warm-up: first batches, caches
         before = run_phase(server.url, clients, duration_s)
-        print(f"{attention} {routing or ''} TP 4: {before}", flush=True)
+        print(f"{name} TP 4: {before}", flush=True)
         requests.post(f"{server.url}/ft/inject_fault", json={"rank": 3, "kind": "kill"}, timeout=30).raise_for_status()
         deadline = time.monotonic() + 120
         while (st := status(server.url))["tp_size"] != 3 or st["regrouping"] is not None or len(members(st)) != 3:
@@ -135,8 +154,8 @@ def run_variant(model: Path, attention: str, routing: str | None, clients: int, 
                 raise SystemExit("the group did not regroup to TP 3 within 120 s")
             time.sleep(0.5)
         after = run_phase(server.url, clients, duration_s)
-        print(f"{attention} {routing or ''} TP 3: {after}", flush=True)
-    return {"attention": attention, "routing": routing, "before": before, "after": after,
+        print(f"{name} TP 3: {after}", flush=True)
+    return {"flags": VARIANTS[name], "before": before, "after": after,
             "throughput_after_before": round(after["tokens_per_s"] / before["tokens_per_s"], 3)
             if before["tokens_per_s"] else None}
 
@@ -163,7 +182,7 @@ def main(argv: list[str] | None = None) -> dict:
         make_tiny_model.main([str(model), "--num-attention-heads", str(args.kv_heads),
                               "--num-key-value-heads", str(args.kv_heads)])
 
-    results = {name: run_variant(model, *VARIANTS[name], args.clients, args.duration_s) for name in variants}
+    results = {name: run_variant(model, name, args.clients, args.duration_s) for name in variants}
     report = {
         "date": dt.date.today().isoformat(),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",

@@ -391,6 +391,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--heartbeat-timeout-ms", type=int, default=FtArgs.heartbeat_timeout_ms,
                         help="the server's --ft-heartbeat-timeout-ms (default: sglang-ft's)")
     parser.add_argument("--attention", choices=("tp", "hybrid"), default="tp", help="the server's --ft-attention")
+    parser.add_argument("--kv-placement", choices=("contiguous", "cyclic"), default="contiguous",
+                        help="the server's --ft-kv-placement")
     parser.add_argument("--routing", choices=("round_robin", "load", "prefix_load"), default="prefix_load",
                         help="the server's --ft-routing (with --attention hybrid)")
     parser.add_argument("--hung-after-s", type=float, default=120.0, help="a request taking longer counts as hung")
@@ -404,6 +406,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             setattr(args, key, value)
     if args.tp < 2:
         parser.error("--tp must be at least 2 (workers fail)")
+    if args.attention == "hybrid" and args.kv_placement == "cyclic":
+        parser.error("--attention hybrid and --kv-placement cyclic both place the remainder heads: choose one")
     if not 1 <= args.min_live < args.tp:
         parser.error(f"--min-live must be in [1, {args.tp - 1}]")
     if args.rounds < 1 or args.clients < 1 or args.max_new_tokens < 1 or args.duration_s <= 0 or args.interval_s <= 0:
@@ -417,7 +421,7 @@ def main(argv: list[str] | None = None) -> dict:
         make_tiny_model.main([str(args.model_dir)])
     expected = dict(zip(PROMPTS, greedy_token_ids(str(args.model_dir), PROMPTS, args.max_new_tokens)))
     flags = ["--ft-enable-fault-injection", "--ft-heartbeat-timeout-ms", str(args.heartbeat_timeout_ms),
-             "--ft-attention", args.attention, "--ft-routing", args.routing]
+             "--ft-attention", args.attention, "--ft-routing", args.routing, "--ft-kv-placement", args.kv_placement]
     flags += ["--ft-respawn", "--ft-respawn-delay-s", "1"] if args.rejoin == "auto" else []
     server = ServerProcess(str(args.model_dir), tp_size=args.tp, ft=True, extra_args=flags).start()
     print(f"[chaos] TP {args.tp} --ft server healthy in {server.startup_s:.1f} s; {args.clients} clients, up to "

@@ -20,10 +20,12 @@ def generate(url: str, prompt: str, max_new_tokens: int, api_key: str | None = N
     return response.json()
 
 
-def generate_concurrently(url: str, prompts: list[str], max_new_tokens: int, api_key: str | None = None) -> list[dict]:
-    """All prompts in flight at once, so the server batches them together."""
+def generate_concurrently(url: str, prompts: list[str], max_new_tokens: int | list[int],
+                          api_key: str | None = None) -> list[dict]:
+    """All prompts in flight at once, so the server batches them together (one length for all, or one each)."""
+    lengths = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(prompts)
     with ThreadPoolExecutor(max_workers=len(prompts)) as pool:
-        return list(pool.map(lambda p: generate(url, p, max_new_tokens, api_key), prompts))
+        return list(pool.map(lambda p, n: generate(url, p, n, api_key), prompts, lengths))
 
 
 def run_with_fault(url: str, fault, prompts: list[str], max_new_tokens: int, after_tokens: int = 8,

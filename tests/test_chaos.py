@@ -100,7 +100,8 @@ def test_longest_gap_is_the_longest_silence_in_the_window():
 
 
 @pytest.mark.parametrize("argv, flag", [(["--tp", "1"], "--tp"), (["--min-live", "4"], "--min-live"),
-                                        (["--rounds", "0"], "--rounds")])
+                                        (["--rounds", "0"], "--rounds"),
+                                        (["--attention", "hybrid", "--kv-placement", "cyclic"], "--kv-placement")])
 def test_bad_arguments_name_the_flag(argv, flag, capsys):
     with pytest.raises(SystemExit):
         chaos.parse_args(argv)

@@ -96,3 +96,11 @@ def test_across_nodes_the_controller_is_reached_over_tcp_at_node_0():
             two.kv_fetch_endpoint] == [f"tcp://10.0.0.1:{base + i}" for i in range(5)]
     assert FtArgs(nnodes=2, respawn=True).problems() == [
         "--ft-respawn is not supported with --nnodes > 1 yet (a node restarts its own workers)"]
+
+
+def test_cyclic_placement_and_hybrid_attention_together_are_refused_naming_both_flags():
+    from sglang_ft.server_args import FtArgs
+
+    problems = FtArgs(attention="hybrid", kv_placement="cyclic").problems()
+    assert len(problems) == 1 and "--ft-kv-placement cyclic" in problems[0] and "--ft-attention hybrid" in problems[0]
+    assert FtArgs(kv_placement="cyclic").problems() == [] and FtArgs(kv_placement="cyclic").splits_remainder

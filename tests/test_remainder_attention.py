@@ -1,11 +1,21 @@
-"""Hybrid attention's data-parallel part: the remainder KV pool, and the sum over workers equal to full attention."""
+"""The remainder heads' attention: the KV pool; hybrid attention's per-owner outputs summed over workers, and cyclic
+placement's per-worker partials merged, each equal to full attention."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from ft.remainder_routing import RemainderRouter, remainder_split
-from sglang_ft.layers.remainder_attention import OwnedSpan, RemainderKvPool, RemainderPoolFull, remainder_attention
+from sglang_ft.layers.remainder_attention import (
+    HeldSpan,
+    OwnedSpan,
+    RemainderKvPool,
+    RemainderPoolFull,
+    merge_partials,
+    partial_attention,
+    remainder_attention,
+)
+from thread_ranks import ThreadGroup, on_every_rank
 
 D, GROUP = 8, 2  # head_dim, query heads per KV head
 
@@ -112,3 +122,35 @@ def test_a_decode_batch_in_one_padded_call_equals_attention_per_request():
     pool.release(spans[2].slots)
     with pytest.raises(KeyError):
         remainder_attention(q, pool, 1, spans, GROUP, D**-0.5)
+
+
+@pytest.mark.parametrize("workers", [2, 3, 5])
+def test_partials_over_the_rows_each_worker_holds_merge_to_attention_over_the_whole_sequence(workers):
+    """Cyclic placement: each request's rows scattered over the workers (some hold none of a request, and a worker
+    may hold none of the rows a query row sees); an extend after a cached prefix and a single-token request."""
+    torch.manual_seed(workers)
+    heads, lengths, prefixes = 1, [11, 1, 23], [6, 0, 20]
+    requests = [(torch.randn(n, heads * GROUP, D), torch.randn(n, heads, D), torch.randn(n, heads, D))
+                for n in lengths]
+    expected = torch.cat([reference_attention(q, k, v)[p:] for (q, k, v), p in zip(requests, prefixes)])
+    holder = [torch.randint(0, workers, (n,)) for n in lengths]
+    holder[1][:] = workers - 1
+    group = ThreadGroup(workers)
+
+    def rank_step(rank):
+        pool = RemainderKvPool(1, heads, D, global_slots=64, capacity=64)
+        spans, start, queries = [], 0, []
+        for i, ((q, k, v), p) in enumerate(zip(requests, prefixes)):
+            slots = torch.arange(i * 20, i * 20 + lengths[i])
+            mine = holder[i] == rank
+            pool.write(0, slots[mine], k[mine], v[mine])
+            spans.append(HeldSpan(start, lengths[i] - p, p, slots[mine], torch.arange(lengths[i])[mine]))
+            queries.append(q[p:])
+            start += lengths[i] - p
+        out, lse = partial_attention(torch.cat(queries), pool, 0, spans, GROUP, D**-0.5)
+        return merge_partials(out, lse, rank, workers, group.all_reduce_for(rank))
+
+    merged = on_every_rank(workers, rank_step)
+    for rank in range(workers):
+        torch.testing.assert_close(merged[rank], expected, rtol=1e-5, atol=1e-5)
+    assert group.calls == 1  # one collective for the whole batch

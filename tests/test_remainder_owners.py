@@ -5,43 +5,24 @@ transformers on a server (test_hybrid_attention.py)."""
 
 from __future__ import annotations
 
-import threading
 from types import SimpleNamespace
 
 import pytest
 import torch
+from thread_ranks import ThreadGroup, on_every_rank
 
+from ft.kv_backup import BLOCK_TOKENS
 from sglang_ft.layers.remainder_attention import RemainderKvPool
-from sglang_ft.managers.remainder_owners import ADOPT_BLOCK_SLOTS, RemainderPlacement
+from sglang_ft.managers.remainder_owners import ADOPT_BLOCK_SLOTS, CyclicPlacement, RemainderPlacement
 
 LAYERS, HEADS, DIM, SLOTS = 2, 1, 4, 64
 
 
-class SumGroup:
-    """all_reduce for ranks that are threads."""
-
-    def __init__(self, size: int):
-        self.size, self.parts, self.calls = size, [None] * size, 0
-        self.barrier = threading.Barrier(size)
-
-    def for_rank(self, rank: int):
-        def all_reduce(x):
-            self.parts[rank] = x.clone()
-            self.barrier.wait()
-            total = sum(self.parts)
-            self.barrier.wait()
-            if rank == 0:
-                self.calls += 1
-            return total
-
-        return all_reduce
-
-
 def placements(size: int, policy: str = "load", stream=None):
-    group = SumGroup(size)
+    group = ThreadGroup(size)
     req_to_token = torch.zeros((8, 32), dtype=torch.int32)
     ranks = [RemainderPlacement(r, size, policy, RemainderKvPool(LAYERS, HEADS, DIM, SLOTS, SLOTS), req_to_token,
-                                heads=(3, 4), stream=stream, all_reduce=group.for_rank(r)) for r in range(size)]
+                                heads=(3, 4), stream=stream, all_reduce=group.all_reduce_for(r)) for r in range(size)]
     return ranks, group, req_to_token
 
 
@@ -52,22 +33,8 @@ def extend_batch(rids, pool_rows, seq_lens, new_counts, out_cache_loc):
                            out_cache_loc=torch.tensor(out_cache_loc))
 
 
-def on_every_rank(ranks, step):
-    results, errors = [None] * len(ranks), []
-
-    def one(rank):
-        try:
-            results[rank] = step(ranks[rank])
-        except Exception as exc:  # surfaced below, with the rank
-            errors.append((rank, exc))
-
-    threads = [threading.Thread(target=one, args=(r,)) for r in range(len(ranks))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=30)
-    assert not errors, errors
-    return results
+def on_each(ranks, step):
+    return on_every_rank(len(ranks), lambda rank: step(ranks[rank]))
 
 
 def write_owned(placement, batch, value_of_slot):
@@ -82,7 +49,7 @@ def test_owners_write_their_rows_and_a_prefix_reused_elsewhere_is_copied_to_the_
     # request a: 5 prompt tokens in slots 10..14, owned by rank 0 (round robin starts there)
     req_to_token[0, :5] = torch.arange(10, 15)
     batch = extend_batch(["a"], [0], [5], [5], list(range(10, 15)))
-    views = on_every_rank(ranks, lambda p: p.batch(batch))
+    views = on_each(ranks, lambda p: p.batch(batch))
     for placement, view in zip(ranks, views):
         assert placement.holders[10:15].tolist() == [1] * 5  # every rank knows rank 0 holds them
         write_owned(placement, view, lambda s: s)
@@ -92,7 +59,7 @@ def test_owners_write_their_rows_and_a_prefix_reused_elsewhere_is_copied_to_the_
     # request b reuses a's first 4 tokens (a cached prefix) and adds 2; round robin gives it to rank 1
     req_to_token[1, :6] = torch.tensor([10, 11, 12, 13, 20, 21])
     batch = extend_batch(["b"], [1], [6], [2], [20, 21])
-    views = on_every_rank(ranks, lambda p: p.batch(batch))
+    views = on_each(ranks, lambda p: p.batch(batch))
     assert group.calls == 1  # one all-reduce brought rank 1 the prefix rows
     assert all(p.holders[10:14].tolist() == [0b011] * 4 and p.holders[20:22].tolist() == [0b010] * 2 for p in ranks)
     assert ranks[1].rows_copied == 4 and ranks[0].rows_copied == ranks[2].rows_copied == 0
@@ -109,7 +76,7 @@ def two_ranks_after_one_prefill(stream):
     ranks, _, req_to_token = placements(2, "round_robin", stream)
     req_to_token[0, :3] = torch.tensor([5, 6, 7])
     batch = extend_batch(["a"], [0], [3], [3], [5, 6, 7])
-    for placement, view in zip(ranks, on_every_rank(ranks, lambda p: p.batch(batch))):
+    for placement, view in zip(ranks, on_each(ranks, lambda p: p.batch(batch))):
         write_owned(placement, view, lambda s: s)
     return ranks
 
@@ -214,3 +181,93 @@ def test_sglang_dropping_a_queued_request_reaches_the_placement(monkeypatch):
     hooks.after_release_aborted_request(None, object(), SimpleNamespace(rid="queued",
                                                                         kv=SimpleNamespace(holds_kv=False)))
     assert placement.router.load() == {0: 0, 1: 0}
+
+
+def cyclic_ranks(size: int, req_to_token: torch.Tensor, slots: int = SLOTS):
+    return [CyclicPlacement(r, size, "load", RemainderKvPool(LAYERS, HEADS, DIM, slots, slots), req_to_token,
+                            heads=(3, 4)) for r in range(size)]
+
+
+def decode_batch(rids, pool_rows, seq_lens, out_cache_loc):
+    return SimpleNamespace(forward_mode=SimpleNamespace(is_extend=lambda: False), rids=rids,
+                           seq_lens_cpu=torch.tensor(seq_lens), req_pool_indices=torch.tensor(pool_rows),
+                           out_cache_loc=torch.tensor(out_cache_loc))
+
+
+def holder_of(placement, slots) -> list[int]:
+    return [int(placement.holders[s]).bit_length() - 1 for s in slots]
+
+
+def test_cyclic_placement_rotates_each_request_over_the_workers_from_the_one_with_fewest_rows():
+    req_to_token = torch.zeros((4, 64), dtype=torch.int32)
+    ranks = cyclic_ranks(3, req_to_token, slots=128)
+    req_to_token[0, :40] = torch.arange(0, 40)  # a: 40 tokens
+    req_to_token[1, :10] = torch.arange(40, 50)  # b: 10 tokens
+    prefill = extend_batch(["a", "b"], [0, 1], [40, 10], [40, 10], list(range(50)))
+    batches = [p.batch(prefill) for p in ranks]
+    assert holder_of(ranks[0], range(40)) == [p % 3 for p in range(40)]
+    assert holder_of(ranks[0], range(40, 50)) == [(1 + p) % 3 for p in range(10)]  # rows 14, 13, 13: from rank 1
+    assert ranks[0].rows_of.tolist() == [17, 17, 16]
+    for rank, batch in enumerate(batches):  # each rank writes and attends over exactly the rows it holds
+        held = [s for s in range(50) if holder_of(ranks[0], [s])[0] == rank]
+        assert batch.written_slots.tolist() == held
+        assert sorted(torch.cat([span.slots for span in batch.spans]).tolist()) == held
+        assert batch.projected_rows.tolist() == list(range(rank, 50, 3))  # every token projected on one rank
+    assert [(s.start, s.count, s.prefix) for s in batches[1].spans] == [(0, 40, 0), (40, 10, 0)]
+    assert batches[1].spans[0].positions.tolist() == list(range(1, 40, 3))
+
+    req_to_token[0, 40], req_to_token[1, 10] = 60, 61  # a and b decode one token each, on the next worker
+    step = decode_batch(["a", "b"], [0, 1], [41, 11], [60, 61])
+    batches = [p.batch(step) for p in ranks]
+    assert holder_of(ranks[0], [60, 61]) == [1, 2]
+    assert batches[2].written_slots.tolist() == [61] and batches[2].spans[1].prefix == 10
+    assert all(torch.equal(p.holders, ranks[0].holders) for p in ranks)  # every rank placed the same
+    req_to_token[0, 41] = 62
+    alone = [p.batch(decode_batch(["a"], [0], [42], [62])) for p in ranks]
+    assert [b.projected_rows.tolist() for b in alone] == [[0], [], []]  # fewer tokens than ranks
+
+    req_to_token[2, :20] = req_to_token[0, :20]  # c reuses a's first 20 cached tokens, then 5 new ones
+    req_to_token[2, 20:25] = torch.arange(70, 75)
+    [p.batch(extend_batch(["c"], [2], [25], [5], list(range(70, 75)))) for p in ranks]
+    assert holder_of(ranks[0], range(70, 75)) == [2, 0, 1, 2, 0]  # on from the holder of a's position 19
+
+    before = ranks[0].rows_of.clone()
+    ranks[0].release_slots(torch.arange(0, 9))
+    assert (before - ranks[0].rows_of).tolist() == [3, 3, 3]  # a freed slot's rows leave its holder's count
+
+
+def test_cyclic_placement_keeps_a_mixed_workload_within_one_block_per_worker():
+    """Prompts of mixed lengths prefilled, then decoded with requests finishing at different times: after every
+    step the workers' remainder rows differ by less than one block (16 tokens)."""
+    torch.manual_seed(0)
+    size, requests = 3, 24
+    req_to_token = torch.zeros((requests, 200), dtype=torch.int32)
+    placement = cyclic_ranks(size, req_to_token, slots=requests * 200)[0]
+    lengths = torch.randint(5, 120, (requests,)).tolist()
+    to_generate = torch.randint(1, 60, (requests,)).tolist()
+    for i, n in enumerate(lengths):
+        req_to_token[i, :200] = torch.arange(i * 200, (i + 1) * 200)
+        placement.batch(extend_batch([str(i)], [i], [n], [n], list(range(i * 200, i * 200 + n))))
+    spread = []
+    for step in range(max(to_generate)):
+        live = [i for i in range(requests) if step < to_generate[i]]
+        seq = [lengths[i] + step + 1 for i in live]
+        placement.batch(decode_batch([str(i) for i in live], live, seq, [i * 200 + n - 1 for i, n in zip(live, seq)]))
+        for i in range(requests):
+            if step + 1 == to_generate[i]:  # finished: SGLang frees its slots
+                placement.release_slots(torch.arange(i * 200, i * 200 + lengths[i] + to_generate[i]))
+        rows = placement.rows_of
+        spread.append(int(rows.max() - rows.min()))
+        assert rows.tolist() == [int((placement.holders >> w & 1).sum()) for w in range(size)]
+    assert max(spread) < BLOCK_TOKENS, spread
+
+
+def test_cyclic_placement_after_a_regroup_spreads_every_cached_slot_in_blocks():
+    ranks = cyclic_ranks(3, torch.zeros((1, 1), dtype=torch.int32), slots=2 * SLOTS)
+    live = torch.arange(1, 50)
+    resumed = [SimpleNamespace(rid="r", slots=list(range(1, 41)), prompt_len=30, max_new_tokens=20)]
+    for p in ranks:
+        p.adopt(resumed, live, lambda heads, slots: None)
+    assert ranks[0].router.owner_of == {}  # no owners under cyclic placement
+    assert ranks[0].rows_of.tolist() == [17, 16, 16] and all(torch.equal(p.holders, ranks[0].holders) for p in ranks)
+    assert holder_of(ranks[0], range(1, 7)) == [0, 1, 2, 0, 1, 2]  # dealt in turn

@@ -6,49 +6,20 @@ Ranks run as threads over an in-memory all-gather, each with SGLang's own `Req`s
 
 from __future__ import annotations
 
-import threading
 from types import SimpleNamespace
 
 import pytest
 from test_output_rewind import FakeStreamer, decode, make_req
+from thread_ranks import ThreadGroup, on_every_rank
 
 from sglang_ft.managers import torn_step
 from sglang_ft.managers.torn_step import complete_torn_step
 
 
-class Group:
-    """all_gather_object for ranks that are threads; counts the gathers."""
-
-    def __init__(self, size: int):
-        self.size, self.slots, self.calls = size, [None] * size, 0
-        self.barrier = threading.Barrier(size)
-
-    def gather_for(self, rank: int):
-        def gather(obj):
-            self.barrier.wait()
-            self.slots[rank] = obj
-            if rank == 0:
-                self.calls += 1
-            self.barrier.wait()
-            everyone = list(self.slots)
-            self.barrier.wait()
-            return everyone
-
-        return gather
-
-
 def run_ranks(schedulers, failed_batches, joining=()):
-    group, results = Group(len(schedulers)), [None] * len(schedulers)
-
-    def one(rank):
-        results[rank] = complete_torn_step(schedulers[rank], failed_batches[rank], group.gather_for(rank), rank,
-                                           joining=rank in joining)
-
-    threads = [threading.Thread(target=one, args=(rank,)) for rank in range(len(schedulers))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=30)
+    group = ThreadGroup(len(schedulers))
+    results = on_every_rank(len(schedulers), lambda rank: complete_torn_step(
+        schedulers[rank], failed_batches[rank], group.gather_for(rank), rank, joining=rank in joining))
     return results, group.calls
 
 

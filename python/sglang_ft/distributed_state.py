@@ -28,7 +28,7 @@ def current_layout(hf_config) -> TPLayout:
         from sglang_ft.server_args import ft_args
 
         _, tp_size = _tp_rank_and_size()
-        _layout = TPLayout.even(model_shape_of(hf_config), tp_size, hybrid=ft_args().attention == "hybrid")
+        _layout = TPLayout.even(model_shape_of(hf_config), tp_size, hybrid=ft_args().splits_remainder)
     return _layout
 
 

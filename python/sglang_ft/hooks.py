@@ -48,7 +48,7 @@ def around_from_cli_args(original, cls, args, *rest, **kwargs):
             cli_error("; ".join(problems))
         # Recovery re-enters SGLang's plain loop; overlap scheduling buys nothing without an accelerator stream.
         server_args.disable_overlap_schedule = True
-        if ft.attention == "hybrid":  # which rows a worker computes changes with every batch's owners
+        if ft.splits_remainder:  # which rows a worker computes changes with every batch's placement
             server_args.disable_cuda_graph = True
         if server_args.max_queued_requests is None:  # a flood gets 503 + Retry-After, not unbounded memory
             server_args.max_queued_requests = FT_DEFAULT_MAX_QUEUED_REQUESTS

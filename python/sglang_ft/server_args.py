@@ -36,6 +36,7 @@ class FtArgs:
     drain_timeout_s: float = 60.0
     attention: str = "tp"  # or "hybrid": the KV heads that do not divide evenly run as data-parallel attention
     routing: str = "prefix_load"  # which worker owns a request's remainder heads under hybrid attention
+    kv_placement: str = "contiguous"  # or "cyclic": the remainder heads' KV rotates over the workers by block
     runtime_dir: str = ""  # where the FT controller's sockets live; set by the launcher
     # Across nodes (SGLang's --nnodes): the controller and the backup store run on node 0 and every node's workers
     # reach them over TCP at this host, on CONTROLLER_PORT_OFFSET + 0..4 past SGLang's --dist-init-addr port.
@@ -92,12 +93,20 @@ class FtArgs:
             found.append(f"--ft-drain-timeout-s must not be negative, got {self.drain_timeout_s}")
         if self.nnodes > 1 and self.respawn:
             found.append("--ft-respawn is not supported with --nnodes > 1 yet (a node restarts its own workers)")
+        if self.kv_placement == "cyclic" and self.attention == "hybrid":
+            found.append("--ft-kv-placement cyclic and --ft-attention hybrid both place the remainder heads (by "
+                         "block over every worker, or whole per request on one): choose one")
         if self.heartbeat_timeout_ms <= self.heartbeat_interval_ms:
             found.append(
                 f"--ft-heartbeat-timeout-ms ({self.heartbeat_timeout_ms}) must exceed "
                 f"--ft-heartbeat-interval-ms ({self.heartbeat_interval_ms})"
             )
         return found
+
+    @property
+    def splits_remainder(self) -> bool:
+        """Layouts keep H // W KV heads per worker by TP and serve the H % W remainder heads apart."""
+        return self.attention == "hybrid" or self.kv_placement == "cyclic"
 
     def to_env(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -117,6 +126,7 @@ class FtArgs:
             drain_timeout_s=getattr(args, "ft_drain_timeout_s", cls.drain_timeout_s),
             attention=getattr(args, "ft_attention", cls.attention),
             routing=getattr(args, "ft_routing", cls.routing),
+            kv_placement=getattr(args, "ft_kv_placement", cls.kv_placement),
         )
 
 
@@ -206,6 +216,17 @@ def add_ft_cli_args(parser: argparse.ArgumentParser) -> None:
         help="With --ft-attention hybrid, which worker owns a request's remainder heads: in turn; the one with the "
         "fewest outstanding tokens; or the one holding its cached prefix unless that one is overloaded (SGLang's "
         "cache-aware balance rule), else the least loaded.",
+    )
+    group.add_argument(
+        "--ft-kv-placement",
+        choices=("contiguous", "cyclic"),
+        default=FtArgs.kv_placement,
+        help="Where the KV of heads that do not divide evenly over the TP workers lives (with --ft-attention tp). "
+        "contiguous: on the workers whose spans hold them (4 KV heads over 3 workers = 2+1+1). cyclic: every worker "
+        "runs H // W heads as tensor-parallel attention and the H %% W remainder heads' KV rotates over all workers "
+        "token by token (each request from the worker holding the fewest rows), so every worker stores the same KV "
+        "bytes to within a block; their attention runs where the rows are and the partials are merged across "
+        "workers (one more all-reduce per layer).",
     )
     group.add_argument(
         "--ft-enable-fault-injection",

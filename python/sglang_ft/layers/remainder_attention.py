@@ -1,16 +1,21 @@
-"""Hybrid attention's data-parallel part: the remainder heads' KV and attention for the requests a worker owns.
+"""The remainder heads' KV and attention: the `H % W` KV heads that do not divide over W workers.
 
-With `H % W` remainder KV heads (see `ft.remainder_routing`), a worker holds those heads' KV only for the requests
-it owns, in a pool of its own sized for its share of requests rather than for every token slot; SGLang's token
-slots (the same on every rank) address it through a map. Its attention output is zero on other requests' rows,
-so the usual row-parallel output projection and all-reduce add each request's remainder heads exactly once.
+Their KV lives in a pool of its own on each worker, holding only the rows placed there; SGLang's token slots (the
+same on every rank) address it through a map. Two placements (see `managers/remainder_owners.py`):
 
-Plain torch (scaled_dot_product_attention per owned request): the same on CPU and CUDA, without an attention
-backend's paged kernels.
+- hybrid attention (per request): each request's rows whole on its owner, which computes its attention; the output
+  is zero on other requests' rows, so the usual row-parallel output projection and all-reduce add each request's
+  remainder heads exactly once (`remainder_attention`).
+- cyclic placement (per block): a request's rows spread over the workers in blocks; each worker attends over the
+  rows it holds and returns the partial output with its log-sum-exp, and the partials are merged across workers
+  as flash attention merges tiles (`partial_attention`, `merge_partials`).
+
+Plain torch: the same on CPU and CUDA, without an attention backend's paged kernels.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -144,3 +149,67 @@ def _decode_attention(q, pool: RemainderKvPool, layer: int, spans: list[OwnedSpa
     query = q[:, :, None, :]  # [n, heads, 1, d]
     attended = F.scaled_dot_product_attention(query, k, v, attn_mask=valid[:, None, None, :], scale=scaling)
     return attended[:, :, 0, :]
+
+
+@dataclass(frozen=True)
+class HeldSpan:
+    """One request of a forward batch under cyclic placement: its query rows [start, start + count) at positions
+    [prefix, prefix + count), and the slots of its sequence this rank holds, with their positions."""
+
+    start: int
+    count: int
+    prefix: int
+    slots: torch.Tensor
+    positions: torch.Tensor
+
+
+@dataclass(frozen=True)
+class CyclicBatch:
+    """A forward batch as the remainder heads see it on one rank under cyclic placement."""
+
+    pool: RemainderKvPool
+    written_rows: torch.Tensor  # batch rows whose new slot this rank holds (it writes their K and V)
+    written_slots: torch.Tensor
+    spans: list[HeldSpan]
+    projected_rows: torch.Tensor  # batch rows whose output projection this rank adds (each row on one rank)
+    rank: int
+    size: int
+    all_reduce: Callable[[torch.Tensor], torch.Tensor]
+
+
+def partial_attention(q: torch.Tensor, pool: RemainderKvPool, layer: int, spans: list[HeldSpan], group_size: int,
+                      scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal attention of `q` [tokens, query heads, head_dim] over the rows this rank holds: the output
+    normalised over those rows, and their log-sum-exp [tokens, query heads] (-inf where it holds none)."""
+    out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    lse = torch.full(q.shape[:2], float("-inf"), dtype=torch.float32, device=q.device)
+    for span in spans:
+        if not len(span.slots):
+            continue
+        k, v = pool.read(layer, span.slots)
+        k = k.float().repeat_interleave(group_size, dim=1).transpose(0, 1)  # [heads, held, head_dim]
+        v = v.float().repeat_interleave(group_size, dim=1).transpose(0, 1)
+        rows = slice(span.start, span.start + span.count)
+        query = q[rows].float().transpose(0, 1)  # [heads, count, head_dim]
+        scores = query @ k.transpose(1, 2) * scaling
+        visible = span.positions[None, :] <= (span.prefix + torch.arange(span.count, device=q.device))[:, None]
+        scores = scores.masked_fill(~visible, float("-inf"))
+        part_lse = scores.logsumexp(-1)  # [heads, count]
+        weights = torch.exp(scores - part_lse[..., None]).nan_to_num(0.0)  # rows with no visible key: zeros
+        out[rows] = (weights @ v).transpose(0, 1)
+        lse[rows] = part_lse.transpose(0, 1)
+    return out, lse
+
+
+def merge_partials(out: torch.Tensor, lse: torch.Tensor, rank: int, size: int,
+                   all_reduce: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Every rank's partial attention merged into the whole: one all-reduce gathers (output, log-sum-exp) of
+    every rank (each fills its own slice), then each row is the partials weighted by exp(lse - max)."""
+    head_dim = out.shape[-1]
+    gathered = torch.zeros((size, *out.shape[:-1], head_dim + 1), dtype=torch.float32, device=out.device)
+    gathered[rank, ..., :head_dim] = out
+    gathered[rank, ..., head_dim] = lse
+    gathered = all_reduce(gathered)
+    parts, part_lse = gathered[..., :head_dim], gathered[..., head_dim]
+    weights = torch.exp(part_lse - part_lse.max(dim=0).values)  # a rank holding none of a row's keys: weight 0
+    return (weights[..., None] * parts).sum(0) / weights.sum(0)[..., None]

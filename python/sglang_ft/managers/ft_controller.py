@@ -147,7 +147,7 @@ class FtController:
             self.orders.bind(order_endpoint)
         from sglang_ft.server_args import ft_args
 
-        self.hybrid = ft_args().attention == "hybrid"
+        self.hybrid = ft_args().splits_remainder
         self.layout = TPLayout.even(shape, tp_size, self.hybrid) if shape is not None else None
         self.pending: PendingRecovery | None = None
         self.failure_reported_at: float | None = None  # a worker saw a collective fail in the current epoch

@@ -160,7 +160,7 @@ def regroup_in_place(ft_worker, order: Regroup) -> RegroupDone:
     held, remainder_held = agree_on_holdings(old_model if ft_worker.holds_weights else None, order,
                                              scheduler.tp_cpu_group)
     plan = plan_migration(old_model.layout.shape, held, list(order.workers),
-                          hybrid=ft_worker.ft.attention == "hybrid", remainder_held=remainder_held)
+                          hybrid=ft_worker.ft.splits_remainder, remainder_held=remainder_held)
     if plan.layout != TPLayout.from_json(order.layout_json):
         logger.warning("sglang-ft: the controller planned epoch %d from an older view of who holds what (a regroup "
                        "was interrupted); the group follows what its members hold", order.epoch)

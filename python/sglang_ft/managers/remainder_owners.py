@@ -1,4 +1,6 @@
-"""Hybrid attention inside SGLang's scheduler: who owns each request's remainder heads, and where their KV is.
+"""The remainder heads inside SGLang's scheduler: where each token's remainder KV is, and who computes what.
+
+Hybrid attention (`RemainderPlacement`): each request's remainder heads whole on one owner.
 
 Every TP rank runs the same scheduler on the same requests, so each keeps the same `RemainderPlacement`: owners
 chosen by `ft.remainder_routing` when a request is first matched against the radix cache, and for every token slot
@@ -6,6 +8,14 @@ the set of workers holding its remainder KV (`holders`, a bit per worker, writte
 keep those rows, in their `RemainderKvPool`. A request reusing a cached prefix whose rows its owner lacks (a shared
 system prompt first computed elsewhere) gets them from a holder in its prefill: one all-reduce per batch that needs
 any, after which the owner holds a copy too, so the radix cache is reused whole whoever owns the request.
+
+Cyclic placement (`CyclicPlacement`, `--ft-kv-placement cyclic`): a request's remainder KV rotates over the workers
+token by token (its first token on the worker holding the fewest rows), so every worker stores the same rows to
+within a few (one block of 16 at most on a mixed workload, `tests/test_remainder_owners.py`); every worker attends
+over the rows it holds and the partials are merged (layers/remainder_attention.py). No owners, no copies: a cached
+prefix is used wherever its rows are. (Rotating by token rather than by block of 16: the remainder pool maps rows
+one by one, so nothing is gained by blocks, and blocks leave the workers up to several blocks apart while requests
+grow and finish.)
 """
 
 from __future__ import annotations
@@ -15,7 +25,13 @@ import logging
 import torch
 
 from ft.remainder_routing import RemainderRouter
-from sglang_ft.layers.remainder_attention import OwnedSpan, RemainderBatch, RemainderKvPool
+from sglang_ft.layers.remainder_attention import (
+    CyclicBatch,
+    HeldSpan,
+    OwnedSpan,
+    RemainderBatch,
+    RemainderKvPool,
+)
 from sglang_ft.mem_cache.kv_backup_stream import RESYNC_SLOTS_PER_MESSAGE
 
 logger = logging.getLogger(__name__)
@@ -30,6 +46,8 @@ def active() -> RemainderPlacement | None:
 
 
 class RemainderPlacement:
+    owns_requests = True  # each request's remainder heads on one owner (hybrid attention)
+
     def __init__(self, rank: int, tp_size: int, policy: str, pool: RemainderKvPool, req_to_token: torch.Tensor,
                  heads: tuple[int, int] = (0, 0), stream=None, all_reduce=None):
         if tp_size > 31:
@@ -168,6 +186,10 @@ class RemainderPlacement:
         rest = live[self.holders[live] == 0]
         for start in range(0, len(rest), ADOPT_BLOCK_SLOTS):
             place(rest[start : start + ADOPT_BLOCK_SLOTS])
+        return self._fetch_held(live, fetch)
+
+    def _fetch_held(self, live: torch.Tensor, fetch) -> tuple[int, int]:
+        """Fetch the rows of the `live` slots placed on this worker from the backup store."""
         mine = live[(self.holders[live] >> self.rank & 1) == 1]
         if not len(mine):
             return 0, 0
@@ -197,6 +219,69 @@ class RemainderPlacement:
             self.router.release(req.rid)
 
 
+class CyclicPlacement(RemainderPlacement):
+    """`--ft-kv-placement cyclic`: the remainder KV of every request spread over the workers by block."""
+
+    owns_requests = False
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.rows_of = torch.zeros(len(self.router.workers), dtype=torch.int64)  # remainder rows per worker
+
+    def batch(self, forward_batch) -> CyclicBatch:
+        """Place the batch's new tokens by block; return what this rank writes, attends over and projects."""
+        counts = forward_batch.extend_seq_lens_cpu if forward_batch.forward_mode.is_extend() else \
+            [1] * len(forward_batch.rids or [])
+        seq_lens = forward_batch.seq_lens_cpu.tolist()
+        new_slots = forward_batch.out_cache_loc.cpu().to(torch.int64)
+        device = forward_batch.out_cache_loc.device
+        spans, start = [], 0
+        for count, seq_len, pool_row in zip(counts, seq_lens, forward_batch.req_pool_indices.tolist(), strict=True):
+            sequence = self.req_to_token[pool_row, :seq_len].cpu().to(torch.int64)
+            self._place(sequence, seq_len - count)
+            held = (self.holders[sequence] >> self.rank & 1).bool()
+            spans.append(HeldSpan(start, count, seq_len - count, sequence[held].to(device),
+                                  torch.arange(seq_len)[held].to(device)))
+            start += count
+        written = (self.holders[new_slots] >> self.rank & 1).bool().nonzero().flatten()
+        size = len(self.router.workers)
+        return CyclicBatch(self.pool, written.to(device), new_slots[written].to(device), spans,
+                           torch.arange(len(new_slots), device=device)[self.rank :: size], self.rank, size,
+                           self.all_reduce)
+
+    def _place(self, sequence: torch.Tensor, prefix: int) -> None:
+        """Holders for positions [prefix, len(sequence)), in turn over the workers from the one after the holder of
+        the position before (a cached prefix's last token, wherever it is); a request's first token goes to the
+        worker with the fewest rows (the lowest on a tie). So each request's rows are spread evenly, to within a
+        row, growing and freed as evenly, and the group stays within a few rows. Every rank decides the same."""
+        size = len(self.router.workers)
+        before = _lowest_bit(int(self.holders[sequence[prefix - 1]])) if prefix else None
+        first = int(torch.argmin(self.rows_of)) if before is None else (before + 1) % size
+        workers = (first + torch.arange(len(sequence) - prefix)) % size
+        self.holders[sequence[prefix:]] = (1 << workers).to(torch.int32)
+        self.rows_of += torch.bincount(workers, minlength=size)
+
+    def release_slots(self, slots: torch.Tensor) -> None:
+        slots = torch.unique(slots.to(torch.int64).cpu())
+        bits = self.holders[slots]
+        self.rows_of -= torch.stack([(bits >> w & 1).sum() for w in range(len(self.rows_of))])
+        super().release_slots(slots)
+
+    def adopt(self, resumed, live: torch.Tensor, fetch) -> tuple[int, int]:
+        """After a regroup: the cached slots' rows dealt over the workers in turn, in slot order (so each
+        request's too, near enough), each worker fetching its share from the backup store."""
+        live = live.to(torch.int64).cpu()
+        size = len(self.router.workers)
+        workers = torch.arange(len(live)) % size
+        self.holders[live] = (1 << workers).to(torch.int32)
+        self.rows_of = torch.bincount(workers, minlength=size)
+        return self._fetch_held(live, fetch)
+
+
+def _lowest_bit(bits: int) -> int | None:
+    return (bits & -bits).bit_length() - 1 if bits else None
+
+
 def install(scheduler, ft_args, stream=None) -> RemainderPlacement | None:
     """Give the model its placement where its layout has remainder heads (and drop any older one)."""
     global _active
@@ -210,12 +295,18 @@ def install(scheduler, ft_args, stream=None) -> RemainderPlacement | None:
     slots = kv_pool.k_buffer[0].shape[0]
     pool = RemainderKvPool(len(model.model.layers), layout.num_remainder_kv_heads, layout.shape.head_dim, slots,
                            capacity=slots, dtype=kv_pool.k_buffer[0].dtype, device=kv_pool.k_buffer[0].device)
-    _active = model.remainder = RemainderPlacement(model.tp_rank, layout.tp_size, ft_args.routing, pool,
-                                                   runner.req_to_token_pool.req_to_token, layout.remainder, stream)
+    kind = CyclicPlacement if ft_args.kv_placement == "cyclic" else RemainderPlacement
+    _active = model.remainder = kind(model.tp_rank, layout.tp_size, ft_args.routing, pool,
+                                     runner.req_to_token_pool.req_to_token, layout.remainder, stream)
     for layer in model.model.layers:
         layer.self_attn.remainder_written = _active.written
-    logger.info("sglang-ft: hybrid attention: %d KV heads per rank by TP, %d remainder heads per request on its "
-                "owner (--ft-routing %s)", model.shard.num_kv_heads, layout.num_remainder_kv_heads, ft_args.routing)
+    if kind is CyclicPlacement:
+        logger.info("sglang-ft: cyclic KV placement: %d KV heads per rank by TP, %d remainder heads rotating over "
+                    "every rank token by token", model.shard.num_kv_heads, layout.num_remainder_kv_heads)
+    else:
+        logger.info("sglang-ft: hybrid attention: %d KV heads per rank by TP, %d remainder heads per request on its "
+                    "owner (--ft-routing %s)", model.shard.num_kv_heads, layout.num_remainder_kv_heads,
+                    ft_args.routing)
     return _active
 
 
@@ -223,7 +314,7 @@ def around_match_kv_cache(original, req, tree_cache, *args, **kwargs):
     """Choose the request's owner at its first radix-cache match, knowing who holds its cached prefix."""
     result = original(req, tree_cache, *args, **kwargs)
     placement = _active
-    if placement is not None and req.rid not in placement.router.owner_of:
+    if placement is not None and placement.owns_requests and req.rid not in placement.router.owner_of:
         prefix = result.device_prefix_len
         slots = tree_cache.path_device_indices(result.last_device_node)[:prefix].cpu() if prefix else None
         placement.owner_of(req.rid, len(req.origin_input_ids) + req.sampling_params.max_new_tokens, slots)

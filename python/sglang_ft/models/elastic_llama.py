@@ -27,7 +27,13 @@ from ft.partition import RankShard, TPLayout
 from ft.planner import DIMENSIONS
 from sglang_ft.distributed_state import current_layout, layout_rank
 from sglang_ft.layers.elastic_parallel import ElasticLMHead, ElasticVocabEmbedding, all_reduce
-from sglang_ft.layers.remainder_attention import RemainderBatch, remainder_attention
+from sglang_ft.layers.remainder_attention import (
+    CyclicBatch,
+    RemainderBatch,
+    merge_partials,
+    partial_attention,
+    remainder_attention,
+)
 from sglang_ft.model_loader.lazy_safetensors import read_all, read_cols, read_rows
 
 
@@ -112,9 +118,12 @@ class ElasticAttention(nn.Module):
         out = all_reduce(out)
         return out if self.o_bias is None else out + self.o_bias
 
-    def _add_remainder_heads(self, out, positions, hidden, batch: RemainderBatch) -> None:
+    def _add_remainder_heads(self, out, positions, hidden, batch: RemainderBatch | CyclicBatch) -> None:
         """Add the remainder heads' output of the requests this rank owns (data-parallel attention): the other
         rows stay as they are, and the all-reduce adds each request's remainder heads exactly once."""
+        if isinstance(batch, CyclicBatch):
+            self._add_cyclic_remainder_heads(out, positions, hidden, batch)
+            return
         if not batch.spans:
             return
         rows = batch.rows
@@ -130,6 +139,26 @@ class ElasticAttention(nn.Module):
                                        self.group_size, self.attn.scaling)
         projected, _ = self.rem_o_proj(attended.reshape(len(rows), -1))
         out.index_add_(0, rows, projected)
+
+    def _add_cyclic_remainder_heads(self, out, positions, hidden, batch: CyclicBatch) -> None:
+        """Cyclic placement: every rank projects the remainder heads of every token (their weights are
+        replicated), keeps the K and V rows it holds, attends over them, and the partials are merged across
+        ranks; each token's output projection is then added on one rank, before the layer's all-reduce."""
+        qkv, _ = self.rem_qkv_proj(hidden)
+        q, k, v = qkv.split([self.rem_q_size, self.rem_kv_size, self.rem_kv_size], dim=-1)
+        q, k = self.rotary_emb(positions, q, k)
+        heads, hd = self.remainder_kv_heads, self.head_dim
+        layer = self.attn.layer_id
+        rows = batch.written_rows
+        k, v = k[rows].reshape(-1, heads, hd), v[rows].reshape(-1, heads, hd)
+        batch.pool.write(layer, batch.written_slots, k, v)
+        self.remainder_written(layer, batch.written_slots, k, v)
+        partial, lse = partial_attention(q.reshape(len(q), heads * self.group_size, hd), batch.pool, layer,
+                                         batch.spans, self.group_size, self.attn.scaling)
+        attended = merge_partials(partial, lse, batch.rank, batch.size, batch.all_reduce).to(hidden.dtype)
+        mine = batch.projected_rows
+        projected, _ = self.rem_o_proj(attended[mine].reshape(len(mine), self.rem_q_size))
+        out.index_add_(0, mine, projected)
 
 
 class ElasticMLP(nn.Module):
