@@ -24,16 +24,17 @@ class WorkerLoad(msgspec.Struct, frozen=True):
     last_step_collective_ms: float | None = None  # of which inside TP collectives: waiting for wider peers (CPU)
     steps: int = 0  # forwards since the worker started
     busy_ms_total: float = 0.0  # their time outside TP collectives (CPU): this worker's own work, summed
-    # hybrid attention: the remainder heads this worker computes for the requests it owns, and their KV
+    # hybrid attention or cyclic placement: the remainder heads this worker computes and holds KV for
     remainder_kv_heads: int = 0
     remainder_requests: int = 0  # unfinished requests it owns
     remainder_kv_tokens_used: int = 0
     remainder_kv_bytes_per_token: int = 0
     remainder_rows_copied: int = 0  # cached-prefix rows received from the worker that computed them
+    remainder_kv_tokens_capacity: int = 0  # rows its remainder pool has room for (allocated)
 
     @property
     def kv_bytes_used(self) -> int:
-        """The KV bytes this worker holds: its TP heads' rows and, under hybrid attention, its remainder rows."""
+        """The KV bytes this worker holds: its TP heads' rows and its remainder rows (hybrid or cyclic)."""
         return (self.kv_tokens_used * self.kv_bytes_per_token
                 + self.remainder_kv_tokens_used * self.remainder_kv_bytes_per_token)
 

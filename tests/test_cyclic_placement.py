@@ -2,7 +2,8 @@
 then 1 head per worker by TP plus the remainder head's KV rotating over all three workers token by token, its
 attention merged across them; then a second kill down to TP 2 (even again). Every output equals transformers, no
 KV is recomputed, and the workers' KV bytes stay within one block of each other (the contiguous layout's widest
-worker holds twice the others': test_serving_ft.py's TP 3 status test, 2+1+1 heads)."""
+worker holds twice the others': test_serving_ft.py's TP 3 status test, 2+1+1 heads), each remainder pool allocated
+for its share of the slots."""
 
 import pytest
 import requests
@@ -51,6 +52,8 @@ def test_a_failure_regroups_into_cyclic_placement_with_every_kv_row_kept(server,
     rows = [w["remainder_kv_tokens_used"] for w in after]
     assert min(rows) > 0 and max(rows) - min(rows) <= 1, rows  # the cached rows dealt over the workers in turn
     assert within_one_block(after)
+    slots = after[0]["kv_tokens_used"] + after[0]["kv_tokens_free"]  # each pool sized for a third and 1/8 more
+    assert all(slots <= 3 * w["remainder_kv_tokens_capacity"] < 3 * slots * 0.38 for w in after)
 
 
 def test_a_mixed_workload_equals_transformers_and_every_worker_holds_the_same_kv_within_a_block(server,

@@ -13,6 +13,7 @@ from sglang_ft.layers.remainder_attention import (
     RemainderPoolFull,
     merge_partials,
     partial_attention,
+    partial_decode_attention,
     remainder_attention,
 )
 from thread_ranks import ThreadGroup, on_every_rank
@@ -154,3 +155,26 @@ def test_partials_over_the_rows_each_worker_holds_merge_to_attention_over_the_wh
     for rank in range(workers):
         torch.testing.assert_close(merged[rank], expected, rtol=1e-5, atol=1e-5)
     assert group.calls == 1  # one collective for the whole batch
+
+
+def test_a_decode_batch_in_one_padded_call_equals_partials_per_request():
+    torch.manual_seed(4)
+    heads, lengths = 1, [5, 12, 2]
+    pool = RemainderKvPool(1, heads, D, global_slots=64, capacity=64)
+    table = torch.zeros((len(lengths), max(lengths)), dtype=torch.int64)
+    held = torch.zeros_like(table, dtype=torch.bool)
+    spans = []
+    for i, n in enumerate(lengths):
+        slots = torch.arange(i * 20, i * 20 + n)
+        mine = torch.rand(n) < 0.5
+        mine[-1] = i != 2  # request 2: this rank holds none of its rows
+        mine[:] = mine if i != 2 else False
+        pool.write(0, slots[mine], torch.randn(int(mine.sum()), heads, D), torch.randn(int(mine.sum()), heads, D))
+        table[i, :n], held[i, :n] = slots, mine
+        spans.append(HeldSpan(i, 1, n - 1, slots[mine], torch.arange(n)[mine]))
+    q = torch.randn(len(lengths), heads * GROUP, D)
+    out, lse = partial_decode_attention(q, pool, 0, table, held, GROUP, D**-0.5)
+    expected_out, expected_lse = partial_attention(q, pool, 0, spans, GROUP, D**-0.5)
+    torch.testing.assert_close(out, expected_out)
+    torch.testing.assert_close(lse, expected_lse)
+    assert torch.isinf(lse[2]).all() and not out[2].any()

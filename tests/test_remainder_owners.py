@@ -220,7 +220,11 @@ def test_cyclic_placement_rotates_each_request_over_the_workers_from_the_one_wit
     step = decode_batch(["a", "b"], [0, 1], [41, 11], [60, 61])
     batches = [p.batch(step) for p in ranks]
     assert holder_of(ranks[0], [60, 61]) == [1, 2]
-    assert batches[2].written_slots.tolist() == [61] and batches[2].spans[1].prefix == 10
+    assert batches[2].written_slots.tolist() == [61] and batches[2].spans == []  # a decode batch: one table
+    for rank, batch in enumerate(batches):
+        held = [[bool(ranks[0].holders[s] >> rank & 1) for s in req_to_token[row, :n].tolist()] + [False] * (41 - n)
+                for row, n in ((0, 41), (1, 11))]
+        assert batch.decode_held.tolist() == held
     assert all(torch.equal(p.holders, ranks[0].holders) for p in ranks)  # every rank placed the same
     req_to_token[0, 41] = 62
     alone = [p.batch(decode_batch(["a"], [0], [42], [62])) for p in ranks]
@@ -271,3 +275,27 @@ def test_cyclic_placement_after_a_regroup_spreads_every_cached_slot_in_blocks():
     assert ranks[0].router.owner_of == {}  # no owners under cyclic placement
     assert ranks[0].rows_of.tolist() == [17, 16, 16] and all(torch.equal(p.holders, ranks[0].holders) for p in ranks)
     assert holder_of(ranks[0], range(1, 7)) == [0, 1, 2, 0, 1, 2]  # dealt in turn
+
+
+def test_cyclic_pools_hold_a_share_each_and_together_every_slot():
+    assert CyclicPlacement.pool_rows(65536, 3) == 21846 + 2731  # a third plus an eighth of it
+    assert CyclicPlacement.pool_rows(10, 1) == 10 and RemainderPlacement.pool_rows(65536, 3) == 65536
+    for slots, workers in ((65536, 3), (100, 7), (17, 5), (4096, 31)):
+        assert workers * CyclicPlacement.pool_rows(slots, workers) >= slots
+
+
+def test_a_full_pool_is_passed_over_and_the_rotation_goes_on_where_there_is_room():
+    req_to_token = torch.zeros((3, 16), dtype=torch.int32)
+    ranks = [CyclicPlacement(r, 3, "load", RemainderKvPool(LAYERS, HEADS, DIM, 64, 4), req_to_token, heads=(3, 4))
+             for r in range(3)]
+    req_to_token[0, :6] = torch.arange(0, 6)
+    [p.batch(extend_batch(["a"], [0], [6], [6], list(range(6)))) for p in ranks]  # 2 rows each, pools of 4
+    for p in ranks:
+        p.rows_of[0] = 4  # rank 0's pool is full
+    req_to_token[1, :2], req_to_token[1, 2:6] = torch.tensor([0, 1]), torch.arange(20, 24)
+    [p.batch(extend_batch(["b"], [1], [6], [4], list(range(20, 24)))) for p in ranks]  # a's 2 tokens cached
+    assert holder_of(ranks[0], range(20, 24)) == [2, 1, 2, 1]  # from rank 2 (after slot 1's rank 1), past rank 0
+    assert ranks[0].rows_of.tolist() == [4, 4, 4]
+    req_to_token[2, :1] = torch.tensor([40])
+    with pytest.raises(RuntimeError, match="every worker's remainder KV pool is full"):
+        ranks[0].batch(extend_batch(["c"], [2], [1], [1], [40]))

@@ -170,11 +170,22 @@ class CyclicBatch:
     pool: RemainderKvPool
     written_rows: torch.Tensor  # batch rows whose new slot this rank holds (it writes their K and V)
     written_slots: torch.Tensor
-    spans: list[HeldSpan]
+    spans: list[HeldSpan]  # an extend batch's requests (empty for a decode batch)
     projected_rows: torch.Tensor  # batch rows whose output projection this rank adds (each row on one rank)
     rank: int
     size: int
     all_reduce: Callable[[torch.Tensor], torch.Tensor]
+    # a decode batch, one query row per request: its sequences' slots [requests, longest] and which of them this
+    # rank holds (False past a sequence's end); every position is before the query's
+    decode_slots: torch.Tensor | None = None
+    decode_held: torch.Tensor | None = None
+
+    def partial_attention(self, q: torch.Tensor, layer: int, group_size: int,
+                          scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.decode_slots is not None:
+            return partial_decode_attention(q, self.pool, layer, self.decode_slots, self.decode_held, group_size,
+                                            scaling)
+        return partial_attention(q, self.pool, layer, self.spans, group_size, scaling)
 
 
 def partial_attention(q: torch.Tensor, pool: RemainderKvPool, layer: int, spans: list[HeldSpan], group_size: int,
@@ -199,6 +210,20 @@ def partial_attention(q: torch.Tensor, pool: RemainderKvPool, layer: int, spans:
         out[rows] = (weights @ v).transpose(0, 1)
         lse[rows] = part_lse.transpose(0, 1)
     return out, lse
+
+
+def partial_decode_attention(q: torch.Tensor, pool: RemainderKvPool, layer: int, slots: torch.Tensor,
+                             held: torch.Tensor, group_size: int, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """`partial_attention` for a decode batch in one padded call: query row i over the held slots of row i."""
+    local = pool.local_of[slots].clamp(min=0)  # rows not held are masked out below
+    k, v = pool.k[layer, local].float(), pool.v[layer, local].float()  # [n, longest, kv heads, head_dim]
+    n, kv_heads = len(q), k.shape[2]
+    grouped = q.float().view(n, kv_heads, group_size, -1)  # the query heads sharing each KV head
+    scores = torch.einsum("nkgd,nlkd->nkgl", grouped, k).reshape(n, kv_heads * group_size, -1) * scaling
+    scores = scores.masked_fill(~held[:, None, :], float("-inf"))
+    lse = scores.logsumexp(-1)  # [n, heads]
+    weights = torch.exp(scores - lse[..., None]).nan_to_num(0.0).view(n, kv_heads, group_size, -1)
+    return torch.einsum("nkgl,nlkd->nkgd", weights, v).reshape(n, kv_heads * group_size, -1), lse
 
 
 def merge_partials(out: torch.Tensor, lse: torch.Tensor, rank: int, size: int,

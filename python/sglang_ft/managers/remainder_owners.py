@@ -48,6 +48,12 @@ def active() -> RemainderPlacement | None:
 class RemainderPlacement:
     owns_requests = True  # each request's remainder heads on one owner (hybrid attention)
 
+    @staticmethod
+    def pool_rows(slots: int, workers: int) -> int:
+        """Rows of a worker's remainder pool: every slot (one owner may come to hold most requests' rows; sizing
+        it to a share needs admission by the owner's free rows, not built)."""
+        return slots
+
     def __init__(self, rank: int, tp_size: int, policy: str, pool: RemainderKvPool, req_to_token: torch.Tensor,
                  heads: tuple[int, int] = (0, 0), stream=None, all_reduce=None):
         if tp_size > 31:
@@ -220,16 +226,26 @@ class RemainderPlacement:
 
 
 class CyclicPlacement(RemainderPlacement):
-    """`--ft-kv-placement cyclic`: the remainder KV of every request spread over the workers by block."""
+    """`--ft-kv-placement cyclic`: the remainder KV of every request rotated over the workers token by token."""
 
     owns_requests = False
+
+    @staticmethod
+    def pool_rows(slots: int, workers: int) -> int:
+        """Rows of a worker's remainder pool: its share of the slots plus 1/8 (the rotation keeps the workers
+        within a few rows of each other); together the pools hold every slot, so SGLang's own admission by free
+        slots is all the admission needed."""
+        share = -(-slots // workers)
+        return min(slots, share + -(-share // 8))
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.rows_of = torch.zeros(len(self.router.workers), dtype=torch.int64)  # remainder rows per worker
 
     def batch(self, forward_batch) -> CyclicBatch:
-        """Place the batch's new tokens by block; return what this rank writes, attends over and projects."""
+        """Place the batch's new tokens; return what this rank writes, attends over and projects."""
+        if not forward_batch.forward_mode.is_extend() and (decode := self._decode_batch(forward_batch)) is not None:
+            return decode
         counts = forward_batch.extend_seq_lens_cpu if forward_batch.forward_mode.is_extend() else \
             [1] * len(forward_batch.rids or [])
         seq_lens = forward_batch.seq_lens_cpu.tolist()
@@ -249,17 +265,69 @@ class CyclicPlacement(RemainderPlacement):
                            torch.arange(len(new_slots), device=device)[self.rank :: size], self.rank, size,
                            self.all_reduce)
 
+    def _decode_batch(self, forward_batch) -> CyclicBatch | None:
+        """A decode batch at once: each request's new token on the worker after its previous token's. None where
+        that does not apply (a one-token sequence, a full pool): the batch is then placed request by request."""
+        seq_lens = forward_batch.seq_lens_cpu.to(torch.int64)
+        rows = forward_batch.req_pool_indices.cpu().to(torch.int64)
+        new_slots = forward_batch.out_cache_loc.cpu().to(torch.int64)
+        if not len(seq_lens) or int(seq_lens.min()) < 2:
+            return None
+        size, longest = len(self.router.workers), int(seq_lens.max())
+        table = self.req_to_token[rows.to(self.req_to_token.device), :longest].cpu().to(torch.int64)
+        previous = self.holders[table[torch.arange(len(rows)), seq_lens - 2]].to(torch.int64)
+        if bool((previous == 0).any()):
+            return None
+        workers = (torch.log2((previous & -previous).double()).long() + 1) % size
+        counts = torch.bincount(workers, minlength=size)
+        if bool((self.rows_of + counts > self.capacity).any()):
+            return None
+        self.holders[new_slots] = (1 << workers).to(torch.int32)
+        self.rows_of += counts
+        valid = torch.arange(longest)[None, :] < seq_lens[:, None]
+        held = valid & (self.holders[table] >> self.rank & 1).bool()
+        device = forward_batch.out_cache_loc.device
+        written = (workers == self.rank).nonzero().flatten()
+        return CyclicBatch(self.pool, written.to(device), new_slots[written].to(device), [],
+                           torch.arange(len(new_slots), device=device)[self.rank :: size], self.rank, size,
+                           self.all_reduce, decode_slots=table.to(device), decode_held=held.to(device))
+
     def _place(self, sequence: torch.Tensor, prefix: int) -> None:
         """Holders for positions [prefix, len(sequence)), in turn over the workers from the one after the holder of
         the position before (a cached prefix's last token, wherever it is); a request's first token goes to the
         worker with the fewest rows (the lowest on a tie). So each request's rows are spread evenly, to within a
-        row, growing and freed as evenly, and the group stays within a few rows. Every rank decides the same."""
+        row, growing and freed as evenly, and the group stays within a few rows. A worker whose pool is full is
+        passed over (every pool is sized for its share plus a margin, and together they hold every slot). Every
+        rank decides the same, from the same holders."""
         size = len(self.router.workers)
         before = _lowest_bit(int(self.holders[sequence[prefix - 1]])) if prefix else None
         first = int(torch.argmin(self.rows_of)) if before is None else (before + 1) % size
         workers = (first + torch.arange(len(sequence) - prefix)) % size
+        counts = torch.bincount(workers, minlength=size)
+        if bool((self.rows_of + counts > self.capacity).any()):
+            workers = self._around_full_pools(first, len(workers))
+            counts = torch.bincount(workers, minlength=size)
         self.holders[sequence[prefix:]] = (1 << workers).to(torch.int32)
-        self.rows_of += torch.bincount(workers, minlength=size)
+        self.rows_of += counts
+
+    def _around_full_pools(self, first: int, n: int) -> torch.Tensor:
+        """The rotation from `first`, skipping workers whose pools are full (a rare, slow path)."""
+        size, rows, chosen, worker = len(self.router.workers), self.rows_of.clone(), [], first
+        for _ in range(n):
+            for _ in range(size):
+                if rows[worker] < self.capacity:
+                    break
+                worker = (worker + 1) % size
+            else:
+                raise RuntimeError("sglang-ft: every worker's remainder KV pool is full")
+            chosen.append(worker)
+            rows[worker] += 1
+            worker = (worker + 1) % size
+        return torch.tensor(chosen, dtype=torch.int64)
+
+    @property
+    def capacity(self) -> int:
+        return self.pool.capacity
 
     def release_slots(self, slots: torch.Tensor) -> None:
         slots = torch.unique(slots.to(torch.int64).cpu())
@@ -293,9 +361,10 @@ def install(scheduler, ft_args, stream=None) -> RemainderPlacement | None:
         return None
     kv_pool = runner.token_to_kv_pool
     slots = kv_pool.k_buffer[0].shape[0]
-    pool = RemainderKvPool(len(model.model.layers), layout.num_remainder_kv_heads, layout.shape.head_dim, slots,
-                           capacity=slots, dtype=kv_pool.k_buffer[0].dtype, device=kv_pool.k_buffer[0].device)
     kind = CyclicPlacement if ft_args.kv_placement == "cyclic" else RemainderPlacement
+    pool = RemainderKvPool(len(model.model.layers), layout.num_remainder_kv_heads, layout.shape.head_dim, slots,
+                           capacity=kind.pool_rows(slots, layout.tp_size), dtype=kv_pool.k_buffer[0].dtype,
+                           device=kv_pool.k_buffer[0].device)
     _active = model.remainder = kind(model.tp_rank, layout.tp_size, ft_args.routing, pool,
                                      runner.req_to_token_pool.req_to_token, layout.remainder, stream)
     for layer in model.model.layers:

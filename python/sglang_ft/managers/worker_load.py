@@ -53,10 +53,11 @@ def probe_load(ft_worker) -> WorkerLoad | None:
 
 
 def remainder_load(placement) -> dict:
-    """Hybrid attention's share of this worker: its remainder heads, requests and their KV."""
+    """This worker's share of the remainder heads (hybrid or cyclic): heads, owned requests, rows used and room."""
     pool = placement.pool
     return {"remainder_kv_heads": pool.k.shape[2],
             "remainder_requests": list(placement.router.owner_of.values()).count(placement.rank),
             "remainder_kv_tokens_used": pool.used,
+            "remainder_kv_tokens_capacity": pool.capacity,
             "remainder_rows_copied": placement.rows_copied,
             "remainder_kv_bytes_per_token": 2 * pool.k[:, 0].numel() * pool.k.element_size()}

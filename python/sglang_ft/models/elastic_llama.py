@@ -31,7 +31,6 @@ from sglang_ft.layers.remainder_attention import (
     CyclicBatch,
     RemainderBatch,
     merge_partials,
-    partial_attention,
     remainder_attention,
 )
 from sglang_ft.model_loader.lazy_safetensors import read_all, read_cols, read_rows
@@ -153,8 +152,8 @@ class ElasticAttention(nn.Module):
         k, v = k[rows].reshape(-1, heads, hd), v[rows].reshape(-1, heads, hd)
         batch.pool.write(layer, batch.written_slots, k, v)
         self.remainder_written(layer, batch.written_slots, k, v)
-        partial, lse = partial_attention(q.reshape(len(q), heads * self.group_size, hd), batch.pool, layer,
-                                         batch.spans, self.group_size, self.attn.scaling)
+        partial, lse = batch.partial_attention(q.reshape(len(q), heads * self.group_size, hd), layer,
+                                               self.group_size, self.attn.scaling)
         attended = merge_partials(partial, lse, batch.rank, batch.size, batch.all_reduce).to(hidden.dtype)
         mine = batch.projected_rows
         projected, _ = self.rem_o_proj(attended[mine].reshape(len(mine), self.rem_q_size))
