@@ -86,10 +86,13 @@ def summary_rows(out: Path, since: float | None = None) -> list[tuple[str, str, 
         rows.append(("under faults: requests lost by sglang-ft", f"{ratios['ft_lost']}", "0"))
     if balance := _load(out, "balance.json"):
         for name, variant in balance.get("variants", {}).items():
-            naive = variant["attention"] == "tp"
+            naive = name == "tp"  # contiguous heads: 3 + 3 + 2
             after = variant["after"]
             rows.append((f"balance: KV bytes max / min worker after 1 of 4 fails ({name})",
                          f"{after['kv_max_min_ratio']}", ">= 1.33 (naive)" if naive else "<= 1.05"))
+            if "kv_blocks_apart_median" in after:
+                rows.append((f"balance: KV bytes apart, fullest - emptiest worker, in blocks, median ({name})",
+                             f"{after['kv_blocks_apart_median']}", "<= 1" if name == "cyclic" else "-"))
             rows.append((f"balance: busy time slowest / mean worker after the failure ({name})",
                          f"{after['busy_slowest_mean_ratio']}", "-" if naive else "<= 1.10"))
             rows.append((f"balance: prefix cache hit rate after the failure ({name})",

@@ -24,6 +24,8 @@ def test_summary_reads_every_recorded_result():
         str(balance["tp"]["after"]["kv_max_min_ratio"]), ">= 1.33 (naive)")
     assert rows["balance: KV bytes max / min worker after 1 of 4 fails (hybrid-load)"] == (
         str(balance["hybrid-load"]["after"]["kv_max_min_ratio"]), "<= 1.05")
+    assert rows["balance: KV bytes apart, fullest - emptiest worker, in blocks, median (cyclic)"] == (
+        str(balance["cyclic"]["after"]["kv_blocks_apart_median"]), "<= 1")
     assert any(measure.startswith("scale model") for measure in rows)
     assert any(measure.startswith("throughput: --ft / plain, TP 4") for measure in rows)
 

@@ -6,9 +6,9 @@ same on every rank) address it through a map. Two placements (see `managers/rema
 - hybrid attention (per request): each request's rows whole on its owner, which computes its attention; the output
   is zero on other requests' rows, so the usual row-parallel output projection and all-reduce add each request's
   remainder heads exactly once (`remainder_attention`).
-- cyclic placement (per block): a request's rows spread over the workers in blocks; each worker attends over the
-  rows it holds and returns the partial output with its log-sum-exp, and the partials are merged across workers
-  as flash attention merges tiles (`partial_attention`, `merge_partials`).
+- cyclic placement (per token): a request's rows rotate over the workers; each worker attends over the rows it
+  holds and returns the partial output with its log-sum-exp, and the partials are merged across workers as flash
+  attention merges tiles (`partial_attention`, `partial_decode_attention`, `merge_partials`).
 
 Plain torch: the same on CPU and CUDA, without an attention backend's paged kernels.
 """

@@ -94,7 +94,8 @@ class ElasticAttention(nn.Module):
             layer_id=layer_id,
             prefix=f"{prefix}.attn",
         )
-        # Hybrid attention: every rank holds the remainder heads' weights; it computes them for its own requests.
+        # The remainder heads (hybrid attention, cyclic placement): every rank holds their weights; it computes them
+        # for the requests it owns (hybrid) or over the rows it holds (cyclic).
         self.group_size = shape.group_size
         self.remainder_kv_heads = layout.num_remainder_kv_heads
         self.rem_q_size = self.remainder_kv_heads * shape.group_size * self.head_dim
