@@ -9,7 +9,7 @@ import pytest
 import requests
 from client import generate, generate_concurrently
 from conftest import MAX_NEW_TOKENS, PROMPTS
-from test_hybrid_attention import SYSTEM, kill_and_wait, status, workers
+from test_hybrid_attention import SYSTEM, fail_into_a_remainder_layout, leave_the_remainder_layout, status, workers
 
 from ft.kv_backup import BLOCK_TOKENS
 
@@ -42,12 +42,7 @@ def within_one_block(after) -> bool:
 
 
 def test_a_failure_regroups_into_cyclic_placement_with_every_kv_row_kept(server, tiny_model, hf_outputs):
-    assert [w["remainder_kv_heads"] for w in workers(server.url)] == [0, 0, 0, 0]
-    outputs, recovery = kill_and_wait(server.url, 1, 3, PROMPTS)
-    assert [o["output_ids"] for o in outputs] == hf_outputs(tiny_model)
-    assert recovery["kv_tokens_recomputed"] == 0 and recovery["kv_blocks_restored"] > 0
-    after = workers(server.url)
-    assert [w["kv_heads"] for w in after] == [1, 1, 1] and [w["remainder_kv_heads"] for w in after] == [1, 1, 1]
+    after = fail_into_a_remainder_layout(server, hf_outputs(tiny_model))
     assert "cyclic KV placement" in server.log_text()
     rows = [w["remainder_kv_tokens_used"] for w in after]
     assert min(rows) > 0 and max(rows) - min(rows) <= 1, rows  # the cached rows dealt over the workers in turn
@@ -84,11 +79,4 @@ def test_a_cached_prefix_is_used_wherever_its_rows_are(server, mixed_outputs):
 
 def test_a_second_failure_leaves_cyclic_placement_with_the_remainder_rows_from_the_backup(servers, server,
                                                                                          tiny_model, hf_outputs):
-    try:
-        outputs, recovery = kill_and_wait(server.url, 0, 2, PROMPTS)
-        assert [o["output_ids"] for o in outputs] == hf_outputs(tiny_model)
-        assert recovery["kv_tokens_recomputed"] == 0 and recovery["kv_blocks_restored"] > 0
-        after = workers(server.url)
-        assert [w["kv_heads"] for w in after] == [2, 2] and [w["remainder_kv_heads"] for w in after] == [0, 0]
-    finally:
-        servers.close()  # this server ends at TP 2: no other test may reuse it
+    leave_the_remainder_layout(servers, server, hf_outputs(tiny_model))

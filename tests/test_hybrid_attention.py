@@ -43,16 +43,23 @@ def kill_and_wait(url, rank, tp_after, prompts):
     return outputs, status(url)["recoveries"][-1]
 
 
-def test_a_failure_regroups_into_hybrid_attention_with_every_kv_row_kept(server, tiny_model, hf_outputs):
-    """4 heads over 3 survivors: 1 each by TP, head 3 the remainder; the cached slots' remainder rows are spread
-    over the workers from the backup store, and the requests in flight finish equal to transformers."""
+def fail_into_a_remainder_layout(server, expected) -> list[dict]:
+    """SIGKILL rank 1 of 4 (4 KV heads) mid-decode: the survivors run 1 head each by TP and head 3 as the remainder;
+    the requests in flight finish equal to `expected`, no KV recomputed. The workers' status after."""
     assert [w["remainder_kv_heads"] for w in workers(server.url)] == [0, 0, 0, 0]
     outputs, recovery = kill_and_wait(server.url, 1, 3, PROMPTS)
-    assert [o["output_ids"] for o in outputs] == hf_outputs(tiny_model)
+    assert [o["output_ids"] for o in outputs] == expected
     assert recovery["kv_tokens_recomputed"] == 0 and recovery["kv_blocks_restored"] > 0
     after = workers(server.url)
     assert [w["kv_heads"] for w in after] == [1, 1, 1] and [w["remainder_kv_heads"] for w in after] == [1, 1, 1]
     assert "remainder heads' rows of" in server.log_text()
+    return after
+
+
+def test_a_failure_regroups_into_hybrid_attention_with_every_kv_row_kept(server, tiny_model, hf_outputs):
+    """4 heads over 3 survivors: 1 each by TP, head 3 the remainder; the cached slots' remainder rows are spread
+    over the workers from the backup store, and the requests in flight finish equal to transformers."""
+    after = fail_into_a_remainder_layout(server, hf_outputs(tiny_model))
     rows = [w["remainder_kv_tokens_used"] for w in after]
     assert 0 < min(rows) and max(rows) < 2 * min(rows)  # spread (each resumed request's whole), not on one worker
 
@@ -106,9 +113,15 @@ def test_a_second_failure_leaves_hybrid_attention_with_the_remainder_rows_from_t
                                                                                           tiny_model, hf_outputs):
     """TP 3 -> TP 2: 4 heads divide evenly again; the remainder head's rows, written by their owners, come back
     from the backup store."""
+    leave_the_remainder_layout(servers, server, hf_outputs(tiny_model))
+
+
+def leave_the_remainder_layout(servers, server, expected) -> None:
+    """SIGKILL rank 0 of 3: 4 heads over 2 divide evenly again, the remainder rows come back from the backup store
+    as TP heads' KV; outputs equal `expected`, nothing recomputed. The server is closed after (it ends at TP 2)."""
     try:
         outputs, recovery = kill_and_wait(server.url, 0, 2, PROMPTS)
-        assert [o["output_ids"] for o in outputs] == hf_outputs(tiny_model)
+        assert [o["output_ids"] for o in outputs] == expected
         assert recovery["kv_tokens_recomputed"] == 0 and recovery["kv_blocks_restored"] > 0
         after = workers(server.url)
         assert [w["kv_heads"] for w in after] == [2, 2] and [w["remainder_kv_heads"] for w in after] == [0, 0]

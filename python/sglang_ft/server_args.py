@@ -206,8 +206,9 @@ def add_ft_cli_args(parser: argparse.ArgumentParser) -> None:
         help="How KV heads that do not divide evenly over the TP workers are served. tp: unequal spans (4 KV heads "
         "over 3 workers = 2+1+1), so one worker stores and computes more. hybrid: every worker runs H // W heads "
         "as tensor-parallel attention and the H %% W remainder heads run as data-parallel attention, each request's "
-        "whole on one worker (its owner, by --ft-routing), so KV memory and attention work even out (FailSafe's "
-        "cyclic placement and hybrid attention, per request). Applies to the group formed at launch.",
+        "whole on one worker (its owner, by --ft-routing), so KV memory and attention work even out over requests "
+        "(FailSafe's hybrid attention; --ft-kv-placement cyclic evens KV out to within a block instead). Applies to "
+        "the group formed at launch.",
     )
     group.add_argument(
         "--ft-routing",
