@@ -131,7 +131,7 @@ class RemainderPlacement:
         bits = self.holders[slots]
         if bool((bits == 0).any()):
             raise RuntimeError("sglang-ft: a cached slot has no holder of its remainder heads' KV")
-        sources = torch.log2((bits & -bits).double()).long()  # the lowest set bit
+        sources = lowest_set_bits(bits)
         layers, _, heads, head_dim = self.pool.k.shape
         buffer = torch.zeros((2, layers, len(slots), heads, head_dim), dtype=self.pool.k.dtype,
                              device=self.pool.k.device)
@@ -278,7 +278,7 @@ class CyclicPlacement(RemainderPlacement):
         previous = self.holders[table[torch.arange(len(rows)), seq_lens - 2]].to(torch.int64)
         if bool((previous == 0).any()):
             return None
-        workers = (torch.log2((previous & -previous).double()).long() + 1) % size
+        workers = (lowest_set_bits(previous) + 1) % size
         counts = torch.bincount(workers, minlength=size)
         if bool((self.rows_of + counts > self.capacity).any()):
             return None
@@ -348,6 +348,12 @@ class CyclicPlacement(RemainderPlacement):
 
 def _lowest_bit(bits: int) -> int | None:
     return (bits & -bits).bit_length() - 1 if bits else None
+
+
+def lowest_set_bits(bits: torch.Tensor) -> torch.Tensor:
+    """The lowest worker in each holder bitmask (none may be 0)."""
+    bits = bits.to(torch.int64)
+    return torch.log2((bits & -bits).double()).long()
 
 
 def install(scheduler, ft_args, stream=None) -> RemainderPlacement | None:
