@@ -260,10 +260,7 @@ class CyclicPlacement(RemainderPlacement):
                                   torch.arange(seq_len)[held].to(device)))
             start += count
         written = (self.holders[new_slots] >> self.rank & 1).bool().nonzero().flatten()
-        size = len(self.router.workers)
-        return CyclicBatch(self.pool, written.to(device), new_slots[written].to(device), spans,
-                           torch.arange(len(new_slots), device=device)[self.rank :: size], self.rank, size,
-                           self.all_reduce)
+        return self._cyclic_batch(new_slots, written, spans, device)
 
     def _decode_batch(self, forward_batch) -> CyclicBatch | None:
         """A decode batch at once: each request's new token on the worker after its previous token's. None where
@@ -287,10 +284,17 @@ class CyclicPlacement(RemainderPlacement):
         valid = torch.arange(longest)[None, :] < seq_lens[:, None]
         held = valid & (self.holders[table] >> self.rank & 1).bool()
         device = forward_batch.out_cache_loc.device
-        written = (workers == self.rank).nonzero().flatten()
-        return CyclicBatch(self.pool, written.to(device), new_slots[written].to(device), [],
+        return self._cyclic_batch(new_slots, (workers == self.rank).nonzero().flatten(), [], device,
+                                  decode_slots=table.to(device), decode_held=held.to(device))
+
+    def _cyclic_batch(self, new_slots: torch.Tensor, written: torch.Tensor, spans: list[HeldSpan], device,
+                      **decode) -> CyclicBatch:
+        """What this rank does with a placed batch: write the new rows it holds (`written`: batch rows), attend,
+        and project every size-th token from its rank on."""
+        size = len(self.router.workers)
+        return CyclicBatch(self.pool, written.to(device), new_slots[written].to(device), spans,
                            torch.arange(len(new_slots), device=device)[self.rank :: size], self.rank, size,
-                           self.all_reduce, decode_slots=table.to(device), decode_held=held.to(device))
+                           self.all_reduce, **decode)
 
     def _place(self, sequence: torch.Tensor, prefix: int) -> None:
         """Holders for positions [prefix, len(sequence)), in turn over the workers from the one after the holder of
