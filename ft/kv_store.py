@@ -9,10 +9,11 @@ worker's sequence numbers (a message was dropped on a full queue: that worker's 
 a write of an older epoch than the newest fetch from a process that left the group (a fenced worker's late
 message, refused). A gap invalidates every head span that sending process ever wrote, not only the span of the
 message that revealed it: one process writes several (its TP heads and hybrid attention's remainder heads, and other
-heads after a regroup), and the lost message may have covered any of them. A process that stays in the group keeps its older writes: the regroup's fetch can overtake what
-it sent just before (its drops while parking requests), and refusing those would invalidate all its heads. (Such a
-write could only do harm if it arrived after its slot was freed, reused and written again by another member,
-i.e. delayed in the sender's ZMQ I/O thread across a whole regroup and a new request's prefill.)
+heads after a regroup), and the lost message may have covered any of them. A process that stays in the group
+keeps its older writes: the regroup's fetch can overtake what it sent just before (its drops while parking
+requests), and refusing those would invalidate all its heads. (Such a write could only do harm if it arrived
+after its slot was freed, reused and written again by another member, i.e. delayed in the sender's ZMQ I/O
+thread across a whole regroup and a new request's prefill.)
 
 Run: `python -m ft.kv_store --push ipc://... --fetch ipc://... --parent-pid N` (the FT controller does).
 """
