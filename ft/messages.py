@@ -123,6 +123,14 @@ class RegroupDone(msgspec.Struct, tag=True, frozen=True):
     expert_bytes_moved: int = 0  # MoE: expert weights received from peers or disk (part of bytes_p2p + reloaded)
 
 
+class GroupLost(msgspec.Struct, tag=True, frozen=True):
+    """The controller has no worker left that holds the model: this TP group (a data-parallel replica, under
+    `--dp-size`) serves nothing more, and its unfinished requests must go on elsewhere."""
+
+    epoch: int
+    cause: str
+
+
 def msgpack_codec(union):
     """(encode, decode) for a union of tagged structs; decode returns None for anything not one of them."""
     encoder, decoder = msgspec.msgpack.Encoder(), msgspec.msgpack.Decoder(union)
@@ -136,7 +144,7 @@ def msgpack_codec(union):
     return encoder.encode, decode
 
 
-Message = Heartbeat | WorkerFailed | Regroup | Respawn | Fenced | BackupResync | RegroupDone
+Message = Heartbeat | WorkerFailed | Regroup | Respawn | Fenced | BackupResync | RegroupDone | GroupLost
 encode, decode = msgpack_codec(Message)
 
 

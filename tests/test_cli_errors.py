@@ -69,10 +69,23 @@ def test_model_path_not_given():
     assert check_ft_launch(server_args(None)) == ["--model-path is required"]
 
 
-@pytest.mark.parametrize("flag", ["dp_size", "pp_size"])
-def test_dp_and_pp_not_supported_yet(tiny_model, flag):
+@pytest.mark.parametrize("flag", ["pp_size", "attn_dp_size"])
+def test_pp_and_attention_dp_not_supported_yet(tiny_model, flag):
     [problem] = check_ft_launch(server_args(tiny_model, **{flag: 2}))
     assert f"--{flag.replace('_', '-')} 2" in problem
+
+
+def test_data_parallel_replicas_on_one_node_each_with_its_own_runtime(tiny_model):
+    from sglang_ft.server_args import FtArgs
+
+    assert check_ft_launch(server_args(tiny_model, dp_size=2)) == []
+    [problem] = check_ft_launch(server_args(tiny_model, dp_size=2, nnodes=2, dist_init_addr="10.0.0.1:5000"))
+    assert "--dp-size 2 with --nnodes 2" in problem
+    ft = FtArgs(enabled=True, runtime_dir="/tmp/x", dp_size=2)
+    assert [ft.for_replica(k).order_endpoint for k in (0, 1)] == ["ipc:///tmp/x/dp0/orders", "ipc:///tmp/x/dp1/orders"]
+    assert FtArgs(runtime_dir="/tmp/x").for_replica(0).order_endpoint == "ipc:///tmp/x/orders"
+    [problem] = FtArgs(dp_size=2, respawn=True).problems()
+    assert "--ft-respawn" in problem and "--dp-size" in problem
 
 
 def test_more_than_one_node_needs_the_address_of_node_0(tiny_model):

@@ -6,6 +6,7 @@ upgrade that moves one fails loudly. Each handler leaves SGLang's behaviour unto
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -41,7 +42,7 @@ def around_from_cli_args(original, cls, args, *rest, **kwargs):
     if ft.enabled:
         problems = check_ft_launch(server_args)
         if not problems:
-            ft = across_nodes(ft, server_args)
+            ft = dataclasses.replace(across_nodes(ft, server_args), dp_size=server_args.dp_size or 1)
             publish(ft)
         problems = ft.problems() + problems
         if problems:
@@ -76,6 +77,9 @@ def after_scheduler_init(_result, scheduler, server_args, port_args, *args, **kw
         return
     from sglang.srt.runtime_context import get_parallel
 
+    ft = ft.for_replica(get_parallel().dp_rank)  # under --dp-size, this replica's controller and store
+    publish(ft)
+
     from sglang_ft.distributed.regroup_groups import set_collective_timeout
     from sglang_ft.managers.ft_worker import FtWorker, install_worker
 
@@ -92,6 +96,7 @@ def after_scheduler_init(_result, scheduler, server_args, port_args, *args, **kw
         if allocator_slots != joiner.kv_slots:
             raise RuntimeError(f"sglang-ft: restarted worker {joiner.worker} has {allocator_slots} KV slots, the "
                                f"group has {joiner.kv_slots}")
+    worker.dp_rank = parallel.dp_rank or 0
     worker.heartbeat.kv_slots = scheduler.token_to_kv_pool_allocator.size
     if ft.kv_backup:
         worker.start_kv_backup(scheduler.tp_worker.model_runner, scheduler.token_to_kv_pool_allocator)
@@ -207,12 +212,16 @@ def around_pull_raw_reqs(original, receiver, *args, **kwargs):
     if worker is None:
         return original(receiver, *args, **kwargs)
     from sglang_ft.managers.output_rewind import split_received_tokens
+    from sglang_ft.managers.replica_move import for_replica
+
+    def pull():  # SGLang's DP controller hands the journal's messages to every replica: keep this replica's
+        return for_replica(original(receiver, *args, **kwargs), worker.dp_rank)
 
     if worker.counts_wait is not None:
-        reqs = worker.counts_wait.pull_until_counted(lambda: original(receiver, *args, **kwargs))
+        reqs = worker.counts_wait.pull_until_counted(pull)
         worker.counts_wait = None
     else:  # counts that come when none is awaited are stale: rewinding to them would duplicate output
-        reqs = original(receiver, *args, **kwargs)
+        reqs = pull()
         reqs = split_received_tokens(reqs)[1] if reqs else reqs
     if reqs:
         worker.ledger.record_pulled(reqs)
@@ -228,14 +237,46 @@ def before_process_input_requests(scheduler, recv_reqs, *args, **kwargs):
     if worker is None or not recv_reqs:
         return None
     from sglang_ft.managers.output_rewind import apply_received_tokens, split_received_tokens
+    from sglang_ft.managers.replica_move import split_resume_tokens
     from sglang_ft.managers.request_ledger import held_rids
 
     counts, recv_reqs = split_received_tokens(recv_reqs)
     for message in counts:
         apply_received_tokens(scheduler, worker.finished, message)
+    resumes, recv_reqs = split_resume_tokens(recv_reqs)
+    worker.resumes.update((m.rid, m.output_ids) for m in resumes)
     fresh = worker.ledger.unseen(recv_reqs, held=held_rids(scheduler))
     worker.ledger.record_processed(fresh)
     return (scheduler, fresh, *args), kwargs
+
+
+def after_handle_generate_request(_result, scheduler, recv_req, *_args, **_kwargs):
+    """Under --dp-size, a request moved from a lost replica goes on after the output its client has
+    (replica_move.py)."""
+    from sglang_ft.managers.ft_worker import current_worker
+
+    worker = current_worker()
+    if worker is not None and worker.resumes:
+        from sglang_ft.managers.replica_move import adopt_queued
+
+        adopt_queued(scheduler, worker.resumes, recv_req.rid)
+
+
+def after_dp_controller_init(_result, controller, *_args, **_kwargs):
+    """Under `--ft --dp-size`, SGLang's DP controller never blocks on a replica without a rank 0
+    (replica_outbox.py)."""
+    if ft_enabled():
+        from sglang_ft.managers.replica_outbox import install
+
+        install(controller)
+
+
+def after_update_active_ranks(_result, controller, *_args, **_kwargs):
+    """Under `--ft`, a replica the journal reports lost leaves the DP controller's routing and broadcasts."""
+    if ft_enabled():
+        from sglang_ft.managers.replica_outbox import drop_inactive
+
+        drop_inactive(controller)
 
 
 def after_stream_output(_result, streamer, reqs, *_args, **_kwargs):
@@ -441,6 +482,7 @@ def after_apply_token_constraints(token_capacity, *_args, **_kwargs):
 
 _SERVER_ARGS = "sglang.srt.server_args.ServerArgs"
 _WEIGHT_UTILS = "sglang.srt.model_loader.weight_utils"
+_DP_CONTROLLER = "sglang.srt.managers.data_parallel_controller.DataParallelController"
 
 HOOKS: list[tuple[str, HookType, object]] = [
     (f"{_SERVER_ARGS}.add_cli_args", HookType.AFTER, after_add_cli_args),
@@ -456,6 +498,8 @@ HOOKS: list[tuple[str, HookType, object]] = [
     ),
     ("sglang.srt.managers.scheduler.Scheduler.process_input_requests", HookType.BEFORE, before_process_input_requests),
     ("sglang.srt.managers.scheduler.Scheduler.run_batch", HookType.AROUND, around_run_batch),
+    ("sglang.srt.managers.scheduler.Scheduler.handle_generate_request", HookType.AFTER,
+     after_handle_generate_request),
     ("sglang.srt.managers.scheduler.Scheduler._release_aborted_request", HookType.AFTER,
      after_release_aborted_request),
     (
@@ -478,6 +522,8 @@ HOOKS: list[tuple[str, HookType, object]] = [
         around_dispatch_to_scheduler,
     ),
     ("sglang.srt.utils.watchdog.SubprocessWatchdog._check_processes", HookType.AROUND, around_watchdog_check),
+    (f"{_DP_CONTROLLER}.__init__", HookType.AFTER, after_dp_controller_init),
+    (f"{_DP_CONTROLLER}.update_active_ranks", HookType.AFTER, after_update_active_ranks),
     ("sglang.srt.managers.tokenizer_manager.TokenizerManager._validate_one_request", HookType.BEFORE,
      before_validate_one_request),
     ("sglang.srt.managers.tokenizer_manager.SignalHandler.sigterm_handler", HookType.AFTER, after_sigterm),

@@ -71,10 +71,15 @@ def check_ft_launch(server_args) -> list[str]:
         check_tp_size(model_shape_of(hf_config), server_args.tp_size)
     except ValueError as exc:
         problems.append(str(exc))
-    for flag, value in (("--pp-size", server_args.pp_size), ("--dp-size", server_args.dp_size)):
+    attn_dp_size = getattr(server_args, "attn_dp_size", 1)
+    for flag, value in (("--pp-size", server_args.pp_size), ("--attn-dp-size", attn_dp_size)):
         if value not in (None, 1):
             problems.append(f"{flag} {value} is not supported with --ft yet (use 1)")
     nnodes = getattr(server_args, "nnodes", 1) or 1
+    dp_size = server_args.dp_size or 1
+    if dp_size > 1 and nnodes > 1:
+        problems.append(f"--dp-size {dp_size} with --nnodes {nnodes} is not supported with --ft yet (data-parallel "
+                        "replicas run on one node)")
     if nnodes > 1 and not getattr(server_args, "dist_init_addr", None):
         problems.append(f"--nnodes {nnodes} with --ft needs --dist-init-addr (node 0's address: the FT controller "
                         "runs there)")

@@ -44,6 +44,9 @@ class FtArgs:
     node_rank: int = 0
     controller_host: str = ""
     controller_port: int = 0
+    # Under SGLang's --dp-size M: M TP groups, each with a controller and a backup store of its own, in
+    # runtime_dir/dp<k> (see `for_replica`).
+    dp_size: int = 1
 
     def _endpoint(self, name: str, offset: int) -> str:
         if self.controller_port:
@@ -93,6 +96,9 @@ class FtArgs:
             found.append(f"--ft-drain-timeout-s must not be negative, got {self.drain_timeout_s}")
         if self.nnodes > 1 and self.respawn:
             found.append("--ft-respawn is not supported with --nnodes > 1 yet (a node restarts its own workers)")
+        if self.dp_size > 1 and self.respawn:
+            found.append("--ft-respawn is not supported with --dp-size > 1 yet (a replica's workers are started by "
+                         "SGLang's data-parallel controller)")
         if self.kv_placement == "cyclic" and self.attention == "hybrid":
             found.append("--ft-kv-placement cyclic and --ft-attention hybrid both place the remainder heads (by "
                          "block over every worker, or whole per request on one): choose one")
@@ -102,6 +108,13 @@ class FtArgs:
                 f"--ft-heartbeat-interval-ms ({self.heartbeat_interval_ms})"
             )
         return found
+
+    def for_replica(self, dp_rank: int | None) -> "FtArgs":
+        """The options of data-parallel replica `dp_rank`: its own runtime directory, so its own controller, orders
+        and backup store (the same options when there is one replica)."""
+        if self.dp_size <= 1:
+            return self
+        return dataclasses.replace(self, runtime_dir=os.path.join(self.runtime_dir, f"dp{dp_rank or 0}"))
 
     @property
     def splits_remainder(self) -> bool:
@@ -214,9 +227,9 @@ def add_ft_cli_args(parser: argparse.ArgumentParser) -> None:
         "--ft-routing",
         choices=("round_robin", "load", "prefix_load"),
         default=FtArgs.routing,
-        help="With --ft-attention hybrid, which worker owns a request's remainder heads: in turn; the one with the "
-        "fewest outstanding tokens; or the one holding its cached prefix unless that one is overloaded (SGLang's "
-        "cache-aware balance rule), else the least loaded.",
+        help="With --ft-attention hybrid, which worker owns a request's remainder heads; with --dp-size, which "
+        "replica serves a request: in turn; the one with the fewest outstanding tokens; or the one holding its "
+        "cached prefix unless that one is overloaded (SGLang's cache-aware balance rule), else the least loaded.",
     )
     group.add_argument(
         "--ft-kv-placement",

@@ -33,6 +33,7 @@ class InjectFaultRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     rank: int = Field(ge=0, description="current TP rank of the worker to fault")
+    dp_rank: int = Field(0, ge=0, description="the data-parallel replica of the worker (under --dp-size)")
     kind: Literal["kill", "hang", "resume", "kill_unsent", "fail_step"] = Field(
         description="SIGKILL, SIGSTOP or SIGCONT; kill_unsent: SIGKILL at the end of its next step, before that "
                     "step's output is sent; fail_step: its next step fails there alone after the forward (the "
@@ -44,6 +45,7 @@ class WorkerRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     worker: int = Field(ge=0, description="the worker (its launch TP rank)")
+    dp_rank: int = Field(0, ge=0, description="the data-parallel replica of the worker (under --dp-size)")
 
 
 def join_ft_runtime() -> None:
@@ -54,30 +56,38 @@ def join_ft_runtime() -> None:
     logger.info("sglang-ft: node %d of %d; FT controller at %s", ft.node_rank, ft.nnodes, ft.heartbeat_endpoint)
 
 
-def start_ft_runtime(tp_size: int, model_path: str, app: FastAPI, enable_metrics: bool = False) -> subprocess.Popen:
-    """Make the runtime directory, start the FT controller, publish its endpoints, add the routes."""
+def start_ft_runtime(tp_size: int, model_path: str, app: FastAPI,
+                     enable_metrics: bool = False) -> list[subprocess.Popen]:
+    """Make the runtime directory, start the FT controller (one per data-parallel replica), publish their endpoints,
+    add the routes."""
     ft = dataclasses.replace(ft_args(), runtime_dir=tempfile.mkdtemp(prefix="sglang-ft-"))
     publish(ft)
     if enable_metrics:  # before the spawn: the controller inherits it and writes its metrics there
         from sglang_ft.managers.ft_metrics import prepare_multiproc_dir
 
         prepare_multiproc_dir(ft.runtime_dir)
-    # A plain child process, not multiprocessing's spawn: spawn would re-import `sglang.launch_server` (the
-    # launcher's __main__, seconds of CPU) in a process that needs only zmq and msgspec.
-    process = subprocess.Popen(
-        [sys.executable, "-m", "sglang_ft.managers.ft_controller", str(tp_size), str(os.getpid()), model_path],
-        env=dict(os.environ, SGLANG_FT_CONTROLLER_ARGS=ft.to_env()))
-    logger.info("sglang-ft: controller pid %d, runtime dir %s", process.pid, ft.runtime_dir)
+    replicas = [ft.for_replica(k) for k in range(ft.dp_size)]
+    processes = []
+    for replica in replicas:
+        os.makedirs(replica.runtime_dir, exist_ok=True)
+        # A plain child process, not multiprocessing's spawn: spawn would re-import `sglang.launch_server` (the
+        # launcher's __main__, seconds of CPU) in a process that needs only zmq and msgspec.
+        processes.append(subprocess.Popen(
+            [sys.executable, "-m", "sglang_ft.managers.ft_controller", str(tp_size), str(os.getpid()), model_path],
+            env=dict(os.environ, SGLANG_FT_CONTROLLER_ARGS=replica.to_env())))
+        logger.info("sglang-ft: controller pid %d, runtime dir %s", processes[-1].pid, replica.runtime_dir)
     add_ft_routes(app, ft)
     from sglang_ft.entrypoints.overload import RetryAfterOn503
 
     app.add_middleware(RetryAfterOn503)
-    from sglang_ft.entrypoints.worker_spawner import WorkerSpawner
     from sglang_ft.managers.request_journal import JOURNAL
 
-    JOURNAL.follow_orders(ft.order_endpoint)
-    WorkerSpawner(ft.order_endpoint)
-    return process
+    JOURNAL.follow_orders([replica.order_endpoint for replica in replicas], ft.routing)
+    if ft.dp_size == 1:  # restarts need SGLang's launch arguments, which only a single group's launcher holds
+        from sglang_ft.entrypoints.worker_spawner import WorkerSpawner
+
+        WorkerSpawner(ft.order_endpoint)
+    return processes
 
 
 def ask_controller(ft: FtArgs, request: ControlRequest) -> dict:
@@ -99,12 +109,35 @@ def _respond(reply: dict) -> JSONResponse:
     return JSONResponse(reply, status_code=code)
 
 
+def _no_such_replica(ft: FtArgs, dp_rank: int) -> JSONResponse | None:
+    if dp_rank < ft.dp_size:
+        return None
+    return JSONResponse({"error": f"dp_rank {dp_rank} is out of range: the server runs --dp-size {ft.dp_size}"},
+                        status_code=400)
+
+
+async def _ask(ft: FtArgs, dp_rank: int, request: ControlRequest) -> JSONResponse:
+    return _no_such_replica(ft, dp_rank) or _respond(
+        await asyncio.to_thread(ask_controller, ft.for_replica(dp_rank), request))
+
+
+async def replicas_status(ft: FtArgs) -> JSONResponse:
+    """Under --dp-size: every replica's controller's status, and how the tokenizer routes between them."""
+    from sglang_ft.managers.request_journal import JOURNAL
+
+    replies = await asyncio.gather(*(asyncio.to_thread(ask_controller, ft.for_replica(k), ControlRequest("status"))
+                                     for k in range(ft.dp_size)))
+    return JSONResponse({"dp_size": ft.dp_size, "replicas": replies, "routing": JOURNAL.routing_status()})
+
+
 def add_ft_routes(app: FastAPI, ft: FtArgs) -> None:
     if any(getattr(route, "path", None) == "/ft/status" for route in app.routes):
         return
 
     @app.get("/ft/status")
     async def ft_status() -> JSONResponse:
+        if ft.dp_size > 1:
+            return await replicas_status(ft)
         return _respond(await asyncio.to_thread(ask_controller, ft, ControlRequest("status")))
 
     @app.post("/ft/inject_fault")
@@ -114,15 +147,17 @@ def add_ft_routes(app: FastAPI, ft: FtArgs) -> None:
                 {"error": "fault injection is disabled; start the server with --ft-enable-fault-injection"},
                 status_code=403,
             )
-        request = ControlRequest("inject", rank=body.rank, kind=body.kind)
-        return _respond(await asyncio.to_thread(ask_controller, ft, request))
+        return await _ask(ft, body.dp_rank, ControlRequest("inject", rank=body.rank, kind=body.kind))
 
     @app.post("/ft/rejoin")
     async def ft_rejoin(body: WorkerRequest) -> JSONResponse:
         """Restart a dead worker and plan it back into the group."""
-        return _respond(await asyncio.to_thread(ask_controller, ft, ControlRequest("rejoin", worker=body.worker)))
+        if ft.dp_size > 1:
+            return JSONResponse({"error": "rejoin is not supported with --dp-size > 1 yet (a replica's workers are "
+                                          "started by SGLang's data-parallel controller)"}, status_code=400)
+        return await _ask(ft, body.dp_rank, ControlRequest("rejoin", worker=body.worker))
 
     @app.post("/ft/drain")
     async def ft_drain(body: WorkerRequest) -> JSONResponse:
         """Take a healthy worker out of the group (the others regroup without it) until it is rejoined."""
-        return _respond(await asyncio.to_thread(ask_controller, ft, ControlRequest("drain", worker=body.worker)))
+        return await _ask(ft, body.dp_rank, ControlRequest("drain", worker=body.worker))

@@ -27,6 +27,7 @@ from ft.messages import (
     BackupResync,
     ControlRequest,
     Fenced,
+    GroupLost,
     Heartbeat,
     Regroup,
     RegroupDone,
@@ -150,6 +151,8 @@ class FtController:
         self.hybrid = ft_args().splits_remainder
         self.layout = TPLayout.even(shape, tp_size, self.hybrid) if shape is not None else None
         self.pending: PendingRecovery | None = None
+        self.lost: GroupLost | None = None  # no worker left that holds the model (re-published while so)
+        self.lost_published = 0.0
         self.failure_reported_at: float | None = None  # a worker saw a collective fail in the current epoch
         self.timeout_s = timeout_s
         self.interval_s = interval_s
@@ -210,6 +213,8 @@ class FtController:
             joiners = tuple(sorted(self.ready_joiners))
             self._start_recovery(f"rejoin of worker{'s' if len(joiners) > 1 else ''} "
                                  f"{', '.join(map(str, joiners))}", 0.0, joiners)
+        if self.lost is not None and now - self.lost_published > 1.0:
+            self._publish(self.lost)  # the tokenizer's journal moves this group's requests elsewhere
         if self.pending is not None and now - self.pending.last_sent > 0.5:
             self._publish(self.pending.order)  # late or reconnecting subscribers still get it
         if self.metrics is not None:  # before answering: what /ft/status shows, /metrics shows too
@@ -250,6 +255,8 @@ class FtController:
             self.orders.send(encode(message))
             if isinstance(message, Regroup) and self.pending is not None:
                 self.pending.last_sent = time.monotonic()
+            if isinstance(message, GroupLost):
+                self.lost_published = time.monotonic()
 
     def _start_recovery(self, cause: str, detect_ms: float, new_joiners: tuple[int, ...] = ()) -> None:
         """Plan the group of the live members (and ready joiners, last, so rank 0 stays with a member that holds
@@ -263,7 +270,10 @@ class FtController:
         joining = tuple(w for w in joining if w in survivors) + tuple(w for w in new_joiners if w not in survivors)
         workers = tuple(w for w in survivors if w not in joining) + joining
         if not workers or len(workers) == len(joining):
-            logger.error("sglang-ft controller: no worker left alive that holds the model")
+            if self.lost is None:
+                logger.error("sglang-ft controller: no worker left alive that holds the model (%s)", cause)
+                self.lost = GroupLost(membership.epoch, cause)
+            self._publish(self.lost)
             return
         if workers[0] not in self.local_workers:
             # rank 0 takes the tokenizer's requests over IPC and hosts the rendezvous: both live on this node only
@@ -393,7 +403,7 @@ class FtController:
         if request is None:
             return {"error": "malformed control request", "code": 400}
         if request.op == "status":
-            return self.state.status(now)
+            return {**self.state.status(now), "serving": self.lost is None}
         if request.op == "inject":
             return self._inject(request)
         if request.op == "rejoin":

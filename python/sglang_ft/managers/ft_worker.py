@@ -120,6 +120,8 @@ class FtWorker:
         self.ledger = RequestLedger()
         self.finished = FinishedRequests()  # for a re-send of output a dying rank 0 never sent (output_rewind.py)
         self.counts_wait = None  # ReceivedTokensWait while this new rank 0 waits for the tokenizer manager's counts
+        self.dp_rank = 0  # this worker's data-parallel replica (under --dp-size)
+        self.resumes: dict[str, list[int]] = {}  # rid -> output its client has, for requests moved here
         self.die_before_next_send = False  # the "kill_unsent" fault is armed
         self.fail_next_step = False  # the "fail_step" fault is armed
         self.last_step_s = 0.0  # the latest forward's time (SGLang's run_batch), for /ft/status

@@ -33,6 +33,7 @@ class ReceivedTokens:
 
     epoch: int
     received: dict[str, int]
+    dp_rank: int = 0  # the data-parallel replica it is for (SGLang's DP controller hands it to every replica)
 
 
 class FinishedRequests:

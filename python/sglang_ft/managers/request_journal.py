@@ -7,6 +7,11 @@ schedulers drop the ones they already hold (by rid), so each request runs exactl
 After the re-sends it tells the new rank 0 how many output tokens it has received per unfinished request
 (`output_rewind.ReceivedTokens`): the old rank 0 may have died with a step's output unsent.
 
+Under `--dp-size M` the journal also routes: every request gets its replica here (`replica_router.py`), a
+re-send goes back to its own replica, and when a replica's controller reports its group lost, the journal gives
+that replica's unfinished requests to the others, each with the output tokens its client already has
+(`replica_move.ResumeTokens`), so it goes on from there.
+
 Before re-sending it replaces the tokenizer manager's socket to the schedulers with a fresh one at the same
 endpoint. The old rank 0 may be hung rather than dead: its connection then stays open, the kernel keeps accepting
 bytes for it, and ZMQ's PUSH would go on sending it every other request, which would be lost when it finally
@@ -22,8 +27,10 @@ import time
 
 import zmq
 
-from ft.messages import Regroup, decode
+from ft.messages import GroupLost, Regroup, decode
 from sglang_ft.managers.output_rewind import ReceivedTokens
+from sglang_ft.managers.replica_move import ResumeTokens
+from sglang_ft.managers.replica_router import ReplicaRouter
 
 logger = logging.getLogger(__name__)
 PRUNE_EVERY = 64
@@ -37,6 +44,7 @@ class RequestJournal:
         self.loop: asyncio.AbstractEventLoop | None = None
         self._since_prune = 0
         self.resent_total = 0
+        self.router: ReplicaRouter | None = None  # under --dp-size: the replica of every request
 
     def record(self, tokenizer_manager, obj) -> None:
         """Called on the tokenizer manager's event loop for every dispatch to the scheduler."""
@@ -46,45 +54,102 @@ class RequestJournal:
         for item in getattr(obj, "batch", None) or [obj]:
             rid = getattr(item, "rid", None)
             if isinstance(rid, str):
+                if self.router is not None and hasattr(item, "routed_dp_rank"):
+                    self._route(item)
                 self.sent[rid] = item
         self._since_prune += 1
         if self._since_prune >= PRUNE_EVERY:
             self.prune()
+
+    def _route(self, item) -> None:
+        ids = list(getattr(item, "input_ids", None) or ())
+        max_new = getattr(getattr(item, "sampling_params", None), "max_new_tokens", None) or 0
+        self.router.refresh(self.tokenizer_manager.rid_to_state)
+        item.routed_dp_rank = self.router.route(item.rid, ids, len(ids) + max_new, item.routed_dp_rank)
+
+    def routing_status(self) -> dict:
+        return self.router.status() if self.router is not None else {}
 
     def prune(self) -> None:
         live = self.tokenizer_manager.rid_to_state if self.tokenizer_manager is not None else {}
         self.sent = {rid: obj for rid, obj in self.sent.items() if rid in live and not live[rid].finished}
         self._since_prune = 0
 
-    def resend_unfinished(self) -> int:
-        """Re-send every unfinished request (run on the tokenizer manager's event loop)."""
+    def _unfinished_of(self, replica: int) -> dict[str, object]:
+        """The unfinished requests sent to `replica` (all of them when there is one)."""
+        if self.router is None:
+            return self.sent
+        return {rid: obj for rid, obj in self.sent.items() if self.router.replica_of(rid) == replica}
+
+    def resend_unfinished(self, replica: int = 0) -> int:
+        """Re-send every unfinished request of `replica` (run on the tokenizer manager's event loop)."""
         self.prune()
-        for obj in self.sent.values():
+        unfinished = self._unfinished_of(replica)
+        for obj in unfinished.values():
             self.tokenizer_manager._dispatch_to_scheduler(obj)
-        self.resent_total += len(self.sent)
-        logger.warning("sglang-ft: re-sent %d unfinished requests to the new TP rank 0", len(self.sent))
-        return len(self.sent)
+        self.resent_total += len(unfinished)
+        logger.warning("sglang-ft: re-sent %d unfinished requests to the new TP rank 0%s", len(unfinished),
+                       f" of replica {replica}" if self.router is not None else "")
+        return len(unfinished)
 
-    def received_tokens(self, epoch: int) -> ReceivedTokens:
-        """How many output tokens the tokenizer manager holds for every unfinished request sent."""
+    def received_tokens(self, epoch: int, replica: int = 0) -> ReceivedTokens:
+        """How many output tokens the tokenizer manager holds for every unfinished request sent to `replica`."""
         states = self.tokenizer_manager.rid_to_state
-        return ReceivedTokens(epoch, {rid: len(states[rid].output_ids) for rid in self.sent if rid in states})
+        return ReceivedTokens(epoch, {rid: len(states[rid].output_ids) for rid in self._unfinished_of(replica)
+                                      if rid in states}, replica)
 
-    async def resend_and_count(self, epoch: int) -> int:
+    async def resend_and_count(self, epoch: int, replica: int = 0) -> int:
         await asyncio.sleep(SETTLE_S)
-        resent = self.resend_unfinished()
+        resent = self.resend_unfinished(replica)
         from sglang.srt.managers.io_struct import wrap_as_pickle
 
-        self.tokenizer_manager._dispatch_to_scheduler(wrap_as_pickle(self.received_tokens(epoch)))
+        self.tokenizer_manager._dispatch_to_scheduler(wrap_as_pickle(self.received_tokens(epoch, replica)))
         return resent
 
-    async def switch_rank0(self, epoch: int = 0) -> int:
+    async def move_lost_replica(self, replica: int) -> int:
+        """`replica` lost its whole group: route around it and send each of its unfinished requests to another
+        replica, preceded by the output tokens its client already has (the new replica prefills prompt plus
+        those, and streams on from there). Runs on the tokenizer manager's event loop."""
+        await asyncio.sleep(SETTLE_S)
+        from sglang.srt.managers.io_struct import wrap_as_pickle
+
+        from sglang.srt.managers.io_struct import ActiveRanksOutput
+
+        self.prune()
+        states = self.tokenizer_manager.rid_to_state
+        self.router.refresh(states)
+        moved = self.router.lose(replica)
+        # SGLang's DP controller stops sending to it (replica_outbox.py), broadcasts included
+        self.tokenizer_manager._dispatch_to_scheduler(ActiveRanksOutput(status=self.router.live_mask()))
+        sent = 0
+        for rid, target in moved.items():
+            obj, state = self.sent.get(rid), states.get(rid)
+            if obj is None or state is None or state.finished:
+                continue
+            obj.routed_dp_rank = target
+            # the same socket to SGLang's DP controller, then the same socket to `target`: the tokens arrive first
+            self.tokenizer_manager._dispatch_to_scheduler(wrap_as_pickle(ResumeTokens(rid, list(state.output_ids),
+                                                                                      target)))
+            self.tokenizer_manager._dispatch_to_scheduler(obj)
+            self.router.tokens_recomputed += len(getattr(obj, "input_ids", None) or ()) + len(state.output_ids)
+            sent += 1
+        left = [r for r, live in enumerate(self.router.live_mask()) if live]
+        if left:
+            logger.warning("sglang-ft: replica %d lost its group; %d unfinished requests moved to replicas %s",
+                           replica, sent, left)
+        else:
+            logger.error("sglang-ft: replica %d lost its group and no replica is left to serve", replica)
+        return sent
+
+    async def switch_rank0(self, epoch: int = 0, replica: int = 0) -> int:
         """A new rank 0 was elected: a fresh socket to the schedulers, then every unfinished request re-sent on it
         and the output counts (sends wait in it until the new rank 0 has connected). Runs on the tokenizer
-        manager's event loop."""
+        manager's event loop. Under --dp-size the tokenizer manager's socket goes to SGLang's DP controller, not to
+        a rank 0, so only the requests of that replica are re-sent."""
         manager = self.tokenizer_manager
-        if getattr(manager, "tokenizer_ipc_name", None) is not None:  # several tokenizers: theirs is a connect
-            return await self.resend_and_count(epoch)
+        if self.router is not None or getattr(manager, "tokenizer_ipc_name", None) is not None:
+            # several replicas, or several tokenizers (theirs is a connect): no socket of ours to renew
+            return await self.resend_and_count(epoch, replica)
         old = manager.send_to_scheduler
         endpoint = old.getsockopt(zmq.LAST_ENDPOINT).decode()
         fresh = old.context.socket(zmq.PUSH)
@@ -97,22 +162,34 @@ class RequestJournal:
         logger.warning("sglang-ft: the tokenizer manager's socket to the new TP rank 0 is open at %s", endpoint)
         return resent
 
-    def follow_orders(self, endpoint: str) -> None:
-        """Watch the controller's orders; re-send when a regroup elects a different rank 0."""
-        threading.Thread(target=self._follow, args=(endpoint,), name="ft-journal", daemon=True).start()
+    def follow_orders(self, endpoints: list[str], routing: str = "prefix_load") -> None:
+        """Watch every replica's controller's orders: re-send when a regroup elects a different rank 0, move the
+        requests of a replica whose group is lost."""
+        if len(endpoints) > 1:
+            self.router = ReplicaRouter(len(endpoints), routing)
+        for replica, endpoint in enumerate(endpoints):
+            threading.Thread(target=self._follow, args=(endpoint, replica), name=f"ft-journal-{replica}",
+                             daemon=True).start()
 
-    def _follow(self, endpoint: str) -> None:
+    def _on_loop(self, coroutine_fn) -> None:
+        if self.loop is not None:
+            self.loop.call_soon_threadsafe(lambda: self.loop.create_task(coroutine_fn()))
+
+    def _follow(self, endpoint: str, replica: int) -> None:
         socket = zmq.Context.instance().socket(zmq.SUB)
         socket.setsockopt(zmq.SUBSCRIBE, b"")
         socket.connect(endpoint)
-        leader, epoch = 0, 0
+        leader, epoch, lost = 0, 0, False
         while True:
             order = decode(socket.recv())
+            if isinstance(order, GroupLost) and self.router is not None and not lost:
+                lost = True
+                self._on_loop(lambda: self.move_lost_replica(replica))
             if not isinstance(order, Regroup) or order.epoch <= epoch:
                 continue
             epoch = order.epoch
-            if order.workers[0] != leader and self.loop is not None:
-                self.loop.call_soon_threadsafe(lambda e=epoch: self.loop.create_task(self.switch_rank0(e)))
+            if order.workers[0] != leader:
+                self._on_loop(lambda e=epoch: self.switch_rank0(e, replica))
             leader = order.workers[0]
 
 

@@ -1,0 +1,68 @@
+"""A request moved to another data-parallel replica goes on from the output its client already has.
+
+When a replica loses its whole TP group, the tokenizer manager's journal sends each of its unfinished requests to
+another replica, preceded by `ResumeTokens`: the output tokens the client has received. The new replica's
+scheduler makes the request as SGLang makes any, then `adopt` gives it those tokens as output already produced,
+the way SGLang keeps a retracted request's output: its first prefill covers prompt plus output, the next token
+follows the last one the client has, and its stream offsets start past what was delivered, so the client
+sees every token once, and the detokenizer's state for the rid carries on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class ResumeTokens:
+    """From the tokenizer manager to replica `dp_rank`: request `rid`, arriving next, has produced `output_ids`."""
+
+    rid: str
+    output_ids: list[int]
+    dp_rank: int
+
+
+def split_resume_tokens(messages) -> tuple[list[ResumeTokens], list]:
+    """Separate the journal's `ResumeTokens` from SGLang's own messages (which SGLang's dispatcher must see alone)."""
+    ours = [m for m in messages if isinstance(m, ResumeTokens)]
+    return ours, [m for m in messages if not isinstance(m, ResumeTokens)]
+
+
+def for_replica(messages, dp_rank: int):
+    """`messages` without the journal's messages meant for another replica."""
+    from sglang_ft.managers.output_rewind import ReceivedTokens
+
+    if not messages:
+        return messages
+    return [m for m in messages if not isinstance(m, (ReceivedTokens, ResumeTokens)) or m.dp_rank == dp_rank]
+
+
+def adopt(req, output_ids: list[int]) -> None:
+    """Give the new `req` the output its client already has, and start its stream past it (see the offsets of
+    SGLang's output streamer: the decode ids sent are a fixed window of prompt ids, then the output ids)."""
+    if not output_ids:
+        return
+    del req.output_ids[:]
+    req.output_ids.extend(output_ids)  # SGLang's own container (an int64 array)
+    req.is_retracted = True  # SGLang's own state for a request whose output outlived its KV
+    decode_ids, _read_offset = req.init_incremental_detokenize()
+    req.send_token_offset = len(output_ids)
+    req.send_decode_id_offset = len(decode_ids)
+    # output logprobs are this request's own (of the tokens it produces): sent from its first, as they are
+
+
+def adopt_queued(scheduler, resumes: dict[str, list[int]], rid: str) -> bool:
+    """After SGLang queued request `rid`: adopt it if the journal sent its output ahead of it."""
+    output_ids = resumes.pop(rid, None)
+    if output_ids is None:
+        return False
+    for req in reversed(scheduler.waiting_queue):
+        if req.rid == rid:
+            adopt(req, output_ids)
+            logger.warning("sglang-ft: request %s moved here from a lost replica, going on after its %d output "
+                           "tokens", rid, len(output_ids))
+            return True
+    return False

@@ -1,0 +1,234 @@
+"""Data-parallel replicas under `--ft --dp-size M`, without a server: the tokenizer-side routing (prefix- and
+load-aware, around a lost replica), the journal moving a lost replica's requests, and a moved request going on
+from the output its client has on SGLang's own `Req` and stream accumulator."""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+
+from test_output_rewind import decode, make_req
+
+from sglang_ft.managers.output_rewind import ReceivedTokens
+from sglang_ft.managers.replica_move import ResumeTokens, adopt, adopt_queued, for_replica
+from sglang_ft.managers.replica_router import PrefixIndex, ReplicaRouter
+from sglang_ft.managers.request_journal import RequestJournal
+
+SHARED = list(range(100, 148))  # three 16-token blocks
+
+
+def test_the_prefix_index_finds_the_replica_of_the_longest_known_prefix():
+    index = PrefixIndex(block=16)
+    index.record(SHARED[:32], 0)
+    index.record(SHARED + [1, 2, 3], 1)  # the same first blocks, routed later elsewhere: the latest wins
+    assert index.owner(SHARED + [9]) == 1
+    assert index.owner(SHARED[:15]) is None  # shorter than a block
+    assert index.owner([7] + SHARED) is None  # a prefix, not a substring
+    index.forget(1)
+    assert index.owner(SHARED) is None
+
+
+def test_the_prefix_index_is_bounded():
+    index = PrefixIndex(block=2, capacity=3)
+    index.record([1, 2, 3, 4, 5, 6, 7, 8], 0)
+    assert len(index.replica_of) == 3
+    assert index.owner([1, 2]) is None  # the oldest block went first
+
+
+def test_prefix_load_follows_the_prefix_until_its_replica_is_overloaded():
+    router = ReplicaRouter(2, "prefix_load")
+    first = router.route("a", SHARED + [1], tokens=100)
+    assert router.route("b", SHARED + [2], tokens=100) == first  # where the prefix went
+    assert router.route("c", [9] * 40, tokens=100) != first  # no prefix: the least loaded
+    flood = [router.route(f"f{i}", SHARED + [i], tokens=300) for i in range(6)]
+    assert set(flood) == {0, 1}  # past the load threshold the flood spreads
+
+
+def test_load_and_round_robin_policies():
+    router = ReplicaRouter(3, "load")
+    assert [router.route(r, [1], tokens=t) for r, t in (("a", 50), ("b", 10), ("c", 30), ("d", 5))] == [0, 1, 2, 1]
+    turns = ReplicaRouter(2, "round_robin")
+    assert [turns.route(str(i), SHARED, tokens=1) for i in range(4)] == [0, 1, 0, 1]
+
+
+def test_a_clients_own_replica_is_kept_unless_it_is_lost():
+    router = ReplicaRouter(2, "load")
+    assert router.route("a", [1], tokens=10, wanted=1) == 1
+    router.lose(1)
+    assert router.route("b", [1], tokens=10, wanted=1) == 0
+
+
+def test_refresh_releases_finished_requests_and_counts_what_is_left():
+    router = ReplicaRouter(2, "load")
+    router.route("a", [1] * 10, tokens=40)
+    router.route("b", [1] * 10, tokens=40)
+    states = {"a": SimpleNamespace(finished=False, output_ids=[0] * 25), "b": SimpleNamespace(finished=True,
+                                                                                              output_ids=[])}
+    router.refresh(states)
+    assert router.replica_of("b") is None
+    assert router.router.load() == {0: 15, 1: 0}
+
+
+def test_a_lost_replicas_requests_move_to_the_others_and_new_ones_route_around_it():
+    router = ReplicaRouter(3, "load")
+    for i in range(6):
+        router.route(f"r{i}", [i], tokens=10 * (i + 1))
+    on_lost = {rid for rid, r in router.router.owner_of.items() if r == 1}
+    moved = router.lose(1)
+    assert set(moved) == on_lost and set(moved.values()) <= {0, 2}
+    assert all(router.route(f"n{i}", [i], tokens=10) != 1 for i in range(5))
+    assert router.lose(1) == {}  # reported again: nothing more to move
+    assert router.status()["lost"] == [1] and router.status()["moved_requests"] == len(on_lost)
+
+
+class RecordingTokenizerManager:
+    """What the journal uses of SGLang's TokenizerManager, recording what it dispatches."""
+
+    tokenizer_ipc_name = None
+
+    def __init__(self):
+        self.rid_to_state: dict[str, SimpleNamespace] = {}
+        self.dispatched: list = []
+
+    def _dispatch_to_scheduler(self, obj) -> None:
+        from sglang.srt.managers.io_struct import unwrap_from_pickle
+
+        self.dispatched.append(unwrap_from_pickle(obj))  # the journal's own messages travel pickled
+
+
+def tokenized(rid: str, prompt: list[int], max_new_tokens: int = 16) -> SimpleNamespace:
+    return SimpleNamespace(rid=rid, input_ids=prompt, sampling_params=SimpleNamespace(max_new_tokens=max_new_tokens),
+                           routed_dp_rank=None)
+
+
+def journal_over(replicas: int) -> tuple[RequestJournal, RecordingTokenizerManager]:
+    journal, manager = RequestJournal(), RecordingTokenizerManager()
+    journal.router = ReplicaRouter(replicas, "load")
+    journal.loop = asyncio.new_event_loop()  # SGLang's: recording needs it, the tests run their own
+    for i in range(6):
+        request = tokenized(f"r{i}", [i] * 8)
+        manager.rid_to_state[request.rid] = SimpleNamespace(finished=False, output_ids=[])
+        journal.record(manager, request)
+    manager.dispatched.clear()
+    return journal, manager
+
+
+def test_the_journal_routes_every_request_and_moves_a_lost_replicas_unfinished_ones_with_their_output():
+    journal, manager = journal_over(2)
+    on_1 = sorted(rid for rid, obj in journal.sent.items() if obj.routed_dp_rank == 1)
+    assert on_1 and len(on_1) < 6
+    manager.rid_to_state[on_1[0]].output_ids = [41, 42, 43]  # streamed to its client already
+    manager.rid_to_state[on_1[-1]].finished = True
+    moved = asyncio.run(journal.move_lost_replica(1))
+    unfinished = on_1[:-1]
+    assert moved == len(unfinished)
+    from sglang.srt.managers.io_struct import ActiveRanksOutput
+
+    active, *messages = manager.dispatched  # first, SGLang's DP controller stops routing to the lost replica
+    assert isinstance(active, ActiveRanksOutput) and active.status == [True, False]
+    resumes = [m for m in messages if isinstance(m, ResumeTokens)]
+    requests = [m for m in messages if not isinstance(m, ResumeTokens)]
+    assert sorted(r.rid for r in requests) == unfinished and all(r.routed_dp_rank == 0 for r in requests)
+    assert [(m.rid, m.output_ids, m.dp_rank) for m in resumes if m.output_ids] == [(on_1[0], [41, 42, 43], 0)]
+    for resume in resumes:  # each request's output arrives right before it
+        assert manager.dispatched[manager.dispatched.index(resume) + 1].rid == resume.rid
+    assert journal.router.tokens_recomputed == 8 * len(unfinished) + 3  # prompts, and the output received
+    fresh = tokenized("new", [1] * 8)
+    manager.rid_to_state["new"] = SimpleNamespace(finished=False, output_ids=[])
+    journal.record(manager, fresh)
+    assert fresh.routed_dp_rank == 0
+
+
+def test_a_rank0_election_in_one_replica_resends_only_its_requests_and_counts_for_it():
+    journal, manager = journal_over(2)
+    on_0 = {rid for rid, obj in journal.sent.items() if obj.routed_dp_rank == 0}
+    asyncio.run(journal.switch_rank0(epoch=2, replica=0))
+    *resent, counts = manager.dispatched
+    assert sorted(m.rid for m in resent) == sorted(on_0)
+    assert counts == ReceivedTokens(2, dict.fromkeys(on_0, 0), dp_rank=0)
+
+
+def test_each_replica_keeps_only_the_journal_messages_meant_for_it():
+    messages = [ReceivedTokens(1, {}, dp_rank=0), ReceivedTokens(1, {}, dp_rank=1), ResumeTokens("a", [1], 1),
+                "a request"]
+    assert for_replica(messages, 1) == messages[1:]
+    assert for_replica(None, 0) is None
+
+
+def test_a_moved_request_streams_on_after_what_its_client_has():
+    """On SGLang's own Req and stream accumulator: a request streams 3 tokens on one replica, which is lost; the
+    same request made afresh on another replica adopts them and decodes 2 more. The client's chunks concatenate to
+    the 5 tokens once, and the detokenizer's ids to those one request would have sent."""
+    first, wire = make_req("r"), []
+    decode(first, [11, 12, 13], wire)
+    received = sum((ids for ids, _ in wire), [])
+    moved = make_req("r")
+    adopt(moved, received)
+    assert list(moved.output_ids) == [11, 12, 13] and moved.is_retracted
+    decode(moved, [14, 15], wire)
+    assert sum((ids for ids, _ in wire), []) == [11, 12, 13, 14, 15]
+    alone, alone_wire = make_req("r"), []
+    decode(alone, [11, 12, 13, 14, 15], alone_wire)
+    assert sum((d for _, d in wire), []) == sum((d for _, d in alone_wire), [])
+
+
+def test_adopt_queued_finds_the_request_sglang_just_queued():
+    queued = [make_req("x"), make_req("y")]
+    scheduler = SimpleNamespace(waiting_queue=queued)
+    resumes = {"y": [21, 22]}
+    assert adopt_queued(scheduler, resumes, "y") and list(queued[1].output_ids) == [21, 22] and resumes == {}
+    assert not adopt_queued(scheduler, resumes, "x") and list(queued[0].output_ids) == []
+
+
+def test_a_replica_outbox_never_blocks_and_delivers_in_order_once_a_peer_connects(tmp_path):
+    """SGLang's DP controller's socket to a replica with no rank 0 (electing one, or lost): sends return at once;
+    the new rank 0 gets every message in order; a lost replica's messages are dropped."""
+    import time
+
+    import zmq
+
+    from sglang_ft.managers.replica_outbox import ReplicaOutbox
+
+    context = zmq.Context.instance()
+    push = context.socket(zmq.PUSH)
+    endpoint = f"ipc://{tmp_path}/replica-1"
+    push.bind(endpoint)
+    outbox = ReplicaOutbox(push)
+    started = time.monotonic()
+    for i in range(5):
+        outbox.send_pyobj(i)
+    assert time.monotonic() - started < 1.0 and len(outbox.pending) == 5
+    rank0 = context.socket(zmq.PULL)
+    rank0.connect(endpoint)
+    deadline = time.monotonic() + 5
+    while outbox.pending and time.monotonic() < deadline:
+        outbox.flush()
+        time.sleep(0.01)
+    outbox.send_pyobj(5)
+    assert [rank0.recv_pyobj() for _ in range(6)] == list(range(6))
+    rank0.close(linger=0)
+    assert outbox.discard() == 0
+    outbox.send_pyobj(6)
+    assert not outbox.pending
+    push.close(linger=0)
+
+
+def test_the_dp_controller_drops_a_lost_replica_from_routing_and_broadcasts():
+    from sglang_ft.managers.replica_outbox import ReplicaOutbox, drop_inactive
+
+    class Socket:
+        def __init__(self):
+            self.sent = []
+
+        def send_pyobj(self, obj, flags=0, **kwargs):
+            self.sent.append(obj)
+
+    controller = SimpleNamespace(workers=[ReplicaOutbox(Socket()), ReplicaOutbox(Socket())], status=[True, False],
+                                 dp_active=[True, True], _active_workers=[0, 1])
+    controller._refresh_active_workers = lambda: setattr(
+        controller, "_active_workers", [i for i, a in enumerate(controller.dp_active) if a and controller.status[i]])
+    drop_inactive(controller)
+    assert controller._active_workers == [0]
+    controller.workers[1].send_pyobj("abort")
+    controller.workers[0].send_pyobj("abort")
+    assert controller.workers[1].socket.sent == [] and controller.workers[0].socket.sent == ["abort"]
