@@ -70,7 +70,7 @@ def test_a_cached_prefix_is_used_wherever_its_rows_are(server, mixed_outputs):
     requests.post(f"{server.url}/flush_cache", timeout=30).raise_for_status()
     epoch = status(server.url)["epoch"]
     prompts, expected = mixed_outputs
-    shared = [i for i, p in enumerate(prompts) if p.startswith(SYSTEM)]
+    shared = [i for i, p in enumerate(prompts) if p.startswith(SYSTEM)][:3]
     outputs = [generate(server.url, prompts[i], MAX_NEW_TOKENS) for i in shared]
     assert [o["output_ids"] for o in outputs] == [expected[i][:MAX_NEW_TOKENS] for i in shared]
     assert all(o["meta_info"]["cached_tokens"] >= 16 for o in outputs[1:])

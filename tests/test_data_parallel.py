@@ -1,6 +1,6 @@
-"""`--ft --dp-size 2 --tp-size 2` on a real server: two TP groups of two, each with its own FT controller and
-backup store, requests routed between them by sglang-ft (prefix- and load-aware, through SGLang's own
-`routed_dp_rank`). Killing both workers of one replica mid-decode loses no request: the journal moves its
+"""`--ft --dp-size 2 --tp-size 2` on a real server (a Mistral config): two TP groups of two, each with its own FT
+controller and backup store, requests routed between them by sglang-ft (prefix- and load-aware, through SGLang's
+own `routed_dp_rank`). Killing both workers of one replica mid-decode loses no request: the journal moves its
 unfinished ones to the other replica, each going on from the tokens its client already has, and every output
 equals transformers."""
 
@@ -13,7 +13,7 @@ import threading
 
 import pytest
 import requests
-from client import GREEDY, generate, generate_concurrently, wait_for
+from client import GREEDY, assert_ranks_read_only_their_slices, generate, generate_concurrently, wait_for
 from conftest import PROMPTS
 
 pytestmark = pytest.mark.server
@@ -21,20 +21,21 @@ NEW_TOKENS = 48
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model):
+def server(servers, tiny_mistral):
     from sglang_ft.tools.server_process import ServerProcess
 
-    process = ServerProcess(tiny_model, tp_size=2, ft=True,
+    servers.close()  # its replica is lost by the last test: never shared with the pool
+    process = ServerProcess(tiny_mistral, tp_size=2, ft=True,
                             extra_args=["--dp-size", "2", "--ft-enable-fault-injection"]).start()
     yield process
     process.stop()
 
 
 @pytest.fixture(scope="module")
-def expected(tiny_model):
+def expected(tiny_mistral):
     from sglang_ft.tools.hf_reference import greedy_token_ids
 
-    return greedy_token_ids(tiny_model, PROMPTS, NEW_TOKENS)
+    return greedy_token_ids(tiny_mistral, PROMPTS, NEW_TOKENS)
 
 
 def status(url: str) -> dict:
@@ -47,6 +48,8 @@ def test_both_replicas_serve_and_outputs_equal_transformers(server, expected):
     outputs = generate_concurrently(server.url, PROMPTS, NEW_TOKENS)
     assert [o["output_ids"] for o in outputs] == expected
     assert {o["meta_info"]["dp_rank"] for o in outputs} == {0, 1}
+    assert "sglang-ft: TP rank" in server.log_text()  # served by the elastic model
+    assert_ranks_read_only_their_slices(server.log_text(), 2)
     state = status(server.url)
     assert state["dp_size"] == 2 and [r["tp_size"] for r in state["replicas"]] == [2, 2]
     assert all(r["serving"] for r in state["replicas"]) and state["routing"]["lost"] == []
