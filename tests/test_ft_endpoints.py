@@ -1,25 +1,52 @@
-"""A real `--ft` server at TP 2 without KV backup: greedy equals transformers, `/ft/status` and `/ft/inject_fault`
-(contract, API key), a step torn between the two ranks, and a worker hung mid-decode: detected in time, its lost
-heads' KV recomputed."""
+"""One real `--ft --dp-size 2 --tp-size 2` server (a Mistral config) without KV backup, behind an API key: two TP
+groups of two, each with its own FT controller, requests routed between them by sglang-ft (prefix- and load-aware,
+through SGLang's own `routed_dp_rank`).
 
+First the `/ft/*` endpoints on replica 0 (contract, API key), a step torn between its two ranks, and a worker hung
+mid-decode: detected in time, its lost heads' KV recomputed (replica 0 goes on at TP 1). Then the replicas: both
+serve, a shared prefix goes where it is cached, and killing both workers of replica 1 mid-decode loses no request:
+the journal moves its unfinished ones to replica 0, each going on from the tokens its client already has, and every
+output equals transformers. The tests run in file order, each from the state the last one left.
+"""
+
+import json
+import os
+import re
+import signal
+import threading
 import time
 
 import psutil
 import pytest
 import requests
-from client import assert_ranks_read_only_their_slices, generate_concurrently, run_with_fault, wait_for
+from client import (GREEDY, assert_ranks_read_only_their_slices, generate, generate_concurrently, run_with_fault,
+                    wait_for)
 from conftest import MAX_NEW_TOKENS, PROMPTS
 
 pytestmark = pytest.mark.server
 KEY = "test-key"
 TIMEOUT_MS = 1500
+NEW_TOKENS = 48
+AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
-@pytest.fixture
-def server(servers, tiny_model):
-    return servers.get(tiny_model, 2, True, "--ft-enable-fault-injection", "--api-key", KEY,
-                       "--ft-heartbeat-interval-ms", "100", "--ft-heartbeat-timeout-ms", str(TIMEOUT_MS),
-                       "--ft-kv-backup", "off", "--ft-collective-timeout-s", "4")
+@pytest.fixture(scope="module")
+def server(servers, tiny_mistral):
+    from sglang_ft.tools.server_process import ServerProcess
+
+    servers.close()  # degraded by its faults, and a replica lost at the end: never shared with the pool
+    process = ServerProcess(tiny_mistral, tp_size=2, ft=True, extra_args=[
+        "--dp-size", "2", "--ft-enable-fault-injection", "--api-key", KEY, "--ft-heartbeat-interval-ms", "100",
+        "--ft-heartbeat-timeout-ms", str(TIMEOUT_MS), "--ft-kv-backup", "off", "--ft-collective-timeout-s", "4"]).start()
+    yield process
+    process.stop()
+
+
+@pytest.fixture(scope="module")
+def expected(tiny_mistral):
+    from sglang_ft.tools.hf_reference import greedy_token_ids
+
+    return greedy_token_ids(tiny_mistral, PROMPTS, NEW_TOKENS)
 
 
 def _get(server, path, key=KEY):
@@ -31,15 +58,30 @@ def _inject(server, body, key=KEY):
                          headers={"Authorization": f"Bearer {key}"} if key else {}, timeout=30)
 
 
-def test_greedy_equals_transformers_at_tp2_and_ranks_read_half(server, tiny_model, hf_outputs):
-    outputs = generate_concurrently(server.url, PROMPTS, MAX_NEW_TOKENS, api_key=KEY)
-    assert [o["output_ids"] for o in outputs] == hf_outputs(tiny_model)
+def status(server) -> dict:
+    response = _get(server, "/ft/status")
+    response.raise_for_status()
+    return response.json()
+
+
+def replica0(server) -> dict:
+    return status(server)["replicas"][0]
+
+
+def test_both_replicas_serve_and_outputs_equal_transformers(server, expected):
+    outputs = generate_concurrently(server.url, PROMPTS, NEW_TOKENS, api_key=KEY)
+    assert [o["output_ids"] for o in outputs] == expected
+    assert {o["meta_info"]["dp_rank"] for o in outputs} == {0, 1}
+    assert "sglang-ft: TP rank" in server.log_text()  # served by the elastic model
     assert_ranks_read_only_their_slices(server.log_text(), 2)
+    state = status(server)
+    assert state["dp_size"] == 2 and [r["tp_size"] for r in state["replicas"]] == [2, 2]
+    assert all(r["serving"] for r in state["replicas"]) and state["routing"]["lost"] == []
 
 
 def test_status_lists_every_worker(server):
     assert _get(server, "/ft/status", key=None).status_code == 401
-    status = _get(server, "/ft/status").json()
+    status = _get(server, "/ft/status").json()["replicas"][0]
     assert status["epoch"] == 0 and status["tp_size"] == 2 and status["recoveries"] == []
     assert [w["rank"] for w in status["workers"]] == [0, 1]
     for worker in status["workers"]:
@@ -52,32 +94,32 @@ def test_status_lists_every_worker(server):
 def test_bad_fault_requests_get_4xx_and_change_nothing(server, body):
     response = _inject(server, body)
     assert 400 <= response.status_code < 500
-    assert all(w["state"] == "healthy" for w in _get(server, "/ft/status").json()["workers"])
+    assert all(w["state"] == "healthy" for w in replica0(server)["workers"])
 
 
 def test_fault_injection_needs_the_api_key(server):
     assert _inject(server, {"rank": 1, "kind": "hang"}, key="wrong").status_code == 401
 
 
-def test_a_step_finished_on_one_rank_and_failed_on_the_other_is_finished_on_both(server, tiny_model, hf_outputs):
+def test_a_step_finished_on_one_rank_and_failed_on_the_other_is_finished_on_both(server, tiny_mistral, hf_outputs):
     """`fail_step` on rank 1 mid-decode: rank 0 finishes the step (and streams its tokens), rank 1 takes it as
     failed, and the group regroups with both workers. Rank 1 takes the step's tokens from rank 0 (torn_step.py);
     without that the ranks' requests differ by a token and the next batch's collectives mismatch."""
-    epoch = _get(server, "/ft/status").json()["epoch"]
+    epoch = replica0(server)["epoch"]
     outputs = run_with_fault(server.url, lambda: _inject(server, {"rank": 1, "kind": "fail_step"}).raise_for_status(),
                              PROMPTS, MAX_NEW_TOKENS, api_key=KEY)
-    assert [o["output_ids"] for o in outputs] == hf_outputs(tiny_model)
-    (recovery,) = wait_for(lambda: _get(server, "/ft/status").json()["recoveries"], what="the recovery")
+    assert [o["output_ids"] for o in outputs] == hf_outputs(tiny_mistral)
+    (recovery,) = wait_for(lambda: replica0(server)["recoveries"], what="the recovery")
     assert recovery["epoch"] == epoch + 1 and recovery["cause"] == "collective failure with every worker alive"
-    assert _get(server, "/ft/status").json()["tp_size"] == 2
+    assert replica0(server)["tp_size"] == 2
     assert "take its tokens here" in server.log_text()
 
 
-def test_a_worker_hung_mid_decode_is_declared_dead_in_time_and_its_lost_kv_is_recomputed(server, tiny_model,
+def test_a_worker_hung_mid_decode_is_declared_dead_in_time_and_its_lost_kv_is_recomputed(server, tiny_mistral,
                                                                                            hf_outputs):
     """No KV backup here: the survivor recomputes the KV of the heads it takes over, and every output still equals
     transformers."""
-    assert _get(server, "/ft/status").json()["kv_backup"] == {"state": "off"}
+    assert replica0(server)["kv_backup"] == {"state": "off"}
     seen, detected = [], []
 
     def hang_and_watch():
@@ -85,7 +127,7 @@ def test_a_worker_hung_mid_decode_is_declared_dead_in_time_and_its_lost_kv_is_re
         hung_at = time.monotonic()
         try:
             while time.monotonic() - hung_at < 10:
-                state = _get(server, "/ft/status").json()["workers"][1]["state"]
+                state = replica0(server)["workers"][1]["state"]
                 if not seen or seen[-1] != state:
                     seen.append(state)
                 if state == "dead":
@@ -96,12 +138,71 @@ def test_a_worker_hung_mid_decode_is_declared_dead_in_time_and_its_lost_kv_is_re
             _inject(server, {"rank": 1, "kind": "resume"})
 
     outputs = run_with_fault(server.url, hang_and_watch, PROMPTS, MAX_NEW_TOKENS, api_key=KEY)
-    assert [o["output_ids"] for o in outputs] == hf_outputs(tiny_model)
+    assert [o["output_ids"] for o in outputs] == hf_outputs(tiny_mistral)
     assert seen[-2:] == ["suspect", "dead"]
     assert detected[0] < TIMEOUT_MS / 1000 + 1.0
-    detections = _get(server, "/ft/status").json()["detections"]
+    detections = replica0(server)["detections"]
     assert [d["worker"] for d in detections if d["cause"] == "heartbeat timeout"] == [1]
-    recovery = wait_for(lambda: [r for r in _get(server, "/ft/status").json()["recoveries"]
+    recovery = wait_for(lambda: [r for r in replica0(server)["recoveries"]
                                  if "heartbeat timeout" in r["cause"]], what="the recovery")[0]
     assert recovery["kv_tokens_recomputed"] > 0 and recovery["kv_blocks_restored"] == 0
     assert "tokens to recompute" in server.log_text()
+
+
+def test_requests_sharing_a_prefix_go_where_it_is_cached(server):
+    system = "You are a careful assistant who answers about rivers, forests and mountain cities. " * 2
+    first = generate(server.url, system + "one", 4, api_key=KEY)
+    later = [generate(server.url, system + tail, 4, api_key=KEY) for tail in ("two", "three", "four")]
+    assert {o["meta_info"]["dp_rank"] for o in later} == {first["meta_info"]["dp_rank"]}
+    assert all(o["meta_info"]["cached_tokens"] >= 16 for o in later)
+
+
+def test_inject_fault_names_an_existing_replica(server):
+    response = _inject(server, {"rank": 0, "dp_rank": 2, "kind": "kill"})
+    assert response.status_code == 400 and "dp_rank 2" in response.json()["error"]
+
+
+def test_killing_both_workers_of_a_replica_loses_no_request(server, expected):
+    """Both workers of replica 1 SIGKILLed once a request streamed from it has 8 tokens; the other requests are
+    in flight on both replicas. Every request completes equal to transformers (the streamed one with each token
+    once), replica 1's unfinished requests moved to replica 0, and replica 0 serves what comes next."""
+    pids = [w["pid"] for w in status(server)["replicas"][1]["workers"]]
+    streamed: dict = {}
+    decoding = threading.Event()
+
+    def stream_from_replica_1():
+        body = {"text": PROMPTS[0], "sampling_params": {**GREEDY, "max_new_tokens": NEW_TOKENS}, "stream": True,
+                "routed_dp_rank": 1}
+        with requests.post(f"{server.url}/generate", json=body, headers=AUTH, stream=True, timeout=600) as response:
+            for line in response.iter_lines():
+                if line.startswith(b"data:") and line != b"data: [DONE]":
+                    streamed.update(json.loads(line[5:]))
+                    if len(streamed.get("output_ids", [])) >= 8:
+                        decoding.set()
+        decoding.set()
+
+    stream = threading.Thread(target=stream_from_replica_1)
+    stream.start()
+    others: list = []
+    rest = threading.Thread(target=lambda: others.extend(generate_concurrently(server.url, PROMPTS[1:], NEW_TOKENS,
+                                                                              api_key=KEY)))
+    rest.start()
+    assert decoding.wait(timeout=300), "the streamed request never started decoding"
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    stream.join(timeout=600)
+    rest.join(timeout=600)
+    assert streamed["output_ids"] == expected[0]
+    assert [o["output_ids"] for o in others] == expected[1:]
+    routing = status(server)["routing"]
+    assert routing["lost"] == [1] and routing["moved_requests"] >= 1
+    assert routing["moved_tokens_recomputed"] > 0  # their KV is prefilled again, not taken from the backup store
+    state = status(server)
+    assert not state["replicas"][1]["serving"] and state["replicas"][0]["serving"]
+    # the streamed request went on from the tokens its client had
+    assert re.search(r"moved here from a lost replica, going on after its [1-9]\d* output tokens", server.log_text())
+    after = generate_concurrently(server.url, PROMPTS, NEW_TOKENS, api_key=KEY)
+    assert [o["output_ids"] for o in after] == expected
+    assert {o["meta_info"]["dp_rank"] for o in after} == {0}
+    wait_for(lambda: _get(server, "/health_generate").status_code == 200, 60,
+             "the server healthy after losing a replica")

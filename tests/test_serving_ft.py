@@ -15,9 +15,9 @@ pytestmark = pytest.mark.server
 
 # An unequal split at TP 3 for a Qwen2 config of 12 heads and 4 KV heads (q/k/v biases), whose server the feature
 # tests then reuse. A Mistral config is compared with transformers at TP 2 (and TP 1 after a failure) on
-# test_data_parallel's server, the default Llama at TP 2 on test_ft_endpoints's, TP 4 by the failover, ecosystem and
-# demo tests, at TP 3 by the failover tests (contiguous) and test_hybrid_attention (hybrid), at TP 1 by the last
-# failover test.
+# test_ft_endpoints's data-parallel server, the default Llama at TP 4 by the failover, ecosystem and demo tests, at
+# TP 3 by the failover tests (contiguous) and test_hybrid_attention (hybrid), at TP 2 after the hybrid and cyclic
+# tests' second failures, the MoE down to TP 1 by the last failover test.
 MATRIX = [("qwen2-12h", 3)]
 
 

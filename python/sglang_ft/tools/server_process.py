@@ -64,6 +64,10 @@ class ServerProcess:
             self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"sglang-ft-server-{self.port}.log"
         log = open(self.log_path, "w")
         env = dict(os.environ, PYTHONWARNINGS="ignore")
+        # `stop` signals the whole group, so the launcher sees its schedulers exit and runs SGLang's crash path,
+        # which sleeps 5 s for py-spy and CUDA core dumps first: nothing to dump here, and 5 s per server stopped.
+        for flag in ("SGLANG_PYSPY_DUMP_BEFORE_CRASH", "SGLANG_CUDA_COREDUMP_BEFORE_CRASH"):
+            env.setdefault(flag, "false")
         started = time.monotonic()
         self.proc = subprocess.Popen(
             self.command(), stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
