@@ -210,15 +210,15 @@ def test_watch_refreshes_count_times(capsys, fake):
 def test_inject_sends_rank_and_kind(capsys, fake):
     code, out, _ = _run(capsys, fake, "inject", "--rank", "1", "--kind", "hang")
     assert code == 0
-    assert fake.posts() == [("/ft/inject_fault", {"rank": 1, "kind": "hang"}, f"Bearer {KEY}")]
+    assert fake.posts() == [("/ft/inject_fault", {"rank": 1, "kind": "hang", "dp_rank": 0}, f"Bearer {KEY}")]
     assert "injected hang into rank 1 (worker 1, pid 1001)" in out
 
 
 def test_drain_and_rejoin_send_the_worker(capsys, fake):
     assert _run(capsys, fake, "drain", "--worker", "1")[0] == 0
-    assert _run(capsys, fake, "rejoin", "--worker", "2")[0] == 0
-    assert fake.posts() == [("/ft/drain", {"worker": 1}, f"Bearer {KEY}"),
-                            ("/ft/rejoin", {"worker": 2}, f"Bearer {KEY}")]
+    assert _run(capsys, fake, "rejoin", "--worker", "2", "--dp-rank", "1")[0] == 0
+    assert fake.posts() == [("/ft/drain", {"worker": 1, "dp_rank": 0}, f"Bearer {KEY}"),
+                            ("/ft/rejoin", {"worker": 2, "dp_rank": 1}, f"Bearer {KEY}")]
     assert fake.status_polls() == 0
 
 
@@ -298,3 +298,18 @@ def test_a_worker_under_hybrid_attention_shows_its_tp_and_remainder_heads():
 
     assert ctl._heads({"kv_heads": 2, "remainder_kv_heads": 2}) == "2+2"
     assert ctl._heads({"kv_heads": 3, "remainder_kv_heads": 0}) == "3" and ctl._heads({}) == "-"
+
+
+def test_status_under_dp_size_shows_each_replica_and_the_routing(capsys):
+    from rich.console import Console
+
+    from sglang_ft import ctl
+
+    one = {"epoch": 0, "tp_size": 2, "workers": [{"worker": 0, "rank": 0, "pid": 7, "state": "healthy"}],
+           "recoveries": [], "serving": True}
+    status = {"dp_size": 2, "replicas": [one, {**one, "epoch": 2, "serving": False}],
+              "routing": {"policy": "prefix_load", "live_replicas": [0], "lost": [1], "moved_requests": 3}}
+    Console(width=160).print(ctl.render_status(status))
+    out = capsys.readouterr().out
+    assert "replica 0 (serving)" in out and "replica 1 (lost)" in out
+    assert re.search(r"routing prefix_load\s+live 0\s+lost 1\s+moved_requests 3", out)

@@ -117,7 +117,17 @@ def _heads(worker: dict) -> str:
 
 
 def render_status(status: dict) -> Group:
-    """Workers, one summary line, recoveries: what an operator checks first after a fault."""
+    """Workers, one summary line, recoveries: what an operator checks first after a fault (per replica, and the
+    routing between them, under --dp-size)."""
+    if "replicas" in status:
+        routing = status.get("routing", {})
+        parts = [Text.assemble(("routing ", "bold"), str(routing.get("policy")), ("  live ", "bold"),
+                               _cell(routing.get("live_replicas")), ("  lost ", "bold"), _cell(routing.get("lost")),
+                               ("  moved_requests ", "bold"), str(routing.get("moved_requests", 0)))]
+        for k, replica in enumerate(status["replicas"]):
+            serving = "serving" if replica.get("serving", True) else "lost"
+            parts += [Text(f"replica {k} ({serving})", style="bold underline"), render_status(replica)]
+        return Group(*parts)
     workers = _table("workers", ("worker", "rank", "pid", "state", "kv_heads", "kv_bytes_used", "outstanding_tokens",
                                  "last_step_ms", "kv_backup_dropped", "kv_backup_bytes"), ("state",))
     for w in status.get("workers", []):
@@ -176,7 +186,7 @@ def cmd_watch(client: FtClient, args, console: Console) -> int:
 
 
 def cmd_inject(client: FtClient, args, console: Console) -> int:
-    reply = client.post("/ft/inject_fault", {"rank": args.rank, "kind": args.kind})
+    reply = client.post("/ft/inject_fault", {"rank": args.rank, "kind": args.kind, "dp_rank": args.dp_rank})
     console.print(f"injected {reply.get('injected', args.kind)} into rank {args.rank} "
                   f"(worker {_cell(reply.get('worker'))}, pid {_cell(reply.get('pid'))})")
     return 0
@@ -198,7 +208,7 @@ def _drained(status: dict, worker: int) -> bool:
 
 def cmd_worker_op(client: FtClient, args, console: Console) -> int:
     """POST /ft/drain or /ft/rejoin; with --wait, poll /ft/status until the group has changed, or time out."""
-    client.post(f"/ft/{args.command}", {"worker": args.worker})
+    client.post(f"/ft/{args.command}", {"worker": args.worker, "dp_rank": args.dp_rank})
     done, verb = (_rejoined, "rejoined") if args.command == "rejoin" else (_drained, "drained")
     if not args.wait:
         console.print(f"{args.command} of worker {args.worker} requested")
@@ -208,6 +218,7 @@ def cmd_worker_op(client: FtClient, args, console: Console) -> int:
               file=sys.stderr, disable=None) as bar:
         while True:
             status = client.status()
+            status = status["replicas"][args.dp_rank] if "replicas" in status else status
             entry = _find_worker(status, args.worker)
             bar.set_postfix_str(f"state {entry.get('state', '?')}, rank {_cell(entry.get('rank'))}, "
                                 f"epoch {status.get('epoch')}")
@@ -256,11 +267,13 @@ def build_parser() -> argparse.ArgumentParser:
     inject.add_argument("--kind", required=True, choices=["kill", "hang", "resume", "kill_unsent", "fail_step"],
                         help="SIGKILL, SIGSTOP or SIGCONT; kill_unsent: SIGKILL after its next step, before that "
                              "step's output is sent; fail_step: its next step fails there alone, after the forward")
+    inject.add_argument("--dp-rank", type=int, default=0, help="its data-parallel replica (with --dp-size)")
     inject.set_defaults(run=cmd_inject)
 
     for name, (what, done) in WORKER_OPS.items():
         op = sub.add_parser(name, parents=[common], help=f"{what} (POST /ft/{name})", description=f"{what[0].upper()}{what[1:]}.")
         op.add_argument("--worker", type=int, required=True, help="the worker (its launch TP rank)")
+        op.add_argument("--dp-rank", type=int, default=0, help="its data-parallel replica (with --dp-size)")
         op.add_argument("--wait", action="store_true", help=f"poll /ft/status until {done}")
         op.add_argument("--wait-timeout", type=float, default=300.0,
                         help="give up waiting after this many seconds (default 300)")

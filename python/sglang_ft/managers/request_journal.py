@@ -111,9 +111,7 @@ class RequestJournal:
         replica, preceded by the output tokens its client already has (the new replica prefills prompt plus
         those, and streams on from there). Runs on the tokenizer manager's event loop."""
         await asyncio.sleep(SETTLE_S)
-        from sglang.srt.managers.io_struct import wrap_as_pickle
-
-        from sglang.srt.managers.io_struct import ActiveRanksOutput
+        from sglang.srt.managers.io_struct import ActiveRanksOutput, wrap_as_pickle
 
         self.prune()
         states = self.tokenizer_manager.rid_to_state
