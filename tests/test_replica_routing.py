@@ -11,6 +11,7 @@ from test_output_rewind import decode, make_req
 
 from sglang_ft.managers.output_rewind import ReceivedTokens
 from sglang_ft.managers.replica_move import ResumeTokens, adopt, adopt_queued, for_replica
+from sglang_ft.managers.replica_outbox import RenewReplicaSocket
 from sglang_ft.managers.replica_router import PrefixIndex, ReplicaRouter
 from sglang_ft.managers.request_journal import RequestJournal
 
@@ -143,7 +144,8 @@ def test_a_rank0_election_in_one_replica_resends_only_its_requests_and_counts_fo
     journal, manager = journal_over(2)
     on_0 = {rid for rid, obj in journal.sent.items() if obj.routed_dp_rank == 0}
     asyncio.run(journal.switch_rank0(epoch=2, replica=0))
-    *resent, counts = manager.dispatched
+    renew, *resent, counts = manager.dispatched  # first the DP controller drops the old rank 0's connection
+    assert renew == RenewReplicaSocket(0)
     assert sorted(m.rid for m in resent) == sorted(on_0)
     assert counts == ReceivedTokens(2, dict.fromkeys(on_0, 0), dp_rank=0)
 
@@ -232,3 +234,47 @@ def test_the_dp_controller_drops_a_lost_replica_from_routing_and_broadcasts():
     controller.workers[1].send_pyobj("abort")
     controller.workers[0].send_pyobj("abort")
     assert controller.workers[1].socket.sent == [] and controller.workers[0].socket.sent == ["abort"]
+
+
+def test_a_renewed_replica_socket_leaves_a_hung_rank0_out_and_the_new_one_gets_everything(tmp_path):
+    """The DP controller's socket to a replica whose old rank 0 is hung (SIGSTOPped, its connection open): before
+    the renewal PUSH hands it part of the messages; after it, the new rank 0 gets every one, in order."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import zmq
+    from test_request_journal import STALE_RANK0, drain
+
+    from sglang_ft.managers.replica_outbox import ReplicaOutbox, renew_on_request
+
+    endpoint = f"ipc://{tmp_path}/replica-0"
+    context = zmq.Context.instance()
+    push = context.socket(zmq.PUSH)
+    push.bind(endpoint)
+    stale = subprocess.Popen([sys.executable, "-c", STALE_RANK0, endpoint], stdout=subprocess.PIPE, text=True)
+    try:
+        assert stale.stdout.readline().strip() == "connected"
+        os.kill(stale.pid, signal.SIGSTOP)
+        rank0 = context.socket(zmq.PULL)
+        rank0.connect(endpoint)
+        time.sleep(0.3)
+        controller = SimpleNamespace(workers=[ReplicaOutbox(push)])
+        for i in range(10):
+            controller.workers[0].send_pyobj(f"before-{i}")
+        assert 0 < len(drain(rank0, 0.5)) < 10  # the hung peer took its share
+        assert renew_on_request(controller, RenewReplicaSocket(0))
+        assert not renew_on_request(controller, "an abort")  # SGLang's own messages go on to SGLang
+        for i in range(10):
+            controller.workers[0].send_pyobj(f"after-{i}")
+        got, deadline = [], time.monotonic() + 10
+        while len(got) < 10 and time.monotonic() < deadline:  # the new rank 0 reconnects to the fresh socket
+            controller.workers[0].flush()
+            got += drain(rank0, 0.2)
+        assert got == [f"after-{i}" for i in range(10)]
+        rank0.close(linger=0)
+        controller.workers[0].socket.close(linger=0)
+    finally:
+        os.kill(stale.pid, signal.SIGKILL)

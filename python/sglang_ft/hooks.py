@@ -271,6 +271,16 @@ def after_dp_controller_init(_result, controller, *_args, **_kwargs):
         install(controller)
 
 
+def around_dp_send_control_message(original, controller, message, *args, **kwargs):
+    """Under `--ft`, the journal's request to renew a replica's socket (a new rank 0) stops at the DP controller."""
+    if ft_enabled():
+        from sglang_ft.managers.replica_outbox import renew_on_request
+
+        if renew_on_request(controller, message):
+            return None
+    return original(controller, message, *args, **kwargs)
+
+
 def after_update_active_ranks(_result, controller, *_args, **_kwargs):
     """Under `--ft`, a replica the journal reports lost leaves the DP controller's routing and broadcasts."""
     if ft_enabled():
@@ -524,6 +534,7 @@ HOOKS: list[tuple[str, HookType, object]] = [
     ("sglang.srt.utils.watchdog.SubprocessWatchdog._check_processes", HookType.AROUND, around_watchdog_check),
     (f"{_DP_CONTROLLER}.__init__", HookType.AFTER, after_dp_controller_init),
     (f"{_DP_CONTROLLER}.update_active_ranks", HookType.AFTER, after_update_active_ranks),
+    (f"{_DP_CONTROLLER}.send_control_message", HookType.AROUND, around_dp_send_control_message),
     ("sglang.srt.managers.tokenizer_manager.TokenizerManager._validate_one_request", HookType.BEFORE,
      before_validate_one_request),
     ("sglang.srt.managers.tokenizer_manager.SignalHandler.sigterm_handler", HookType.AFTER, after_sigterm),

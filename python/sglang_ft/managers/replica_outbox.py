@@ -7,10 +7,16 @@ one loop would stop there and no replica would get anything. So under `--ft` eac
 outbox that never blocks: what cannot leave now waits in order and a flusher thread sends it once the new rank 0
 has connected; a replica reported lost (SGLang's own `ActiveRanksOutput`, sent by the journal) is dropped from the
 controller's active replicas, and what waits for it is discarded.
+
+When a replica elects a new rank 0 the journal also has the outbox renew its socket (`RenewReplicaSocket`): the old
+rank 0 may be hung rather than dead, its connection still open, and PUSH would hand it every other message. A
+fresh socket bound at the same endpoint drops every old connection; the new rank 0 reconnects to it, and the
+journal re-sends what the old one held.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -20,6 +26,14 @@ import zmq
 
 logger = logging.getLogger(__name__)
 FLUSH_EVERY_S = 0.005
+REBIND_TIMEOUT_S = 2.0
+
+
+@dataclasses.dataclass
+class RenewReplicaSocket:
+    """From the journal to SGLang's DP controller: replica `dp_rank` has a new rank 0; drop the old one's connection."""
+
+    dp_rank: int
 
 
 class ReplicaOutbox:
@@ -56,6 +70,28 @@ class ReplicaOutbox:
         with self.lock:
             self._flush()
 
+    def renew(self) -> None:
+        """A fresh socket at the same endpoint: every peer connected to the old one is dropped (a hung rank 0 with
+        it); what waits here stays, for the new rank 0."""
+        with self.lock:
+            old = self.socket
+            endpoint = old.getsockopt(zmq.LAST_ENDPOINT).decode()
+            fresh = old.context.socket(zmq.PUSH)
+            for option in (zmq.SNDHWM, zmq.SNDBUF):
+                fresh.setsockopt(option, old.getsockopt(option))
+            old.close(linger=0)
+            deadline = time.monotonic() + REBIND_TIMEOUT_S
+            while True:  # an ipc path binds at once; a TCP port is free once ZMQ closed the old socket
+                try:
+                    fresh.bind(endpoint)
+                    break
+                except zmq.ZMQError as exc:
+                    if exc.errno != zmq.EADDRINUSE or time.monotonic() >= deadline:
+                        raise
+                    time.sleep(0.01)
+            self.socket = fresh
+            self._flush()
+
     def discard(self) -> int:
         """Drop what waits (its replica is gone) and everything sent from now on."""
         with self.lock:
@@ -84,6 +120,19 @@ def install(controller) -> None:
                     outbox.flush()
 
     threading.Thread(target=flusher, name="ft-replica-outbox", daemon=True).start()
+
+
+def renew_on_request(controller, message) -> bool:
+    """SGLang's DP controller hands messages of no type it knows to `send_control_message`; the journal's
+    `RenewReplicaSocket` is handled here instead (True), everything else goes on to SGLang."""
+    if not isinstance(message, RenewReplicaSocket):
+        return False
+    outbox = controller.workers[message.dp_rank]
+    if isinstance(outbox, ReplicaOutbox):
+        outbox.renew()
+        logger.warning("sglang-ft: replica %d has a new rank 0: its socket renewed, old connections dropped",
+                       message.dp_rank)
+    return True
 
 
 def drop_inactive(controller) -> None:

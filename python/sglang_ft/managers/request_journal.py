@@ -142,12 +142,18 @@ class RequestJournal:
     async def switch_rank0(self, epoch: int = 0, replica: int = 0) -> int:
         """A new rank 0 was elected: a fresh socket to the schedulers, then every unfinished request re-sent on it
         and the output counts (sends wait in it until the new rank 0 has connected). Runs on the tokenizer
-        manager's event loop. Under --dp-size the tokenizer manager's socket goes to SGLang's DP controller, not to
-        a rank 0, so only the requests of that replica are re-sent."""
+        manager's event loop. Under --dp-size the tokenizer manager's socket goes to SGLang's DP controller, which
+        renews its socket to that replica instead, and only the requests of that replica are re-sent."""
         manager = self.tokenizer_manager
-        if self.router is not None or getattr(manager, "tokenizer_ipc_name", None) is not None:
-            # several replicas, or several tokenizers (theirs is a connect): no socket of ours to renew
+        if self.router is not None:  # the replica's socket is the DP controller's: it renews it (replica_outbox.py)
+            from sglang.srt.managers.io_struct import wrap_as_pickle
+
+            from sglang_ft.managers.replica_outbox import RenewReplicaSocket
+
+            manager._dispatch_to_scheduler(wrap_as_pickle(RenewReplicaSocket(replica)))
             return await self.resend_and_count(epoch, replica)
+        if getattr(manager, "tokenizer_ipc_name", None) is not None:  # several tokenizers: theirs is a connect
+            return await self.resend_and_count(epoch)
         old = manager.send_to_scheduler
         endpoint = old.getsockopt(zmq.LAST_ENDPOINT).decode()
         fresh = old.context.socket(zmq.PUSH)
