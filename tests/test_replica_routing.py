@@ -65,7 +65,7 @@ def test_refresh_releases_finished_requests_and_counts_what_is_left():
     router.route("b", [1] * 10, tokens=40)
     states = {"a": SimpleNamespace(finished=False, output_ids=[0] * 25), "b": SimpleNamespace(finished=True,
                                                                                               output_ids=[])}
-    router.refresh(states)
+    router.refresh(states, force=True)
     assert router.replica_of("b") is None
     assert router.router.load() == {0: 15, 1: 0}
 
@@ -79,7 +79,7 @@ def test_a_lost_replicas_requests_move_to_the_others_and_new_ones_route_around_i
     assert set(moved) == on_lost and set(moved.values()) <= {0, 2}
     assert all(router.route(f"n{i}", [i], tokens=10) != 1 for i in range(5))
     assert router.lose(1) == {}  # reported again: nothing more to move
-    assert router.status()["lost"] == [1] and router.status()["moved_requests"] == len(on_lost)
+    assert router.status()["lost"] == [1]
 
 
 class RecordingTokenizerManager:
@@ -134,6 +134,7 @@ def test_the_journal_routes_every_request_and_moves_a_lost_replicas_unfinished_o
     for resume in resumes:  # each request's output arrives right before it
         assert manager.dispatched[manager.dispatched.index(resume) + 1].rid == resume.rid
     assert journal.router.tokens_recomputed == 8 * len(unfinished) + 3  # prompts, and the output received
+    assert journal.router.status()["moved_requests"] == len(unfinished)
     fresh = tokenized("new", [1] * 8)
     manager.rid_to_state["new"] = SimpleNamespace(finished=False, output_ids=[])
     journal.record(manager, fresh)

@@ -15,12 +15,14 @@ others (`lose`).
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 
 from ft.remainder_routing import RemainderRouter
 
 PREFIX_BLOCK = 16  # tokens per prefix-tree node: SGLang's radix cache matches any length, this approximates it
 PREFIX_CAPACITY = 1 << 16  # prefix blocks remembered (least recently routed forgotten first)
+REFRESH_EVERY_S = 0.01  # loads are re-read from the request states at most this often (a burst adds its own)
 
 
 class PrefixIndex:
@@ -66,9 +68,10 @@ class ReplicaRouter:
         self.router = RemainderRouter(tuple(range(replicas)), policy)
         self.prefixes = PrefixIndex()
         self.lost: set[int] = set()
-        self.moved_total = 0
+        self.moved_total = 0  # requests moved off a lost replica (counted by the journal as it sends them)
         self.tokens_recomputed = 0  # prompt and output tokens of moved requests, prefilled again on their new replica
         self.total_of: dict[str, int] = {}  # rid -> prompt plus max new tokens
+        self.refreshed_at = float("-inf")
 
     def route(self, rid: str, ids, tokens: int, wanted: int | None = None) -> int:
         """The replica for request `rid` (`ids` its prompt, `tokens` the work it owes); `wanted` is the client's own
@@ -87,9 +90,14 @@ class ReplicaRouter:
     def replica_of(self, rid: str) -> int | None:
         return self.router.owner_of.get(rid)
 
-    def refresh(self, states: dict) -> None:
+    def refresh(self, states: dict, force: bool = False) -> None:
         """Bring loads up to date from the tokenizer manager's request states (rid -> state with `finished` and the
-        `output_ids` received): finished or forgotten requests leave, the others owe what they have not produced."""
+        `output_ids` received): finished or forgotten requests leave, the others owe what they have not produced.
+        At most every REFRESH_EVERY_S unless forced: a burst of arrivals would otherwise re-read every state each."""
+        now = time.monotonic()
+        if not force and now - self.refreshed_at < REFRESH_EVERY_S:
+            return
+        self.refreshed_at = now
         for rid in list(self.router.owner_of):
             state = states.get(rid)
             if state is None or state.finished:
@@ -108,9 +116,7 @@ class ReplicaRouter:
         live = tuple(r for r in self.router.workers if r != replica)
         if not live:
             return {}
-        moved = self.router.regroup(live)
-        self.moved_total += len(moved)
-        return moved
+        return self.router.regroup(live)
 
     def live_mask(self) -> list[bool]:
         """Per replica, whether it still serves (SGLang's `ActiveRanksOutput.status`)."""

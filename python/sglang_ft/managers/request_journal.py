@@ -115,7 +115,7 @@ class RequestJournal:
 
         self.prune()
         states = self.tokenizer_manager.rid_to_state
-        self.router.refresh(states)
+        self.router.refresh(states, force=True)
         moved = self.router.lose(replica)
         # SGLang's DP controller stops sending to it (replica_outbox.py), broadcasts included
         self.tokenizer_manager._dispatch_to_scheduler(ActiveRanksOutput(status=self.router.live_mask()))
@@ -130,6 +130,7 @@ class RequestJournal:
                                                                                       target)))
             self.tokenizer_manager._dispatch_to_scheduler(obj)
             self.router.tokens_recomputed += len(getattr(obj, "input_ids", None) or ()) + len(state.output_ids)
+            self.router.moved_total += 1
             sent += 1
         left = [r for r, live in enumerate(self.router.live_mask()) if live]
         if left:
