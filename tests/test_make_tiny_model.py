@@ -102,3 +102,16 @@ def test_moe_flags_are_checked(tmp_path, capsys, argv, message):
     with pytest.raises(SystemExit):
         make_tiny_model.main([str(tmp_path), *argv])
     assert message in capsys.readouterr().err
+
+
+def test_the_reference_cuts_a_shorter_greedy_run_from_a_longer_one(tiny_model):
+    """hf_reference answers a shorter request from the longest continuation it computed for the prompt, and that
+    is the same as computing it afresh (greedy without an end token is a prefix of itself)."""
+    from sglang_ft.tools import hf_reference
+
+    prompts = ["a reference prompt", "another one"]
+    longer = hf_reference.greedy_token_ids(tiny_model, prompts, 12)
+    shorter = hf_reference.greedy_token_ids(tiny_model, prompts, 5)
+    assert shorter == [ids[:5] for ids in longer] and all(len(ids) == 12 for ids in longer)
+    hf_reference._longest.clear()
+    assert hf_reference.greedy_token_ids(tiny_model, prompts, 5) == shorter

@@ -16,18 +16,28 @@ def _load(model_path: str):
     return tokenizer, model
 
 
+_longest: dict[tuple[str, str], list[int]] = {}  # (model, prompt) -> the longest continuation computed so far
+
+
 def greedy_token_ids(model_path: str, prompts: list[str], max_new_tokens: int) -> list[list[int]]:
-    """The new token ids of float32 greedy decoding for each prompt, one prompt at a time (no padding effects)."""
+    """The new token ids of float32 greedy decoding for each prompt, one prompt at a time (no padding effects).
+    Greedy decoding without an end token is a prefix of itself at any length, so a shorter request is cut from the
+    longest continuation already computed for that prompt in this process."""
+    return [_greedy(model_path, prompt, max_new_tokens) for prompt in prompts]
+
+
+def _greedy(model_path: str, prompt: str, max_new_tokens: int) -> list[int]:
     import torch
 
+    known = _longest.get((model_path, prompt), [])
+    if len(known) >= max_new_tokens:
+        return known[:max_new_tokens]
     tokenizer, model = _load(model_path)
-    outputs = []
     with torch.no_grad():
-        for prompt in prompts:
-            ids = tokenizer(prompt, return_tensors="pt").input_ids
-            out = model.generate(
-                ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-            outputs.append(out[0, ids.shape[1] :].tolist())
-    return outputs
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+        out = model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    _longest[(model_path, prompt)] = out[0, ids.shape[1]:].tolist()
+    return _longest[(model_path, prompt)]

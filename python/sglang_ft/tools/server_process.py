@@ -92,7 +92,7 @@ class ServerProcess:
                     return
             except requests.RequestException:
                 pass
-            time.sleep(1.0)
+            time.sleep(0.25)
         raise TimeoutError(f"server not healthy after {timeout_s:.0f}s; log:\n{self.log_tail()}")
 
     def log_text(self) -> str:
