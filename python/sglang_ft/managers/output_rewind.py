@@ -104,10 +104,13 @@ def apply_received_tokens(scheduler, finished: FinishedRequests, message: Receiv
     return rewound, restreamed
 
 
+def split_messages(messages, kind: type) -> tuple[list, list]:
+    """Separate the journal's messages of type `kind` from the rest (SGLang's dispatcher must see its own alone)."""
+    return [m for m in messages if isinstance(m, kind)], [m for m in messages if not isinstance(m, kind)]
+
+
 def split_received_tokens(messages) -> tuple[list[ReceivedTokens], list]:
-    """Separate the journal's `ReceivedTokens` from SGLang's own messages (which SGLang's dispatcher must see alone)."""
-    ours = [m for m in messages if isinstance(m, ReceivedTokens)]
-    return ours, [m for m in messages if not isinstance(m, ReceivedTokens)]
+    return split_messages(messages, ReceivedTokens)
 
 
 class ReceivedTokensWait:

@@ -26,9 +26,9 @@ class ResumeTokens:
 
 
 def split_resume_tokens(messages) -> tuple[list[ResumeTokens], list]:
-    """Separate the journal's `ResumeTokens` from SGLang's own messages (which SGLang's dispatcher must see alone)."""
-    ours = [m for m in messages if isinstance(m, ResumeTokens)]
-    return ours, [m for m in messages if not isinstance(m, ResumeTokens)]
+    from sglang_ft.managers.output_rewind import split_messages
+
+    return split_messages(messages, ResumeTokens)
 
 
 def for_replica(messages, dp_rank: int):

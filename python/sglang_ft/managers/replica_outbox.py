@@ -24,9 +24,10 @@ from collections import deque
 
 import zmq
 
+from sglang_ft.managers.push_socket import bind_blocking, fresh_push_socket
+
 logger = logging.getLogger(__name__)
 FLUSH_EVERY_S = 0.005
-REBIND_TIMEOUT_S = 2.0
 
 
 @dataclasses.dataclass
@@ -74,22 +75,8 @@ class ReplicaOutbox:
         """A fresh socket at the same endpoint: every peer connected to the old one is dropped (a hung rank 0 with
         it); what waits here stays, for the new rank 0."""
         with self.lock:
-            old = self.socket
-            endpoint = old.getsockopt(zmq.LAST_ENDPOINT).decode()
-            fresh = old.context.socket(zmq.PUSH)
-            for option in (zmq.SNDHWM, zmq.SNDBUF):
-                fresh.setsockopt(option, old.getsockopt(option))
-            old.close(linger=0)
-            deadline = time.monotonic() + REBIND_TIMEOUT_S
-            while True:  # an ipc path binds at once; a TCP port is free once ZMQ closed the old socket
-                try:
-                    fresh.bind(endpoint)
-                    break
-                except zmq.ZMQError as exc:
-                    if exc.errno != zmq.EADDRINUSE or time.monotonic() >= deadline:
-                        raise
-                    time.sleep(0.01)
-            self.socket = fresh
+            self.socket, endpoint = fresh_push_socket(self.socket)
+            bind_blocking(self.socket, endpoint)
             self._flush()
 
     def discard(self) -> int:

@@ -29,6 +29,7 @@ import zmq
 
 from ft.messages import GroupLost, Regroup, decode
 from sglang_ft.managers.output_rewind import ReceivedTokens
+from sglang_ft.managers.push_socket import fresh_push_socket, try_bind
 from sglang_ft.managers.replica_move import ResumeTokens
 from sglang_ft.managers.replica_router import ReplicaRouter
 
@@ -155,13 +156,8 @@ class RequestJournal:
             return await self.resend_and_count(epoch, replica)
         if getattr(manager, "tokenizer_ipc_name", None) is not None:  # several tokenizers: theirs is a connect
             return await self.resend_and_count(epoch)
-        old = manager.send_to_scheduler
-        endpoint = old.getsockopt(zmq.LAST_ENDPOINT).decode()
-        fresh = old.context.socket(zmq.PUSH)
-        for option in (zmq.SNDHWM, zmq.SNDBUF):
-            fresh.setsockopt(option, old.getsockopt(option))
+        fresh, endpoint = fresh_push_socket(manager.send_to_scheduler)
         manager.send_to_scheduler = fresh  # from here on nothing is queued for the old rank 0
-        old.close(linger=0)
         resent = await self.resend_and_count(epoch)
         await bind_when_free(fresh, endpoint)
         logger.warning("sglang-ft: the tokenizer manager's socket to the new TP rank 0 is open at %s", endpoint)
@@ -199,19 +195,13 @@ class RequestJournal:
 
 
 async def bind_when_free(socket, endpoint: str, timeout_s: float = 2.0) -> None:
-    """Bind `socket` where a just-closed socket was bound. A TCP port is free only once ZMQ closed the old socket in
-    the background, so EADDRINUSE is retried. An ipc path needs no wait: libzmq (4.3, what pyzmq >= 25 bundles)
-    unlinks a leftover file when binding and never unlinks a named ipc file on close (waiting for that cost every
-    rank-0 election 2 s)."""
+    """Bind `socket` where a just-closed socket was bound, retrying while the endpoint is taken (push_socket.py; an
+    ipc path needs no wait: waiting for its file to go cost every rank-0 election 2 s)."""
     deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            socket.bind(endpoint)
-            return
-        except zmq.ZMQError as exc:
-            if exc.errno != zmq.EADDRINUSE or time.monotonic() >= deadline:
-                raise
-            await asyncio.sleep(0.01)
+    while not try_bind(socket, endpoint):
+        if time.monotonic() >= deadline:
+            raise zmq.ZMQError(zmq.EADDRINUSE, f"{endpoint} still in use after {timeout_s} s")
+        await asyncio.sleep(0.01)
 
 
 JOURNAL = RequestJournal()
