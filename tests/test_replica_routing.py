@@ -279,3 +279,23 @@ def test_a_renewed_replica_socket_leaves_a_hung_rank0_out_and_the_new_one_gets_e
         controller.workers[0].socket.close(linger=0)
     finally:
         os.kill(stale.pid, signal.SIGKILL)
+
+
+def test_loads_are_re_read_at_most_every_refresh_interval_unless_forced(monkeypatch):
+    from sglang_ft.managers import replica_router
+
+    clock = [100.0]
+    monkeypatch.setattr(replica_router.time, "monotonic", lambda: clock[0])
+    router = ReplicaRouter(2, "load")
+    router.route("a", [1] * 10, tokens=40)
+    states = {"a": SimpleNamespace(finished=False, output_ids=[])}
+    router.refresh(states)
+    states["a"].output_ids = [0] * 30
+    router.refresh(states)  # within the interval: a burst of arrivals reads no state
+    assert router.router.load()[0] == 40
+    clock[0] += replica_router.REFRESH_EVERY_S
+    router.refresh(states)
+    assert router.router.load()[0] == 10
+    states["a"].finished = True
+    router.refresh(states, force=True)  # a move reads them at once
+    assert router.replica_of("a") is None
