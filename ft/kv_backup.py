@@ -82,7 +82,33 @@ class StoreStats(msgspec.Struct, tag=True, frozen=True):
     """Frames: [header]. Reply: JSON of the store's counters."""
 
 
-StoreMessage = KvWrite | KvDrop | KvFetch | KvFetched | StoreStats
+class ReqSlots(msgspec.Struct, tag=True, frozen=True):
+    """Frames: [header, slots int64]: from TP rank 0 after a step, request `rids[i]`'s positions `starts[i]`..
+    (`counts[i]` of them) are in the next `counts[i]` slots (ft.request_slots)."""
+
+    epoch: int
+    worker: int
+    seq: int
+    heads: Span
+    rids: tuple[str, ...]
+    starts: tuple[int, ...]
+    counts: tuple[int, ...]
+    sender: int = 0
+
+
+class SlotsOfRequests(msgspec.Struct, tag=True, frozen=True):
+    """Frames: [header]. Reply: [RequestSlotsFound, slots int64]: for each rid, the slots of its first positions
+    (up to `limits[i]`) whose rows the store holds for every head and layer."""
+
+    rids: tuple[str, ...]
+    limits: tuple[int, ...]
+
+
+class RequestSlotsFound(msgspec.Struct, tag=True, frozen=True):
+    counts: tuple[int, ...]
+
+
+StoreMessage = KvWrite | KvDrop | KvFetch | KvFetched | StoreStats | ReqSlots | SlotsOfRequests | RequestSlotsFound
 encode, decode = msgpack_codec(StoreMessage)
 
 
@@ -124,6 +150,12 @@ class KvBackupSender:
         """Tell the store `slots` were freed (their rows for this worker's heads, or `heads`, are stale now)."""
         return self._send([encode(KvDrop(self.epoch, self.worker, self.seq, heads or self.heads, self.sender)),
                            _int64(slots)])
+
+    def request_slots(self, rids, starts, counts, slots) -> bool:
+        """Tell the store which slots hold these requests' positions (see `ReqSlots`)."""
+        header = ReqSlots(self.epoch, self.worker, self.seq, self.heads, tuple(rids), tuple(starts), tuple(counts),
+                          self.sender)
+        return self._send([encode(header), _int64(slots)])
 
     def _send(self, frames) -> bool:
         self.seq += 1  # consumed even when dropped: the store sees the gap
@@ -198,6 +230,28 @@ def fetch_kv(endpoint: str, epoch: int, heads: Span, slots: np.ndarray, timeout_
     dtype = raw_dtype(g.itemsize)
     return (np.frombuffer(k, dtype=dtype).reshape(shape), np.frombuffer(v, dtype=dtype).reshape(shape),
             np.frombuffer(found, dtype=bool))
+
+
+def slots_of_requests(endpoint: str, limits: dict[str, int], timeout_s: float = 2.0) -> dict[str, np.ndarray]:
+    """Per rid, the slots of its first positions (at most `limits[rid]`) whose KV the store holds whole; an empty
+    dict when the store does not answer."""
+    rids = tuple(limits)
+    socket = zmq.Context.instance().socket(zmq.REQ)
+    socket.setsockopt(zmq.LINGER, 0)
+    try:
+        socket.connect(endpoint)
+        socket.send_multipart([encode(SlotsOfRequests(rids, tuple(limits[r] for r in rids)))])
+        if not socket.poll(int(timeout_s * 1e3)):
+            return {}
+        header, slots = socket.recv_multipart()
+    finally:
+        socket.close()
+    reply = decode(header)
+    if not isinstance(reply, RequestSlotsFound) or len(reply.counts) != len(rids):
+        return {}
+    slots = np.frombuffer(slots, dtype=np.int64)
+    bounds = np.cumsum((0, *reply.counts))
+    return {rid: slots[bounds[i] : bounds[i + 1]] for i, rid in enumerate(rids)}
 
 
 def store_stats(endpoint: str, timeout_s: float = 0.5) -> dict | None:

@@ -15,6 +15,10 @@ requests), and refusing those would invalidate all its heads. (Such a write coul
 after its slot was freed, reused and written again by another member, i.e. delayed in the sender's ZMQ I/O
 thread across a whole regroup and a new request's prefill.)
 
+It also keeps which slots hold each running request's tokens, as the group's TP rank 0 reports them after each
+step (`ft.request_slots`): a data-parallel replica that loses every worker is gone with its schedulers, and this
+map is what lets another replica take over its requests' KV rather than prefill them again.
+
 Run: `python -m ft.kv_store --push ipc://... --fetch ipc://... --parent-pid N` (the FT controller does).
 """
 
@@ -37,12 +41,16 @@ from ft.kv_backup import (
     KvFetch,
     KvFetched,
     KvWrite,
+    ReqSlots,
+    RequestSlotsFound,
+    SlotsOfRequests,
     StoreStats,
     decode,
     encode,
     raw_dtype,
 )
 from ft.process_watch import ProcessWatch
+from ft.request_slots import RequestSlotMap
 
 logger = logging.getLogger("sglang_ft.kv_store")
 
@@ -58,8 +66,10 @@ class KvStore:
         self.next_seq: dict[tuple[int, int], int] = {}  # (worker, sending process) -> next sequence number
         self.spans_sent: dict[tuple[int, int], set[tuple[int, int]]] = {}  # (worker, sending process) -> heads
         self.started = time.monotonic()
+        self.requests = RequestSlotMap()  # which slots hold each request's tokens (moving it to another group)
+        self.generation = None  # per slot: how many times it was dropped (a map naming it is stale after one)
         self.counters = dict(writes=0, drops=0, fetches=0, rows_fetched=0, rows_missing=0, stale_refused=0,
-                             sequence_gaps=0, malformed=0, bytes_received=0)
+                             sequence_gaps=0, malformed=0, bytes_received=0, request_maps=0, request_queries=0)
 
     def apply(self, frames: list[bytes]) -> None:
         """Apply one message from a worker's stream; anything malformed is counted and ignored."""
@@ -70,6 +80,8 @@ class KvStore:
                 self._write(header, *frames[1:])
             elif isinstance(header, KvDrop) and len(frames) == 2:
                 self._drop(header, frames[1])
+            elif isinstance(header, ReqSlots) and len(frames) == 2:
+                self._record_requests(header, frames[1])
             else:
                 self.counters["malformed"] += 1
         except (ValueError, IndexError):
@@ -122,8 +134,36 @@ class KvStore:
         if not self._accept(header.epoch, header.worker, header.seq, header.heads, header.sender) or self.valid is None:
             return
         h0, h1 = header.heads
-        self.valid[:, h0:h1, self._slots(slots_raw)] = False
+        slots = self._slots(slots_raw)
+        self.valid[:, h0:h1, slots] = False
+        self.generation[slots] += 1
         self.counters["drops"] += 1
+
+    def _record_requests(self, header: ReqSlots, slots_raw: bytes) -> None:
+        if not self._accept(header.epoch, header.worker, header.seq, header.heads, header.sender) \
+                or self.geometry is None:
+            return
+        slots = self._slots(slots_raw)
+        if not len(header.rids) == len(header.starts) == len(header.counts) or sum(header.counts) != len(slots) \
+                or min(header.starts, default=0) < 0 or min(header.counts, default=0) < 0:
+            raise ValueError("request map does not match its slots")
+        offset = 0
+        for rid, start, count in zip(header.rids, header.starts, header.counts):
+            self.requests.record(rid, start, slots[offset : offset + count], self.generation)
+            offset += count
+        self.counters["request_maps"] += 1
+
+    def request_slots(self, query: SlotsOfRequests) -> list[bytes]:
+        """Reply frames: per rid, the slots of its first positions whose rows the store holds for every head."""
+        self.counters["request_queries"] += 1
+        if self.geometry is not None and len(query.rids) == len(query.limits):
+            whole = self.valid.all(axis=(0, 1))
+            found = [self.requests.trusted_prefix(rid, max(0, limit), self.generation, whole)
+                     for rid, limit in zip(query.rids, query.limits)]
+        else:
+            found = [np.empty(0, dtype=np.int64) for _ in query.rids]
+        return [encode(RequestSlotsFound(tuple(len(f) for f in found))),
+                np.concatenate(found) if found else np.empty(0, dtype=np.int64)]
 
     def _allocate(self, g: Geometry) -> None:
         if min(g.num_layers, g.num_kv_heads, g.head_dim, g.slots) <= 0:
@@ -136,6 +176,7 @@ class KvStore:
         self.k = np.zeros((g.num_layers, g.num_kv_heads, g.slots, g.head_dim), dtype=dtype)
         self.v = np.zeros_like(self.k)
         self.valid = np.zeros((g.num_layers, g.num_kv_heads, g.slots), dtype=bool)
+        self.generation = np.zeros(g.slots, dtype=np.int64)
         logger.info("kv store: holding %d layers x %d KV heads x %d slots (%.1f MiB)", g.num_layers,
                     g.num_kv_heads, g.slots, 2 * self.k.nbytes / 2**20)
 
@@ -163,6 +204,7 @@ class KvStore:
         return {
             **self.counters,
             "epoch": self.epoch,
+            "requests_mapped": len(self.requests),
             "blocks_held": -(-held // BLOCK_TOKENS),
             "bytes_held": 0 if g is None else held * 2 * g.num_layers * g.head_dim * g.itemsize,
             "uptime_s": round(time.monotonic() - self.started, 1),
@@ -197,6 +239,8 @@ def serve(push_endpoint: str, fetch_endpoint: str, parent_pid: int) -> None:
                 except ValueError as exc:
                     rep.send_multipart([encode(KvFetched(0, None)), b"", b"", b""])
                     logger.warning("kv store: bad fetch: %s", exc)
+            elif isinstance(request, SlotsOfRequests) and len(frames) == 1:
+                rep.send_multipart(store.request_slots(request))
             elif isinstance(request, StoreStats):
                 rep.send(msgspec.json.encode(store.stats()))
             else:

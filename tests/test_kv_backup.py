@@ -7,7 +7,8 @@ import time
 import numpy as np
 import pytest
 
-from ft.kv_backup import Geometry, KvBackupSender, KvDrop, KvFetch, KvWrite, decode, encode, fetch_kv, store_stats
+from ft.kv_backup import (Geometry, KvBackupSender, KvDrop, KvFetch, KvWrite, ReqSlots, SlotsOfRequests, decode,
+                          encode, fetch_kv, slots_of_requests, store_stats)
 from ft.kv_store import KvStore, serve
 from ft.messages import decode as decode_message
 
@@ -205,6 +206,54 @@ def test_heartbeats_carry_the_backup_counters_and_an_older_beat_still_decodes(tm
     assert decode_message(older) == Heartbeat(1, 2, 0, 5, (7, 1, 4096), kv_backup_queued=0)
 
 
+def map_requests(store, seq, rows_by_rid: dict, starts: dict | None = None, worker=0):
+    starts = starts or {}
+    header = ReqSlots(0, worker, seq, (0, 2), tuple(rows_by_rid), tuple(starts.get(r, 0) for r in rows_by_rid),
+                      tuple(len(s) for s in rows_by_rid.values()))
+    store.apply([encode(header), np.concatenate([np.asarray(s, dtype=np.int64) for s in rows_by_rid.values()])
+                 .tobytes()])
+
+
+def slots_of(store, limits: dict) -> dict:
+    header, slots = store.request_slots(SlotsOfRequests(tuple(limits), tuple(limits.values())))
+    counts, slots = decode(header).counts, np.frombuffer(slots, dtype=np.int64)
+    bounds = np.cumsum((0, *counts))
+    return {rid: slots[bounds[i]:bounds[i + 1]].tolist() for i, rid in enumerate(limits)}
+
+
+def test_the_store_knows_each_requests_slots_while_their_rows_are_whole():
+    """Rank 0 maps each request's positions to slots (a prefill's whole row, then one slot per decode); the store
+    answers with the slots of the first positions whose rows it holds for every head, up to a limit."""
+    store = KvStore()
+    fill(store, 0, (0, 2), [3, 4, 5, 6, 9], seed=1)
+    fill(store, 1, (2, 4), [3, 4, 5, 6], seed=2)  # slot 9 only half written: a step torn by the failure
+    map_requests(store, 2, {"a": [3, 4, 5], "b": [3, 4]})  # b shares a's first two slots (a cached prefix)
+    map_requests(store, 3, {"a": [6], "b": [9]}, starts={"a": 3, "b": 2})  # a decode step
+    assert slots_of(store, {"a": 10, "b": 10, "c": 10}) == {"a": [3, 4, 5, 6], "b": [3, 4], "c": []}
+    assert slots_of(store, {"a": 2}) == {"a": [3, 4]}
+    assert store.stats()["requests_mapped"] == 2 and store.counters["sequence_gaps"] == 0
+
+
+def test_a_slot_dropped_since_it_was_mapped_is_not_trusted_even_once_rewritten():
+    """A request retracted and its slot handed to another request: the old map must not name the new KV."""
+    store = KvStore()
+    fill(store, 0, (0, 4), [3, 4, 5], seed=1)
+    map_requests(store, 2, {"a": [3, 4, 5]})
+    store.apply([encode(KvDrop(0, 0, 3, (0, 4))), np.array([4], dtype=np.int64).tobytes()])
+    fill(store, 0, (0, 4), [4], seed=5, seq0=4)  # slot 4 reused and written again
+    assert slots_of(store, {"a": 3}) == {"a": [3]}
+    map_requests(store, 6, {"a": [3, 4, 5]})  # the request prefilled again: its new row is mapped afresh
+    assert slots_of(store, {"a": 3}) == {"a": [3, 4, 5]}
+
+
+def test_a_request_map_that_does_not_match_its_slots_is_refused():
+    store = KvStore()
+    fill(store, 0, (0, 4), [3], seed=1)
+    header = ReqSlots(0, 0, 2, (0, 4), ("a",), (0,), (2,))
+    store.apply([encode(header), np.array([3], dtype=np.int64).tobytes()])
+    assert store.counters["malformed"] == 1 and slots_of(store, {"a": 5}) == {"a": []}
+
+
 def test_store_process_loop_applies_streamed_writes_before_answering_a_fetch(tmp_path):
     push, rep = f"ipc://{tmp_path}/push", f"ipc://{tmp_path}/fetch"
     threading.Thread(target=serve, args=(push, rep, os.getpid()), daemon=True).start()
@@ -218,7 +267,15 @@ def test_store_process_loop_applies_streamed_writes_before_answering_a_fetch(tmp
     assert np.array_equal(k[1, 1], written[1][0][0]) and np.array_equal(v[0, 0], written[0][1][1])
     stats = store_stats(rep)
     assert stats["writes"] == 2 and stats["epoch"] == 1 and stats["blocks_held"] == 1
+    whole = KvBackupSender(push, worker=4)  # every head of slot 6, none of slot 2's heads 0 and 3
+    whole.geometry, whole.heads = G, (0, 4)
+    whole.epoch = sender.epoch = 1  # the fetch above moved the store to epoch 1
+    for layer in range(G.num_layers):
+        assert whole.write(layer, np.array([6]), rows(1, 4, layer), rows(1, 4, layer + 1))
+    assert sender.request_slots(["r"], [0], [2], np.array([6, 2]))
+    assert {rid: s.tolist() for rid, s in slots_of_requests(rep, {"r": 5, "x": 5}).items()} == {"r": [6], "x": []}
     sender.close()
+    whole.close()
 
 
 def test_keeper_reports_a_dead_store_as_degraded_and_respawns_it_when_asked(tmp_path):
