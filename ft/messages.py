@@ -69,7 +69,8 @@ class Regroup(msgspec.Struct, tag=True, frozen=True):
     `layout_json` is the controller's plan; the members plan again from what each of them actually holds (a
     regroup interrupted by another failure can leave them in different states) and report the layout they formed.
     `joining` are restarted workers that have no scheduler state yet; `pids[r]` is the process of `workers[r]` (0
-    where not known), so the backup store can tell a member's late writes from a fenced process's.
+    where not known), so the backup store can tell a member's late writes from a fenced process's. A store the
+    controller knows is down is not asked (`kv_store_alive`): the fetch would wait out its timeout first.
     """
 
     epoch: int
@@ -79,6 +80,7 @@ class Regroup(msgspec.Struct, tag=True, frozen=True):
     cause: str
     joining: tuple[int, ...] = ()
     pids: tuple[int, ...] = ()
+    kv_store_alive: bool = True  # False: the backup store is down, the lost heads' KV is recomputed without waiting
 
 
 class Respawn(msgspec.Struct, tag=True, frozen=True):

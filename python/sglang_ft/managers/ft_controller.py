@@ -288,7 +288,9 @@ class FtController:
             self.respawner.on_ready(worker)
             membership.workers[worker].last_beat = time.monotonic()  # watched like every member from now on
         pids = tuple(membership.workers[w].pid or 0 for w in workers)
-        order = Regroup(epoch, workers, plan.layout.to_json(), free_port(), cause, joining, pids)
+        store = self.state.kv_backup
+        order = Regroup(epoch, workers, plan.layout.to_json(), free_port(), cause, joining, pids,
+                        kv_store_alive=store is None or store.alive)
         self.layout = plan.layout  # until the members report the layout they formed
         self.pending = PendingRecovery(order, time.monotonic(), round(detect_ms, 1), plan.bytes_p2p,
                                        plan.bytes_reloaded, set(workers))

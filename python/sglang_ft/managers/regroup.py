@@ -197,7 +197,7 @@ def regroup_in_place(ft_worker, order: Regroup) -> RegroupDone:
     kv = None
     if kv_was_intact:
         kv = restore_kv(pool, scheduler.token_to_kv_pool_allocator, old_heads, new_heads, plan, me, order.epoch,
-                        ft_worker.ft.kv_fetch_endpoint if ft_worker.kv_stream is not None else None,
+                        ft_worker.ft.kv_fetch_endpoint if ft_worker.kv_stream and order.kv_store_alive else None,
                         tuple(zip(order.workers, order.pids)))
     else:  # an earlier attempt stopped half way through the KV: its contents cannot be trusted
         reshape_kv_heads(pool, new_heads[1] - new_heads[0])
@@ -234,7 +234,7 @@ def restore_remainder_kv(placement, ft_worker, order: Regroup) -> tuple[int, int
     from sglang_ft.mem_cache.kv_backup_stream import live_slots
     from sglang_ft.mem_cache.kv_reshape import fetch_rows
 
-    endpoint = ft_worker.ft.kv_fetch_endpoint if ft_worker.kv_stream is not None else None
+    endpoint = ft_worker.ft.kv_fetch_endpoint if ft_worker.kv_stream and order.kv_store_alive else None
     members = tuple(zip(order.workers, order.pids))
     fetch = lambda heads, slots: fetch_rows(endpoint, order.epoch, heads, slots, members,  # noqa: E731
                                             placement.pool.k.dtype)
