@@ -308,8 +308,10 @@ def test_status_under_dp_size_shows_each_replica_and_the_routing(capsys):
     one = {"epoch": 0, "tp_size": 2, "workers": [{"worker": 0, "rank": 0, "pid": 7, "state": "healthy"}],
            "recoveries": [], "serving": True}
     status = {"dp_size": 2, "replicas": [one, {**one, "epoch": 2, "serving": False}],
-              "routing": {"policy": "prefix_load", "live_replicas": [0], "lost": [1], "moved_requests": 3}}
+              "routing": {"policy": "prefix_load", "live_replicas": [0], "lost": [1], "moved_requests": 3,
+                          "moved_tokens_kv_taken_over": 57, "moved_tokens_recomputed": 4}}
     Console(width=160).print(ctl.render_status(status))
     out = capsys.readouterr().out
     assert "replica 0 (serving)" in out and "replica 1 (lost)" in out
-    assert re.search(r"routing prefix_load\s+live 0\s+lost 1\s+moved_requests 3", out)
+    assert re.search(r"routing prefix_load\s+live 0\s+lost 1\s+moved_requests 3\s+kv_taken_over 57\s+"
+                     r"recomputed 4", out)

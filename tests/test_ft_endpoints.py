@@ -1,12 +1,13 @@
-"""One real `--ft --dp-size 2 --tp-size 2` server (a Mistral config) without KV backup, behind an API key: two TP
-groups of two, each with its own FT controller, requests routed between them by sglang-ft (prefix- and load-aware,
+"""One real `--ft --dp-size 2 --tp-size 2` server (a Mistral config) behind an API key: two TP groups of two, each
+with its own FT controller and KV backup store, requests routed between them by sglang-ft (prefix- and load-aware,
 through SGLang's own `routed_dp_rank`).
 
 First the `/ft/*` endpoints on replica 0 (contract, API key), a step torn between its two ranks, and a worker hung
-mid-decode: detected in time, its lost heads' KV recomputed (replica 0 goes on at TP 1). Then the replicas: both
-serve, a shared prefix goes where it is cached, and killing both workers of replica 1 mid-decode loses no request:
-the journal moves its unfinished ones to replica 0, each going on from the tokens its client already has, and every
-output equals transformers. The tests run in file order, each from the state the last one left.
+mid-decode after replica 0's backup store was killed: detected in time, its lost heads' KV recomputed (replica 0 goes
+on at TP 1). Then the replicas: both serve, a shared prefix goes where it is cached, and killing both workers of
+replica 1 mid-decode loses no request: the journal moves its unfinished ones to replica 0, each going on from the
+tokens its client already has with its KV from replica 1's backup store, and every output equals transformers. The
+tests run in file order, each from the state the last one left.
 """
 
 import json
@@ -28,6 +29,7 @@ KEY = "test-key"
 TIMEOUT_MS = 1500
 NEW_TOKENS = 48
 AUTH = {"Authorization": f"Bearer {KEY}"}
+MOVED_PROMPT = "A request that moves to another replica keeps the cache it built on the first one"
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +39,7 @@ def server(servers, tiny_mistral):
     servers.close()  # degraded by its faults, and a replica lost at the end: never shared with the pool
     process = ServerProcess(tiny_mistral, tp_size=2, ft=True, extra_args=[
         "--dp-size", "2", "--ft-enable-fault-injection", "--api-key", KEY, "--ft-heartbeat-interval-ms", "100",
-        "--ft-heartbeat-timeout-ms", str(TIMEOUT_MS), "--ft-kv-backup", "off", "--ft-collective-timeout-s", "4"]).start()
+        "--ft-heartbeat-timeout-ms", str(TIMEOUT_MS), "--ft-collective-timeout-s", "4"]).start()
     yield process
     process.stop()
 
@@ -46,7 +48,7 @@ def server(servers, tiny_mistral):
 def expected(tiny_mistral):
     from sglang_ft.tools.hf_reference import greedy_token_ids
 
-    return greedy_token_ids(tiny_mistral, PROMPTS, NEW_TOKENS)
+    return greedy_token_ids(tiny_mistral, PROMPTS + [MOVED_PROMPT], NEW_TOKENS)
 
 
 def _get(server, path, key=KEY):
@@ -70,7 +72,7 @@ def replica0(server) -> dict:
 
 def test_both_replicas_serve_and_outputs_equal_transformers(server, expected):
     outputs = generate_concurrently(server.url, PROMPTS, NEW_TOKENS, api_key=KEY)
-    assert [o["output_ids"] for o in outputs] == expected
+    assert [o["output_ids"] for o in outputs] == expected[:-1]
     assert {o["meta_info"]["dp_rank"] for o in outputs} == {0, 1}
     assert "sglang-ft: TP rank" in server.log_text()  # served by the elastic model
     assert_ranks_read_only_their_slices(server.log_text(), 2)
@@ -117,9 +119,13 @@ def test_a_step_finished_on_one_rank_and_failed_on_the_other_is_finished_on_both
 
 def test_a_worker_hung_mid_decode_is_declared_dead_in_time_and_its_lost_kv_is_recomputed(server, tiny_mistral,
                                                                                            hf_outputs):
-    """No KV backup here: the survivor recomputes the KV of the heads it takes over, and every output still equals
+    """Replica 0's KV backup store is killed first (no --ft-respawn: backup degraded, serving goes on): the survivor
+    recomputes the KV of the heads it takes over without waiting on the dead store, and every output still equals
     transformers."""
-    assert replica0(server)["kv_backup"] == {"state": "off"}
+    store = replica0(server)["kv_backup"]
+    assert store["state"] == "healthy"
+    os.kill(store["pid"], signal.SIGKILL)
+    wait_for(lambda: replica0(server)["kv_backup"]["state"] == "degraded", what="the dead store reported")
     seen, detected = [], []
 
     def hang_and_watch():
@@ -146,6 +152,7 @@ def test_a_worker_hung_mid_decode_is_declared_dead_in_time_and_its_lost_kv_is_re
     recovery = wait_for(lambda: [r for r in replica0(server)["recoveries"]
                                  if "heartbeat timeout" in r["cause"]], what="the recovery")[0]
     assert recovery["kv_tokens_recomputed"] > 0 and recovery["kv_blocks_restored"] == 0
+    assert recovery["stage_ms"]["restore_kv"] < 5000  # the dead store is not asked (its fetch would wait 10 s)
     assert "tokens to recompute" in server.log_text()
 
 
@@ -165,13 +172,15 @@ def test_inject_fault_names_an_existing_replica(server):
 def test_killing_both_workers_of_a_replica_loses_no_request(server, expected):
     """Both workers of replica 1 SIGKILLed once a request streamed from it has 8 tokens; the other requests are
     in flight on both replicas. Every request completes equal to transformers (the streamed one with each token
-    once), replica 1's unfinished requests moved to replica 0, and replica 0 serves what comes next."""
+    once), replica 1's unfinished requests moved to replica 0, the streamed one with its KV from replica 1's
+    backup store (a prompt replica 0 never saw: only that KV can be its cache there), and replica 0 serves what
+    comes next."""
     pids = [w["pid"] for w in status(server)["replicas"][1]["workers"]]
     streamed: dict = {}
     decoding = threading.Event()
 
     def stream_from_replica_1():
-        body = {"text": PROMPTS[0], "sampling_params": {**GREEDY, "max_new_tokens": NEW_TOKENS}, "stream": True,
+        body = {"text": MOVED_PROMPT, "sampling_params": {**GREEDY, "max_new_tokens": NEW_TOKENS}, "stream": True,
                 "routed_dp_rank": 1}
         with requests.post(f"{server.url}/generate", json=body, headers=AUTH, stream=True, timeout=600) as response:
             for line in response.iter_lines():
@@ -192,17 +201,23 @@ def test_killing_both_workers_of_a_replica_loses_no_request(server, expected):
         os.kill(pid, signal.SIGKILL)
     stream.join(timeout=600)
     rest.join(timeout=600)
-    assert streamed["output_ids"] == expected[0]
-    assert [o["output_ids"] for o in others] == expected[1:]
+    assert streamed["output_ids"] == expected[-1]
+    assert [o["output_ids"] for o in others] == expected[1:-1]
     routing = status(server)["routing"]
     assert routing["lost"] == [1] and routing["moved_requests"] >= 1
-    assert routing["moved_tokens_recomputed"] > 0  # their KV is prefilled again, not taken from the backup store
+    # the streamed request went on from the tokens its client had, with the KV of all but the newest of them
+    prompt = streamed["meta_info"]["prompt_tokens"]
+    moved = re.search(rf"request {streamed['meta_info']['id']} moved here from a lost replica, going on after its "
+                      r"(\d+) output tokens \(KV of (\d+) tokens taken over, 1 to compute\)", server.log_text())
+    assert moved, "the streamed request did not take its KV over"
+    delivered, taken = int(moved[1]), int(moved[2])
+    assert delivered >= 8 and taken == prompt + delivered - 1
+    assert streamed["meta_info"]["cached_tokens"] >= taken  # SGLang's own prefix match found that KV
+    assert routing["moved_tokens_kv_taken_over"] >= taken
     state = status(server)
     assert not state["replicas"][1]["serving"] and state["replicas"][0]["serving"]
-    # the streamed request went on from the tokens its client had
-    assert re.search(r"moved here from a lost replica, going on after its [1-9]\d* output tokens", server.log_text())
     after = generate_concurrently(server.url, PROMPTS, NEW_TOKENS, api_key=KEY)
-    assert [o["output_ids"] for o in after] == expected
+    assert [o["output_ids"] for o in after] == expected[:-1]
     assert {o["meta_info"]["dp_rank"] for o in after} == {0}
     wait_for(lambda: _get(server, "/health_generate").status_code == 200, 60,
              "the server healthy after losing a replica")

@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 from types import SimpleNamespace
 
+import pytest
+
 from test_output_rewind import decode, make_req
 
 from sglang_ft.managers.output_rewind import ReceivedTokens
@@ -133,7 +135,8 @@ def test_the_journal_routes_every_request_and_moves_a_lost_replicas_unfinished_o
     assert [(m.rid, m.output_ids, m.dp_rank) for m in resumes if m.output_ids] == [(on_1[0], [41, 42, 43], 0)]
     for resume in resumes:  # each request's output arrives right before it
         assert manager.dispatched[manager.dispatched.index(resume) + 1].rid == resume.rid
-    assert journal.router.tokens_recomputed == 8 * len(unfinished) + 3  # prompts, and the output received
+    # no backup store: the prompts' KV and the output's but the newest token's (the next step's) computed again
+    assert journal.router.tokens_recomputed == 7 * len(unfinished) + 3
     assert journal.router.status()["moved_requests"] == len(unfinished)
     fresh = tokenized("new", [1] * 8)
     manager.rid_to_state["new"] = SimpleNamespace(finished=False, output_ids=[])
@@ -178,7 +181,7 @@ def test_a_moved_request_streams_on_after_what_its_client_has():
 def test_adopt_queued_finds_the_request_sglang_just_queued():
     queued = [make_req("x"), make_req("y")]
     scheduler = SimpleNamespace(waiting_queue=queued)
-    resumes = {"y": [21, 22]}
+    resumes = {"y": ResumeTokens("y", [21, 22], 0)}
     assert adopt_queued(scheduler, resumes, "y") and list(queued[1].output_ids) == [21, 22] and resumes == {}
     assert not adopt_queued(scheduler, resumes, "x") and list(queued[0].output_ids) == []
 
@@ -299,3 +302,75 @@ def test_loads_are_re_read_at_most_every_refresh_interval_unless_forced(monkeypa
     states["a"].finished = True
     router.refresh(states, force=True)  # a move reads them at once
     assert router.replica_of("a") is None
+
+
+@pytest.mark.parametrize("tree", ["unified", "radix"])
+def test_a_moved_request_takes_its_kv_from_the_lost_replicas_store(tree, tmp_path, monkeypatch):
+    """On SGLang's own radix caches (the unified tree a server uses, and the plain one) and allocator: the lost
+    replica's store holds the request's KV (every head) in its old slots; the new replica's rank (heads 1..3 of 4)
+    gets fresh slots for the tokens it does not cache yet, its heads' rows in them, and prompt plus output in its
+    radix cache, so SGLang's prefix match finds them all, and the prefix it already cached keeps its slots (the
+    unified tree's insert frees a key's duplicate slots unless told they are its own). Rows missing in the store:
+    nothing is kept, nothing leaks, the request is prefilled as any."""
+    import os
+    import threading
+    from array import array
+
+    import numpy as np
+    import torch
+    from sglang.srt.mem_cache.base_prefix_cache import MatchPrefixParams
+    from sglang.srt.mem_cache.radix_cache import RadixKey
+    from test_kv_backup import G
+    from test_scheduler_sync import cache, make_rank, request, slots_of
+
+    from ft.kv_backup import KvBackupSender
+    from ft.kv_store import serve
+    from sglang_ft.managers import regroup, replica_kv
+
+    push, fetch = f"ipc://{tmp_path}/push", f"ipc://{tmp_path}/fetch"
+    threading.Thread(target=serve, args=(push, fetch, os.getpid()), daemon=True).start()
+    lost = KvBackupSender(push, worker=0)  # the lost replica's rank 0, holding every head
+    lost.geometry, lost.heads = G, (0, 4)
+    old_slots = np.array([11, 12, 13, 14, 15])
+    k = torch.randn(G.num_layers, len(old_slots), 4, G.head_dim)
+    v = torch.randn(G.num_layers, len(old_slots), 4, G.head_dim)
+    for layer in range(G.num_layers):
+        lost.write(layer, old_slots, k[layer].numpy().view(np.uint32), v[layer].numpy().view(np.uint32))
+
+    rank = make_rank()
+    if tree == "unified":
+        from sglang.srt.mem_cache.cache_init_params import CacheInitParams
+        from sglang.srt.mem_cache.unified_cache.components import ComponentType
+        from sglang.srt.mem_cache.unified_radix_cache import UnifiedRadixCache
+
+        rank.tree_cache = UnifiedRadixCache(CacheInitParams(
+            disable=False, req_to_token_pool=None, token_to_kv_pool_allocator=rank.token_to_kv_pool_allocator,
+            page_size=1, tree_components=(ComponentType.FULL,)))
+    cache(rank, [1, 2])  # the prompt's first tokens are cached here already
+    cached = slots_of(rank, [1, 2])
+    pool = SimpleNamespace(k_buffer=[torch.zeros(65, 2, G.head_dim) for _ in range(G.num_layers)],
+                           v_buffer=[torch.zeros(65, 2, G.head_dim) for _ in range(G.num_layers)], start_layer=0)
+    rank.tp_worker = SimpleNamespace(model_runner=SimpleNamespace(
+        token_to_kv_pool=pool, model=SimpleNamespace(shard=SimpleNamespace(kv_heads=(1, 3)))))
+    rank.tp_cpu_group = None
+    monkeypatch.setattr(regroup, "any_rank", lambda flag, group: flag)  # one rank: its own answer
+    moved = request("m", [1, 2, 3, 4], [])
+    adopt(moved, [10, 11])  # the newest output (11) has no KV yet: prompt and 10 do
+
+    free = rank.token_to_kv_pool_allocator.available_size()
+    assert replica_kv.take_over_kv(rank, moved, fetch, old_slots.tolist()) == 5
+    slots = slots_of(rank, [1, 2, 3, 4, 10, 11])
+    assert len(slots) == 5 and slots[:2] == cached and rank.token_to_kv_pool_allocator.available_size() == free - 3
+    for position in range(2, 5):  # fetched rows: this rank's heads of the old slots
+        for layer in range(G.num_layers):
+            assert torch.equal(pool.k_buffer[layer][slots[position]], k[layer, position, 1:3])
+            assert torch.equal(pool.v_buffer[layer][slots[position]], v[layer, position, 1:3])
+    match = rank.tree_cache.match_prefix(MatchPrefixParams(key=RadixKey(array("q", [1, 2, 3, 4, 10, 11]))))
+    assert match.device_prefix_len == 5  # SGLang's own match: the prefill computes only token 11
+
+    other = request("o", [7, 8, 9], [])
+    adopt(other, [5])
+    free = rank.token_to_kv_pool_allocator.available_size()
+    assert replica_kv.take_over_kv(rank, other, fetch, [11, 12, 40]) == 0  # slot 40 was never written
+    assert rank.token_to_kv_pool_allocator.available_size() == free and slots_of(rank, [7, 8, 9]) == []
+    lost.close()

@@ -123,7 +123,9 @@ def render_status(status: dict) -> Group:
         routing = status.get("routing", {})
         parts = [Text.assemble(("routing ", "bold"), str(routing.get("policy")), ("  live ", "bold"),
                                _cell(routing.get("live_replicas")), ("  lost ", "bold"), _cell(routing.get("lost")),
-                               ("  moved_requests ", "bold"), str(routing.get("moved_requests", 0)))]
+                               ("  moved_requests ", "bold"), str(routing.get("moved_requests", 0)),
+                               ("  kv_taken_over ", "bold"), str(routing.get("moved_tokens_kv_taken_over", 0)),
+                               ("  recomputed ", "bold"), str(routing.get("moved_tokens_recomputed", 0)))]
         for k, replica in enumerate(status["replicas"]):
             serving = "serving" if replica.get("serving", True) else "lost"
             parts += [Text(f"replica {k} ({serving})", style="bold underline"), render_status(replica)]

@@ -133,7 +133,8 @@ def before_ingest_requests(scheduler, *args, **kwargs):
 
 def around_run_batch(original, scheduler, batch, *args, **kwargs):
     """Remember the batch whose forward a failure interrupted: its tokens' KV is partial (park_requests.py); after
-    the first batch that completes, the worker's heartbeats say it is serving; its time is the worker's step time."""
+    the first batch that completes, the worker's heartbeats say it is serving; its time is the worker's step time.
+    Under --dp-size, rank 0 then tells the backup store which slots hold each request (replica_kv.py)."""
     from sglang_ft.layers.elastic_parallel import COLLECTIVES
     from sglang_ft.managers.ft_worker import current_worker
 
@@ -150,6 +151,8 @@ def around_run_batch(original, scheduler, batch, *args, **kwargs):
     if worker is not None:
         worker.record_step(time.perf_counter() - started, None if _on_cuda(scheduler) else COLLECTIVES.seconds)
         worker.heartbeat.serving = True  # past startup: judged by the heartbeat timeout from now on
+        if worker.maps_requests:  # under --dp-size, TP rank 0 maps requests to slots for the store
+            worker.kv_stream.map_requests(batch)
         if worker.fail_next_step:
             worker.fail_next_step, worker.failed_batch = False, batch
             raise InjectedStepFailure("the step's last collective timed out on this worker alone (injected fault)")
@@ -244,7 +247,7 @@ def before_process_input_requests(scheduler, recv_reqs, *args, **kwargs):
     for message in counts:
         apply_received_tokens(scheduler, worker.finished, message)
     resumes, recv_reqs = split_resume_tokens(recv_reqs)
-    worker.resumes.update((m.rid, m.output_ids) for m in resumes)
+    worker.resumes.update((m.rid, m) for m in resumes)
     fresh = worker.ledger.unseen(recv_reqs, held=held_rids(scheduler))
     worker.ledger.record_processed(fresh)
     return (scheduler, fresh, *args), kwargs
@@ -259,7 +262,7 @@ def after_handle_generate_request(_result, scheduler, recv_req, *_args, **_kwarg
     if worker is not None and worker.resumes:
         from sglang_ft.managers.replica_move import adopt_queued
 
-        adopt_queued(scheduler, worker.resumes, recv_req.rid)
+        adopt_queued(scheduler, worker.resumes, recv_req.rid, worker.kv_stream)
 
 
 def after_dp_controller_init(_result, controller, *_args, **_kwargs):

@@ -82,7 +82,8 @@ def start_ft_runtime(tp_size: int, model_path: str, app: FastAPI,
     app.add_middleware(RetryAfterOn503)
     from sglang_ft.managers.request_journal import JOURNAL
 
-    JOURNAL.follow_orders([replica.order_endpoint for replica in replicas], ft.routing)
+    JOURNAL.follow_orders([replica.order_endpoint for replica in replicas], ft.routing,
+                          [replica.kv_fetch_endpoint if ft.kv_backup else None for replica in replicas])
     if ft.dp_size == 1:  # restarts need SGLang's launch arguments, which only a single group's launcher holds
         from sglang_ft.entrypoints.worker_spawner import WorkerSpawner
 

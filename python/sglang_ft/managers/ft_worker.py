@@ -121,7 +121,7 @@ class FtWorker:
         self.finished = FinishedRequests()  # for a re-send of output a dying rank 0 never sent (output_rewind.py)
         self.counts_wait = None  # ReceivedTokensWait while this new rank 0 waits for the tokenizer manager's counts
         self.dp_rank = 0  # this worker's data-parallel replica (under --dp-size)
-        self.resumes: dict[str, list[int]] = {}  # rid -> output its client has, for requests moved here
+        self.resumes: dict[str, object] = {}  # rid -> its ResumeTokens, for requests moved here (replica_move.py)
         self.die_before_next_send = False  # the "kill_unsent" fault is armed
         self.fail_next_step = False  # the "fail_step" fault is armed
         self.last_step_s = 0.0  # the latest forward's time (SGLang's run_batch), for /ft/status
@@ -149,6 +149,12 @@ class FtWorker:
             count = interrupt_blocked_collectives()
             logger.info("sglang-ft: worker %d: epoch %d ordered; shut down %d connections of the old group",
                         self.worker, order.epoch, count)
+
+    @property
+    def maps_requests(self) -> bool:
+        """Under --dp-size with KV backup, TP rank 0 tells the store which slots hold each request, so another
+        replica can take the requests over with their KV if this one loses every worker (replica_kv.py)."""
+        return self.kv_stream is not None and self.ft.dp_size > 1 and bool(self.group) and self.group[0] == self.worker
 
     def start_kv_backup(self, runner, allocator) -> None:
         """Stream this rank's KV to the node's backup store from now on."""

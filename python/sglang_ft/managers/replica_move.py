@@ -5,7 +5,9 @@ another replica, preceded by `ResumeTokens`: the output tokens the client has re
 scheduler makes the request as SGLang makes any, then `adopt` gives it those tokens as output already produced,
 the way SGLang keeps a retracted request's output: its first prefill covers prompt plus output, the next token
 follows the last one the client has, and its stream offsets start past what was delivered, so the client
-sees every token once, and the detokenizer's state for the rid carries on.
+sees every token once, and the detokenizer's state for the rid carries on. With KV backup on, the tokens also
+name the slots that held the request's KV in the lost replica, and the new replica takes that KV from its backup
+store (`replica_kv.py`), so the prefill computes only the newest token.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ class ResumeTokens:
     rid: str
     output_ids: list[int]
     dp_rank: int
+    kv_endpoint: str | None = None  # the lost replica's backup store
+    kv_slots: list[int] = dataclasses.field(default_factory=list)  # its slots of the first tokens, in order
 
 
 def split_resume_tokens(messages) -> tuple[list[ResumeTokens], list]:
@@ -54,15 +58,21 @@ def adopt(req, output_ids: list[int]) -> None:
     # output logprobs are this request's own (of the tokens it produces): sent from its first, as they are
 
 
-def adopt_queued(scheduler, resumes: dict[str, list[int]], rid: str) -> bool:
-    """After SGLang queued request `rid`: adopt it if the journal sent its output ahead of it."""
-    output_ids = resumes.pop(rid, None)
-    if output_ids is None:
+def adopt_queued(scheduler, resumes: dict[str, ResumeTokens], rid: str, kv_stream=None) -> bool:
+    """After SGLang queued request `rid`: adopt it if the journal sent its output ahead of it, and take its KV
+    from the lost replica's store if the journal found it there."""
+    from sglang_ft.managers.replica_kv import take_over_kv
+
+    resume = resumes.pop(rid, None)
+    if resume is None:
         return False
     for req in reversed(scheduler.waiting_queue):
         if req.rid == rid:
-            adopt(req, output_ids)
+            adopt(req, resume.output_ids)
+            kept = take_over_kv(scheduler, req, resume.kv_endpoint, resume.kv_slots, kv_stream) \
+                if resume.kv_endpoint else 0
             logger.warning("sglang-ft: request %s moved here from a lost replica, going on after its %d output "
-                           "tokens", rid, len(output_ids))
+                           "tokens (KV of %d tokens taken over, %d to compute)", rid, len(resume.output_ids), kept,
+                           len(req.origin_input_ids) + len(resume.output_ids) - kept)
             return True
     return False

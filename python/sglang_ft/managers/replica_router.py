@@ -69,7 +69,8 @@ class ReplicaRouter:
         self.prefixes = PrefixIndex()
         self.lost: set[int] = set()
         self.moved_total = 0  # requests moved off a lost replica (counted by the journal as it sends them)
-        self.tokens_recomputed = 0  # prompt and output tokens of moved requests, prefilled again on their new replica
+        self.tokens_recomputed = 0  # moved requests' tokens whose KV existed but is computed again on the new replica
+        self.tokens_taken_over = 0  # those whose KV the lost replica's backup store holds, sent with the request
         self.total_of: dict[str, int] = {}  # rid -> prompt plus max new tokens
         self.refreshed_at = float("-inf")
 
@@ -128,4 +129,5 @@ class ReplicaRouter:
                 "outstanding_tokens": {str(r): loads[r] for r in self.router.workers},
                 "requests": {str(r): sum(1 for o in self.router.owner_of.values() if o == r)
                              for r in self.router.workers},
-                "moved_requests": self.moved_total, "moved_tokens_recomputed": self.tokens_recomputed}
+                "moved_requests": self.moved_total, "moved_tokens_recomputed": self.tokens_recomputed,
+                "moved_tokens_kv_taken_over": self.tokens_taken_over}

@@ -27,6 +27,7 @@ import time
 
 import zmq
 
+from ft.kv_backup import slots_of_requests
 from ft.messages import GroupLost, Regroup, decode
 from sglang_ft.managers.output_rewind import ReceivedTokens
 from sglang_ft.managers.push_socket import fresh_push_socket, try_bind
@@ -46,6 +47,7 @@ class RequestJournal:
         self._since_prune = 0
         self.resent_total = 0
         self.router: ReplicaRouter | None = None  # under --dp-size: the replica of every request
+        self.kv_stores: list[str | None] = []  # each replica's backup store (fetch endpoint), None without backup
 
     def record(self, tokenizer_manager, obj) -> None:
         """Called on the tokenizer manager's event loop for every dispatch to the scheduler."""
@@ -109,8 +111,9 @@ class RequestJournal:
 
     async def move_lost_replica(self, replica: int) -> int:
         """`replica` lost its whole group: route around it and send each of its unfinished requests to another
-        replica, preceded by the output tokens its client already has (the new replica prefills prompt plus
-        those, and streams on from there). Runs on the tokenizer manager's event loop."""
+        replica, preceded by the output tokens its client already has and, when the lost replica's backup store
+        holds it, where its KV is there (the new replica takes that KV and prefills only the newest token;
+        replica_kv.py). Runs on the tokenizer manager's event loop."""
         await asyncio.sleep(SETTLE_S)
         from sglang.srt.managers.io_struct import ActiveRanksOutput, wrap_as_pickle
 
@@ -120,26 +123,34 @@ class RequestJournal:
         moved = self.router.lose(replica)
         # SGLang's DP controller stops sending to it (replica_outbox.py), broadcasts included
         self.tokenizer_manager._dispatch_to_scheduler(ActiveRanksOutput(status=self.router.live_mask()))
-        sent = 0
-        for rid, target in moved.items():
-            obj, state = self.sent.get(rid), states.get(rid)
-            if obj is None or state is None or state.finished:
-                continue
+        moving = {rid: target for rid, target in moved.items()
+                  if self.sent.get(rid) is not None and rid in states and not states[rid].finished}
+        # KV that existed: prompt and output but the newest token (its KV is the next step's, wherever it runs)
+        with_kv = {rid: len(getattr(self.sent[rid], "input_ids", None) or ()) + len(states[rid].output_ids) - 1
+                   for rid in moving}
+        store = self.kv_stores[replica] if replica < len(self.kv_stores) else None
+        # the store's answer is a blocking round trip: off the loop
+        kv_slots = await asyncio.get_running_loop().run_in_executor(
+            None, slots_of_requests, store, with_kv) if store and moving else {}
+        for rid, target in moving.items():
+            obj, output_ids = self.sent[rid], list(states[rid].output_ids)
             obj.routed_dp_rank = target
+            slots = kv_slots.get(rid, ())
             # the same socket to SGLang's DP controller, then the same socket to `target`: the tokens arrive first
-            self.tokenizer_manager._dispatch_to_scheduler(wrap_as_pickle(ResumeTokens(rid, list(state.output_ids),
-                                                                                      target)))
+            self.tokenizer_manager._dispatch_to_scheduler(wrap_as_pickle(ResumeTokens(
+                rid, output_ids, target, store if len(slots) else None, [int(s) for s in slots])))
             self.tokenizer_manager._dispatch_to_scheduler(obj)
-            self.router.tokens_recomputed += len(getattr(obj, "input_ids", None) or ()) + len(state.output_ids)
+            self.router.tokens_taken_over += len(slots)
+            self.router.tokens_recomputed += max(0, with_kv[rid] - len(slots))
             self.router.moved_total += 1
-            sent += 1
         left = [r for r, live in enumerate(self.router.live_mask()) if live]
         if left:
-            logger.warning("sglang-ft: replica %d lost its group; %d unfinished requests moved to replicas %s",
-                           replica, sent, left)
+            logger.warning("sglang-ft: replica %d lost its group; %d unfinished requests moved to replicas %s (KV "
+                           "of %d tokens from its backup store)", replica, len(moving), left,
+                           sum(len(s) for s in kv_slots.values()))
         else:
             logger.error("sglang-ft: replica %d lost its group and no replica is left to serve", replica)
-        return sent
+        return len(moving)
 
     async def switch_rank0(self, epoch: int = 0, replica: int = 0) -> int:
         """A new rank 0 was elected: a fresh socket to the schedulers, then every unfinished request re-sent on it
@@ -163,9 +174,11 @@ class RequestJournal:
         logger.warning("sglang-ft: the tokenizer manager's socket to the new TP rank 0 is open at %s", endpoint)
         return resent
 
-    def follow_orders(self, endpoints: list[str], routing: str = "prefix_load") -> None:
+    def follow_orders(self, endpoints: list[str], routing: str = "prefix_load",
+                      kv_stores: list[str | None] | None = None) -> None:
         """Watch every replica's controller's orders: re-send when a regroup elects a different rank 0, move the
-        requests of a replica whose group is lost."""
+        requests of a replica whose group is lost (with their KV from its backup store, `kv_stores[replica]`)."""
+        self.kv_stores = list(kv_stores or [])
         if len(endpoints) > 1:
             self.router = ReplicaRouter(len(endpoints), routing)
         for replica, endpoint in enumerate(endpoints):

@@ -56,10 +56,17 @@ class SyncStats:
     freed_slots: int = 0
 
 
-def _radix_key(token_ids, extra_key, cache_salt, page_size: int):
+def radix_key(token_ids, extra_key, cache_salt, page_size: int):
     from sglang.srt.mem_cache.radix_cache import RadixKey
 
     return RadixKey(array("q", token_ids), extra_key, cache_salt=cache_salt).page_aligned(page_size)
+
+
+def matched_slots(tree, match, req) -> torch.Tensor:
+    """The KV slots of the prefix `match` found for `req` in SGLang's radix cache (either of its trees)."""
+    probe = types.SimpleNamespace(last_node=match.last_device_node, prefix_len=match.device_prefix_len,
+                                  extra_key=req.extra_key, rid=req.rid)
+    return tree.prefix_device_indices(probe)
 
 
 def cached_sequences(scheduler) -> list[CachedSequence]:
@@ -69,13 +76,11 @@ def cached_sequences(scheduler) -> list[CachedSequence]:
     tree, found = scheduler.tree_cache, []
     for req in scheduler.waiting_queue:
         tokens = list(req.origin_input_ids) + list(req.output_ids)
-        key = _radix_key(tokens, req.extra_key, req.cache_salt, scheduler.page_size)
+        key = radix_key(tokens, req.extra_key, req.cache_salt, scheduler.page_size)
         match = tree.match_prefix(MatchPrefixParams(key=key))
         if match.device_prefix_len == 0:
             continue
-        probe = types.SimpleNamespace(last_node=match.last_device_node, prefix_len=match.device_prefix_len,
-                                      extra_key=req.extra_key, rid=req.rid)
-        slots = tree.prefix_device_indices(probe).to("cpu", torch.int64).numpy()
+        slots = matched_slots(tree, match, req).to("cpu", torch.int64).numpy()
         found.append(CachedSequence(tokens[: len(slots)], slots, req.extra_key, req.cache_salt,
                                     len(req.origin_input_ids), req.priority or 0, req.rid,
                                     req.sampling_params.max_new_tokens or 0))
@@ -149,10 +154,10 @@ def _rebuild_tree(scheduler, sequences, num_slots: int, stats: SyncStats) -> tor
         slots = torch.from_numpy(seq.slots)
         in_use[slots] = True
         value = slots.to(device)
-        key = _radix_key(seq.token_ids, seq.extra_key, seq.cache_salt, scheduler.page_size)
+        key = radix_key(seq.token_ids, seq.extra_key, seq.cache_salt, scheduler.page_size)
         tree.insert(InsertParams(key=key, value=value, priority=seq.priority))
         if 0 < seq.prompt_len < len(seq.token_ids):  # SGLang splits at the prompt so eviction keeps prompts
-            prompt = _radix_key(seq.token_ids[: seq.prompt_len], seq.extra_key, seq.cache_salt, scheduler.page_size)
+            prompt = radix_key(seq.token_ids[: seq.prompt_len], seq.extra_key, seq.cache_salt, scheduler.page_size)
             tree.insert(InsertParams(key=prompt, value=value[: len(prompt)], priority=seq.priority + 1))
         stats.sequences += 1
     stats.cached_tokens = int(in_use.sum())

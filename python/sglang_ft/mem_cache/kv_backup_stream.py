@@ -109,13 +109,38 @@ class KvStreamer:
         if allocator is self.allocator and not self.drops_muted and self.sender.geometry is not None:
             self.sender.drop(np.arange(self.sender.geometry.slots, dtype=np.int64))
 
-    def resync(self) -> tuple[int, int]:
-        """Re-send every slot in use, for this rank's heads (after the store restarted); returns (slots, sent)."""
+    def back_up_slots(self, slots: torch.Tensor) -> int:
+        """Send the pool's rows of `slots`, every layer, for this rank's heads (rows written outside the forward
+        pass); returns the messages sent."""
         if self.sender.geometry is None:
-            return 0, 0
-        slots = live_slots(self.allocator).to(self.pool.k_buffer[0].device)
+            return 0
+        slots = slots.to(self.pool.k_buffer[0].device)
         sent = 0
         for start in range(0, len(slots), RESYNC_SLOTS_PER_MESSAGE):
             chunk = slots[start : start + RESYNC_SLOTS_PER_MESSAGE]
             sent += sum(self._write_layer(index, chunk) for index in range(len(self.pool.k_buffer)))
-        return len(slots), sent
+        return sent
+
+    def resync(self) -> tuple[int, int]:
+        """Re-send every slot in use, for this rank's heads (after the store restarted); returns (slots, sent)."""
+        if self.sender.geometry is None:
+            return 0, 0
+        slots = live_slots(self.allocator)
+        return len(slots), self.back_up_slots(slots)
+
+    def map_requests(self, batch) -> bool:
+        """After a step on TP rank 0: tell the store which slots hold the tokens it wrote, per request (a prefill
+        or mixed step: each request's whole row, so a request prefilled again is mapped afresh; a decode step: the
+        one new slot of each), so another replica can take them over (ft.request_slots)."""
+        mode = batch.forward_mode
+        if self.sender.geometry is None or not batch.reqs or not (mode.is_extend() or mode.is_decode()):
+            return False
+        lengths = batch.seq_lens_cpu.tolist()
+        rids = [req.rid for req in batch.reqs]
+        if mode.is_decode():
+            starts, counts, slots = [n - 1 for n in lengths], [1] * len(rids), batch.out_cache_loc
+        else:
+            rows = batch.req_to_token_pool.req_to_token
+            starts, counts = [0] * len(rids), lengths
+            slots = torch.cat([rows[req.kv.req_pool_idx, :n] for req, n in zip(batch.reqs, lengths, strict=True)])
+        return self.sender.request_slots(rids, starts, counts, raw_rows(slots.to(torch.int64)))
