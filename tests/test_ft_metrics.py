@@ -16,8 +16,9 @@ import pytest
 from sglang_ft.managers.ft_metrics import MULTIPROC_DIR, cause_kind, prepare_multiproc_dir
 
 
-def drive(sockets: str) -> dict:
-    """Three workers beat with KV backup counters, worker 1 dies, the survivors regroup, the store goes down."""
+def drive(sockets: str, dp_rank: int | None = None, fail: bool = True) -> dict:
+    """Three workers beat with KV backup counters, worker 1 dies, the survivors regroup, the store goes down (or,
+    without `fail`, nothing happens after the first beats)."""
     from sglang_ft.managers.ft_controller import FtController
 
     from ft.messages import Heartbeat, RegroupDone, WorkerLoad
@@ -28,7 +29,7 @@ def drive(sockets: str) -> dict:
 
     controller = FtController(f"ipc://{sockets}/hb", f"ipc://{sockets}/ctl", 3, interval_s=0.05, timeout_s=30,
                               parent_pid=os.getpid(), enable_fault_injection=False,
-                              shape=ModelShape(8, 4, 8, 64, 160, 512, 2))
+                              shape=ModelShape(8, 4, 8, 64, 160, 512, 2), dp_rank=dp_rank)
     store = types.SimpleNamespace(alive=True, check=lambda: False, status=lambda: {})
     controller.state.kv_backup = store
     for worker in range(3):
@@ -37,6 +38,8 @@ def drive(sockets: str) -> dict:
         controller._on_message(beat, time.monotonic())
     controller.step()
     first = _values(controller)
+    if not fail:
+        return {"first": first}
     controller._record(controller.state.detector.declare_dead(1, time.monotonic()), "process exit")
     for worker in (0, 2):
         controller._on_message(RegroupDone(worker, 1, {}, 0, 0, 0, 7, kv_blocks_restored=5), time.monotonic())
@@ -57,11 +60,11 @@ def _values(controller) -> dict:
     return {key: status[key] for key in ("epoch", "tp_size", "live_workers")}
 
 
-def _run_driver(tmp_path, env: dict, cwd) -> dict:
-    sockets = tmp_path / "sockets"
+def _run_driver(tmp_path, env: dict, cwd, args: str = "") -> dict:
+    sockets = tmp_path / f"sockets{abs(hash(args))}"
     sockets.mkdir(exist_ok=True)
     code = f"import json, sys; sys.path.insert(0, {os.path.dirname(__file__)!r}); import test_ft_metrics as t; " \
-           f"print(json.dumps(t.drive({str(sockets)!r})))"
+           f"print(json.dumps(t.drive({str(sockets)!r}{args})))"
     done = subprocess.run([sys.executable, "-c", code], env=env, cwd=cwd, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -118,6 +121,26 @@ def test_controller_state_reaches_the_multiprocess_collector(tmp_path):
     assert values[("sglang_ft_worker_outstanding_tokens", (("worker", "0"),))] == 7
     assert values[("sglang_ft_worker_outstanding_tokens", (("worker", "1"),))] == 0
     assert all(f.startswith(("counter_", "gauge_mostrecent_", "histogram_")) for f in os.listdir(metrics_dir))
+
+
+def test_each_data_parallel_replicas_controller_writes_its_own_series(tmp_path):
+    """Under --dp-size two controllers write the same metrics to one directory: every series carries its replica's
+    dp_rank, so replica 0's failure does not overwrite replica 1's healthy gauges."""
+    metrics_dir = tmp_path / "prometheus"
+    metrics_dir.mkdir()
+    env = _env(PROMETHEUS_MULTIPROC_DIR=str(metrics_dir))
+    _run_driver(tmp_path, env, cwd=tmp_path, args=", dp_rank=0")
+    _run_driver(tmp_path, env, cwd=tmp_path, args=", dp_rank=1, fail=False")
+    values = _collect(metrics_dir)
+    of = lambda replica, *labels: tuple(sorted((*labels, ("dp_rank", replica))))  # noqa: E731
+    assert values[("sglang_ft_epoch", of("0"))] == 1 and values[("sglang_ft_epoch", of("1"))] == 0
+    assert values[("sglang_ft_tp_size", of("0"))] == 2 and values[("sglang_ft_tp_size", of("1"))] == 3
+    assert values[("sglang_ft_recoveries_total", of("0", ("cause_kind", "failure")))] == 1
+    assert values[("sglang_ft_recoveries_total", of("1", ("cause_kind", "failure")))] == 0
+    assert values[("sglang_ft_detection_seconds_count", of("0"))] == 1
+    assert values[("sglang_ft_worker_kv_bytes_used", of("0", ("worker", "1")))] == 0  # out of replica 0's group
+    assert values[("sglang_ft_worker_kv_bytes_used", of("1", ("worker", "1")))] == 10 * 32 * 1
+    assert not [key for key in values if key[0].startswith("sglang_ft_") and "dp_rank" not in dict(key[1])]
 
 
 def test_without_the_multiprocess_dir_metrics_are_off_and_write_nothing(tmp_path):

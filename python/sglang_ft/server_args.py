@@ -47,6 +47,7 @@ class FtArgs:
     # Under SGLang's --dp-size M: M TP groups, each with a controller and a backup store of its own, in
     # runtime_dir/dp<k> (see `for_replica`).
     dp_size: int = 1
+    dp_rank: int | None = None  # this replica's, in the options `for_replica` gives it (its metrics' label)
 
     def _endpoint(self, name: str, offset: int) -> str:
         if self.controller_port:
@@ -114,7 +115,8 @@ class FtArgs:
         and backup store (the same options when there is one replica)."""
         if self.dp_size <= 1:
             return self
-        return dataclasses.replace(self, runtime_dir=os.path.join(self.runtime_dir, f"dp{dp_rank or 0}"))
+        return dataclasses.replace(self, runtime_dir=os.path.join(self.runtime_dir, f"dp{dp_rank or 0}"),
+                                   dp_rank=dp_rank or 0)
 
     @property
     def splits_remainder(self) -> bool:

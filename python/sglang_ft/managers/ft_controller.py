@@ -133,7 +133,8 @@ class FtController:
     def __init__(self, heartbeat_endpoint: str, control_endpoint: str, tp_size: int, interval_s: float,
                  timeout_s: float, parent_pid: int, enable_fault_injection: bool,
                  order_endpoint: str | None = None, shape: ModelShape | None = None,
-                 respawn: RespawnPolicy = RespawnPolicy(), local_workers: range | None = None):
+                 respawn: RespawnPolicy = RespawnPolicy(), local_workers: range | None = None,
+                 dp_rank: int | None = None):
         membership = Membership.initial(tp_size)
         self.state = ControllerState(membership, FailureDetector(membership, interval_s, timeout_s))
         self.receiver = MessageReceiver(heartbeat_endpoint)
@@ -161,7 +162,7 @@ class FtController:
         self.respawner = Respawner(respawn)
         self.ready_joiners: set[int] = set()
         self.kv_slots = 0  # every member's KV pool size, from heartbeats; a restarted worker needs the same
-        self.metrics = ft_metrics()  # None unless SGLang's metrics are on
+        self.metrics = ft_metrics(dp_rank)  # None unless SGLang's metrics are on
         self.exits = ProcessWatch()  # wakes the loop the moment a worker's process exits
         # the workers on this node (all, on one node): only their pids mean anything here; the others' deaths are
         # seen by heartbeat timeout and by the survivors' reports
@@ -497,7 +498,7 @@ def run_ft_controller(ft_env: str, tp_size: int, parent_pid: int, model_path: st
                               ft.heartbeat_timeout_ms / 1e3, parent_pid, ft.enable_fault_injection,
                               ft.order_endpoint, model_shape_from_dir(model_path),
                               RespawnPolicy(automatic=ft.respawn, delay_s=ft.respawn_delay_s),
-                              range(tp_size // ft.nnodes))
+                              range(tp_size // ft.nnodes), dp_rank=ft.dp_rank)
     if ft.kv_backup:
         from sglang_ft.managers.kv_store_keeper import KvStoreKeeper
 

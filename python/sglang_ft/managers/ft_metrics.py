@@ -4,10 +4,14 @@ With `--enable-metrics` SGLang runs prometheus_client in multiprocess mode: ever
 files under PROMETHEUS_MULTIPROC_DIR and the HTTP server's MultiProcessCollector merges them. The controller is one
 more such process; `FtMetrics.observe` maps its state to metrics once per controller step. With metrics off (no
 PROMETHEUS_MULTIPROC_DIR) `ft_metrics()` is None: prometheus_client is not even imported.
+
+Under `--dp-size` every replica has its own controller writing the same metrics: each series then carries the
+replica's `dp_rank` label (SGLang's own label for it), or the replicas' gauges would overwrite each other.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 
 MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"
@@ -29,9 +33,9 @@ def prepare_multiproc_dir(runtime_dir: str) -> None:
         os.environ[MULTIPROC_DIR] = path
 
 
-def ft_metrics() -> FtMetrics | None:
+def ft_metrics(dp_rank: int | None = None) -> FtMetrics | None:
     """The controller's metrics when SGLang's metrics are on (the variable is inherited from the launcher)."""
-    return FtMetrics() if os.environ.get(MULTIPROC_DIR) else None
+    return FtMetrics(dp_rank) if os.environ.get(MULTIPROC_DIR) else None
 
 
 def cause_kind(cause: str) -> str:
@@ -43,57 +47,78 @@ def cause_kind(cause: str) -> str:
     return "failure"
 
 
-def _gauge(name: str, text: str, labels=()):
+class _OfReplica:
+    """A metric whose every series also carries `dp_rank=<replica>`, used as the metric itself would be: with the
+    caller's own label values, or none."""
+
+    def __init__(self, metric, dp_rank: str):
+        self.metric, self.dp_rank = metric, dp_rank
+
+    def labels(self, *values):
+        return self.metric.labels(*values, self.dp_rank)
+
+    def __getattr__(self, name):  # set / inc / observe of a metric without labels of its own
+        return getattr(self.metric.labels(self.dp_rank), name)
+
+
+def _metric(kind, name: str, text: str, labels, dp_rank: int | None, **kwargs):
+    if dp_rank is None:
+        return kind(name, text, labels, registry=None, **kwargs)
+    return _OfReplica(kind(name, text, [*labels, "dp_rank"], registry=None, **kwargs), str(dp_rank))
+
+
+def _gauge(name: str, text: str, labels=(), dp_rank: int | None = None):
     from prometheus_client import Gauge
 
-    # one writer (the controller): its latest value is the value
-    return Gauge(f"sglang_ft_{name}", text, labels, multiprocess_mode="mostrecent", registry=None)
+    # one writer (the replica's controller): its latest value is the value
+    return _metric(Gauge, f"sglang_ft_{name}", text, labels, dp_rank, multiprocess_mode="mostrecent")
 
 
-def _counter(name: str, text: str, labels=()):
+def _counter(name: str, text: str, labels=(), dp_rank: int | None = None):
     from prometheus_client import Counter
 
-    return Counter(f"sglang_ft_{name}", text, labels, registry=None)  # exposed as sglang_ft_{name}_total
+    return _metric(Counter, f"sglang_ft_{name}", text, labels, dp_rank)  # exposed as sglang_ft_{name}_total
 
 
-def _histogram(name: str, text: str, buckets, labels=()):
+def _histogram(name: str, text: str, buckets, labels=(), dp_rank: int | None = None):
     from prometheus_client import Histogram
 
-    return Histogram(f"sglang_ft_{name}", text, labels, registry=None, buckets=buckets)
-
-
+    return _metric(Histogram, f"sglang_ft_{name}", text, labels, dp_rank, buckets=buckets)
 
 
 class FtMetrics:
     """Gauges follow the state; counters and histograms take each new recovery once, and the deltas of the
     workers' KV backup counters (which restart at 0 with a restarted worker's process)."""
 
-    def __init__(self):
-        self.epoch = _gauge("epoch", "Membership epoch (+1 per regroup)")
-        self.tp_size = _gauge("tp_size", "Workers in the current group")
-        self.live_workers = _gauge("live_workers", "Group members not declared dead")
-        self.kv_backup_lag = _gauge("kv_backup_lag", "KV backup messages queued in the live workers' senders, not "
+    def __init__(self, dp_rank: int | None = None):
+        gauge, counter, histogram = (functools.partial(make, dp_rank=dp_rank) for make in (_gauge, _counter,
+                                                                                             _histogram))
+        self._gauge = gauge
+        self.epoch = gauge("epoch", "Membership epoch (+1 per regroup)")
+        self.tp_size = gauge("tp_size", "Workers in the current group")
+        self.live_workers = gauge("live_workers", "Group members not declared dead")
+        self.kv_backup_lag = gauge("kv_backup_lag", "KV backup messages queued in the live workers' senders, not "
                                                      "yet written out (sum of their latest heartbeats; a lower bound)")
-        self.max_beat_gap = _gauge("max_heartbeat_gap_seconds", "Longest heartbeat gap a live group member has "
+        self.max_beat_gap = gauge("max_heartbeat_gap_seconds", "Longest heartbeat gap a live group member has "
                                    "recovered from: how close a slow but alive worker came to the timeout")
-        self.worker_kv_bytes = _gauge("worker_kv_bytes_used", "KV bytes a group member holds (0 outside the group)",
+        self.worker_kv_bytes = gauge("worker_kv_bytes_used", "KV bytes a group member holds (0 outside the group)",
                                       ["worker"])
-        self.worker_outstanding = _gauge("worker_outstanding_tokens", "Prompt tokens to prefill plus output tokens "
+        self.worker_outstanding = gauge("worker_outstanding_tokens", "Prompt tokens to prefill plus output tokens "
                                          "to decode on a group member (0 outside the group)", ["worker"])
-        self.kv_spread = _gauge("kv_bytes_max_min_ratio", "KV bytes of the fullest group member over the emptiest "
+        self.kv_spread = gauge("kv_bytes_max_min_ratio", "KV bytes of the fullest group member over the emptiest "
                                 "(unequal heads after a failure make it exceed 1)")
-        self.recoveries = _counter("recoveries", "Completed regroups", ["cause_kind"])
-        self.recovery_seconds = _histogram("recovery_seconds", "Detection plus recovery time of each completed "
+        self.recoveries = counter("recoveries", "Completed regroups", ["cause_kind"])
+        self.recovery_seconds = histogram("recovery_seconds", "Detection plus recovery time of each completed "
                                            "regroup", RECOVERY_BUCKETS, ["cause_kind"])
-        self.detection_seconds = _histogram("detection_seconds", "Silence of a failed worker before the regroup was "
+        self.detection_seconds = histogram("detection_seconds", "Silence of a failed worker before the regroup was "
                                             "ordered (failures only)", DETECTION_BUCKETS)
         for kind in CAUSE_KINDS:  # every series exists from the start, at 0
             self.recoveries.labels(kind)
             self.recovery_seconds.labels(kind)
-        self.kv_blocks_restored = _counter("kv_blocks_restored", "KV blocks regroups restored from the backup store")
-        self.kv_tokens_recomputed = _counter("kv_tokens_recomputed", "Tokens whose KV regroups had to recompute")
-        self.kv_backup_bytes = _counter("kv_backup_bytes", "Bytes the workers streamed to the KV backup store")
-        self.kv_backup_dropped = _counter("kv_backup_dropped", "KV backup messages dropped on a full queue")
+        self.kv_blocks_restored = counter("kv_blocks_restored", "KV blocks regroups restored from the backup store")
+        self.kv_tokens_recomputed = counter("kv_tokens_recomputed", "Tokens whose KV regroups had to recompute")
+        self.kv_backup_bytes = counter("kv_backup_bytes", "Bytes the workers streamed to the KV backup store")
+        self.kv_backup_dropped = counter("kv_backup_dropped", "KV backup messages dropped on a full queue")
         self.store_healthy = None  # made once a KV backup store exists: with backup off there is no series
         self._recoveries_seen = 0
         self._senders: dict[int, tuple[int, int, int]] = {}  # worker -> (pid, bytes, dropped) already counted
@@ -129,7 +154,7 @@ class FtMetrics:
         self.kv_backup_lag.set(sum(state.kv_senders[w].kv_backup_queued for w in live if w in state.kv_senders))
         if state.kv_backup is not None:
             if self.store_healthy is None:
-                self.store_healthy = _gauge("kv_backup_store_healthy", "1 while the KV backup store runs, 0 while "
+                self.store_healthy = self._gauge("kv_backup_store_healthy", "1 while the KV backup store runs, 0 while "
                                             "it is down (backup degraded)")
             self.store_healthy.set(1 if state.kv_backup.alive else 0)
 
