@@ -304,38 +304,42 @@ def test_loads_are_re_read_at_most_every_refresh_interval_unless_forced(monkeypa
     assert router.replica_of("a") is None
 
 
-@pytest.mark.parametrize("tree", ["unified", "radix"])
-def test_a_moved_request_takes_its_kv_from_the_lost_replicas_store(tree, tmp_path, monkeypatch):
-    """On SGLang's own radix caches (the unified tree a server uses, and the plain one) and allocator: the lost
-    replica's store holds the request's KV (every head) in its old slots; the new replica's rank (heads 1..3 of 4)
-    gets fresh slots for the tokens it does not cache yet, its heads' rows in them, and prompt plus output in its
-    radix cache, so SGLang's prefix match finds them all, and the prefix it already cached keeps its slots (the
-    unified tree's insert frees a key's duplicate slots unless told they are its own). Rows missing in the store:
-    nothing is kept, nothing leaks, the request is prefilled as any."""
+G_HEADS = 4  # the lost replica's store: test_kv_backup's geometry (2 layers, 4 KV heads, head_dim 3, float32)
+
+
+def lost_replicas_store(tmp_path, rows: dict[tuple[int, int], list[int]]):
+    """A real backup store process loop (a thread) and the lost replica's rank 0 that wrote `rows` into it: per head
+    span, the slots written (every layer); returns (fetch endpoint, K and V [layers, slot, head, dim] written)."""
     import os
     import threading
-    from array import array
 
     import numpy as np
     import torch
-    from sglang.srt.mem_cache.base_prefix_cache import MatchPrefixParams
-    from sglang.srt.mem_cache.radix_cache import RadixKey
     from test_kv_backup import G
-    from test_scheduler_sync import cache, make_rank, request, slots_of
 
     from ft.kv_backup import KvBackupSender
     from ft.kv_store import serve
-    from sglang_ft.managers import regroup, replica_kv
 
     push, fetch = f"ipc://{tmp_path}/push", f"ipc://{tmp_path}/fetch"
     threading.Thread(target=serve, args=(push, fetch, os.getpid()), daemon=True).start()
-    lost = KvBackupSender(push, worker=0)  # the lost replica's rank 0, holding every head
-    lost.geometry, lost.heads = G, (0, 4)
-    old_slots = np.array([11, 12, 13, 14, 15])
-    k = torch.randn(G.num_layers, len(old_slots), 4, G.head_dim)
-    v = torch.randn(G.num_layers, len(old_slots), 4, G.head_dim)
-    for layer in range(G.num_layers):
-        lost.write(layer, old_slots, k[layer].numpy().view(np.uint32), v[layer].numpy().view(np.uint32))
+    k = torch.randn(G.num_layers, 64, G_HEADS, G.head_dim)
+    v = torch.randn(G.num_layers, 64, G_HEADS, G.head_dim)
+    lost = KvBackupSender(push, worker=0)
+    lost.geometry = G
+    for heads, slots in rows.items():
+        lost.heads = heads
+        for layer in range(G.num_layers):
+            lost.write(layer, np.array(slots), k[layer, slots, heads[0]:heads[1]].numpy().view(np.uint32),
+                       v[layer, slots, heads[0]:heads[1]].numpy().view(np.uint32))
+    return fetch, k, v
+
+
+def new_replicas_rank(tree: str, heads: tuple[int, int], group=None):
+    """One TP rank of the new replica: SGLang's allocator and radix cache (the unified tree a server uses, or the
+    plain one), a KV pool of `heads`."""
+    import torch
+    from test_kv_backup import G
+    from test_scheduler_sync import make_rank
 
     rank = make_rank()
     if tree == "unified":
@@ -346,31 +350,81 @@ def test_a_moved_request_takes_its_kv_from_the_lost_replicas_store(tree, tmp_pat
         rank.tree_cache = UnifiedRadixCache(CacheInitParams(
             disable=False, req_to_token_pool=None, token_to_kv_pool_allocator=rank.token_to_kv_pool_allocator,
             page_size=1, tree_components=(ComponentType.FULL,)))
+    width = heads[1] - heads[0]
+    pool = SimpleNamespace(k_buffer=[torch.zeros(65, width, G.head_dim) for _ in range(G.num_layers)],
+                           v_buffer=[torch.zeros(65, width, G.head_dim) for _ in range(G.num_layers)], start_layer=0)
+    rank.tp_worker = SimpleNamespace(model_runner=SimpleNamespace(
+        token_to_kv_pool=pool, model=SimpleNamespace(shard=SimpleNamespace(kv_heads=heads))))
+    rank.tp_cpu_group = group
+    return rank
+
+
+@pytest.mark.parametrize("tree", ["unified", "radix"])
+def test_a_moved_request_takes_its_kv_from_the_lost_replicas_store(tree, tmp_path, monkeypatch):
+    """The lost replica's store holds the request's KV (every head) in its old slots; the new replica's rank (heads
+    1..3 of 4) gets fresh slots for the tokens it does not cache yet, its heads' rows in them, and prompt plus output
+    in its radix cache, so SGLang's prefix match finds them all, and the prefix it already cached keeps its slots
+    (the unified tree's insert frees a key's duplicate slots unless told they are its own). Rows missing in the
+    store: nothing is kept, nothing leaks, the request is prefilled as any."""
+    from array import array
+
+    import torch
+    from sglang.srt.mem_cache.base_prefix_cache import MatchPrefixParams
+    from sglang.srt.mem_cache.radix_cache import RadixKey
+    from test_scheduler_sync import cache, request, slots_of
+
+    from sglang_ft.managers import regroup, replica_kv
+
+    old_slots = [11, 12, 13, 14, 15]
+    fetch, k, v = lost_replicas_store(tmp_path, {(0, G_HEADS): old_slots})
+    rank = new_replicas_rank(tree, (1, 3))
     cache(rank, [1, 2])  # the prompt's first tokens are cached here already
     cached = slots_of(rank, [1, 2])
-    pool = SimpleNamespace(k_buffer=[torch.zeros(65, 2, G.head_dim) for _ in range(G.num_layers)],
-                           v_buffer=[torch.zeros(65, 2, G.head_dim) for _ in range(G.num_layers)], start_layer=0)
-    rank.tp_worker = SimpleNamespace(model_runner=SimpleNamespace(
-        token_to_kv_pool=pool, model=SimpleNamespace(shard=SimpleNamespace(kv_heads=(1, 3)))))
-    rank.tp_cpu_group = None
     monkeypatch.setattr(regroup, "any_rank", lambda flag, group: flag)  # one rank: its own answer
     moved = request("m", [1, 2, 3, 4], [])
     adopt(moved, [10, 11])  # the newest output (11) has no KV yet: prompt and 10 do
 
     free = rank.token_to_kv_pool_allocator.available_size()
-    assert replica_kv.take_over_kv(rank, moved, fetch, old_slots.tolist()) == 5
+    assert replica_kv.take_over_kv(rank, moved, fetch, old_slots) == 5
     slots = slots_of(rank, [1, 2, 3, 4, 10, 11])
     assert len(slots) == 5 and slots[:2] == cached and rank.token_to_kv_pool_allocator.available_size() == free - 3
+    pool = rank.tp_worker.model_runner.token_to_kv_pool
     for position in range(2, 5):  # fetched rows: this rank's heads of the old slots
-        for layer in range(G.num_layers):
-            assert torch.equal(pool.k_buffer[layer][slots[position]], k[layer, position, 1:3])
-            assert torch.equal(pool.v_buffer[layer][slots[position]], v[layer, position, 1:3])
+        for layer in range(len(pool.k_buffer)):
+            assert torch.equal(pool.k_buffer[layer][slots[position]], k[layer, old_slots[position], 1:3])
+            assert torch.equal(pool.v_buffer[layer][slots[position]], v[layer, old_slots[position], 1:3])
     match = rank.tree_cache.match_prefix(MatchPrefixParams(key=RadixKey(array("q", [1, 2, 3, 4, 10, 11]))))
     assert match.device_prefix_len == 5  # SGLang's own match: the prefill computes only token 11
 
     other = request("o", [7, 8, 9], [])
     adopt(other, [5])
     free = rank.token_to_kv_pool_allocator.available_size()
-    assert replica_kv.take_over_kv(rank, other, fetch, [11, 12, 40]) == 0  # slot 40 was never written
+    assert replica_kv.take_over_kv(rank, other, fetch, [11, 12, 20]) == 0  # slot 20 was never written
     assert rank.token_to_kv_pool_allocator.available_size() == free and slots_of(rank, [7, 8, 9]) == []
-    lost.close()
+
+
+def test_the_new_replicas_ranks_keep_the_kv_only_if_every_one_fetched_its_heads(tmp_path, monkeypatch):
+    """Two TP ranks (heads 0..2 and 2..4, as threads agreeing over one exchange): a request whose rows the store
+    holds for every head is taken over on both, in the same slots; one whose slot lacks rank 1's heads (a step torn
+    by the failure) is kept by neither, though rank 0 found all of its own, so their caches stay identical."""
+    from test_scheduler_sync import request, slots_of
+    from thread_ranks import ThreadGroup, on_every_rank
+
+    from sglang_ft.managers import regroup, replica_kv
+
+    fetch, _, _ = lost_replicas_store(tmp_path, {(0, 2): [11, 12, 13, 20], (2, G_HEADS): [11, 12, 13]})
+    group = ThreadGroup(2)
+    ranks = [new_replicas_rank("unified", heads, group.gather_for(r)) for r, heads in enumerate([(0, 2), (2, 4)])]
+    monkeypatch.setattr(regroup, "any_rank", lambda flag, gather: any(gather(flag)))
+
+    def move(rank: int):
+        whole, torn = request("w", [1, 2], []), request("t", [5, 6], [])
+        adopt(whole, [3, 4])
+        adopt(torn, [7])
+        taken = (replica_kv.take_over_kv(ranks[rank], whole, fetch, [11, 12, 13]),
+                 replica_kv.take_over_kv(ranks[rank], torn, fetch, [20, 11]))
+        return taken, slots_of(ranks[rank], [1, 2, 3, 4]), slots_of(ranks[rank], [5, 6, 7]), \
+            ranks[rank].token_to_kv_pool_allocator.available_size()
+
+    first, second = on_every_rank(2, move)
+    assert first == second and first[0] == (3, 0) and len(first[1]) == 3 and first[2] == []
