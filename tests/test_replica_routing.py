@@ -312,12 +312,13 @@ def lost_replicas_store(tmp_path, rows: dict[tuple[int, int], list[int]]):
     span, the slots written (every layer); returns (fetch endpoint, K and V [layers, slot, head, dim] written)."""
     import os
     import threading
+    import time
 
     import numpy as np
     import torch
     from test_kv_backup import G
 
-    from ft.kv_backup import KvBackupSender
+    from ft.kv_backup import KvBackupSender, store_stats
     from ft.kv_store import serve
 
     push, fetch = f"ipc://{tmp_path}/push", f"ipc://{tmp_path}/fetch"
@@ -331,6 +332,9 @@ def lost_replicas_store(tmp_path, rows: dict[tuple[int, int], list[int]]):
         for layer in range(G.num_layers):
             lost.write(layer, np.array(slots), k[layer, slots, heads[0]:heads[1]].numpy().view(np.uint32),
                        v[layer, slots, heads[0]:heads[1]].numpy().view(np.uint32))
+    deadline = time.monotonic() + 10  # the sender's socket connects in the background: wait until all arrived
+    while (store_stats(fetch) or {}).get("writes", 0) < lost.sent and time.monotonic() < deadline:
+        time.sleep(0.01)
     return fetch, k, v
 
 
@@ -428,3 +432,49 @@ def test_the_new_replicas_ranks_keep_the_kv_only_if_every_one_fetched_its_heads(
 
     first, second = on_every_rank(2, move)
     assert first == second and first[0] == (3, 0) and len(first[1]) == 3 and first[2] == []
+
+
+@pytest.mark.parametrize("kind", ["hybrid", "cyclic"])
+def test_under_hybrid_attention_or_cyclic_placement_the_remainder_heads_rows_are_taken_over_too(kind, tmp_path,
+                                                                                                monkeypatch):
+    """Two TP ranks with one TP head each (0 and 1) and the remainder heads 2..4 placed by sglang-ft: a moved
+    request's remainder rows go where a prefill would put them (hybrid: all on one worker, its owner-to-be; cyclic:
+    in turn over both) and each worker holds exactly the store's rows of the old slots it was given; a request
+    whose slot lacks the remainder heads is kept by neither rank, and its placement is undone."""
+    import threading
+
+    import torch
+    from test_scheduler_sync import request
+    from thread_ranks import ThreadGroup, on_every_rank
+
+    from sglang_ft.layers.remainder_attention import RemainderKvPool
+    from sglang_ft.managers import regroup, remainder_owners, replica_kv
+
+    fetch, k, v = lost_replicas_store(tmp_path, {(0, G_HEADS): [11, 12, 13], (0, 2): [20]})
+    group = ThreadGroup(2)
+    ranks = [new_replicas_rank("unified", (r, r + 1), group.gather_for(r)) for r in range(2)]
+    kind_of = remainder_owners.CyclicPlacement if kind == "cyclic" else remainder_owners.RemainderPlacement
+    placements = [kind_of(r, 2, "load", RemainderKvPool(2, 2, k.shape[-1], 65, 65), torch.zeros((4, 32)),
+                          heads=(2, G_HEADS), all_reduce=group.all_reduce_for(r)) for r in range(2)]
+    of_thread: dict[int, object] = {}
+    monkeypatch.setattr(remainder_owners, "active", lambda: of_thread.get(threading.get_ident()))
+    monkeypatch.setattr(regroup, "any_rank", lambda flag, gather: any(gather(flag)))
+
+    def move(rank: int):
+        of_thread[threading.get_ident()] = placements[rank]
+        whole, torn = request("w", [1, 2], []), request("t", [5, 6], [])
+        adopt(whole, [3, 4])
+        adopt(torn, [7])
+        taken = (replica_kv.take_over_kv(ranks[rank], whole, fetch, [11, 12, 13]),
+                 replica_kv.take_over_kv(ranks[rank], torn, fetch, [20, 11]))
+        return taken, placements[rank].holders.clone()
+
+    (taken, holders), (taken_1, holders_1) = on_every_rank(2, move)
+    assert taken == taken_1 == (3, 0) and torch.equal(holders, holders_1)
+    new = holders.nonzero().flatten()
+    assert len(new) == 3  # the torn request's slots were released
+    workers = [int(b).bit_length() - 1 for b in holders[new]]
+    assert len(set(workers)) == (1 if kind == "hybrid" else 2)
+    for slot, old, worker in zip(new.tolist(), [11, 12, 13], workers):
+        rows_k, rows_v = placements[worker].pool.rows(torch.tensor([slot]))
+        assert torch.equal(rows_k[:, 0], k[:, old, 2:4]) and torch.equal(rows_v[:, 0], v[:, old, 2:4])

@@ -153,15 +153,36 @@ class RemainderPlacement:
 
     def resync(self) -> int:
         """Re-send every remainder row this worker holds to a restarted backup store; returns the messages."""
+        return self._back_up((self.holders >> self.rank & 1).nonzero().flatten())
+
+    def _back_up(self, slots: torch.Tensor) -> int:
+        """Send this worker's remainder rows of `slots` (all held here) to the backup store; returns the messages."""
         if self.stream is None:
             return 0
-        mine = (self.holders >> self.rank & 1).nonzero().flatten()
-        for start in range(0, len(mine), RESYNC_SLOTS_PER_MESSAGE):
-            chunk = mine[start : start + RESYNC_SLOTS_PER_MESSAGE]
+        for start in range(0, len(slots), RESYNC_SLOTS_PER_MESSAGE):
+            chunk = slots[start : start + RESYNC_SLOTS_PER_MESSAGE]
             k, v = self.pool.rows(chunk)
             for layer in range(k.shape[0]):
                 self.stream.write_rows(layer, self.heads, chunk, k[layer], v[layer])
-        return -(-len(mine) // RESYNC_SLOTS_PER_MESSAGE) * self.pool.k.shape[0]
+        return -(-len(slots) // RESYNC_SLOTS_PER_MESSAGE) * self.pool.k.shape[0]
+
+    def take_moved(self, prefix: torch.Tensor, new: torch.Tensor, fetch) -> tuple[int, int]:
+        """A request moved here from a lost replica (replica_kv.py): `prefix` slots it finds cached here, then `new`
+        slots for the tokens whose KV comes from the lost replica's store. Their remainder rows go whole to one
+        worker, the one holding the prefix's (or the least loaded), which its match then makes its owner; each
+        worker fetches what it holds (`fetch(heads, new slots)`); returns (rows restored here, rows missing)."""
+        worker = _lowest_bit(int(self.holders[prefix[-1]])) if len(prefix) else None
+        if worker is None:
+            loads = self.router.load()
+            worker = min(self.router.workers, key=lambda w: (loads[w], w))
+        self.holders[new] = 1 << worker
+        return self._restore_held(new, fetch)
+
+    def _restore_held(self, new: torch.Tensor, fetch) -> tuple[int, int]:
+        restored, missing = self._fetch_held(new, fetch)
+        if not missing:  # rows written outside a forward: backed up here (the regroup's are in the store already)
+            self._back_up(new[(self.holders[new] >> self.rank & 1) == 1])
+        return restored, missing
 
     def release_slots(self, slots: torch.Tensor) -> None:
         slots = slots.to(torch.int64).cpu()
@@ -338,6 +359,11 @@ class CyclicPlacement(RemainderPlacement):
         bits = self.holders[slots]
         self.rows_of -= torch.stack([(bits >> w & 1).sum() for w in range(len(self.rows_of))])
         super().release_slots(slots)
+
+    def take_moved(self, prefix: torch.Tensor, new: torch.Tensor, fetch) -> tuple[int, int]:
+        """A moved request's `new` slots placed as a prefill after its cached `prefix` would be (see the parent)."""
+        self._place(torch.cat([prefix, new]), len(prefix))
+        return self._restore_held(new, fetch)
 
     def adopt(self, resumed, live: torch.Tensor, fetch) -> tuple[int, int]:
         """After a regroup: the cached slots' rows dealt over the workers in turn, in slot order (so each

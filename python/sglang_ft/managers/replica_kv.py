@@ -4,7 +4,8 @@ The lost replica's store holds every KV head's rows of the slots its group wrote
 request (its rank 0 mapped them after every step: `ft.request_slots`). The journal asks it for the slots of each
 moved request's tokens and sends them with the request (`replica_move.ResumeTokens`). Here, on every TP rank of
 the new replica, the request's tokens get fresh slots in this replica's pool, each rank fetches its own heads'
-rows of the old slots from the lost store, and prompt plus output go into SGLang's radix cache with those slots.
+rows of the old slots from the lost store (under hybrid attention or cyclic placement, the remainder heads' rows
+too, placed as a prefill would place them), and prompt plus output go into SGLang's radix cache with those slots.
 SGLang's own prefix match then finds them when the request is scheduled: its prefill computes only the newest
 token, as if it had never moved.
 
@@ -24,13 +25,10 @@ logger = logging.getLogger(__name__)
 
 
 def can_take_kv(scheduler) -> bool:
-    """Only where the request's KV is plain TP heads in SGLang's token pool (not hybrid attention's or cyclic
-    placement's remainder rows, which live elsewhere) and the radix cache can hold it."""
-    from sglang_ft.managers import remainder_owners
-
+    """Where the radix cache can hold the request's KV (on, one token a page) and the model is sglang-ft's."""
     runner = scheduler.tp_worker.model_runner
     return (not getattr(scheduler.tree_cache, "disable", True) and scheduler.page_size == 1
-            and getattr(runner.model, "shard", None) is not None and remainder_owners.active() is None)
+            and getattr(runner.model, "shard", None) is not None)
 
 
 def _room_for(tree, allocator, need: int, node) -> torch.Tensor | None:
@@ -51,6 +49,7 @@ def take_over_kv(scheduler, req, endpoint: str, old_slots: list[int], kv_stream=
     returns how many tokens it will not compute again (0 when it cannot: then it is prefilled as any request)."""
     from sglang.srt.mem_cache.base_prefix_cache import InsertParams, MatchPrefixParams
 
+    from sglang_ft.managers import remainder_owners
     from sglang_ft.managers.regroup import any_rank
     from sglang_ft.managers.scheduler_sync import matched_slots, radix_key
     from sglang_ft.mem_cache.kv_reshape import fetch_rows
@@ -73,7 +72,16 @@ def take_over_kv(scheduler, req, endpoint: str, old_slots: list[int], kv_stream=
     wanted = torch.as_tensor(np.asarray(old_slots[have:], dtype=np.int64))
     fetched = fetch_rows(endpoint, 0, heads, wanted, (), pool.k_buffer[0].dtype)
     complete = fetched is not None and fetched[2] is not None and bool(fetched[2].all())
+    prefix = matched_slots(tree, match, req).to("cpu", torch.int64)
+    placement = remainder_owners.active()  # hybrid attention or cyclic placement: the remainder heads' rows
+    if placement is not None:
+        old_of = dict(zip(new_slots.tolist(), wanted.tolist(), strict=True))
+        _, missing = placement.take_moved(prefix, new_slots.to("cpu", torch.int64), lambda span, slots: fetch_rows(
+            endpoint, 0, span, torch.tensor([old_of[int(s)] for s in slots]), (), placement.pool.k.dtype))
+        complete = complete and not missing
     if any_rank(not complete, scheduler.tp_cpu_group):
+        if placement is not None:
+            placement.release_slots(new_slots)  # (SGLang's free below does too, through sglang-ft's hook)
         allocator.free(new_slots)
         logger.warning("sglang-ft: the lost replica's store lacks KV of moved request %s; it is prefilled again",
                        req.rid)
@@ -85,7 +93,7 @@ def take_over_kv(scheduler, req, endpoint: str, old_slots: list[int], kv_stream=
         pool.v_buffer[index][device_slots] = v[pool.start_layer + index].to(pool.v_buffer[index].device)
     if kv_stream is not None:  # written outside the forward: back them up here too
         kv_stream.back_up_slots(new_slots)
-    prefix = matched_slots(tree, match, req).to(new_slots.device, torch.int64)
+    prefix = prefix.to(new_slots.device)
     # prev_prefix_len: the matched prefix's slots are the tree's own, not duplicates for SGLang's insert to free
     tree.insert(InsertParams(key=key, value=torch.cat([prefix, new_slots.to(torch.int64)]), prev_prefix_len=have,
                              inserted_len=have, priority=req.priority or 0))
