@@ -312,13 +312,12 @@ def lost_replicas_store(tmp_path, rows: dict[tuple[int, int], list[int]]):
     span, the slots written (every layer); returns (fetch endpoint, K and V [layers, slot, head, dim] written)."""
     import os
     import threading
-    import time
 
     import numpy as np
     import torch
     from test_kv_backup import G
 
-    from ft.kv_backup import KvBackupSender, store_stats
+    from ft.kv_backup import KvBackupSender
     from ft.kv_store import serve
 
     push, fetch = f"ipc://{tmp_path}/push", f"ipc://{tmp_path}/fetch"
@@ -332,9 +331,7 @@ def lost_replicas_store(tmp_path, rows: dict[tuple[int, int], list[int]]):
         for layer in range(G.num_layers):
             lost.write(layer, np.array(slots), k[layer, slots, heads[0]:heads[1]].numpy().view(np.uint32),
                        v[layer, slots, heads[0]:heads[1]].numpy().view(np.uint32))
-    deadline = time.monotonic() + 10  # the sender's socket connects in the background: wait until all arrived
-    while (store_stats(fetch) or {}).get("writes", 0) < lost.sent and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_for_store(fetch, lost.sent)
     return fetch, k, v
 
 
@@ -478,3 +475,57 @@ def test_under_hybrid_attention_or_cyclic_placement_the_remainder_heads_rows_are
     for slot, old, worker in zip(new.tolist(), [11, 12, 13], workers):
         rows_k, rows_v = placements[worker].pool.rows(torch.tensor([slot]))
         assert torch.equal(rows_k[:, 0], k[:, old, 2:4]) and torch.equal(rows_v[:, 0], v[:, old, 2:4])
+
+
+def test_rank0_maps_each_step_of_its_requests_to_their_slots_in_the_store(tmp_path):
+    """What `KvStreamer.map_requests` tells the store after SGLang's steps: a prefill maps each request's whole row
+    (its cached prefix's slots too), a decode step the one new slot of each, an idle batch nothing; the store then
+    answers each request's slots, in position order."""
+    import os
+    import threading
+
+    import torch
+    from test_kv_backup import G
+
+    from ft.kv_backup import slots_of_requests
+    from ft.kv_store import serve
+    from sglang_ft.mem_cache.kv_backup_stream import KvStreamer
+
+    push, fetch = f"ipc://{tmp_path}/push", f"ipc://{tmp_path}/fetch"
+    threading.Thread(target=serve, args=(push, fetch, os.getpid()), daemon=True).start()
+    pool = SimpleNamespace(layer_num=G.num_layers, head_dim=G.head_dim, start_layer=0,
+                           k_buffer=[torch.zeros(G.slots, G_HEADS, G.head_dim) for _ in range(G.num_layers)],
+                           v_buffer=[torch.zeros(G.slots, G_HEADS, G.head_dim) for _ in range(G.num_layers)])
+    streamer = KvStreamer(push, 0, 64, pool, None, G_HEADS)
+    streamer.follow(pool, (0, G_HEADS), 0)
+    rows = torch.zeros((4, 16), dtype=torch.int32)
+    rows[0, :3], rows[1, :4] = torch.tensor([5, 6, 7]), torch.tensor([5, 6, 9, 10])  # b reuses a's first 2 slots
+    reqs = [SimpleNamespace(rid="a", kv=SimpleNamespace(req_pool_idx=0)),
+            SimpleNamespace(rid="b", kv=SimpleNamespace(req_pool_idx=1))]
+    mode = lambda extend: SimpleNamespace(is_extend=lambda: extend, is_decode=lambda: not extend)  # noqa: E731
+    prefill = SimpleNamespace(forward_mode=mode(True), reqs=reqs, seq_lens_cpu=torch.tensor([3, 4]),
+                              req_to_token_pool=SimpleNamespace(req_to_token=rows))
+    decode = SimpleNamespace(forward_mode=mode(False), reqs=reqs, seq_lens_cpu=torch.tensor([4, 5]),
+                             out_cache_loc=torch.tensor([8, 11]))
+    idle = SimpleNamespace(forward_mode=SimpleNamespace(is_extend=lambda: False, is_decode=lambda: False),
+                           reqs=[], seq_lens_cpu=torch.tensor([]))
+    streamer.back_up_slots(torch.arange(5, 12))  # every head's rows, every layer, as the forwards wrote them
+    assert streamer.map_requests(prefill) and streamer.map_requests(decode) and not streamer.map_requests(idle)
+    wait_for_store(fetch, streamer.sender.sent)
+    found = {rid: s.tolist() for rid, s in slots_of_requests(fetch, {"a": 10, "b": 10}).items()}
+    assert found == {"a": [5, 6, 7, 8], "b": [5, 6, 9, 10, 11]}
+    streamer.sender.close()
+
+
+def wait_for_store(fetch: str, messages: int) -> None:
+    """Until the store at `fetch` has taken `messages` (a sender's socket connects in the background)."""
+    import time
+
+    from ft.kv_backup import store_stats
+
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        stats = store_stats(fetch) or {}
+        if stats.get("writes", 0) + stats.get("request_maps", 0) + stats.get("drops", 0) >= messages:
+            return
+        time.sleep(0.01)
