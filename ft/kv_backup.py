@@ -210,16 +210,10 @@ def fetch_kv(endpoint: str, epoch: int, heads: Span, slots: np.ndarray, timeout_
     then on, except those of the processes that stay in the group (sent before the regroup, they can arrive after
     this fetch).
     """
-    socket = zmq.Context.instance().socket(zmq.REQ)
-    socket.setsockopt(zmq.LINGER, 0)
-    try:
-        socket.connect(endpoint)
-        socket.send_multipart([encode(KvFetch(epoch, heads, tuple(members))), _int64(slots)])
-        if not socket.poll(int(timeout_s * 1e3)):
-            raise StoreUnavailable(f"the KV backup store did not answer within {timeout_s:.0f}s")
-        header, k, v, found = socket.recv_multipart()
-    finally:
-        socket.close()
+    frames = _ask(endpoint, [encode(KvFetch(epoch, heads, tuple(members))), _int64(slots)], timeout_s)
+    if frames is None:
+        raise StoreUnavailable(f"the KV backup store did not answer within {timeout_s:.0f}s")
+    header, k, v, found = frames
     reply = decode(header)
     n, h = len(slots), heads[1] - heads[0]
     if not isinstance(reply, KvFetched) or reply.geometry is None:
@@ -236,33 +230,32 @@ def slots_of_requests(endpoint: str, limits: dict[str, int], timeout_s: float = 
     """Per rid, the slots of its first positions (at most `limits[rid]`) whose KV the store holds whole; an empty
     dict when the store does not answer."""
     rids = tuple(limits)
-    socket = zmq.Context.instance().socket(zmq.REQ)
-    socket.setsockopt(zmq.LINGER, 0)
-    try:
-        socket.connect(endpoint)
-        socket.send_multipart([encode(SlotsOfRequests(rids, tuple(limits[r] for r in rids)))])
-        if not socket.poll(int(timeout_s * 1e3)):
-            return {}
-        header, slots = socket.recv_multipart()
-    finally:
-        socket.close()
-    reply = decode(header)
+    frames = _ask(endpoint, [encode(SlotsOfRequests(rids, tuple(limits[r] for r in rids)))], timeout_s)
+    if frames is None or len(frames) != 2:
+        return {}
+    reply = decode(frames[0])
     if not isinstance(reply, RequestSlotsFound) or len(reply.counts) != len(rids):
         return {}
-    slots = np.frombuffer(slots, dtype=np.int64)
+    slots = np.frombuffer(frames[1], dtype=np.int64)
     bounds = np.cumsum((0, *reply.counts))
     return {rid: slots[bounds[i] : bounds[i + 1]] for i, rid in enumerate(rids)}
 
 
 def store_stats(endpoint: str, timeout_s: float = 0.5) -> dict | None:
     """The store's counters, or None when it does not answer."""
+    frames = _ask(endpoint, [encode(StoreStats())], timeout_s)
+    return None if frames is None else msgspec.json.decode(frames[0])
+
+
+def _ask(endpoint: str, frames: list, timeout_s: float) -> list[bytes] | None:
+    """One request to the store's REP socket and its reply frames; None when it does not answer in time."""
     socket = zmq.Context.instance().socket(zmq.REQ)
     socket.setsockopt(zmq.LINGER, 0)
     try:
         socket.connect(endpoint)
-        socket.send_multipart([encode(StoreStats())])
+        socket.send_multipart(frames)
         if not socket.poll(int(timeout_s * 1e3)):
             return None
-        return msgspec.json.decode(socket.recv())
+        return socket.recv_multipart()
     finally:
         socket.close()

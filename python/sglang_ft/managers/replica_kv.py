@@ -52,7 +52,7 @@ def take_over_kv(scheduler, req, endpoint: str, old_slots: list[int], kv_stream=
     from sglang_ft.managers import remainder_owners
     from sglang_ft.managers.regroup import any_rank
     from sglang_ft.managers.scheduler_sync import matched_slots, radix_key
-    from sglang_ft.mem_cache.kv_reshape import fetch_rows
+    from sglang_ft.mem_cache.kv_reshape import fetch_rows, put_rows
 
     if not old_slots or not can_take_kv(scheduler):
         return 0
@@ -87,10 +87,7 @@ def take_over_kv(scheduler, req, endpoint: str, old_slots: list[int], kv_stream=
                        req.rid)
         return 0
     k, v, _found = fetched
-    device_slots = new_slots.to(pool.k_buffer[0].device)
-    for index in range(len(pool.k_buffer)):  # the store holds every layer; this pool may start later (PP)
-        pool.k_buffer[index][device_slots] = k[pool.start_layer + index].to(pool.k_buffer[index].device)
-        pool.v_buffer[index][device_slots] = v[pool.start_layer + index].to(pool.v_buffer[index].device)
+    put_rows(pool, new_slots.to(pool.k_buffer[0].device), slice(None), k, v)  # as a regroup's restore writes them
     if kv_stream is not None:  # written outside the forward: back them up here too
         kv_stream.back_up_slots(new_slots)
     prefix = prefix.to(new_slots.device)

@@ -45,7 +45,7 @@ def _local(span, start: int, end: int) -> slice:
     return slice(start - span[0], end - span[0])
 
 
-def _put_rows(pool, slots: torch.Tensor, heads: slice, k_layers, v_layers) -> None:
+def put_rows(pool, slots: torch.Tensor, heads: slice, k_layers, v_layers) -> None:
     """Write per-layer rows ([n, heads, dim] each) into the pool at `slots` for local `heads`."""
     for layer, (k, v) in enumerate(zip(k_layers, v_layers, strict=True)):
         pool.k_buffer[layer][slots, heads] = k.to(pool.k_buffer[layer].device)
@@ -67,7 +67,7 @@ def restore_kv(pool, allocator, old_heads, new_heads, plan: MigrationPlan, me: i
     device_slots = slots.to(pool.k_buffer[0].device)
     if lo < hi:  # kept heads: only the live rows are copied (the pool is sized for the whole memory budget)
         kept_new, kept_old = _local(new_heads, lo, hi), _local(old_heads, lo, hi)
-        _put_rows(pool, device_slots, kept_new, [k[device_slots, kept_old] for k in old_k],
+        put_rows(pool, device_slots, kept_new, [k[device_slots, kept_old] for k in old_k],
                   [v[device_slots, kept_old] for v in old_v])
 
     rank_of = {worker: rank for rank, worker in enumerate(plan.workers)}
@@ -94,7 +94,7 @@ def restore_kv(pool, allocator, old_heads, new_heads, plan: MigrationPlan, me: i
     for request in requests:
         request.wait()
     for buffer, move in landing:
-        _put_rows(pool, device_slots, _local(new_heads, move.start, move.end), buffer[0], buffer[1])
+        put_rows(pool, device_slots, _local(new_heads, move.start, move.end), buffer[0], buffer[1])
         stats.bytes_p2p_in += buffer.numel() * buffer.element_size()
     return stats
 
@@ -124,5 +124,5 @@ def _restore_from_store(pool, new_heads, move, slots, device_slots, epoch, endpo
     stats.rows_missing += heads * int((~found).sum())
     if not found.any():
         return
-    _put_rows(pool, device_slots, _local(new_heads, move.start, move.end), k, v)
+    put_rows(pool, device_slots, _local(new_heads, move.start, move.end), k, v)
     stats.blocks_restored += heads * -(-int(found.sum()) // BLOCK_TOKENS)
