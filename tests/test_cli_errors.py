@@ -117,3 +117,21 @@ def test_cyclic_placement_and_hybrid_attention_together_are_refused_naming_both_
     problems = FtArgs(attention="hybrid", kv_placement="cyclic").problems()
     assert len(problems) == 1 and "--ft-kv-placement cyclic" in problems[0] and "--ft-attention hybrid" in problems[0]
     assert FtArgs(kv_placement="cyclic").problems() == [] and FtArgs(kv_placement="cyclic").splits_remainder
+
+
+def test_quantization_flag_is_refused_at_launch_naming_it(tiny_model):
+    [problem] = check_ft_launch(server_args(tiny_model, quantization="fp8"))
+    assert "--quantization fp8" in problem
+
+
+def test_a_quantized_checkpoint_is_refused_at_launch_naming_the_model_path(tiny_model, tmp_path):
+    import json
+    import shutil
+
+    quantized = tmp_path / "quantized"
+    shutil.copytree(tiny_model, quantized)
+    config = json.loads((quantized / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": 128}
+    (quantized / "config.json").write_text(json.dumps(config))
+    [problem] = check_ft_launch(server_args(str(quantized)))
+    assert "--model-path" in problem and "gptq" in problem and "quantized" in problem

@@ -71,6 +71,7 @@ def check_ft_launch(server_args) -> list[str]:
         check_tp_size(model_shape_of(hf_config), server_args.tp_size)
     except ValueError as exc:
         problems.append(str(exc))
+    problems += _quantization_problems(server_args, hf_config)
     attn_dp_size = getattr(server_args, "attn_dp_size", 1)
     for flag, value in (("--pp-size", server_args.pp_size), ("--attn-dp-size", attn_dp_size)):
         if value not in (None, 1):
@@ -86,4 +87,20 @@ def check_ft_launch(server_args) -> list[str]:
     elif nnodes > 1 and server_args.dist_init_addr.startswith("["):
         problems.append(f"--dist-init-addr {server_args.dist_init_addr} is IPv6: --ft across nodes needs an IPv4 "
                         "address or a host name for node 0 (its ZMQ sockets are IPv4)")
+    return problems
+
+
+def _quantization_problems(server_args, hf_config) -> list[str]:
+    """The elastic model slices full-precision weights by head and column; quantized weights (packed, with scales
+    per group) are not sliced yet, so refuse them here rather than in the schedulers after launch."""
+    problems = []
+    quantization = getattr(server_args, "quantization", None)
+    if quantization:
+        problems.append(f"--quantization {quantization} is not supported with --ft yet (serve a full-precision "
+                        "checkpoint)")
+    checkpoint_quant = getattr(hf_config, "quantization_config", None)
+    if checkpoint_quant:
+        method = checkpoint_quant.get("quant_method", "unknown") if isinstance(checkpoint_quant, dict) else "unknown"
+        problems.append(f"--model-path {server_args.model_path!r} is a quantized checkpoint ({method}, from its "
+                        "config.json's quantization_config): not supported with --ft yet")
     return problems
