@@ -30,27 +30,31 @@ Ms = Annotated[float, Meta(ge=0)]  # a duration or a sum of them
 
 
 class WorkerLoad(msgspec.Struct, frozen=True):
-    """What one worker holds and does, for `/ft/status`: unequal heads mean unequal KV bytes and attention work."""
+    """What one worker holds and does, for `/ft/status`: unequal heads mean unequal KV bytes and attention work.
 
-    q_heads: Count
-    kv_heads: Count
-    kv_tokens_used: Count  # token slots allocated (running requests and the radix cache)
-    kv_tokens_free: Count
-    kv_bytes_per_token: Count  # this worker's KV for one token: its KV heads, every layer, K and V
-    running_requests: Count
-    waiting_requests: Count
-    outstanding_tokens: Count  # prompt tokens not yet prefilled plus output tokens not yet decoded
-    last_step_ms: Ms  # the latest forward (SGLang's run_batch) on this worker
-    last_step_collective_ms: Ms | None = None  # of which inside TP collectives: waiting for wider peers (CPU)
-    steps: Count = 0  # forwards since the worker started
-    busy_ms_total: Ms = 0.0  # their time outside TP collectives (CPU): this worker's own work, summed
+    Unbounded on purpose: only shown, never used to index or allocate, and a bound that a real value broke (a
+    subtraction of two clocks) would drop the heartbeat carrying it, and the controller would declare the worker dead.
+    """
+
+    q_heads: int
+    kv_heads: int
+    kv_tokens_used: int  # token slots allocated (running requests and the radix cache)
+    kv_tokens_free: int
+    kv_bytes_per_token: int  # this worker's KV for one token: its KV heads, every layer, K and V
+    running_requests: int
+    waiting_requests: int
+    outstanding_tokens: int  # prompt tokens not yet prefilled plus output tokens not yet decoded
+    last_step_ms: float  # the latest forward (SGLang's run_batch) on this worker
+    last_step_collective_ms: float | None = None  # of which inside TP collectives: waiting for wider peers (CPU)
+    steps: int = 0  # forwards since the worker started
+    busy_ms_total: float = 0.0  # their time outside TP collectives (CPU): this worker's own work, summed
     # hybrid attention or cyclic placement: the remainder heads this worker computes and holds KV for
-    remainder_kv_heads: Count = 0
-    remainder_requests: Count = 0  # unfinished requests it owns
-    remainder_kv_tokens_used: Count = 0
-    remainder_kv_bytes_per_token: Count = 0
-    remainder_rows_copied: Count = 0  # cached-prefix rows received from the worker that computed them
-    remainder_kv_tokens_capacity: Count = 0  # rows its remainder pool has room for (allocated)
+    remainder_kv_heads: int = 0
+    remainder_requests: int = 0  # unfinished requests it owns
+    remainder_kv_tokens_used: int = 0
+    remainder_kv_bytes_per_token: int = 0
+    remainder_rows_copied: int = 0  # cached-prefix rows received from the worker that computed them
+    remainder_kv_tokens_capacity: int = 0  # rows its remainder pool has room for (allocated)
 
     @property
     def kv_bytes_used(self) -> int:

@@ -22,7 +22,7 @@ from collections import OrderedDict
 import numpy as np
 
 MAX_REQUESTS = 4096  # maps kept, least recently updated dropped first (a finished request is never asked for)
-POSITIONS_PER_SLOT = 4  # positions kept in all per pool slot (requests sharing a cached prefix map its slots each)
+POSITIONS_PER_SLOT = 16  # positions kept in all per pool slot (requests sharing a cached prefix map its slots each)
 
 
 class _Row:
