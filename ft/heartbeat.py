@@ -11,7 +11,7 @@ import threading
 
 import zmq
 
-from ft.messages import Heartbeat, Message, decode, encode
+from ft.messages import Heartbeat, Report, decode_report, encode
 
 
 class HeartbeatSender:
@@ -75,9 +75,9 @@ class MessageReceiver:
         self.socket = zmq.Context.instance().socket(zmq.PULL)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.bind(endpoint)
-        self.dropped = 0  # frames that were not valid sglang-ft messages
+        self.dropped = 0  # frames that were not valid reports (an order, a foreign or forged frame)
 
-    def poll(self, timeout_s: float, wake_fds: list[int] = ()) -> list[Message]:
+    def poll(self, timeout_s: float, wake_fds: list[int] = ()) -> list[Report]:
         """Every message that arrives within `timeout_s`; returns early once something arrived or one of
         `wake_fds` (e.g. a process-exit pidfd) became readable."""
         messages = []
@@ -91,7 +91,7 @@ class MessageReceiver:
                     frame = self.socket.recv(zmq.NOBLOCK)
                 except zmq.Again:
                     break
-                message = decode(frame)
+                message = decode_report(frame)
                 if message is None:
                     self.dropped += 1
                 else:

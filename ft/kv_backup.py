@@ -20,14 +20,32 @@ from __future__ import annotations
 import os
 import time
 from collections import deque
+from typing import Annotated, Literal
 
 import msgspec
 import numpy as np
 import zmq
+from msgspec import Meta
 
 from ft.messages import msgpack_codec
+from ft.wire import (
+    MAX_HEAD_DIM,
+    MAX_KV_HEADS,
+    MAX_KV_SLOTS,
+    MAX_LAYERS,
+    MAX_RID_CHARS,
+    MAX_RIDS,
+    MAX_WORKERS,
+    Count,
+    Epoch,
+    PidOrUnknown,
+    Positions,
+    Rids,
+    Worker,
+)
 
-Span = tuple[int, int]
+Head = Annotated[int, Meta(ge=0, le=MAX_KV_HEADS)]
+Span = tuple[Head, Head]  # [start, end) of global KV heads; the store checks start < end <= its heads
 BLOCK_TOKENS = 16  # what /ft/status counts as one KV block: 16 token slots of one KV head, every layer
 PROBE_INTERVAL_S = 0.05  # at most one tracked message per interval (tracking costs ~40 us a message)
 
@@ -35,46 +53,46 @@ PROBE_INTERVAL_S = 0.05  # at most one tracked message per interval (tracking co
 class Geometry(msgspec.Struct, frozen=True):
     """The KV pool's shape for the whole group (all KV heads)."""
 
-    num_layers: int
-    num_kv_heads: int
-    head_dim: int
-    slots: int  # token slots, including SGLang's padding slot 0
-    itemsize: int  # bytes per element; rows travel as raw bytes, whatever the dtype
+    num_layers: Annotated[int, Meta(ge=1, le=MAX_LAYERS)]
+    num_kv_heads: Annotated[int, Meta(ge=1, le=MAX_KV_HEADS)]
+    head_dim: Annotated[int, Meta(ge=1, le=MAX_HEAD_DIM)]
+    slots: Annotated[int, Meta(ge=1, le=MAX_KV_SLOTS)]  # token slots, including SGLang's padding slot 0
+    itemsize: Literal[1, 2, 4, 8]  # bytes per element; rows travel as raw bytes, whatever the dtype
 
 
 class KvWrite(msgspec.Struct, tag=True, frozen=True):
     """Frames: [header, slots int64, k rows [n, heads, head_dim], v rows]."""
 
-    epoch: int
-    worker: int
-    seq: int
-    layer: int
+    epoch: Epoch
+    worker: Worker
+    seq: Count
+    layer: Annotated[int, Meta(ge=0, lt=MAX_LAYERS)]
     heads: Span
     geometry: Geometry
-    sender: int = 0  # the sending process (a restarted worker numbers its messages from 0 again)
+    sender: PidOrUnknown = 0  # the sending process (a restarted worker numbers its messages from 0 again)
 
 
 class KvDrop(msgspec.Struct, tag=True, frozen=True):
     """Frames: [header, slots int64]: these slots were freed; their rows for `heads` are no longer valid."""
 
-    epoch: int
-    worker: int
-    seq: int
+    epoch: Epoch
+    worker: Worker
+    seq: Count
     heads: Span
-    sender: int = 0
+    sender: PidOrUnknown = 0
 
 
 class KvFetch(msgspec.Struct, tag=True, frozen=True):
     """Frames: [header, slots int64]. Reply: [KvFetched, k [layers, n, heads, dim], v, found bool [n]]."""
 
-    epoch: int
+    epoch: Epoch
     heads: Span
     # (worker, process id) of `epoch`'s group: what these processes sent before the regroup still counts
-    members: tuple[tuple[int, int], ...] = ()
+    members: Annotated[tuple[tuple[Worker, PidOrUnknown], ...], Meta(max_length=MAX_WORKERS)] = ()
 
 
 class KvFetched(msgspec.Struct, tag=True, frozen=True):
-    found: int
+    found: Count
     geometry: Geometry | None
 
 
@@ -86,26 +104,34 @@ class ReqSlots(msgspec.Struct, tag=True, frozen=True):
     """Frames: [header, slots int64]: from TP rank 0 after a step, request `rids[i]`'s positions `starts[i]`..
     (`counts[i]` of them) are in the next `counts[i]` slots (ft.request_slots)."""
 
-    epoch: int
-    worker: int
-    seq: int
+    epoch: Epoch
+    worker: Worker
+    seq: Count
     heads: Span
-    rids: tuple[str, ...]
-    starts: tuple[int, ...]
-    counts: tuple[int, ...]
-    sender: int = 0
+    rids: Rids
+    starts: Positions
+    counts: Positions
+    sender: PidOrUnknown = 0
+
+    def __post_init__(self):
+        if not len(self.rids) == len(self.starts) == len(self.counts):
+            raise ValueError(f"{len(self.rids)} rids, {len(self.starts)} starts and {len(self.counts)} counts")
 
 
 class SlotsOfRequests(msgspec.Struct, tag=True, frozen=True):
     """Frames: [header]. Reply: [RequestSlotsFound, slots int64]: for each rid, the slots of its first positions
     (up to `limits[i]`) whose rows the store holds for every head and layer."""
 
-    rids: tuple[str, ...]
-    limits: tuple[int, ...]
+    rids: Rids
+    limits: Positions
+
+    def __post_init__(self):
+        if len(self.rids) != len(self.limits) or len(set(self.rids)) != len(self.rids):
+            raise ValueError("a query needs distinct rids, one limit each")
 
 
 class RequestSlotsFound(msgspec.Struct, tag=True, frozen=True):
-    counts: tuple[int, ...]
+    counts: Annotated[tuple[Count, ...], Meta(max_length=MAX_RIDS)]
 
 
 StoreMessage = KvWrite | KvDrop | KvFetch | KvFetched | StoreStats | ReqSlots | SlotsOfRequests | RequestSlotsFound
@@ -152,10 +178,17 @@ class KvBackupSender:
                            _int64(slots)])
 
     def request_slots(self, rids, starts, counts, slots) -> bool:
-        """Tell the store which slots hold these requests' positions (see `ReqSlots`)."""
+        """Tell the store which slots hold these requests' positions (see `ReqSlots`). A request whose id is longer
+        than the store accepts is left out (it is prefilled again if it has to move, rather than refuse the batch)."""
+        slots = _int64(slots)
+        if any(len(rid) > MAX_RID_CHARS for rid in rids):
+            ends = np.cumsum(counts, dtype=np.int64)
+            keep = [i for i, rid in enumerate(rids) if len(rid) <= MAX_RID_CHARS]
+            slots = np.concatenate([slots[ends[i] - counts[i] : ends[i]] for i in keep] or [slots[:0]])
+            rids, starts, counts = ([xs[i] for i in keep] for xs in (rids, starts, counts))
         header = ReqSlots(self.epoch, self.worker, self.seq, self.heads, tuple(rids), tuple(starts), tuple(counts),
                           self.sender)
-        return self._send([encode(header), _int64(slots)])
+        return self._send([encode(header), slots])
 
     def _send(self, frames) -> bool:
         self.seq += 1  # consumed even when dropped: the store sees the gap
@@ -213,14 +246,18 @@ def fetch_kv(endpoint: str, epoch: int, heads: Span, slots: np.ndarray, timeout_
     frames = _ask(endpoint, [encode(KvFetch(epoch, heads, tuple(members))), _int64(slots)], timeout_s)
     if frames is None:
         raise StoreUnavailable(f"the KV backup store did not answer within {timeout_s:.0f}s")
-    header, k, v, found = frames
-    reply = decode(header)
+    reply = decode(frames[0])
     n, h = len(slots), heads[1] - heads[0]
-    if not isinstance(reply, KvFetched) or reply.geometry is None:
+    if len(frames) != 4 or not isinstance(reply, KvFetched):
+        raise StoreUnavailable("the KV backup store's reply to a fetch is malformed")
+    if reply.geometry is None:
         empty = np.zeros(0, dtype=np.uint8)
         return empty, empty, np.zeros(n, dtype=bool)
     g = reply.geometry
     shape = (g.num_layers, n, h, g.head_dim)
+    _, k, v, found = frames
+    if not len(k) == len(v) == int(np.prod(shape)) * g.itemsize or len(found) != n:
+        raise StoreUnavailable(f"the KV backup store's reply does not hold {n} slots of {h} heads")
     dtype = raw_dtype(g.itemsize)
     return (np.frombuffer(k, dtype=dtype).reshape(shape), np.frombuffer(v, dtype=dtype).reshape(shape),
             np.frombuffer(found, dtype=bool))
@@ -228,13 +265,15 @@ def fetch_kv(endpoint: str, epoch: int, heads: Span, slots: np.ndarray, timeout_
 
 def slots_of_requests(endpoint: str, limits: dict[str, int], timeout_s: float = 2.0) -> dict[str, np.ndarray]:
     """Per rid, the slots of its first positions (at most `limits[rid]`) whose KV the store holds whole; an empty
-    dict when the store does not answer."""
-    rids = tuple(limits)
-    frames = _ask(endpoint, [encode(SlotsOfRequests(rids, tuple(limits[r] for r in rids)))], timeout_s)
+    dict when the store does not answer. Ids longer than the store accepts are not asked about."""
+    rids = tuple(rid for rid in limits if len(rid) <= MAX_RID_CHARS)[:MAX_RIDS]
+    frames = _ask(endpoint, [encode(SlotsOfRequests(rids, tuple(max(0, limits[r]) for r in rids)))], timeout_s)
     if frames is None or len(frames) != 2:
         return {}
     reply = decode(frames[0])
     if not isinstance(reply, RequestSlotsFound) or len(reply.counts) != len(rids):
+        return {}
+    if len(frames[1]) != 8 * sum(reply.counts):
         return {}
     slots = np.frombuffer(frames[1], dtype=np.int64)
     bounds = np.cumsum((0, *reply.counts))
@@ -244,7 +283,11 @@ def slots_of_requests(endpoint: str, limits: dict[str, int], timeout_s: float = 
 def store_stats(endpoint: str, timeout_s: float = 0.5) -> dict | None:
     """The store's counters, or None when it does not answer."""
     frames = _ask(endpoint, [encode(StoreStats())], timeout_s)
-    return None if frames is None else msgspec.json.decode(frames[0])
+    try:
+        stats = None if frames is None else msgspec.json.decode(frames[0])
+    except msgspec.DecodeError:
+        return None
+    return stats if isinstance(stats, dict) else None
 
 
 def _ask(endpoint: str, frames: list, timeout_s: float) -> list[bytes] | None:

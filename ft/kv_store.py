@@ -51,6 +51,7 @@ from ft.kv_backup import (
 )
 from ft.process_watch import ProcessWatch
 from ft.request_slots import RequestSlotMap
+from ft.wire import Dropped, Malformed
 
 logger = logging.getLogger("sglang_ft.kv_store")
 
@@ -69,13 +70,16 @@ class KvStore:
         self.requests = RequestSlotMap()  # which slots hold each request's tokens (moving it to another group)
         self.generation = None  # per slot: how many times it was dropped (a map naming it is stale after one)
         self.counters = dict(writes=0, drops=0, fetches=0, rows_fetched=0, rows_missing=0, stale_refused=0,
-                             sequence_gaps=0, malformed=0, bytes_received=0, request_maps=0, request_queries=0)
+                             sequence_gaps=0, malformed=0, failed=0, bytes_received=0, request_maps=0,
+                             request_queries=0)
+        self.dropped = Dropped(logger, "kv store", self.counters)  # counts into `malformed` and `failed`
 
     def apply(self, frames: list[bytes]) -> None:
-        """Apply one message from a worker's stream; anything malformed is counted and ignored."""
+        """Apply one message from a worker's stream; anything malformed is counted and dropped. Never raises: the
+        store's loop applies every message it receives."""
         self.counters["bytes_received"] += sum(len(f) for f in frames)
-        header = decode(frames[0]) if frames else None
         try:
+            header = decode(frames[0]) if frames else None
             if isinstance(header, KvWrite) and len(frames) == 4:
                 self._write(header, *frames[1:])
             elif isinstance(header, KvDrop) and len(frames) == 2:
@@ -83,9 +87,29 @@ class KvStore:
             elif isinstance(header, ReqSlots) and len(frames) == 2:
                 self._record_requests(header, frames[1])
             else:
-                self.counters["malformed"] += 1
-        except (ValueError, IndexError):
-            self.counters["malformed"] += 1
+                raise Malformed(f"not a write, drop or request map ({len(frames)} frames)")
+        except Malformed as exc:
+            self.dropped.refused(str(exc))
+        except Exception as exc:
+            self.dropped.raised(exc)
+
+    def answer(self, frames: list[bytes]) -> list[bytes]:
+        """The reply to one request of the fetch socket. Never raises: a malformed or failing request gets an
+        empty fetch reply, since a REP socket takes no next request before it has answered this one."""
+        try:
+            request = decode(frames[0])
+            if isinstance(request, KvFetch) and len(frames) == 2:
+                return self.fetch(request, frames[1])
+            if isinstance(request, SlotsOfRequests) and len(frames) == 1:
+                return self.request_slots(request)
+            if isinstance(request, StoreStats) and len(frames) == 1:
+                return [msgspec.json.encode(self.stats())]
+            raise Malformed(f"not a fetch, request-slots or stats query ({len(frames)} frames)")
+        except Malformed as exc:
+            self.dropped.refused(str(exc))
+        except Exception as exc:
+            self.dropped.raised(exc)
+        return [encode(KvFetched(0, None)), b"", b"", b""]
 
     def _accept(self, epoch: int, worker: int, seq: int, heads, sender: int = 0) -> bool:
         if epoch < self.epoch and (worker, sender) not in self.staying:
@@ -103,25 +127,40 @@ class KvStore:
                            worker, expected, seq - 1, sorted(spans))
         return True
 
-    def _slots(self, raw: bytes) -> np.ndarray:
+    def _slots(self, raw: bytes, g: Geometry | None = None) -> np.ndarray:
+        """The int64 slots of a frame, each inside the pool of `g` (the store's geometry by default) once known."""
+        g = g or self.geometry
+        if len(raw) % 8:
+            raise Malformed(f"a slot frame of {len(raw)} B is not int64s")
         slots = np.frombuffer(raw, dtype=np.int64)
-        if self.geometry is not None and slots.size and (slots.min() < 0 or slots.max() >= self.geometry.slots):
-            raise ValueError("slot out of range")
+        if g is not None and slots.size and (slots.min() < 0 or slots.max() >= g.slots):
+            raise Malformed(f"a slot outside the pool's [0, {g.slots})")
         return slots
+
+    def _heads(self, heads, g: Geometry | None = None, empty: bool = False) -> tuple[int, int]:
+        """A span of global KV heads inside `g` (the store's geometry by default, once known); empty only where
+        `empty` (a drop or a request map of a rank whose span is empty)."""
+        g = g or self.geometry
+        h0, h1 = heads
+        if h1 < h0 or (h1 == h0 and not empty) or (g is not None and h1 > g.num_kv_heads):
+            raise Malformed(f"heads {h0}..{h1} outside the store's {g.num_kv_heads if g else '?'} KV heads")
+        return h0, h1
 
     def _write(self, header: KvWrite, slots_raw: bytes, k_raw: bytes, v_raw: bytes) -> None:
         g = header.geometry
+        if self.geometry is not None and g != self.geometry:
+            raise Malformed(f"geometry {g} differs from the store's {self.geometry}")
+        h0, h1 = self._heads(header.heads, g)
+        if header.layer >= g.num_layers:
+            raise Malformed(f"layer {header.layer} of {g.num_layers}")
+        slots = self._slots(slots_raw, g)
+        shape = (len(slots), h1 - h0, g.head_dim)
+        if not len(k_raw) == len(v_raw) == int(np.prod(shape)) * g.itemsize:
+            raise Malformed(f"K and V frames of {len(k_raw)} and {len(v_raw)} B for {len(slots)} slots' rows")
         if self.geometry is None:
             self._allocate(g)
-        elif g != self.geometry:
-            raise ValueError(f"geometry {g} differs from the store's {self.geometry}")
-        h0, h1 = header.heads
-        if not (0 <= h0 < h1 <= g.num_kv_heads and 0 <= header.layer < g.num_layers):
-            raise ValueError("heads or layer out of range")
         if not self._accept(header.epoch, header.worker, header.seq, header.heads, header.sender):
             return
-        slots = self._slots(slots_raw)
-        shape = (len(slots), h1 - h0, g.head_dim)
         dtype = raw_dtype(g.itemsize)
         k = np.frombuffer(k_raw, dtype=dtype).reshape(shape)
         v = np.frombuffer(v_raw, dtype=dtype).reshape(shape)
@@ -131,22 +170,25 @@ class KvStore:
         self.counters["writes"] += 1
 
     def _drop(self, header: KvDrop, slots_raw: bytes) -> None:
+        h0, h1 = self._heads(header.heads, empty=True)
+        slots = self._slots(slots_raw)
         if not self._accept(header.epoch, header.worker, header.seq, header.heads, header.sender) or self.valid is None:
             return
-        h0, h1 = header.heads
-        slots = self._slots(slots_raw)
         self.valid[:, h0:h1, slots] = False
         self.generation[slots] += 1
         self.counters["drops"] += 1
 
     def _record_requests(self, header: ReqSlots, slots_raw: bytes) -> None:
-        if not self._accept(header.epoch, header.worker, header.seq, header.heads, header.sender) \
-                or self.geometry is None:
-            return
+        """(Its rids, starts and counts are as many, and not negative: `ReqSlots` is checked as it is decoded.)"""
+        self._heads(header.heads, empty=True)
         slots = self._slots(slots_raw)
-        if not len(header.rids) == len(header.starts) == len(header.counts) or sum(header.counts) != len(slots) \
-                or min(header.starts, default=0) < 0 or min(header.counts, default=0) < 0:
-            raise ValueError("request map does not match its slots")
+        if sum(header.counts) != len(slots):
+            raise Malformed(f"a request map of {sum(header.counts)} positions with {len(slots)} slots")
+        g = self.geometry  # a request holds a slot per position: it never has more positions than the pool slots
+        if g is not None and any(start + count > g.slots for start, count in zip(header.starts, header.counts)):
+            raise Malformed(f"a request's positions beyond the pool's {g.slots} slots")
+        if not self._accept(header.epoch, header.worker, header.seq, header.heads, header.sender) or g is None:
+            return
         offset = 0
         for rid, start, count in zip(header.rids, header.starts, header.counts):
             self.requests.record(rid, start, slots[offset : offset + count], self.generation)
@@ -156,9 +198,9 @@ class KvStore:
     def request_slots(self, query: SlotsOfRequests) -> list[bytes]:
         """Reply frames: per rid, the slots of its first positions whose rows the store holds for every head."""
         self.counters["request_queries"] += 1
-        if self.geometry is not None and len(query.rids) == len(query.limits):
+        if self.geometry is not None:  # (distinct rids, one limit each: checked as `SlotsOfRequests` is decoded)
             whole = self.valid.all(axis=(0, 1))
-            found = [self.requests.trusted_prefix(rid, max(0, limit), self.generation, whole)
+            found = [self.requests.trusted_prefix(rid, limit, self.generation, whole)
                      for rid, limit in zip(query.rids, query.limits)]
         else:
             found = [np.empty(0, dtype=np.int64) for _ in query.rids]
@@ -166,12 +208,11 @@ class KvStore:
                 np.concatenate(found) if found else np.empty(0, dtype=np.int64)]
 
     def _allocate(self, g: Geometry) -> None:
-        if min(g.num_layers, g.num_kv_heads, g.head_dim, g.slots) <= 0:
-            raise ValueError(f"bad geometry {g}")
+        """(Every size of `g` is at least 1: `Geometry` is checked as it is decoded.)"""
         dtype = raw_dtype(g.itemsize)
         needed = 2 * g.num_layers * g.num_kv_heads * g.slots * g.head_dim * g.itemsize
         if needed > psutil.virtual_memory().available:  # a forged or mistaken geometry must not exhaust the host
-            raise ValueError(f"geometry {g} needs {needed} B, more than this host has free")
+            raise Malformed(f"geometry {g} needs {needed} B, more than this host has free")
         self.geometry = g
         self.k = np.zeros((g.num_layers, g.num_kv_heads, g.slots, g.head_dim), dtype=dtype)
         self.v = np.zeros_like(self.k)
@@ -182,11 +223,13 @@ class KvStore:
 
     def fetch(self, request: KvFetch, slots_raw: bytes) -> list[bytes]:
         """Reply frames for a fetch; it also moves the store to the request's epoch and its members."""
+        slots = self._slots(slots_raw)
+        if self.geometry is not None and len(slots) > self.geometry.slots:  # the reply's rows would outgrow the store
+            raise Malformed(f"a fetch of {len(slots)} slots from a pool of {self.geometry.slots}")
         if request.epoch > self.epoch:
             self.staying = {(worker, sender) for worker, sender in request.members}
         self.epoch = max(self.epoch, request.epoch)
         self.counters["fetches"] += 1
-        slots = self._slots(slots_raw)
         h0, h1 = request.heads
         if self.geometry is None or not 0 <= h0 < h1 <= self.geometry.num_kv_heads:
             self.counters["rows_missing"] += len(slots)
@@ -231,21 +274,7 @@ def serve(push_endpoint: str, fetch_endpoint: str, parent_pid: int) -> None:
         if pull in events or rep in events:
             _drain(pull, store)
         if rep in events:
-            frames = rep.recv_multipart()
-            request = decode(frames[0])
-            if isinstance(request, KvFetch) and len(frames) == 2:
-                try:
-                    rep.send_multipart(store.fetch(request, frames[1]))
-                except ValueError as exc:
-                    rep.send_multipart([encode(KvFetched(0, None)), b"", b"", b""])
-                    logger.warning("kv store: bad fetch: %s", exc)
-            elif isinstance(request, SlotsOfRequests) and len(frames) == 1:
-                rep.send_multipart(store.request_slots(request))
-            elif isinstance(request, StoreStats):
-                rep.send(msgspec.json.encode(store.stats()))
-            else:
-                store.counters["malformed"] += 1
-                rep.send_multipart([encode(KvFetched(0, None)), b"", b"", b""])
+            rep.send_multipart(store.answer(rep.recv_multipart()))
 
 
 def _drain(pull, store: KvStore) -> None:

@@ -1,16 +1,40 @@
 """Typed messages on sglang-ft's own ZMQ sockets (msgspec msgpack), each carrying the membership epoch.
 
-A receiver decodes with `decode()`, which rejects anything that is not one of these structs, so a malformed or
-foreign frame is an error value, never an exception deep inside a loop.
+A receiver decodes with its channel's decoder (`decode_report` on the controller's PULL socket, `decode_order` on
+its PUB socket's subscribers), which rejects anything that is not one of that channel's structs or breaks a bound
+of `ft.wire`, so a malformed or foreign frame is an error value, never an exception deep inside a loop.
 """
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import msgspec
+from msgspec import Meta
+
+from ft.wire import (
+    MAX_KV_SLOTS,
+    MAX_STAGES,
+    MAX_WORKERS,
+    Count,
+    Epoch,
+    Pid,
+    PidOrUnknown,
+    Slot,
+    Text,
+    Worker,
+    Workers,
+)
+
+Ms = Annotated[float, Meta(ge=0)]  # a duration or a sum of them
 
 
 class WorkerLoad(msgspec.Struct, frozen=True):
-    """What one worker holds and does, for `/ft/status`: unequal heads mean unequal KV bytes and attention work."""
+    """What one worker holds and does, for `/ft/status`: unequal heads mean unequal KV bytes and attention work.
+
+    Unbounded on purpose: only shown, never used to index or allocate, and a bound that a real value broke (a
+    subtraction of two clocks) would drop the heartbeat carrying it, and the controller would declare the worker dead.
+    """
 
     q_heads: int
     kv_heads: int
@@ -42,14 +66,14 @@ class WorkerLoad(msgspec.Struct, frozen=True):
 class Heartbeat(msgspec.Struct, tag=True, frozen=True):
     """Sent by each worker's heartbeat thread every interval."""
 
-    worker: int  # the worker's id: its TP rank at launch, stable across regroups
-    pid: int
-    epoch: int
-    seq: int
-    kv_backup: tuple[int, int, int] | None = None  # (messages sent, dropped on a full queue, bytes sent)
+    worker: Worker  # the worker's id: its TP rank at launch, stable across regroups
+    pid: Pid
+    epoch: Epoch
+    seq: Count
+    kv_backup: tuple[Count, Count, Count] | None = None  # (messages sent, dropped on a full queue, bytes sent)
     joining: bool = False  # a restarted worker, initialised and waiting to be planned back into the group
-    kv_slots: int = 0  # token slots of the worker's KV pool (every member has the same; a joiner needs it)
-    kv_backup_queued: int = 0  # KV backup messages handed to ZMQ not yet written out (`KvBackupSender.queued`)
+    kv_slots: Slot = 0  # token slots of the worker's KV pool (every member has the same; a joiner needs it)
+    kv_backup_queued: Count = 0  # KV backup messages handed to ZMQ not yet written out (`KvBackupSender.queued`)
     serving: bool = False  # has finished a batch: judged by the heartbeat timeout from then on, by the startup one before
     load: WorkerLoad | None = None
 
@@ -57,10 +81,10 @@ class Heartbeat(msgspec.Struct, tag=True, frozen=True):
 class WorkerFailed(msgspec.Struct, tag=True, frozen=True):
     """A worker reports that a collective failed or timed out (a peer is probably gone)."""
 
-    worker: int
-    epoch: int
-    reason: str
-    pid: int = 0
+    worker: Worker
+    epoch: Epoch
+    reason: Text
+    pid: PidOrUnknown = 0
 
 
 class Regroup(msgspec.Struct, tag=True, frozen=True):
@@ -73,64 +97,70 @@ class Regroup(msgspec.Struct, tag=True, frozen=True):
     controller knows is down is not asked (`kv_store_alive`): the fetch would wait out its timeout first.
     """
 
-    epoch: int
-    workers: tuple[int, ...]
-    layout_json: str
-    store_port: int
-    cause: str
-    joining: tuple[int, ...] = ()
-    pids: tuple[int, ...] = ()
+    epoch: Epoch
+    workers: Workers
+    layout_json: Text
+    store_port: Annotated[int, Meta(ge=0, le=65535)]
+    cause: Text
+    joining: Workers = ()
+    pids: Annotated[tuple[PidOrUnknown, ...], Meta(max_length=MAX_WORKERS)] = ()
     kv_store_alive: bool = True  # False: the backup store is down, the lost heads' KV is recomputed without waiting
+
+    def __post_init__(self):
+        if not self.workers or len(set(self.workers)) != len(self.workers):
+            raise ValueError(f"a group of distinct workers, not {self.workers}")
+        if not set(self.joining) <= set(self.workers) or len(self.pids) not in (0, len(self.workers)):
+            raise ValueError("joiners outside the group, or not one pid per worker")
 
 
 class Respawn(msgspec.Struct, tag=True, frozen=True):
     """The controller asks the launcher to start worker `worker` again, with a KV pool of `kv_slots` token slots."""
 
-    worker: int
-    epoch: int
-    kv_slots: int
-    attempt: int = 1
+    worker: Worker
+    epoch: Epoch
+    kv_slots: Annotated[int, Meta(ge=1, le=MAX_KV_SLOTS)]
+    attempt: Count = 1
 
 
 class Fenced(msgspec.Struct, tag=True, frozen=True):
     """The controller's answer to a worker of an older epoch: the process `pid` of worker `worker` is out of the
     group and must exit (a restarted process of the same worker is not; pid 0 means any process of it)."""
 
-    worker: int
-    epoch: int
-    pid: int = 0
+    worker: Worker
+    epoch: Epoch
+    pid: PidOrUnknown = 0
 
 
 class BackupResync(msgspec.Struct, tag=True, frozen=True):
     """The controller restarted the KV backup store: every worker re-sends the KV it holds to the new one."""
 
-    epoch: int
-    store_pid: int
+    epoch: Epoch
+    store_pid: PidOrUnknown
 
 
 class RegroupDone(msgspec.Struct, tag=True, frozen=True):
     """A worker finished its part of the regroup to `epoch`, with what it moved and how long each stage took."""
 
-    worker: int
-    epoch: int
-    stage_ms: dict[str, float]
-    bytes_kept: int
-    bytes_p2p: int
-    bytes_reloaded: int
-    kv_tokens_recomputed: int
-    kv_blocks_restored: int = 0  # from the backup store
-    kv_bytes_p2p: int = 0  # KV received from peers
-    pid: int = 0
-    layout_json: str = ""  # the layout the group formed (every member reports the same)
-    expert_bytes_moved: int = 0  # MoE: expert weights received from peers or disk (part of bytes_p2p + reloaded)
+    worker: Worker
+    epoch: Epoch
+    stage_ms: Annotated[dict[Annotated[str, Meta(max_length=64)], Ms], Meta(max_length=MAX_STAGES)]
+    bytes_kept: Count
+    bytes_p2p: Count
+    bytes_reloaded: Count
+    kv_tokens_recomputed: Count
+    kv_blocks_restored: Count = 0  # from the backup store
+    kv_bytes_p2p: Count = 0  # KV received from peers
+    pid: PidOrUnknown = 0
+    layout_json: Text = ""  # the layout the group formed (every member reports the same)
+    expert_bytes_moved: Count = 0  # MoE: expert weights received from peers or disk (part of bytes_p2p + reloaded)
 
 
 class GroupLost(msgspec.Struct, tag=True, frozen=True):
     """The controller has no worker left that holds the model: this TP group (a data-parallel replica, under
     `--dp-size`) serves nothing more, and its unfinished requests must go on elsewhere."""
 
-    epoch: int
-    cause: str
+    epoch: Epoch
+    cause: Text
 
 
 def msgpack_codec(union):
@@ -146,17 +176,21 @@ def msgpack_codec(union):
     return encoder.encode, decode
 
 
-Message = Heartbeat | WorkerFailed | Regroup | Respawn | Fenced | BackupResync | RegroupDone | GroupLost
+Report = Heartbeat | WorkerFailed | RegroupDone  # workers -> the controller's PULL socket
+Order = Regroup | Respawn | Fenced | BackupResync | GroupLost  # the controller's PUB socket -> its subscribers
+Message = Report | Order
 encode, decode = msgpack_codec(Message)
+_, decode_report = msgpack_codec(Report)
+_, decode_order = msgpack_codec(Order)
 
 
 class ControlRequest(msgspec.Struct, frozen=True):
     """HTTP server -> controller: `status`; `inject` a fault (`kill`, `hang`, `resume`) into TP rank `rank`;
     `rejoin` the dead worker `worker` (its launch TP rank)."""
 
-    op: str
-    rank: int = -1
-    kind: str = ""
+    op: Annotated[str, Meta(max_length=64)]
+    rank: int = -1  # (ranges checked by the controller, which answers why)
+    kind: Annotated[str, Meta(max_length=64)] = ""
     worker: int = -1
 
 

@@ -9,6 +9,10 @@ A slot can be freed and handed to another request while a stale map still names 
 of every slot (`generation`); each recorded position keeps the count it saw, and a position whose slot was dropped
 since is not trusted. Rank 0's own drops reach the store before its later maps (one socket, in order), so a reused
 slot is never read as the old request's; another rank's late drop can only make the store trust less.
+
+Bounded whatever rank 0 (or a forger) sends: a row never outgrows the pool (the store refuses positions beyond its
+slot count), and all rows together hold at most `POSITIONS_PER_SLOT` positions per slot of the pool, the least
+recently updated rows dropped first (a running request's row is updated every step).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from collections import OrderedDict
 import numpy as np
 
 MAX_REQUESTS = 4096  # maps kept, least recently updated dropped first (a finished request is never asked for)
+POSITIONS_PER_SLOT = 16  # positions kept in all per pool slot (requests sharing a cached prefix map its slots each)
 
 
 class _Row:
@@ -28,10 +33,10 @@ class _Row:
         self.gens = np.zeros(16, dtype=np.int64)
         self.length = 0
 
-    def put(self, start: int, slots: np.ndarray, gens: np.ndarray) -> None:
+    def put(self, start: int, slots: np.ndarray, gens: np.ndarray, pool_slots: int) -> None:
         end = start + len(slots)
         if end > len(self.slots):
-            capacity = max(end, 2 * len(self.slots))
+            capacity = max(end, min(2 * len(self.slots), pool_slots))
             self.slots = np.concatenate([self.slots, np.full(capacity - len(self.slots), -1, dtype=np.int64)])
             self.gens = np.concatenate([self.gens, np.zeros(capacity - len(self.gens), dtype=np.int64)])
         if start > self.length:  # positions never reported (a lost message): unknown
@@ -44,6 +49,7 @@ class RequestSlotMap:
     def __init__(self, max_requests: int = MAX_REQUESTS):
         self.max_requests = max_requests
         self._rows: OrderedDict[str, _Row] = OrderedDict()
+        self.positions = 0  # capacity of every row together
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -52,10 +58,13 @@ class RequestSlotMap:
         """Positions `start..start+len(slots)` of `rid` are in `slots`, whose drop counts are now
         `generation[slots]`."""
         row = self._rows.pop(rid, None) or _Row()
-        row.put(start, slots, generation[slots])
+        self.positions -= len(row.slots)
+        row.put(start, slots, generation[slots], len(generation))
+        self.positions += len(row.slots)
         self._rows[rid] = row
-        while len(self._rows) > self.max_requests:
-            self._rows.popitem(last=False)
+        budget = POSITIONS_PER_SLOT * len(generation)
+        while len(self._rows) > self.max_requests or (self.positions > budget and len(self._rows) > 1):
+            self.positions -= len(self._rows.popitem(last=False)[1].slots)
 
     def trusted_prefix(self, rid: str, limit: int, generation: np.ndarray, valid: np.ndarray) -> np.ndarray:
         """The slots of `rid`'s first positions, up to `limit`, while each is known, undropped since recorded and

@@ -14,6 +14,7 @@ from ft.failure_detector import FailureDetector
 from ft.heartbeat import MessageReceiver
 from ft.membership import Membership, WorkerState
 from ft.messages import Heartbeat, Regroup, WorkerFailed, decode, encode
+from ft.wire import MAX_PID, MAX_WORKERS
 
 
 def test_silence_makes_a_worker_suspect_then_dead():
@@ -91,8 +92,8 @@ def test_decoder_never_raises_on_garbage(frame):
     assert message is None or isinstance(message, (Heartbeat, WorkerFailed, Regroup))
 
 
-@given(st.integers(0, 2**31), st.integers(0, 2**31), st.integers(0, 2**31), st.integers(0, 2**31))
-def test_heartbeats_round_trip(worker, pid, epoch, seq):
+@given(st.integers(0, MAX_WORKERS - 1), st.integers(1, MAX_PID), st.integers(-1, 2**31), st.integers(0, 2**31))
+def test_heartbeats_round_trip(worker, pid, epoch, seq):  # (out of these bounds: tests/test_message_fuzz.py)
     message = Heartbeat(worker, pid, epoch, seq)
     assert decode(encode(message)) == message
 

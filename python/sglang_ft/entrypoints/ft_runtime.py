@@ -100,7 +100,11 @@ def ask_controller(ft: FtArgs, request: ControlRequest) -> dict:
         socket.send(encode_control(request))
         if not socket.poll(CONTROL_TIMEOUT_MS):
             return {"error": "the FT controller did not answer", "code": 503}
-        return msgspec.json.decode(socket.recv())
+        try:
+            reply = msgspec.json.decode(socket.recv())
+        except msgspec.DecodeError:
+            reply = None
+        return reply if isinstance(reply, dict) else {"error": "the FT controller's reply is malformed", "code": 502}
     finally:
         socket.close()
 

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 import zmq
 
-from ft.messages import Respawn, decode
+from ft.messages import Respawn, decode_order
+from ft.wire import Dropped
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +52,7 @@ class WorkerSpawner:
     def __init__(self, order_endpoint: str):
         self.order_endpoint = order_endpoint
         self.processes = _RESTARTED
+        self.dropped = Dropped(logger, "sglang-ft worker spawner")
         threading.Thread(target=self._run, name="ft-spawner", daemon=True).start()
 
     def _run(self) -> None:
@@ -58,12 +60,21 @@ class WorkerSpawner:
         socket.setsockopt(zmq.SUBSCRIBE, b"")
         socket.connect(self.order_endpoint)
         while True:
-            order = decode(socket.recv())
-            if isinstance(order, Respawn):
-                try:
-                    self.spawn(order)
-                except Exception:  # a failed start is the controller's to notice (the worker never beats)
-                    logger.exception("sglang-ft: could not restart worker %d", order.worker)
+            self.on_order(socket.recv())
+
+    def on_order(self, frame: bytes) -> None:
+        """One frame of the order stream: a `Respawn` of a worker this launcher started is carried out; anything
+        not an order, or a restart of a worker it never had, is counted and dropped."""
+        order = decode_order(frame)
+        if order is None:
+            self.dropped.refused("not an order")
+        elif isinstance(order, Respawn) and _LAUNCH is not None and order.worker >= _LAUNCH.server_args.tp_size:
+            self.dropped.refused(f"a restart of worker {order.worker} of {_LAUNCH.server_args.tp_size}")
+        elif isinstance(order, Respawn):
+            try:
+                self.spawn(order)
+            except Exception:  # a failed start is the controller's to notice (the worker never beats)
+                logger.exception("sglang-ft: could not restart worker %d", order.worker)
 
     def spawn(self, order: Respawn) -> None:
         from sglang_ft.managers.joiner import run_joiner_process

@@ -42,6 +42,7 @@ from ft.planner import plan_migration
 from ft.process_watch import ProcessWatch
 from ft.ports import free_port
 from ft.respawn import Respawner, RespawnPolicy
+from ft.wire import Dropped
 from sglang_ft.managers.ft_metrics import ft_metrics
 
 logger = logging.getLogger("sglang_ft.controller")
@@ -167,6 +168,7 @@ class FtController:
         # the workers on this node (all, on one node): only their pids mean anything here; the others' deaths are
         # seen by heartbeat timeout and by the survivors' reports
         self.local_workers = range(tp_size) if local_workers is None else local_workers
+        self.dropped = Dropped(logger, "sglang-ft controller")  # control requests and reports it could not use
 
     def run(self) -> None:
         logger.info("sglang-ft controller: watching %d workers", len(self.state.membership.members()))
@@ -189,7 +191,7 @@ class FtController:
     def step(self) -> None:
         watched = [self.state.membership.workers[w].pid for w in self._live_local()]
         for message in self.receiver.poll(self.interval_s / 2, self.exits.fds(watched)):
-            self._on_message(message, time.monotonic())
+            self.handle_report(message, time.monotonic())
         now = time.monotonic()
         changes = self.state.detector.sweep(now)
         for change in changes + self._silent_node_mates(changes, now):
@@ -221,6 +223,14 @@ class FtController:
         if self.metrics is not None:  # before answering: what /ft/status shows, /metrics shows too
             self.metrics.observe(self.state)
         self._serve_control(now)
+
+    def handle_report(self, message, now: float) -> None:
+        """One decoded report, whatever it holds: one whose handling raises is counted and dropped, and the loop
+        goes on."""
+        try:
+            self._on_message(message, now)
+        except Exception as exc:
+            self.dropped.raised(exc)
 
     def _on_message(self, message, now: float) -> None:
         membership = self.state.membership
@@ -335,7 +345,7 @@ class FtController:
             self.state.membership.set_state(worker, WorkerState.HEALTHY, now)
         layouts = {r.layout_json for r in pending.done if r.layout_json}
         if len(layouts) == 1:
-            self.layout = TPLayout.from_json(layouts.pop())
+            self.layout = _reported_layout(layouts.pop(), self.layout, len(pending.order.workers)) or self.layout
         logger.warning("sglang-ft controller: epoch %d recovered in %.1f ms", pending.order.epoch,
                        self.state.recoveries[-1]["recover_ms"])
         self.pending = None
@@ -400,13 +410,27 @@ class FtController:
                 frame = self.control.recv(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            self.control.send(msgspec.json.encode(self._answer(decode_control(frame), now)))
+            self.control.send(self.reply(frame, now))
+
+    def reply(self, frame: bytes, now: float) -> bytes:
+        """The answer to one control request, whatever it holds: the REP socket takes no next request before it has
+        answered this one, so a request whose handling raises is answered too (500) and counted."""
+        try:
+            request = decode_control(frame)
+            if request is None:
+                self.dropped.refused("not a control request")
+            return msgspec.json.encode(self._answer(request, now))
+        except Exception as exc:
+            self.dropped.raised(exc)
+            return msgspec.json.encode({"error": f"the FT controller failed on this request: {type(exc).__name__}",
+                                        "code": 500})
 
     def _answer(self, request: ControlRequest | None, now: float) -> dict:
         if request is None:
             return {"error": "malformed control request", "code": 400}
         if request.op == "status":
-            return {**self.state.status(now), "serving": self.lost is None}
+            return {**self.state.status(now), "serving": self.lost is None,
+                    "malformed_messages": self.receiver.dropped + self.dropped.malformed}
         if request.op == "inject":
             return self._inject(request)
         if request.op == "rejoin":
@@ -473,6 +497,15 @@ class FtController:
         os.kill(pid, FAULT_SIGNALS[request.kind])
         logger.warning("sglang-ft controller: injected %s into rank %d (pid %d)", request.kind, request.rank, pid)
         return {"injected": request.kind, "rank": request.rank, "worker": worker, "pid": pid}
+
+
+def _reported_layout(text: str, planned: TPLayout | None, ranks: int) -> TPLayout | None:
+    """The layout the members report they formed, if it is one for this model with a shard per rank; else None."""
+    try:
+        layout = TPLayout.from_json(text)
+    except Exception:  # whatever a forged or garbled text makes json or the dataclasses raise
+        return None
+    return layout if planned is not None and layout.shape == planned.shape and len(layout.shards) == ranks else None
 
 
 def model_shape_from_dir(model_path: str) -> ModelShape:

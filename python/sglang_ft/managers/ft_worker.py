@@ -18,7 +18,8 @@ import traceback
 import zmq
 
 from ft.heartbeat import HeartbeatSender
-from ft.messages import BackupResync, Fenced, Regroup, WorkerFailed, decode, encode
+from ft.messages import BackupResync, Fenced, Regroup, WorkerFailed, decode_order, encode
+from ft.wire import Dropped
 from sglang_ft.managers.output_rewind import FinishedRequests
 from sglang_ft.managers.request_ledger import RequestLedger
 from sglang_ft.managers.worker_load import probe_load
@@ -61,6 +62,7 @@ class OrderListener:
         self.latest: Regroup | None = None
         self.resync_requested = False  # the backup store was restarted: re-send the KV this worker holds
         self._arrived = threading.Condition()
+        self.dropped = Dropped(logger, f"sglang-ft worker {worker}'s orders")
         self._socket = zmq.Context.instance().socket(zmq.SUB)
         self._socket.setsockopt(zmq.LINGER, 0)
         self._socket.setsockopt(zmq.SUBSCRIBE, b"")
@@ -69,24 +71,38 @@ class OrderListener:
 
     def _run(self) -> None:
         while True:
-            message = decode(self._socket.recv())
-            if (isinstance(message, Fenced) and message.worker == self.worker and message.pid in (0, os.getpid())
-                    and message.epoch > self.current_epoch()):
-                self._exit_fenced(message.epoch)
-            if isinstance(message, BackupResync):
-                self.resync_requested = True
-            if not isinstance(message, Regroup):
-                continue
-            if self.waiting_to_join() and self.worker not in message.workers:
-                continue  # a regroup of the others while this restarted worker is still starting up
-            if message.epoch > self.current_epoch() and self.worker not in message.workers:
-                self._exit_fenced(message.epoch)
-            if (self.latest is None or message.epoch > self.latest.epoch) and self.before_newer_order:
-                self.before_newer_order(message)
-            with self._arrived:
-                if self.latest is None or message.epoch > self.latest.epoch:
-                    self.latest = message
-                    self._arrived.notify_all()
+            self.handle(self._socket.recv())
+
+    def handle(self, frame: bytes) -> None:
+        """One frame of the order stream: anything not an order is counted and dropped, and so is an order whose
+        handling raises; the listener goes on either way."""
+        message = decode_order(frame)
+        if message is None:
+            self.dropped.refused("not an order")
+            return
+        try:
+            self._on_order(message)
+        except Exception as exc:
+            self.dropped.raised(exc)
+
+    def _on_order(self, message) -> None:
+        if (isinstance(message, Fenced) and message.worker == self.worker and message.pid in (0, os.getpid())
+                and message.epoch > self.current_epoch()):
+            self._exit_fenced(message.epoch)
+        if isinstance(message, BackupResync):
+            self.resync_requested = True
+        if not isinstance(message, Regroup):
+            return
+        if self.waiting_to_join() and self.worker not in message.workers:
+            return  # a regroup of the others while this restarted worker is still starting up
+        if message.epoch > self.current_epoch() and self.worker not in message.workers:
+            self._exit_fenced(message.epoch)
+        if (self.latest is None or message.epoch > self.latest.epoch) and self.before_newer_order:
+            self.before_newer_order(message)
+        with self._arrived:
+            if self.latest is None or message.epoch > self.latest.epoch:
+                self.latest = message
+                self._arrived.notify_all()
 
     def _exit_fenced(self, epoch: int) -> None:
         logger.warning("sglang-ft: worker %d is fenced out by epoch %d (it was replaced); exiting without "

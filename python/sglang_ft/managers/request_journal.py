@@ -24,11 +24,13 @@ import asyncio
 import logging
 import threading
 import time
+from dataclasses import dataclass, field
 
 import zmq
 
 from ft.kv_backup import slots_of_requests
-from ft.messages import GroupLost, Regroup, decode
+from ft.messages import GroupLost, Regroup, decode_order
+from ft.wire import Dropped
 from sglang_ft.managers.output_rewind import ReceivedTokens
 from sglang_ft.managers.push_socket import fresh_push_socket, try_bind
 from sglang_ft.managers.replica_move import ResumeTokens
@@ -37,6 +39,17 @@ from sglang_ft.managers.replica_router import ReplicaRouter
 logger = logging.getLogger(__name__)
 PRUNE_EVERY = 64
 SETTLE_S = 0.05  # lets outputs the detokenizer already forwarded land before counting what was received
+
+
+@dataclass
+class ReplicaOrders:
+    """What the journal has seen of one replica's orders: the newest epoch, its rank 0, whether the group is lost."""
+
+    replica: int
+    leader: int = 0
+    epoch: int = 0
+    lost: bool = False
+    dropped: Dropped = field(default_factory=lambda: Dropped(logger, "sglang-ft journal's orders"))
 
 
 class RequestJournal:
@@ -193,18 +206,29 @@ class RequestJournal:
         socket = zmq.Context.instance().socket(zmq.SUB)
         socket.setsockopt(zmq.SUBSCRIBE, b"")
         socket.connect(endpoint)
-        leader, epoch, lost = 0, 0, False
+        seen = ReplicaOrders(replica)
         while True:
-            order = decode(socket.recv())
-            if isinstance(order, GroupLost) and self.router is not None and not lost:
-                lost = True
-                self._on_loop(lambda: self.move_lost_replica(replica))
-            if not isinstance(order, Regroup) or order.epoch <= epoch:
-                continue
-            epoch = order.epoch
-            if order.workers[0] != leader:
-                self._on_loop(lambda e=epoch: self.switch_rank0(e, replica))
-            leader = order.workers[0]
+            self.on_order(seen, socket.recv())
+
+    def on_order(self, seen: ReplicaOrders, frame: bytes) -> None:
+        """One frame of a replica's order stream: anything not an order is counted and dropped, and so is an order
+        whose handling raises; the thread goes on either way."""
+        order = decode_order(frame)
+        if order is None:
+            seen.dropped.refused("not an order")
+            return
+        try:
+            if isinstance(order, GroupLost) and self.router is not None and not seen.lost:
+                seen.lost = True
+                self._on_loop(lambda: self.move_lost_replica(seen.replica))
+            if not isinstance(order, Regroup) or order.epoch <= seen.epoch:
+                return
+            seen.epoch = order.epoch
+            if order.workers[0] != seen.leader:  # (a Regroup names at least one worker: checked as it is decoded)
+                self._on_loop(lambda e=order.epoch: self.switch_rank0(e, seen.replica))
+            seen.leader = order.workers[0]
+        except Exception as exc:
+            seen.dropped.raised(exc)
 
 
 async def bind_when_free(socket, endpoint: str, timeout_s: float = 2.0) -> None:
