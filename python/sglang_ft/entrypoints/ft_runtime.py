@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from ft.messages import ControlRequest, encode_control
+from ft.sockets import connect_socket, process_keys
 from sglang_ft.server_args import FtArgs, ft_args, publish
 
 logger = logging.getLogger(__name__)
@@ -93,10 +94,8 @@ def start_ft_runtime(tp_size: int, model_path: str, app: FastAPI,
 
 def ask_controller(ft: FtArgs, request: ControlRequest) -> dict:
     """One request/reply with the controller (a fresh REQ socket each time, so a lost reply never wedges it)."""
-    socket = zmq.Context.instance().socket(zmq.REQ)
-    socket.setsockopt(zmq.LINGER, 0)
+    socket = connect_socket(zmq.REQ, ft.control_endpoint, process_keys())
     try:
-        socket.connect(ft.control_endpoint)
         socket.send(encode_control(request))
         if not socket.poll(CONTROL_TIMEOUT_MS):
             return {"error": "the FT controller did not answer", "code": 503}

@@ -29,6 +29,7 @@ import zmq
 
 from ft.kv_backup import slots_of_requests
 from ft.messages import GroupLost, Regroup, decode
+from ft.sockets import connect_socket, process_keys
 from sglang_ft.managers.output_rewind import ReceivedTokens
 from sglang_ft.managers.push_socket import fresh_push_socket, try_bind
 from sglang_ft.managers.replica_move import ResumeTokens
@@ -190,9 +191,7 @@ class RequestJournal:
             self.loop.call_soon_threadsafe(lambda: self.loop.create_task(coroutine_fn()))
 
     def _follow(self, endpoint: str, replica: int) -> None:
-        socket = zmq.Context.instance().socket(zmq.SUB)
-        socket.setsockopt(zmq.SUBSCRIBE, b"")
-        socket.connect(endpoint)
+        socket = connect_socket(zmq.SUB, endpoint, process_keys())
         leader, epoch, lost = 0, 0, False
         while True:
             order = decode(socket.recv())
