@@ -131,6 +131,12 @@ async def replicas_status(ft: FtArgs) -> JSONResponse:
 
 
 def add_ft_routes(app: FastAPI, ft: FtArgs) -> None:
+    """`/ft/status` is an ordinary route (SGLang's --api-key, where set); inject, rejoin and drain are admin
+    operations, at SGLang's admin level: --admin-api-key where set, else --api-key (SGLang's own middleware checks
+    both before a route runs)."""
+    from sglang.srt.utils.auth import AuthLevel, auth_level
+
+    admin = auth_level(AuthLevel.ADMIN_OPTIONAL)
     if any(getattr(route, "path", None) == "/ft/status" for route in app.routes):
         return
 
@@ -141,6 +147,7 @@ def add_ft_routes(app: FastAPI, ft: FtArgs) -> None:
         return _respond(await asyncio.to_thread(ask_controller, ft, ControlRequest("status")))
 
     @app.post("/ft/inject_fault")
+    @admin
     async def ft_inject_fault(body: InjectFaultRequest) -> JSONResponse:
         if not ft.enable_fault_injection:
             return JSONResponse(
@@ -150,6 +157,7 @@ def add_ft_routes(app: FastAPI, ft: FtArgs) -> None:
         return await _ask(ft, body.dp_rank, ControlRequest("inject", rank=body.rank, kind=body.kind))
 
     @app.post("/ft/rejoin")
+    @admin
     async def ft_rejoin(body: WorkerRequest) -> JSONResponse:
         """Restart a dead worker and plan it back into the group."""
         if ft.dp_size > 1:
@@ -158,6 +166,7 @@ def add_ft_routes(app: FastAPI, ft: FtArgs) -> None:
         return await _ask(ft, body.dp_rank, ControlRequest("rejoin", worker=body.worker))
 
     @app.post("/ft/drain")
+    @admin
     async def ft_drain(body: WorkerRequest) -> JSONResponse:
         """Take a healthy worker out of the group (the others regroup without it) until it is rejoined."""
         return await _ask(ft, body.dp_rank, ControlRequest("drain", worker=body.worker))
