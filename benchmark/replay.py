@@ -9,7 +9,8 @@ launch id; its pid is read just before each signal, since a rejoin gives the slo
 the pid comes from `GET /ft/status`; other benchmarks may call `replay(..., pid_of=...)` instead, for a server
 with no `/ft/*` API (plain SGLang: `scheduler_pid_of(server_pid)`, where a launch id is the launch TP rank).
 A `rejoin` is `POST /ft/rejoin {"worker": W}` (the server needs `--ft-enable-fault-injection`, and its admin
-key: `--admin-api-key` where it has one, else `--api-key`), or the `rejoin` callable; a system with neither has no rejoin and the event is skipped.
+key: `--admin-api-key` where it has one, else `--api-key`), or the `rejoin` callable; a system with neither has no
+rejoin and the event is skipped.
 
 Every event is recorded, never raised: {t_s, scheduled_s, actual_s, at, worker, event, pid, outcome}, with
 `scheduled_s` and `actual_s` in wall seconds from the start (trace time / --speed), `at` the raw clock reading
@@ -166,8 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     except (TraceError, OSError) as exc:
         print(f"error: invalid trace: {exc}", file=sys.stderr)
         return 2
-    records = replay(trace, args.url, api_key=args.api_key, admin_api_key=args.admin_api_key, speed=args.speed, dry_run=args.dry_run,
-                     on_event=lambda r: print(format_record(r), flush=True))
+    records = replay(trace, args.url, api_key=args.api_key, admin_api_key=args.admin_api_key, speed=args.speed,
+                     dry_run=args.dry_run, on_event=lambda r: print(format_record(r), flush=True))
     if args.out:
         Path(args.out).write_text(json.dumps(records, indent=1) + "\n")
     counts = {k: sum(r["outcome"].startswith(k) for r in records) for k in ("sent", "skipped", "error", "dry-run")}

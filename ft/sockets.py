@@ -1,12 +1,14 @@
 """Every sglang-ft ZMQ socket is made here; those that cross nodes (tcp://) are authenticated and encrypted (CURVE).
 
 The keys come from a deployment secret (`--ft-secret-file`): every node holding the same file derives the same
-server and client keypairs, so nothing is exchanged at start-up. A process serves one deployment, so it names its
-secret file once (`use_secret_file`, where its FT options are published) and its sockets take `process_keys()`. A server socket accepts only the client key derived
+server and client keypairs, so nothing is exchanged at start-up. A server socket accepts only the client key derived
 from the secret (this process's ZAP handler) and counts every ZMQ handshake it refuses: a foreign client key, a
 different secret (the handshake does not decrypt), no CURVE at all, or a handshake left unfinished (bytes that are no
 ZMTP at all are dropped by libzmq before any handshake, uncounted). ipc:// endpoints stay plain: same host, in a
 runtime directory only the server's user can enter.
+
+A process serves one deployment: it names its secret file once (`use_secret_file`, where its FT options are
+published) and its sockets take `process_keys()`, rather than every caller threading keys down to each socket.
 """
 
 from __future__ import annotations
