@@ -1,15 +1,16 @@
 """Replay a fault trace (`ft/fault_trace.py`) against a running server from outside, as a real failure arrives.
 
-    python benchmark/replay.py TRACE.jsonl [--url http://127.0.0.1:30000] [--api-key K] [--speed 1.0]
-        [--dry-run] [--out RECORDS.json]
+    python benchmark/replay.py TRACE.jsonl [--url http://127.0.0.1:30000] [--api-key K] [--admin-api-key K]
+        [--speed 1.0] [--dry-run] [--out RECORDS.json]
 
 A GPU that dies or wedges does not ask the server first, so faults are signals sent with `os.kill` from this
 process (kill: SIGKILL, hang: SIGSTOP, resume: SIGCONT), not `/ft/inject_fault`. Trace events name a worker by
 launch id; its pid is read just before each signal, since a rejoin gives the slot a new process. With `--url`
 the pid comes from `GET /ft/status`; other benchmarks may call `replay(..., pid_of=...)` instead, for a server
 with no `/ft/*` API (plain SGLang: `scheduler_pid_of(server_pid)`, where a launch id is the launch TP rank).
-A `rejoin` is `POST /ft/rejoin {"worker": W}` (the server needs `--ft-enable-fault-injection`, and the key
-under `--api-key`), or the `rejoin` callable; a system with neither has no rejoin and the event is skipped.
+A `rejoin` is `POST /ft/rejoin {"worker": W}` (the server needs `--ft-enable-fault-injection`, and its admin
+key: `--admin-api-key` where it has one, else `--api-key`), or the `rejoin` callable; a system with neither has no
+rejoin and the event is skipped.
 
 Every event is recorded, never raised: {t_s, scheduled_s, actual_s, at, worker, event, pid, outcome}, with
 `scheduled_s` and `actual_s` in wall seconds from the start (trace time / --speed), `at` the raw clock reading
@@ -47,8 +48,9 @@ class Skip(Exception):
 class FtServer:
     """A `--ft` server's `/ft/*` API as `pid_of` and `rejoin`: the pid `/ft/status` lists for a worker id."""
 
-    def __init__(self, url: str, api_key: str | None = None, timeout_s: float = 5.0):
-        self.client = FtClient(url, api_key, timeout_s)
+    def __init__(self, url: str, api_key: str | None = None, timeout_s: float = 5.0,
+                 admin_api_key: str | None = None):
+        self.client = FtClient(url, api_key, timeout_s, admin_api_key)
 
     def pid_of(self, worker: int) -> int | None:
         entry = next((w for w in self.client.status().get("workers", []) if w.get("worker") == worker), None)
@@ -91,7 +93,7 @@ def _signal(worker: int, pid: int | None, event: str, dry_run: bool) -> str:
 
 
 def replay(trace: FaultTrace | str | Path, url: str | None = None, *, api_key: str | None = None,
-           speed: float = 1.0, dry_run: bool = False, pid_of: PidOf | None = None,
+           admin_api_key: str | None = None, speed: float = 1.0, dry_run: bool = False, pid_of: PidOf | None = None,
            rejoin: Callable[[int], None] | None = None, on_event: Callable[[dict], None] | None = None,
            clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep,
            stop: threading.Event | None = None, timeout_s: float = 5.0) -> list[dict]:
@@ -106,7 +108,7 @@ def replay(trace: FaultTrace | str | Path, url: str | None = None, *, api_key: s
     if pid_of is None:
         if url is None:
             raise ValueError("give a url (a --ft server's /ft/status) or pid_of")
-        server = FtServer(url, api_key, timeout_s)
+        server = FtServer(url, api_key, timeout_s, admin_api_key)
         pid_of, rejoin = server.pid_of, rejoin or server.rejoin
     records, start = [], clock()
     for e in trace.events:
@@ -151,6 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--url", default="http://127.0.0.1:30000", help="a --ft server (its /ft/status, /ft/rejoin)")
     parser.add_argument("--api-key", default=os.environ.get("SGLANG_API_KEY"),
                         help="the server's --api-key (default $SGLANG_API_KEY)")
+    parser.add_argument("--admin-api-key", default=os.environ.get("SGLANG_ADMIN_API_KEY"),
+                        help="the server's --admin-api-key, for rejoins where it has one (default "
+                             "$SGLANG_ADMIN_API_KEY, else --api-key)")
     parser.add_argument("--speed", type=float, default=1.0, help="trace seconds per wall second")
     parser.add_argument("--dry-run", action="store_true", help="look up pids, send nothing, wait for nothing")
     parser.add_argument("--out", help="write the records here as JSON")
@@ -162,8 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     except (TraceError, OSError) as exc:
         print(f"error: invalid trace: {exc}", file=sys.stderr)
         return 2
-    records = replay(trace, args.url, api_key=args.api_key, speed=args.speed, dry_run=args.dry_run,
-                     on_event=lambda r: print(format_record(r), flush=True))
+    records = replay(trace, args.url, api_key=args.api_key, admin_api_key=args.admin_api_key, speed=args.speed,
+                     dry_run=args.dry_run, on_event=lambda r: print(format_record(r), flush=True))
     if args.out:
         Path(args.out).write_text(json.dumps(records, indent=1) + "\n")
     counts = {k: sum(r["outcome"].startswith(k) for r in records) for k in ("sent", "skipped", "error", "dry-run")}

@@ -12,6 +12,7 @@ import threading
 import zmq
 
 from ft.messages import Heartbeat, Report, decode_report, encode
+from ft.sockets import bind_socket, connect_socket, process_keys
 
 
 class HeartbeatSender:
@@ -39,11 +40,8 @@ class HeartbeatSender:
         self._thread.join(timeout=5 * self.interval_s)
 
     def _run(self) -> None:
-        context = zmq.Context.instance()
-        socket = context.socket(zmq.PUSH)
-        socket.setsockopt(zmq.LINGER, 0)
-        socket.setsockopt(zmq.SNDHWM, 16)  # a stalled controller must not make beats pile up
-        socket.connect(self.endpoint)
+        # a stalled controller must not make beats pile up
+        socket = connect_socket(zmq.PUSH, self.endpoint, process_keys(), options={zmq.SNDHWM: 16})
         seq = 0
         try:
             while not self._stop.is_set():
@@ -72,9 +70,7 @@ class MessageReceiver:
     """The controller's PULL socket: every worker's heartbeats and failure reports arrive here."""
 
     def __init__(self, endpoint: str):
-        self.socket = zmq.Context.instance().socket(zmq.PULL)
-        self.socket.setsockopt(zmq.LINGER, 0)
-        self.socket.bind(endpoint)
+        self.socket = bind_socket(zmq.PULL, endpoint, process_keys())
         self.dropped = 0  # frames that were not valid reports (an order, a foreign or forged frame)
 
     def poll(self, timeout_s: float, wake_fds: list[int] = ()) -> list[Report]:

@@ -28,6 +28,7 @@ import zmq
 from msgspec import Meta
 
 from ft.messages import msgpack_codec
+from ft.sockets import connect_socket, process_keys
 from ft.wire import (
     MAX_HEAD_DIM,
     MAX_KV_HEADS,
@@ -159,10 +160,7 @@ class KvBackupSender:
         self.sent = self.dropped = self.bytes_sent = 0
         self._probes: deque[tuple[int, zmq.MessageTracker]] = deque()  # (index among sent messages, tracker)
         self._next_probe = 0.0
-        self._socket = zmq.Context.instance().socket(zmq.PUSH)
-        self._socket.setsockopt(zmq.LINGER, 0)
-        self._socket.setsockopt(zmq.SNDHWM, queue_messages)
-        self._socket.connect(endpoint)
+        self._socket = connect_socket(zmq.PUSH, endpoint, process_keys(), options={zmq.SNDHWM: queue_messages})
 
     def write(self, layer: int, slots: np.ndarray, k_rows: np.ndarray, v_rows: np.ndarray,
               heads: Span | None = None) -> bool:
@@ -292,10 +290,8 @@ def store_stats(endpoint: str, timeout_s: float = 0.5) -> dict | None:
 
 def _ask(endpoint: str, frames: list, timeout_s: float) -> list[bytes] | None:
     """One request to the store's REP socket and its reply frames; None when it does not answer in time."""
-    socket = zmq.Context.instance().socket(zmq.REQ)
-    socket.setsockopt(zmq.LINGER, 0)
+    socket = connect_socket(zmq.REQ, endpoint, process_keys())
     try:
-        socket.connect(endpoint)
         socket.send_multipart(frames)
         if not socket.poll(int(timeout_s * 1e3)):
             return None

@@ -51,6 +51,7 @@ from ft.kv_backup import (
 )
 from ft.process_watch import ProcessWatch
 from ft.request_slots import RequestSlotMap
+from ft.sockets import bind_socket, process_keys, refused_connections, use_secret_file
 from ft.wire import Dropped, Malformed
 
 logger = logging.getLogger("sglang_ft.kv_store")
@@ -251,18 +252,14 @@ class KvStore:
             "blocks_held": -(-held // BLOCK_TOKENS),
             "bytes_held": 0 if g is None else held * 2 * g.num_layers * g.head_dim * g.itemsize,
             "uptime_s": round(time.monotonic() - self.started, 1),
+            "refused_connections": refused_connections(),  # peers without the deployment's key (ft/sockets.py)
         }
 
 
 def serve(push_endpoint: str, fetch_endpoint: str, parent_pid: int) -> None:
     """The store's loop: apply writes as they come; before answering a fetch, apply every write already queued."""
-    context = zmq.Context.instance()
-    pull = context.socket(zmq.PULL)
-    pull.setsockopt(zmq.LINGER, 0)
-    pull.bind(push_endpoint)
-    rep = context.socket(zmq.REP)
-    rep.setsockopt(zmq.LINGER, 0)
-    rep.bind(fetch_endpoint)
+    pull = bind_socket(zmq.PULL, push_endpoint, process_keys())
+    rep = bind_socket(zmq.REP, fetch_endpoint, process_keys())
     poller = zmq.Poller()
     poller.register(pull, zmq.POLLIN)
     poller.register(rep, zmq.POLLIN)
@@ -291,7 +288,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--push", required=True, help="ZMQ endpoint the workers stream KV to")
     parser.add_argument("--fetch", required=True, help="ZMQ endpoint a regroup fetches KV from")
     parser.add_argument("--parent-pid", type=int, required=True, help="exit when this process exits")
+    parser.add_argument("--secret-file", default="", help="key its TCP endpoints with this deployment secret (CURVE)")
     args = parser.parse_args(argv)
+    use_secret_file(args.secret_file)
     os.nice(10)  # background work: yield the cores to the forward passes it protects
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s KV] %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
     serve(args.push, args.fetch, args.parent_pid)

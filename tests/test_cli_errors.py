@@ -107,8 +107,42 @@ def test_across_nodes_the_controller_is_reached_over_tcp_at_node_0():
     assert (two.nnodes, two.node_rank, two.rendezvous_host) == (2, 1, "10.0.0.1")
     assert [two.heartbeat_endpoint, two.control_endpoint, two.order_endpoint, two.kv_backup_endpoint,
             two.kv_fetch_endpoint] == [f"tcp://10.0.0.1:{base + i}" for i in range(5)]
-    assert FtArgs(nnodes=2, respawn=True).problems() == [
+    assert FtArgs(nnodes=2, controller_host="127.0.0.1", respawn=True).problems() == [
         "--ft-respawn is not supported with --nnodes > 1 yet (a node restarts its own workers)"]
+
+
+def test_across_nodes_the_secret_file_is_required_unless_every_endpoint_is_loopback(tmp_path):
+    import argparse
+
+    from sglang_ft.server_args import FtArgs, across_nodes, add_ft_cli_args
+
+    def across(addr: str, secret_file: str = "") -> FtArgs:
+        return across_nodes(FtArgs(enabled=True, secret_file=secret_file),
+                            SimpleNamespace(nnodes=2, node_rank=0, dist_init_addr=addr))
+
+    [problem] = across("10.0.0.1:5000").problems()
+    assert "--nnodes 2 with --ft needs --ft-secret-file" in problem and "10.0.0.1" in problem
+    [problem] = across("node0.cluster:5000").problems()
+    assert "--ft-secret-file" in problem
+    assert across("127.0.0.1:5000").problems() == [] and across("localhost:5000").problems() == []
+    assert FtArgs(enabled=True).problems() == []  # one node: ipc only
+
+    good = tmp_path / "secret"
+    good.write_text("0123456789abcdef0123456789abcdef\n")
+    assert across("10.0.0.1:5000", str(good)).problems() == []
+    (tmp_path / "short").write_text("short\n")
+    for path, why in ((tmp_path / "missing", "cannot read it"), (tmp_path, "cannot read it"),
+                      (tmp_path / "short", "it holds 5 bytes, at least 16")):
+        [problem] = across("10.0.0.1:5000", str(path)).problems()
+        assert problem.startswith(f"--ft-secret-file {path}: {why}")
+        [problem] = FtArgs(enabled=True, secret_file=str(path)).problems()  # a bad file is refused on one node too
+        assert problem.startswith("--ft-secret-file")
+
+    parser = argparse.ArgumentParser()
+    add_ft_cli_args(parser)
+    ft = FtArgs.from_namespace(parser.parse_args(["--ft", "--ft-secret-file", "secret"]))
+    assert ft.secret_file == str(tmp_path.cwd() / "secret")  # absolute: the controller and store read it too
+    assert FtArgs.from_namespace(parser.parse_args(["--ft"])).secret_file == ""
 
 
 def test_cyclic_placement_and_hybrid_attention_together_are_refused_naming_both_flags():

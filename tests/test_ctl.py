@@ -65,6 +65,7 @@ class FakeFtServer:
         self.requests: list[tuple[str, str, dict | None, str | None]] = []
         self.script: list = []
         self.stuck = False  # a rejoin that never completes (its restarts keep failing)
+        self.admin_key = None  # SGLang's --admin-api-key: where set, the POSTs (admin operations) need it instead
         self.url = ""
         self.app = self._app()
 
@@ -91,7 +92,8 @@ class FakeFtServer:
             body = await request.body()
             auth = request.headers.get("authorization")
             self.requests.append((request.method, request.url.path, json.loads(body) if body else None, auth))
-            if auth != f"Bearer {KEY}":
+            key = self.admin_key if self.admin_key and request.method == "POST" else KEY
+            if auth != f"Bearer {key}":
                 return JSONResponse({"error": "Unauthorized"}, status_code=401)  # as SGLang's --api-key check
             return await call_next(request)
 
@@ -149,6 +151,7 @@ def wide_terminal(monkeypatch):
     """rich sizes tables to COLUMNS when not on a terminal; wide enough that no cell wraps."""
     monkeypatch.setenv("COLUMNS", "200")
     monkeypatch.delenv("SGLANG_API_KEY", raising=False)
+    monkeypatch.delenv("SGLANG_ADMIN_API_KEY", raising=False)
 
 
 def _run(capsys, fake: FakeFtServer, *argv: str, key: str | None = KEY) -> tuple[int, str, str]:
@@ -256,6 +259,17 @@ def test_wrong_key_is_refused(capsys, fake):
     code, _, err = _run(capsys, fake, "status", key="wrong")
     assert code == 1 and "HTTP 401: Unauthorized (check --api-key or $SGLANG_API_KEY)" in err
     assert fake.requests[-1][3] == "Bearer wrong"
+
+
+def test_under_an_admin_key_the_operations_carry_it_and_status_the_api_key(capsys, fake, monkeypatch):
+    fake.admin_key = "sk-admin"
+    code, _, err = _run(capsys, fake, "drain", "--worker", "1")
+    assert code == 1 and "HTTP 401: Unauthorized (check --admin-api-key or $SGLANG_ADMIN_API_KEY" in err
+    monkeypatch.setenv("SGLANG_ADMIN_API_KEY", "sk-admin")
+    code, _, err = _run(capsys, fake, "drain", "--worker", "1", "--wait", "--interval", "0.05")
+    assert code == 0, err
+    assert fake.posts()[-1] == ("/ft/drain", {"worker": 1, "dp_rank": 0}, "Bearer sk-admin")
+    assert {auth for method, _, _, auth in fake.requests if method == "GET"} == {f"Bearer {KEY}"}
 
 
 def test_validation_error_names_the_field(capsys, fake):

@@ -156,6 +156,21 @@ def test_gpu_image_serves_the_model_path_from_its_environment_with_ft():
     assert "ARG MODEL_PATH=/models/model" in {f"{kw} {rest}" for kw, rest in instructions(DOCKERFILES[1])}
 
 
+def test_gpu_image_installs_sglang_ft_from_the_build_context_not_by_name():
+    """Nothing installs a name this project has not published: the image's sglang-ft is this checkout."""
+    copies = [rest.split() for kw, rest in instructions(DOCKERFILES[1]) if kw == "COPY"]
+    copied = {source for *sources, _ in copies for source in sources}
+    assert {"pyproject.toml", "ft", "python"} <= copied
+    assert all((ROOT / source).exists() for source in copied)
+    ignored = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()}
+    assert not copied & ignored
+    run = shlex.split(only(DOCKERFILES[1], "RUN"))
+    installed = run[run.index("install") + 1:run.index("&&")]
+    assert installed[0] == "--no-cache-dir" and len(installed) == 2  # one local directory, nothing by name
+    assert installed[1].startswith("/") and all(dest.startswith(installed[1]) for *_, dest in copies)
+    assert "sglang-ft==" not in DOCKERFILES[1].read_text() and "sglang_ft==" not in DOCKERFILES[1].read_text()
+
+
 # --- compose ----------------------------------------------------------------------------------------------------
 
 def test_compose_publishes_on_the_host_loopback_only():

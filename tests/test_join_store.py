@@ -1,9 +1,11 @@
 """The new group's rendezvous (`distributed/regroup_groups.join_store`): members arriving at different times all
 get in, and a member waiting for a host that never comes gives up as soon as a newer regroup is ordered."""
 
+import socket
 import threading
 import time
 
+import psutil
 import pytest
 
 from ft.ports import free_port
@@ -38,3 +40,22 @@ def test_waiting_for_members_that_never_come_stops_when_a_newer_regroup_is_order
     ordered_at = time.monotonic() + 1.0
     with pytest.raises(Superseded):
         join_store(0, 2, free_port(), 30, lambda: time.monotonic() > ordered_at)  # the host, alone
+
+
+def test_the_host_listens_on_the_rendezvous_address_only():
+    """torch's own TCPStore server listens on every interface (`::`); the new group's listens only where its members
+    reach it, so no other host's connection gets in."""
+    port, stores = free_port(), {}
+    member = threading.Thread(target=lambda: stores.setdefault(1, join_store(1, 2, port, 4, lambda: False)))
+    member.start()
+    stores[0] = join_store(0, 2, port, 4, lambda: False, host="127.0.0.1")
+    member.join(timeout=30)
+    assert stores[1].add("members", 0) == 2  # the member got in through the rendezvous address
+    listening = {c.laddr.ip for c in psutil.Process().net_connections("tcp")
+                 if c.status == psutil.CONN_LISTEN and c.laddr.port == port}
+    assert listening == {"127.0.0.1"}
+    others = [a.address for addrs in psutil.net_if_addrs().values() for a in addrs
+              if a.family == socket.AF_INET and not a.address.startswith("127.")]
+    for address in others:  # this machine's other addresses (none in a bare container) find nothing listening
+        with pytest.raises(OSError):
+            socket.create_connection((address, port), timeout=1).close()

@@ -42,28 +42,31 @@ class CtlError(Exception):
 class FtClient:
     """The `/ft/*` calls, with the server's own error message surfaced (it says which flag or worker is wrong)."""
 
-    def __init__(self, url: str, api_key: str | None, timeout: float):
+    def __init__(self, url: str, api_key: str | None, timeout: float, admin_api_key: str | None = None):
         self.url = url.rstrip("/")
-        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.api_key = api_key
+        self.admin_api_key = admin_api_key or api_key  # inject, drain, rejoin: SGLang's admin level
         self.timeout = timeout
 
     def status(self) -> dict:
-        return self._call("GET", "/ft/status")
+        return self._call("GET", "/ft/status", key=self.api_key)
 
     def post(self, path: str, body: dict) -> dict:
-        return self._call("POST", path, body)
+        """An admin operation (every POST under /ft/): the server's --admin-api-key where it has one."""
+        return self._call("POST", path, body, key=self.admin_api_key)
 
-    def _call(self, method: str, path: str, body: dict | None = None) -> dict:
+    def _call(self, method: str, path: str, body: dict | None = None, key: str | None = None) -> dict:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
         try:
-            response = requests.request(method, self.url + path, json=body, headers=self.headers,
-                                        timeout=self.timeout)
+            response = requests.request(method, self.url + path, json=body, headers=headers, timeout=self.timeout)
         except requests.ConnectionError:
             raise CtlError(f"the server is not reachable at {self.url}: is it running, and is --url right?",
                            EXIT_UNREACHABLE) from None
         except requests.Timeout:
             raise CtlError(f"{method} {path}: no answer from {self.url} within {self.timeout:g} s (--timeout)")
         if not response.ok:
-            hint = " (check --api-key or $SGLANG_API_KEY)" if response.status_code == 401 else ""
+            hint = "" if response.status_code != 401 else " (check --api-key or $SGLANG_API_KEY)" if method == "GET" \
+                else " (check --admin-api-key or $SGLANG_ADMIN_API_KEY where the server has one, else --api-key)"
             raise CtlError(f"{method} {path}: HTTP {response.status_code}: {_server_message(response)}{hint}")
         return response.json()
 
@@ -245,6 +248,9 @@ def _connection_flags(parser: argparse.ArgumentParser, defaults: bool) -> None:
     parser.add_argument("--url", default=default(DEFAULT_URL), help=f"the server (default {DEFAULT_URL})")
     parser.add_argument("--api-key", default=default(os.environ.get("SGLANG_API_KEY")),
                         help="the server's --api-key (default: $SGLANG_API_KEY)")
+    parser.add_argument("--admin-api-key", default=default(os.environ.get("SGLANG_ADMIN_API_KEY")),
+                        help="the server's --admin-api-key, for inject, drain and rejoin where it has one (default: "
+                             "$SGLANG_ADMIN_API_KEY, else --api-key)")
     parser.add_argument("--timeout", type=float, default=default(10.0), help="seconds per HTTP call (default 10)")
 
 
@@ -286,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    client = FtClient(args.url, args.api_key, args.timeout)
+    client = FtClient(args.url, args.api_key, args.timeout, args.admin_api_key)
     try:
         return args.run(client, args, Console())
     except CtlError as error:

@@ -13,6 +13,8 @@ import os
 import sys
 from functools import lru_cache
 
+from ft.sockets import read_secret, use_secret_file
+
 FT_ENV = "SGLANG_FT_ARGS"
 # SGLang's --max-queued-requests when --ft is on and it is not given: beyond it new requests get 503 (a few MB of
 # queued prompts at most, where upstream's default queues without bound)
@@ -44,6 +46,8 @@ class FtArgs:
     node_rank: int = 0
     controller_host: str = ""
     controller_port: int = 0
+    # The deployment secret keying those TCP sockets (CURVE, ft/sockets.py); the same file on every node.
+    secret_file: str = ""
     # Under SGLang's --dp-size M: M TP groups, each with a controller and a backup store of its own, in
     # runtime_dir/dp<k> (see `for_replica`).
     dp_size: int = 1
@@ -103,12 +107,27 @@ class FtArgs:
         if self.kv_placement == "cyclic" and self.attention == "hybrid":
             found.append("--ft-kv-placement cyclic and --ft-attention hybrid both place the remainder heads (by "
                          "block over every worker, or whole per request on one): choose one")
+        found += self._secret_problems()
         if self.heartbeat_timeout_ms <= self.heartbeat_interval_ms:
             found.append(
                 f"--ft-heartbeat-timeout-ms ({self.heartbeat_timeout_ms}) must exceed "
                 f"--ft-heartbeat-interval-ms ({self.heartbeat_interval_ms})"
             )
         return found
+
+    def _secret_problems(self) -> list[str]:
+        if self.secret_file:
+            try:
+                read_secret(self.secret_file)
+            except ValueError as exc:
+                return [f"--ft-secret-file {self.secret_file}: {exc}"]
+            return []
+        if self.nnodes > 1 and not is_loopback(self.controller_host):
+            return [f"--nnodes {self.nnodes} with --ft needs --ft-secret-file: the FT controller's sockets on "
+                    f"{self.controller_host} are reachable from other hosts, and only holders of the secret may "
+                    "use them (a file of at least 16 random bytes, the same on every node, e.g. "
+                    "`openssl rand -hex 32 > FILE`)"]
+        return []
 
     def for_replica(self, dp_rank: int | None) -> "FtArgs":
         """The options of data-parallel replica `dp_rank`: its own runtime directory, so its own controller, orders
@@ -142,7 +161,13 @@ class FtArgs:
             attention=getattr(args, "ft_attention", cls.attention),
             routing=getattr(args, "ft_routing", cls.routing),
             kv_placement=getattr(args, "ft_kv_placement", cls.kv_placement),
+            secret_file=os.path.abspath(secret) if (secret := getattr(args, "ft_secret_file", None)) else "",
         )
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` names this machine's loopback interface (nothing from another host reaches it)."""
+    return host == "localhost" or host.startswith("127.")
 
 
 def add_ft_cli_args(parser: argparse.ArgumentParser) -> None:
@@ -245,6 +270,15 @@ def add_ft_cli_args(parser: argparse.ArgumentParser) -> None:
         "workers (one more all-reduce per layer).",
     )
     group.add_argument(
+        "--ft-secret-file",
+        default=None,
+        metavar="PATH",
+        help="Across nodes (--nnodes > 1), a file holding the deployment secret (at least 16 bytes, the same file on "
+        "every node, e.g. `openssl rand -hex 32`): the FT controller's and the KV backup store's TCP sockets are "
+        "authenticated and encrypted with keys derived from it (ZMQ CURVE), and refuse any peer without it. "
+        "Required with --nnodes > 1 unless --dist-init-addr is a loopback address.",
+    )
+    group.add_argument(
         "--ft-enable-fault-injection",
         action="store_true",
         help="Enable POST /ft/inject_fault (kill or hang a TP worker); protected by --api-key when one is set.",
@@ -264,6 +298,7 @@ def publish(ft: FtArgs) -> None:
     """Make `ft` visible to this process and every subprocess spawned after this call."""
     os.environ[FT_ENV] = ft.to_env()
     ft_args.cache_clear()
+    use_secret_file(ft.secret_file)  # this process's sockets across nodes carry the deployment's keys
 
 
 @lru_cache(maxsize=1)

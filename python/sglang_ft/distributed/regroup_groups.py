@@ -64,6 +64,22 @@ def _listening(host: str, port: int) -> bool:
         return False
 
 
+def _open_store(host: str, port: int, size: int, master: bool):
+    """A TCPStore client, or its server listening on `host` only: torch's own server binds every interface, and
+    nothing but the group's members at `host` should reach it. torch takes the listening socket as a descriptor and
+    closes it with the store; it gets a duplicate, so ours is closed here whatever happens."""
+    import socket
+
+    import torch.distributed as dist
+
+    timeout = timedelta(seconds=JOIN_POLL_S)
+    if not master:
+        return dist.TCPStore(host, port, size, is_master=False, timeout=timeout)
+    with socket.create_server((host, port)) as listener:
+        return dist.TCPStore(host, port, size, is_master=True, wait_for_workers=False, timeout=timeout,
+                             master_listen_fd=os.dup(listener.fileno()))
+
+
 def join_store(rank: int, size: int, port: int, timeout_s: float, superseded, host: str = "127.0.0.1"):
     """The new group's TCPStore, once every member has connected to it.
 
@@ -83,10 +99,9 @@ def join_store(rank: int, size: int, port: int, timeout_s: float, superseded, ho
             time.sleep(0.02)
             continue
         try:
-            store = dist.TCPStore(host, port, size, is_master=rank == 0, wait_for_workers=False,
-                                  timeout=timedelta(seconds=JOIN_POLL_S))
+            store = _open_store(host, port, size, rank == 0)
             break
-        except (RuntimeError, dist.DistError):  # the host of the store is not listening (yet, or any more)
+        except (RuntimeError, dist.DistError, OSError):  # the host of the store is not listening (yet, or any more)
             if superseded():
                 raise Superseded("a newer regroup was ordered while connecting to this one's store") from None
             if time.monotonic() > deadline:

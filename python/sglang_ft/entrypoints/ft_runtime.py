@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from ft.messages import ControlRequest, encode_control
+from ft.sockets import connect_socket, process_keys
 from sglang_ft.server_args import FtArgs, ft_args, publish
 
 logger = logging.getLogger(__name__)
@@ -93,10 +94,8 @@ def start_ft_runtime(tp_size: int, model_path: str, app: FastAPI,
 
 def ask_controller(ft: FtArgs, request: ControlRequest) -> dict:
     """One request/reply with the controller (a fresh REQ socket each time, so a lost reply never wedges it)."""
-    socket = zmq.Context.instance().socket(zmq.REQ)
-    socket.setsockopt(zmq.LINGER, 0)
+    socket = connect_socket(zmq.REQ, ft.control_endpoint, process_keys())
     try:
-        socket.connect(ft.control_endpoint)
         socket.send(encode_control(request))
         if not socket.poll(CONTROL_TIMEOUT_MS):
             return {"error": "the FT controller did not answer", "code": 503}
@@ -136,6 +135,12 @@ async def replicas_status(ft: FtArgs) -> JSONResponse:
 
 
 def add_ft_routes(app: FastAPI, ft: FtArgs) -> None:
+    """`/ft/status` is an ordinary route (SGLang's --api-key, where set); inject, rejoin and drain are admin
+    operations, at SGLang's admin level: --admin-api-key where set, else --api-key (SGLang's own middleware checks
+    both before a route runs)."""
+    from sglang.srt.utils.auth import AuthLevel, auth_level
+
+    admin = auth_level(AuthLevel.ADMIN_OPTIONAL)
     if any(getattr(route, "path", None) == "/ft/status" for route in app.routes):
         return
 
@@ -146,6 +151,7 @@ def add_ft_routes(app: FastAPI, ft: FtArgs) -> None:
         return _respond(await asyncio.to_thread(ask_controller, ft, ControlRequest("status")))
 
     @app.post("/ft/inject_fault")
+    @admin
     async def ft_inject_fault(body: InjectFaultRequest) -> JSONResponse:
         if not ft.enable_fault_injection:
             return JSONResponse(
@@ -155,6 +161,7 @@ def add_ft_routes(app: FastAPI, ft: FtArgs) -> None:
         return await _ask(ft, body.dp_rank, ControlRequest("inject", rank=body.rank, kind=body.kind))
 
     @app.post("/ft/rejoin")
+    @admin
     async def ft_rejoin(body: WorkerRequest) -> JSONResponse:
         """Restart a dead worker and plan it back into the group."""
         if ft.dp_size > 1:
@@ -163,6 +170,7 @@ def add_ft_routes(app: FastAPI, ft: FtArgs) -> None:
         return await _ask(ft, body.dp_rank, ControlRequest("rejoin", worker=body.worker))
 
     @app.post("/ft/drain")
+    @admin
     async def ft_drain(body: WorkerRequest) -> JSONResponse:
         """Take a healthy worker out of the group (the others regroup without it) until it is rejoined."""
         return await _ask(ft, body.dp_rank, ControlRequest("drain", worker=body.worker))

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import zmq
 
 from ft.messages import Respawn, decode_order
+from ft.sockets import connect_socket, process_keys
 from ft.wire import Dropped
 
 logger = logging.getLogger(__name__)
@@ -56,9 +57,7 @@ class WorkerSpawner:
         threading.Thread(target=self._run, name="ft-spawner", daemon=True).start()
 
     def _run(self) -> None:
-        socket = zmq.Context.instance().socket(zmq.SUB)
-        socket.setsockopt(zmq.SUBSCRIBE, b"")
-        socket.connect(self.order_endpoint)
+        socket = connect_socket(zmq.SUB, self.order_endpoint, process_keys())
         while True:
             self.on_order(socket.recv())
 

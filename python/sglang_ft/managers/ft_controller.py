@@ -42,6 +42,7 @@ from ft.planner import plan_migration
 from ft.process_watch import ProcessWatch
 from ft.ports import free_port
 from ft.respawn import Respawner, RespawnPolicy
+from ft.sockets import bind_socket, process_keys, refused_connections, use_secret_file
 from ft.wire import Dropped
 from sglang_ft.managers.ft_metrics import ft_metrics
 
@@ -95,6 +96,7 @@ class ControllerState:
             "kv_backup": {"state": "off"} if self.kv_backup is None else self.kv_backup.status(),
             "respawns": self.respawns,
             "regrouping": self.regrouping,
+            "refused_connections": refused_connections(),  # peers without the deployment's key (ft/sockets.py)
         }
 
 
@@ -139,15 +141,10 @@ class FtController:
         membership = Membership.initial(tp_size)
         self.state = ControllerState(membership, FailureDetector(membership, interval_s, timeout_s))
         self.receiver = MessageReceiver(heartbeat_endpoint)
-        context = zmq.Context.instance()
-        self.control = context.socket(zmq.REP)
-        self.control.setsockopt(zmq.LINGER, 0)
-        self.control.bind(control_endpoint)
+        self.control = bind_socket(zmq.REP, control_endpoint, process_keys())
         self.orders = None
         if order_endpoint is not None:
-            self.orders = context.socket(zmq.PUB)
-            self.orders.setsockopt(zmq.LINGER, 0)
-            self.orders.bind(order_endpoint)
+            self.orders = bind_socket(zmq.PUB, order_endpoint, process_keys())
         from sglang_ft.server_args import ft_args
 
         self.hybrid = ft_args().splits_remainder
@@ -525,6 +522,7 @@ def run_ft_controller(ft_env: str, tp_size: int, parent_pid: int, model_path: st
 
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s FT] %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
     ft = FtArgs(**msgspec.json.decode(ft_env))
+    use_secret_file(ft.secret_file)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the launcher's Ctrl-C is the launcher's to handle
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # a stopped server: clean up below, then exit
     controller = FtController(ft.heartbeat_endpoint, ft.control_endpoint, tp_size, ft.heartbeat_interval_ms / 1e3,
@@ -535,7 +533,8 @@ def run_ft_controller(ft_env: str, tp_size: int, parent_pid: int, model_path: st
     if ft.kv_backup:
         from sglang_ft.managers.kv_store_keeper import KvStoreKeeper
 
-        controller.state.kv_backup = KvStoreKeeper(ft.kv_backup_endpoint, ft.kv_fetch_endpoint, ft.respawn)
+        controller.state.kv_backup = KvStoreKeeper(ft.kv_backup_endpoint, ft.kv_fetch_endpoint, ft.respawn,
+                                                   ft.secret_file)
     try:
         controller.run()
     finally:

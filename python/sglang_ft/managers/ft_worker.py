@@ -19,6 +19,7 @@ import zmq
 
 from ft.heartbeat import HeartbeatSender
 from ft.messages import BackupResync, Fenced, Regroup, WorkerFailed, decode_order, encode
+from ft.sockets import connect_socket, process_keys
 from ft.wire import Dropped
 from sglang_ft.managers.output_rewind import FinishedRequests
 from sglang_ft.managers.request_ledger import RequestLedger
@@ -63,10 +64,7 @@ class OrderListener:
         self.resync_requested = False  # the backup store was restarted: re-send the KV this worker holds
         self._arrived = threading.Condition()
         self.dropped = Dropped(logger, f"sglang-ft worker {worker}'s orders")
-        self._socket = zmq.Context.instance().socket(zmq.SUB)
-        self._socket.setsockopt(zmq.LINGER, 0)
-        self._socket.setsockopt(zmq.SUBSCRIBE, b"")
-        self._socket.connect(endpoint)
+        self._socket = connect_socket(zmq.SUB, endpoint, process_keys())
         threading.Thread(target=self._run, name=f"ft-orders-{worker}", daemon=True).start()
 
     def _run(self) -> None:
@@ -153,9 +151,7 @@ class FtWorker:
         self.heartbeat.start()
         self.orders = OrderListener(ft.order_endpoint, worker, lambda: self.epoch, self._interrupt_old_group,
                                     lambda: self.joining and not self.regrouping)
-        self._reports = zmq.Context.instance().socket(zmq.PUSH)
-        self._reports.setsockopt(zmq.LINGER, 1000)
-        self._reports.connect(ft.heartbeat_endpoint)
+        self._reports = connect_socket(zmq.PUSH, ft.heartbeat_endpoint, process_keys(), linger_ms=1000)
 
     def _interrupt_old_group(self, order: Regroup) -> None:
         """A newer group is ordered: make a collective of the old group that is still waiting fail now."""

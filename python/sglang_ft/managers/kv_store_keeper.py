@@ -21,8 +21,9 @@ logger = logging.getLogger("sglang_ft.controller")
 
 
 class KvStoreKeeper:
-    def __init__(self, push_endpoint: str, fetch_endpoint: str, respawn: bool):
+    def __init__(self, push_endpoint: str, fetch_endpoint: str, respawn: bool, secret_file: str = ""):
         self.push_endpoint = push_endpoint
+        self.secret_file = secret_file  # its TCP endpoints are keyed like the controller's (ft/sockets.py)
         self.fetch_endpoint = fetch_endpoint
         self.respawn = respawn
         self.restarts = 0
@@ -37,7 +38,8 @@ class KvStoreKeeper:
 
     def _start(self) -> None:
         self.process = subprocess.Popen([sys.executable, "-m", "ft.kv_store", "--push", self.push_endpoint,
-                                         "--fetch", self.fetch_endpoint, "--parent-pid", str(os.getpid())])
+                                         "--fetch", self.fetch_endpoint, "--parent-pid", str(os.getpid()),
+                                         "--secret-file", self.secret_file])
         self._event("started")
         logger.info("sglang-ft controller: KV backup store pid %d", self.process.pid)
 

@@ -30,6 +30,7 @@ import zmq
 
 from ft.kv_backup import slots_of_requests
 from ft.messages import GroupLost, Regroup, decode_order
+from ft.sockets import connect_socket, process_keys
 from ft.wire import Dropped
 from sglang_ft.managers.output_rewind import ReceivedTokens
 from sglang_ft.managers.push_socket import fresh_push_socket, try_bind
@@ -203,9 +204,7 @@ class RequestJournal:
             self.loop.call_soon_threadsafe(lambda: self.loop.create_task(coroutine_fn()))
 
     def _follow(self, endpoint: str, replica: int) -> None:
-        socket = zmq.Context.instance().socket(zmq.SUB)
-        socket.setsockopt(zmq.SUBSCRIBE, b"")
-        socket.connect(endpoint)
+        socket = connect_socket(zmq.SUB, endpoint, process_keys())
         seen = ReplicaOrders(replica)
         while True:
             self.on_order(seen, socket.recv())
