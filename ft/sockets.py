@@ -3,8 +3,8 @@
 The keys come from a deployment secret (`--ft-secret-file`): every node holding the same file derives the same
 server and client keypairs, so nothing is exchanged at start-up. A server socket accepts only the client key derived
 from the secret (this process's ZAP handler) and counts every ZMQ handshake it refuses: a foreign client key, a
-different secret (the handshake does not decrypt), no CURVE at all, or a handshake left unfinished (bytes that are no
-ZMTP at all are dropped by libzmq before any handshake, uncounted). ipc:// endpoints stay plain: same host, in a
+different secret (the handshake does not decrypt), no CURVE at all, or a handshake broken off (bytes that are no ZMTP
+at all are dropped by libzmq before any handshake, uncounted). ipc:// endpoints stay plain: same host, in a
 runtime directory only the server's user can enter.
 
 A process serves one deployment: it names its secret file once (`use_secret_file`, where its FT options are
@@ -28,9 +28,9 @@ logger = logging.getLogger(__name__)
 MIN_SECRET_BYTES = 16
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"  # where libzmq asks a socket's context to authenticate a peer
 ZAP_DOMAIN = b"sglang-ft"
-REFUSALS = {zmq.EVENT_HANDSHAKE_FAILED_AUTH: "foreign client key",
+REFUSALS = {zmq.EVENT_HANDSHAKE_FAILED_AUTH: "a client key not derived from the secret",
             zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "no CURVE, or another secret",
-            zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "handshake left unfinished"}
+            zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "handshake failed"}
 REFUSAL_LOG_INTERVAL_S = 10.0
 
 
