@@ -22,8 +22,10 @@ NCCL_ERROR_HANDLING = {
 
 
 def apply_nccl_error_handling(environ=None) -> dict[str, str]:
-    """Set each variable of `NCCL_ERROR_HANDLING` the user did not set; returns those set here."""
+    """Set each variable of `NCCL_ERROR_HANDLING` the user did not set, under its name or torch's older alias
+    without the `TORCH_` prefix (which torch still reads); returns those set here."""
     environ = os.environ if environ is None else environ
-    applied = {name: value for name, value in NCCL_ERROR_HANDLING.items() if name not in environ}
+    applied = {name: value for name, value in NCCL_ERROR_HANDLING.items()
+               if name not in environ and name.removeprefix("TORCH_") not in environ}
     environ.update(applied)
     return applied
