@@ -176,36 +176,49 @@ def test_an_interrupt_aborts_nccl_groups_and_pynccl_communicators_with_what_torc
     assert abort_pynccl_communicators([live]) == 0  # never twice (SGLang only drops it afterwards)
 
 
-def _scheduler_like(results) -> None:
-    """What a scheduler process does before its first group: SGLang's group creation, wrapped by the hook."""
+def _read_after_the_hook(results=None) -> dict:
+    """What a scheduler process does before its first group: SGLang's group creation, wrapped by the hook; the
+    variables as SGLang's group creation sees them."""
     from sglang_ft.hooks import around_init_parallel_groups
 
-    names = list(NCCL_ERROR_HANDLING)
-    results.put(around_init_parallel_groups(lambda **_: {n: os.environ.get(n) for n in names}, backend="nccl"))
-
-
-def _spawned_env() -> dict:
-    context = multiprocessing.get_context("spawn")
-    results = context.Queue()
-    process = context.Process(target=_scheduler_like, args=(results,))
-    process.start()
-    try:
-        return results.get(timeout=120)
-    finally:
-        process.join(timeout=30)
+    seen = around_init_parallel_groups(lambda **_: {n: os.environ.get(n) for n in NCCL_ERROR_HANDLING}, backend="nccl")
+    if results is not None:
+        results.put(seen)
+    return seen
 
 
 def test_a_scheduler_process_gets_nccl_error_handling_unless_the_user_set_it(monkeypatch):
+    from sglang_ft.server_args import ft_args
+
+    try:
+        _check_nccl_env(monkeypatch, ft_args)
+    finally:  # this process's FT options as they were
+        monkeypatch.undo()
+        ft_args.cache_clear()
+
+
+def _check_nccl_env(monkeypatch, ft_args) -> None:
     from sglang_ft.server_args import FT_ENV, FtArgs
 
     for name in NCCL_ERROR_HANDLING:
         monkeypatch.delenv(name, raising=False)
-        monkeypatch.delenv(name.replace("TORCH_", ""), raising=False)
+        monkeypatch.delenv(name.removeprefix("TORCH_"), raising=False)
     monkeypatch.setenv(FT_ENV, FtArgs(enabled=True).to_env())
-    # CleanUpOnly (2) in torch's ErrorHandlingMode: abort the communicator, never the process
-    assert _spawned_env() == {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "2", "TORCH_NCCL_BLOCKING_WAIT": "0"}
-    monkeypatch.setenv("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")  # the user's choice stands
-    assert _spawned_env() == {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "1", "TORCH_NCCL_BLOCKING_WAIT": "0"}
-    monkeypatch.delenv("TORCH_NCCL_ASYNC_ERROR_HANDLING")
+    ft_args.cache_clear()
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    process = context.Process(target=_read_after_the_hook, args=(results,))
+    process.start()
+    try:  # a fresh process, as SGLang spawns each scheduler; CleanUpOnly (2): abort the communicator, not the process
+        assert results.get(timeout=120) == {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "2", "TORCH_NCCL_BLOCKING_WAIT": "0"}
+    finally:
+        process.join(timeout=30)
+    # the user's choice stands, under torch's name or its older alias
+    monkeypatch.setenv("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+    monkeypatch.setenv("NCCL_BLOCKING_WAIT", "1")
+    assert _read_after_the_hook() == {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "1", "TORCH_NCCL_BLOCKING_WAIT": None}
+    for name in ("TORCH_NCCL_ASYNC_ERROR_HANDLING", "NCCL_BLOCKING_WAIT"):
+        monkeypatch.delenv(name)
     monkeypatch.setenv(FT_ENV, FtArgs(enabled=False).to_env())  # without --ft, SGLang's defaults
-    assert _spawned_env() == {"TORCH_NCCL_ASYNC_ERROR_HANDLING": None, "TORCH_NCCL_BLOCKING_WAIT": None}
+    ft_args.cache_clear()
+    assert _read_after_the_hook() == {"TORCH_NCCL_ASYNC_ERROR_HANDLING": None, "TORCH_NCCL_BLOCKING_WAIT": None}

@@ -164,3 +164,20 @@ def test_the_holdings_exchange_goes_over_the_cpu_group(elastic, monkeypatch):
     held, _ = agree_on_holdings(build(layout, 0), order, CPU_GROUP)
     assert held == {0: layout.shard(0), 1: layout.shard(0)}  # every rank answered with rank 0's (the fake's echo)
     assert contract.calls == [("all_gather_object", CPU_GROUP)]
+
+
+@pytest.mark.parametrize("cuda", [False, True])
+def test_checkpoint_reads_are_staged_in_pinned_memory_where_cuda_is_available(tiny_model, monkeypatch, cuda):
+    """The reshard's disk reads and the load's reach the GPU by DMA from pinned memory; a CPU-only machine pins
+    nothing (pinning needs the CUDA driver)."""
+    import glob
+
+    from sglang_ft.model_loader import lazy_safetensors
+
+    pinned = []
+    monkeypatch.setattr(lazy_safetensors, "_pinning", lambda: cuda)
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda tensor: pinned.append(tensor.shape) or tensor)
+    files = sorted(glob.glob(f"{tiny_model}/*.safetensors"))
+    reads = [(tensor.read_rows(0, 2).shape, tensor.read_all().shape)
+             for name, tensor in lazy_safetensors.lazy_safetensors_iterator(files) if name.endswith("q_proj.weight")]
+    assert reads and pinned == ([shape for pair in reads for shape in pair] if cuda else [])

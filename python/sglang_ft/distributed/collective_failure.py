@@ -13,6 +13,7 @@ import contextlib
 import os
 import traceback
 from collections.abc import Iterator
+from functools import lru_cache
 
 
 class CollectiveFailure(RuntimeError):
@@ -20,6 +21,7 @@ class CollectiveFailure(RuntimeError):
     was interrupted for a newer one. The worker reports it and regroups; it never dies of it."""
 
 
+@lru_cache(maxsize=1)
 def _package_dirs() -> tuple[str, ...]:
     import sglang.srt.distributed
     import torch.distributed

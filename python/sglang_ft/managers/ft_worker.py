@@ -222,7 +222,8 @@ class FtWorker:
         os._exit(1)
 
     def recover(self, exc: BaseException) -> None:
-        where = " <- ".join(f"{f.name}" for f in reversed(traceback.extract_tb(exc.__traceback__)[-4:]))
+        origin = exc.__cause__ if isinstance(exc.__cause__, Exception) else exc  # a CollectiveFailure's collective
+        where = " <- ".join(f"{f.name}" for f in reversed(traceback.extract_tb(origin.__traceback__)[-4:]))
         logger.warning("sglang-ft: worker %d (epoch %d) saw a failed collective in %s: %s", self.worker, self.epoch,
                        where, str(exc).splitlines()[0][:200])
         self.report(WorkerFailed(self.worker, self.epoch, str(exc)[:200], os.getpid()))
