@@ -14,6 +14,7 @@ import time
 
 from sglang.srt.plugins.hook_registry import HookType
 
+from sglang_ft.distributed.collective_failure import CollectiveFailure
 from sglang_ft.launch_checks import ELASTIC_ARCHITECTURES, check_ft_launch
 from sglang_ft.server_args import (
     FT_DEFAULT_MAX_QUEUED_REQUESTS,
@@ -49,6 +50,9 @@ def around_from_cli_args(original, cls, args, *rest, **kwargs):
             cli_error("; ".join(problems))
         # Recovery re-enters SGLang's plain loop; overlap scheduling buys nothing without an accelerator stream.
         server_args.disable_overlap_schedule = True
+        # SGLang's custom all-reduce spins on flags in a peer's memory and has no abort: a survivor would spin for
+        # ever on a dead peer. NCCL (pynccl) is aborted by the interrupt (group_interrupt.py).
+        server_args.disable_custom_all_reduce = True
         if ft.splits_remainder:  # which rows a worker computes changes with every batch's placement
             server_args.disable_cuda_graph = True
         if server_args.max_queued_requests is None:  # a flood gets 503 + Retry-After, not unbounded memory
@@ -159,7 +163,21 @@ def around_run_batch(original, scheduler, batch, *args, **kwargs):
     return result
 
 
-class InjectedStepFailure(RuntimeError):
+def around_init_parallel_groups(original, *args, **kwargs):
+    """Under `--ft`, before a scheduler's first process group: NCCL errors raise in the survivor instead of
+    ending it (`nccl_env.py`); the TCP connections the groups open are recorded, so an interrupt for a newer
+    group shuts those alone (`group_interrupt.py`)."""
+    if not ft_enabled():
+        return original(*args, **kwargs)
+    from sglang_ft.distributed.group_interrupt import GROUP_CONNECTIONS
+    from sglang_ft.distributed.nccl_env import apply_nccl_error_handling
+
+    apply_nccl_error_handling()
+    with GROUP_CONNECTIONS.recording():
+        return original(*args, **kwargs)
+
+
+class InjectedStepFailure(CollectiveFailure):
     """The "fail_step" fault: this worker takes a step the others finish as failed (see torn_step.py)."""
 
 
@@ -502,6 +520,7 @@ HOOKS: list[tuple[str, HookType, object]] = [
     (f"{_SERVER_ARGS}.from_cli_args", HookType.AROUND, around_from_cli_args),
     ("sglang.srt.entrypoints.http_server.launch_server", HookType.BEFORE, before_launch_server),
     ("sglang.srt.managers.scheduler.Scheduler.__init__", HookType.AFTER, after_scheduler_init),
+    ("sglang.srt.distributed.bootstrap._init_parallel_groups", HookType.AROUND, around_init_parallel_groups),
     ("sglang.srt.managers.scheduler._dispatch_event_loop_once", HookType.AROUND, around_dispatch_event_loop),
     ("sglang.srt.managers.scheduler.Scheduler.ingest_requests", HookType.BEFORE, before_ingest_requests),
     (

@@ -1,15 +1,17 @@
 """Tear down this process's SGLang process groups and form the new TP group on a fresh store.
 
 Survivors never restart: they drop every communicator locally (a collective teardown would block on the dead
-peer), set their new TP rank and width in SGLang's parallel context, and let SGLang build its groups again.
+peer), set their new TP rank and width in SGLang's parallel context, and let SGLang build its groups again. The
+connections the new group opens are recorded, so a later interrupt shuts those alone (`group_interrupt.py`).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import time
 from datetime import timedelta
+
+from sglang_ft.distributed.group_interrupt import GROUP_CONNECTIONS
 
 logger = logging.getLogger(__name__)
 JOIN_TIMEOUT_FACTOR = 3
@@ -28,30 +30,6 @@ def all_gather_object(mine, group) -> list:
     everyone: list = [None] * dist.get_world_size(group)
     dist.all_gather_object(everyone, mine, group=group)
     return everyone
-
-
-def interrupt_blocked_collectives() -> int:
-    """Shut down this process's established TCP connections (the old group's gloo pairs and store client).
-
-    Called from the order-listener thread when a newer group is ordered: a collective blocked on a peer that has
-    moved on (or died) fails at once with "connection closed" instead of at its timeout. `shutdown` acts on the
-    socket while the owner keeps its descriptor, so nothing is closed under the communicator's feet.
-    """
-    import socket
-
-    import psutil
-
-    count = 0
-    for conn in psutil.Process().net_connections(kind="tcp"):
-        if conn.status != psutil.CONN_ESTABLISHED or conn.fd < 0:
-            continue
-        try:
-            with socket.socket(fileno=os.dup(conn.fd)) as sock:
-                sock.shutdown(socket.SHUT_RDWR)
-            count += 1
-        except OSError:
-            continue
-    return count
 
 
 def _listening(host: str, port: int) -> bool:
@@ -147,12 +125,14 @@ def rebuild_process_groups(new_rank: int, new_size: int, store_port: int, timeou
     backend = "gloo" if get_device().device == "cpu" else "nccl"
     # Our own store: survivors still stuck in an old collective join late, so joining may take up to a few
     # collective timeouts; collectives in the new group time out after `timeout_s`.
-    store = join_store(new_rank, new_size, store_port, timeout_s, superseded, host)
-    dist.init_process_group(backend, store=store, world_size=new_size, rank=new_rank,
-                            timeout=timedelta(seconds=timeout_s))
-    ps._MODEL_PARALLEL_GROUP_TIMEOUT = timedelta(seconds=timeout_s)
-    _init_parallel_groups(backend=backend, dist_init_method=f"tcp://{host}:{store_port}",
-                          server_args=get_server_args(), gpu_id=get_device().gpu_id)
+    GROUP_CONNECTIONS.forget()
+    with GROUP_CONNECTIONS.recording():  # what a newer order's interrupt may shut (group_interrupt.py)
+        store = join_store(new_rank, new_size, store_port, timeout_s, superseded, host)
+        dist.init_process_group(backend, store=store, world_size=new_size, rank=new_rank,
+                                timeout=timedelta(seconds=timeout_s))
+        ps._MODEL_PARALLEL_GROUP_TIMEOUT = timedelta(seconds=timeout_s)
+        _init_parallel_groups(backend=backend, dist_init_method=f"tcp://{host}:{store_port}",
+                              server_args=get_server_args(), gpu_id=get_device().gpu_id)
     set_collective_timeout(timeout_s)
 
 
@@ -165,6 +145,9 @@ def set_collective_timeout(timeout_s: float) -> None:
     import torch.distributed as dist
     from sglang.srt.runtime_context import get_parallel
 
+    from sglang_ft.distributed.p2p import set_wait_timeout
+
+    set_wait_timeout(timeout_s)  # the regroup's peer transfers (p2p.py)
     request_group = get_parallel().tp_group.cpu_group
     for group in list(dist.distributed_c10d._world.pg_map):
         bound = min(timeout_s, REQUEST_BROADCAST_TIMEOUT_S) if group is request_group else timeout_s

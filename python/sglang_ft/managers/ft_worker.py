@@ -28,8 +28,6 @@ from sglang_ft.server_args import FtArgs
 
 logger = logging.getLogger(__name__)
 ORDER_WAIT_S = 120.0
-COLLECTIVE_FAILURE_MARKERS = ("Connection closed by peer", "Connection reset by peer", "Timed out", "timed out",
-                              "Broken pipe", "gloo", "NCCL", "ProcessGroup")
 
 
 class RegroupOrdered(Exception):
@@ -41,15 +39,12 @@ class RegroupOrdered(Exception):
 
 
 def is_collective_failure(exc: BaseException) -> bool:
-    """Does this exception look like a peer vanished in a collective or a rendezvous (not a bug in a step)?"""
-    import torch.distributed as dist
-
+    """Is this a peer vanishing in a collective or a rendezvous (not a bug in a step)? By type only: the
+    collectives raise `CollectiveFailure` (`collectives_may_fail`), a newer order `RegroupOrdered`."""
+    from sglang_ft.distributed.collective_failure import CollectiveFailure
     from sglang_ft.distributed.regroup_groups import Superseded
 
-    if isinstance(exc, (RegroupOrdered, Superseded, dist.DistError)):
-        return True
-    text = f"{type(exc).__name__}: {exc}"
-    return any(marker in text for marker in COLLECTIVE_FAILURE_MARKERS)
+    return isinstance(exc, (CollectiveFailure, RegroupOrdered, Superseded))
 
 
 class OrderListener:
@@ -155,12 +150,12 @@ class FtWorker:
 
     def _interrupt_old_group(self, order: Regroup) -> None:
         """A newer group is ordered: make a collective of the old group that is still waiting fail now."""
-        from sglang_ft.distributed.regroup_groups import interrupt_blocked_collectives
+        from sglang_ft.distributed.group_interrupt import interrupt_old_group
 
         if order.epoch > self.epoch and (self.regrouping or not self.joining):
-            count = interrupt_blocked_collectives()
-            logger.info("sglang-ft: worker %d: epoch %d ordered; shut down %d connections of the old group",
-                        self.worker, order.epoch, count)
+            aborted, shut = interrupt_old_group()
+            logger.info("sglang-ft: worker %d: epoch %d ordered; aborted %d NCCL communicators and shut down %d "
+                        "connections of the old group", self.worker, order.epoch, aborted, shut)
 
     @property
     def maps_requests(self) -> bool:
@@ -209,9 +204,12 @@ class FtWorker:
             logger.warning("sglang-ft: restarted worker %d is initialised; waiting to be planned back in",
                            self.worker)
             self._or_fail_stop(self._regroup_when_ordered, None)
+        from sglang_ft.distributed.collective_failure import collectives_may_fail
+
         while True:
             try:
-                return original(self.scheduler)
+                with collectives_may_fail():
+                    return original(self.scheduler)
             except Exception as exc:  # a failed collective is recovered; anything else stops this worker alone
                 if not is_collective_failure(exc):
                     self._fail_stop(exc)
@@ -236,7 +234,8 @@ class FtWorker:
         os._exit(1)
 
     def recover(self, exc: BaseException) -> None:
-        where = " <- ".join(f"{f.name}" for f in reversed(traceback.extract_tb(exc.__traceback__)[-4:]))
+        origin = exc.__cause__ if isinstance(exc.__cause__, Exception) else exc  # a CollectiveFailure's collective
+        where = " <- ".join(f"{f.name}" for f in reversed(traceback.extract_tb(origin.__traceback__)[-4:]))
         logger.warning("sglang-ft: worker %d (epoch %d) saw a failed collective in %s: %s", self.worker, self.epoch,
                        where, str(exc).splitlines()[0][:200])
         self.report(WorkerFailed(self.worker, self.epoch, str(exc)[:200], os.getpid()))
@@ -244,6 +243,7 @@ class FtWorker:
 
     def _regroup_when_ordered(self, cause: BaseException | None) -> None:
         """Wait for an order of a newer epoch that includes this worker and regroup; again if that fails."""
+        from sglang_ft.distributed.collective_failure import collectives_may_fail
         from sglang_ft.managers.regroup import regroup_in_place
 
         seen = self.epoch
@@ -257,7 +257,8 @@ class FtWorker:
                 continue  # only a restarted worker still starting up gets here (others are fenced)
             self.regrouping = True
             try:
-                done = regroup_in_place(self, order)
+                with collectives_may_fail():
+                    done = regroup_in_place(self, order)
             except Exception as again:  # another failure during the regroup: wait for the next order
                 if not is_collective_failure(again):
                     raise

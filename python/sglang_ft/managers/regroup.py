@@ -182,8 +182,9 @@ def regroup_in_place(ft_worker, order: Regroup) -> RegroupDone:
 
     install_layout(plan.layout)
     new_model = build_model_like(old_model, runner)
+    device_group = scheduler.tp_group.device_group  # the transfers' tensors live on the model's device
     stats = reshard(old_model, new_model, plan, me, runner.model_config.model_path, held.get(me),
-                    replicated_from=0 if order.joining else None)
+                    replicated_from=0 if order.joining else None, group=device_group)
     runner.model = new_model  # complete: every slice arrived, whatever happens to the rest of the regroup
     placement = remainder_owners.install(scheduler, ft_worker.ft, ft_worker.kv_stream)  # hybrid attention only
     ft_worker.holds_weights = True
@@ -198,7 +199,7 @@ def regroup_in_place(ft_worker, order: Regroup) -> RegroupDone:
     if kv_was_intact:
         kv = restore_kv(pool, scheduler.token_to_kv_pool_allocator, old_heads, new_heads, plan, me, order.epoch,
                         ft_worker.ft.kv_fetch_endpoint if ft_worker.kv_stream and order.kv_store_alive else None,
-                        tuple(zip(order.workers, order.pids)))
+                        tuple(zip(order.workers, order.pids)), group=device_group)
     else:  # an earlier attempt stopped half way through the KV: its contents cannot be trusted
         reshape_kv_heads(pool, new_heads[1] - new_heads[0])
     if ft_worker.kv_stream is not None:

@@ -12,10 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
 from ft.kv_backup import BLOCK_TOKENS, StoreUnavailable, fetch_kv
 from ft.planner import MigrationPlan
+from sglang_ft.distributed.p2p import exchange, wait_all
 from sglang_ft.mem_cache.kv_backup_stream import live_slots, rows_from_raw
 
 KV_TAG_BASE = 1 << 16  # peer KV transfers' tags, apart from the weight transfers' (0..moves)
@@ -54,9 +54,11 @@ def put_rows(pool, slots: torch.Tensor, heads: slice, k_layers, v_layers) -> Non
 
 @torch.no_grad()
 def restore_kv(pool, allocator, old_heads, new_heads, plan: MigrationPlan, me: int, epoch: int,
-               fetch_endpoint: str | None, members: tuple[tuple[int, int], ...] = ()) -> KvRestoreStats:
+               fetch_endpoint: str | None, members: tuple[tuple[int, int], ...] = (), group=None) -> KvRestoreStats:
     """Reshape `pool` from global KV heads `old_heads` (None: a restarted worker, holding none) to `new_heads`
-    and fill the live slots of every head. `members` ((worker, pid) of the new group) go to the backup store."""
+    and fill the live slots of every head. `members` ((worker, pid) of the new group) go to the backup store.
+    Moved heads travel over `group`, the new TP group's device group (None: torch's default), on the pool's
+    device."""
     old_k, old_v = reshape_kv_heads(pool, new_heads[1] - new_heads[0])
     lo, hi = (max(old_heads[0], new_heads[0]), min(old_heads[1], new_heads[1])) if old_heads else (0, 0)
     stats = KvRestoreStats(heads_kept=max(0, hi - lo))
@@ -71,7 +73,7 @@ def restore_kv(pool, allocator, old_heads, new_heads, plan: MigrationPlan, me: i
                   [v[device_slots, kept_old] for v in old_v])
 
     rank_of = {worker: rank for rank, worker in enumerate(plan.workers)}
-    requests, landing = [], []
+    sends, recvs, landing = [], [], []
     for tag, move in enumerate(plan.moves):
         if move.dim != "kv_heads" or move.src is None or move.from_remainder or move.to_remainder:
             continue
@@ -79,20 +81,20 @@ def restore_kv(pool, allocator, old_heads, new_heads, plan: MigrationPlan, me: i
             heads = _local(old_heads, move.start, move.end)
             flat = torch.stack([torch.stack([k[device_slots, heads] for k in old_k]),
                                 torch.stack([v[device_slots, heads] for v in old_v])]).contiguous()
-            requests.append(dist.isend(flat, dst=rank_of[move.dst], tag=KV_TAG_BASE + tag))
+            sends.append((rank_of[move.dst], KV_TAG_BASE + tag, flat))
         elif move.dst == me:
             shape = (2, len(old_k), len(slots), move.end - move.start, pool.head_dim)
             buffer = torch.empty(shape, dtype=pool.k_buffer[0].dtype, device=pool.k_buffer[0].device)
-            requests.append(dist.irecv(buffer, src=rank_of[move.src], tag=KV_TAG_BASE + tag))
+            recvs.append((rank_of[move.src], KV_TAG_BASE + tag, buffer))
             landing.append((buffer, move))
+    requests = exchange(rank_of[me], sends, recvs, group)
     # Peer transfers are in flight; fetch the lost heads from the backup store meanwhile (and heads that were
     # hybrid attention's remainder: their KV is spread over the old group by request, whole only in the store).
     for move in plan.moves:
         if move.dim == "kv_heads" and (move.src is None or move.from_remainder) and move.dst == me \
                 and not move.to_remainder:  # (the remainder heads' KV is spread by request: remainder_owners.py)
             _restore_from_store(pool, new_heads, move, slots, device_slots, epoch, fetch_endpoint, stats, members)
-    for request in requests:
-        request.wait()
+    wait_all(requests)
     for buffer, move in landing:
         put_rows(pool, device_slots, _local(new_heads, move.start, move.end), buffer[0], buffer[1])
         stats.bytes_p2p_in += buffer.numel() * buffer.element_size()

@@ -2,7 +2,8 @@
 read only the slices nobody alive holds from the safetensors files.
 
 Every rank computes the same plan (`ft.planner.plan_migration`), so peer transfers need no negotiation: each move
-is one tagged isend/irecv pair of a flat buffer whose layout both sides derive from `unit_pieces`.
+is one tagged isend/irecv pair of a flat buffer whose layout both sides derive from `unit_pieces`, over the TP
+group's device group: both sides' buffers live on the model's device (NCCL takes device tensors only).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from ft.planner import DIMENSIONS, MigrationPlan
+from sglang_ft.distributed.p2p import exchange, wait_all
 
 
 @dataclass
@@ -64,11 +66,12 @@ def build_model_like(old_model, model_runner):
 
 @torch.no_grad()
 def reshard(old_model, new_model, plan: MigrationPlan, me: int, checkpoint_dir: str, held,
-            replicated_from: int | None = None) -> ReshardStats:
+            replicated_from: int | None = None, group=None) -> ReshardStats:
     """Fill `new_model` (this worker's new shard) from `old_model`, peers and the checkpoint.
 
     `held` is what this worker held before (None for a restarted worker: its old model is a placeholder). With
     restarted workers in the group, rank `replicated_from` broadcasts the replicated tensors (norms) to all.
+    `group` is the new TP group's device group (None: torch's default group).
     """
     stats = ReshardStats()
     if held is not None:
@@ -82,12 +85,12 @@ def reshard(old_model, new_model, plan: MigrationPlan, me: int, checkpoint_dir: 
             param.copy_(old_replicated[name])
     if replicated_from is not None:
         for _name, param in sorted(new_model.replicated_params().items()):
-            dist.broadcast(param.data, src=replicated_from)
+            dist.broadcast(param.data, group=group, group_src=replicated_from)
     if held is not None:
         _keep_remainder_heads(old_model, new_model, stats)
 
     rank_of = {worker: rank for rank, worker in enumerate(plan.workers)}
-    requests, landing = [], []
+    sends, recvs, landing = [], [], []
     for tag, move in enumerate(plan.moves):
         if move.src is None:
             continue
@@ -96,12 +99,14 @@ def reshard(old_model, new_model, plan: MigrationPlan, me: int, checkpoint_dir: 
             if move.dst == me:  # own remainder heads that become TP heads here
                 stats.bytes_kept += _copy(held_pieces, _target_pieces(new_model, move))
                 continue
-            requests.append(dist.isend(_flat(held_pieces), dst=rank_of[move.dst], tag=tag))
+            sends.append((rank_of[move.dst], tag, _flat(held_pieces)))
         elif move.dst == me:
             pieces = _target_pieces(new_model, move)
-            buffer = torch.empty(sum(p.view.numel() for p in pieces), dtype=pieces[0].view.dtype)
-            requests.append(dist.irecv(buffer, src=rank_of[move.src], tag=tag))
+            buffer = torch.empty(sum(p.view.numel() for p in pieces), dtype=pieces[0].view.dtype,
+                                 device=pieces[0].view.device)
+            recvs.append((rank_of[move.src], tag, buffer))
             landing.append((buffer, pieces))
+    requests = exchange(rank_of[me], sends, recvs, group)
     # Peer transfers are in flight; read the slices nobody alive holds from disk meanwhile (both links busy).
     from_disk = [p for m in plan.moves if m.src is None and m.dst == me for p in _target_pieces(new_model, m)]
     if new_model.layout.shape.num_experts:  # every unit of MLP columns is expert weights
@@ -114,8 +119,7 @@ def reshard(old_model, new_model, plan: MigrationPlan, me: int, checkpoint_dir: 
         files = sorted(glob.glob(os.path.join(checkpoint_dir, "*.safetensors")))
         fill_from_checkpoint(lazy_safetensors_iterator(files), from_disk, {})
         stats.bytes_reloaded = _nbytes(from_disk)
-    for request in requests:
-        request.wait()
+    wait_all(requests)
     for buffer, pieces in landing:
         _unflatten_into(buffer, pieces)
         stats.bytes_p2p_in += buffer.numel() * buffer.element_size()

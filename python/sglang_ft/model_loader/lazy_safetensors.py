@@ -3,12 +3,15 @@
 Under `--ft`, an AROUND hook swaps SGLang's safetensors iterators for `lazy_safetensors_iterator`; the elastic
 model's loader calls `read_rows` / `read_cols`, which read just the requested rows or columns from the file
 (safetensors' `get_slice`), and counts the bytes so a test can check that no rank read the whole model.
+Where CUDA is available, every read lands in pinned host memory, so its copy to the GPU is an asynchronous DMA
+(`copy_(..., non_blocking=True)`) rather than a pageable copy that blocks the host.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from functools import lru_cache
 
 import torch
 from safetensors import safe_open
@@ -42,7 +45,7 @@ class LazyTensor:
 
     def _count(self, tensor: torch.Tensor) -> torch.Tensor:
         ReadStats.bytes_read += tensor.numel() * self._itemsize
-        return tensor
+        return staged(tensor)
 
     def read_all(self) -> torch.Tensor:
         return self._count(self._slice[:])
@@ -52,6 +55,17 @@ class LazyTensor:
 
     def read_cols(self, start: int, end: int) -> torch.Tensor:
         return self._count(self._slice[:, start:end])
+
+
+@lru_cache(maxsize=1)
+def _pinning() -> bool:
+    return torch.cuda.is_available()
+
+
+def staged(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` (read on the host) in pinned memory where CUDA is available; as it is otherwise. torch's caching
+    host allocator keeps a pinned block alive until the copies queued from it have run."""
+    return tensor.pin_memory() if _pinning() else tensor
 
 
 _ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}

@@ -395,10 +395,10 @@ def _fill(weights, by_name, replicated, loaded) -> None:
             if value.shape != piece.view.shape:
                 raise ValueError(f"{name}[{piece.lo}:{piece.hi}] has shape {tuple(value.shape)}, expected "
                                  f"{tuple(piece.view.shape)}")
-            piece.view.copy_(value)
+            piece.view.copy_(value, non_blocking=True)  # asynchronous from pinned memory (lazy_safetensors.py)
             loaded.add(name)
         if name in replicated:
-            replicated[name].data.copy_(read_all(tensor))
+            replicated[name].data.copy_(read_all(tensor), non_blocking=True)
             loaded.add(name)
 
 

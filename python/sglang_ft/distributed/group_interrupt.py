@@ -1,0 +1,157 @@
+"""Make a collective of the old group that is still blocked fail now, when a newer group is ordered.
+
+A survivor can be blocked on a peer that died or moved on: inside an NCCL kernel (freed only by aborting the
+communicator) or in a gloo collective (freed by shutting the gloo pair's TCP connection). Both are local actions
+taken from the order-listener thread; nothing else of the process is touched: the TCP connections shut are
+those the group opened while it was created (`GROUP_CONNECTIONS`), never the worker's ZMQ links or any other.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+from collections.abc import Iterator
+
+logger = logging.getLogger(__name__)
+
+
+def _established() -> dict[tuple, int]:
+    """This process's established TCP connections: (local address, remote address) -> descriptor."""
+    import psutil
+
+    return {(c.laddr, c.raddr): c.fd for c in psutil.Process().net_connections(kind="tcp")
+            if c.status == psutil.CONN_ESTABLISHED and c.fd >= 0}
+
+
+class GroupConnections:
+    """The TCP connections of the current group: its store client (or the store's accepted clients, on the rank
+    hosting it) and its gloo pairs, recorded as those that appeared while the group was being created. A group
+    still being created counts the connections opened so far, so an interrupt frees a rank stuck there too."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._known: set[tuple] = set()
+        self._open_windows: list[set[tuple]] = []  # what was established when each running recording began
+
+    def forget(self) -> None:
+        """A new group is being created: the old one's connections are gone with it."""
+        with self._lock:
+            self._known.clear()
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[None]:
+        """Record the connections opened while the block runs (a group's creation) as the group's."""
+        before = set(_established())
+        with self._lock:
+            self._open_windows.append(before)
+        try:
+            yield
+        finally:
+            opened = set(_established()) - before
+            with self._lock:
+                self._open_windows.remove(before)
+                self._known |= opened
+
+    def shut_down(self) -> int:
+        """Shut down the group's connections still open; returns how many.
+
+        `shutdown` acts on the socket while the owner keeps its descriptor, so nothing is closed under the
+        communicator's feet: its blocked read or write fails at once ("connection closed").
+        """
+        import socket
+
+        established = _established()
+        with self._lock:
+            targets = set(self._known)
+            for before in self._open_windows:
+                targets |= set(established) - before
+        count = 0
+        for address, fd in established.items():
+            if address not in targets:
+                continue
+            try:
+                with socket.socket(fileno=os.dup(fd)) as sock:
+                    sock.shutdown(socket.SHUT_RDWR)
+                count += 1
+            except OSError:
+                continue
+        return count
+
+
+GROUP_CONNECTIONS = GroupConnections()
+
+
+def _backend_name(group) -> str:
+    import torch.distributed as dist
+
+    try:
+        return str(dist.get_backend(group))
+    except (ValueError, RuntimeError, AttributeError):
+        name = getattr(group, "_get_backend_name", None) or getattr(group, "name", None)
+        return str(name()) if callable(name) else ""
+
+
+def abort_nccl_groups(groups=None) -> int:
+    """Abort this process's NCCL process groups locally (no collective, safe from another thread): a survivor
+    blocked in one of their kernels returns, and the group's next use raises. `groups` defaults to every
+    group torch knows; returns how many were aborted.
+
+    Feature-detected on the installed torch: `ProcessGroup.abort` per NCCL group (torch >= 2.6, which also has
+    `_abort_process_group`, but that one aborts every group, gloo's included, and the gloo path stays as it
+    is); else the NCCL backend's own `abort`. torch's `shrink_group` is not used: it needs every survivor to
+    call it together on a healthy communicator, while the regroup builds a fresh group (restarted workers too).
+    """
+    import torch
+    import torch.distributed as dist
+
+    if groups is None:
+        groups = list(dist.distributed_c10d._world.pg_map) if dist.is_initialized() else []
+    aborted = 0
+    for group in groups:
+        if "nccl" not in _backend_name(group):  # "nccl", or "cpu:gloo,cuda:nccl" for a group of both
+            continue
+        abort = getattr(group, "abort", None)
+        if abort is None and hasattr(group, "_get_backend"):
+            abort = getattr(group._get_backend(torch.device("cuda")), "abort", None)
+        if abort is None:
+            logger.warning("sglang-ft: this torch cannot abort NCCL group %s; its collectives end at the timeout",
+                           group)
+            continue
+        try:
+            abort()
+            aborted += 1
+        except Exception as exc:  # already aborted by the watchdog (TORCH_NCCL_ASYNC_ERROR_HANDLING=2)
+            logger.debug("sglang-ft: abort of %s: %s", group, exc)
+    return aborted + abort_pynccl_communicators()
+
+
+def abort_pynccl_communicators(coordinators=None) -> int:
+    """Abort SGLang's own NCCL communicators (pynccl, the all-reduce inside CUDA graphs), which torch does not
+    know: `ncclCommAbort` through the library SGLang loaded, if it exports it. Each is then disabled, so SGLang
+    never calls into it again; its teardown only drops the reference."""
+    if coordinators is None:
+        try:
+            from sglang.srt.distributed import parallel_state as ps
+        except ImportError:
+            return 0
+        coordinators = [ref() for ref in list(ps._groups.values())]
+    aborted = 0
+    for coordinator in coordinators:
+        comm = getattr(coordinator, "pynccl_comm", None)
+        if comm is None or getattr(comm, "disabled", False) or getattr(comm, "comm", None) is None:
+            continue
+        abort = getattr(getattr(comm.nccl, "lib", None), "ncclCommAbort", None)
+        if abort is None:
+            continue
+        abort(comm.comm)
+        comm.disabled, comm.comm = True, None
+        aborted += 1
+    return aborted
+
+
+def interrupt_old_group() -> tuple[int, int]:
+    """Make every collective of the current group that is still waiting fail now: abort its NCCL
+    communicators (none on CPU), then shut down its gloo connections. Returns (aborted, connections shut)."""
+    return abort_nccl_groups(), GROUP_CONNECTIONS.shut_down()
