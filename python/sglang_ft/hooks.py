@@ -123,12 +123,14 @@ def around_dispatch_event_loop(original, scheduler, *args, **kwargs):
 
 
 def before_ingest_requests(scheduler, *args, **kwargs):
-    """Top of every scheduler iteration: join a regroup the controller ordered, even without a local failure."""
+    """Top of every scheduler iteration: join a regroup the controller ordered, even without a local failure; else
+    stamp the iteration's start, which the heartbeats report (a survivor blocked on a hung peer)."""
     from sglang_ft.managers.ft_worker import current_worker
 
     worker = current_worker()
     if worker is not None:
         worker.check_orders()
+        worker.begin_iteration()
 
 
 def around_run_batch(original, scheduler, batch, *args, **kwargs):
