@@ -32,6 +32,7 @@ from pathlib import Path
 
 import requests
 
+from ft.failure_detector import blocked_bound
 from ft.process_watch import ProcessWatch
 from sglang_ft.server_args import FtArgs
 from sglang_ft.tools import make_tiny_model
@@ -193,6 +194,7 @@ def main(argv: list[str] | None = None) -> dict:
     finally:
         server.stop()
     report["failures"] = failures(report, args.heartbeat_timeout_ms)
+    report["blocked_after_ms"] = round(blocked_bound(args.heartbeat_timeout_ms / 1e3) * 1e3, 1)  # this code's bound
     report.update(date=dt.date.today().isoformat(),
                   machine=f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
                   config={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()})

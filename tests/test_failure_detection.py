@@ -132,11 +132,12 @@ def test_a_silent_worker_without_a_blocked_peer_waits_out_the_timeout():
 
 
 @pytest.mark.parametrize("stop", [0.801, 0.85, 0.9, 0.95, 0.999])
-@pytest.mark.parametrize("iteration", [0.0, 0.05, 0.1])
+@pytest.mark.parametrize("iteration", [0.0, 0.1, 0.175])
 def test_a_250_ms_stall_is_never_a_failure(stop, iteration):
     """The chaos soak's stall: SIGSTOP for a quarter of the timeout, anywhere between two beats (at worst right
     before the next beat is due, 0.8 s + 200 ms: a 450 ms gap), then a beat as soon as it resumes (20 ms late). Its
-    peer has been in its iteration `iteration` s before the stop and waits for it until 30 ms after the resume."""
+    peer has been in its iteration `iteration` s before the stop (up to the longest normal iteration measured under
+    load, 174 ms) and waits for it until 30 ms after the resume."""
     resumed = stop + 0.25
     peer_started = stop - iteration
     peer = {**every(0.0, peer_started), **every(0.0, 3.0, lambda t: max(0.0, t - peer_started)
