@@ -12,8 +12,8 @@ the monkey asks (`--rejoin asked`: a sixth kind, `POST /ft/rejoin`); after the l
 they are all back.
 
 - kill: SIGKILL a serving worker (rank 0 included), as a GPU that dies takes its process.
-- hang: SIGSTOP a serving worker until the controller declares it dead (heartbeat timeout), then SIGCONT: it must
-  find itself fenced and exit.
+- hang: SIGSTOP a serving worker until the controller declares it dead (a peer blocked on it confirms the hang, or
+  the heartbeat timeout), then SIGCONT: it must find itself fenced and exit.
 - stall: SIGSTOP a serving worker for a quarter of the heartbeat timeout, then SIGCONT: a hiccup, not a failure;
   it must stay in the group.
 - store: SIGKILL the KV backup store; its keeper must respawn it.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 
 import zmq
 
@@ -24,6 +25,7 @@ class HeartbeatSender:
         self.kv_slots = 0
         self.serving = False  # set once the worker's scheduler has finished a batch
         self.load_probe = None  # callable returning a WorkerLoad (or None), set by the worker
+        self.step_started: float | None = None  # monotonic start of the current iteration with work, set between steps
         self.endpoint = endpoint
         self.worker = worker
         self.interval_s = interval_s
@@ -48,7 +50,8 @@ class HeartbeatSender:
                 try:
                     counters = self.kv_backup_counters() if self.kv_backup_counters else None
                     beat = Heartbeat(self.worker, os.getpid(), self.epoch, seq, counters and counters[:3], self.joining,
-                                     self.kv_slots, counters[3] if counters else 0, self.serving, self._load())
+                                     self.kv_slots, counters[3] if counters else 0, self.serving, self._load(),
+                                     self._step_running_s())
                     socket.send(encode(beat), zmq.NOBLOCK)
                 except zmq.Again:
                     pass
@@ -57,6 +60,11 @@ class HeartbeatSender:
         finally:
             socket.close()
 
+    def _step_running_s(self) -> float:
+        """How long the scheduler's current iteration has run, read from this thread: it may be blocked in a
+        collective."""
+        started = self.step_started  # one read: the scheduler may clear it meanwhile
+        return 0.0 if started is None else max(0.0, time.monotonic() - started)
 
     def _load(self):
         """The worker's load, read from this thread while the scheduler runs: a racing read is skipped, not fatal."""

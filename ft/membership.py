@@ -26,6 +26,8 @@ class Worker:
     max_beat_gap_s: float = 0.0  # longest silence while serving that ended in a beat: the timeout's real margin
     serving: bool = False  # has finished a batch (its beats say so); before that, silence is judged by the startup bound
     dead_since: float | None = None
+    step_started: float | None = None  # when its current iteration with work began, from its beats (None: not in one)
+    max_step_s: float = 0.0  # the longest iteration its beats reported while serving: the blocked bound's real margin
 
 
 @dataclass

@@ -76,6 +76,9 @@ class Heartbeat(msgspec.Struct, tag=True, frozen=True):
     kv_backup_queued: Count = 0  # KV backup messages handed to ZMQ not yet written out (`KvBackupSender.queued`)
     serving: bool = False  # has finished a batch: judged by the heartbeat timeout from then on, by the startup one before
     load: WorkerLoad | None = None
+    # how long its current scheduler iteration with work has run (0 between them and while idle): a survivor
+    # blocked in a collective on a hung peer reports a growing value, which confirms the hang (failure_detector.py)
+    step_running_s: float = 0.0
 
 
 class WorkerFailed(msgspec.Struct, tag=True, frozen=True):

@@ -107,13 +107,13 @@ def _shape():
 
 
 @contextlib.contextmanager
-def _ordering_controller(tmp_path, tp_size: int, **kwargs):
+def _ordering_controller(tmp_path, tp_size: int, interval_s: float = 0.05, timeout_s: float = 0.3, **kwargs):
     """A controller that publishes orders, and a subscriber to them; closed after."""
     import zmq
 
     kwargs.setdefault("enable_fault_injection", False)
-    controller = FtController(f"ipc://{tmp_path}/hb", f"ipc://{tmp_path}/ctl", tp_size, interval_s=0.05,
-                              timeout_s=0.3, parent_pid=os.getpid(), order_endpoint=f"ipc://{tmp_path}/orders",
+    controller = FtController(f"ipc://{tmp_path}/hb", f"ipc://{tmp_path}/ctl", tp_size, interval_s=interval_s,
+                              timeout_s=timeout_s, parent_pid=os.getpid(), order_endpoint=f"ipc://{tmp_path}/orders",
                               shape=_shape(), **kwargs)
     subscriber = zmq.Context.instance().socket(zmq.SUB)
     subscriber.setsockopt(zmq.SUBSCRIBE, b"")
@@ -391,6 +391,32 @@ def test_a_silent_node_leaves_in_one_regroup_and_its_pids_are_not_signalled(tmp_
         (order,) = _orders(subscriber)
         assert order.workers == (0, 1) and order.cause == "worker 3: heartbeat timeout"
         assert {d["worker"] for d in controller.state.detections if d["state"] == "dead"} == {2, 3}
+
+
+def test_a_silent_worker_its_peer_is_blocked_on_is_dead_before_the_timeout(tmp_path):
+    """Worker 2 stops beating while worker 0 reports one iteration running on (waiting in a collective for it) and
+    worker 1 beats idle: worker 2 is declared dead by the blocked peer (once blocked a quarter of the timeout and a
+    normal iteration), long before the 2 s timeout, and regrouped out with that cause; the status shows how long
+    worker 0 has been blocked."""
+    with _ordering_controller(tmp_path, 3, interval_s=0.2, timeout_s=2.0) as (controller, subscriber):
+        started = time.monotonic()
+        for worker in range(3):
+            controller._on_message(Heartbeat(worker, os.getpid(), 0, 0, serving=True), started)
+        while controller.state.membership.epoch == 0 and time.monotonic() - started < 5:
+            now = time.monotonic()
+            controller._on_message(Heartbeat(0, os.getpid(), 0, 1, serving=True, step_running_s=now - started), now)
+            controller._on_message(Heartbeat(1, os.getpid(), 0, 1, serving=True), now)
+            controller.step()
+        declared = time.monotonic() - started
+        (order,) = _orders(subscriber)
+        assert order.workers == (0, 1)
+        assert order.cause.startswith("worker 2: hang confirmed by a blocked peer (worker 0 blocked ")
+        assert declared < 1.0, f"declared after {declared:.2f} s"
+        detection = controller.state.detections[-1]
+        assert (detection["worker"], detection["state"]) == (2, "dead") and "blocked peer" in detection["cause"]
+        workers = controller.state.status(time.monotonic())["workers"]
+        assert workers[0]["step_running_ms"] >= controller.state.detector.blocked_after_s * 1e3
+        assert workers[1]["step_running_ms"] is None  # idle
 
 
 def test_a_group_left_without_a_node_0_worker_is_not_formed(tmp_path, caplog):

@@ -127,31 +127,35 @@ def around_dispatch_event_loop(original, scheduler, *args, **kwargs):
 
 
 def before_ingest_requests(scheduler, *args, **kwargs):
-    """Top of every scheduler iteration: join a regroup the controller ordered, even without a local failure."""
+    """Top of every scheduler iteration: join a regroup the controller ordered, even without a local failure; else
+    stamp the iteration's start, which the heartbeats report (a survivor blocked on a hung peer)."""
     from sglang_ft.managers.ft_worker import current_worker
 
     worker = current_worker()
     if worker is not None:
         worker.check_orders()
+        worker.begin_iteration()
 
 
 def around_run_batch(original, scheduler, batch, *args, **kwargs):
     """Remember the batch whose forward a failure interrupted: its tokens' KV is partial (park_requests.py); after
     the first batch that completes, the worker's heartbeats say it is serving; its time is the worker's step time.
+    An iteration that had no work at its top has some now: its start is stamped for the heartbeats from here.
     Under --dp-size, rank 0 then tells the backup store which slots hold each request (replica_kv.py)."""
     from sglang_ft.layers.elastic_parallel import COLLECTIVES
     from sglang_ft.managers.ft_worker import current_worker
 
     COLLECTIVES.reset()
+    worker = current_worker()
+    if worker is not None and worker.heartbeat.step_started is None:  # work that arrived in this iteration
+        worker.heartbeat.step_started = time.monotonic()
     started = time.perf_counter()
     try:
         result = original(scheduler, batch, *args, **kwargs)
     except Exception:
-        worker = current_worker()
         if worker is not None:
             worker.failed_batch = batch
         raise
-    worker = current_worker()
     if worker is not None:
         worker.record_step(time.perf_counter() - started, None if _on_cuda(scheduler) else COLLECTIVES.seconds)
         worker.heartbeat.serving = True  # past startup: judged by the heartbeat timeout from now on

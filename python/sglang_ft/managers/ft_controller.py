@@ -1,7 +1,8 @@
 """The FT controller: one process beside SGLang's, watching every TP worker and answering `/ft/status`.
 
-It receives heartbeats (ZMQ PULL), declares workers suspect or dead by silence (`--ft-heartbeat-timeout-ms`) or at
-once when a worker's process exits, refuses messages of an older epoch, orders regroups, asks the launcher to
+It receives heartbeats (ZMQ PULL), declares workers suspect or dead by silence (`--ft-heartbeat-timeout-ms`, sooner
+when a peer is blocked on a silent one) or at once when a worker's process exits, refuses messages of an older
+epoch, orders regroups, asks the launcher to
 restart dead workers (`--ft-respawn`, or an operator's rejoin) and plans them back in once they beat as joining,
 and serves status, fault injection and rejoin to the HTTP server over a REP socket; under `--enable-metrics` its
 state also shows on SGLang's `/metrics` (`ft_metrics.py`). It exits when the launcher does.
@@ -80,6 +81,9 @@ class ControllerState:
                 "state": record.state.value,
                 "last_beat_ms_ago": None if record.last_beat is None else round((now - record.last_beat) * 1e3, 1),
                 "max_beat_gap_ms": round(record.max_beat_gap_s * 1e3, 1),
+                "step_running_ms": None if (step := self.detector.blocked_s(worker_id, now)) is None else
+                round(step * 1e3, 1),
+                "max_step_ms": round(record.max_step_s * 1e3, 1),
                 **_kv_sender_fields(self.kv_senders.get(worker_id)),
                 **_load_fields(self.loads.get(worker_id) if worker_id in group else None),
             })
@@ -190,9 +194,9 @@ class FtController:
         for message in self.receiver.poll(self.interval_s / 2, self.exits.fds(watched)):
             self.handle_report(message, time.monotonic())
         now = time.monotonic()
-        changes = self.state.detector.sweep(now)
+        changes = self.state.detector.sweep(now, confirm_hangs=self.pending is None)
         for change in changes + self._silent_node_mates(changes, now):
-            self._record(change, "heartbeat timeout" if change.state is WorkerState.DEAD else "missed heartbeats")
+            self._record(change, change.cause or "heartbeat timeout")
         for worker in self._live_local():
             pid = self.state.membership.workers[worker].pid
             if self.exits.gone(pid):
@@ -250,7 +254,8 @@ class FtController:
             if message.load is not None:
                 self.state.loads[message.worker] = message.load
             self.kv_slots = max(self.kv_slots, message.kv_slots)
-            change = self.state.detector.beat(message.worker, message.pid, now, message.serving)
+            change = self.state.detector.beat(message.worker, message.pid, now, message.serving,
+                                              message.step_running_s)
             if change and change.state is WorkerState.HEALTHY and self.state.detections:
                 self._record(change, "heartbeats resumed")
         elif isinstance(message, WorkerFailed):

@@ -189,6 +189,14 @@ class FtWorker:
         if latest is not None and latest.epoch > self.epoch:
             raise RegroupOrdered(f"the controller ordered epoch {latest.epoch}")
 
+    def begin_iteration(self) -> None:
+        """Top of a scheduler iteration, between steps: stamp its start for the heartbeat thread when there is work,
+        so a survivor blocked in a collective on a hung peer says so in its beats (ft/failure_detector.py). Idle
+        iterations are not stamped: an idle rank 0 may sleep (`--sleep-on-idle`) while the others wait on it."""
+        scheduler = self.scheduler
+        busy = not scheduler.running_batch.is_empty() or scheduler.waiting_queue or scheduler.chunked_req is not None
+        self.heartbeat.step_started = time.monotonic() if busy else None
+
     def record_step(self, seconds: float, collective_s: float | None) -> None:
         """A forward completed: its time, and how much of it was spent inside TP collectives (for /ft/status)."""
         self.last_step_s, self.last_step_collective_s = seconds, collective_s
@@ -211,6 +219,7 @@ class FtWorker:
                 with collectives_may_fail():
                     return original(self.scheduler)
             except Exception as exc:  # a failed collective is recovered; anything else stops this worker alone
+                self.heartbeat.step_started = None  # out of the loop: no longer blocked on anyone
                 if not is_collective_failure(exc):
                     self._fail_stop(exc)
                 self._or_fail_stop(self.recover, exc)
