@@ -260,6 +260,7 @@ def soak(server: ServerProcess, args, expected: dict[str, list[int]]) -> dict:
     """The load and the monkey together, then the wait for rejoins, the drain and the checks; the report."""
     url = server.url
     baseline = server_load(url)
+    earlier = requests.get(f"{url}/ft/status", timeout=10).json()  # a server that served before: not the soak's
     # staggered lengths: the clients' requests overlap, so a regroup (a rejoin above all) finds some running
     load = Load(url, PROMPTS, args.max_new_tokens, expected=expected, stagger_tokens=5).start(args.clients)
     started = time.monotonic()
@@ -302,8 +303,9 @@ def soak(server: ServerProcess, args, expected: dict[str, list[int]]) -> dict:
         "epoch": final["epoch"], "tp_size_at_end": final["tp_size"],
         "recoveries": [{k: r.get(k) for k in ("epoch", "cause", "detect_ms", "recover_ms", "kv_blocks_restored",
                                                "kv_tokens_recomputed", "joined", "bytes_reloaded", "bytes_p2p",
-                                               "kv_bytes_p2p")} for r in final["recoveries"]],
-        "respawns": final.get("respawns", []),
+                                               "kv_bytes_p2p")}
+                       for r in final["recoveries"][len(earlier["recoveries"]):]],
+        "respawns": final.get("respawns", [])[len(earlier.get("respawns", [])):],
         "store_restarts": final["kv_backup"].get("restarts"), "store": final["kv_backup"].get("store"),
     }
 
@@ -415,20 +417,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
+def launch(args: argparse.Namespace) -> ServerProcess:
+    """The `--ft` server the soak runs on, healthy (the tiny model made first if `--model-dir` has none)."""
     if not (args.model_dir / "config.json").exists():
         make_tiny_model.main([str(args.model_dir)])
-    expected = dict(zip(PROMPTS, greedy_token_ids(str(args.model_dir), PROMPTS, args.max_new_tokens)))
     flags = ["--ft-enable-fault-injection", "--ft-heartbeat-timeout-ms", str(args.heartbeat_timeout_ms),
              "--ft-attention", args.attention, "--ft-routing", args.routing, "--ft-kv-placement", args.kv_placement]
     flags += ["--ft-respawn", "--ft-respawn-delay-s", "1"] if args.rejoin == "auto" else []
-    server = ServerProcess(str(args.model_dir), tp_size=args.tp, ft=True, extra_args=flags).start()
+    return ServerProcess(str(args.model_dir), tp_size=args.tp, ft=True, extra_args=flags).start()
+
+
+def run(server: ServerProcess, args: argparse.Namespace) -> dict:
+    """The soak on `server` (launched by `launch(args)`, at full width; it may have served before: only the soak's
+    own recoveries and restarts are reported), which is stopped after; the report, also written to `--out`."""
     print(f"[chaos] TP {args.tp} --ft server healthy in {server.startup_s:.1f} s; {args.clients} clients, up to "
           f"{args.rounds} round(s) of {', '.join(AUTO_KINDS if args.rejoin == 'auto' else KINDS)}, "
           f"~{args.interval_s:g} s apart, rejoins {args.rejoin}, for at most "
           f"{args.duration_s:g} s (seed {args.seed})", flush=True)
     try:
+        expected = dict(zip(PROMPTS, greedy_token_ids(str(args.model_dir), PROMPTS, args.max_new_tokens)))
         report = soak(server, args, expected)
     finally:
         server.stop()
@@ -441,6 +448,11 @@ def main(argv: list[str] | None = None) -> dict:
     (args.out / "chaos.json").write_text(json.dumps(report, indent=1))
     print(table(report), flush=True)
     return report
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    return run(launch(args), args)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,11 @@
-"""With `--ft`: the elastic unequal-width model equals transformers at TP 1-4, and SGLang's features still work.
+"""With `--ft` at TP 3, where widths are unequal: a Qwen2 config (12 query heads, 4 KV heads: 6+3+3 and 2+1+1)
+equals transformers and each rank reads only its slices of the checkpoint; SGLang's features then work on that
+same server (radix cache, per-worker status, streaming, the OpenAI API); last, a Qwen2-MoE with a shared expert
+equals transformers at TP 3, then at TP 2 and TP 1 after two SIGKILLs.
 
-Servers are expensive (about a minute each here), so the matrix ends on the TP 3 server (unequal widths: 6+3+3
-query heads) that the feature tests then reuse.
+Servers are expensive (about a minute each here), so this module has two: the TP 3 server the matrix ends on and
+the feature tests reuse, and the MoE one. Other widths and models are compared with transformers elsewhere (see
+MATRIX).
 """
 
 import json
