@@ -147,6 +147,8 @@ def regroup_in_place(ft_worker, order: Regroup) -> RegroupDone:
     logger.warning("sglang-ft: worker %d regrouping to epoch %d with workers %s (%s)", me, order.epoch,
                    list(order.workers), order.cause)
     scheduler._engine_paused = True  # SGLang's pause flag: lets the caches be flushed with requests queued
+    if ft_worker.kv_stream is not None:  # the completed steps' KV copies still in flight go to the store first
+        ft_worker.kv_stream.pipeline.flush()
 
     old_model = runner.model
     new_rank = order.workers.index(me)
