@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import torch
 
 from ft.remainder_routing import RemainderRouter
@@ -70,6 +71,7 @@ class RemainderPlacement:
         self.holders = torch.zeros(pool.local_of.numel(), dtype=torch.int32)
         self.rows_copied = 0  # remainder KV rows received from another worker (prefix reuse across owners)
         self.written: torch.Tensor | None = None  # slots whose remainder rows this rank wrote in the latest step
+        self.lacking = torch.empty(0, dtype=torch.int64)  # slots whose rows the last fetch from the store lacked
 
     def owner_of(self, rid: str, tokens: int, prefix_slots: torch.Tensor | None = None) -> int:
         """The request's owner, chosen now if it has none; `prefix_owner` is the least loaded worker holding the
@@ -222,13 +224,15 @@ class RemainderPlacement:
     def _fetch_held(self, live: torch.Tensor, fetch) -> tuple[int, int]:
         """Fetch the rows of the `live` slots placed on this worker from the backup store."""
         mine = live[(self.holders[live] >> self.rank & 1) == 1]
+        self.lacking = mine
         if not len(mine):
             return 0, 0
         fetched = fetch(self.heads, mine)
         if fetched is None:
             return 0, len(mine)
         k, v, found = fetched
-        found = torch.as_tensor(found, dtype=torch.bool)
+        found = torch.as_tensor(np.array(found, dtype=bool))
+        self.lacking = mine[~found]
         if k is not None:
             device = self.pool.k.device
             self.pool.put_rows(mine[found], k[:, found].to(device), v[:, found].to(device))
