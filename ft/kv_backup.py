@@ -1,7 +1,8 @@
 """The KV backup wire format, and the worker side of it: a non-blocking sender and a fetch client.
 
-Every TP worker streams the KV rows it writes to the node's backup store (`ft.kv_store`) as the forward pass
-writes them: one `KvWrite` per layer and forward, covering the worker's KV heads and the token slots written.
+Every TP worker streams the KV rows it writes to the node's backup store (`ft.kv_store`) between steps, once a
+step's rows are copied to the host: one `KvWrite` per layer and step, covering the worker's KV heads and the token
+slots the step wrote.
 Slot numbers are SGLang's token-pool indices, identical on every TP rank, so the store keeps one host copy of
 the whole group's KV keyed by (layer, global KV head, slot), whatever the partition.
 

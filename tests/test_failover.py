@@ -224,6 +224,17 @@ def test_the_last_failure_streams_across_down_to_tp1_then_a_rejoin_by_hand(ft_se
     assert [r["output_ids"] for r in [generate(ft_server.url, p, NEW_TOKENS) for p in FAILOVER_PROMPTS[:3]]] == \
         expected[:3]
 
+    # The backup's worst instant: rank 1 dies right after a step's forward, before that step's KV is copied for the
+    # store (the KV backup runs between steps, kv_backup_stream.after_step). Its peers finished the step, so that
+    # step's rows of its heads are nowhere: only they are recomputed (the fault lands mid-decode: one token per
+    # request in flight, at most), the rest comes from the store, and every output is still transformers'.
+    results = run_with_fault(ft_server, lambda: inject(ft_server, 1, "kill_uncopied"))
+    assert [r["output_ids"] for r in results] == expected
+    assert "dies after a step, before backing up its KV" in ft_server.log_text()
+    st = wait_for(lambda: (s := status(ft_server))["tp_size"] == 1 and len(s["recoveries"]) == 5 and s)
+    recovery = st["recoveries"][-1]
+    assert 0 < recovery["kv_tokens_recomputed"] <= len(FAILOVER_PROMPTS) and recovery["kv_blocks_restored"] > 0
+
 
 def test_rank0_death_then_a_hung_worker_is_fenced_then_a_drain(fresh_ft_server, reference):
     ft_server = fresh_ft_server

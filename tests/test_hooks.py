@@ -71,3 +71,70 @@ def test_the_watchdog_counts_restarted_workers_as_the_group(monkeypatch, restart
     hooks.around_watchdog_check(lambda w: seen.extend(w._names), watchdog)
     assert seen == checked
     assert watchdog._names == ["scheduler_0", "scheduler_1", "detokenizer"]  # restored after the check
+
+
+def _inside_forward(target: str) -> str | None:
+    """Why `target` runs inside the model's forward pass (None: it does not). Inside: the KV pool's read and write
+    path (methods of SGLang's `KVCache` classes that set or get KV buffers), any method of `RadixAttention`,
+    attention backends' `forward*` and `init_forward_metadata*`, any `forward*` or `__call__` of an `nn.Module`
+    (SGLang's layers and models), the model runner's and graph runners' `forward*`, `replay*`, `capture*`, and
+    any function of SGLang's `layers` or `models` packages."""
+    import torch
+    from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
+    from sglang.srt.layers.radix_attention import RadixAttention
+    from sglang.srt.mem_cache.memory_pool import KVCache
+
+    owner_name, attr = target.rsplit(".", 1)
+    owner = pkgutil.resolve_name(owner_name)
+    if not isinstance(owner, type):
+        if owner_name.startswith(("sglang.srt.layers", "sglang.srt.models")):
+            return "a function of SGLang's layers or models"
+        return None
+    if issubclass(owner, KVCache) and (attr.startswith("set_") or "buffer" in attr):
+        return "the KV pool's read/write path"
+    if issubclass(owner, RadixAttention):
+        return "RadixAttention"
+    if issubclass(owner, AttentionBackend) and attr.startswith(("forward", "init_forward_metadata")):
+        return "an attention backend's forward"
+    if issubclass(owner, torch.nn.Module) and (attr.startswith("forward") or attr == "__call__"):
+        return "an nn.Module's forward"
+    if owner.__module__.startswith("sglang.srt.model_executor") and attr.startswith(("forward", "replay", "capture")):
+        return "the model runner's or a graph runner's forward"
+    return None
+
+
+def registered_targets() -> list[str]:
+    """The targets sglang-ft's plugin registers in SGLang's HookRegistry (its `load()` run on an empty registry)."""
+    from sglang.srt.plugins.hook_registry import HookRegistry
+
+    from sglang_ft import plugin
+
+    saved = {target: list(hooks) for target, hooks in HookRegistry._hooks.items()}
+    HookRegistry._hooks.clear()
+    try:
+        plugin.load()
+        return [t for t, hooks in HookRegistry._hooks.items() if any(h.__module__.startswith("sglang_ft")
+                                                                       for _, h, _ in hooks)]
+    finally:
+        HookRegistry._hooks.clear()
+        HookRegistry._hooks.update(saved)
+
+
+def test_no_hook_runs_inside_the_forward_pass():
+    """The GPU contract: under CUDA graph capture Python in the forward cannot copy to the host, and a replay runs
+    no Python at all; so no sglang-ft hook may sit on the forward path (the KV backup copies after the step)."""
+    targets = registered_targets()
+    assert len(targets) == len({t for t, _, _ in HOOKS}) > 20  # the registry holds what hooks.py lists
+    inside = {t: why for t in targets if (why := _inside_forward(t)) is not None}
+    assert not inside, f"hooks inside the forward pass: {inside}"
+
+
+@pytest.mark.parametrize("target", ["sglang.srt.mem_cache.memory_pool.MHATokenToKVPool.set_kv_buffer",
+                                    "sglang.srt.layers.radix_attention.RadixAttention.forward",
+                                    "sglang.srt.layers.attention.torch_native_backend.TorchNativeAttnBackend"
+                                    ".forward_decode",
+                                    "sglang.srt.model_executor.model_runner.ModelRunner.forward",
+                                    "sglang.srt.models.llama.LlamaAttention.forward"])
+def test_targets_inside_the_forward_pass_are_recognised(target):
+    """The check above is not vacuous: the KV backup's old hook (`set_kv_buffer`) and its kin are caught."""
+    assert _inside_forward(target) is not None

@@ -210,7 +210,7 @@ def test_cyclic_placement_rotates_each_request_over_the_workers_from_the_one_wit
     assert ranks[0].rows_of.tolist() == [17, 17, 16]
     for rank, batch in enumerate(batches):  # each rank writes and attends over exactly the rows it holds
         held = [s for s in range(50) if holder_of(ranks[0], [s])[0] == rank]
-        assert batch.written_slots.tolist() == held
+        assert batch.written_slots.tolist() == held == ranks[rank].take_written().tolist()  # backed up after the step
         assert sorted(torch.cat([span.slots for span in batch.spans]).tolist()) == held
         assert batch.projected_rows.tolist() == list(range(rank, 50, 3))  # every token projected on one rank
     assert [(s.start, s.count, s.prefix) for s in batches[1].spans] == [(0, 40, 0), (40, 10, 0)]
@@ -221,6 +221,7 @@ def test_cyclic_placement_rotates_each_request_over_the_workers_from_the_one_wit
     batches = [p.batch(step) for p in ranks]
     assert holder_of(ranks[0], [60, 61]) == [1, 2]
     assert batches[2].written_slots.tolist() == [61] and batches[2].spans == []  # a decode batch: one table
+    assert [p.take_written().tolist() for p in ranks] == [[], [60], [61]]
     for rank, batch in enumerate(batches):
         held = [[bool(ranks[0].holders[s] >> rank & 1) for s in req_to_token[row, :n].tolist()] + [False] * (41 - n)
                 for row, n in ((0, 41), (1, 11))]
@@ -299,3 +300,11 @@ def test_a_full_pool_is_passed_over_and_the_rotation_goes_on_where_there_is_room
     req_to_token[2, :1] = torch.tensor([40])
     with pytest.raises(RuntimeError, match="every worker's remainder KV pool is full"):
         ranks[0].batch(extend_batch(["c"], [2], [1], [1], [40]))
+
+
+def test_a_step_leaves_the_slots_whose_remainder_rows_this_rank_wrote_for_the_backup_once():
+    """The backup copies remainder rows after the step (kv_backup_stream.after_step), from what the placement says
+    this rank wrote: the owner's new slots, nothing on the others."""
+    ranks = two_ranks_after_one_prefill(None)
+    assert ranks[0].take_written().tolist() == [5, 6, 7] and ranks[1].take_written().tolist() == []
+    assert ranks[0].take_written() is None  # taken once: an idle step backs up nothing again

@@ -109,9 +109,11 @@ def after_scheduler_init(_result, scheduler, server_args, port_args, *args, **kw
 
     remainder_owners.install(scheduler, ft, worker.kv_stream)
     # the "kill_unsent" fault (ft_controller.FAULT_SIGNALS) arms a death right before this worker's next send,
-    # "fail_step" a failure of its next step right after the forward
+    # "fail_step" a failure of its next step right after the forward, "kill_uncopied" a death right after its
+    # next step's forward, before that step's KV is copied for the backup store
     signal.signal(signal.SIGUSR1, lambda *_: setattr(worker, "die_before_next_send", True))
     signal.signal(signal.SIGUSR2, lambda *_: setattr(worker, "fail_next_step", True))
+    signal.signal(signal.SIGURG, lambda *_: setattr(worker, "die_before_next_copy", True))
     # From now on a collective stuck on a dead or hung peer fails after the FT timeout, so survivors regroup.
     set_collective_timeout(ft.collective_timeout_s)
 
@@ -141,7 +143,8 @@ def around_run_batch(original, scheduler, batch, *args, **kwargs):
     """Remember the batch whose forward a failure interrupted: its tokens' KV is partial (park_requests.py); after
     the first batch that completes, the worker's heartbeats say it is serving; its time is the worker's step time.
     An iteration that had no work at its top has some now: its start is stamped for the heartbeats from here.
-    Under --dp-size, rank 0 then tells the backup store which slots hold each request (replica_kv.py)."""
+    Then, outside the forward pass, the step's KV rows go to the backup store (kv_backup_stream.after_step), and
+    under --dp-size rank 0 tells the store which slots hold each request (replica_kv.py)."""
     from sglang_ft.layers.elastic_parallel import COLLECTIVES
     from sglang_ft.managers.ft_worker import current_worker
 
@@ -159,6 +162,14 @@ def around_run_batch(original, scheduler, batch, *args, **kwargs):
     if worker is not None:
         worker.record_step(time.perf_counter() - started, None if _on_cuda(scheduler) else COLLECTIVES.seconds)
         worker.heartbeat.serving = True  # past startup: judged by the heartbeat timeout from now on
+        if worker.kv_stream is not None:
+            if worker.die_before_next_copy:
+                logger.warning("sglang-ft: worker %d dies after a step, before backing up its KV (injected fault)",
+                               worker.worker)
+                os.kill(os.getpid(), signal.SIGKILL)
+            from sglang_ft.managers.remainder_owners import active
+
+            worker.kv_stream.after_step(batch, active())
         if worker.maps_requests:  # under --dp-size, TP rank 0 maps requests to slots for the store
             worker.kv_stream.map_requests(batch)
         if worker.fail_next_step:
@@ -194,16 +205,6 @@ def _kv_stream():
 
     worker = current_worker()
     return None if worker is None else worker.kv_stream
-
-
-def after_set_kv_buffer(_result, pool, layer, loc_info, *_args, **kwargs):
-    """Right after a layer writes its KV, stream those rows to the backup store (kv_backup_stream.py)."""
-    stream = _kv_stream()
-    if stream is not None:
-        from sglang.srt.mem_cache.memory_pool import unwrap_write_loc
-
-        layer_id = kwargs.get("layer_id_override")
-        stream.on_kv_written(pool, layer.layer_id if layer_id is None else layer_id, unwrap_write_loc(loc_info)[0])
 
 
 def after_free_slots(_result, allocator, free_index, *_args, **_kwargs):
@@ -548,7 +549,6 @@ HOOKS: list[tuple[str, HookType, object]] = [
         HookType.AROUND,
         around_send_output,
     ),
-    ("sglang.srt.mem_cache.memory_pool.MHATokenToKVPool.set_kv_buffer", HookType.AFTER, after_set_kv_buffer),
     ("sglang.srt.mem_cache.allocator.token.TokenToKVPoolAllocator.free", HookType.AFTER, after_free_slots),
     ("sglang.srt.mem_cache.allocator.token.TokenToKVPoolAllocator.clear", HookType.AFTER, after_clear_allocator),
     ("sglang.srt.mem_cache.common.match_kv_cache", HookType.AROUND, around_match_kv_cache),

@@ -35,10 +35,11 @@ class InjectFaultRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     rank: int = Field(ge=0, description="current TP rank of the worker to fault")
     dp_rank: int = Field(0, ge=0, description="the data-parallel replica of the worker (under --dp-size)")
-    kind: Literal["kill", "hang", "resume", "kill_unsent", "fail_step"] = Field(
+    kind: Literal["kill", "hang", "resume", "kill_unsent", "fail_step", "kill_uncopied"] = Field(
         description="SIGKILL, SIGSTOP or SIGCONT; kill_unsent: SIGKILL at the end of its next step, before that "
                     "step's output is sent; fail_step: its next step fails there alone after the forward (the "
-                    "others finish it), and the group regroups with every worker")
+                    "others finish it), and the group regroups with every worker; kill_uncopied: SIGKILL right "
+                    "after its next step's forward, before that step's KV is backed up")
 
 
 class WorkerRequest(BaseModel):

@@ -51,9 +51,11 @@ logger = logging.getLogger("sglang_ft.controller")
 # kill_unsent: the worker SIGKILLs itself after its next step, before that step's output leaves (a rank 0's
 # computed tokens never reach the client: the race a real death can hit, made certain). fail_step: the worker
 # takes its next step as failed once its forward is done, as if its last collective timed out there alone, while
-# the others finish it (a torn step: what a rank dying inside the last all-gather leaves; torn_step.py)
+# the others finish it (a torn step: what a rank dying inside the last all-gather leaves; torn_step.py).
+# kill_uncopied: the worker SIGKILLs itself right after its next step's forward, before that step's KV is copied
+# for the backup store (the worst instant for the backup: the step's rows are lost with it)
 FAULT_SIGNALS = {"kill": signal.SIGKILL, "hang": signal.SIGSTOP, "resume": signal.SIGCONT,
-                 "kill_unsent": signal.SIGUSR1, "fail_step": signal.SIGUSR2}
+                 "kill_unsent": signal.SIGUSR1, "fail_step": signal.SIGUSR2, "kill_uncopied": signal.SIGURG}
 
 
 @dataclass

@@ -133,6 +133,7 @@ class FtWorker:
         self.resumes: dict[str, object] = {}  # rid -> its ResumeTokens, for requests moved here (replica_move.py)
         self.die_before_next_send = False  # the "kill_unsent" fault is armed
         self.fail_next_step = False  # the "fail_step" fault is armed
+        self.die_before_next_copy = False  # the "kill_uncopied" fault is armed
         self.last_step_s = 0.0  # the latest forward's time (SGLang's run_batch), for /ft/status
         self.last_step_collective_s: float | None = 0.0  # of which inside TP collectives (None where not measured)
         self.steps = 0
@@ -171,11 +172,13 @@ class FtWorker:
         self.kv_stream = KvStreamer(self.ft.kv_backup_endpoint, self.worker, self.ft.kv_backup_queue,
                                     runner.token_to_kv_pool, allocator, model.layout.shape.num_key_value_heads)
         self.kv_stream.follow(runner.token_to_kv_pool, model.shard.kv_heads, self.epoch)
-        self.heartbeat.kv_backup_counters = self.kv_stream.sender.counters
+        self.heartbeat.kv_backup_counters = self.kv_stream.counters
 
     def check_orders(self) -> None:
         """Called at the top of every scheduler iteration (no forward in flight, every allocated slot written):
         re-send the KV to a restarted backup store; leave the loop if a newer group was ordered."""
+        if self.kv_stream is not None:
+            self.kv_stream.pipeline.pump()  # hand over the KV copies that completed since the last step
         if self.orders.resync_requested:
             self.orders.resync_requested = False
             if self.kv_stream is not None:

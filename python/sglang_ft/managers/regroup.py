@@ -7,8 +7,9 @@
    requests, the radix cache of their KV and the allocator, so the newcomers are in lockstep with the others;
 3. reshard the weights by the plan (keep, peer to peer, disk);
 4. reshape the KV pool to this rank's new heads and fill every cached slot: kept heads stay, heads that move
-   between survivors go peer to peer, the dead worker's heads come from the KV backup store. Only when the
-   store lacks a block does every rank flush the caches, and the KV is recomputed (counted);
+   between survivors go peer to peer, the dead worker's heads come from the KV backup store. Where the store
+   lacks rows (a step's, which the backup copies after the step), every rank cuts each cached prefix before its
+   first lacking token and SGLang recomputes only the rest (counted, `partial_restore`);
 5. reconcile the requests every rank holds, then resume SGLang's loop.
 """
 
@@ -43,6 +44,18 @@ def recompute_everything(scheduler) -> None:
     """The fallback: drop every cached token's KV (requests re-prefill from scratch)."""
     if not scheduler.flush_cache(empty_cache=False):
         raise RuntimeError("sglang-ft: could not flush the caches for the KV recompute fallback")
+
+
+def agree_on_lacking(num_slots: int, kv, placement, cpu_group):
+    """A bool per token slot, the same on every rank: does any rank lack rows of it after the restore?"""
+    import torch
+    import torch.distributed as dist
+
+    from sglang_ft.managers.partial_restore import lacking_slots
+
+    mask = lacking_slots(num_slots, *kv.lacking, placement.lacking if placement is not None else None).to(torch.uint8)
+    dist.all_reduce(mask, op=dist.ReduceOp.MAX, group=cpu_group)
+    return mask.bool()
 
 
 def any_rank(flag: bool, cpu_group) -> bool:
@@ -135,6 +148,7 @@ def regroup_in_place(ft_worker, order: Regroup) -> RegroupDone:
     from sglang_ft.distributed_state import install_layout
     from sglang_ft.managers import remainder_owners
     from sglang_ft.managers.park_requests import park_every_request
+    from sglang_ft.managers.partial_restore import keep_held_prefixes
     from sglang_ft.managers.request_ledger import reconcile
     from sglang_ft.managers.scheduler_sync import sync_scheduler_state
     from sglang_ft.managers.torn_step import complete_torn_step
@@ -147,6 +161,8 @@ def regroup_in_place(ft_worker, order: Regroup) -> RegroupDone:
     logger.warning("sglang-ft: worker %d regrouping to epoch %d with workers %s (%s)", me, order.epoch,
                    list(order.workers), order.cause)
     scheduler._engine_paused = True  # SGLang's pause flag: lets the caches be flushed with requests queued
+    if ft_worker.kv_stream is not None:  # the completed steps' KV copies still in flight go to the store first
+        ft_worker.kv_stream.pipeline.flush()
 
     old_model = runner.model
     new_rank = order.workers.index(me)
@@ -208,10 +224,16 @@ def regroup_in_place(ft_worker, order: Regroup) -> RegroupDone:
     if placement is not None and kv is not None:
         remainder_restored, remainder_missing = restore_remainder_kv(placement, ft_worker, order)
         kv.blocks_restored += placement.pool.k.shape[2] * -(-remainder_restored // BLOCK_TOKENS)
-    missing = any_rank(kv is None or kv.rows_missing > 0 or remainder_missing > 0, scheduler.tp_cpu_group)
-    if missing:
+    flushed = any_rank(kv is None, scheduler.tp_cpu_group)  # a pool whose contents cannot be trusted at all
+    missing = flushed
+    if flushed:
         recompute_everything(scheduler)
         recomputed = kv_tokens
+    else:  # rows the store lacked (a step's, copied after the step): every cached prefix is cut before them
+        lacking = agree_on_lacking(pool.k_buffer[0].shape[0], kv, placement, scheduler.tp_cpu_group)
+        missing = bool(lacking.any())
+        if missing:
+            recomputed += keep_held_prefixes(scheduler, lacking, ft_worker.kv_stream, placement)
     ft_worker.kv_intact = True
     clock.done("restore_kv", f"({new_heads[1] - new_heads[0]} KV heads here; " + (
         f"{kv.live_slots} cached slots: {kv.heads_kept} heads kept, {kv.bytes_p2p_in} B from peers, "
@@ -223,7 +245,7 @@ def regroup_in_place(ft_worker, order: Regroup) -> RegroupDone:
     scheduler._engine_paused = False
     clock.done("reconcile_and_resume", f"(dropped {dropped}, re-sent {resent})")
     return RegroupDone(me, order.epoch, clock.ms, stats.bytes_kept, stats.bytes_p2p_in, stats.bytes_reloaded,
-                       recomputed, kv_blocks_restored=0 if missing or kv is None else kv.blocks_restored,
+                       recomputed, kv_blocks_restored=0 if flushed else kv.blocks_restored,
                        kv_bytes_p2p=0 if kv is None else kv.bytes_p2p_in, pid=os.getpid(),
                        layout_json=plan.layout.to_json(), expert_bytes_moved=stats.expert_bytes_moved)
 

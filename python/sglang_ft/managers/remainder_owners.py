@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import torch
 
 from ft.remainder_routing import RemainderRouter
@@ -69,6 +70,8 @@ class RemainderPlacement:
         self.req_to_token = req_to_token  # SGLang's [request row, position] -> token slot
         self.holders = torch.zeros(pool.local_of.numel(), dtype=torch.int32)
         self.rows_copied = 0  # remainder KV rows received from another worker (prefix reuse across owners)
+        self.written: torch.Tensor | None = None  # slots whose remainder rows this rank wrote in the latest step
+        self.lacking = torch.empty(0, dtype=torch.int64)  # slots whose rows the last fetch from the store lacked
 
     def owner_of(self, rid: str, tokens: int, prefix_slots: torch.Tensor | None = None) -> int:
         """The request's owner, chosen now if it has none; `prefix_owner` is the least loaded worker holding the
@@ -104,7 +107,9 @@ class RemainderPlacement:
                 owned += count
             start += count
         device = forward_batch.out_cache_loc.device
-        rows = torch.cat(rows).to(device) if rows else torch.empty(0, dtype=torch.int64, device=device)
+        rows = torch.cat(rows) if rows else torch.empty(0, dtype=torch.int64)
+        self.written = new_slots[rows].to(torch.int64)
+        rows = rows.to(device)
         return RemainderBatch(self.pool, rows, forward_batch.out_cache_loc[rows].to(torch.int64), spans)
 
     def _bring_earlier_rows(self, pool_rows: torch.Tensor, owners: list[int], earlier: list[int]) -> None:
@@ -146,10 +151,11 @@ class RemainderPlacement:
         self.holders[slots] |= (1 << owners).to(torch.int32)
         self.rows_copied += len(for_me)
 
-    def written(self, layer_id: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """This rank wrote remainder rows (its requests' new tokens): back them up like SGLang pool rows."""
-        if self.stream is not None:
-            self.stream.write_rows(layer_id, self.heads, slots, k, v)
+    def take_written(self) -> torch.Tensor | None:
+        """The slots (on the host) whose remainder rows this rank wrote in the step just run, once: the backup
+        copies them after the step (kv_backup_stream.after_step), never from inside the forward pass."""
+        written, self.written = self.written, None
+        return written
 
     def resync(self) -> int:
         """Re-send every remainder row this worker holds to a restarted backup store; returns the messages."""
@@ -218,13 +224,15 @@ class RemainderPlacement:
     def _fetch_held(self, live: torch.Tensor, fetch) -> tuple[int, int]:
         """Fetch the rows of the `live` slots placed on this worker from the backup store."""
         mine = live[(self.holders[live] >> self.rank & 1) == 1]
+        self.lacking = mine
         if not len(mine):
             return 0, 0
         fetched = fetch(self.heads, mine)
         if fetched is None:
             return 0, len(mine)
         k, v, found = fetched
-        found = torch.as_tensor(found, dtype=torch.bool)
+        found = torch.as_tensor(np.array(found, dtype=bool))
+        self.lacking = mine[~found]
         if k is not None:
             device = self.pool.k.device
             self.pool.put_rows(mine[found], k[:, found].to(device), v[:, found].to(device))
@@ -313,6 +321,7 @@ class CyclicPlacement(RemainderPlacement):
         """What this rank does with a placed batch: write the new rows it holds (`written`: batch rows), attend,
         and project every size-th token from its rank on."""
         size = len(self.router.workers)
+        self.written = new_slots[written].to(torch.int64)
         return CyclicBatch(self.pool, written.to(device), new_slots[written].to(device), spans,
                            torch.arange(len(new_slots), device=device)[self.rank :: size], self.rank, size,
                            self.all_reduce, **decode)
@@ -403,8 +412,6 @@ def install(scheduler, ft_args, stream=None) -> RemainderPlacement | None:
                            device=kv_pool.k_buffer[0].device)
     _active = model.remainder = kind(model.tp_rank, layout.tp_size, ft_args.routing, pool,
                                      runner.req_to_token_pool.req_to_token, layout.remainder, stream)
-    for layer in model.model.layers:
-        layer.self_attn.remainder_written = _active.written
     if kind is CyclicPlacement:
         logger.info("sglang-ft: cyclic KV placement: %d KV heads per rank by TP, %d remainder heads rotating over "
                     "every rank token by token", model.shard.num_kv_heads, layout.num_remainder_kv_heads)

@@ -1,10 +1,15 @@
-"""Stream the KV a scheduler writes to the node's backup store, from hooks on SGLang's KV pool and allocator.
+"""Stream the KV a scheduler writes to the node's backup store, between steps, never inside the forward pass.
 
-`set_kv_buffer` runs once per layer inside the forward pass; right after it writes, this rank sends the rows it
-just wrote (its KV heads, the step's token slots) on a non-blocking ZMQ queue (`ft.kv_backup.KvBackupSender`).
-Sending per layer, before the layer's all-reduce, means a worker that completed a step has handed all of that
-step's KV to ZMQ before any peer could complete the step: a SIGKILL cannot take a committed step's KV with it.
-Freed slots (finished requests not cached, radix-cache evictions, a flush) are dropped from the store.
+After each step (`after_step`, from the scheduler's `run_batch` hook) the rows that step wrote (this rank's KV heads
+at the step's token slots, every layer, and the remainder heads' rows it holds under hybrid attention or cyclic
+placement) are copied to host memory without blocking the step and handed to a non-blocking ZMQ queue
+(`ft.kv_backup.KvBackupSender`) once the copy completed (`kv_backup_pipeline`, `kv_copy_engine`). Freed slots
+(finished requests not cached, radix-cache evictions, a flush) are dropped from the store, in order behind the
+writes before them.
+
+What the store holds: every step's rows once the worker that wrote them handed them over, which is at the end of
+the step on the CPU and at the next step (or regroup) on CUDA; a worker killed during a step, or between its end
+and the hand-over, takes that step's rows with it.
 """
 
 from __future__ import annotations
@@ -15,8 +20,9 @@ import numpy as np
 import torch
 
 from ft.kv_backup import Geometry, KvBackupSender
+from sglang_ft.mem_cache.kv_backup_pipeline import SIGNED, BackupPipeline
+from sglang_ft.mem_cache.kv_copy_engine import copy_engine_for
 
-SIGNED = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 RESYNC_SLOTS_PER_MESSAGE = 4096
 
 
@@ -50,8 +56,12 @@ def live_slots(allocator) -> torch.Tensor:
 class KvStreamer:
     """This rank's side of the KV backup: which pool and allocator to follow, and its heads."""
 
-    def __init__(self, endpoint: str, worker: int, queue_messages: int, pool, allocator, num_kv_heads_total: int):
+    def __init__(self, endpoint: str, worker: int, queue_messages: int, pool, allocator, num_kv_heads_total: int,
+                 engine=None):
         self.sender = KvBackupSender(endpoint, worker, queue_messages)
+        if engine is None:
+            engine = copy_engine_for(pool.k_buffer[0].device if pool is not None else "cpu")
+        self.pipeline = BackupPipeline(self.sender, engine)
         self.pool = pool
         self.allocator = allocator
         self.num_kv_heads_total = num_kv_heads_total
@@ -68,7 +78,9 @@ class KvStreamer:
             self.drops_muted = False
 
     def follow(self, pool, heads: tuple[int, int], epoch: int) -> None:
-        """Stream `pool` (after a regroup reshaped it) for global KV heads `heads` at `epoch`."""
+        """Stream `pool` (after a regroup reshaped it) for global KV heads `heads` at `epoch`; whatever the older pool
+        staged goes first, with the older heads and epoch."""
+        self.pipeline.flush()
         self.pool = pool
         self.sender.heads = tuple(heads)
         self.sender.epoch = epoch
@@ -80,40 +92,76 @@ class KvStreamer:
             itemsize=pool.k_buffer[0].element_size(),
         )
 
-    def on_kv_written(self, pool, layer_id: int, loc: torch.Tensor) -> None:
-        if pool is not self.pool or self.sender.geometry is None or loc.numel() == 0:
+    def after_step(self, batch, placement=None) -> None:
+        """Between steps: start copying the rows `batch`'s forward wrote (this rank's heads at its slots, every layer;
+        the remainder rows this rank wrote, under hybrid attention or cyclic placement) and hand the sender every
+        earlier copy that completed. Never waits for a copy."""
+        self.pipeline.pump()
+        slots = getattr(batch, "out_cache_loc", None)
+        mode = batch.forward_mode
+        if self.sender.geometry is not None and slots is not None and slots.numel() \
+                and (mode.is_extend() or mode.is_decode()):
+            pool, index = self.pool, slots.to(torch.int64)
+            layers = range(pool.start_layer, pool.start_layer + len(pool.k_buffer))
+            self.pipeline.stage(layers, self.sender.heads, index, index, pool.k_buffer, pool.v_buffer)
+            if placement is not None:
+                self._stage_remainder(placement)
+        self.pipeline.pump()
+
+    def _stage_remainder(self, placement) -> None:
+        written = placement.take_written()
+        if written is None or not len(written):
             return
-        self._write_layer(layer_id - pool.start_layer, loc)
+        pool = placement.pool
+        local = pool.local_of[written.to(pool.local_of.device)]
+        self.pipeline.stage(range(pool.k.shape[0]), placement.heads, written, local, list(pool.k), list(pool.v))
 
     def _write_layer(self, index: int, slots: torch.Tensor) -> bool:
-        """Send the pool's rows of `slots` in layer `index` (this rank's heads)."""
+        """Send the pool's rows of `slots` in layer `index` (this rank's heads), at once (outside a step)."""
         pool = self.pool
         return self.sender.write(index + pool.start_layer, raw_rows(slots), raw_rows(pool.k_buffer[index][slots]),
                                  raw_rows(pool.v_buffer[index][slots]))
 
     def write_rows(self, layer_id: int, heads: tuple[int, int], slots: torch.Tensor, k: torch.Tensor,
                    v: torch.Tensor) -> None:
-        """Back up rows kept outside SGLang's pool: hybrid attention's remainder heads, [n, heads, dim]."""
+        """Back up rows kept outside SGLang's pool and written outside a step (a restarted store's resync, a moved
+        request's rows): hybrid attention's remainder heads, [n, heads, dim]; after everything staged before."""
         if self.sender.geometry is not None and slots.numel():
+            self.pipeline.flush()
             self.sender.write(layer_id, raw_rows(slots), raw_rows(k), raw_rows(v), heads=heads)
 
     def drop_rows(self, heads: tuple[int, int], slots: torch.Tensor) -> None:
         if not self.drops_muted and self.sender.geometry is not None and slots.numel():
-            self.sender.drop(raw_rows(slots.to(torch.int64)), heads=heads)
+            self._drop_in_turn(raw_rows(slots.to(torch.int64)), heads)
 
     def on_slots_freed(self, allocator, slots: torch.Tensor) -> None:
         if allocator is self.allocator and not self.drops_muted and self.sender.geometry is not None and slots.numel():
-            self.sender.drop(raw_rows(slots.to(torch.int64)))
+            self._drop_in_turn(raw_rows(slots.to(torch.int64)))
 
     def on_allocator_cleared(self, allocator) -> None:
         if allocator is self.allocator and not self.drops_muted and self.sender.geometry is not None:
-            self.sender.drop(np.arange(self.sender.geometry.slots, dtype=np.int64))
+            self._drop_in_turn(np.arange(self.sender.geometry.slots, dtype=np.int64))
+
+    def _drop_in_turn(self, slots: np.ndarray, heads: tuple[int, int] | None = None) -> None:
+        """Drop `slots` from the store (for this rank's heads, or `heads`) after every write staged before: a write
+        of a slot freed since must not land after its drop. (The queue is flushed before the heads change.)"""
+        if heads is None:
+            self.pipeline.send_in_turn(lambda sender: sender.drop(slots))
+        else:
+            self.pipeline.send_in_turn(lambda sender: sender.drop(slots, heads=heads))
+
+    def counters(self) -> tuple[int, int, int, int]:
+        """What heartbeats carry: messages sent, dropped (a full ZMQ queue, or a step's rows on a full staging ring,
+        one per layer), bytes sent, and messages not yet written to the store (staged ones included)."""
+        sent, dropped, nbytes, queued = self.sender.counters()
+        return sent, dropped + self.pipeline.messages_dropped, nbytes, queued + self.pipeline.queued()
 
     def back_up_slots(self, slots: torch.Tensor) -> int:
         """Send the pool's rows of `slots`, every layer, for this rank's heads (rows written outside the forward
         pass); returns the messages sent."""
         if self.sender.geometry is None:
             return 0
+        self.pipeline.flush()
         slots = slots.to(self.pool.k_buffer[0].device)
         sent = 0
         for start in range(0, len(slots), RESYNC_SLOTS_PER_MESSAGE):
@@ -143,4 +191,6 @@ class KvStreamer:
             rows = batch.req_to_token_pool.req_to_token
             starts, counts = [0] * len(rids), lengths
             slots = torch.cat([rows[req.kv.req_pool_idx, :n] for req, n in zip(batch.reqs, lengths, strict=True)])
-        return self.sender.request_slots(rids, starts, counts, raw_rows(slots.to(torch.int64)))
+        slots = raw_rows(slots.to(torch.int64))
+        self.pipeline.send_in_turn(lambda sender: sender.request_slots(rids, starts, counts, slots))
+        return True

@@ -9,8 +9,9 @@ are not moved.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from ft.kv_backup import BLOCK_TOKENS, StoreUnavailable, fetch_kv
@@ -28,6 +29,7 @@ class KvRestoreStats:
     bytes_p2p_in: int = 0
     blocks_restored: int = 0  # from the backup store (16 slots of one KV head, every layer)
     rows_missing: int = 0  # (head, slot) rows the store could not give: recomputed
+    lacking: list = field(default_factory=list)  # slot numbers (tensors) of those rows
 
 
 def reshape_kv_heads(pool, new_head_num: int) -> tuple[list, list]:
@@ -121,9 +123,11 @@ def _restore_from_store(pool, new_heads, move, slots, device_slots, epoch, endpo
     fetched = fetch_rows(endpoint, epoch, (move.start, move.end), slots, members, pool.k_buffer[0].dtype)
     if fetched is None:
         stats.rows_missing += heads * len(slots)
+        stats.lacking.append(slots)
         return
     k, v, found = fetched
     stats.rows_missing += heads * int((~found).sum())
+    stats.lacking.append(slots[~torch.as_tensor(np.array(found, dtype=bool))])
     if not found.any():
         return
     put_rows(pool, device_slots, _local(new_heads, move.start, move.end), k, v)

@@ -101,7 +101,6 @@ class ElasticAttention(nn.Module):
         self.rem_q_size = self.remainder_kv_heads * shape.group_size * self.head_dim
         self.rem_kv_size = self.remainder_kv_heads * self.head_dim
         self.rem_qkv_proj = self.rem_o_proj = None
-        self.remainder_written = lambda *_: None  # the placement's backup of the rows written (set by the model)
         if self.remainder_kv_heads:
             self.rem_qkv_proj = ReplicatedLinear(shape.hidden_size, self.rem_q_size + 2 * self.rem_kv_size,
                                                  bias=qkv_bias, prefix=f"{prefix}.rem_qkv_proj")
@@ -134,7 +133,6 @@ class ElasticAttention(nn.Module):
         layer = self.attn.layer_id
         k, v = k.reshape(-1, heads, hd), v.reshape(-1, heads, hd)
         batch.pool.write(layer, batch.new_slots, k, v)
-        self.remainder_written(layer, batch.new_slots, k, v)
         attended = remainder_attention(q.reshape(-1, heads * self.group_size, hd), batch.pool, layer, batch.spans,
                                        self.group_size, self.attn.scaling)
         projected, _ = self.rem_o_proj(attended.reshape(len(rows), -1))
@@ -152,7 +150,6 @@ class ElasticAttention(nn.Module):
         rows = batch.written_rows
         k, v = k[rows].reshape(-1, heads, hd), v[rows].reshape(-1, heads, hd)
         batch.pool.write(layer, batch.written_slots, k, v)
-        self.remainder_written(layer, batch.written_slots, k, v)
         partial, lse = batch.partial_attention(q.reshape(len(q), heads * self.group_size, hd), layer,
                                                self.group_size, self.attn.scaling)
         attended = merge_partials(partial, lse, batch.rank, batch.size, batch.all_reduce).to(hidden.dtype)
