@@ -19,7 +19,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from test_docker import server_parser
+from tests.test_docker import server_parser
 
 K8S = Path(__file__).resolve().parents[1] / "deploy" / "k8s"
 KUBERNETES_VERSIONS = ("1.25", kubernetes_validate.latest_version())
@@ -253,11 +253,13 @@ def test_router_sends_to_both_server_services_on_their_ports():
     deployments = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Deployment"}
     (router,) = deployments["sglang-ft-router"]["spec"]["template"]["spec"]["containers"]
     assert router["command"] == ["python3", "-m", "sglang_router.launch_router"]
-    args = router["args"]
-    urls = args[args.index("--worker-urls") + 1:]
-    urls = urls[:next((i for i, a in enumerate(urls) if a.startswith("--")), len(urls))]
-    assert urls == ["http://sglang-ft-a:30000", "http://sglang-ft-b:30000"]
-    for url in urls:
+    from sglang_router.launch_router import parse_router_args  # the router's own parser
+
+    args = parse_router_args([expand(arg, SECRET_ENV) for arg in router["args"]])
+    assert args.worker_urls == ["http://sglang-ft-a:30000", "http://sglang-ft-b:30000"]
+    assert (args.host, args.port, args.api_key) == ("0.0.0.0", router["ports"][0]["containerPort"],
+                                                    SECRET_ENV["SGLANG_API_KEY"])
+    for url in args.worker_urls:
         host, port = url.removeprefix("http://").split(":")
         service = services[host]
         (service_port,) = service["spec"]["ports"]
