@@ -109,7 +109,15 @@ for _ in $(seq 600); do
         || { "$DOCKER" logs --tail 40 "$CONTAINER"; die "the container exited before /health answered"; }
     sleep 1
 done
-[ "$(status_field "$PORT" "s['tp_size'], s['epoch']")" = "($TP, 0)" ] || die "not at TP $TP, epoch 0 after start"
+wait_state() {  # wait_state WANT SECONDS: poll /ft/status until (tp_size, epoch) reads WANT
+    for _ in $(seq "$2"); do
+        state=$(status_field "$PORT" "s['tp_size'], s['epoch']" 2>/dev/null || true)
+        if [ "$state" = "$1" ]; then return 0; fi
+        sleep 1
+    done
+    return 1
+}
+wait_state "($TP, 0)" 60 || die "not at TP $TP, epoch 0 after start (last: $state; $(http "http://127.0.0.1:$PORT/ft/status" | head -c 300))"
 log "healthy at TP $TP"
 
 # A real fault: SIGKILL from outside the server, to the scheduler of the last rank (its pid in /ft/status is the
@@ -118,12 +126,8 @@ victim=$(status_field "$PORT" "[w['pid'] for w in s['workers'] if w['rank'] == $
 log "kill -9 $victim (rank $((TP - 1))) inside the container"
 "$DOCKER" exec "$CONTAINER" kill -9 "$victim"
 
-for _ in $(seq 180); do
-    state=$(status_field "$PORT" "s['tp_size'], s['epoch']" 2>/dev/null || true)
-    if [ "$state" = "($((TP - 1)), 1)" ]; then break; fi
-    sleep 1
-done
-[ "$state" = "($((TP - 1)), 1)" ] || { "$DOCKER" logs --tail 40 "$CONTAINER"; die "no regroup to TP $((TP - 1)), epoch 1 (last: $state)"; }
+wait_state "($((TP - 1)), 1)" 180 \
+    || { "$DOCKER" logs --tail 40 "$CONTAINER"; die "no regroup to TP $((TP - 1)), epoch 1 (last: $state)"; }
 log "regrouped: TP $((TP - 1)), epoch 1"
 
 reply=$(http -H 'Content-Type: application/json' "http://127.0.0.1:$PORT/generate" \
