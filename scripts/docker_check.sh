@@ -117,7 +117,7 @@ wait_state() {  # wait_state WANT SECONDS: poll /ft/status until (tp_size, epoch
     done
     return 1
 }
-wait_state "($TP, 0)" 60 || die "not at TP $TP, epoch 0 after start (last: $state; $(http "http://127.0.0.1:$PORT/ft/status" | head -c 300))"
+wait_state "$TP 0" 60 || die "not at TP $TP, epoch 0 after start (last: $state; $(http "http://127.0.0.1:$PORT/ft/status" | head -c 300))"
 log "healthy at TP $TP"
 
 # A real fault: SIGKILL from outside the server, to the scheduler of the last rank (its pid in /ft/status is the
@@ -126,7 +126,7 @@ victim=$(status_field "$PORT" "[w['pid'] for w in s['workers'] if w['rank'] == $
 log "kill -9 $victim (rank $((TP - 1))) inside the container"
 "$DOCKER" exec "$CONTAINER" kill -9 "$victim"
 
-wait_state "($((TP - 1)), 1)" 180 \
+wait_state "$((TP - 1)) 1" 180 \
     || { "$DOCKER" logs --tail 40 "$CONTAINER"; die "no regroup to TP $((TP - 1)), epoch 1 (last: $state)"; }
 log "regrouped: TP $((TP - 1)), epoch 1"
 
