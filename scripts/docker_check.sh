@@ -124,7 +124,7 @@ log "healthy at TP $TP"
 # container's pid namespace's, so `docker exec` reaches it).
 victim=$(status_field "$PORT" "[w['pid'] for w in s['workers'] if w['rank'] == $((TP - 1))][0]")
 log "kill -9 $victim (rank $((TP - 1))) inside the container"
-"$DOCKER" exec "$CONTAINER" kill -9 "$victim"
+"$DOCKER" exec "$CONTAINER" sh -c "kill -9 $victim"  # the shell's kill: the image may have no procps
 
 wait_state "$((TP - 1)) 1" 180 \
     || { "$DOCKER" logs --tail 40 "$CONTAINER"; die "no regroup to TP $((TP - 1)), epoch 1 (last: $state)"; }
