@@ -1,7 +1,7 @@
 # sglang-ft: the README's commands. `make demo` and `make test` set everything up themselves.
 PY := .venv/bin/python
 
-.PHONY: install demo test test-fast bench bench-full clean
+.PHONY: install demo test test-fast bench bench-full docker-check clean
 
 install:
 	@bash scripts/install.sh
@@ -20,6 +20,11 @@ bench: install
 
 bench-full: install
 	$(PY) benchmark/bench_all.py --full
+
+# Build docker/Dockerfile.cpu, serve it, kill a TP worker inside the container, check the recovery (needs root or a
+# Docker engine; not part of `make test`).
+docker-check:
+	bash scripts/docker_check.sh
 
 clean:
 	rm -rf .venv build *.egg-info .pytest_cache
