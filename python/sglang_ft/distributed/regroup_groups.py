@@ -8,6 +8,7 @@ connections the new group opens are recorded, so a later interrupt shuts those a
 from __future__ import annotations
 
 import logging
+import os
 import time
 from datetime import timedelta
 
