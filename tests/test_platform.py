@@ -46,3 +46,15 @@ def test_default_kv_budget_fits_memory(tiny_model):
     tokens = default_max_total_tokens(tiny_model, "float32")
     assert 1024 <= tokens <= MAX_DEFAULT_TOKENS
     assert default_max_total_tokens("/nonexistent", "float32") is None
+
+
+def test_emptying_the_cache_collects_only_young_generations(monkeypatch):
+    """A full collection under SGLang holds the GIL for over a second on CPU: an `--ft` worker's heartbeats stop."""
+    import gc
+
+    from sglang.srt.platforms import current_platform  # SGLang resolves the platform module first
+
+    generations = []
+    monkeypatch.setattr(gc, "collect", lambda generation=2: generations.append(generation) or 0)
+    current_platform.empty_cache()
+    assert generations == [1]
