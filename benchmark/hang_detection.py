@@ -40,14 +40,8 @@ from sglang_ft.tools.hf_reference import greedy_token_ids
 from sglang_ft.tools.load import Load
 from sglang_ft.tools.server_process import ServerProcess
 
-PROMPTS = [
-    "The model server",
-    "Heartbeat epoch recover restart reload weights",
-    "Tell me a story about a quiet river",
-    "rank tensor parallel group heads cache prefix radix failure",
-    "one two three",
-    "Seven blue mountains and a bright city",
-]
+from chaos import PROMPTS  # the soak's prompts: greedy outputs of clear winners on the tiny model
+
 gone = ProcessWatch().gone
 
 

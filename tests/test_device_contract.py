@@ -89,6 +89,14 @@ def elastic(tiny_model, monkeypatch):
 SCENARIOS = {"death": ((0, 1, 2, 3), (0, 1, 2)), "rejoin": ((0, 1), (0, 1, 2))}
 
 
+
+def planned(scenario: str, shape):
+    """The scenario's workers before and after, the old layout, what each old worker holds, and the planner's plan."""
+    old_workers, new_workers = SCENARIOS[scenario]
+    old_layout = TPLayout.even(shape, len(old_workers))
+    held = {w: old_layout.shard(r) for r, w in enumerate(old_workers)}
+    return old_workers, new_workers, old_layout, held, plan_migration(shape, held, list(new_workers))
+
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
 @pytest.mark.parametrize("explicit_group", [False, True], ids=["default_group", "device_group"])
 def test_the_reshard_hands_collectives_only_tensors_on_the_models_device(elastic, monkeypatch, scenario,
@@ -96,10 +104,7 @@ def test_the_reshard_hands_collectives_only_tensors_on_the_models_device(elastic
     from sglang_ft.model_executor.reshard import reshard
 
     path, shape, build = elastic
-    old_workers, new_workers = SCENARIOS[scenario]
-    old_layout = TPLayout.even(shape, len(old_workers))
-    held = {w: old_layout.shard(r) for r, w in enumerate(old_workers)}
-    plan = plan_migration(shape, held, list(new_workers))
+    old_workers, new_workers, old_layout, held, plan = planned(scenario, shape)
     contract = DeviceContract(monkeypatch, len(new_workers))
     for me in new_workers:
         holding = held.get(me)
@@ -137,10 +142,7 @@ def test_the_kv_restore_hands_collectives_only_tensors_on_the_pools_device(elast
     from sglang_ft.mem_cache.kv_reshape import restore_kv
 
     _path, shape, _build = elastic
-    old_workers, new_workers = SCENARIOS[scenario]
-    old_layout = TPLayout.even(shape, len(old_workers))
-    held = {w: old_layout.shard(r) for r, w in enumerate(old_workers)}
-    plan = plan_migration(shape, held, list(new_workers))
+    old_workers, new_workers, old_layout, held, plan = planned(scenario, shape)
     contract = DeviceContract(monkeypatch, len(new_workers))
     for me in new_workers:
         old_heads = held[me].kv_heads if me in held else None
