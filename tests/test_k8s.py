@@ -62,19 +62,7 @@ def launch_args(container: dict, env: dict[str, str]):
     """The container's `launch_server` command line through SGLang's parser, its `$(VAR)`s expanded from `env`."""
     assert container["command"] == ["python3", "-m", "sglang.launch_server"]
     argv = [expand(arg, env) for arg in container["args"]]
-    parser = server_parser()
-    secret_file = None
-    if not any("--ft-secret-file" in action.option_strings for action in parser._actions):
-        # --ft-secret-file comes with the branch that authenticates sglang-ft's sockets across nodes; until it is
-        # merged, this parser does not know it: take it out and check its value apart.
-        if "--ft-secret-file" in argv:
-            at = argv.index("--ft-secret-file")
-            secret_file = argv.pop(at + 1)
-            argv.pop(at)
-    args = parser.parse_args(argv)
-    if secret_file is not None:
-        args.ft_secret_file = secret_file
-    return args
+    return server_parser().parse_args(argv)
 
 
 def env_for(spec: dict, source: str) -> dict[str, str]:
