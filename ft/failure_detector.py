@@ -33,6 +33,15 @@ from ft.membership import Membership, WorkerState
 STEP_MARGIN_S = 0.25
 
 
+HEARTBEAT_TIMEOUT = "heartbeat timeout"  # the causes of a death declared for silence
+HANG_CONFIRMED = "hang confirmed by a blocked peer"
+
+
+def declared_for_silence(cause: str) -> bool:
+    """A death declared because the worker stopped beating: at the timeout, or sooner with a peer blocked on it."""
+    return HEARTBEAT_TIMEOUT in cause or HANG_CONFIRMED in cause
+
+
 def startup_timeout(timeout_s: float) -> float:
     """How long a worker that has not finished a batch yet may stay silent: 5 timeouts, at least 10 s."""
     return max(10.0, 5 * timeout_s)
@@ -91,11 +100,11 @@ class FailureDetector:
                 continue
             silent = now - record.last_beat
             if silent >= (self.timeout_s if record.serving else self.startup_timeout_s):
-                state, cause = WorkerState.DEAD, "heartbeat timeout"
+                state, cause = WorkerState.DEAD, HEARTBEAT_TIMEOUT
             elif silent >= self.suspect_after_s:
                 peer = self.blocked_peer(worker, now) if confirm_hangs and record.serving else None
                 state, cause = (WorkerState.SUSPECT, "missed heartbeats") if peer is None else \
-                    (WorkerState.DEAD, f"hang confirmed by a blocked peer (worker {peer[0]} blocked "
+                    (WorkerState.DEAD, f"{HANG_CONFIRMED} (worker {peer[0]} blocked "
                                        f"{peer[1] * 1e3:.0f} ms)")
             else:
                 continue

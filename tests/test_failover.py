@@ -19,6 +19,7 @@ import requests
 import client
 from client import GREEDY, generate, wait_for
 from conftest import PROMPTS
+from ft.failure_detector import declared_for_silence
 from sglang_ft.tools.load import server_load
 
 pytestmark = pytest.mark.server
@@ -257,7 +258,7 @@ def test_rank0_death_then_a_hung_worker_is_fenced_then_a_drain(fresh_ft_server, 
     assert [r["output_ids"] for r in results] == expected
     st = status(ft_server)
     detection = [d for d in st["detections"] if d["pid"] == hung and d["state"] == "dead"]
-    assert detection and detection[0]["cause"] == "heartbeat timeout"
+    assert detection and declared_for_silence(detection[0]["cause"])
     assert st["epoch"] == 2 and st["tp_size"] == 2
     assert time.monotonic() - stopped_at < 120
     psutil.Process(hung).resume()  # SIGCONT: the stale worker must notice it was replaced and exit

@@ -18,6 +18,7 @@ import pytest
 import requests
 from client import generate, wait_for
 from conftest import PROMPTS
+from ft.failure_detector import declared_for_silence
 
 from sglang_ft.tools.netns import NetnsNodes
 
@@ -102,11 +103,6 @@ def refused(url: str) -> tuple[int, int]:
     return status["refused_connections"], status["kv_backup"]["store"]["refused_connections"]
 
 
-def silence_declared(cause: str) -> bool:
-    """Declared dead for its silence: at the heartbeat timeout, or sooner where a survivor was blocked on it."""
-    return "heartbeat timeout" in cause or "hang confirmed by a blocked peer" in cause
-
-
 def start_requests(url: str, results: list) -> list[threading.Thread]:
     threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, generate(url, PROMPTS[i], NEW_TOKENS)))
                for i in range(len(PROMPTS))]
@@ -154,7 +150,7 @@ def test_a_whole_node_killed_mid_decode_loses_nothing_and_its_kv_comes_from_the_
             status = wait_for(lambda: (s := status_of(url))["recoveries"] and s)
             assert status["tp_size"] == 2 and [w["rank"] for w in status["workers"]] == [0, 1, None, None]
             (recovery,) = status["recoveries"]  # the node's two workers leave in one regroup
-            assert recovery["workers"] == [0, 1] and silence_declared(recovery["cause"])
+            assert recovery["workers"] == [0, 1] and declared_for_silence(recovery["cause"])
             # node 1's heads' KV came from the backup store, which runs on node 0
             assert recovery["kv_blocks_restored"] > 0 and recovery["kv_tokens_recomputed"] == 0
             assert status["kv_backup"]["store"]["sequence_gaps"] == 0  # the survivors' heads stayed backed up
@@ -188,7 +184,7 @@ def test_a_node_cut_off_mid_decode_is_fenced_and_when_its_link_returns_it_change
             status = wait_for(lambda: (s := status_of(url))["recoveries"] and s)
             assert status["tp_size"] == 1 and [w["rank"] for w in status["workers"]] == [0, None]
             (recovery,) = status["recoveries"]
-            assert recovery["workers"] == [0] and silence_declared(recovery["cause"])
+            assert recovery["workers"] == [0] and declared_for_silence(recovery["cause"])
             assert recovery["kv_blocks_restored"] > 0 and recovery["kv_tokens_recomputed"] == 0
             assert running(cut_off)  # cut off, not dead: it still runs on node 1
             # the survivor's heads stayed backed up through the regroup (its last writes before it count)

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import msgspec
 import zmq
 
-from ft.failure_detector import FailureDetector, Transition
+from ft.failure_detector import HEARTBEAT_TIMEOUT, FailureDetector, Transition
 from ft.heartbeat import MessageReceiver
 from ft.membership import Membership, WorkerState
 from ft.messages import (
@@ -198,7 +198,7 @@ class FtController:
         now = time.monotonic()
         changes = self.state.detector.sweep(now, confirm_hangs=self.pending is None)
         for change in changes + self._silent_node_mates(changes, now):
-            self._record(change, change.cause or "heartbeat timeout")
+            self._record(change, change.cause or HEARTBEAT_TIMEOUT)
         for worker in self._live_local():
             pid = self.state.membership.workers[worker].pid
             if self.exits.gone(pid):
