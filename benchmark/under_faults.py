@@ -31,6 +31,7 @@ Writes benchmark/results/under_faults.json and under_faults.png and prints a mar
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -44,9 +45,9 @@ import psutil
 import requests
 from failover import BENCH_MODEL_FLAGS, PROMPTS
 from replay import format_record, replay, scheduler_pid_of
-from under_faults_measures import FAULTS, SYSTEMS, plot, ratios, summarize, table
+from under_faults_measures import FAULTS, SYSTEMS, delivered, mean_recovery, plot, ratios, summarize, table
 
-from ft.fault_trace import FaultTrace, dumps_trace, generate, load_trace
+from ft.fault_trace import FaultTrace, dumps_trace, generate, load_trace, validate
 from sglang_ft.tools import make_tiny_model
 from sglang_ft.tools.load import OpenLoad, arrival_times, scheduler_pid
 from sglang_ft.tools.server_process import ServerProcess
@@ -67,6 +68,27 @@ REPAIR_S = 20.0  # the generator's default: a dead device is back 20 s after it 
 def make_trace(tp: int, preset: dict) -> FaultTrace:
     return generate(tp, preset["window_s"], preset["trace_seed"], acceleration=preset["acceleration"],
                     repair_s=REPAIR_S, hang_fraction=preset["hang_fraction"])
+
+
+def paced(trace: FaultTrace, min_gap_s: float) -> FaultTrace:
+    """The trace with its faults at least `min_gap_s` apart, so restart-and-reload can finish a relaunch between
+    two (on this CPU a launch takes about a minute; the drawn traces fault every 20-60 s). From each fault that comes
+    too soon after the previous one, it and every later event move later by the same amount: each fault's resume
+    and rejoin stay as far after it as drawn, the order is kept, and the window grows by the total shift."""
+    shift, last_fault, events = 0.0, None, []
+    for e in trace.events:
+        t = e.t_s + shift
+        if e.event in FAULTS:
+            if last_fault is not None and t < last_fault + min_gap_s:
+                shift += last_fault + min_gap_s - t
+                t = last_fault + min_gap_s
+            last_fault = t
+        events.append(dataclasses.replace(e, t_s=round(t, 3)))
+    header = dataclasses.replace(trace.header, window_s=round(trace.header.window_s + shift, 3),
+                                 params={**trace.header.params, "min_fault_gap_s": min_gap_s})
+    out = FaultTrace(header, tuple(events))
+    validate(out)
+    return out
 
 
 # ---------------------------------------------------------------- servers, probes, supervisor
@@ -251,7 +273,7 @@ def drive(url_of, trace: FaultTrace, offsets: list[float], args, *, replay_kwarg
         if on_event is not None:
             on_event(record)
         print(format_record(record), flush=True)
-        if record["event"] in FAULTS and not record["outcome"].startswith("skipped: the replay was stopped"):
+        if delivered(record):
             threading.Thread(target=probe_until_success, args=(url_of, stop, probes), daemon=True).start()
 
     thread = threading.Thread(target=lambda: replayed.extend(
@@ -341,9 +363,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--ft-respawn", action="store_true", help="sglang-ft also restarts dead workers itself")
     parser.add_argument("--rr-widen", choices=("next-restart", "immediate"), default="next-restart")
     parser.add_argument("--systems", default="ft,rr,none", help="which systems, comma-separated (ft, rr, none)")
+    parser.add_argument("--min-fault-gap-s", type=float, default=0.0,
+                        help="pace the trace: faults at least this far apart (0: as drawn; a paced run gives "
+                             "restart-and-reload time to relaunch between faults)")
+    parser.add_argument("--reanalyse", type=Path, metavar="RESULTS_JSON",
+                        help="recompute the counts, ratios, table and plot of a stored run (no server)")
     parser.add_argument("--model-dir", type=Path, default=Path("/tmp/sglang-ft-bench-model-12h"))
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args(argv)
+    if args.reanalyse:
+        return reanalyse(args.reanalyse, args.out)
     preset = dict(PRESETS["full" if args.full else "quick"])
     for key in ("rate", "max_new_tokens", "drain_s"):
         if getattr(args, key) is None:
@@ -354,6 +383,10 @@ def main(argv: list[str] | None = None) -> dict:
     trace = load_trace(args.trace) if args.trace else make_trace(args.tp, preset)
     if trace.header.tp_size != args.tp:
         parser.error(f"the trace is for TP {trace.header.tp_size}, not --tp {args.tp}")
+    if args.min_fault_gap_s < 0:
+        parser.error("--min-fault-gap-s must be >= 0")
+    if args.min_fault_gap_s:
+        trace = paced(trace, args.min_fault_gap_s)
     window_s = trace.header.window_s
     offsets = arrival_times(args.rate, window_s, args.seed, args.arrivals)
     if not (args.model_dir / "config.json").exists():
@@ -372,7 +405,8 @@ def main(argv: list[str] | None = None) -> dict:
                    "seed": args.seed, "requests": len(offsets), "max_new_tokens": args.max_new_tokens,
                    "drain_s": args.drain_s, "read_timeout_s": args.read_timeout_s, "slo_ttft_s": slo[0],
                    "slo_tpot_s": slo[1], "ft_respawn": args.ft_respawn, "rr_widen": args.rr_widen,
-                   "form": "full" if args.full else "quick", "trace_summary": summary},
+                   "form": "full" if args.full else "quick", "trace_summary": summary,
+                   "min_fault_gap_s": args.min_fault_gap_s},
         "trace": {"text": dumps_trace(trace).splitlines(), "events": [asdict(e) for e in trace.events]},
         "systems": {},
     }
@@ -395,6 +429,28 @@ def main(argv: list[str] | None = None) -> dict:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "under_faults.json").write_text(json.dumps(report, indent=1))
     plot(report, args.out / "under_faults.png")
+    print(table(report))
+    return report
+
+
+def reanalyse(path: Path, out: Path) -> dict:
+    """Recompute what a stored run reports from its per-fault records (the measures changed after it ran: a fault
+    not delivered is no longer a recovery); writes the report, its plot and table beside the originals' names with
+    a `reanalysed` stamp."""
+    report = json.loads(path.read_text())
+    for result in report["systems"].values():
+        kept = [r for r in result["recovery"] if delivered(r)]
+        result["faults_not_delivered"] = [{k: r[k] for k in ("t_s", "worker", "event", "outcome")}
+                                          for r in result["recovery"] if not delivered(r)]
+        result["recovery"] = kept
+        end = max((t for t, _ in result["series"]), default=report["config"]["window_s"])
+        result["mean_recovery"] = mean_recovery([r["t_s"] for r in kept], [r["latency_s"] for r in kept], end)
+    if "ft" in report["systems"] and "rr" in report["systems"]:
+        report["ratios"] = ratios(report["systems"]["ft"], report["systems"]["rr"])
+    report["reanalysed"] = {"date": dt.date.today().isoformat(), "of_run_dated": report["date"]}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "under_faults.json").write_text(json.dumps(report, indent=1))
+    plot(report, out / "under_faults.png")
     print(table(report))
     return report
 

@@ -14,6 +14,12 @@ import math
 from sglang_ft.tools.load import RequestRecord, rate_series
 
 FAULTS = ("kill", "hang")
+
+
+def delivered(record: dict) -> bool:
+    """A fault counts only when its signal reached a process: one skipped (the worker had no process, as when it
+    was already dead, or the replay was stopped) or failed to send tests no recovery."""
+    return record["event"] in FAULTS and record["outcome"] == "sent"
 SYSTEMS = {"ft": "sglang-ft", "rr": "restart-and-reload", "none": "no recovery"}
 TARGETS = {"throughput": 2.5, "recovery": 100.0, "ft_lost": 0}
 
@@ -84,7 +90,7 @@ def mean_recovery(fault_times: list[float], latencies: list[float | None], end: 
 def summarize(run: dict, window_s: float, slo: tuple[float, float]) -> dict:
     """Everything reported for one system (see the module docstring for `run`)."""
     t0, end, records = run["t0"], run["ended"], run["records"]
-    faults = [r for r in run["replay"] if r["event"] in FAULTS and "replay was stopped" not in r["outcome"]]
+    faults = [r for r in run["replay"] if delivered(r)]
     fault_times = [r["at"] for r in faults]
     successes = list(run["probes"]) + [(r.attempt_sent, r.done) for r in records if r.done is not None]
     latencies = recovery_latencies(fault_times, successes)
@@ -105,6 +111,9 @@ def summarize(run: dict, window_s: float, slo: tuple[float, float]) -> dict:
         "wasted_tokens": sum(r.wasted_tokens for r in records),
         "recovery": [{"t_s": round(f - t0, 3), "worker": r["worker"], "event": r["event"], "outcome": r["outcome"],
                       "latency_s": _r(lat)} for f, r, lat in zip(fault_times, faults, latencies)],
+        "faults_not_delivered": [{"t_s": round(r["at"] - t0, 3), "worker": r["worker"], "event": r["event"],
+                                  "outcome": r["outcome"]} for r in run["replay"]
+                                 if r["event"] in FAULTS and not delivered(r)],
         "mean_recovery": mean_recovery(fault_times, latencies, end),
         "series": rate_series(tokens, t0, max(end, t0 + window_s), window=1.0, step=1.0),
     }
@@ -125,6 +134,33 @@ def ratios(ft: dict, rr: dict) -> dict:
             "met": {"throughput_ft_over_rr": unbounded or (thr is not None and thr >= TARGETS["throughput"]),
                     "recovery_rr_over_ft": rec is not None and rec >= TARGETS["recovery"],
                     "ft_lost": ft["lost"] == TARGETS["ft_lost"]}}
+
+
+def what_dominates(report: dict) -> list[str]:
+    """One line per system with recoveries: what its recovery latency is made of, from the run's own records (the
+    relaunches restart-and-reload made, the stages sglang-ft's `/ft/status` reported)."""
+    lines, systems = [], report["systems"]
+    rr = systems.get("rr")
+    if rr and rr.get("mean_recovery") and rr["mean_recovery"]["s"] is not None:
+        restarts = rr.get("system", {}).get("restarts", [])
+        healthy = [e["startup_s"] for e in restarts if e["outcome"] == "healthy"]
+        if healthy:
+            lines.append(
+                f"restart-and-reload: {rr['mean_recovery']['s']:.3g} s mean recovery, of which SGLang's relaunch "
+                f"{sum(healthy) / len(healthy):.3g} s mean ({len(healthy)} healthy, {len(restarts) - len(healthy)} "
+                f"cancelled or failed by a later fault); on this 2-core CPU a launch is process start-up, imports and "
+                f"the model load, which dominate the ratio")
+    ft = systems.get("ft")
+    recoveries = [r for r in (ft or {}).get("system", {}).get("recoveries", []) if r.get("cause") != "rejoin"
+                  and r.get("recover_ms") is not None]
+    if ft and ft.get("mean_recovery") and ft["mean_recovery"]["s"] is not None and recoveries:
+        detect = [r["detect_ms"] for r in recoveries if r.get("detect_ms") is not None]
+        recover = [r["recover_ms"] for r in recoveries]
+        lines.append(
+            f"sglang-ft: {ft['mean_recovery']['s']:.3g} s mean recovery, of which detection "
+            f"{sum(detect) / max(1, len(detect)):.0f} ms and the in-place regroup {sum(recover) / len(recover):.0f} "
+            f"ms mean ({len(recover)} regroups); the rest is the next request's own prefill and decode")
+    return lines
 
 
 def table(report: dict) -> str:
@@ -175,43 +211,51 @@ def table(report: dict) -> str:
                   f"{'>= ' if r['recovery_ratio_is_lower_bound'] else ''}{r['recovery_rr_over_ft']}x "
                   f"(target >= {TARGETS['recovery']:g}x: {yes('recovery_rr_over_ft')})",
                   f"- requests lost by sglang-ft: {r['ft_lost']} (target 0: {yes('ft_lost')})"]
+    not_delivered = {k: len(s[k].get("faults_not_delivered", [])) for k in keys}
+    if any(not_delivered.values()):
+        lines.append("- faults not delivered (the worker had no process), not counted as recoveries: "
+                     + ", ".join(f"{SYSTEMS[k]} {n}" for k, n in not_delivered.items()))
+    lines += [f"- what dominates: {line}" for line in what_dominates(report)]
     return "\n".join(lines)
 
 
 def plot(report: dict, path) -> None:
-    """Throughput over time (1 s windows), one line per system, the trace's events marked."""
+    """Throughput over time (1 s windows): one panel per system on a shared time axis, each with its own scale (a
+    restart-and-reload burst draining a backlog would flatten the others' lines on one scale), the trace's events
+    and restart-and-reload's restarts marked."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(11, 3.8))
-    for key, color in zip(SYSTEMS, ("tab:blue", "tab:orange", "tab:gray")):
-        if key in report["systems"]:
-            series = report["systems"][key]["series"]
-            ax.plot([t for t, _ in series], [v for _, v in series], color=color, label=SYSTEMS[key])
+    keys = [k for k in SYSTEMS if k in report["systems"]]
+    fig, axes = plt.subplots(len(keys), 1, figsize=(11, 1.2 + 2.0 * len(keys)), sharex=True, squeeze=False)
     styles = {"kill": ("tab:red", "--"), "hang": ("tab:purple", "--"), "resume": ("tab:purple", ":"),
               "rejoin": ("tab:green", ":")}
-    seen = set()
-    for e in report["trace"]["events"]:
-        color, style = styles[e["event"]]
-        ax.axvline(e["t_s"], color=color, linestyle=style,
-                   label=None if e["event"] in seen else f"{e['event']} (trace)")
-        seen.add(e["event"])
-    ax.axvline(report["config"]["window_s"], color="black", linewidth=0.8, label="end of arrivals")
-    restarts = report["systems"].get("rr", {}).get("system", {}).get("restarts", [])
-    end = max((t for k in report["systems"] for t, _ in report["systems"][k]["series"]), default=0.0)
-    for i, e in enumerate(restarts):  # from the failure detected to healthy again (or the end)
-        if e["outcome"] == "healthy" or i == len(restarts) - 1:
-            ax.axvspan(e["detected_s"], e.get("healthy_s", end), color="tab:orange", alpha=0.12,
-                       label="restart-and-reload restarting" if "down" not in seen else None)
-            seen.add("down")
-    ax.set_xlabel("seconds since the load started")
-    ax.set_ylabel("tokens/s (1 s windows)")
-    ax.set_ylim(bottom=0)
+    end = max((t for k in keys for t, _ in report["systems"][k]["series"]), default=0.0)
+    for ax, key, color in zip(axes[:, 0], keys, ("tab:blue", "tab:orange", "tab:gray")):
+        series = report["systems"][key]["series"]
+        ax.plot([t for t, _ in series], [v for _, v in series], color=color, label=SYSTEMS[key])
+        seen = set()
+        for e in report["trace"]["events"]:
+            c, style = styles[e["event"]]
+            ax.axvline(e["t_s"], color=c, linestyle=style, label=None if e["event"] in seen else f"{e['event']}")
+            seen.add(e["event"])
+        ax.axvline(report["config"]["window_s"], color="black", linewidth=0.8, label="end of arrivals")
+        restarts = report["systems"][key].get("system", {}).get("restarts", [])
+        for i, e in enumerate(restarts):  # from the failure detected to healthy again (or the end)
+            if e["outcome"] == "healthy" or i == len(restarts) - 1:
+                ax.axvspan(e["detected_s"], e.get("healthy_s", end), color="tab:orange", alpha=0.12,
+                           label="restarting" if "down" not in seen else None)
+                seen.add("down")
+        ax.set_ylim(bottom=0)
+        ax.set_ylabel("tokens/s")
+        ax.set_title(SYSTEMS[key], fontsize=9, loc="left")
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7)
+    axes[-1, 0].set_xlabel("seconds since the load started (1 s windows)")
     c = report["config"]
-    ax.set_title(f"Throughput under the same fault trace (TP {c['tp']}, {c['rate']} req/s, tiny model on CPU)")
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7)
+    fig.suptitle(f"Throughput under the same fault trace (TP {c['tp']}, {c['rate']} req/s, tiny model on CPU)",
+                 fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

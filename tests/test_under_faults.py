@@ -246,3 +246,61 @@ def test_closed_load_staggers_each_clients_length_and_checks_the_reference_prefi
         time.sleep(0.2)
         wrong.finish(timeout_s=5)
     assert wrong.completed > 0 and wrong.mismatched == wrong.completed
+
+
+def test_a_fault_that_reached_no_process_is_not_a_recovery():
+    run = _run(100.0, 105.0, 105.5)
+    # a second kill of the same worker, already dead: the replay skipped it, so nothing recovered from it
+    run["replay"].append({"t_s": 8.0, "worker": 1, "event": "kill", "outcome": "skipped: worker 1 has no process",
+                          "at": 108.0, "pid": None})
+    result = m.summarize(run, 20.0, SLO)
+    assert [r["latency_s"] for r in result["recovery"]] == [0.5]
+    assert result["faults_not_delivered"] == [{"t_s": 8.0, "worker": 1, "event": "kill",
+                                               "outcome": "skipped: worker 1 has no process"}]
+    assert result["mean_recovery"] == {"s": 0.5, "lower_bound": False}
+
+
+def test_pacing_keeps_each_faults_followers_with_it_and_grows_the_window():
+    trace = parse_trace("\n".join([
+        '{"format": "sglang-ft-fault-trace", "version": 1, "source": "t", "window_s": 60, "tp_size": 4, "seed": 1}',
+        '{"t_s": 10, "worker": 1, "event": "kill"}', '{"t_s": 20, "worker": 2, "event": "hang"}',
+        '{"t_s": 25, "worker": 2, "event": "resume"}', '{"t_s": 30, "worker": 1, "event": "rejoin"}',
+        '{"t_s": 50, "worker": 3, "event": "kill"}']))
+    paced = under_faults.paced(trace, 40.0)
+    # the hang moves from 20 to 50 (+30): its resume and every later event move by 30; the kill at 50 + 30 = 80 is
+    # already 30 after the hang at 50, so it moves 10 more, to 90 (40 after)
+    assert [(e.t_s, e.event) for e in paced.events] == [(10, "kill"), (50, "hang"), (55, "resume"), (60, "rejoin"),
+                                                        (90, "kill")]
+    assert paced.header.window_s == 100 and paced.header.params["min_fault_gap_s"] == 40.0
+    assert under_faults.paced(trace, 5.0).events == trace.events  # already paced: unchanged
+    faults = [e.t_s for e in under_faults.paced(under_faults.make_trace(4, under_faults.PRESETS["full"]), 100.0).events
+              if e.event in m.FAULTS]
+    assert all(b - a >= 100.0 - 1e-3 for a, b in zip(faults, faults[1:]))  # the trace keeps milliseconds
+
+
+def test_reanalysis_drops_undelivered_faults_and_names_what_dominates(tmp_path):
+    systems = {k: m.summarize(_run(0.0, 5.0, end), 20.0, SLO) for k, end in (("ft", 5.5), ("rr", 15.0))}
+    for result in systems.values():  # as a run stored before the measures changed: a skipped fault kept
+        result["recovery"].append({"t_s": 9.0, "worker": 1, "event": "kill", "latency_s": 0.2,
+                                   "outcome": "skipped: worker 1 has no process"})
+        result.pop("faults_not_delivered")
+    systems["ft"]["system"] = {"recoveries": [{"cause": "failure", "detect_ms": 400, "recover_ms": 300}]}
+    systems["rr"]["system"] = {"restarts": [{"outcome": "healthy", "startup_s": 8.0, "detected_s": 6.0,
+                                             "healthy_s": 15.0}]}
+    report = {"date": "2026-11-30", "config": {"tp": 4, "rate": 1.0, "arrivals": "poisson", "max_new_tokens": 4,
+                                               "window_s": 20.0, "trace_summary": "2 kill", "slo_ttft_s": 2.0,
+                                               "slo_tpot_s": 0.5},
+              "trace": {"events": [{"t_s": 5.0, "worker": 1, "event": "kill"},
+                                   {"t_s": 9.0, "worker": 1, "event": "kill"}]}, "systems": systems}
+    stored = tmp_path / "in.json"
+    stored.write_text(json.dumps(report))
+    out = under_faults.reanalyse(stored, tmp_path / "out")
+    assert out["systems"]["ft"]["mean_recovery"]["s"] == 0.5 and out["systems"]["rr"]["mean_recovery"]["s"] == 10.0
+    assert out["ratios"]["recovery_rr_over_ft"] == 20.0
+    assert out["reanalysed"]["of_run_dated"] == "2026-11-30"
+    text = m.table(out)
+    assert "faults not delivered (the worker had no process), not counted as recoveries: sglang-ft 1, " \
+           "restart-and-reload 1" in text
+    assert "restart-and-reload: 10 s mean recovery, of which SGLang's relaunch 8 s mean" in text
+    assert "detection 400 ms and the in-place regroup 300 ms" in text
+    assert (tmp_path / "out" / "under_faults.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
