@@ -210,7 +210,7 @@ def test_decoder_never_raises_on_garbage(frame):
 
 
 @given(st.integers(0, MAX_WORKERS - 1), st.integers(1, MAX_PID), st.integers(-1, 2**31), st.integers(0, 2**31))
-def test_heartbeats_round_trip(worker, pid, epoch, seq):  # (out of these bounds: tests/test_message_fuzz.py)
+def test_heartbeats_round_trip(worker, pid, epoch, seq):  # (out of these bounds: tests/unit/test_message_fuzz.py)
     message = Heartbeat(worker, pid, epoch, seq)
     assert decode(encode(message)) == message
 
