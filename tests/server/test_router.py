@@ -16,7 +16,7 @@ import requests
 import yaml
 
 from tests.conftest import MAX_NEW_TOKENS, PROMPTS
-from tests.client import generate, wait_for
+from tests.client import generate, start_together, wait_for
 from tests.server.test_ecosystem import kill_worker, wait_for_epoch
 from tests.unit.test_k8s import K8S
 
@@ -30,10 +30,9 @@ def backends(servers, tiny_model):
     from sglang_ft.tools.server_process import ServerProcess
 
     servers.close()  # A is degraded by a fault here: never shared with the pool
-    started = []
+    started = [ServerProcess(tiny_model, tp_size=2, ft=True, extra_args=FT_FLAGS) for _ in range(2)]
     try:
-        for _ in range(2):
-            started.append(ServerProcess(tiny_model, tp_size=2, ft=True, extra_args=FT_FLAGS).start())
+        start_together(started)
         yield started
     finally:
         for server in started:

@@ -1,11 +1,12 @@
-"""With `--ft` at TP 3, where widths are unequal: a Qwen2 config (12 query heads, 4 KV heads: 6+3+3 and 2+1+1)
-equals transformers and each rank reads only its slices of the checkpoint; SGLang's features then work on that
-same server (radix cache, per-worker status, streaming, the OpenAI API); last, a Qwen2-MoE with a shared expert
-equals transformers at TP 3, then at TP 2 and TP 1 after two SIGKILLs.
+"""With `--ft` at TP 3, where widths are unequal: a Qwen2-MoE config (q/k/v biases, 12 query heads, 4 KV heads:
+6+3+3 and 2+1+1, the experts' 160 columns 54+53+53, a gated shared expert) equals transformers and each rank reads
+only its slices of the checkpoint; SGLang's features then work on that same server (radix cache, per-worker status,
+streaming, the OpenAI API); last, on it still, two SIGKILLs take it to TP 2 and TP 1, equal to transformers at each
+width.
 
-Servers are expensive (about a minute each here), so this module has two: the TP 3 server the matrix ends on and
-the feature tests reuse, and the MoE one. Other widths and models are compared with transformers elsewhere (see
-MATRIX).
+Servers are expensive (about a minute each here), so this module has one, launched with fault injection for the
+last test (the Qwen2 attention and the Qwen2-MoE ladder once had a server each). Other widths and models are
+compared with transformers elsewhere (see MATRIX).
 """
 
 import json
@@ -17,22 +18,23 @@ from tests.conftest import MAX_NEW_TOKENS, PROMPTS
 
 pytestmark = pytest.mark.server
 
-# An unequal split at TP 3 for a Qwen2 config of 12 heads and 4 KV heads (q/k/v biases), whose server the feature
-# tests then reuse. A Mistral config is compared with transformers at TP 2 (and TP 1 after a failure) on
+# An unequal split at TP 3 for a Qwen2-MoE config of 12 heads and 4 KV heads (q/k/v biases), whose server the
+# feature tests then reuse. A Mistral config is compared with transformers at TP 2 (and TP 1 after a failure) on
 # test_ft_endpoints's data-parallel server, the default Llama at TP 4 by the failover, ecosystem and demo tests, at
 # TP 3 by the failover tests (contiguous) and test_hybrid_attention (hybrid), at TP 2 after the hybrid and cyclic
 # tests' second failures, the MoE down to TP 1 by the last failover test.
-MATRIX = [("qwen2-12h", 3)]
+MATRIX = [("qwen2-moe-12h", 3)]
+TP3_FLAGS = ("--ft-enable-fault-injection",)  # for the last test's SIGKILLs
 
 
 @pytest.fixture
-def models(tiny_model, tiny_qwen2_12h):
-    return {"8h": tiny_model, "qwen2-12h": tiny_qwen2_12h}
+def models(tiny_model, tiny_qwen2_moe_12h):
+    return {"8h": tiny_model, "qwen2-moe-12h": tiny_qwen2_moe_12h}
 
 
 @pytest.mark.parametrize("model, tp", MATRIX, ids=[f"{m}-tp{t}" for m, t in MATRIX])
 def test_greedy_equals_transformers_and_ranks_read_only_their_slices(servers, models, hf_outputs, model, tp):
-    server = servers.get(models[model], tp, True)
+    server = servers.get(models[model], tp, True, *TP3_FLAGS)
     assert "sglang-ft: TP rank" in server.log_text()  # served by the elastic model
     outputs = generate_concurrently(server.url, PROMPTS, MAX_NEW_TOKENS)
     assert [o["output_ids"] for o in outputs] == hf_outputs(models[model])
@@ -41,8 +43,8 @@ def test_greedy_equals_transformers_and_ranks_read_only_their_slices(servers, mo
 
 
 @pytest.fixture
-def tp3(servers, tiny_qwen2_12h):
-    return servers.get(tiny_qwen2_12h, 3, True)
+def tp3(servers, tiny_qwen2_moe_12h):
+    return servers.get(tiny_qwen2_moe_12h, 3, True, *TP3_FLAGS)
 
 
 def test_radix_prefix_cache_hits_and_keeps_output(tp3):
@@ -81,7 +83,7 @@ def test_status_shows_each_workers_unequal_share_and_its_load(tp3):
     assert all(0 < x["last_step_collective_ms"] < x["last_step_ms"] for x in settled)  # gloo: blocking, timed
 
 
-def test_streaming_yields_the_same_tokens(tp3, hf_outputs, tiny_qwen2_12h):
+def test_streaming_yields_the_same_tokens(tp3, hf_outputs, tiny_qwen2_moe_12h):
     body = {"text": PROMPTS[0], "sampling_params": {**GREEDY, "max_new_tokens": MAX_NEW_TOKENS}, "stream": True}
     chunks = []
     with requests.post(f"{tp3.url}/generate", json=body, stream=True, timeout=300) as response:
@@ -92,7 +94,7 @@ def test_streaming_yields_the_same_tokens(tp3, hf_outputs, tiny_qwen2_12h):
     assert len(chunks) > 1
     ids = [c["output_ids"] for c in chunks]  # each chunk carries every token so far
     assert all(later[: len(earlier)] == earlier and len(later) > len(earlier) for earlier, later in zip(ids, ids[1:]))
-    assert ids[-1] == hf_outputs(tiny_qwen2_12h)[0]
+    assert ids[-1] == hf_outputs(tiny_qwen2_moe_12h)[0]
 
 
 def test_openai_completions_and_chat(tp3):
@@ -116,17 +118,13 @@ def test_openai_completions_and_chat(tp3):
     assert streamed == chat.choices[0].message.content
 
 
-def test_qwen2_moe_with_a_shared_expert_equals_transformers_from_tp3_down_to_tp1(servers, tmp_path_factory,
+def test_qwen2_moe_with_a_shared_expert_equals_transformers_from_tp3_down_to_tp1(servers, tp3, tiny_qwen2_moe_12h,
                                                                                  hf_outputs):
-    """A Qwen2-MoE-style model (q/k/v biases, 4 routed experts, a gated shared expert twice as wide) launched at TP 3
-    with unequal widths (the experts' 160 columns as 54+53+53, 4 KV heads as 2+1+1), then at TP 2 and 1 after
-    SIGKILLs, its experts' columns regrouped each time. The radix cache is flushed at each width so every prompt is
-    computed at that width."""
-    from sglang_ft.tools import make_tiny_model
-
-    model = str(tmp_path_factory.mktemp("tiny-qwen2-moe"))
-    make_tiny_model.main([model, "--moe", "--architecture", "qwen2", "--seed", "4"])
-    server = servers.get(model, 3, True, "--ft-enable-fault-injection")
+    """Last on the module's server: the Qwen2-MoE model (q/k/v biases, 4 routed experts, a gated shared expert twice
+    as wide) launched at TP 3 with unequal widths (the experts' 160 columns as 54+53+53, 4 KV heads as 2+1+1), then
+    at TP 2 and 1 after SIGKILLs, its experts' columns regrouped each time. The radix cache is flushed at each width
+    so every prompt is computed at that width."""
+    server, model = tp3, tiny_qwen2_moe_12h
     status = lambda: requests.get(f"{server.url}/ft/status", timeout=30).json()  # noqa: E731
     try:
         for tp in (3, 2, 1):
