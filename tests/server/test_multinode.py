@@ -121,7 +121,7 @@ def test_a_whole_node_killed_mid_decode_loses_nothing_and_its_kv_comes_from_the_
         procs = launch(nodes, tiny_model, tmp_path)
         url = f"http://{nodes.nodes[0].address}:{PORT}"
         try:
-            wait_for(lambda: healthy(url, procs), timeout_s=300, poll_s=2, what="the two-node server")
+            wait_for(lambda: healthy(url, procs), timeout_s=300, poll_s=0.25, what="the two-node server")
             status = status_of(url)
             assert status["tp_size"] == 4 and [w["state"] for w in status["workers"]] == ["healthy"] * 4
             assert refused(url) == (0, 0)  # every node's processes hold the secret
@@ -171,7 +171,7 @@ def test_a_node_cut_off_mid_decode_is_fenced_and_when_its_link_returns_it_change
         procs = launch(nodes, tiny_model, tmp_path, tp_size=2)
         url = f"http://{nodes.nodes[0].address}:{PORT}"
         try:
-            wait_for(lambda: healthy(url, procs), timeout_s=300, poll_s=2, what="the two-node server")
+            wait_for(lambda: healthy(url, procs), timeout_s=300, poll_s=0.25, what="the two-node server")
             cut_off = status_of(url)["workers"][1]["pid"]
             results: list = [None] * len(PROMPTS)
             threads = start_requests(url, results)
