@@ -13,7 +13,7 @@ test: install
 	$(PY) -m pytest -q -ra --durations=15
 
 test-fast: install
-	$(PY) -m pytest -q -ra -m "not server"
+	$(PY) -m pytest -q -ra tests/unit
 
 bench: install
 	$(PY) benchmark/bench_all.py

@@ -40,7 +40,11 @@ from sglang_ft.tools.hf_reference import greedy_token_ids
 from sglang_ft.tools.load import Load
 from sglang_ft.tools.server_process import ServerProcess
 
-from chaos import PROMPTS  # the soak's prompts: greedy outputs of clear winners on the tiny model
+if __package__ in (None, ""):  # run as `python benchmark/x.py`: import `benchmark.*` from the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+# the soak's prompts: greedy outputs of clear winners on the tiny model
+from benchmark.chaos import PROMPTS  # noqa: E402
 
 gone = ProcessWatch().gone
 

@@ -36,6 +36,7 @@ import datetime as dt
 import json
 import os
 import platform
+import sys
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -43,14 +44,19 @@ from pathlib import Path
 
 import psutil
 import requests
-from failover import BENCH_MODEL_FLAGS, PROMPTS
-from replay import format_record, replay, scheduler_pid_of
-from under_faults_measures import FAULTS, SYSTEMS, delivered, mean_recovery, plot, ratios, summarize, table
 
 from ft.fault_trace import FaultTrace, dumps_trace, generate, load_trace, validate
 from sglang_ft.tools import make_tiny_model
 from sglang_ft.tools.load import OpenLoad, arrival_times, scheduler_pid
 from sglang_ft.tools.server_process import ServerProcess
+
+if __package__ in (None, ""):  # run as `python benchmark/x.py`: import `benchmark.*` from the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmark.failover import BENCH_MODEL_FLAGS, PROMPTS  # noqa: E402
+from benchmark.replay import format_record, replay, scheduler_pid_of  # noqa: E402
+from benchmark.under_faults_measures import (FAULTS, SYSTEMS, delivered, mean_recovery, plot, ratios,  # noqa: E402
+                                             summarize, table)
 
 # quick: a kill at 10 s and its rejoin 20 s later in 45 s (seed 37 of the generator with these parameters; short
 # enough for `make bench`, long enough for restart-and-reload to come back in the drain); full: 3 min, 3 kills (rank

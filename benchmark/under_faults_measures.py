@@ -1,5 +1,5 @@
 """What `benchmark/under_faults.py` reports, computed from a run's records: no server here, so it is unit-tested
-(tests/test_under_faults.py). Percentiles, goodput under an SLO, recovery latency per fault, the phases a request
+(tests/unit/test_under_faults.py). Percentiles, goodput under an SLO, recovery latency per fault, the phases a request
 falls in (before the first fault, a recovery window, after), the ratios with their targets, the markdown table and
 the throughput plot.
 

@@ -102,3 +102,17 @@ def wait_for(predicate, timeout_s: float = 60.0, what: str = "condition", poll_s
             return value
         time.sleep(poll_s)
     raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}")
+
+
+def start_together(servers) -> None:
+    """Start several ServerProcesses at once: a launch is mostly single-process imports (the launcher's, then each
+    scheduler's), so two overlap on this machine's cores instead of queueing. If one fails, all are stopped."""
+    with ThreadPoolExecutor(max_workers=len(servers)) as pool:
+        futures = [pool.submit(server.start) for server in servers]
+    try:
+        for future in futures:
+            future.result()
+    except BaseException:
+        for server in servers:
+            server.stop()
+        raise

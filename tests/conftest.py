@@ -43,10 +43,11 @@ def tiny_model(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
-def tiny_qwen2_12h(tmp_path_factory) -> str:
-    """A Qwen2 config (q/k/v biases) with 12 attention heads, 4 KV heads."""
-    return _make(tmp_path_factory, "tiny-qwen2-12h", "--architecture", "qwen2", "--hidden-size", "96",
-                 "--num-attention-heads", "12", "--seed", "2")
+def tiny_qwen2_moe_12h(tmp_path_factory) -> str:
+    """A Qwen2-MoE config (q/k/v biases, 4 routed experts of 160 columns, top 2, a gated shared expert twice as
+    wide) with 12 attention heads, 4 KV heads."""
+    return _make(tmp_path_factory, "tiny-qwen2-moe-12h", "--moe", "--architecture", "qwen2", "--hidden-size", "96",
+                 "--num-attention-heads", "12", "--seed", "4")
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,1 @@
+"""Tests against real SGLang servers, launched as users launch them (marked `server`)."""

@@ -1,0 +1,1 @@
+"""Tests that need no SGLang server (`make test-fast`)."""
