@@ -20,7 +20,7 @@ from ft.membership import Membership, WorkerState
 from ft.messages import Heartbeat, WorkerLoad
 from sglang_ft import ctl
 from sglang_ft.entrypoints.ft_runtime import InjectFaultRequest, WorkerRequest
-from sglang_ft.managers.ft_controller import ControllerState
+from ft.controller import ControllerState
 
 KEY = "sk-ctl-test"
 

@@ -8,7 +8,7 @@ import time
 
 import msgspec
 import pytest
-from sglang_ft.managers.ft_controller import FtController
+from ft.controller import FtController
 
 from ft.messages import ControlRequest, Heartbeat
 
@@ -356,7 +356,7 @@ def test_the_controller_process_cleans_up_its_runtime_dir_when_terminated(tmp_pa
     runtime = tmp_path / "runtime"
     runtime.mkdir()
     ft = FtArgs(enabled=True, kv_backup=False, runtime_dir=str(runtime))
-    proc = subprocess.Popen([sys.executable, "-m", "sglang_ft.managers.ft_controller", "2", str(os.getpid()),
+    proc = subprocess.Popen([sys.executable, "-m", "ft.controller", "2", str(os.getpid()),
                              tiny_model], env=dict(os.environ, SGLANG_FT_CONTROLLER_ARGS=ft.to_env()))
     try:
         from sglang_ft.entrypoints.ft_runtime import ask_controller

@@ -12,7 +12,7 @@ import msgspec
 import numpy as np
 import pytest
 import zmq
-from sglang_ft.managers.ft_controller import FtController
+from ft.controller import FtController
 
 import hostile_messages as hostile
 from ft.kv_backup import KvBackupSender, fetch_kv, slots_of_requests, store_stats

@@ -13,7 +13,7 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sglang_ft.entrypoints import worker_spawner
-from sglang_ft.managers.ft_controller import FtController
+from ft.controller import FtController
 from sglang_ft.managers.ft_worker import OrderListener
 from sglang_ft.managers.request_journal import ReplicaOrders, RequestJournal
 

@@ -23,7 +23,7 @@ from ft.failure_detector import FailureDetector
 from ft.fault_trace import FaultEvent, FaultTrace, TraceHeader, dumps_trace
 from ft.membership import Membership
 from sglang_ft.entrypoints.ft_runtime import WorkerRequest
-from sglang_ft.managers.ft_controller import ControllerState
+from ft.controller import ControllerState
 
 PATH = Path(__file__).resolve().parent.parent / "benchmark" / "replay.py"
 spec = importlib.util.spec_from_file_location("replay", PATH)

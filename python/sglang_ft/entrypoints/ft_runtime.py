@@ -65,7 +65,7 @@ def start_ft_runtime(tp_size: int, model_path: str, app: FastAPI,
     ft = dataclasses.replace(ft_args(), runtime_dir=tempfile.mkdtemp(prefix="sglang-ft-"))
     publish(ft)
     if enable_metrics:  # before the spawn: the controller inherits it and writes its metrics there
-        from sglang_ft.managers.ft_metrics import prepare_multiproc_dir
+        from ft.metrics import prepare_multiproc_dir
 
         prepare_multiproc_dir(ft.runtime_dir)
     replicas = [ft.for_replica(k) for k in range(ft.dp_size)]
@@ -75,7 +75,7 @@ def start_ft_runtime(tp_size: int, model_path: str, app: FastAPI,
         # A plain child process, not multiprocessing's spawn: spawn would re-import `sglang.launch_server` (the
         # launcher's __main__, seconds of CPU) in a process that needs only zmq and msgspec.
         processes.append(subprocess.Popen(
-            [sys.executable, "-m", "sglang_ft.managers.ft_controller", str(tp_size), str(os.getpid()), model_path],
+            [sys.executable, "-m", "ft.controller", str(tp_size), str(os.getpid()), model_path],
             env=dict(os.environ, SGLANG_FT_CONTROLLER_ARGS=replica.to_env())))
         logger.info("sglang-ft: controller pid %d, runtime dir %s", processes[-1].pid, replica.runtime_dir)
     add_ft_routes(app, ft)

@@ -5,7 +5,7 @@ when a peer is blocked on a silent one) or at once when a worker's process exits
 epoch, orders regroups, asks the launcher to
 restart dead workers (`--ft-respawn`, or an operator's rejoin) and plans them back in once they beat as joining,
 and serves status, fault injection and rejoin to the HTTP server over a REP socket; under `--enable-metrics` its
-state also shows on SGLang's `/metrics` (`ft_metrics.py`). It exits when the launcher does.
+state also shows on SGLang's `/metrics` (`metrics.py`). It exits when the launcher does.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from ft.ports import free_port
 from ft.respawn import Respawner, RespawnPolicy
 from ft.sockets import bind_socket, process_keys, refused_connections, use_secret_file
 from ft.wire import Dropped
-from sglang_ft.managers.ft_metrics import ft_metrics
+from ft.metrics import ft_metrics
 
 logger = logging.getLogger("sglang_ft.controller")
 # kill_unsent: the worker SIGKILLs itself after its next step, before that step's output leaves (a rank 0's
@@ -524,7 +524,7 @@ def model_shape_from_dir(model_path: str) -> ModelShape:
 
 
 def run_ft_controller(ft_env: str, tp_size: int, parent_pid: int, model_path: str) -> None:
-    """Process entry point (started by the launcher: `python -m sglang_ft.managers.ft_controller`)."""
+    """Process entry point (started by the launcher: `python -m ft.controller`)."""
     from sglang_ft.server_args import FtArgs
 
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s FT] %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
@@ -538,7 +538,7 @@ def run_ft_controller(ft_env: str, tp_size: int, parent_pid: int, model_path: st
                               RespawnPolicy(automatic=ft.respawn, delay_s=ft.respawn_delay_s),
                               range(tp_size // ft.nnodes), dp_rank=ft.dp_rank)
     if ft.kv_backup:
-        from sglang_ft.managers.kv_store_keeper import KvStoreKeeper
+        from ft.kv_store_keeper import KvStoreKeeper
 
         controller.state.kv_backup = KvStoreKeeper(ft.kv_backup_endpoint, ft.kv_fetch_endpoint, ft.respawn,
                                                    ft.secret_file)
