@@ -8,8 +8,8 @@ import time
 
 import msgspec
 import pytest
-from ft.controller import FtController
 
+from ft.controller import FtController
 from ft.messages import ControlRequest, Heartbeat
 
 

@@ -19,11 +19,11 @@ from fake_http import serving
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from ft.controller import ControllerState
 from ft.failure_detector import FailureDetector
 from ft.fault_trace import FaultEvent, FaultTrace, TraceHeader, dumps_trace
 from ft.membership import Membership
 from sglang_ft.entrypoints.ft_runtime import WorkerRequest
-from ft.controller import ControllerState
 
 PATH = Path(__file__).resolve().parent.parent / "benchmark" / "replay.py"
 spec = importlib.util.spec_from_file_location("replay", PATH)
