@@ -1,4 +1,4 @@
-"""The FT controller's Prometheus metrics (`ft_metrics.py`), without a server.
+"""The FT controller's Prometheus metrics (`ft/metrics.py`), without a server.
 
 A real FtController runs in a child process with PROMETHEUS_MULTIPROC_DIR set, as under SGLang's `--enable-metrics`
 (prometheus_client picks multiprocess mode at import); this process reads the values back the way SGLang's
