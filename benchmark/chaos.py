@@ -51,6 +51,7 @@ from pathlib import Path
 import requests
 
 from ft.process_watch import ProcessWatch
+from ft.remainder_routing import POLICIES
 from sglang_ft.server_args import FtArgs
 from sglang_ft.tools import make_tiny_model
 from sglang_ft.tools.hf_reference import greedy_token_ids
@@ -395,7 +396,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--attention", choices=("tp", "hybrid"), default="tp", help="the server's --ft-attention")
     parser.add_argument("--kv-placement", choices=("contiguous", "cyclic"), default="contiguous",
                         help="the server's --ft-kv-placement")
-    parser.add_argument("--routing", choices=("round_robin", "load", "prefix_load"), default="prefix_load",
+    parser.add_argument("--routing", choices=POLICIES, default="prefix_load",
                         help="the server's --ft-routing (with --attention hybrid)")
     parser.add_argument("--hung-after-s", type=float, default=120.0, help="a request taking longer counts as hung")
     parser.add_argument("--rejoin-timeout-s", type=float, default=300.0,

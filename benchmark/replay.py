@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sys
 import threading
 import time
@@ -34,10 +33,11 @@ from typing import Callable
 
 import psutil
 from ft.fault_trace import FaultTrace, TraceError, load_trace
+from ft.faults import FAULT_SIGNALS, PROCESS_FAULTS
 from sglang_ft.ctl import CtlError, FtClient
 from sglang_ft.tools.load import scheduler_pid
 
-SIGNALS = {"kill": signal.SIGKILL, "hang": signal.SIGSTOP, "resume": signal.SIGCONT}
+SIGNALS = {kind: FAULT_SIGNALS[kind] for kind in PROCESS_FAULTS}
 PidOf = Callable[[int], "int | None"]
 
 

@@ -70,9 +70,11 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ft.faults import PROCESS_FAULTS
+
 FORMAT = "sglang-ft-fault-trace"
 VERSION = 1
-EVENTS = ("kill", "hang", "resume", "rejoin")
+EVENTS = (*PROCESS_FAULTS, "rejoin")
 # event -> (states it may be applied in, state it leaves the worker in)
 TRANSITIONS = {
     "kill": (("alive", "hung"), "dead"),

@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.model:
         make_tiny_model.main([model])
     expected = greedy_token_ids(model, PROMPTS, NEW_TOKENS)
-    for kind in ("kill", "hang"):  # SIGKILL, then SIGSTOP (ft_controller.FAULT_SIGNALS), each on a fresh server
+    for kind in ("kill", "hang"):  # SIGKILL, then SIGSTOP (ft/faults.py), each on a fresh server
         check(model, tp, kind, expected)
     return 0
 

@@ -20,6 +20,8 @@ from rich.table import Table
 from rich.text import Text
 from tqdm import tqdm
 
+from ft.faults import FAULT_HELP, FAULT_KINDS
+
 DEFAULT_URL = "http://127.0.0.1:30000"
 EXIT_REFUSED = 1
 EXIT_UNREACHABLE = 2
@@ -272,11 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     inject = sub.add_parser("inject", parents=[common], help="fault the worker at a TP rank (POST /ft/inject_fault)")
     inject.add_argument("--rank", type=int, required=True, help="current TP rank of the worker")
-    inject.add_argument("--kind", required=True,
-                        choices=["kill", "hang", "resume", "kill_unsent", "fail_step", "kill_uncopied"],
-                        help="SIGKILL, SIGSTOP or SIGCONT; kill_unsent: SIGKILL after its next step, before that "
-                             "step's output is sent; fail_step: its next step fails there alone, after the forward; "
-                             "kill_uncopied: SIGKILL after its next step's forward, before its KV is backed up")
+    inject.add_argument("--kind", required=True, choices=FAULT_KINDS, help=FAULT_HELP)
     inject.add_argument("--dp-rank", type=int, default=0, help="its data-parallel replica (with --dp-size)")
     inject.set_defaults(run=cmd_inject)
 

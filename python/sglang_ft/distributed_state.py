@@ -6,8 +6,8 @@ decided once per process and never recomputed ad hoc in layers.
 
 from __future__ import annotations
 
+from ft.model_config import model_shape_of
 from ft.partition import RankShard, TPLayout
-from sglang_ft.launch_checks import model_shape_of
 
 _layout: TPLayout | None = None
 _layout_rank: int | None = None  # this process's shard in the layout, where it differs from its TP rank

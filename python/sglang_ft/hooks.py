@@ -92,28 +92,22 @@ def after_scheduler_init(_result, scheduler, server_args, port_args, *args, **kw
     parallel = get_parallel()
     joiner = joiner_identity()
     if joiner is None:
-        worker = FtWorker(scheduler, ft, parallel.tp_rank, port_args)
-        worker.group = tuple(range(parallel.tp_size))
+        worker = FtWorker(scheduler, ft, parallel.tp_rank, port_args, group=tuple(range(parallel.tp_size)),
+                          dp_rank=parallel.dp_rank or 0, kv_slots=scheduler.token_to_kv_pool_allocator.size)
     else:  # a restarted worker: alone until the controller plans it back in (managers/joiner.py)
-        worker = FtWorker(scheduler, ft, joiner.worker, port_args, joining=True)
+        worker = FtWorker(scheduler, ft, joiner.worker, port_args, joining=True, dp_rank=parallel.dp_rank or 0,
+                          kv_slots=scheduler.token_to_kv_pool_allocator.size)
         allocator_slots = scheduler.token_to_kv_pool_allocator.size
         if allocator_slots != joiner.kv_slots:
             raise RuntimeError(f"sglang-ft: restarted worker {joiner.worker} has {allocator_slots} KV slots, the "
                                f"group has {joiner.kv_slots}")
-    worker.dp_rank = parallel.dp_rank or 0
-    worker.heartbeat.kv_slots = scheduler.token_to_kv_pool_allocator.size
     if ft.kv_backup:
         worker.start_kv_backup(scheduler.tp_worker.model_runner, scheduler.token_to_kv_pool_allocator)
     install_worker(worker)
     from sglang_ft.managers import remainder_owners
 
     remainder_owners.install(scheduler, ft, worker.kv_stream)
-    # the "kill_unsent" fault (ft_controller.FAULT_SIGNALS) arms a death right before this worker's next send,
-    # "fail_step" a failure of its next step right after the forward, "kill_uncopied" a death right after its
-    # next step's forward, before that step's KV is copied for the backup store
-    signal.signal(signal.SIGUSR1, lambda *_: setattr(worker, "die_before_next_send", True))
-    signal.signal(signal.SIGUSR2, lambda *_: setattr(worker, "fail_next_step", True))
-    signal.signal(signal.SIGURG, lambda *_: setattr(worker, "die_before_next_copy", True))
+    worker.arm_faults_on_signals()  # kill_unsent, fail_step, kill_uncopied (ft/faults.py)
     # From now on a collective stuck on a dead or hung peer fails after the FT timeout, so survivors regroup.
     set_collective_timeout(ft.collective_timeout_s)
 
@@ -150,18 +144,17 @@ def around_run_batch(original, scheduler, batch, *args, **kwargs):
 
     COLLECTIVES.reset()
     worker = current_worker()
-    if worker is not None and worker.heartbeat.step_started is None:  # work that arrived in this iteration
-        worker.heartbeat.step_started = time.monotonic()
+    if worker is not None:  # work that arrived in this iteration
+        worker.batch_started()
     started = time.perf_counter()
     try:
         result = original(scheduler, batch, *args, **kwargs)
     except Exception:
         if worker is not None:
-            worker.failed_batch = batch
+            worker.step_failed(batch)
         raise
     if worker is not None:
         worker.record_step(time.perf_counter() - started, None if _on_cuda(scheduler) else COLLECTIVES.seconds)
-        worker.heartbeat.serving = True  # past startup: judged by the heartbeat timeout from now on
         if worker.kv_stream is not None:
             if worker.die_before_next_copy:
                 logger.warning("sglang-ft: worker %d dies after a step, before backing up its KV (injected fault)",
@@ -172,8 +165,7 @@ def around_run_batch(original, scheduler, batch, *args, **kwargs):
             worker.kv_stream.after_step(batch, active())
         if worker.maps_requests:  # under --dp-size, TP rank 0 maps requests to slots for the store
             worker.kv_stream.map_requests(batch)
-        if worker.fail_next_step:
-            worker.fail_next_step, worker.failed_batch = False, batch
+        if worker.injected_step_failure(batch):
             raise InjectedStepFailure("the step's last collective timed out on this worker alone (injected fault)")
     return result
 
@@ -245,7 +237,7 @@ def around_pull_raw_reqs(original, receiver, *args, **kwargs):
 
     if worker.counts_wait is not None:
         reqs = worker.counts_wait.pull_until_counted(pull)
-        worker.counts_wait = None
+        worker.counts_awaited()
     else:  # counts that come when none is awaited are stale: rewinding to them would duplicate output
         reqs = pull()
         reqs = split_received_tokens(reqs)[1] if reqs else reqs
@@ -270,7 +262,7 @@ def before_process_input_requests(scheduler, recv_reqs, *args, **kwargs):
     for message in counts:
         apply_received_tokens(scheduler, worker.finished, message)
     resumes, recv_reqs = split_resume_tokens(recv_reqs)
-    worker.resumes.update((m.rid, m) for m in resumes)
+    worker.add_resumes(resumes)
     fresh = worker.ledger.unseen(recv_reqs, held=held_rids(scheduler))
     worker.ledger.record_processed(fresh)
     return (scheduler, fresh, *args), kwargs

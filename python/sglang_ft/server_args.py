@@ -13,6 +13,8 @@ import os
 import sys
 from functools import lru_cache
 
+from ft.options import AgentOptions, ControllerOptions
+from ft.remainder_routing import POLICIES
 from ft.sockets import read_secret, use_secret_file
 
 FT_ENV = "SGLANG_FT_ARGS"
@@ -142,6 +144,22 @@ class FtArgs:
         """Layouts keep H // W KV heads per worker by TP and serve the H % W remainder heads apart."""
         return self.attention == "hybrid" or self.kv_placement == "cyclic"
 
+    def controller_options(self, tp_size: int, model_path: str) -> ControllerOptions:
+        """What this group's FT controller is started with (ft/options.py)."""
+        return ControllerOptions(
+            tp_size=tp_size, model_path=model_path, heartbeat_endpoint=self.heartbeat_endpoint,
+            control_endpoint=self.control_endpoint, order_endpoint=self.order_endpoint,
+            heartbeat_interval_s=self.heartbeat_interval_ms / 1e3, heartbeat_timeout_s=self.heartbeat_timeout_ms / 1e3,
+            runtime_dir=self.runtime_dir, enable_fault_injection=self.enable_fault_injection,
+            hybrid=self.splits_remainder, respawn=self.respawn, respawn_delay_s=self.respawn_delay_s,
+            nnodes=self.nnodes, dp_rank=self.dp_rank, kv_backup=self.kv_backup,
+            kv_backup_endpoint=self.kv_backup_endpoint, kv_fetch_endpoint=self.kv_fetch_endpoint,
+            secret_file=self.secret_file)
+
+    def agent_options(self, worker: int) -> AgentOptions:
+        """What worker `worker`'s FT agent (ft/agent.py) is started with."""
+        return AgentOptions(worker, self.heartbeat_endpoint, self.order_endpoint, self.heartbeat_interval_ms / 1e3)
+
     def to_env(self) -> str:
         return json.dumps(dataclasses.asdict(self))
 
@@ -252,7 +270,7 @@ def add_ft_cli_args(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--ft-routing",
-        choices=("round_robin", "load", "prefix_load"),
+        choices=POLICIES,
         default=FtArgs.routing,
         help="With --ft-attention hybrid, which worker owns a request's remainder heads; with --dp-size, which "
         "replica serves a request: in turn; the one with the fewest outstanding tokens; or the one holding its "

@@ -204,7 +204,7 @@ def test_sigkill_of_the_servers_main_process_leaves_no_orphan(server):
     family = launcher.children(recursive=True)
     family = [p for p in family if p.status() != psutil.STATUS_ZOMBIE]  # workers killed by the tests above
     names = " ".join(p.name() + " " + " ".join(p.cmdline()[:4]) for p in family)
-    assert "ft_controller" in names and "kv_store" in names and names.count("scheduler") >= 2, names
+    assert "ft.controller" in names and "kv_store" in names and names.count("scheduler") >= 2, names
     os.kill(launcher.pid, signal.SIGKILL)
     alive = still_running(family, timeout_s=30)
     assert not alive, [(p.pid, p.name()) for p in alive]

@@ -100,9 +100,9 @@ def moe_reference(tiny_moe_model):
 
 def planned_expert_bytes(model_path: str, dead: int) -> int:
     """Bytes of MLP-column (expert) moves the planner orders for TP 4 -> 3 when worker `dead` dies."""
-    from sglang_ft.launch_checks import model_shape_of
     from transformers import AutoConfig
 
+    from ft.model_config import model_shape_of
     from ft.partition import TPLayout
     from ft.planner import plan_migration
 

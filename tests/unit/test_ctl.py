@@ -15,12 +15,12 @@ from tests.fake_http import serving
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from ft.controller import ControllerState
 from ft.failure_detector import FailureDetector
 from ft.membership import Membership, WorkerState
 from ft.messages import Heartbeat, WorkerLoad
 from sglang_ft import ctl
 from sglang_ft.entrypoints.ft_runtime import InjectFaultRequest, WorkerRequest
-from sglang_ft.managers.ft_controller import ControllerState
 
 KEY = "sk-ctl-test"
 

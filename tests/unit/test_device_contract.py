@@ -67,8 +67,8 @@ def elastic(tiny_model, monkeypatch):
     """(config, shape, build(layout, rank) -> an elastic model on the meta device)."""
     from transformers import AutoConfig
 
+    from ft.model_config import model_shape_of
     from sglang_ft.distributed_state import install_layout
-    from sglang_ft.launch_checks import model_shape_of
     from sglang_ft.models import elastic_llama
 
     # the logits processor holds no weights and reads SGLang's parallel context, absent here

@@ -10,9 +10,9 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sglang_ft.launch_checks import model_shape_of
 from sglang_ft.tools import make_tiny_model
 
+from ft.model_config import model_shape_of
 from ft.partition import ModelShape, TPLayout
 from ft.planner import bytes_per_unit, plan_migration
 

@@ -8,8 +8,8 @@ import time
 
 import msgspec
 import pytest
-from sglang_ft.managers.ft_controller import FtController
 
+from ft.controller import FtController
 from ft.messages import ControlRequest, Heartbeat
 
 
@@ -347,17 +347,15 @@ def test_draining_a_worker_regroups_without_it_and_only_a_rejoin_brings_it_back(
 def test_the_controller_process_cleans_up_its_runtime_dir_when_terminated(tmp_path, tiny_model):
     """Started as the launcher starts it; a stopped server (SIGTERM to its group) leaves no sockets behind."""
     import signal
-    import subprocess
-    import sys
 
+    from ft.controller import spawn_controller
     from ft.messages import ControlRequest
     from sglang_ft.server_args import FtArgs
 
     runtime = tmp_path / "runtime"
     runtime.mkdir()
     ft = FtArgs(enabled=True, kv_backup=False, runtime_dir=str(runtime))
-    proc = subprocess.Popen([sys.executable, "-m", "sglang_ft.managers.ft_controller", "2", str(os.getpid()),
-                             tiny_model], env=dict(os.environ, SGLANG_FT_CONTROLLER_ARGS=ft.to_env()))
+    proc = spawn_controller(ft.controller_options(2, tiny_model), os.getpid())
     try:
         from sglang_ft.entrypoints.ft_runtime import ask_controller
 

@@ -1,4 +1,4 @@
-"""The FT controller's Prometheus metrics (`ft_metrics.py`), without a server.
+"""The FT controller's Prometheus metrics (`ft/metrics.py`), without a server.
 
 A real FtController runs in a child process with PROMETHEUS_MULTIPROC_DIR set, as under SGLang's `--enable-metrics`
 (prometheus_client picks multiprocess mode at import); this process reads the values back the way SGLang's
@@ -13,13 +13,13 @@ import time
 import types
 
 import pytest
-from sglang_ft.managers.ft_metrics import MULTIPROC_DIR, cause_kind, prepare_multiproc_dir
+from ft.metrics import MULTIPROC_DIR, cause_kind, prepare_multiproc_dir
 
 
 def drive(sockets: str, dp_rank: int | None = None, fail: bool = True) -> dict:
     """Three workers beat with KV backup counters, worker 1 dies, the survivors regroup, the store goes down (or,
     without `fail`, nothing happens after the first beats)."""
-    from sglang_ft.managers.ft_controller import FtController
+    from ft.controller import FtController
 
     from ft.messages import Heartbeat, RegroupDone, WorkerLoad
     from ft.partition import ModelShape
@@ -173,7 +173,7 @@ def test_cause_kinds_are_few(cause, kind):
 def test_a_workers_kv_bytes_count_its_remainder_rows_under_hybrid_attention():
     """Status and metrics read the same number: TP heads' rows plus the remainder rows the worker owns."""
     from ft.messages import WorkerLoad
-    from sglang_ft.managers.ft_controller import _load_fields
+    from ft.controller import _load_fields
 
     load = WorkerLoad(4, 2, 100, 900, 256, 1, 0, 10, 5.0, remainder_kv_heads=2, remainder_kv_tokens_used=30,
                       remainder_kv_bytes_per_token=256)

@@ -12,9 +12,9 @@ import msgspec
 import numpy as np
 import pytest
 import zmq
-from sglang_ft.managers.ft_controller import FtController
 
 from tests import hostile_messages as hostile
+from ft.controller import FtController
 from ft.kv_backup import KvBackupSender, fetch_kv, slots_of_requests, store_stats
 from ft.messages import Heartbeat, encode
 

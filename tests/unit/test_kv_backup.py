@@ -279,7 +279,7 @@ def test_store_process_loop_applies_streamed_writes_before_answering_a_fetch(tmp
 
 
 def test_keeper_reports_a_dead_store_as_degraded_and_respawns_it_when_asked(tmp_path):
-    from sglang_ft.managers.kv_store_keeper import KvStoreKeeper
+    from ft.kv_store_keeper import KvStoreKeeper
 
     for respawn in (False, True):
         keeper = KvStoreKeeper(f"ipc://{tmp_path}/p{respawn}", f"ipc://{tmp_path}/f{respawn}", respawn)

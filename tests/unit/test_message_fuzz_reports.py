@@ -13,11 +13,11 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sglang_ft.entrypoints import worker_spawner
-from sglang_ft.managers.ft_controller import FtController
-from sglang_ft.managers.ft_worker import OrderListener
 from sglang_ft.managers.request_journal import ReplicaOrders, RequestJournal
 
 from tests import hostile_messages as hostile
+from ft.agent import OrderListener
+from ft.controller import FtController
 from ft.messages import (ControlRequest, GroupLost, Heartbeat, Regroup, RegroupDone, Respawn, WorkerFailed,
                          WorkerLoad, decode_control, decode_order, decode_report, encode)
 from ft.partition import ModelShape, TPLayout

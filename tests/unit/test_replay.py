@@ -18,11 +18,11 @@ from tests.fake_http import serving
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from ft.controller import ControllerState
 from ft.failure_detector import FailureDetector
 from ft.fault_trace import FaultEvent, FaultTrace, TraceHeader, dumps_trace
 from ft.membership import Membership
 from sglang_ft.entrypoints.ft_runtime import WorkerRequest
-from sglang_ft.managers.ft_controller import ControllerState
 
 from benchmark import replay as rp
 

@@ -11,7 +11,6 @@ import dataclasses
 import logging
 import os
 import subprocess
-import sys
 import tempfile
 from typing import Literal
 
@@ -21,6 +20,8 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from ft.controller import spawn_controller
+from ft.faults import FAULT_HELP, FAULT_KINDS
 from ft.messages import ControlRequest, encode_control
 from ft.sockets import connect_socket, process_keys
 from sglang_ft.server_args import FtArgs, ft_args, publish
@@ -35,11 +36,7 @@ class InjectFaultRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     rank: int = Field(ge=0, description="current TP rank of the worker to fault")
     dp_rank: int = Field(0, ge=0, description="the data-parallel replica of the worker (under --dp-size)")
-    kind: Literal["kill", "hang", "resume", "kill_unsent", "fail_step", "kill_uncopied"] = Field(
-        description="SIGKILL, SIGSTOP or SIGCONT; kill_unsent: SIGKILL at the end of its next step, before that "
-                    "step's output is sent; fail_step: its next step fails there alone after the forward (the "
-                    "others finish it), and the group regroups with every worker; kill_uncopied: SIGKILL right "
-                    "after its next step's forward, before that step's KV is backed up")
+    kind: Literal[FAULT_KINDS] = Field(description=FAULT_HELP)
 
 
 class WorkerRequest(BaseModel):
@@ -65,18 +62,14 @@ def start_ft_runtime(tp_size: int, model_path: str, app: FastAPI,
     ft = dataclasses.replace(ft_args(), runtime_dir=tempfile.mkdtemp(prefix="sglang-ft-"))
     publish(ft)
     if enable_metrics:  # before the spawn: the controller inherits it and writes its metrics there
-        from sglang_ft.managers.ft_metrics import prepare_multiproc_dir
+        from ft.metrics import prepare_multiproc_dir
 
         prepare_multiproc_dir(ft.runtime_dir)
     replicas = [ft.for_replica(k) for k in range(ft.dp_size)]
     processes = []
     for replica in replicas:
         os.makedirs(replica.runtime_dir, exist_ok=True)
-        # A plain child process, not multiprocessing's spawn: spawn would re-import `sglang.launch_server` (the
-        # launcher's __main__, seconds of CPU) in a process that needs only zmq and msgspec.
-        processes.append(subprocess.Popen(
-            [sys.executable, "-m", "sglang_ft.managers.ft_controller", str(tp_size), str(os.getpid()), model_path],
-            env=dict(os.environ, SGLANG_FT_CONTROLLER_ARGS=replica.to_env())))
+        processes.append(spawn_controller(replica.controller_options(tp_size, model_path), os.getpid()))
         logger.info("sglang-ft: controller pid %d, runtime dir %s", processes[-1].pid, replica.runtime_dir)
     add_ft_routes(app, ft)
     from sglang_ft.entrypoints.overload import RetryAfterOn503

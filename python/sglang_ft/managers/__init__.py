@@ -1,1 +1,2 @@
-"""Processes sglang-ft runs beside SGLang's own managers: the FT controller."""
+"""sglang-ft in SGLang's manager processes: the scheduler's FT worker and regroup, the tokenizer manager's
+request journal, the DP controller's outbox."""

@@ -74,6 +74,6 @@ def install_provisional_layout(model_path: str, launch_tp_size: int, worker: int
     """Until the regroup, this process holds the launch layout's shard of `worker` (its memory footprint)."""
     from ft.partition import TPLayout
     from sglang_ft.distributed_state import install_layout
-    from sglang_ft.managers.ft_controller import model_shape_from_dir
+    from ft.model_config import model_shape_from_dir
 
     install_layout(TPLayout.even(model_shape_from_dir(model_path), launch_tp_size), rank=worker)

@@ -126,7 +126,7 @@ def await_output_counts(ft_worker, epoch: int) -> None:
     if ft_worker.counts_wait is None and may_hold_undelivered_output(ft_worker.scheduler, ft_worker.finished):
         # the other ranks wait in the request broadcast meanwhile: stay well inside its timeout
         bound = min(REQUEST_BROADCAST_TIMEOUT_S, ft_worker.ft.collective_timeout_s) / 2
-        ft_worker.counts_wait = ReceivedTokensWait(epoch, min(MAX_WAIT_S, bound))
+        ft_worker.expect_output_counts(ReceivedTokensWait(epoch, min(MAX_WAIT_S, bound)))
 
 
 def take_over_load_snapshots(scheduler, port_args) -> None:
@@ -187,9 +187,8 @@ def regroup_in_place(ft_worker, order: Regroup) -> RegroupDone:
                        joining=me in order.joining)
     parked, kv_tokens, recomputed = park_every_request(scheduler, ft_worker.failed_batch, cpu_group,
                                                        joining=me in order.joining)
-    ft_worker.failed_batch = None
-    kv_was_intact = ft_worker.kv_intact
-    ft_worker.kv_intact = False  # until the pool holds every cached slot's KV for the new heads again
+    ft_worker.forget_failed_batch()
+    kv_was_intact = ft_worker.start_kv_rebuild()  # not intact until the pool holds every cached slot's new heads
     clock.done("park_requests", f"({parked} requests, {kv_tokens} KV tokens kept in the radix cache)")
     if order.joining:
         synced = sync_scheduler_state(scheduler, ft_worker, scheduler.tp_cpu_group, receive=me in order.joining)
@@ -203,9 +202,8 @@ def regroup_in_place(ft_worker, order: Regroup) -> RegroupDone:
                     replicated_from=0 if order.joining else None, group=device_group)
     runner.model = new_model  # complete: every slice arrived, whatever happens to the rest of the regroup
     placement = remainder_owners.install(scheduler, ft_worker.ft, ft_worker.kv_stream)  # hybrid attention only
-    ft_worker.holds_weights = True
-    ft_worker.group = tuple(order.workers)  # what this worker holds now matches the new group, even if a later
-    del old_model                           # stage fails and another regroup follows
+    ft_worker.holds_group(order.workers)  # what this worker holds now matches the new group, even if a later
+    del old_model                         # stage fails and another regroup follows
     clock.done("reshard_weights", f"(kept {stats.bytes_kept} B, peers {stats.bytes_p2p_in} B, "
                                   f"disk {stats.bytes_reloaded} B)")
 
@@ -234,7 +232,7 @@ def regroup_in_place(ft_worker, order: Regroup) -> RegroupDone:
         missing = bool(lacking.any())
         if missing:
             recomputed += keep_held_prefixes(scheduler, lacking, ft_worker.kv_stream, placement)
-    ft_worker.kv_intact = True
+    ft_worker.kv_rebuilt()
     clock.done("restore_kv", f"({new_heads[1] - new_heads[0]} KV heads here; " + (
         f"{kv.live_slots} cached slots: {kv.heads_kept} heads kept, {kv.bytes_p2p_in} B from peers, "
         f"{kv.blocks_restored} blocks from the backup store" if kv else "not restored") +

@@ -1,11 +1,11 @@
-"""The FT controller: one process beside SGLang's, watching every TP worker and answering `/ft/status`.
+"""The FT controller: one process beside the serving engine's, watching every TP worker and answering `/ft/status`.
 
-It receives heartbeats (ZMQ PULL), declares workers suspect or dead by silence (`--ft-heartbeat-timeout-ms`, sooner
-when a peer is blocked on a silent one) or at once when a worker's process exits, refuses messages of an older
-epoch, orders regroups, asks the launcher to
-restart dead workers (`--ft-respawn`, or an operator's rejoin) and plans them back in once they beat as joining,
-and serves status, fault injection and rejoin to the HTTP server over a REP socket; under `--enable-metrics` its
-state also shows on SGLang's `/metrics` (`ft_metrics.py`). It exits when the launcher does.
+It receives heartbeats (ZMQ PULL), declares workers suspect or dead by silence (the heartbeat timeout, sooner when a
+peer is blocked on a silent one) or at once when a worker's process exits, refuses messages of an older epoch,
+orders regroups, asks the launcher to restart dead workers (automatically, or on an operator's rejoin) and plans
+them back in once they beat as joining, and serves status, fault injection (`faults.py`), drain and rejoin to the
+HTTP server over a REP socket; with metrics on, its state also shows as Prometheus metrics (`metrics.py`). The
+launcher starts it with its options (`options.py`) by `spawn_controller`; it exits when the launcher does.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -22,7 +23,9 @@ import msgspec
 import zmq
 
 from ft.failure_detector import HEARTBEAT_TIMEOUT, FailureDetector, Transition
+from ft.faults import FAULT_KINDS, FAULT_SIGNALS
 from ft.heartbeat import MessageReceiver
+from ft.kv_store_keeper import KvStoreKeeper
 from ft.membership import Membership, WorkerState
 from ft.messages import (
     BackupResync,
@@ -38,6 +41,9 @@ from ft.messages import (
     decode_control,
     encode,
 )
+from ft.metrics import ft_metrics
+from ft.model_config import model_shape_from_dir
+from ft.options import CONTROLLER_OPTIONS_ENV, ControllerOptions
 from ft.partition import ModelShape, TPLayout
 from ft.planner import plan_migration
 from ft.process_watch import ProcessWatch
@@ -45,17 +51,8 @@ from ft.ports import free_port
 from ft.respawn import Respawner, RespawnPolicy
 from ft.sockets import bind_socket, process_keys, refused_connections, use_secret_file
 from ft.wire import Dropped
-from sglang_ft.managers.ft_metrics import ft_metrics
 
 logger = logging.getLogger("sglang_ft.controller")
-# kill_unsent: the worker SIGKILLs itself after its next step, before that step's output leaves (a rank 0's
-# computed tokens never reach the client: the race a real death can hit, made certain). fail_step: the worker
-# takes its next step as failed once its forward is done, as if its last collective timed out there alone, while
-# the others finish it (a torn step: what a rank dying inside the last all-gather leaves; torn_step.py).
-# kill_uncopied: the worker SIGKILLs itself right after its next step's forward, before that step's KV is copied
-# for the backup store (the worst instant for the backup: the step's rows are lost with it)
-FAULT_SIGNALS = {"kill": signal.SIGKILL, "hang": signal.SIGSTOP, "resume": signal.SIGCONT,
-                 "kill_unsent": signal.SIGUSR1, "fail_step": signal.SIGUSR2, "kill_uncopied": signal.SIGURG}
 
 
 @dataclass
@@ -143,7 +140,7 @@ class FtController:
                  timeout_s: float, parent_pid: int, enable_fault_injection: bool,
                  order_endpoint: str | None = None, shape: ModelShape | None = None,
                  respawn: RespawnPolicy = RespawnPolicy(), local_workers: range | None = None,
-                 dp_rank: int | None = None):
+                 dp_rank: int | None = None, hybrid: bool = False):
         membership = Membership.initial(tp_size)
         self.state = ControllerState(membership, FailureDetector(membership, interval_s, timeout_s))
         self.receiver = MessageReceiver(heartbeat_endpoint)
@@ -151,9 +148,7 @@ class FtController:
         self.orders = None
         if order_endpoint is not None:
             self.orders = bind_socket(zmq.PUB, order_endpoint, process_keys())
-        from sglang_ft.server_args import ft_args
-
-        self.hybrid = ft_args().splits_remainder
+        self.hybrid = hybrid  # layouts split off the remainder KV heads (hybrid attention, cyclic placement)
         self.layout = TPLayout.even(shape, tp_size, self.hybrid) if shape is not None else None
         self.pending: PendingRecovery | None = None
         self.lost: GroupLost | None = None  # no worker left that holds the model (re-published while so)
@@ -489,8 +484,8 @@ class FtController:
         group = self.state.membership.members()
         if not 0 <= request.rank < len(group):
             return {"error": f"rank must be in [0, {len(group)}), got {request.rank}", "code": 400}
-        if request.kind not in FAULT_SIGNALS:
-            return {"error": f"kind must be one of {sorted(FAULT_SIGNALS)}, got {request.kind!r}", "code": 400}
+        if request.kind not in FAULT_KINDS:
+            return {"error": f"kind must be one of {sorted(FAULT_KINDS)}, got {request.kind!r}", "code": 400}
         worker = group[request.rank]
         if worker not in self.local_workers:
             return {"error": f"rank {request.rank} (worker {worker}) runs on another node: fault injection signals "
@@ -512,43 +507,38 @@ def _reported_layout(text: str, planned: TPLayout | None, ranks: int) -> TPLayou
     return layout if planned is not None and layout.shape == planned.shape and len(layout.shards) == ranks else None
 
 
-def model_shape_from_dir(model_path: str) -> ModelShape:
-    """The model's shape from its config.json, without importing transformers."""
-    import json
-    import types
-
-    from sglang_ft.launch_checks import model_shape_of
-
-    with open(os.path.join(model_path, "config.json")) as f:
-        return model_shape_of(types.SimpleNamespace(**json.load(f)))
-
-
-def run_ft_controller(ft_env: str, tp_size: int, parent_pid: int, model_path: str) -> None:
-    """Process entry point (started by the launcher: `python -m sglang_ft.managers.ft_controller`)."""
-    from sglang_ft.server_args import FtArgs
-
+def run_ft_controller(options: ControllerOptions, parent_pid: int) -> None:
+    """Process entry point (started by the launcher with `spawn_controller`)."""
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s FT] %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
-    ft = FtArgs(**msgspec.json.decode(ft_env))
-    use_secret_file(ft.secret_file)
+    use_secret_file(options.secret_file)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the launcher's Ctrl-C is the launcher's to handle
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # a stopped server: clean up below, then exit
-    controller = FtController(ft.heartbeat_endpoint, ft.control_endpoint, tp_size, ft.heartbeat_interval_ms / 1e3,
-                              ft.heartbeat_timeout_ms / 1e3, parent_pid, ft.enable_fault_injection,
-                              ft.order_endpoint, model_shape_from_dir(model_path),
-                              RespawnPolicy(automatic=ft.respawn, delay_s=ft.respawn_delay_s),
-                              range(tp_size // ft.nnodes), dp_rank=ft.dp_rank)
-    if ft.kv_backup:
-        from sglang_ft.managers.kv_store_keeper import KvStoreKeeper
-
-        controller.state.kv_backup = KvStoreKeeper(ft.kv_backup_endpoint, ft.kv_fetch_endpoint, ft.respawn,
-                                                   ft.secret_file)
+    tp_size = options.tp_size
+    controller = FtController(options.heartbeat_endpoint, options.control_endpoint, tp_size,
+                              options.heartbeat_interval_s, options.heartbeat_timeout_s, parent_pid,
+                              options.enable_fault_injection, options.order_endpoint,
+                              model_shape_from_dir(options.model_path),
+                              RespawnPolicy(automatic=options.respawn, delay_s=options.respawn_delay_s),
+                              range(tp_size // options.nnodes), dp_rank=options.dp_rank, hybrid=options.hybrid)
+    if options.kv_backup:
+        controller.state.kv_backup = KvStoreKeeper(options.kv_backup_endpoint, options.kv_fetch_endpoint,
+                                                   options.respawn, options.secret_file)
     try:
         controller.run()
     finally:
         if controller.state.kv_backup is not None:
             controller.state.kv_backup.stop()
-        shutil.rmtree(ft.runtime_dir, ignore_errors=True)  # the launcher is gone: nothing will use the sockets
+        shutil.rmtree(options.runtime_dir, ignore_errors=True)  # the launcher is gone: nothing will use the sockets
+
+
+def spawn_controller(options: ControllerOptions, parent_pid: int) -> subprocess.Popen:
+    """Start a controller process that exits when `parent_pid` does.
+
+    A plain child process, not multiprocessing's spawn: spawn would re-import the parent's __main__ (SGLang's
+    launcher: seconds of CPU) in a process that needs only zmq and msgspec."""
+    return subprocess.Popen([sys.executable, "-m", "ft.controller", str(parent_pid)],
+                            env=dict(os.environ, **{CONTROLLER_OPTIONS_ENV: options.to_json()}))
 
 
 if __name__ == "__main__":
-    run_ft_controller(os.environ["SGLANG_FT_CONTROLLER_ARGS"], int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])
+    run_ft_controller(ControllerOptions.from_json(os.environ[CONTROLLER_OPTIONS_ENV]), int(sys.argv[1]))
