@@ -5,7 +5,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 from ft.messages import Regroup
-from sglang_ft.managers import regroup
+from sglang_ft.elastic_tp import regroup
 from sglang_ft.managers.ft_worker import FtWorker
 
 

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from sglang_ft.entrypoints import worker_spawner
 from sglang_ft.managers.ft_controller import FtController
 from sglang_ft.managers.ft_worker import OrderListener
-from sglang_ft.managers.request_journal import ReplicaOrders, RequestJournal
+from sglang_ft.managers.tokenizer_manager_components.sent_requests import ReplicaOrders, RequestJournal
 
 import hostile_messages as hostile
 from ft.messages import (ControlRequest, GroupLost, Heartbeat, Regroup, RegroupDone, Respawn, WorkerFailed,

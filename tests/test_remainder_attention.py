@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from ft.remainder_routing import RemainderRouter, remainder_split
-from sglang_ft.layers.remainder_attention import (
+from sglang_ft.layers.attention.remainder_attention import (
     HeldSpan,
     OwnedSpan,
     RemainderKvPool,

@@ -1,4 +1,4 @@
-"""Hybrid attention's placement in the scheduler (managers/remainder_owners.py), for ranks run as threads over an
+"""Hybrid attention's placement in the scheduler (layers/attention/hybrid_attention.py), for ranks run as threads over an
 in-memory all-reduce: owners, holders of every slot's remainder KV, copies of a cached prefix to a new owner,
 releases, and the spread of cached slots after a regroup. The model's use of it is checked end to end against
 transformers on a server (test_hybrid_attention.py)."""
@@ -12,8 +12,8 @@ import torch
 from thread_ranks import ThreadGroup, on_every_rank
 
 from ft.kv_backup import BLOCK_TOKENS
-from sglang_ft.layers.remainder_attention import RemainderKvPool
-from sglang_ft.managers.remainder_owners import ADOPT_BLOCK_SLOTS, CyclicPlacement, RemainderPlacement
+from sglang_ft.layers.attention.remainder_attention import RemainderKvPool
+from sglang_ft.layers.attention.hybrid_attention import ADOPT_BLOCK_SLOTS, CyclicPlacement, RemainderPlacement
 
 LAYERS, HEADS, DIM, SLOTS = 2, 1, 4, 64
 
@@ -173,7 +173,7 @@ def test_a_restarted_backup_store_gets_every_remainder_row_this_worker_holds_aga
 def test_sglang_dropping_a_queued_request_reaches_the_placement(monkeypatch):
     """The AFTER hook on SGLang's `Scheduler._release_aborted_request` (every queue it drops requests from)."""
     from sglang_ft import hooks
-    from sglang_ft.managers import remainder_owners
+    from sglang_ft.layers.attention import hybrid_attention as remainder_owners
 
     placement = placements(2, "load")[0][0]
     placement.owner_of("queued", 300)

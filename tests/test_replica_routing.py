@@ -11,11 +11,11 @@ import pytest
 
 from test_output_rewind import decode, make_req
 
-from sglang_ft.managers.output_rewind import ReceivedTokens
-from sglang_ft.managers.replica_move import ResumeTokens, adopt, adopt_queued, for_replica
-from sglang_ft.managers.replica_outbox import RenewReplicaSocket
-from sglang_ft.managers.replica_router import PrefixIndex, ReplicaRouter
-from sglang_ft.managers.request_journal import RequestJournal
+from sglang_ft.managers.scheduler_components.output_rewind import ReceivedTokens
+from sglang_ft.managers.scheduler_components.replica_move import ResumeTokens, adopt, adopt_queued, for_replica
+from sglang_ft.managers.data_parallel_controller_components.replica_outbox import RenewReplicaSocket
+from sglang_ft.managers.tokenizer_manager_components.replica_router import PrefixIndex, ReplicaRouter
+from sglang_ft.managers.tokenizer_manager_components.sent_requests import RequestJournal
 
 SHARED = list(range(100, 148))  # three 16-token blocks
 
@@ -193,7 +193,7 @@ def test_a_replica_outbox_never_blocks_and_delivers_in_order_once_a_peer_connect
 
     import zmq
 
-    from sglang_ft.managers.replica_outbox import ReplicaOutbox
+    from sglang_ft.managers.data_parallel_controller_components.replica_outbox import ReplicaOutbox
 
     context = zmq.Context.instance()
     push = context.socket(zmq.PUSH)
@@ -220,7 +220,7 @@ def test_a_replica_outbox_never_blocks_and_delivers_in_order_once_a_peer_connect
 
 
 def test_the_dp_controller_drops_a_lost_replica_from_routing_and_broadcasts():
-    from sglang_ft.managers.replica_outbox import ReplicaOutbox, drop_inactive
+    from sglang_ft.managers.data_parallel_controller_components.replica_outbox import ReplicaOutbox, drop_inactive
 
     class Socket:
         def __init__(self):
@@ -252,7 +252,7 @@ def test_a_renewed_replica_socket_leaves_a_hung_rank0_out_and_the_new_one_gets_e
     import zmq
     from test_request_journal import STALE_RANK0, drain
 
-    from sglang_ft.managers.replica_outbox import ReplicaOutbox, renew_on_request
+    from sglang_ft.managers.data_parallel_controller_components.replica_outbox import ReplicaOutbox, renew_on_request
 
     endpoint = f"ipc://{tmp_path}/replica-0"
     context = zmq.Context.instance()
@@ -285,7 +285,7 @@ def test_a_renewed_replica_socket_leaves_a_hung_rank0_out_and_the_new_one_gets_e
 
 
 def test_loads_are_re_read_at_most_every_refresh_interval_unless_forced(monkeypatch):
-    from sglang_ft.managers import replica_router
+    from sglang_ft.managers.tokenizer_manager_components import replica_router
 
     clock = [100.0]
     monkeypatch.setattr(replica_router.time, "monotonic", lambda: clock[0])
@@ -374,7 +374,8 @@ def test_a_moved_request_takes_its_kv_from_the_lost_replicas_store(tree, tmp_pat
     from sglang.srt.mem_cache.radix_cache import RadixKey
     from test_scheduler_sync import cache, request, slots_of
 
-    from sglang_ft.managers import regroup, replica_kv
+    from sglang_ft.elastic_tp import regroup
+    from sglang_ft.managers.scheduler_components import replica_kv
 
     old_slots = [11, 12, 13, 14, 15]
     fetch, k, v = lost_replicas_store(tmp_path, {(0, G_HEADS): old_slots})
@@ -411,7 +412,8 @@ def test_the_new_replicas_ranks_keep_the_kv_only_if_every_one_fetched_its_heads(
     from test_scheduler_sync import request, slots_of
     from thread_ranks import ThreadGroup, on_every_rank
 
-    from sglang_ft.managers import regroup, replica_kv
+    from sglang_ft.elastic_tp import regroup
+    from sglang_ft.managers.scheduler_components import replica_kv
 
     fetch, _, _ = lost_replicas_store(tmp_path, {(0, 2): [11, 12, 13, 20], (2, G_HEADS): [11, 12, 13]})
     group = ThreadGroup(2)
@@ -444,8 +446,10 @@ def test_under_hybrid_attention_or_cyclic_placement_the_remainder_heads_rows_are
     from test_scheduler_sync import request
     from thread_ranks import ThreadGroup, on_every_rank
 
-    from sglang_ft.layers.remainder_attention import RemainderKvPool
-    from sglang_ft.managers import regroup, remainder_owners, replica_kv
+    from sglang_ft.layers.attention.remainder_attention import RemainderKvPool
+    from sglang_ft.elastic_tp import regroup
+    from sglang_ft.layers.attention import hybrid_attention as remainder_owners
+    from sglang_ft.managers.scheduler_components import replica_kv
 
     fetch, k, v = lost_replicas_store(tmp_path, {(0, G_HEADS): [11, 12, 13], (0, 2): [20]})
     group = ThreadGroup(2)

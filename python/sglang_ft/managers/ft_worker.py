@@ -2,9 +2,9 @@
 
 `FtWorker.run_event_loop` wraps SGLang's scheduler loop. When a collective fails (a peer died, or timed out
 because a peer hangs), the worker reports it, waits for the controller's `Regroup` order of a newer epoch, and
-regroups in place (see `sglang_ft.managers.regroup`), then re-enters SGLang's loop. A worker that finds itself
+regroups in place (see `sglang_ft.elastic_tp.regroup`), then re-enters SGLang's loop. A worker that finds itself
 outside the newest group (a hung process resumed after it was replaced) changes nothing and exits. A restarted
-worker (`managers/joiner.py`) waits for the order that plans it back in before it enters SGLang's loop.
+worker (`elastic_tp/joiner.py`) waits for the order that plans it back in before it enters SGLang's loop.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from ft.heartbeat import HeartbeatSender
 from ft.messages import BackupResync, Fenced, Regroup, WorkerFailed, decode_order, encode
 from ft.sockets import connect_socket, process_keys
 from ft.wire import Dropped
-from sglang_ft.managers.output_rewind import FinishedRequests
-from sglang_ft.managers.request_ledger import RequestLedger
-from sglang_ft.managers.worker_load import probe_load
+from sglang_ft.managers.scheduler_components.output_rewind import FinishedRequests
+from sglang_ft.elastic_tp.received_requests import RequestLedger
+from sglang_ft.managers.scheduler_components.worker_load import probe_load
 from sglang_ft.server_args import FtArgs
 
 logger = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ def is_collective_failure(exc: BaseException) -> bool:
     """Is this a peer vanishing in a collective or a rendezvous (not a bug in a step)? By type only: the
     collectives raise `CollectiveFailure` (`collectives_may_fail`), a newer order `RegroupOrdered`."""
     from sglang_ft.distributed.collective_failure import CollectiveFailure
-    from sglang_ft.distributed.regroup_groups import Superseded
+    from sglang_ft.elastic_tp.groups import Superseded
 
     return isinstance(exc, (CollectiveFailure, RegroupOrdered, Superseded))
 
@@ -256,7 +256,7 @@ class FtWorker:
     def _regroup_when_ordered(self, cause: BaseException | None) -> None:
         """Wait for an order of a newer epoch that includes this worker and regroup; again if that fails."""
         from sglang_ft.distributed.collective_failure import collectives_may_fail
-        from sglang_ft.managers.regroup import regroup_in_place
+        from sglang_ft.elastic_tp.regroup import regroup_in_place
 
         seen = self.epoch
         while True:

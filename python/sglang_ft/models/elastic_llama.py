@@ -27,7 +27,7 @@ from ft.partition import RankShard, TPLayout
 from ft.planner import DIMENSIONS
 from sglang_ft.distributed_state import current_layout, layout_rank
 from sglang_ft.layers.elastic_parallel import ElasticLMHead, ElasticVocabEmbedding, all_reduce
-from sglang_ft.layers.remainder_attention import (
+from sglang_ft.layers.attention.remainder_attention import (
     CyclicBatch,
     RemainderBatch,
     merge_partials,

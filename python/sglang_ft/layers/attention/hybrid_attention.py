@@ -12,7 +12,7 @@ any, after which the owner holds a copy too, so the radix cache is reused whole 
 Cyclic placement (`CyclicPlacement`, `--ft-kv-placement cyclic`): a request's remainder KV rotates over the workers
 token by token (its first token on the worker holding the fewest rows), so every worker stores the same rows to
 within a few (one block of 16 at most on a mixed workload, `tests/test_remainder_owners.py`); every worker attends
-over the rows it holds and the partials are merged (layers/remainder_attention.py). No owners, no copies: a cached
+over the rows it holds and the partials are merged (layers/attention/remainder_attention.py). No owners, no copies: a cached
 prefix is used wherever its rows are. (Rotating by token rather than by block of 16: the remainder pool maps rows
 one by one, so nothing is gained by blocks, and blocks leave the workers up to several blocks apart while requests
 grow and finish.)
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from ft.remainder_routing import RemainderRouter
-from sglang_ft.layers.remainder_attention import (
+from sglang_ft.layers.attention.remainder_attention import (
     CyclicBatch,
     HeldSpan,
     OwnedSpan,

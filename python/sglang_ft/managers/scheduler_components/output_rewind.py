@@ -19,7 +19,7 @@ import logging
 import time
 from collections import OrderedDict
 
-from sglang_ft.managers.request_ledger import held_requests
+from sglang_ft.elastic_tp.received_requests import held_requests
 
 logger = logging.getLogger(__name__)
 KEEP_FINISHED = 1024  # requests that finished recently, per rank

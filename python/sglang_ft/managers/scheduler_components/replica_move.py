@@ -30,14 +30,14 @@ class ResumeTokens:
 
 
 def split_resume_tokens(messages) -> tuple[list[ResumeTokens], list]:
-    from sglang_ft.managers.output_rewind import split_messages
+    from sglang_ft.managers.scheduler_components.output_rewind import split_messages
 
     return split_messages(messages, ResumeTokens)
 
 
 def for_replica(messages, dp_rank: int):
     """`messages` without the journal's messages meant for another replica."""
-    from sglang_ft.managers.output_rewind import ReceivedTokens
+    from sglang_ft.managers.scheduler_components.output_rewind import ReceivedTokens
 
     if not messages:
         return messages
@@ -61,7 +61,7 @@ def adopt(req, output_ids: list[int]) -> None:
 def adopt_queued(scheduler, resumes: dict[str, ResumeTokens], rid: str, kv_stream=None) -> bool:
     """After SGLang queued request `rid`: adopt it if the journal sent its output ahead of it, and take its KV
     from the lost replica's store if the journal found it there."""
-    from sglang_ft.managers.replica_kv import take_over_kv
+    from sglang_ft.managers.scheduler_components.replica_kv import take_over_kv
 
     resume = resumes.pop(rid, None)
     if resume is None:

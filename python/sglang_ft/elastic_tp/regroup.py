@@ -51,7 +51,7 @@ def agree_on_lacking(num_slots: int, kv, placement, cpu_group):
     import torch
     import torch.distributed as dist
 
-    from sglang_ft.managers.partial_restore import lacking_slots
+    from sglang_ft.elastic_tp.partial_restore import lacking_slots
 
     mask = lacking_slots(num_slots, *kv.lacking, placement.lacking if placement is not None else None).to(torch.uint8)
     dist.all_reduce(mask, op=dist.ReduceOp.MAX, group=cpu_group)
@@ -120,8 +120,12 @@ def take_over_tokenizer_channels(scheduler, port_args) -> None:
 def await_output_counts(ft_worker, epoch: int) -> None:
     """The old rank 0 may have died before sending its last step's output: before its first step, this new rank 0
     waits for the tokenizer manager's count of what it received (output_rewind.py), if it holds any output."""
-    from sglang_ft.distributed.regroup_groups import REQUEST_BROADCAST_TIMEOUT_S
-    from sglang_ft.managers.output_rewind import MAX_WAIT_S, ReceivedTokensWait, may_hold_undelivered_output
+    from sglang_ft.elastic_tp.groups import REQUEST_BROADCAST_TIMEOUT_S
+    from sglang_ft.managers.scheduler_components.output_rewind import (
+        MAX_WAIT_S,
+        ReceivedTokensWait,
+        may_hold_undelivered_output,
+    )
 
     if ft_worker.counts_wait is None and may_hold_undelivered_output(ft_worker.scheduler, ft_worker.finished):
         # the other ranks wait in the request broadcast meanwhile: stay well inside its timeout
@@ -144,16 +148,16 @@ def take_over_load_snapshots(scheduler, port_args) -> None:
 
 def regroup_in_place(ft_worker, order: Regroup) -> RegroupDone:
     from ft.kv_backup import BLOCK_TOKENS
-    from sglang_ft.distributed.regroup_groups import all_gather_object, rebuild_process_groups
+    from sglang_ft.elastic_tp.groups import all_gather_object, rebuild_process_groups
     from sglang_ft.distributed_state import install_layout
-    from sglang_ft.managers import remainder_owners
-    from sglang_ft.managers.park_requests import park_every_request
-    from sglang_ft.managers.partial_restore import keep_held_prefixes
-    from sglang_ft.managers.request_ledger import reconcile
-    from sglang_ft.managers.scheduler_sync import sync_scheduler_state
-    from sglang_ft.managers.torn_step import complete_torn_step
-    from sglang_ft.mem_cache.kv_reshape import reshape_kv_heads, restore_kv
-    from sglang_ft.model_executor.reshard import build_model_like, reshard
+    from sglang_ft.layers.attention import hybrid_attention as remainder_owners
+    from sglang_ft.elastic_tp.park_requests import park_every_request
+    from sglang_ft.elastic_tp.partial_restore import keep_held_prefixes
+    from sglang_ft.elastic_tp.received_requests import reconcile
+    from sglang_ft.elastic_tp.scheduler_sync import sync_scheduler_state
+    from sglang_ft.elastic_tp.torn_step import complete_torn_step
+    from sglang_ft.elastic_tp.kv_restore import reshape_kv_heads, restore_kv
+    from sglang_ft.elastic_tp.reshard import build_model_like, reshard
 
     scheduler, me = ft_worker.scheduler, ft_worker.worker
     runner = scheduler.tp_worker.model_runner
@@ -253,9 +257,9 @@ def regroup_in_place(ft_worker, order: Regroup) -> RegroupDone:
 def restore_remainder_kv(placement, ft_worker, order: Regroup) -> tuple[int, int]:
     """Hybrid attention: spread the cached slots' remainder heads over the new group, each worker's share from the
     backup store (every head's KV is there, whoever held it); (slots restored, slots missing) here."""
-    from sglang_ft.managers.scheduler_sync import cached_sequences
+    from sglang_ft.elastic_tp.scheduler_sync import cached_sequences
     from sglang_ft.mem_cache.kv_backup_stream import live_slots
-    from sglang_ft.mem_cache.kv_reshape import fetch_rows
+    from sglang_ft.elastic_tp.kv_restore import fetch_rows
 
     endpoint = ft_worker.ft.kv_fetch_endpoint if ft_worker.kv_stream and order.kv_store_alive else None
     members = tuple(zip(order.workers, order.pids))
@@ -273,7 +277,7 @@ def agree_on_holdings(model, order: Regroup, cpu_group) -> tuple[dict, dict]:
     interrupted by another failure can leave members at different layouts: asking them is the only truth, and
     every member then computes the same plan from the same answers.
     """
-    from sglang_ft.distributed.regroup_groups import all_gather_object
+    from sglang_ft.elastic_tp.groups import all_gather_object
 
     mine = None if model is None else (dataclasses.asdict(model.shard), model.layout.remainder)
     everyone = all_gather_object(mine, cpu_group)
