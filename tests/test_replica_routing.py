@@ -11,9 +11,8 @@ import pytest
 
 from test_output_rewind import decode, make_req
 
-from sglang_ft.managers.scheduler_components.output_rewind import ReceivedTokens
-from sglang_ft.managers.scheduler_components.replica_move import ResumeTokens, adopt, adopt_queued, for_replica
-from sglang_ft.managers.data_parallel_controller_components.replica_outbox import RenewReplicaSocket
+from sglang_ft.managers.io_struct import ReceivedTokens, RenewReplicaSocket, ResumeTokens, for_replica
+from sglang_ft.managers.scheduler_components.replica_move import adopt, adopt_queued
 from sglang_ft.managers.tokenizer_manager_components.replica_router import PrefixIndex, ReplicaRouter
 from sglang_ft.managers.tokenizer_manager_components.sent_requests import RequestJournal
 

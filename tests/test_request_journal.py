@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import zmq
 import zmq.asyncio
 
-from sglang_ft.managers.scheduler_components.output_rewind import ReceivedTokens
+from sglang_ft.managers.io_struct import ReceivedTokens
 from sglang_ft.managers.tokenizer_manager_components.sent_requests import RequestJournal
 
 STALE_RANK0 = """

@@ -237,8 +237,7 @@ def around_pull_raw_reqs(original, receiver, *args, **kwargs):
     worker = current_worker()
     if worker is None:
         return original(receiver, *args, **kwargs)
-    from sglang_ft.managers.scheduler_components.output_rewind import split_received_tokens
-    from sglang_ft.managers.scheduler_components.replica_move import for_replica
+    from sglang_ft.managers.io_struct import for_replica, split_received_tokens
 
     def pull():  # SGLang's DP controller hands the journal's messages to every replica: keep this replica's
         return for_replica(original(receiver, *args, **kwargs), worker.dp_rank)
@@ -262,8 +261,8 @@ def before_process_input_requests(scheduler, recv_reqs, *args, **kwargs):
     worker = current_worker()
     if worker is None or not recv_reqs:
         return None
-    from sglang_ft.managers.scheduler_components.output_rewind import apply_received_tokens, split_received_tokens
-    from sglang_ft.managers.scheduler_components.replica_move import split_resume_tokens
+    from sglang_ft.managers.io_struct import split_received_tokens, split_resume_tokens
+    from sglang_ft.managers.scheduler_components.output_rewind import apply_received_tokens
     from sglang_ft.elastic_tp.received_requests import held_rids
 
     counts, recv_reqs = split_received_tokens(recv_reqs)

@@ -98,3 +98,27 @@ def test_find_cycle_finds_a_cycle_and_only_a_cycle():
 def test_no_import_cycle_in_sglang_ft_or_ft():
     cycle = find_cycle(import_graph())
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        for target in graph.get(todo.pop(), ()):
+            if target not in seen:
+                seen.add(target)
+                todo.append(target)
+    return seen
+
+
+def test_tokenizer_and_dp_controller_code_import_no_scheduler_side_module():
+    """Code running in the tokenizer manager or the DP controller takes message types from `managers.io_struct`,
+    never from a module of the scheduler side (which would drag the scheduler's code into their process)."""
+    graph = import_graph()
+    scheduler_side = ("sglang_ft.managers.scheduler_components", "sglang_ft.elastic_tp", "sglang_ft.layers",
+                      "sglang_ft.models")
+    other_sides = [m for m in graph if m.startswith(("sglang_ft.managers.tokenizer_manager_components.",
+                                                     "sglang_ft.managers.data_parallel_controller_components."))]
+    assert len(other_sides) >= 3
+    for module in other_sides:
+        wrong = sorted(m for m in reachable(graph, module) if m.startswith(scheduler_side))
+        assert not wrong, f"{module} imports scheduler-side modules {wrong}"
