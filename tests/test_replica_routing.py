@@ -447,17 +447,19 @@ def test_under_hybrid_attention_or_cyclic_placement_the_remainder_heads_rows_are
 
     from sglang_ft.layers.attention.remainder_attention import RemainderKvPool
     from sglang_ft.elastic_tp import regroup
-    from sglang_ft.layers.attention import hybrid_attention as remainder_owners
+    from sglang_ft.layers.attention import remainder_placement
+    from sglang_ft.layers.attention.cyclic_placement import CyclicPlacement
+    from sglang_ft.layers.attention.hybrid_attention import RemainderPlacement
     from sglang_ft.managers.scheduler_components import replica_kv
 
     fetch, k, v = lost_replicas_store(tmp_path, {(0, G_HEADS): [11, 12, 13], (0, 2): [20]})
     group = ThreadGroup(2)
     ranks = [new_replicas_rank("unified", (r, r + 1), group.gather_for(r)) for r in range(2)]
-    kind_of = remainder_owners.CyclicPlacement if kind == "cyclic" else remainder_owners.RemainderPlacement
+    kind_of = CyclicPlacement if kind == "cyclic" else RemainderPlacement
     placements = [kind_of(r, 2, "load", RemainderKvPool(2, 2, k.shape[-1], 65, 65), torch.zeros((4, 32)),
                           heads=(2, G_HEADS), all_reduce=group.all_reduce_for(r)) for r in range(2)]
     of_thread: dict[int, object] = {}
-    monkeypatch.setattr(remainder_owners, "active", lambda: of_thread.get(threading.get_ident()))
+    monkeypatch.setattr(remainder_placement, "active", lambda: of_thread.get(threading.get_ident()))
     monkeypatch.setattr(regroup, "any_rank", lambda flag, gather: any(gather(flag)))
 
     def move(rank: int):

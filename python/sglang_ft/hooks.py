@@ -105,9 +105,9 @@ def after_scheduler_init(_result, scheduler, server_args, port_args, *args, **kw
     if ft.kv_backup:
         worker.start_kv_backup(scheduler.tp_worker.model_runner, scheduler.token_to_kv_pool_allocator)
     install_worker(worker)
-    from sglang_ft.layers.attention import hybrid_attention as remainder_owners
+    from sglang_ft.layers.attention import remainder_placement
 
-    remainder_owners.install(scheduler, ft, worker.kv_stream)
+    remainder_placement.install(scheduler, ft, worker.kv_stream)
     # the "kill_unsent" fault (ft_controller.FAULT_SIGNALS) arms a death right before this worker's next send,
     # "fail_step" a failure of its next step right after the forward, "kill_uncopied" a death right after its
     # next step's forward, before that step's KV is copied for the backup store
@@ -167,7 +167,7 @@ def around_run_batch(original, scheduler, batch, *args, **kwargs):
                 logger.warning("sglang-ft: worker %d dies after a step, before backing up its KV (injected fault)",
                                worker.worker)
                 os.kill(os.getpid(), signal.SIGKILL)
-            from sglang_ft.layers.attention.hybrid_attention import active
+            from sglang_ft.layers.attention.remainder_placement import active
 
             worker.kv_stream.after_step(batch, active())
         if worker.maps_requests:  # under --dp-size, TP rank 0 maps requests to slots for the store
@@ -209,7 +209,7 @@ def _kv_stream():
 
 def after_free_slots(_result, allocator, free_index, *_args, **_kwargs):
     """Freed token slots no longer hold backed-up KV, nor remainder heads' KV (hybrid attention)."""
-    from sglang_ft.layers.attention.hybrid_attention import active
+    from sglang_ft.layers.attention.remainder_placement import active
 
     if (placement := active()) is not None:
         placement.release_slots(free_index)
@@ -220,7 +220,7 @@ def after_free_slots(_result, allocator, free_index, *_args, **_kwargs):
 
 def after_clear_allocator(_result, allocator, *_args, **_kwargs):
     """A flush frees every slot: none holds backed-up KV (or remainder heads' KV) any more."""
-    from sglang_ft.layers.attention.hybrid_attention import active
+    from sglang_ft.layers.attention.remainder_placement import active
 
     if (placement := active()) is not None:
         placement.clear()
@@ -318,7 +318,7 @@ def after_stream_output(_result, streamer, reqs, *_args, **_kwargs):
     """Remember the requests that just finished: a dying rank 0 may not have sent their end (output_rewind.py);
     under hybrid attention they no longer count towards their owner's load."""
     from sglang_ft.managers.ft_worker import current_worker
-    from sglang_ft.layers.attention.hybrid_attention import active
+    from sglang_ft.layers.attention.remainder_placement import active
 
     worker = current_worker()
     if worker is not None:
@@ -329,7 +329,7 @@ def after_stream_output(_result, streamer, reqs, *_args, **_kwargs):
 
 def after_release_aborted_request(_result, scheduler, req, *_args, **_kwargs):
     """Under hybrid attention, a request dropped from SGLang's queues no longer counts towards its owner's load."""
-    from sglang_ft.layers.attention.hybrid_attention import active
+    from sglang_ft.layers.attention.remainder_placement import active
 
     if (placement := active()) is not None:
         placement.aborted_before_running(req)
@@ -339,11 +339,11 @@ def around_match_kv_cache(original, req, tree_cache, *args, **kwargs):
     """Under hybrid attention, a request's owner is chosen at its first radix-cache match, knowing which workers
     hold its cached prefix's remainder rows (layers/attention/hybrid_attention.py; rows the owner lacks are copied to
     it)."""
-    from sglang_ft.layers.attention import hybrid_attention as remainder_owners
+    from sglang_ft.layers.attention import remainder_placement
 
-    if remainder_owners.active() is None:
+    if remainder_placement.active() is None:
         return original(req, tree_cache, *args, **kwargs)
-    return remainder_owners.around_match_kv_cache(original, req, tree_cache, *args, **kwargs)
+    return remainder_placement.around_match_kv_cache(original, req, tree_cache, *args, **kwargs)
 
 
 def around_send_output(original, sender, output, *args, **kwargs):

@@ -150,7 +150,7 @@ def regroup_in_place(ft_worker, order: Regroup) -> RegroupDone:
     from ft.kv_backup import BLOCK_TOKENS
     from sglang_ft.elastic_tp.groups import all_gather_object, rebuild_process_groups
     from sglang_ft.distributed_state import install_layout
-    from sglang_ft.layers.attention import hybrid_attention as remainder_owners
+    from sglang_ft.layers.attention import remainder_placement
     from sglang_ft.elastic_tp.park_requests import park_every_request
     from sglang_ft.elastic_tp.partial_restore import keep_held_prefixes
     from sglang_ft.elastic_tp.received_requests import reconcile
@@ -206,7 +206,7 @@ def regroup_in_place(ft_worker, order: Regroup) -> RegroupDone:
     stats = reshard(old_model, new_model, plan, me, runner.model_config.model_path, held.get(me),
                     replicated_from=0 if order.joining else None, group=device_group)
     runner.model = new_model  # complete: every slice arrived, whatever happens to the rest of the regroup
-    placement = remainder_owners.install(scheduler, ft_worker.ft, ft_worker.kv_stream)  # hybrid attention only
+    placement = remainder_placement.install(scheduler, ft_worker.ft, ft_worker.kv_stream)  # hybrid attention only
     ft_worker.holds_weights = True
     ft_worker.group = tuple(order.workers)  # what this worker holds now matches the new group, even if a later
     del old_model                           # stage fails and another regroup follows

@@ -209,7 +209,7 @@ class ElasticLlamaForCausalLM(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.logits_processor = LogitsProcessor(config, skip_all_gather=True)
-        self.remainder = None  # under hybrid attention, the scheduler's RemainderPlacement (remainder_owners.py)
+        self.remainder = None  # under hybrid attention, the scheduler's RemainderPlacement (remainder_placement.py)
         logger.info(
             "sglang-ft: TP rank %d of %d holds KV heads %s, MLP columns %s, vocabulary rows %s",
             self.tp_rank,
