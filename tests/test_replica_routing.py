@@ -373,7 +373,7 @@ def test_a_moved_request_takes_its_kv_from_the_lost_replicas_store(tree, tmp_pat
     from sglang.srt.mem_cache.radix_cache import RadixKey
     from test_scheduler_sync import cache, request, slots_of
 
-    from sglang_ft.elastic_tp import regroup
+    from sglang_ft.distributed import rank_agreement
     from sglang_ft.managers.scheduler_components import replica_kv
 
     old_slots = [11, 12, 13, 14, 15]
@@ -381,7 +381,7 @@ def test_a_moved_request_takes_its_kv_from_the_lost_replicas_store(tree, tmp_pat
     rank = new_replicas_rank(tree, (1, 3))
     cache(rank, [1, 2])  # the prompt's first tokens are cached here already
     cached = slots_of(rank, [1, 2])
-    monkeypatch.setattr(regroup, "any_rank", lambda flag, group: flag)  # one rank: its own answer
+    monkeypatch.setattr(rank_agreement, "any_rank", lambda flag, group: flag)  # one rank: its own answer
     moved = request("m", [1, 2, 3, 4], [])
     adopt(moved, [10, 11])  # the newest output (11) has no KV yet: prompt and 10 do
 
@@ -411,13 +411,13 @@ def test_the_new_replicas_ranks_keep_the_kv_only_if_every_one_fetched_its_heads(
     from test_scheduler_sync import request, slots_of
     from thread_ranks import ThreadGroup, on_every_rank
 
-    from sglang_ft.elastic_tp import regroup
+    from sglang_ft.distributed import rank_agreement
     from sglang_ft.managers.scheduler_components import replica_kv
 
     fetch, _, _ = lost_replicas_store(tmp_path, {(0, 2): [11, 12, 13, 20], (2, G_HEADS): [11, 12, 13]})
     group = ThreadGroup(2)
     ranks = [new_replicas_rank("unified", heads, group.gather_for(r)) for r, heads in enumerate([(0, 2), (2, 4)])]
-    monkeypatch.setattr(regroup, "any_rank", lambda flag, gather: any(gather(flag)))
+    monkeypatch.setattr(rank_agreement, "any_rank", lambda flag, gather: any(gather(flag)))
 
     def move(rank: int):
         whole, torn = request("w", [1, 2], []), request("t", [5, 6], [])
@@ -446,7 +446,7 @@ def test_under_hybrid_attention_or_cyclic_placement_the_remainder_heads_rows_are
     from thread_ranks import ThreadGroup, on_every_rank
 
     from sglang_ft.layers.attention.remainder_attention import RemainderKvPool
-    from sglang_ft.elastic_tp import regroup
+    from sglang_ft.distributed import rank_agreement
     from sglang_ft.layers.attention import remainder_placement
     from sglang_ft.layers.attention.cyclic_placement import CyclicPlacement
     from sglang_ft.layers.attention.hybrid_attention import RemainderPlacement
@@ -460,7 +460,7 @@ def test_under_hybrid_attention_or_cyclic_placement_the_remainder_heads_rows_are
                           heads=(2, G_HEADS), all_reduce=group.all_reduce_for(r)) for r in range(2)]
     of_thread: dict[int, object] = {}
     monkeypatch.setattr(remainder_placement, "active", lambda: of_thread.get(threading.get_ident()))
-    monkeypatch.setattr(regroup, "any_rank", lambda flag, gather: any(gather(flag)))
+    monkeypatch.setattr(rank_agreement, "any_rank", lambda flag, gather: any(gather(flag)))
 
     def move(rank: int):
         of_thread[threading.get_ident()] = placements[rank]

@@ -58,15 +58,6 @@ def agree_on_lacking(num_slots: int, kv, placement, cpu_group):
     return mask.bool()
 
 
-def any_rank(flag: bool, cpu_group) -> bool:
-    import torch
-    import torch.distributed as dist
-
-    tensor = torch.tensor(int(flag))
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=cpu_group)
-    return bool(tensor.item())
-
-
 def refresh_group_handles(scheduler) -> None:
     """The scheduler, its TP worker and model runner cache group handles at init; point them at the new ones."""
     from sglang.srt.runtime_context import get_parallel
@@ -148,7 +139,8 @@ def take_over_load_snapshots(scheduler, port_args) -> None:
 
 def regroup_in_place(ft_worker, order: Regroup) -> RegroupDone:
     from ft.kv_backup import BLOCK_TOKENS
-    from sglang_ft.elastic_tp.groups import all_gather_object, rebuild_process_groups
+    from sglang_ft.distributed.rank_agreement import all_gather_object, any_rank
+    from sglang_ft.elastic_tp.groups import rebuild_process_groups
     from sglang_ft.distributed_state import install_layout
     from sglang_ft.layers.attention import remainder_placement
     from sglang_ft.elastic_tp.park_requests import park_every_request
@@ -277,7 +269,7 @@ def agree_on_holdings(model, order: Regroup, cpu_group) -> tuple[dict, dict]:
     interrupted by another failure can leave members at different layouts: asking them is the only truth, and
     every member then computes the same plan from the same answers.
     """
-    from sglang_ft.elastic_tp.groups import all_gather_object
+    from sglang_ft.distributed.rank_agreement import all_gather_object
 
     mine = None if model is None else (dataclasses.asdict(model.shard), model.layout.remainder)
     everyone = all_gather_object(mine, cpu_group)

@@ -49,10 +49,10 @@ def take_over_kv(scheduler, req, endpoint: str, old_slots: list[int], kv_stream=
     returns how many tokens it will not compute again (0 when it cannot: then it is prefilled as any request)."""
     from sglang.srt.mem_cache.base_prefix_cache import InsertParams, MatchPrefixParams
 
-    from sglang_ft.layers.attention import remainder_placement
-    from sglang_ft.elastic_tp.regroup import any_rank
-    from sglang_ft.elastic_tp.scheduler_sync import matched_slots, radix_key
+    from sglang_ft.distributed.rank_agreement import any_rank
     from sglang_ft.elastic_tp.kv_restore import fetch_rows, put_rows
+    from sglang_ft.layers.attention import remainder_placement
+    from sglang_ft.mem_cache.radix_lookup import matched_slots, radix_key
 
     if not old_slots or not can_take_kv(scheduler):
         return 0
