@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ft.remainder_routing import RemainderRouter
+from ft.remainder_routing import RequestRouter
 from sglang_ft.layers.attention.remainder_attention import OwnedSpan, RemainderBatch, RemainderKvPool
 from sglang_ft.mem_cache.kv_backup_stream import RESYNC_SLOTS_PER_MESSAGE
 
@@ -40,7 +40,7 @@ class RemainderPlacement:
         if all_reduce is None:
             from sglang_ft.layers.elastic_parallel import all_reduce
         self.all_reduce = all_reduce  # the sum over the TP group
-        self.router = RemainderRouter(tuple(range(tp_size)), policy)
+        self.router = RequestRouter(tuple(range(tp_size)), policy)
         self.pool = pool
         self.req_to_token = req_to_token  # SGLang's [request row, position] -> token slot
         self.holders = torch.zeros(pool.local_of.numel(), dtype=torch.int32)
