@@ -162,7 +162,7 @@ def test_the_holdings_exchange_goes_over_the_cpu_group(elastic, monkeypatch):
     _path, shape, build = elastic
     layout = TPLayout.even(shape, 2)
     contract = DeviceContract(monkeypatch, 2)
-    order = Regroup(epoch=1, workers=(0, 1), layout_json="{}", store_port=0, cause="test")
+    order = Regroup(epoch=1, workers=(0, 1), store_port=0, cause="test")
     held, _ = agree_on_holdings(build(layout, 0), order, CPU_GROUP)
     assert held == {0: layout.shard(0), 1: layout.shard(0)}  # every rank answered with rank 0's (the fake's echo)
     assert contract.calls == [("all_gather_object", CPU_GROUP)]

@@ -21,7 +21,7 @@ import os
 import time
 
 from ft.messages import Regroup, RegroupDone
-from ft.partition import RankShard, TPLayout
+from ft.partition import RankShard
 from ft.planner import plan_migration
 
 logger = logging.getLogger(__name__)
@@ -171,11 +171,7 @@ def regroup_in_place(ft_worker, order: Regroup) -> RegroupDone:
         await_output_counts(ft_worker, order.epoch)
     held, remainder_held = agree_on_holdings(old_model if ft_worker.holds_weights else None, order,
                                              scheduler.tp_cpu_group)
-    plan = plan_migration(old_model.layout.shape, held, list(order.workers),
-                          hybrid=ft_worker.ft.splits_remainder, remainder_held=remainder_held)
-    if plan.layout != TPLayout.from_json(order.layout_json):
-        logger.warning("sglang-ft: the controller planned epoch %d from an older view of who holds what (a regroup "
-                       "was interrupted); the group follows what its members hold", order.epoch)
+    plan = plan_regroup(old_model.layout.shape, held, remainder_held, order, ft_worker.ft.splits_remainder)
     clock.done("rebuild_process_groups", f"(rank {new_rank} of {len(order.workers)})")
 
     cpu_group = scheduler.tp_cpu_group
@@ -271,8 +267,16 @@ def agree_on_holdings(model, order: Regroup, cpu_group) -> tuple[dict, dict]:
     """
     from sglang_ft.distributed.rank_agreement import all_gather_object
 
-    mine = None if model is None else (dataclasses.asdict(model.shard), model.layout.remainder)
-    everyone = all_gather_object(mine, cpu_group)
+    return holdings_of(order, all_gather_object(holding_of(model), cpu_group))
+
+
+def holding_of(model) -> tuple[dict, tuple[int, int]] | None:
+    """What this member says it holds (None: no weights): its shard and its remainder heads."""
+    return None if model is None else (dataclasses.asdict(model.shard), model.layout.remainder)
+
+
+def holdings_of(order: Regroup, everyone: list) -> tuple[dict, dict]:
+    """Every member's answer (`holding_of`, in rank order) as (shards held by worker, remainder heads held)."""
     held, remainder_held = {}, {}
     for worker, holding in zip(order.workers, everyone, strict=True):
         if holding is None:
@@ -282,3 +286,10 @@ def agree_on_holdings(model, order: Regroup, cpu_group) -> tuple[dict, dict]:
         if remainder[0] < remainder[1]:
             remainder_held[worker] = tuple(remainder)
     return held, remainder_held
+
+
+def plan_regroup(shape, held: dict, remainder_held: dict, order: Regroup, hybrid: bool):
+    """The migration to the ordered group: planned here, by every member alike from the same answers, and by no one
+    else (the controller orders who forms the group; what each member holds only the members know)."""
+    return plan_migration(shape, held, list(order.workers), hybrid=hybrid, remainder_held=remainder_held)
+
