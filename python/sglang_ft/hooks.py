@@ -254,7 +254,7 @@ def around_pull_raw_reqs(original, receiver, *args, **kwargs):
 
 
 def before_process_input_requests(scheduler, recv_reqs, *args, **kwargs):
-    """Every rank drops requests it already holds (a journal re-send) and records the rest (request_ledger.py);
+    """Every rank drops requests it already holds (a journal re-send) and records the rest (received_requests.py);
     output counts from the tokenizer manager rewind what a dead rank 0 never sent (output_rewind.py)."""
     from sglang_ft.managers.ft_worker import current_worker
 

@@ -1,1 +1,5 @@
-"""Processes sglang-ft runs beside SGLang's own managers: the FT controller."""
+"""sglang-ft's parts of SGLang's managers, grouped by the process they run in (as SGLang's own
+`managers/scheduler_components/`): scheduler_components/ (each TP scheduler), tokenizer_manager_components/ (the
+tokenizer manager), data_parallel_controller_components/ (SGLang's DP controller); io_struct.py holds the messages
+between them, push_socket.py a socket helper two of them use. The FT controller process (ft_controller.py, its
+metrics and its KV store keeper) and the per-scheduler FT worker (ft_worker.py) are here too."""

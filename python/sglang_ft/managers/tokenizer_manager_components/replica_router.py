@@ -1,7 +1,7 @@
 """Which data-parallel replica serves each request, under `--ft --dp-size M`.
 
 SGLang's DataParallelController sends a tokenized request that carries `routed_dp_rank` straight to that replica.
-So sglang-ft chooses in the tokenizer manager, where its journal (request_journal.py) already sees every request
+So sglang-ft chooses in the tokenizer manager, where its journal (sent_requests.py) already sees every request
 sent and every token received: the replica is set on the request before SGLang dispatches it, with the policy of
 `--ft-routing` (the same `RequestRouter` that places hybrid attention's remainder heads, here over replicas):
 - load: the replica with the fewest outstanding tokens (prompt plus tokens still to generate);
