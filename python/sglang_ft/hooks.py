@@ -85,9 +85,8 @@ def after_scheduler_init(_result, scheduler, server_args, port_args, *args, **kw
     publish(ft)
 
     from sglang_ft.elastic_tp.groups import set_collective_timeout
-    from sglang_ft.managers.ft_worker import FtWorker, install_worker
-
     from sglang_ft.elastic_tp.joiner import joiner_identity
+    from sglang_ft.managers.ft_worker import FtWorker, install_worker
 
     parallel = get_parallel()
     joiner = joiner_identity()
@@ -261,9 +260,9 @@ def before_process_input_requests(scheduler, recv_reqs, *args, **kwargs):
     worker = current_worker()
     if worker is None or not recv_reqs:
         return None
+    from sglang_ft.elastic_tp.received_requests import held_rids
     from sglang_ft.managers.io_struct import split_received_tokens, split_resume_tokens
     from sglang_ft.managers.scheduler_components.output_rewind import apply_received_tokens
-    from sglang_ft.elastic_tp.received_requests import held_rids
 
     counts, recv_reqs = split_received_tokens(recv_reqs)
     for message in counts:
@@ -317,8 +316,8 @@ def after_update_active_ranks(_result, controller, *_args, **_kwargs):
 def after_stream_output(_result, streamer, reqs, *_args, **_kwargs):
     """Remember the requests that just finished: a dying rank 0 may not have sent their end (output_rewind.py);
     under hybrid attention they no longer count towards their owner's load."""
-    from sglang_ft.managers.ft_worker import current_worker
     from sglang_ft.layers.attention.remainder_placement import active
+    from sglang_ft.managers.ft_worker import current_worker
 
     worker = current_worker()
     if worker is not None:
@@ -407,8 +406,8 @@ def around_create_ipc_channels(original, cls, *args, **kwargs):
     """A restarted worker starts as a TP group of one, so SGLang takes it for rank 0: it must not open the
     tokenizer manager's channels (it would take requests meant for the real rank 0) until a regroup makes it
     rank 0 for real."""
-    from sglang_ft.managers.ft_worker import current_worker
     from sglang_ft.elastic_tp.joiner import joiner_identity
+    from sglang_ft.managers.ft_worker import current_worker
 
     if kwargs.get("is_rank_zero") and current_worker() is None and joiner_identity() is not None:
         kwargs["is_rank_zero"] = False

@@ -140,16 +140,16 @@ def take_over_load_snapshots(scheduler, port_args) -> None:
 def regroup_in_place(ft_worker, order: Regroup) -> RegroupDone:
     from ft.kv_backup import BLOCK_TOKENS
     from sglang_ft.distributed.rank_agreement import all_gather_object, any_rank
-    from sglang_ft.elastic_tp.groups import rebuild_process_groups
     from sglang_ft.distributed_state import install_layout
-    from sglang_ft.layers.attention import remainder_placement
+    from sglang_ft.elastic_tp.groups import rebuild_process_groups
+    from sglang_ft.elastic_tp.kv_restore import reshape_kv_heads, restore_kv
     from sglang_ft.elastic_tp.park_requests import park_every_request
     from sglang_ft.elastic_tp.partial_restore import keep_held_prefixes
     from sglang_ft.elastic_tp.received_requests import reconcile
+    from sglang_ft.elastic_tp.reshard import build_model_like, reshard
     from sglang_ft.elastic_tp.scheduler_sync import sync_scheduler_state
     from sglang_ft.elastic_tp.torn_step import complete_torn_step
-    from sglang_ft.elastic_tp.kv_restore import reshape_kv_heads, restore_kv
-    from sglang_ft.elastic_tp.reshard import build_model_like, reshard
+    from sglang_ft.layers.attention import remainder_placement
 
     scheduler, me = ft_worker.scheduler, ft_worker.worker
     runner = scheduler.tp_worker.model_runner
@@ -245,9 +245,9 @@ def regroup_in_place(ft_worker, order: Regroup) -> RegroupDone:
 def restore_remainder_kv(placement, ft_worker, order: Regroup) -> tuple[int, int]:
     """Hybrid attention: spread the cached slots' remainder heads over the new group, each worker's share from the
     backup store (every head's KV is there, whoever held it); (slots restored, slots missing) here."""
+    from sglang_ft.elastic_tp.kv_restore import fetch_rows
     from sglang_ft.elastic_tp.scheduler_sync import cached_sequences
     from sglang_ft.mem_cache.kv_backup_stream import live_slots
-    from sglang_ft.elastic_tp.kv_restore import fetch_rows
 
     endpoint = ft_worker.ft.kv_fetch_endpoint if ft_worker.kv_stream and order.kv_store_alive else None
     members = tuple(zip(order.workers, order.pids))

@@ -21,8 +21,8 @@ from ft.heartbeat import HeartbeatSender
 from ft.messages import BackupResync, Fenced, Regroup, WorkerFailed, decode_order, encode
 from ft.sockets import connect_socket, process_keys
 from ft.wire import Dropped
-from sglang_ft.managers.scheduler_components.output_rewind import FinishedRequests
 from sglang_ft.elastic_tp.received_requests import RequestLedger
+from sglang_ft.managers.scheduler_components.output_rewind import FinishedRequests
 from sglang_ft.managers.scheduler_components.worker_load import probe_load
 from sglang_ft.server_args import FtArgs
 

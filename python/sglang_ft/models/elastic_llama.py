@@ -24,17 +24,16 @@ from torch import nn
 from ft.partition import RankShard, TPLayout
 from ft.planner import DIMENSIONS
 from sglang_ft.distributed_state import current_layout, layout_rank
-from sglang_ft.layers.elastic_parallel import ElasticLMHead, ElasticVocabEmbedding, all_reduce
 from sglang_ft.layers.attention.remainder_attention import (
     CyclicBatch,
     RemainderBatch,
     merge_partials,
     remainder_attention,
 )
+from sglang_ft.layers.elastic_parallel import ElasticLMHead, ElasticVocabEmbedding, all_reduce
 from sglang_ft.models.elastic_mlp import ElasticMLP
 from sglang_ft.models.elastic_moe import MOE_ARCHITECTURES, ElasticSparseMoe
 from sglang_ft.models.weight_pieces import Piece, fill_from_checkpoint
-
 
 logger = logging.getLogger(__name__)
 
