@@ -45,7 +45,6 @@ from ft.metrics import ft_metrics
 from ft.model_config import model_shape_from_dir
 from ft.options import CONTROLLER_OPTIONS_ENV, ControllerOptions
 from ft.partition import ModelShape, TPLayout
-from ft.planner import plan_migration
 from ft.process_watch import ProcessWatch
 from ft.ports import free_port
 from ft.respawn import Respawner, RespawnPolicy
@@ -124,8 +123,6 @@ class PendingRecovery:
     order: Regroup
     detected_at: float
     detect_ms: float
-    bytes_p2p: int
-    bytes_reloaded: int
     waiting: set[int]
     done: list[RegroupDone] = field(default_factory=list)
     last_sent: float = 0.0
@@ -269,8 +266,8 @@ class FtController:
                 self.lost_published = time.monotonic()
 
     def _start_recovery(self, cause: str, detect_ms: float, new_joiners: tuple[int, ...] = ()) -> None:
-        """Plan the group of the live members (and ready joiners, last, so rank 0 stays with a member that holds
-        the scheduler's state) with minimal migration and order them to form it."""
+        """Order the live members (and ready joiners, last, so rank 0 stays with a member that holds the
+        scheduler's state) to form a group; its members plan the migration from what each holds."""
         membership = self.state.membership
         if self.layout is None:
             return
@@ -290,8 +287,6 @@ class FtController:
             logger.error("sglang-ft controller: no worker left alive on node 0, where the tokenizer runs: workers "
                          "%s on other nodes cannot serve alone", list(workers))
             return
-        held = {w: self.layout.shards[r] for r, w in enumerate(membership.members()) if w not in joining}
-        plan = plan_migration(self.layout.shape, held, list(workers), hybrid=self.hybrid)
         epoch = membership.regroup(workers)
         for worker in new_joiners:
             self.ready_joiners.discard(worker)
@@ -299,16 +294,13 @@ class FtController:
             membership.workers[worker].last_beat = time.monotonic()  # watched like every member from now on
         pids = tuple(membership.workers[w].pid or 0 for w in workers)
         store = self.state.kv_backup
-        order = Regroup(epoch, workers, plan.layout.to_json(), free_port(), cause, joining, pids,
+        order = Regroup(epoch, workers, free_port(), cause, joining, pids,
                         kv_store_alive=store is None or store.alive)
-        self.layout = plan.layout  # until the members report the layout they formed
-        self.pending = PendingRecovery(order, time.monotonic(), round(detect_ms, 1), plan.bytes_p2p,
-                                       plan.bytes_reloaded, set(workers))
+        self.pending = PendingRecovery(order, time.monotonic(), round(detect_ms, 1), set(workers))
         self.state.regrouping = epoch
         self.failure_reported_at = None
-        logger.warning("sglang-ft controller: epoch %d: regroup %s -> workers %s%s (plan: %d B peer to peer, %d B "
-                       "from disk)", epoch, cause, list(workers), f", joining {list(joining)}" if joining else "",
-                       plan.bytes_p2p, plan.bytes_reloaded)
+        logger.warning("sglang-ft controller: epoch %d: regroup %s -> workers %s%s", epoch, cause, list(workers),
+                       f", joining {list(joining)}" if joining else "")
         self._publish(order)
 
     def _on_regroup_done(self, done: RegroupDone, now: float) -> None:

@@ -93,8 +93,8 @@ class WorkerFailed(msgspec.Struct, tag=True, frozen=True):
 class Regroup(msgspec.Struct, tag=True, frozen=True):
     """The controller's order: form the group `workers` (new rank r = workers[r]) at `epoch`.
 
-    `layout_json` is the controller's plan; the members plan again from what each of them actually holds (a
-    regroup interrupted by another failure can leave them in different states) and report the layout they formed.
+    The members plan the migration themselves, from what each of them actually holds (a regroup interrupted by
+    another failure can leave them in states the controller cannot know), and report the layout they formed.
     `joining` are restarted workers that have no scheduler state yet; `pids[r]` is the process of `workers[r]` (0
     where not known), so the backup store can tell a member's late writes from a fenced process's. A store the
     controller knows is down is not asked (`kv_store_alive`): the fetch would wait out its timeout first.
@@ -102,7 +102,6 @@ class Regroup(msgspec.Struct, tag=True, frozen=True):
 
     epoch: Epoch
     workers: Workers
-    layout_json: Text
     store_port: Annotated[int, Meta(ge=0, le=65535)]
     cause: Text
     joining: Workers = ()

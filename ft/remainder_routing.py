@@ -39,8 +39,9 @@ class BalanceThresholds:
 
 
 @dataclass
-class RemainderRouter:
-    """Owners of the remainder heads of every unfinished request, for the workers `workers` of one group."""
+class RequestRouter:
+    """The owner of every unfinished request among `workers`, by policy and outstanding tokens: a worker of one group
+    for hybrid attention's remainder heads, or a data-parallel replica under `--dp-size` (replica_router.py)."""
 
     workers: tuple[int, ...]
     policy: str = "prefix_load"

@@ -67,7 +67,7 @@ LOAD = dict(q_heads=4, kv_heads=2, kv_tokens_used=10, kv_tokens_free=90, kv_byte
             waiting_requests=0, outstanding_tokens=5, last_step_ms=3.5)
 REGROUP_DONE = dict(type="RegroupDone", worker=0, epoch=1, stage_ms={"reshard_weights": 1.0}, bytes_kept=1,
                     bytes_p2p=2, bytes_reloaded=3, kv_tokens_recomputed=4)
-REGROUP = dict(type="Regroup", epoch=1, workers=[0, 1], layout_json="{}", store_port=5000, cause="test",
+REGROUP = dict(type="Regroup", epoch=1, workers=[0, 1], store_port=5000, cause="test",
                joining=[], pids=[11, 12])
 
 # The backup store's write stream (PULL), with the store holding G: each is refused by a check

@@ -84,17 +84,16 @@ def after_scheduler_init(_result, scheduler, server_args, port_args, *args, **kw
     ft = ft.for_replica(get_parallel().dp_rank)  # under --dp-size, this replica's controller and store
     publish(ft)
 
-    from sglang_ft.distributed.regroup_groups import set_collective_timeout
+    from sglang_ft.elastic_tp.groups import set_collective_timeout
+    from sglang_ft.elastic_tp.joiner import joiner_identity
     from sglang_ft.managers.ft_worker import FtWorker, install_worker
-
-    from sglang_ft.managers.joiner import joiner_identity
 
     parallel = get_parallel()
     joiner = joiner_identity()
     if joiner is None:
         worker = FtWorker(scheduler, ft, parallel.tp_rank, port_args, group=tuple(range(parallel.tp_size)),
                           dp_rank=parallel.dp_rank or 0, kv_slots=scheduler.token_to_kv_pool_allocator.size)
-    else:  # a restarted worker: alone until the controller plans it back in (managers/joiner.py)
+    else:  # a restarted worker: alone until the controller plans it back in (elastic_tp/joiner.py)
         worker = FtWorker(scheduler, ft, joiner.worker, port_args, joining=True, dp_rank=parallel.dp_rank or 0,
                           kv_slots=scheduler.token_to_kv_pool_allocator.size)
         allocator_slots = scheduler.token_to_kv_pool_allocator.size
@@ -104,9 +103,9 @@ def after_scheduler_init(_result, scheduler, server_args, port_args, *args, **kw
     if ft.kv_backup:
         worker.start_kv_backup(scheduler.tp_worker.model_runner, scheduler.token_to_kv_pool_allocator)
     install_worker(worker)
-    from sglang_ft.managers import remainder_owners
+    from sglang_ft.layers.attention import remainder_placement
 
-    remainder_owners.install(scheduler, ft, worker.kv_stream)
+    remainder_placement.install(scheduler, ft, worker.kv_stream)
     worker.arm_faults_on_signals()  # kill_unsent, fail_step, kill_uncopied (ft/faults.py)
     # From now on a collective stuck on a dead or hung peer fails after the FT timeout, so survivors regroup.
     set_collective_timeout(ft.collective_timeout_s)
@@ -160,7 +159,7 @@ def around_run_batch(original, scheduler, batch, *args, **kwargs):
                 logger.warning("sglang-ft: worker %d dies after a step, before backing up its KV (injected fault)",
                                worker.worker)
                 os.kill(os.getpid(), signal.SIGKILL)
-            from sglang_ft.managers.remainder_owners import active
+            from sglang_ft.layers.attention.remainder_placement import active
 
             worker.kv_stream.after_step(batch, active())
         if worker.maps_requests:  # under --dp-size, TP rank 0 maps requests to slots for the store
@@ -201,7 +200,7 @@ def _kv_stream():
 
 def after_free_slots(_result, allocator, free_index, *_args, **_kwargs):
     """Freed token slots no longer hold backed-up KV, nor remainder heads' KV (hybrid attention)."""
-    from sglang_ft.managers.remainder_owners import active
+    from sglang_ft.layers.attention.remainder_placement import active
 
     if (placement := active()) is not None:
         placement.release_slots(free_index)
@@ -212,7 +211,7 @@ def after_free_slots(_result, allocator, free_index, *_args, **_kwargs):
 
 def after_clear_allocator(_result, allocator, *_args, **_kwargs):
     """A flush frees every slot: none holds backed-up KV (or remainder heads' KV) any more."""
-    from sglang_ft.managers.remainder_owners import active
+    from sglang_ft.layers.attention.remainder_placement import active
 
     if (placement := active()) is not None:
         placement.clear()
@@ -229,8 +228,7 @@ def around_pull_raw_reqs(original, receiver, *args, **kwargs):
     worker = current_worker()
     if worker is None:
         return original(receiver, *args, **kwargs)
-    from sglang_ft.managers.output_rewind import split_received_tokens
-    from sglang_ft.managers.replica_move import for_replica
+    from sglang_ft.managers.io_struct import for_replica, split_received_tokens
 
     def pull():  # SGLang's DP controller hands the journal's messages to every replica: keep this replica's
         return for_replica(original(receiver, *args, **kwargs), worker.dp_rank)
@@ -247,16 +245,16 @@ def around_pull_raw_reqs(original, receiver, *args, **kwargs):
 
 
 def before_process_input_requests(scheduler, recv_reqs, *args, **kwargs):
-    """Every rank drops requests it already holds (a journal re-send) and records the rest (request_ledger.py);
+    """Every rank drops requests it already holds (a journal re-send) and records the rest (received_requests.py);
     output counts from the tokenizer manager rewind what a dead rank 0 never sent (output_rewind.py)."""
     from sglang_ft.managers.ft_worker import current_worker
 
     worker = current_worker()
     if worker is None or not recv_reqs:
         return None
-    from sglang_ft.managers.output_rewind import apply_received_tokens, split_received_tokens
-    from sglang_ft.managers.replica_move import split_resume_tokens
-    from sglang_ft.managers.request_ledger import held_rids
+    from sglang_ft.elastic_tp.received_requests import held_rids
+    from sglang_ft.managers.io_struct import split_received_tokens, split_resume_tokens
+    from sglang_ft.managers.scheduler_components.output_rewind import apply_received_tokens
 
     counts, recv_reqs = split_received_tokens(recv_reqs)
     for message in counts:
@@ -275,7 +273,7 @@ def after_handle_generate_request(_result, scheduler, recv_req, *_args, **_kwarg
 
     worker = current_worker()
     if worker is not None and worker.resumes:
-        from sglang_ft.managers.replica_move import adopt_queued
+        from sglang_ft.managers.scheduler_components.replica_move import adopt_queued
 
         adopt_queued(scheduler, worker.resumes, recv_req.rid, worker.kv_stream)
 
@@ -284,7 +282,7 @@ def after_dp_controller_init(_result, controller, *_args, **_kwargs):
     """Under `--ft --dp-size`, SGLang's DP controller never blocks on a replica without a rank 0
     (replica_outbox.py)."""
     if ft_enabled():
-        from sglang_ft.managers.replica_outbox import install
+        from sglang_ft.managers.data_parallel_controller_components.replica_outbox import install
 
         install(controller)
 
@@ -292,7 +290,7 @@ def after_dp_controller_init(_result, controller, *_args, **_kwargs):
 def around_dp_send_control_message(original, controller, message, *args, **kwargs):
     """Under `--ft`, the journal's request to renew a replica's socket (a new rank 0) stops at the DP controller."""
     if ft_enabled():
-        from sglang_ft.managers.replica_outbox import renew_on_request
+        from sglang_ft.managers.data_parallel_controller_components.replica_outbox import renew_on_request
 
         if renew_on_request(controller, message):
             return None
@@ -302,7 +300,7 @@ def around_dp_send_control_message(original, controller, message, *args, **kwarg
 def after_update_active_ranks(_result, controller, *_args, **_kwargs):
     """Under `--ft`, a replica the journal reports lost leaves the DP controller's routing and broadcasts."""
     if ft_enabled():
-        from sglang_ft.managers.replica_outbox import drop_inactive
+        from sglang_ft.managers.data_parallel_controller_components.replica_outbox import drop_inactive
 
         drop_inactive(controller)
 
@@ -310,8 +308,8 @@ def after_update_active_ranks(_result, controller, *_args, **_kwargs):
 def after_stream_output(_result, streamer, reqs, *_args, **_kwargs):
     """Remember the requests that just finished: a dying rank 0 may not have sent their end (output_rewind.py);
     under hybrid attention they no longer count towards their owner's load."""
+    from sglang_ft.layers.attention.remainder_placement import active
     from sglang_ft.managers.ft_worker import current_worker
-    from sglang_ft.managers.remainder_owners import active
 
     worker = current_worker()
     if worker is not None:
@@ -322,7 +320,7 @@ def after_stream_output(_result, streamer, reqs, *_args, **_kwargs):
 
 def after_release_aborted_request(_result, scheduler, req, *_args, **_kwargs):
     """Under hybrid attention, a request dropped from SGLang's queues no longer counts towards its owner's load."""
-    from sglang_ft.managers.remainder_owners import active
+    from sglang_ft.layers.attention.remainder_placement import active
 
     if (placement := active()) is not None:
         placement.aborted_before_running(req)
@@ -330,12 +328,13 @@ def after_release_aborted_request(_result, scheduler, req, *_args, **_kwargs):
 
 def around_match_kv_cache(original, req, tree_cache, *args, **kwargs):
     """Under hybrid attention, a request's owner is chosen at its first radix-cache match, knowing which workers
-    hold its cached prefix's remainder rows (managers/remainder_owners.py; rows the owner lacks are copied to it)."""
-    from sglang_ft.managers import remainder_owners
+    hold its cached prefix's remainder rows (layers/attention/hybrid_attention.py; rows the owner lacks are copied to
+    it)."""
+    from sglang_ft.layers.attention import remainder_placement
 
-    if remainder_owners.active() is None:
+    if remainder_placement.active() is None:
         return original(req, tree_cache, *args, **kwargs)
-    return remainder_owners.around_match_kv_cache(original, req, tree_cache, *args, **kwargs)
+    return remainder_placement.around_match_kv_cache(original, req, tree_cache, *args, **kwargs)
 
 
 def around_send_output(original, sender, output, *args, **kwargs):
@@ -354,7 +353,7 @@ def around_send_output(original, sender, output, *args, **kwargs):
 def around_dispatch_to_scheduler(original, tokenizer_manager, obj, *args, **kwargs):
     """Under `--ft`, the tokenizer manager journals what it sends, to re-send it to a newly elected rank 0."""
     if ft_enabled():
-        from sglang_ft.managers.request_journal import JOURNAL
+        from sglang_ft.managers.tokenizer_manager_components.sent_requests import JOURNAL
 
         JOURNAL.record(tokenizer_manager, obj)
     return original(tokenizer_manager, obj, *args, **kwargs)
@@ -399,8 +398,8 @@ def around_create_ipc_channels(original, cls, *args, **kwargs):
     """A restarted worker starts as a TP group of one, so SGLang takes it for rank 0: it must not open the
     tokenizer manager's channels (it would take requests meant for the real rank 0) until a regroup makes it
     rank 0 for real."""
+    from sglang_ft.elastic_tp.joiner import joiner_identity
     from sglang_ft.managers.ft_worker import current_worker
-    from sglang_ft.managers.joiner import joiner_identity
 
     if kwargs.get("is_rank_zero") and current_worker() is None and joiner_identity() is not None:
         kwargs["is_rank_zero"] = False
@@ -491,7 +490,7 @@ def after_apply_token_constraints(token_capacity, *_args, **_kwargs):
     import torch
     from sglang.srt.runtime_context import get_parallel
 
-    from sglang_ft.managers.joiner import joiner_identity
+    from sglang_ft.elastic_tp.joiner import joiner_identity
 
     joiner = joiner_identity()
     if joiner is not None:

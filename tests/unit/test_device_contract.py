@@ -101,7 +101,7 @@ def planned(scenario: str, shape):
 @pytest.mark.parametrize("explicit_group", [False, True], ids=["default_group", "device_group"])
 def test_the_reshard_hands_collectives_only_tensors_on_the_models_device(elastic, monkeypatch, scenario,
                                                                         explicit_group):
-    from sglang_ft.model_executor.reshard import reshard
+    from sglang_ft.elastic_tp.reshard import reshard
 
     path, shape, build = elastic
     old_workers, new_workers, old_layout, held, plan = planned(scenario, shape)
@@ -139,7 +139,7 @@ class Allocator:
 
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
 def test_the_kv_restore_hands_collectives_only_tensors_on_the_pools_device(elastic, monkeypatch, scenario):
-    from sglang_ft.mem_cache.kv_reshape import restore_kv
+    from sglang_ft.elastic_tp.kv_restore import restore_kv
 
     _path, shape, _build = elastic
     old_workers, new_workers, old_layout, held, plan = planned(scenario, shape)
@@ -157,12 +157,12 @@ def test_the_kv_restore_hands_collectives_only_tensors_on_the_pools_device(elast
 
 
 def test_the_holdings_exchange_goes_over_the_cpu_group(elastic, monkeypatch):
-    from sglang_ft.managers.regroup import agree_on_holdings
+    from sglang_ft.elastic_tp.regroup import agree_on_holdings
 
     _path, shape, build = elastic
     layout = TPLayout.even(shape, 2)
     contract = DeviceContract(monkeypatch, 2)
-    order = Regroup(epoch=1, workers=(0, 1), layout_json="{}", store_port=0, cause="test")
+    order = Regroup(epoch=1, workers=(0, 1), store_port=0, cause="test")
     held, _ = agree_on_holdings(build(layout, 0), order, CPU_GROUP)
     assert held == {0: layout.shard(0), 1: layout.shard(0)}  # every rank answered with rank 0's (the fake's echo)
     assert contract.calls == [("all_gather_object", CPU_GROUP)]

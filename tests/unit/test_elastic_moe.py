@@ -30,7 +30,7 @@ def moe_model(request, tmp_path_factory):
 def _shares(config, shape, spans, path):
     """Each rank's ElasticSparseMoe for layer 0, filled from the checkpoint through its own pieces."""
     from sglang_ft.model_loader.lazy_safetensors import lazy_safetensors_iterator
-    from sglang_ft.models.elastic_llama import fill_from_checkpoint
+    from sglang_ft.models.weight_pieces import fill_from_checkpoint
     from sglang_ft.models.elastic_moe import MOE_ARCHITECTURES, ElasticSparseMoe
 
     prefix = f"model.layers.0.{MOE_ARCHITECTURES[config.architectures[0]]}"

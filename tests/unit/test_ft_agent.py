@@ -45,7 +45,7 @@ class FakeEngine:
 
 
 def _order(epoch: int, workers=(0, 2)) -> Regroup:
-    return Regroup(epoch=epoch, workers=workers, layout_json="{}", store_port=0, cause="worker 1: process exit")
+    return Regroup(epoch=epoch, workers=workers, store_port=0, cause="worker 1: process exit")
 
 
 @pytest.fixture

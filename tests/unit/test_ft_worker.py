@@ -12,7 +12,7 @@ from ft.options import AgentOptions
 def test_a_joiner_is_judged_by_the_heartbeat_timeout_once_its_join_completes():
     """Before, a restarted worker kept the startup bound (10 s) until its first batch: one hung right after its
     join stalled the whole group that long."""
-    order = Regroup(epoch=6, workers=(0, 1), layout_json="{}", store_port=0, cause="rejoin of worker 1",
+    order = Regroup(epoch=6, workers=(0, 1), store_port=0, cause="rejoin of worker 1",
                     joining=(1,))
     worker = FtAgent.__new__(FtAgent)
     worker.options = AgentOptions(1, "", "", 0.2)

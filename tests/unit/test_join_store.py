@@ -1,4 +1,4 @@
-"""The new group's rendezvous (`distributed/regroup_groups.join_store`): members arriving at different times all
+"""The new group's rendezvous (`elastic_tp/groups.join_store`): members arriving at different times all
 get in, and a member waiting for a host that never comes gives up as soon as a newer regroup is ordered."""
 
 import socket
@@ -9,7 +9,7 @@ import psutil
 import pytest
 
 from ft.ports import free_port
-from sglang_ft.distributed.regroup_groups import Superseded, join_store
+from sglang_ft.elastic_tp.groups import Superseded, join_store
 
 
 def test_members_arriving_at_different_times_all_join():

@@ -228,7 +228,7 @@ def test_after_a_step_on_cuda_the_rows_go_at_the_next_step_and_the_step_never_wa
 
 
 def test_the_remainder_rows_a_rank_wrote_are_staged_after_the_step_with_their_heads():
-    from sglang_ft.layers.remainder_attention import RemainderKvPool
+    from sglang_ft.layers.attention.remainder_attention import RemainderKvPool
 
     store, pool = KvStore(), fake_pool(9)
     streamer = streamer_with(store, SyncCopyEngine(), pool)

@@ -13,7 +13,7 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sglang_ft.entrypoints import worker_spawner
-from sglang_ft.managers.request_journal import ReplicaOrders, RequestJournal
+from sglang_ft.managers.tokenizer_manager_components.sent_requests import ReplicaOrders, RequestJournal
 
 from tests import hostile_messages as hostile
 from ft.agent import OrderListener
@@ -135,14 +135,14 @@ def publish_until(socket, frames, done, timeout_s: float = 10.0) -> None:
     assert done()
 
 
-REGROUP = Regroup(2, (0, 1), "{}", 5000, "test", pids=(11, 12))
+REGROUP = Regroup(2, (0, 1), 5000, "test", pids=(11, 12))
 ORDER_FRAMES = [frame for frame, in hostile.ORDERS.values()]
 
 
 def test_a_workers_order_listener_drops_every_malformed_order_and_takes_the_next_valid_one(tmp_path):
     socket = publisher(tmp_path)
     listener = OrderListener(f"ipc://{tmp_path}/orders", worker=0, current_epoch=lambda: 0)
-    probe = encode(Regroup(1, (0,), "{}", 5000, "probe"))
+    probe = encode(Regroup(1, (0,), 5000, "probe"))
     publish_until(socket, [], lambda: socket.send(probe) or listener.latest is not None)
     publish_until(socket, [*ORDER_FRAMES, encode(REGROUP)], lambda: listener.latest == REGROUP)
     assert listener.dropped.malformed == len(ORDER_FRAMES) and listener.dropped.failed == 0
@@ -154,7 +154,7 @@ def test_the_journal_drops_every_malformed_order_and_follows_the_next_valid_one(
     journal._on_loop = switched.append
     for frame in ORDER_FRAMES:  # among them a Regroup of no workers: before, workers[0] raised in its thread
         journal.on_order(seen, frame)
-    journal.on_order(seen, encode(Regroup(3, (1, 0), "{}", 5000, "rank 0 died")))
+    journal.on_order(seen, encode(Regroup(3, (1, 0), 5000, "rank 0 died")))
     journal.on_order(seen, encode(GroupLost(3, "gone")))  # (a single replica: nothing to move it to)
     assert seen.dropped.malformed == len(ORDER_FRAMES) and seen.dropped.failed == 0
     assert (seen.epoch, seen.leader, len(switched)) == (3, 1, 1)

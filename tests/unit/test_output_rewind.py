@@ -14,7 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from sglang_ft.managers.output_rewind import (
+from sglang_ft.managers.scheduler_components.output_rewind import (
     FinishedRequests,
     ReceivedTokens,
     ReceivedTokensWait,

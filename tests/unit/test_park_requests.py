@@ -9,7 +9,7 @@ import pytest
 from sglang.srt.managers.schedule_batch import Req
 from sglang.srt.sampling.sampling_params import SamplingParams
 
-from sglang_ft.managers.park_requests import committed_kv_len
+from sglang_ft.elastic_tp.park_requests import committed_kv_len
 
 
 class Mode:
@@ -100,7 +100,7 @@ def radix(monkeypatch):
 
 def test_parking_after_a_failed_first_prefill_frees_all_but_the_cached_prefix(radix):
     """A new request keeps nothing (its row goes back whole); one with a cached prefix keeps exactly that."""
-    from sglang_ft.managers.park_requests import park
+    from sglang_ft.elastic_tp.park_requests import park
 
     tree, pool, allocator = radix.tree, radix.pool, radix.allocator
     free_before = allocator.available_size()
@@ -123,7 +123,7 @@ def test_parking_every_request_frees_in_one_batch_and_queues_them(radix, monkeyp
     """Several requests parked at once: the slots they do not keep go back in one merge of the free list (a
     merge per request cost tens of ms on a large pool), and every request waits in the queue again, even beyond
     `--max-queued-requests` (accepted work is never aborted as "queue full")."""
-    import sglang_ft.managers.park_requests as park_requests
+    import sglang_ft.elastic_tp.park_requests as park_requests
 
     tree, pool, allocator = radix.tree, radix.pool, radix.allocator
     free_before = allocator.available_size()

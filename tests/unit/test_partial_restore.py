@@ -1,5 +1,5 @@
 """A restore that lacks a step's rows keeps every cached prefix up to its first lacking token
-(managers/partial_restore.py), on SGLang's own radix cache and allocator, with rows from a real backup store."""
+(elastic_tp/partial_restore.py), on SGLang's own radix cache and allocator, with rows from a real backup store."""
 
 import numpy as np
 import torch
@@ -7,7 +7,7 @@ from tests.unit.test_scheduler_sync import SLOTS, cache, make_rank, request, slo
 
 from ft.kv_backup import Geometry, KvFetch, KvWrite, encode
 from ft.kv_store import KvStore
-from sglang_ft.managers.partial_restore import cut_sequences, keep_held_prefixes, lacking_slots
+from sglang_ft.elastic_tp.partial_restore import cut_sequences, keep_held_prefixes, lacking_slots
 
 G = Geometry(num_layers=2, num_kv_heads=2, head_dim=4, slots=SLOTS, itemsize=4)
 LOST = (1, 2)  # the dead worker's head
@@ -83,7 +83,7 @@ def test_remainder_rows_of_the_freed_slots_are_released():
 
 
 def test_cut_sequences_counts_what_it_cuts():
-    from sglang_ft.managers.scheduler_sync import CachedSequence
+    from sglang_ft.elastic_tp.scheduler_sync import CachedSequence
 
     seqs = [CachedSequence([1, 2, 3], np.array([5, 6, 7]), None, None, 2, 0),
             CachedSequence([4], np.array([9]), None, None, 1, 0)]

@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ft.remainder_routing import RemainderRouter, remainder_split
-from sglang_ft.layers.remainder_attention import (
+from ft.remainder_routing import RequestRouter, remainder_split
+from sglang_ft.layers.attention.remainder_attention import (
     HeldSpan,
     OwnedSpan,
     RemainderKvPool,
@@ -77,7 +77,7 @@ def test_even_heads_by_tensor_parallel_plus_remainder_heads_by_owner_sum_to_full
 
     even, remainder = remainder_split(kv_heads, workers)
     first_remainder = even * workers
-    router = RemainderRouter(tuple(range(workers)), "load")
+    router = RequestRouter(tuple(range(workers)), "load")
     owners = [router.admit(str(i), n) for i, n in enumerate(lengths)]
     starts = [sum(lengths[:i]) for i in range(len(lengths))]
     total = torch.zeros_like(expected)

@@ -1,7 +1,7 @@
-"""Hybrid attention's placement in the scheduler (managers/remainder_owners.py), for ranks run as threads over an
-in-memory all-reduce: owners, holders of every slot's remainder KV, copies of a cached prefix to a new owner,
-releases, and the spread of cached slots after a regroup. The model's use of it is checked end to end against
-transformers on a server (test_hybrid_attention.py)."""
+"""Hybrid attention's and cyclic placement's bookkeeping in the scheduler (layers/attention/hybrid_attention.py,
+cyclic_placement.py), for ranks run as threads over an in-memory all-reduce: owners, holders of every slot's
+remainder KV, copies of a cached prefix to a new owner, releases, and the spread of cached slots after a regroup.
+The model's use of it is checked end to end against transformers on a server (test_hybrid_attention.py)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ import torch
 from tests.thread_ranks import ThreadGroup, on_every_rank
 
 from ft.kv_backup import BLOCK_TOKENS
-from sglang_ft.layers.remainder_attention import RemainderKvPool
-from sglang_ft.managers.remainder_owners import ADOPT_BLOCK_SLOTS, CyclicPlacement, RemainderPlacement
+from sglang_ft.layers.attention.remainder_attention import RemainderKvPool
+from sglang_ft.layers.attention.cyclic_placement import CyclicPlacement
+from sglang_ft.layers.attention.hybrid_attention import ADOPT_BLOCK_SLOTS, RemainderPlacement
 
 LAYERS, HEADS, DIM, SLOTS = 2, 1, 4, 64
 
@@ -173,11 +174,11 @@ def test_a_restarted_backup_store_gets_every_remainder_row_this_worker_holds_aga
 def test_sglang_dropping_a_queued_request_reaches_the_placement(monkeypatch):
     """The AFTER hook on SGLang's `Scheduler._release_aborted_request` (every queue it drops requests from)."""
     from sglang_ft import hooks
-    from sglang_ft.managers import remainder_owners
+    from sglang_ft.layers.attention import remainder_placement
 
     placement = placements(2, "load")[0][0]
     placement.owner_of("queued", 300)
-    monkeypatch.setattr(remainder_owners, "_active", placement)
+    monkeypatch.setattr(remainder_placement, "_active", placement)
     hooks.after_release_aborted_request(None, object(), SimpleNamespace(rid="queued",
                                                                         kv=SimpleNamespace(holds_kv=False)))
     assert placement.router.load() == {0: 0, 1: 0}

@@ -11,11 +11,10 @@ import pytest
 
 from tests.unit.test_output_rewind import decode, make_req
 
-from sglang_ft.managers.output_rewind import ReceivedTokens
-from sglang_ft.managers.replica_move import ResumeTokens, adopt, adopt_queued, for_replica
-from sglang_ft.managers.replica_outbox import RenewReplicaSocket
-from sglang_ft.managers.replica_router import PrefixIndex, ReplicaRouter
-from sglang_ft.managers.request_journal import RequestJournal
+from sglang_ft.managers.io_struct import ReceivedTokens, RenewReplicaSocket, ResumeTokens, for_replica
+from sglang_ft.managers.scheduler_components.replica_move import adopt, adopt_queued
+from sglang_ft.managers.tokenizer_manager_components.replica_router import PrefixIndex, ReplicaRouter
+from sglang_ft.managers.tokenizer_manager_components.sent_requests import RequestJournal
 
 SHARED = list(range(100, 148))  # three 16-token blocks
 
@@ -193,7 +192,7 @@ def test_a_replica_outbox_never_blocks_and_delivers_in_order_once_a_peer_connect
 
     import zmq
 
-    from sglang_ft.managers.replica_outbox import ReplicaOutbox
+    from sglang_ft.managers.data_parallel_controller_components.replica_outbox import ReplicaOutbox
 
     context = zmq.Context.instance()
     push = context.socket(zmq.PUSH)
@@ -220,7 +219,7 @@ def test_a_replica_outbox_never_blocks_and_delivers_in_order_once_a_peer_connect
 
 
 def test_the_dp_controller_drops_a_lost_replica_from_routing_and_broadcasts():
-    from sglang_ft.managers.replica_outbox import ReplicaOutbox, drop_inactive
+    from sglang_ft.managers.data_parallel_controller_components.replica_outbox import ReplicaOutbox, drop_inactive
 
     class Socket:
         def __init__(self):
@@ -252,7 +251,7 @@ def test_a_renewed_replica_socket_leaves_a_hung_rank0_out_and_the_new_one_gets_e
     import zmq
     from tests.unit.test_request_journal import STALE_RANK0, drain
 
-    from sglang_ft.managers.replica_outbox import ReplicaOutbox, renew_on_request
+    from sglang_ft.managers.data_parallel_controller_components.replica_outbox import ReplicaOutbox, renew_on_request
 
     endpoint = f"ipc://{tmp_path}/replica-0"
     context = zmq.Context.instance()
@@ -285,7 +284,7 @@ def test_a_renewed_replica_socket_leaves_a_hung_rank0_out_and_the_new_one_gets_e
 
 
 def test_loads_are_re_read_at_most_every_refresh_interval_unless_forced(monkeypatch):
-    from sglang_ft.managers import replica_router
+    from sglang_ft.managers.tokenizer_manager_components import replica_router
 
     clock = [100.0]
     monkeypatch.setattr(replica_router.time, "monotonic", lambda: clock[0])
@@ -374,14 +373,15 @@ def test_a_moved_request_takes_its_kv_from_the_lost_replicas_store(tree, tmp_pat
     from sglang.srt.mem_cache.radix_cache import RadixKey
     from tests.unit.test_scheduler_sync import cache, request, slots_of
 
-    from sglang_ft.managers import regroup, replica_kv
+    from sglang_ft.distributed import rank_agreement
+    from sglang_ft.managers.scheduler_components import replica_kv
 
     old_slots = [11, 12, 13, 14, 15]
     fetch, k, v = lost_replicas_store(tmp_path, {(0, G_HEADS): old_slots})
     rank = new_replicas_rank(tree, (1, 3))
     cache(rank, [1, 2])  # the prompt's first tokens are cached here already
     cached = slots_of(rank, [1, 2])
-    monkeypatch.setattr(regroup, "any_rank", lambda flag, group: flag)  # one rank: its own answer
+    monkeypatch.setattr(rank_agreement, "any_rank", lambda flag, group: flag)  # one rank: its own answer
     moved = request("m", [1, 2, 3, 4], [])
     adopt(moved, [10, 11])  # the newest output (11) has no KV yet: prompt and 10 do
 
@@ -411,12 +411,13 @@ def test_the_new_replicas_ranks_keep_the_kv_only_if_every_one_fetched_its_heads(
     from tests.unit.test_scheduler_sync import request, slots_of
     from tests.thread_ranks import ThreadGroup, on_every_rank
 
-    from sglang_ft.managers import regroup, replica_kv
+    from sglang_ft.distributed import rank_agreement
+    from sglang_ft.managers.scheduler_components import replica_kv
 
     fetch, _, _ = lost_replicas_store(tmp_path, {(0, 2): [11, 12, 13, 20], (2, G_HEADS): [11, 12, 13]})
     group = ThreadGroup(2)
     ranks = [new_replicas_rank("unified", heads, group.gather_for(r)) for r, heads in enumerate([(0, 2), (2, 4)])]
-    monkeypatch.setattr(regroup, "any_rank", lambda flag, gather: any(gather(flag)))
+    monkeypatch.setattr(rank_agreement, "any_rank", lambda flag, gather: any(gather(flag)))
 
     def move(rank: int):
         whole, torn = request("w", [1, 2], []), request("t", [5, 6], [])
@@ -444,18 +445,22 @@ def test_under_hybrid_attention_or_cyclic_placement_the_remainder_heads_rows_are
     from tests.unit.test_scheduler_sync import request
     from tests.thread_ranks import ThreadGroup, on_every_rank
 
-    from sglang_ft.layers.remainder_attention import RemainderKvPool
-    from sglang_ft.managers import regroup, remainder_owners, replica_kv
+    from sglang_ft.layers.attention.remainder_attention import RemainderKvPool
+    from sglang_ft.distributed import rank_agreement
+    from sglang_ft.layers.attention import remainder_placement
+    from sglang_ft.layers.attention.cyclic_placement import CyclicPlacement
+    from sglang_ft.layers.attention.hybrid_attention import RemainderPlacement
+    from sglang_ft.managers.scheduler_components import replica_kv
 
     fetch, k, v = lost_replicas_store(tmp_path, {(0, G_HEADS): [11, 12, 13], (0, 2): [20]})
     group = ThreadGroup(2)
     ranks = [new_replicas_rank("unified", (r, r + 1), group.gather_for(r)) for r in range(2)]
-    kind_of = remainder_owners.CyclicPlacement if kind == "cyclic" else remainder_owners.RemainderPlacement
+    kind_of = CyclicPlacement if kind == "cyclic" else RemainderPlacement
     placements = [kind_of(r, 2, "load", RemainderKvPool(2, 2, k.shape[-1], 65, 65), torch.zeros((4, 32)),
                           heads=(2, G_HEADS), all_reduce=group.all_reduce_for(r)) for r in range(2)]
     of_thread: dict[int, object] = {}
-    monkeypatch.setattr(remainder_owners, "active", lambda: of_thread.get(threading.get_ident()))
-    monkeypatch.setattr(regroup, "any_rank", lambda flag, gather: any(gather(flag)))
+    monkeypatch.setattr(remainder_placement, "active", lambda: of_thread.get(threading.get_ident()))
+    monkeypatch.setattr(rank_agreement, "any_rank", lambda flag, gather: any(gather(flag)))
 
     def move(rank: int):
         of_thread[threading.get_ident()] = placements[rank]

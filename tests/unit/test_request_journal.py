@@ -15,8 +15,8 @@ from types import SimpleNamespace
 import zmq
 import zmq.asyncio
 
-from sglang_ft.managers.output_rewind import ReceivedTokens
-from sglang_ft.managers.request_journal import RequestJournal
+from sglang_ft.managers.io_struct import ReceivedTokens
+from sglang_ft.managers.tokenizer_manager_components.sent_requests import RequestJournal
 
 STALE_RANK0 = """
 import sys, time, zmq
@@ -105,7 +105,7 @@ def test_a_hung_rank0_gets_nothing_after_the_switch_and_the_new_one_gets_everyth
 def test_the_fresh_socket_binds_the_same_ipc_path_at_once(tmp_path):
     """libzmq leaves a closed socket's ipc file in place and unlinks it itself when binding: the switch must not
     wait for the file to go (it waited out a 2 s timeout at every rank-0 election)."""
-    from sglang_ft.managers.request_journal import bind_when_free
+    from sglang_ft.managers.tokenizer_manager_components.sent_requests import bind_when_free
 
     context = zmq.Context.instance()
     endpoint = f"ipc://{tmp_path}/to-scheduler"

@@ -1,10 +1,10 @@
-"""Request reconciliation after a regroup (managers/request_ledger.py), on a one-rank gloo group."""
+"""Request reconciliation after a regroup (elastic_tp/received_requests.py), on a one-rank gloo group."""
 
 from types import SimpleNamespace
 
 import pytest
 import torch.distributed as dist
-from sglang_ft.managers.request_ledger import RequestLedger, reconcile
+from sglang_ft.elastic_tp.received_requests import RequestLedger, reconcile
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +74,7 @@ def test_a_joiners_synced_requests_are_held_so_a_journal_resend_of_them_is_dropp
     from sglang.srt.managers.schedule_batch import Req
     from sglang.srt.observability.req_time_stats import SchedulerReqTimeStats
     from sglang.srt.sampling.sampling_params import SamplingParams
-    from sglang_ft.managers.request_ledger import is_new_request
+    from sglang_ft.elastic_tp.received_requests import is_new_request
 
     class Resend(SimpleNamespace):  # stands for the journal's TokenizedGenerateReqInput
         pass
@@ -90,7 +90,7 @@ def test_a_joiners_synced_requests_are_held_so_a_journal_resend_of_them_is_dropp
 
 
 def test_a_request_still_held_is_never_taken_twice_even_past_the_bounded_history():
-    from sglang_ft.managers.request_ledger import held_rids
+    from sglang_ft.elastic_tp.received_requests import held_rids
 
     scheduler = FakeScheduler(["w"])
     scheduler.running_batch = SimpleNamespace(reqs=[SimpleNamespace(rid="r")])

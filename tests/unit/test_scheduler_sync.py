@@ -1,4 +1,4 @@
-"""A restarted worker's scheduler state (`managers/scheduler_sync.py`) on SGLang's own radix cache, allocator and
+"""A restarted worker's scheduler state (`elastic_tp/scheduler_sync.py`) on SGLang's own radix cache, allocator and
 requests: every rank that applies rank 0's snapshot ends up identical, whatever it held before."""
 
 import pickle
@@ -15,7 +15,7 @@ from sglang.srt.mem_cache.radix_cache import RadixCache, RadixKey
 from sglang.srt.observability.req_time_stats import SchedulerReqTimeStats
 from sglang.srt.sampling.sampling_params import SamplingParams
 
-from sglang_ft.managers.scheduler_sync import apply_snapshot, portable_request, rebuild_request, take_snapshot
+from sglang_ft.elastic_tp.scheduler_sync import apply_snapshot, portable_request, rebuild_request, take_snapshot
 
 SLOTS = 64
 

@@ -12,8 +12,8 @@ import pytest
 from tests.unit.test_output_rewind import FakeStreamer, decode, make_req
 from tests.thread_ranks import ThreadGroup, on_every_rank
 
-from sglang_ft.managers import torn_step
-from sglang_ft.managers.torn_step import complete_torn_step
+from sglang_ft.elastic_tp import torn_step
+from sglang_ft.elastic_tp.torn_step import complete_torn_step
 
 
 def run_ranks(schedulers, failed_batches, joining=()):

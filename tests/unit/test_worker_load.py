@@ -1,4 +1,4 @@
-"""A worker's load for `/ft/status` (managers/worker_load.py): what it holds and does, carried on its heartbeats.
+"""A worker's load for `/ft/status` (managers/scheduler_components/worker_load.py): what it holds and does, carried on its heartbeats.
 The live numbers on an unequal TP 3 server are checked in test_serving_ft.py."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import torch
 
 from ft.heartbeat import HeartbeatSender, MessageReceiver
 from ft.messages import Heartbeat, WorkerLoad
-from sglang_ft.managers.worker_load import kv_bytes_per_token, outstanding_tokens
+from sglang_ft.managers.scheduler_components.worker_load import kv_bytes_per_token, outstanding_tokens
 
 
 def req(prompt: int, output: int, max_new: int):

@@ -1,1 +1,2 @@
-"""Rebuilding SGLang's process groups for a new TP world, in place."""
+"""torch.distributed for a group that loses members: failed collectives recognised, blocked ones interrupted, NCCL
+error handling, deadlock-free peer-to-peer transfers, and agreement among ranks."""

@@ -4,7 +4,7 @@ torch's defaults suit training jobs that restart whole: when a collective fails 
 watchdog ends the process (torch 2.14's default TORCH_NCCL_ASYNC_ERROR_HANDLING is 3, SkipCleanUp: tear the process
 down without aborting the communicator). A survivor must instead see an error and regroup. Values the user set
 are kept. The collectives' bound itself is the group's timeout (`--ft-collective-timeout-s`, set on every group
-by `regroup_groups.set_collective_timeout`), which the watchdog enforces.
+by `elastic_tp/groups.set_collective_timeout`), which the watchdog enforces.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-_timeout_s: float | None = None  # the groups' collective bound (`regroup_groups.set_collective_timeout`)
+_timeout_s: float | None = None  # the groups' collective bound (`elastic_tp/groups.set_collective_timeout`)
 
 
 def set_wait_timeout(timeout_s: float | None) -> None:

@@ -75,7 +75,7 @@ def start_ft_runtime(tp_size: int, model_path: str, app: FastAPI,
     from sglang_ft.entrypoints.overload import RetryAfterOn503
 
     app.add_middleware(RetryAfterOn503)
-    from sglang_ft.managers.request_journal import JOURNAL
+    from sglang_ft.managers.tokenizer_manager_components.sent_requests import JOURNAL
 
     JOURNAL.follow_orders([replica.order_endpoint for replica in replicas], ft.routing,
                           [replica.kv_fetch_endpoint if ft.kv_backup else None for replica in replicas])
@@ -121,7 +121,7 @@ async def _ask(ft: FtArgs, dp_rank: int, request: ControlRequest) -> JSONRespons
 
 async def replicas_status(ft: FtArgs) -> JSONResponse:
     """Under --dp-size: every replica's controller's status, and how the tokenizer routes between them."""
-    from sglang_ft.managers.request_journal import JOURNAL
+    from sglang_ft.managers.tokenizer_manager_components.sent_requests import JOURNAL
 
     replies = await asyncio.gather(*(asyncio.to_thread(ask_controller, ft.for_replica(k), ControlRequest("status"))
                                      for k in range(ft.dp_size)))

@@ -2,7 +2,7 @@
 
 An AROUND hook on SGLang's `Engine._launch_scheduler_processes` keeps those arguments. The spawner listens to the
 controller's orders and, on a `Respawn`, starts a fresh scheduler process for that worker on the same device
-through `sglang_ft.managers.joiner.run_joiner_process`; the launcher stays its parent, as for every scheduler.
+through `sglang_ft.elastic_tp.joiner.run_joiner_process`; the launcher stays its parent, as for every scheduler.
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ class WorkerSpawner:
                 logger.exception("sglang-ft: could not restart worker %d", order.worker)
 
     def spawn(self, order: Respawn) -> None:
-        from sglang_ft.managers.joiner import run_joiner_process
+        from sglang_ft.elastic_tp.joiner import run_joiner_process
 
         if _LAUNCH is None:
             raise RuntimeError("SGLang's scheduler launch arguments were not recorded")

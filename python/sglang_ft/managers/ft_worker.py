@@ -1,7 +1,7 @@
 """sglang-ft inside one TP scheduler process: the SGLang side of the worker's FT agent (`ft/agent.py`).
 
 The agent (heartbeats, the controller's orders, fencing, the wait-for-an-order loop) is engine-agnostic; `FtWorker`
-gives it SGLang's side: the regroup in place (`sglang_ft.managers.regroup`), which exceptions are a peer lost in a
+gives it SGLang's side: the regroup in place (`sglang_ft.elastic_tp.regroup`), which exceptions are a peer lost in a
 collective, the interrupt of the old group's communicators, the scheduler's load. It also keeps what the scheduler's
 hooks need between steps (request ledger, finished outputs, KV backup stream, armed faults): the hooks and the
 regroup call its methods, nothing outside sets its fields.
@@ -16,9 +16,9 @@ import time
 from ft.agent import Engine, FtAgent, RegroupOrdered
 from ft.faults import ARMED_FAULTS, FAULT_SIGNALS
 from ft.messages import Regroup, RegroupDone
-from sglang_ft.managers.output_rewind import FinishedRequests
-from sglang_ft.managers.request_ledger import RequestLedger
-from sglang_ft.managers.worker_load import probe_load
+from sglang_ft.managers.scheduler_components.output_rewind import FinishedRequests
+from sglang_ft.elastic_tp.received_requests import RequestLedger
+from sglang_ft.managers.scheduler_components.worker_load import probe_load
 from sglang_ft.server_args import FtArgs
 
 logger = logging.getLogger(__name__)
@@ -28,7 +28,7 @@ def is_collective_failure(exc: BaseException) -> bool:
     """Is this a peer vanishing in a collective or a rendezvous (not a bug in a step)? By type only: the
     collectives raise `CollectiveFailure` (`collectives_may_fail`), a newer order `RegroupOrdered`."""
     from sglang_ft.distributed.collective_failure import CollectiveFailure
-    from sglang_ft.distributed.regroup_groups import Superseded
+    from sglang_ft.elastic_tp.groups import Superseded
 
     return isinstance(exc, (CollectiveFailure, RegroupOrdered, Superseded))
 
@@ -83,7 +83,7 @@ class FtWorker:
         return self.agent.orders
 
     def _regroup(self, order: Regroup) -> RegroupDone:
-        from sglang_ft.managers.regroup import regroup_in_place
+        from sglang_ft.elastic_tp.regroup import regroup_in_place
 
         return regroup_in_place(self, order)
 
@@ -189,7 +189,7 @@ class FtWorker:
         """ResumeTokens of requests moved here from a lost replica (replica_move.py), kept until they are adopted."""
         self.resumes.update((m.rid, m) for m in resumes)
 
-    # --- the regroup's stages (managers/regroup.py) ---
+    # --- the regroup's stages (elastic_tp/regroup.py) ---
 
     def expect_output_counts(self, wait) -> None:
         """This new rank 0 waits for the tokenizer manager's counts before its first step (output_rewind.py)."""

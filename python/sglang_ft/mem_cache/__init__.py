@@ -1,1 +1,1 @@
-"""KV-pool changes for elastic TP: reshaping a pool's head dimension in place."""
+"""KV-pool additions for elastic TP: the KV backup stream and its device-to-host copies, radix-cache lookups."""

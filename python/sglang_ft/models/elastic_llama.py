@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 import torch
-from sglang.srt.layers.activation import SiluAndMul
 from sglang.srt.layers.layernorm import RMSNorm
 from sglang.srt.layers.linear import ReplicatedLinear
 from sglang.srt.layers.logits_processor import LogitsProcessor
@@ -26,25 +24,16 @@ from torch import nn
 from ft.partition import RankShard, TPLayout
 from ft.planner import DIMENSIONS
 from sglang_ft.distributed_state import current_layout, layout_rank
-from sglang_ft.layers.elastic_parallel import ElasticLMHead, ElasticVocabEmbedding, all_reduce
-from sglang_ft.layers.remainder_attention import (
+from sglang_ft.layers.attention.remainder_attention import (
     CyclicBatch,
     RemainderBatch,
     merge_partials,
     remainder_attention,
 )
-from sglang_ft.model_loader.lazy_safetensors import read_all, read_cols, read_rows
-
-
-@dataclass(frozen=True)
-class Piece:
-    """Checkpoint tensor `name`, rows (axis 0) or columns (axis 1) [lo, hi), held in `view` on this rank."""
-
-    name: str
-    axis: int
-    lo: int
-    hi: int
-    view: torch.Tensor
+from sglang_ft.layers.elastic_parallel import ElasticLMHead, ElasticVocabEmbedding, all_reduce
+from sglang_ft.models.elastic_mlp import ElasticMLP
+from sglang_ft.models.elastic_moe import MOE_ARCHITECTURES, ElasticSparseMoe
+from sglang_ft.models.weight_pieces import Piece, fill_from_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -158,40 +147,8 @@ class ElasticAttention(nn.Module):
         out.index_add_(0, mine, projected)
 
 
-class ElasticMLP(nn.Module):
-    """SwiGLU over this rank's span of intermediate columns; the down projection is summed over ranks."""
-
-    def __init__(self, hidden_size: int, columns: int, prefix: str):
-        super().__init__()
-        self.columns = columns
-        self.gate_up_proj = ReplicatedLinear(hidden_size, 2 * columns, bias=False, prefix=f"{prefix}.gate_up_proj")
-        self.down_proj = ReplicatedLinear(columns, hidden_size, bias=False, prefix=f"{prefix}.down_proj")
-        self.act_fn = SiluAndMul()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return all_reduce(self.partial(x))
-
-    def partial(self, x: torch.Tensor) -> torch.Tensor:
-        """This rank's share of the output (the sum over ranks is the whole output)."""
-        gate_up, _ = self.gate_up_proj(x)
-        out, _ = self.down_proj(self.act_fn(gate_up))
-        return out
-
-    def column_pieces(self, prefix: str, start: int, end: int, a: int, b: int) -> list[Piece]:
-        """Checkpoint slices for global columns [start, end), local [a, b)."""
-        gate_up, cols = self.gate_up_proj.weight, self.columns
-        return [Piece(f"{prefix}.gate_proj.weight", 0, start, end, gate_up[a:b]),
-                Piece(f"{prefix}.up_proj.weight", 0, start, end, gate_up[cols + a : cols + b]),
-                Piece(f"{prefix}.down_proj.weight", 1, start, end, self.down_proj.weight[:, a:b])]
-
-    def replicated_params(self, prefix: str) -> dict[str, torch.Tensor]:
-        return {}
-
-
 def make_mlp(config, shard: RankShard, shape, prefix: str) -> tuple[nn.Module, str]:
     """The layer's feed-forward block and its checkpoint prefix: a dense MLP or a mixture of experts."""
-    from sglang_ft.models.elastic_moe import MOE_ARCHITECTURES, ElasticSparseMoe  # imports this module: not at the top
-
     if not shape.num_experts:
         return ElasticMLP(config.hidden_size, shard.num_mlp_columns, f"{prefix}.mlp"), f"{prefix}.mlp"
     moe_prefix = f"{prefix}.{MOE_ARCHITECTURES[config.architectures[0]]}"
@@ -251,7 +208,7 @@ class ElasticLlamaForCausalLM(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.logits_processor = LogitsProcessor(config, skip_all_gather=True)
-        self.remainder = None  # under hybrid attention, the scheduler's RemainderPlacement (remainder_owners.py)
+        self.remainder = None  # under hybrid attention, the scheduler's RemainderPlacement (remainder_placement.py)
         logger.info(
             "sglang-ft: TP rank %d of %d holds KV heads %s, MLP columns %s, vocabulary rows %s",
             self.tp_rank,
@@ -372,31 +329,6 @@ def head_pieces(prefix: str, qkv_proj, o_proj, q_size: int, kv_size: int, start:
     pieces.append(Piece(f"{prefix}.o_proj.weight", 1, start * q_rows, end * q_rows,
                         o_proj.weight[:, a * q_rows : (a + n) * q_rows]))
     return pieces
-
-
-def fill_from_checkpoint(weights, pieces: list[Piece], replicated: dict[str, torch.Tensor]) -> set[str]:
-    """Copy checkpoint slices into piece views (and whole tensors into replicated params); names filled."""
-    by_name: dict[str, list[Piece]] = {}
-    for piece in pieces:
-        by_name.setdefault(piece.name, []).append(piece)
-    loaded = set()
-    with torch.no_grad():
-        _fill(weights, by_name, replicated, loaded)
-    return loaded
-
-
-def _fill(weights, by_name, replicated, loaded) -> None:
-    for name, tensor in weights:
-        for piece in by_name.get(name, ()):
-            value = read_rows(tensor, piece.lo, piece.hi) if piece.axis == 0 else read_cols(tensor, piece.lo, piece.hi)
-            if value.shape != piece.view.shape:
-                raise ValueError(f"{name}[{piece.lo}:{piece.hi}] has shape {tuple(value.shape)}, expected "
-                                 f"{tuple(piece.view.shape)}")
-            piece.view.copy_(value, non_blocking=True)  # asynchronous from pinned memory (lazy_safetensors.py)
-            loaded.add(name)
-        if name in replicated:
-            replicated[name].data.copy_(read_all(tensor), non_blocking=True)
-            loaded.add(name)
 
 
 EntryClass = [ElasticLlamaForCausalLM]

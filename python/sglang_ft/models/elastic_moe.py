@@ -17,7 +17,8 @@ from sglang.srt.layers.moe.topk import StandardTopKOutput, fused_topk_torch_nati
 from torch import nn
 
 from sglang_ft.layers.elastic_parallel import all_reduce
-from sglang_ft.models.elastic_llama import ElasticMLP, Piece
+from sglang_ft.models.elastic_mlp import ElasticMLP
+from sglang_ft.models.weight_pieces import Piece
 
 MOE_ARCHITECTURES = {"MixtralForCausalLM": "block_sparse_moe", "Qwen2MoeForCausalLM": "mlp"}  # checkpoint prefix
 

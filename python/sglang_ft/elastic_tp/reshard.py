@@ -114,7 +114,7 @@ def reshard(old_model, new_model, plan: MigrationPlan, me: int, checkpoint_dir: 
                                        if m.dst == me and m.dim == "mlp_columns")
     if from_disk:
         from sglang_ft.model_loader.lazy_safetensors import lazy_safetensors_iterator
-        from sglang_ft.models.elastic_llama import fill_from_checkpoint
+        from sglang_ft.models.weight_pieces import fill_from_checkpoint
 
         files = sorted(glob.glob(os.path.join(checkpoint_dir, "*.safetensors")))
         fill_from_checkpoint(lazy_safetensors_iterator(files), from_disk, {})

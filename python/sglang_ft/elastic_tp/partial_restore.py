@@ -48,7 +48,7 @@ def lacking_slots(num_slots: int, *lacking: torch.Tensor) -> torch.Tensor:
 def keep_held_prefixes(scheduler, lacking: torch.Tensor, kv_stream=None, placement=None) -> int:
     """Cut the radix cache to the rows the group holds (`lacking`: the same bool per slot on every rank); returns
     the tokens parked requests will compute again."""
-    from sglang_ft.managers.scheduler_sync import apply_snapshot, take_snapshot
+    from sglang_ft.elastic_tp.scheduler_sync import apply_snapshot, take_snapshot
     from sglang_ft.mem_cache.kv_backup_stream import slots_in_use
 
     snapshot = take_snapshot(scheduler, with_requests=False)

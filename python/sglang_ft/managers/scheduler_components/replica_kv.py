@@ -49,10 +49,10 @@ def take_over_kv(scheduler, req, endpoint: str, old_slots: list[int], kv_stream=
     returns how many tokens it will not compute again (0 when it cannot: then it is prefilled as any request)."""
     from sglang.srt.mem_cache.base_prefix_cache import InsertParams, MatchPrefixParams
 
-    from sglang_ft.managers import remainder_owners
-    from sglang_ft.managers.regroup import any_rank
-    from sglang_ft.managers.scheduler_sync import matched_slots, radix_key
-    from sglang_ft.mem_cache.kv_reshape import fetch_rows, put_rows
+    from sglang_ft.distributed.rank_agreement import any_rank
+    from sglang_ft.elastic_tp.kv_restore import fetch_rows, put_rows
+    from sglang_ft.layers.attention import remainder_placement
+    from sglang_ft.mem_cache.radix_lookup import matched_slots, radix_key
 
     if not old_slots or not can_take_kv(scheduler):
         return 0
@@ -73,7 +73,7 @@ def take_over_kv(scheduler, req, endpoint: str, old_slots: list[int], kv_stream=
     fetched = fetch_rows(endpoint, 0, heads, wanted, (), pool.k_buffer[0].dtype)
     complete = fetched is not None and fetched[2] is not None and bool(fetched[2].all())
     prefix = matched_slots(tree, match, req).to("cpu", torch.int64)
-    placement = remainder_owners.active()  # hybrid attention or cyclic placement: the remainder heads' rows
+    placement = remainder_placement.active()  # hybrid attention or cyclic placement: the remainder heads' rows
     if placement is not None:
         old_of = dict(zip(new_slots.tolist(), wanted.tolist(), strict=True))
         _, missing = placement.take_moved(prefix, new_slots.to("cpu", torch.int64), lambda span, slots: fetch_rows(

@@ -73,7 +73,7 @@ def reconcile(scheduler, ledger: RequestLedger, cpu_group, is_source: bool) -> t
     import torch.distributed as dist
     from sglang.srt.utils import broadcast_pyobj
 
-    from sglang_ft.distributed.regroup_groups import all_gather_object
+    from sglang_ft.distributed.rank_agreement import all_gather_object
 
     waiting = [r.rid for r in scheduler.waiting_queue]
     mine = (waiting, [rid for rid in ledger.seen if rid not in set(waiting)])

@@ -21,7 +21,7 @@ import os
 import time
 
 from ft.messages import Regroup, RegroupDone
-from ft.partition import RankShard, TPLayout
+from ft.partition import RankShard
 from ft.planner import plan_migration
 
 logger = logging.getLogger(__name__)
@@ -51,20 +51,11 @@ def agree_on_lacking(num_slots: int, kv, placement, cpu_group):
     import torch
     import torch.distributed as dist
 
-    from sglang_ft.managers.partial_restore import lacking_slots
+    from sglang_ft.elastic_tp.partial_restore import lacking_slots
 
     mask = lacking_slots(num_slots, *kv.lacking, placement.lacking if placement is not None else None).to(torch.uint8)
     dist.all_reduce(mask, op=dist.ReduceOp.MAX, group=cpu_group)
     return mask.bool()
-
-
-def any_rank(flag: bool, cpu_group) -> bool:
-    import torch
-    import torch.distributed as dist
-
-    tensor = torch.tensor(int(flag))
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=cpu_group)
-    return bool(tensor.item())
 
 
 def refresh_group_handles(scheduler) -> None:
@@ -120,8 +111,12 @@ def take_over_tokenizer_channels(scheduler, port_args) -> None:
 def await_output_counts(ft_worker, epoch: int) -> None:
     """The old rank 0 may have died before sending its last step's output: before its first step, this new rank 0
     waits for the tokenizer manager's count of what it received (output_rewind.py), if it holds any output."""
-    from sglang_ft.distributed.regroup_groups import REQUEST_BROADCAST_TIMEOUT_S
-    from sglang_ft.managers.output_rewind import MAX_WAIT_S, ReceivedTokensWait, may_hold_undelivered_output
+    from sglang_ft.elastic_tp.groups import REQUEST_BROADCAST_TIMEOUT_S
+    from sglang_ft.managers.scheduler_components.output_rewind import (
+        MAX_WAIT_S,
+        ReceivedTokensWait,
+        may_hold_undelivered_output,
+    )
 
     if ft_worker.counts_wait is None and may_hold_undelivered_output(ft_worker.scheduler, ft_worker.finished):
         # the other ranks wait in the request broadcast meanwhile: stay well inside its timeout
@@ -144,16 +139,17 @@ def take_over_load_snapshots(scheduler, port_args) -> None:
 
 def regroup_in_place(ft_worker, order: Regroup) -> RegroupDone:
     from ft.kv_backup import BLOCK_TOKENS
-    from sglang_ft.distributed.regroup_groups import all_gather_object, rebuild_process_groups
+    from sglang_ft.distributed.rank_agreement import all_gather_object, any_rank
     from sglang_ft.distributed_state import install_layout
-    from sglang_ft.managers import remainder_owners
-    from sglang_ft.managers.park_requests import park_every_request
-    from sglang_ft.managers.partial_restore import keep_held_prefixes
-    from sglang_ft.managers.request_ledger import reconcile
-    from sglang_ft.managers.scheduler_sync import sync_scheduler_state
-    from sglang_ft.managers.torn_step import complete_torn_step
-    from sglang_ft.mem_cache.kv_reshape import reshape_kv_heads, restore_kv
-    from sglang_ft.model_executor.reshard import build_model_like, reshard
+    from sglang_ft.elastic_tp.groups import rebuild_process_groups
+    from sglang_ft.elastic_tp.kv_restore import reshape_kv_heads, restore_kv
+    from sglang_ft.elastic_tp.park_requests import park_every_request
+    from sglang_ft.elastic_tp.partial_restore import keep_held_prefixes
+    from sglang_ft.elastic_tp.received_requests import reconcile
+    from sglang_ft.elastic_tp.reshard import build_model_like, reshard
+    from sglang_ft.elastic_tp.scheduler_sync import sync_scheduler_state
+    from sglang_ft.elastic_tp.torn_step import complete_torn_step
+    from sglang_ft.layers.attention import remainder_placement
 
     scheduler, me = ft_worker.scheduler, ft_worker.worker
     runner = scheduler.tp_worker.model_runner
@@ -175,11 +171,7 @@ def regroup_in_place(ft_worker, order: Regroup) -> RegroupDone:
         await_output_counts(ft_worker, order.epoch)
     held, remainder_held = agree_on_holdings(old_model if ft_worker.holds_weights else None, order,
                                              scheduler.tp_cpu_group)
-    plan = plan_migration(old_model.layout.shape, held, list(order.workers),
-                          hybrid=ft_worker.ft.splits_remainder, remainder_held=remainder_held)
-    if plan.layout != TPLayout.from_json(order.layout_json):
-        logger.warning("sglang-ft: the controller planned epoch %d from an older view of who holds what (a regroup "
-                       "was interrupted); the group follows what its members hold", order.epoch)
+    plan = plan_regroup(old_model.layout.shape, held, remainder_held, order, ft_worker.ft.splits_remainder)
     clock.done("rebuild_process_groups", f"(rank {new_rank} of {len(order.workers)})")
 
     cpu_group = scheduler.tp_cpu_group
@@ -201,7 +193,7 @@ def regroup_in_place(ft_worker, order: Regroup) -> RegroupDone:
     stats = reshard(old_model, new_model, plan, me, runner.model_config.model_path, held.get(me),
                     replicated_from=0 if order.joining else None, group=device_group)
     runner.model = new_model  # complete: every slice arrived, whatever happens to the rest of the regroup
-    placement = remainder_owners.install(scheduler, ft_worker.ft, ft_worker.kv_stream)  # hybrid attention only
+    placement = remainder_placement.install(scheduler, ft_worker.ft, ft_worker.kv_stream)  # hybrid attention only
     ft_worker.holds_group(order.workers)  # what this worker holds now matches the new group, even if a later
     del old_model                         # stage fails and another regroup follows
     clock.done("reshard_weights", f"(kept {stats.bytes_kept} B, peers {stats.bytes_p2p_in} B, "
@@ -251,9 +243,9 @@ def regroup_in_place(ft_worker, order: Regroup) -> RegroupDone:
 def restore_remainder_kv(placement, ft_worker, order: Regroup) -> tuple[int, int]:
     """Hybrid attention: spread the cached slots' remainder heads over the new group, each worker's share from the
     backup store (every head's KV is there, whoever held it); (slots restored, slots missing) here."""
-    from sglang_ft.managers.scheduler_sync import cached_sequences
+    from sglang_ft.elastic_tp.kv_restore import fetch_rows
+    from sglang_ft.elastic_tp.scheduler_sync import cached_sequences
     from sglang_ft.mem_cache.kv_backup_stream import live_slots
-    from sglang_ft.mem_cache.kv_reshape import fetch_rows
 
     endpoint = ft_worker.ft.kv_fetch_endpoint if ft_worker.kv_stream and order.kv_store_alive else None
     members = tuple(zip(order.workers, order.pids))
@@ -271,10 +263,18 @@ def agree_on_holdings(model, order: Regroup, cpu_group) -> tuple[dict, dict]:
     interrupted by another failure can leave members at different layouts: asking them is the only truth, and
     every member then computes the same plan from the same answers.
     """
-    from sglang_ft.distributed.regroup_groups import all_gather_object
+    from sglang_ft.distributed.rank_agreement import all_gather_object
 
-    mine = None if model is None else (dataclasses.asdict(model.shard), model.layout.remainder)
-    everyone = all_gather_object(mine, cpu_group)
+    return holdings_of(order, all_gather_object(holding_of(model), cpu_group))
+
+
+def holding_of(model) -> tuple[dict, tuple[int, int]] | None:
+    """What this member says it holds (None: no weights): its shard and its remainder heads."""
+    return None if model is None else (dataclasses.asdict(model.shard), model.layout.remainder)
+
+
+def holdings_of(order: Regroup, everyone: list) -> tuple[dict, dict]:
+    """Every member's answer (`holding_of`, in rank order) as (shards held by worker, remainder heads held)."""
     held, remainder_held = {}, {}
     for worker, holding in zip(order.workers, everyone, strict=True):
         if holding is None:
@@ -284,3 +284,10 @@ def agree_on_holdings(model, order: Regroup, cpu_group) -> tuple[dict, dict]:
         if remainder[0] < remainder[1]:
             remainder_held[worker] = tuple(remainder)
     return held, remainder_held
+
+
+def plan_regroup(shape, held: dict, remainder_held: dict, order: Regroup, hybrid: bool):
+    """The migration to the ordered group: planned here, by every member alike from the same answers, and by no one
+    else (the controller orders who forms the group; what each member holds only the members know)."""
+    return plan_migration(shape, held, list(order.workers), hybrid=hybrid, remainder_held=remainder_held)
+

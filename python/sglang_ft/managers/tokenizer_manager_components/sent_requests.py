@@ -32,10 +32,9 @@ from ft.kv_backup import slots_of_requests
 from ft.messages import GroupLost, Regroup, decode_order
 from ft.sockets import connect_socket, process_keys
 from ft.wire import Dropped
-from sglang_ft.managers.output_rewind import ReceivedTokens
+from sglang_ft.managers.io_struct import ReceivedTokens, RenewReplicaSocket, ResumeTokens
 from sglang_ft.managers.push_socket import fresh_push_socket, try_bind
-from sglang_ft.managers.replica_move import ResumeTokens
-from sglang_ft.managers.replica_router import ReplicaRouter
+from sglang_ft.managers.tokenizer_manager_components.replica_router import ReplicaRouter
 
 logger = logging.getLogger(__name__)
 PRUNE_EVERY = 64
@@ -174,8 +173,6 @@ class RequestJournal:
         manager = self.tokenizer_manager
         if self.router is not None:  # the replica's socket is the DP controller's: it renews it (replica_outbox.py)
             from sglang.srt.managers.io_struct import wrap_as_pickle
-
-            from sglang_ft.managers.replica_outbox import RenewReplicaSocket
 
             manager._dispatch_to_scheduler(wrap_as_pickle(RenewReplicaSocket(replica)))
             return await self.resend_and_count(epoch, replica)

@@ -19,14 +19,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import pickle
-import types
-from array import array
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from sglang_ft.mem_cache.kv_backup_stream import slots_in_use
+from sglang_ft.mem_cache.radix_lookup import matched_slots, radix_key
 
 logger = logging.getLogger(__name__)
 # Fields of a Req that point into this process (its tokenizer, metrics, radix tree nodes and locks): a joiner
@@ -54,19 +53,6 @@ class SyncStats:
     sequences: int = 0
     cached_tokens: int = 0
     freed_slots: int = 0
-
-
-def radix_key(token_ids, extra_key, cache_salt, page_size: int):
-    from sglang.srt.mem_cache.radix_cache import RadixKey
-
-    return RadixKey(array("q", token_ids), extra_key, cache_salt=cache_salt).page_aligned(page_size)
-
-
-def matched_slots(tree, match, req) -> torch.Tensor:
-    """The KV slots of the prefix `match` found for `req` in SGLang's radix cache (either of its trees)."""
-    probe = types.SimpleNamespace(last_node=match.last_device_node, prefix_len=match.device_prefix_len,
-                                  extra_key=req.extra_key, rid=req.rid)
-    return tree.prefix_device_indices(probe)
 
 
 def cached_sequences(scheduler) -> list[CachedSequence]:

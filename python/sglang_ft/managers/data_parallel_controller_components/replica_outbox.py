@@ -16,7 +16,6 @@ journal re-sends what the old one held.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import threading
 import time
@@ -24,17 +23,11 @@ from collections import deque
 
 import zmq
 
+from sglang_ft.managers.io_struct import RenewReplicaSocket
 from sglang_ft.managers.push_socket import bind_blocking, fresh_push_socket
 
 logger = logging.getLogger(__name__)
 FLUSH_EVERY_S = 0.005
-
-
-@dataclasses.dataclass
-class RenewReplicaSocket:
-    """From the journal to SGLang's DP controller: replica `dp_rank` has a new rank 0; drop the old one's connection."""
-
-    dp_rank: int
 
 
 class ReplicaOutbox:

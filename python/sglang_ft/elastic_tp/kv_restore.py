@@ -94,7 +94,7 @@ def restore_kv(pool, allocator, old_heads, new_heads, plan: MigrationPlan, me: i
     # hybrid attention's remainder: their KV is spread over the old group by request, whole only in the store).
     for move in plan.moves:
         if move.dim == "kv_heads" and (move.src is None or move.from_remainder) and move.dst == me \
-                and not move.to_remainder:  # (the remainder heads' KV is spread by request: remainder_owners.py)
+                and not move.to_remainder:  # (the remainder heads' KV is spread by request: hybrid_attention.py)
             _restore_from_store(pool, new_heads, move, slots, device_slots, epoch, fetch_endpoint, stats, members)
     wait_all(requests)
     for buffer, move in landing:

@@ -24,15 +24,6 @@ class Superseded(RuntimeError):
     """A newer regroup was ordered while this one was still gathering its members: drop it for the newer one."""
 
 
-def all_gather_object(mine, group) -> list:
-    """Every rank's `mine`, in rank order (torch's all_gather_object, returning the list)."""
-    import torch.distributed as dist
-
-    everyone: list = [None] * dist.get_world_size(group)
-    dist.all_gather_object(everyone, mine, group=group)
-    return everyone
-
-
 def _listening(host: str, port: int) -> bool:
     import socket
 

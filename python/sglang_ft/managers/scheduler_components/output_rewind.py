@@ -14,26 +14,17 @@ finished in the lost step is kept for a while (`FinishedRequests`) and streamed 
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from collections import OrderedDict
 
-from sglang_ft.managers.request_ledger import held_requests
+from sglang_ft.elastic_tp.received_requests import held_requests
+from sglang_ft.managers.io_struct import ReceivedTokens, split_received_tokens
 
 logger = logging.getLogger(__name__)
 KEEP_FINISHED = 1024  # requests that finished recently, per rank
 RECENT_FINISH_S = 10.0  # a finish this recent may have been in a step a dying rank 0 did not send
 MAX_WAIT_S = 1.0  # the other ranks wait meanwhile in the request broadcast: keep well inside its timeout (2 s)
-
-
-@dataclasses.dataclass
-class ReceivedTokens:
-    """From the tokenizer manager to a newly elected rank 0: output tokens received per unfinished request."""
-
-    epoch: int
-    received: dict[str, int]
-    dp_rank: int = 0  # the data-parallel replica it is for (SGLang's DP controller hands it to every replica)
 
 
 class FinishedRequests:
@@ -102,15 +93,6 @@ def apply_received_tokens(scheduler, finished: FinishedRequests, message: Receiv
         logger.warning("sglang-ft: the old rank 0 died before sending its last output: %d requests rewound, %d "
                        "finished requests streamed again (epoch %d)", rewound, restreamed, message.epoch)
     return rewound, restreamed
-
-
-def split_messages(messages, kind: type) -> tuple[list, list]:
-    """Separate the journal's messages of type `kind` from the rest (SGLang's dispatcher must see its own alone)."""
-    return [m for m in messages if isinstance(m, kind)], [m for m in messages if not isinstance(m, kind)]
-
-
-def split_received_tokens(messages) -> tuple[list[ReceivedTokens], list]:
-    return split_messages(messages, ReceivedTokens)
 
 
 class ReceivedTokensWait:

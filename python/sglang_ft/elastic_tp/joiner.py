@@ -9,7 +9,7 @@ so its start-up collectives never touch the serving group, and:
 - its KV pool gets exactly the group's token slots (`kv_slots`), so slot numbers mean the same on every rank.
 
 Once initialised it beats as `joining`; the controller orders a regroup that includes it, and it takes part like
-any survivor (`sglang_ft.managers.regroup`), receiving its weights, its KV heads and the scheduler's state.
+any survivor (`sglang_ft.elastic_tp.regroup`), receiving its weights, its KV heads and the scheduler's state.
 """
 
 from __future__ import annotations

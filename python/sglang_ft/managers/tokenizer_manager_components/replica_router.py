@@ -1,9 +1,9 @@
 """Which data-parallel replica serves each request, under `--ft --dp-size M`.
 
 SGLang's DataParallelController sends a tokenized request that carries `routed_dp_rank` straight to that replica.
-So sglang-ft chooses in the tokenizer manager, where its journal (request_journal.py) already sees every request
+So sglang-ft chooses in the tokenizer manager, where its journal (sent_requests.py) already sees every request
 sent and every token received: the replica is set on the request before SGLang dispatches it, with the policy of
-`--ft-routing` (the same `RemainderRouter` that places hybrid attention's remainder heads, here over replicas):
+`--ft-routing` (the same `RequestRouter` that places hybrid attention's remainder heads, here over replicas):
 - load: the replica with the fewest outstanding tokens (prompt plus tokens still to generate);
 - prefix_load: the replica that was sent the longest prefix of this prompt (its radix cache most likely holds
   it), unless it is over the load threshold; like SGLang's cache-aware router, the prefixes are an approximate
@@ -18,7 +18,7 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 
-from ft.remainder_routing import RemainderRouter
+from ft.remainder_routing import RequestRouter
 
 PREFIX_BLOCK = 16  # tokens per prefix-tree node: SGLang's radix cache matches any length, this approximates it
 PREFIX_CAPACITY = 1 << 16  # prefix blocks remembered (least recently routed forgotten first)
@@ -65,7 +65,7 @@ class ReplicaRouter:
 
     def __init__(self, replicas: int, policy: str = "prefix_load"):
         self.replicas = replicas
-        self.router = RemainderRouter(tuple(range(replicas)), policy)
+        self.router = RequestRouter(tuple(range(replicas)), policy)
         self.prefixes = PrefixIndex()
         self.lost: set[int] = set()
         self.moved_total = 0  # requests moved off a lost replica (counted by the journal as it sends them)

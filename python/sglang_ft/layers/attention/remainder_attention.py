@@ -1,7 +1,7 @@
 """The remainder heads' KV and attention: the `H % W` KV heads that do not divide over W workers.
 
 Their KV lives in a pool of its own on each worker, holding only the rows placed there; SGLang's token slots (the
-same on every rank) address it through a map. Two placements (see `managers/remainder_owners.py`):
+same on every rank) address it through a map. Two placements (`hybrid_attention.py`, `cyclic_placement.py`):
 
 - hybrid attention (per request): each request's rows whole on its owner, which computes its attention; the output
   is zero on other requests' rows, so the usual row-parallel output projection and all-reduce add each request's

@@ -38,7 +38,7 @@ def requests_holding_kv(scheduler, failed_batch) -> list:
 def agree_on_lengths(lengths: dict[str, int] | None, cpu_group) -> dict[str, int]:
     """Every rank's minimum per request; a request some rank does not hold keeps nothing. A restarted worker
     (`lengths` None) holds no request yet and takes no part: it receives the survivors' state afterwards."""
-    from sglang_ft.distributed.regroup_groups import all_gather_object
+    from sglang_ft.distributed.rank_agreement import all_gather_object
 
     everyone = all_gather_object(lengths, cpu_group)
     holders = [other for other in everyone if other is not None]

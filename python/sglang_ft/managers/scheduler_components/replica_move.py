@@ -12,36 +12,11 @@ store (`replica_kv.py`), so the prefill computes only the newest token.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 
+from sglang_ft.managers.io_struct import ResumeTokens
+
 logger = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass
-class ResumeTokens:
-    """From the tokenizer manager to replica `dp_rank`: request `rid`, arriving next, has produced `output_ids`."""
-
-    rid: str
-    output_ids: list[int]
-    dp_rank: int
-    kv_endpoint: str | None = None  # the lost replica's backup store
-    kv_slots: list[int] = dataclasses.field(default_factory=list)  # its slots of the first tokens, in order
-
-
-def split_resume_tokens(messages) -> tuple[list[ResumeTokens], list]:
-    from sglang_ft.managers.output_rewind import split_messages
-
-    return split_messages(messages, ResumeTokens)
-
-
-def for_replica(messages, dp_rank: int):
-    """`messages` without the journal's messages meant for another replica."""
-    from sglang_ft.managers.output_rewind import ReceivedTokens
-
-    if not messages:
-        return messages
-    return [m for m in messages if not isinstance(m, (ReceivedTokens, ResumeTokens)) or m.dp_rank == dp_rank]
 
 
 def adopt(req, output_ids: list[int]) -> None:
@@ -61,7 +36,7 @@ def adopt(req, output_ids: list[int]) -> None:
 def adopt_queued(scheduler, resumes: dict[str, ResumeTokens], rid: str, kv_stream=None) -> bool:
     """After SGLang queued request `rid`: adopt it if the journal sent its output ahead of it, and take its KV
     from the lost replica's store if the journal found it there."""
-    from sglang_ft.managers.replica_kv import take_over_kv
+    from sglang_ft.managers.scheduler_components.replica_kv import take_over_kv
 
     resume = resumes.pop(rid, None)
     if resume is None:

@@ -1,0 +1,23 @@
+"""Looking token sequences up in SGLang's radix cache from outside the scheduler's own prefix match: the key SGLang
+builds for a request's tokens, and the KV slots of a prefix a match found."""
+
+from __future__ import annotations
+
+import types
+from array import array
+
+import torch
+
+
+def radix_key(token_ids, extra_key, cache_salt, page_size: int):
+    """SGLang's key for `token_ids` (with the request's extra key and cache salt), page-aligned as its match does."""
+    from sglang.srt.mem_cache.radix_cache import RadixKey
+
+    return RadixKey(array("q", token_ids), extra_key, cache_salt=cache_salt).page_aligned(page_size)
+
+
+def matched_slots(tree, match, req) -> torch.Tensor:
+    """The KV slots of the prefix `match` found for `req` in SGLang's radix cache (either of its trees)."""
+    probe = types.SimpleNamespace(last_node=match.last_device_node, prefix_len=match.device_prefix_len,
+                                  extra_key=req.extra_key, rid=req.rid)
+    return tree.prefix_device_indices(probe)

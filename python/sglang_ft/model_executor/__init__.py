@@ -1,1 +1,0 @@
-"""Model-runner changes for elastic TP: resharding weights in place after a regroup."""
