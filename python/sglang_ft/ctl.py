@@ -1,6 +1,7 @@
 """`python -m sglang_ft.ctl`: operate a running `--ft` server from a shell through its `/ft/*` HTTP API.
 
-Subcommands: `status` (tables of workers and recoveries, or `--json`), `watch` (status, refreshed), `inject`
+Subcommands: `status` (tables of workers and recoveries, or `--json`), `watch` (status, refreshed), `events` (the
+fault event stream, `ctl_events.py`), `inject`
 (a fault at a TP rank), `drain` and `rejoin` (a worker out of or back into the group; `--wait` follows it to the end).
 Exit codes: 0 done, 1 the server refused or a wait ran out, 2 the server is not reachable or the command line is bad.
 """
@@ -197,6 +198,12 @@ def cmd_inject(client: FtClient, args, console: Console) -> int:
     return 0
 
 
+def cmd_events(client: FtClient, args, console: Console) -> int:
+    from sglang_ft.ctl_events import follow
+
+    return follow(client.url, client.api_key, args.last_event_id, args.count, client.timeout)
+
+
 def _find_worker(status: dict, worker: int) -> dict:
     return next((w for w in status.get("workers", []) if w.get("worker") == worker), {})
 
@@ -279,6 +286,12 @@ def build_parser() -> argparse.ArgumentParser:
                              "kill_uncopied: SIGKILL after its next step's forward, before its KV is backed up")
     inject.add_argument("--dp-rank", type=int, default=0, help="its data-parallel replica (with --dp-size)")
     inject.set_defaults(run=cmd_inject)
+
+    events = sub.add_parser("events", parents=[common], help="follow the fault events (GET /ft/events), one JSON "
+                            "line each, reconnecting with Last-Event-ID")
+    events.add_argument("--last-event-id", type=int, help="replay the events after this id first")
+    events.add_argument("--count", type=int, help="stop after this many events")
+    events.set_defaults(run=cmd_events)
 
     for name, (what, done) in WORKER_OPS.items():
         op = sub.add_parser(name, parents=[common], help=f"{what} (POST /ft/{name})", description=f"{what[0].upper()}{what[1:]}.")

@@ -154,3 +154,120 @@ def test_a_drain_then_losing_every_worker_leaves_no_group_that_can_serve(control
     ready = reply["ready"]
     assert not ready["ready"] and ready["tp_size"] == 0 and ready["live_workers"] == 0
     assert ready["reason"] == "worker 1: process exit"
+
+
+class _FakeController:
+    """The controller's side of the poll, from an EventLog the test fills."""
+
+    def __init__(self):
+        self.log = EventLog()
+        self.ready = (2, 2, 2, None)
+
+    def ask(self, _ft, request):
+        return self.log.answer(request.after, *self.ready)
+
+
+@pytest.fixture
+def http_events(monkeypatch):
+    """`/ft/events`, `/ft/events/stats` and `/ft/ready` on a real uvicorn server, fed by a fake controller."""
+    import uvicorn
+    from fastapi import FastAPI
+
+    from ft.ports import free_port
+    from sglang_ft.entrypoints import ft_events
+    from sglang_ft.server_args import FtArgs
+
+    controller = _FakeController()
+    feed = ft_events.EventFeed(FtArgs(), EventHub(ring=64, client_queue=512), controller.ask)
+    monkeypatch.setattr(ft_events, "FEED", feed.start())
+    monkeypatch.setattr(ft_events, "_sglang_ready", lambda: True)
+    app = FastAPI()
+    ft_events.add_event_routes(app)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    yield url, controller, feed
+    feed.stop()
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def _wait(predicate, timeout_s=10.0):
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def test_sse_replays_after_last_event_id_and_streams_live_events(http_events):
+    from sglang_ft.ctl_events import read_events
+
+    url, controller, feed = http_events
+    for worker in range(3):
+        controller.log.emit("worker_suspect", 0, worker=worker, rank=worker, cause="missed heartbeats", silent_ms=1.0)
+    _wait(lambda: feed.hub.ring.last_id == 3)
+    assert requests.get(f"{url}/ft/events", headers={"Last-Event-ID": "x"}, timeout=5).status_code == 400
+    with requests.get(f"{url}/ft/events", headers={"Last-Event-ID": "1"}, stream=True, timeout=10) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = read_events(response)
+        assert [(e["id"], e["worker"]) for e in (next(events), next(events))] == [(2, 1), (3, 2)]
+        controller.log.emit("worker_dead", 0, worker=1, rank=1, cause="process exit", detect_ms=3.0)
+        live = next(events)
+        assert (live["id"], live["type"], live["worker"]) == (4, "worker_dead", 1)
+    with requests.get(f"{url}/ft/events?last_event_id=0", stream=True, timeout=10) as response:
+        assert [next(read_events(response))["id"]] == [1]
+
+
+def test_ft_ready_follows_the_controllers_readiness(http_events):
+    url, controller, feed = http_events
+    _wait(lambda: feed.ready[0] is not None)
+    response = requests.get(f"{url}/ft/ready", timeout=5)
+    assert response.status_code == 200 and response.json()["degraded"] is False
+    controller.ready = (0, 2, 0, None)
+    controller.log.emit("replica_lost", 1, cause="worker 0: process exit")
+    _wait(lambda: not feed.can_serve())
+    response = requests.get(f"{url}/ft/ready", timeout=5)
+    assert response.status_code == 503
+    assert response.json()["reason"] == "worker 0: process exit" and response.json()["tp_size"] == 0
+
+
+def test_a_stalled_client_is_dropped_and_counted_while_another_gets_every_event(http_events):
+    """The stalled client reads nothing with a tiny window; once its socket's buffers and its queue are full it
+    is dropped (counted); a reading client gets every event in order meanwhile."""
+    from sglang_ft.ctl_events import read_events
+
+    url, controller, feed = http_events
+    port = int(url.rsplit(":", 1)[1])
+    stalled = socket.socket()
+    stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
+    stalled.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, 88)  # keeps the server's send buffer small too
+    stalled.connect(("127.0.0.1", port))
+    stalled.sendall(b"GET /ft/events HTTP/1.1\r\nHost: x\r\n\r\n")
+    _wait(lambda: feed.hub.stats()["clients"] == 1)
+    received = []
+
+    def read():
+        with requests.get(f"{url}/ft/events", stream=True, timeout=30) as response:
+            for event in read_events(response):
+                received.append(event["id"])
+                if len(received) == total:
+                    return
+
+    total = 1500  # ~0.45 MB of events: far past what the stalled socket's buffers hold (~80 kB)
+    reader = threading.Thread(target=read)
+    reader.start()
+    _wait(lambda: feed.hub.stats()["clients"] == 2)
+    for n in range(total):
+        controller.log.emit("worker_suspect", 0, worker=n, rank=None, cause="x" * 200, silent_ms=0.0)
+        if n % 50 == 49:
+            time.sleep(0.12)  # the controller's ring holds 1024: let the feed poll (every 0.1 s)
+    reader.join(timeout=60)
+    assert received == list(range(1, total + 1))
+    stats = requests.get(f"{url}/ft/events/stats", timeout=5).json()
+    assert stats["dropped_clients"] == 1 and stats["last_id"] == total and stats["missed_upstream"] == 0
+    stalled.close()

@@ -79,6 +79,9 @@ def start_ft_runtime(tp_size: int, model_path: str, app: FastAPI,
             env=dict(os.environ, SGLANG_FT_CONTROLLER_ARGS=replica.to_env())))
         logger.info("sglang-ft: controller pid %d, runtime dir %s", processes[-1].pid, replica.runtime_dir)
     add_ft_routes(app, ft)
+    from sglang_ft.entrypoints.ft_events import start_event_feed
+
+    start_event_feed(ft)
     from sglang_ft.entrypoints.overload import RetryAfterOn503
 
     app.add_middleware(RetryAfterOn503)
@@ -144,6 +147,9 @@ def add_ft_routes(app: FastAPI, ft: FtArgs) -> None:
     admin = auth_level(AuthLevel.ADMIN_OPTIONAL)
     if any(getattr(route, "path", None) == "/ft/status" for route in app.routes):
         return
+    from sglang_ft.entrypoints.ft_events import add_event_routes
+
+    add_event_routes(app)
 
     @app.get("/ft/status")
     async def ft_status() -> JSONResponse:

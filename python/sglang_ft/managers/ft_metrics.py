@@ -97,6 +97,8 @@ class FtMetrics:
         self.epoch = gauge("epoch", "Membership epoch (+1 per regroup)")
         self.tp_size = gauge("tp_size", "Workers in the current group")
         self.live_workers = gauge("live_workers", "Group members not declared dead")
+        self.capacity_ratio = gauge("capacity_ratio", "Live group members over the TP width at launch (1 at full "
+                                    "width, 0 with every worker lost): the share of its compute the server has")
         self.kv_backup_lag = gauge("kv_backup_lag", "KV backup messages queued in the live workers' senders, not "
                                                      "yet written out (sum of their latest heartbeats; a lower bound)")
         self.max_beat_gap = gauge("max_heartbeat_gap_seconds", "Longest heartbeat gap a live group member has "
@@ -130,6 +132,7 @@ class FtMetrics:
         self.epoch.set(membership.epoch)
         self.tp_size.set(len(membership.members()))
         self.live_workers.set(len(live))
+        self.capacity_ratio.set(len(live) / len(membership.workers))
         self.max_beat_gap.set(max((membership.workers[w].max_beat_gap_s for w in live), default=0.0))
         for recovery in state.recoveries[self._recoveries_seen:]:
             kind = cause_kind(recovery["cause"])
