@@ -291,7 +291,7 @@ def parse_last_event_id(value: str | None) -> int | None:
 class PubSocket:
     """The events on a ZMQ PUB socket (`--ft-events-endpoint`): [PUB_TOPIC, JSON] per event; over TCP with the
     deployment secret, CURVE like every sglang-ft socket (ft/sockets.py). A subscriber that cannot keep up loses
-    messages at the socket's high-water mark (ZMQ's PUB semantics): counted, never waited for."""
+    messages past the socket's high-water mark (ZMQ's PUB semantics: never waited for); `id` shows the gap."""
 
     def __init__(self, endpoint: str, high_water: int = RING_EVENTS):
         import zmq
@@ -301,7 +301,7 @@ class PubSocket:
         self._zmq = zmq
         self.socket = bind_socket(zmq.PUB, endpoint, process_keys(), options={zmq.SNDHWM: high_water})
         self.endpoint = endpoint
-        self.sent = self.dropped = 0
+        self.sent = 0
         self._lock = threading.Lock()  # a ZMQ socket is not thread-safe; publishers may be several threads
 
     def __call__(self, event: dict) -> None:
@@ -310,8 +310,8 @@ class PubSocket:
             try:
                 self.socket.send_multipart(frames, flags=self._zmq.NOBLOCK)
                 self.sent += 1
-            except self._zmq.Again:
-                self.dropped += 1
+            except self._zmq.Again:  # PUB drops rather than block; this only guards a changed socket option
+                pass
 
     def close(self) -> None:
         self.socket.close()

@@ -271,3 +271,29 @@ def test_a_stalled_client_is_dropped_and_counted_while_another_gets_every_event(
     stats = requests.get(f"{url}/ft/events/stats", timeout=5).json()
     assert stats["dropped_clients"] == 1 and stats["last_id"] == total and stats["missed_upstream"] == 0
     stalled.close()
+
+
+def test_the_pub_socket_is_curve_keyed_with_the_deployment_secret(tmp_path):
+    import zmq
+
+    from ft.events import PubSocket
+    from ft.ports import free_port
+    from ft.sockets import connect_socket, load_keys, refused_connections, use_secret_file
+
+    secret = tmp_path / "secret"
+    secret.write_text("a deployment secret of enough bytes")
+    use_secret_file(str(secret))
+    try:
+        pub = PubSocket(f"tcp://127.0.0.1:{free_port()}")
+        keyed = connect_socket(zmq.SUB, pub.endpoint, load_keys(str(secret)))
+        plain = connect_socket(zmq.SUB, pub.endpoint)
+        refused = refused_connections()
+        time.sleep(0.5)  # subscriptions reach the publisher
+        pub({"id": 1, "type": "worker_dead"})
+        assert keyed.poll(5000) and keyed.recv_multipart() == [b"sglang_ft", b'{"id":1,"type":"worker_dead"}']
+        assert not plain.poll(500) and refused_connections() > refused and pub.sent == 1
+    finally:
+        use_secret_file("")
+        for sock in (keyed, plain):
+            sock.close()
+        pub.close()
