@@ -297,3 +297,17 @@ def test_the_pub_socket_is_curve_keyed_with_the_deployment_secret(tmp_path):
         for sock in (keyed, plain):
             sock.close()
         pub.close()
+
+
+def test_a_dead_workers_gauges_leave_the_metrics_directory_and_its_counters_stay(tmp_path, monkeypatch):
+    from sglang_ft.managers.ft_metrics import MULTIPROC_DIR, FtMetrics
+
+    monkeypatch.setenv(MULTIPROC_DIR, str(tmp_path))
+    names = ["gauge_mostrecent_4242.db", "gauge_all_4242.db", "counter_4242.db", "histogram_4242.db",
+             "gauge_mostrecent_42420.db"]
+    for name in names:
+        (tmp_path / name).write_bytes(b"")
+    FtMetrics.forget_process(4242)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["counter_4242.db", "gauge_mostrecent_42420.db",
+                                                           "histogram_4242.db"]
+    FtMetrics.forget_process(None)  # a worker that never registered a pid

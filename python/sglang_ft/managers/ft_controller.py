@@ -377,6 +377,8 @@ class FtController:
                        cause)
         if change.state is WorkerState.DEAD:
             self.exits.forget(pid)  # a restarted worker is watched afresh under its new pid
+            if self.metrics is not None:
+                self.metrics.forget_process(pid)  # SGLang's gauges it wrote (observability/metrics_collector.py)
             self.respawner.on_dead(change.worker, time.monotonic())
             self.ready_joiners.discard(change.worker)
             if change.worker in self.state.membership.members():

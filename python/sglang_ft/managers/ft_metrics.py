@@ -12,6 +12,7 @@ replica's `dp_rank` label (SGLang's own label for it), or the replicas' gauges w
 from __future__ import annotations
 
 import functools
+import glob
 import os
 
 MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"
@@ -124,6 +125,18 @@ class FtMetrics:
         self.store_healthy = None  # made once a KV backup store exists: with backup off there is no series
         self._recoveries_seen = 0
         self._senders: dict[int, tuple[int, int, int]] = {}  # worker -> (pid, bytes, dropped) already counted
+
+    @staticmethod
+    def forget_process(pid: int | None) -> None:
+        """A dead worker's gauges (SGLang's, written from its process) describe nothing any more: drop their files,
+        which prometheus_client keeps (a `mostrecent` gauge of a dead writer would show for good). Its counters and
+        histograms stay: they are totals."""
+        directory = os.environ.get(MULTIPROC_DIR)
+        for path in glob.glob(os.path.join(directory, f"gauge_*_{pid}.db")) if directory and pid else ():
+            try:
+                os.remove(path)
+            except OSError:
+                pass
 
     def observe(self, state) -> None:
         """Map the controller's `ControllerState` to the metrics (cheap: a few writes to a memory-mapped file)."""
