@@ -311,3 +311,20 @@ def test_a_dead_workers_gauges_leave_the_metrics_directory_and_its_counters_stay
     assert sorted(p.name for p in tmp_path.iterdir()) == ["counter_4242.db", "gauge_mostrecent_42420.db",
                                                            "histogram_4242.db"]
     FtMetrics.forget_process(None)  # a worker that never registered a pid
+
+
+def test_ctl_events_follows_the_stream_from_an_id_and_names_an_unreachable_server(http_events):
+    import io
+
+    from ft.ports import free_port
+    from sglang_ft.ctl import main
+    from sglang_ft.ctl_events import follow
+
+    url, controller, feed = http_events
+    for worker in range(3):
+        controller.log.emit("worker_dead", 0, worker=worker, rank=worker, cause="process exit", detect_ms=1.0)
+    _wait(lambda: feed.hub.ring.last_id == 3)
+    out = io.StringIO()
+    assert follow(url, None, last_id=1, count=2, out=out) == 0
+    assert [(e["id"], e["worker"]) for e in map(json.loads, out.getvalue().splitlines())] == [(2, 1), (3, 2)]
+    assert main(["events", "--url", f"http://127.0.0.1:{free_port()}", "--count", "1"]) == 2
