@@ -11,13 +11,21 @@ reporter on; and the FT controller drops a dead worker's gauges (`FtMetrics.forg
 
 from __future__ import annotations
 
+import logging
+
+logger = logging.getLogger(__name__)
+
 
 def after_kv_reshape(scheduler) -> None:
-    """The pool got new buffers: its `mem_usage` (SGLang computes it only at allocation) and the constants."""
-    pool = scheduler.token_to_kv_pool_allocator.get_kvcache()
-    pool._finalize_allocation_log(pool.size)
-    if scheduler.metrics_reporter.current_scheduler_metrics_enabled:
-        scheduler.emit_metrics_constants()
+    """The pool got new buffers: its `mem_usage` (SGLang computes it only at allocation) and the constants. Metrics
+    never fail a regroup: an error here is logged and the regroup goes on."""
+    try:
+        pool = scheduler.token_to_kv_pool_allocator.get_kvcache()
+        pool._finalize_allocation_log(pool.size)
+        if scheduler.metrics_reporter.current_scheduler_metrics_enabled:
+            scheduler.emit_metrics_constants()
+    except Exception:
+        logger.exception("sglang-ft: SGLang's KV gauges were not updated after the reshape")
 
 
 def take_over_scheduler_metrics(scheduler) -> None:
