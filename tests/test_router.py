@@ -122,7 +122,7 @@ def _stream(url: str, prompt: str, outcome: dict) -> None:
     body = {"text": prompt, "sampling_params": {**GREEDY, "max_new_tokens": LONG_TOKENS}, "stream": True}
     outcome.update(output_ids=[], errors=[], done=False, exception=None)
     try:
-        with requests.post(f"{url}/generate", json=body, stream=True, timeout=300) as response:
+        with requests.post(f"{url}/generate", json=body, stream=True, timeout=(10, 60)) as response:
             outcome["status"] = response.status_code
             for line in response.iter_lines():
                 if line == b"data: [DONE]":
