@@ -164,10 +164,11 @@ def test_a_whole_server_sigkilled_under_load_costs_no_request_through_the_router
     for thread in threads:
         thread.join(timeout=600)
     assert results == expected * 2  # no request lost: those on B were retried on A from the start
-    finished = [k for k, s in enumerate(streams) if s["done"]]
+    finished = [k for k, s in enumerate(streams) if len(s["output_ids"]) == LONG_TOKENS]
     assert len(finished) == 1, streams  # the stream on A finished, the one on B ended where B died
-    assert streams[finished[0]]["output_ids"] == expected[finished[0]]
-    (cut,) = [s for s in streams if not s["done"]]
+    assert streams[finished[0]]["output_ids"] == expected[finished[0]] and streams[finished[0]]["done"]
+    (cut,) = [s for k, s in enumerate(streams) if k not in finished]
     assert 4 <= len(cut["output_ids"]) < LONG_TOKENS
     print(f"a stream cut by its server's death: {len(cut['output_ids'])} of {LONG_TOKENS} tokens, HTTP "
-          f"{cut.get('status')}, error chunks {cut['errors']}, then {cut['exception'] or 'the stream closed'}")
+          f"{cut.get('status')}, error chunks {cut['errors']}, [DONE] {cut['done']}, then "
+          f"{cut['exception'] or 'the stream closed'}")
