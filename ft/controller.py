@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import msgspec
 import zmq
 
+from ft.events import EventLog
 from ft.failure_detector import HEARTBEAT_TIMEOUT, FailureDetector, Transition
 from ft.faults import FAULT_KINDS, FAULT_SIGNALS
 from ft.heartbeat import MessageReceiver
@@ -164,6 +165,7 @@ class FtController:
         # seen by heartbeat timeout and by the survivors' reports
         self.local_workers = range(tp_size) if local_workers is None else local_workers
         self.dropped = Dropped(logger, "sglang-ft controller")  # control requests and reports it could not use
+        self.events = EventLog(dp_rank)  # fault events, polled by the HTTP server (GET /ft/events)
 
     def run(self) -> None:
         logger.info("sglang-ft controller: watching %d workers", len(self.state.membership.members()))
@@ -200,6 +202,8 @@ class FtController:
         self._watch_joiners(now)
         if self.state.kv_backup is not None and self.state.kv_backup.check():
             self._publish(BackupResync(self.state.membership.epoch, self.state.kv_backup.process.pid))
+        if self.state.kv_backup is not None:
+            self.events.follow_backup(self.state.kv_backup.events, self.state.membership.epoch)
         reported = self.failure_reported_at
         if reported is not None and now - reported > self.timeout_s + 0.5:
             # a collective failed, or a regroup failed on its members, and every worker is alive (e.g. a timeout
@@ -276,8 +280,11 @@ class FtController:
         joining = tuple(self.pending.still_joining()) if self.pending is not None else ()
         joining = tuple(w for w in joining if w in survivors) + tuple(w for w in new_joiners if w not in survivors)
         workers = tuple(w for w in survivors if w not in joining) + joining
+        if self.pending is not None:  # a regroup under way is replaced by this one
+            self.events.regroup_failed(self.pending.order.epoch, len(self.pending.order.workers), cause)
         if not workers or len(workers) == len(joining):
             if self.lost is None:
+                self.events.emit("replica_lost", membership.epoch, cause=cause)
                 logger.error("sglang-ft controller: no worker left alive that holds the model (%s)", cause)
                 self.lost = GroupLost(membership.epoch, cause)
             self._publish(self.lost)
@@ -286,6 +293,7 @@ class FtController:
             # rank 0 takes the tokenizer's requests over IPC and hosts the rendezvous: both live on this node only
             logger.error("sglang-ft controller: no worker left alive on node 0, where the tokenizer runs: workers "
                          "%s on other nodes cannot serve alone", list(workers))
+            self.events.regroup_failed(membership.epoch + 1, len(workers), f"no worker left alive on node 0 ({cause})")
             return
         epoch = membership.regroup(workers)
         for worker in new_joiners:
@@ -301,6 +309,8 @@ class FtController:
         self.failure_reported_at = None
         logger.warning("sglang-ft controller: epoch %d: regroup %s -> workers %s%s", epoch, cause, list(workers),
                        f", joining {list(joining)}" if joining else "")
+        self.events.emit("regroup_started", epoch, tp_size=len(workers), cause=cause, workers=list(workers),
+                         joining=list(joining), detect_ms=round(detect_ms, 1))
         self._publish(order)
 
     def _on_regroup_done(self, done: RegroupDone, now: float) -> None:
@@ -341,6 +351,7 @@ class FtController:
                        self.state.recoveries[-1]["recover_ms"])
         self.pending = None
         self.state.regrouping = None
+        self.events.regroup_done(self.state.recoveries[-1])
 
     def _record(self, change: Transition, cause: str) -> None:
         pid = self.state.membership.workers[change.worker].pid
@@ -348,10 +359,13 @@ class FtController:
                  "silent_ms": round(change.silent_s * 1e3, 1),
                  "at_s": round(time.monotonic() - self.state.started, 3)}
         self.state.detections.append(entry)
+        self.events.transition(change.worker, change.state.value, cause, change.silent_s, self.state.membership)
         logger.warning("sglang-ft controller: worker %d (pid %s) is %s: %s", change.worker, pid, change.state.value,
                        cause)
         if change.state is WorkerState.DEAD:
             self.exits.forget(pid)  # a restarted worker is watched afresh under its new pid
+            if self.metrics is not None:
+                self.metrics.forget_process(pid)  # SGLang's gauges it wrote (observability/metrics_collector.py)
             self.respawner.on_dead(change.worker, time.monotonic())
             self.ready_joiners.discard(change.worker)
             if change.worker in self.state.membership.members():
@@ -422,6 +436,10 @@ class FtController:
         if request.op == "status":
             return {**self.state.status(now), "serving": self.lost is None,
                     "malformed_messages": self.receiver.dropped + self.dropped.malformed}
+        if request.op == "events":
+            membership = self.state.membership
+            return self.events.answer(request.after, len(membership.members()), len(membership.workers),
+                                      len(membership.live_members()), self.state.regrouping)
         if request.op == "inject":
             return self._inject(request)
         if request.op == "rejoin":
@@ -446,6 +464,8 @@ class FtController:
             return {"error": "the last worker of the group cannot be drained", "code": 409}
         if self.pending is not None:
             return {"error": f"a regroup (epoch {self.pending.order.epoch}) is under way; try again", "code": 409}
+        self.events.emit("worker_drained", membership.epoch, worker=request.worker,
+                         rank=membership.members().index(request.worker), cause="drained")
         membership.set_state(request.worker, WorkerState.DEAD, now)
         self.exits.forget(record.pid)
         self.state.detections.append({"worker": request.worker, "pid": record.pid, "state": "dead",

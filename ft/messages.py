@@ -194,6 +194,7 @@ class ControlRequest(msgspec.Struct, frozen=True):
     rank: int = -1  # (ranges checked by the controller, which answers why)
     kind: Annotated[str, Meta(max_length=64)] = ""
     worker: int = -1
+    after: int = 0  # `events`: the last event id the HTTP server has (ft/events.py)
 
 
 _control_decoder = msgspec.json.Decoder(ControlRequest)

@@ -12,6 +12,7 @@ replica's `dp_rank` label (SGLang's own label for it), or the replicas' gauges w
 from __future__ import annotations
 
 import functools
+import glob
 import os
 
 MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"
@@ -97,6 +98,8 @@ class FtMetrics:
         self.epoch = gauge("epoch", "Membership epoch (+1 per regroup)")
         self.tp_size = gauge("tp_size", "Workers in the current group")
         self.live_workers = gauge("live_workers", "Group members not declared dead")
+        self.capacity_ratio = gauge("capacity_ratio", "Live group members over the TP width at launch (1 at full "
+                                    "width, 0 with every worker lost): the share of its compute the server has")
         self.kv_backup_lag = gauge("kv_backup_lag", "KV backup messages queued in the live workers' senders, not "
                                                      "yet written out (sum of their latest heartbeats; a lower bound)")
         self.max_beat_gap = gauge("max_heartbeat_gap_seconds", "Longest heartbeat gap a live group member has "
@@ -123,6 +126,19 @@ class FtMetrics:
         self._recoveries_seen = 0
         self._senders: dict[int, tuple[int, int, int]] = {}  # worker -> (pid, bytes, dropped) already counted
 
+    @staticmethod
+    def forget_process(pid: int | None) -> None:
+        """A dead worker's gauges (SGLang's, written from its process) describe nothing any more: drop their files,
+        which prometheus_client keeps (a `mostrecent` gauge of a dead writer would show for good). Its counters and
+        histograms stay: they are totals."""
+        directory = os.environ.get(MULTIPROC_DIR)
+        dead = directory and pid and pid != os.getpid()  # (tests beat with the controller's own pid)
+        for path in glob.glob(os.path.join(directory, f"gauge_*_{pid}.db")) if dead else ():
+            try:
+                os.remove(path)
+            except OSError:
+                pass
+
     def observe(self, state) -> None:
         """Map the controller's `ControllerState` to the metrics (cheap: a few writes to a memory-mapped file)."""
         membership = state.membership
@@ -130,6 +146,7 @@ class FtMetrics:
         self.epoch.set(membership.epoch)
         self.tp_size.set(len(membership.members()))
         self.live_workers.set(len(live))
+        self.capacity_ratio.set(len(live) / len(membership.workers))
         self.max_beat_gap.set(max((membership.workers[w].max_beat_gap_s for w in live), default=0.0))
         for recovery in state.recoveries[self._recoveries_seen:]:
             kind = cause_kind(recovery["cause"])

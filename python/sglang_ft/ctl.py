@@ -1,6 +1,7 @@
 """`python -m sglang_ft.ctl`: operate a running `--ft` server from a shell through its `/ft/*` HTTP API.
 
-Subcommands: `status` (tables of workers and recoveries, or `--json`), `watch` (status, refreshed), `inject`
+Subcommands: `status` (tables of workers and recoveries, or `--json`), `watch` (status, refreshed), `events` (the
+fault event stream, `ctl_events.py`), `inject`
 (a fault at a TP rank), `drain` and `rejoin` (a worker out of or back into the group; `--wait` follows it to the end).
 Exit codes: 0 done, 1 the server refused or a wait ran out, 2 the server is not reachable or the command line is bad.
 """
@@ -21,24 +22,15 @@ from rich.text import Text
 from tqdm import tqdm
 
 from ft.faults import FAULT_HELP, FAULT_KINDS
+from sglang_ft.ctl_errors import EXIT_REFUSED, EXIT_UNREACHABLE, CtlError, server_message
 
 DEFAULT_URL = "http://127.0.0.1:30000"
-EXIT_REFUSED = 1
-EXIT_UNREACHABLE = 2
 WORKER_OPS = {  # subcommand: (what it does, when --wait is done)
     "drain": ("take a healthy worker out of the group, for maintenance",
               "it is out of the group and the others' regroup is over"),
     "rejoin": ("restart a dead worker and plan it back into the group", "it is a healthy member again"),
 }
 STATE_STYLES = {"healthy": "green", "suspect": "yellow", "dead": "red", "joining": "cyan"}
-
-
-class CtlError(Exception):
-    """A failure to report in one line on stderr, with the exit code it maps to."""
-
-    def __init__(self, message: str, code: int = EXIT_REFUSED):
-        super().__init__(message)
-        self.code = code
 
 
 class FtClient:
@@ -69,21 +61,8 @@ class FtClient:
         if not response.ok:
             hint = "" if response.status_code != 401 else " (check --api-key or $SGLANG_API_KEY)" if method == "GET" \
                 else " (check --admin-api-key or $SGLANG_ADMIN_API_KEY where the server has one, else --api-key)"
-            raise CtlError(f"{method} {path}: HTTP {response.status_code}: {_server_message(response)}{hint}")
+            raise CtlError(f"{method} {path}: HTTP {response.status_code}: {server_message(response)}{hint}")
         return response.json()
-
-
-def _server_message(response: requests.Response) -> str:
-    """The body's "error" (the /ft/* routes, the API-key check) or "detail" (FastAPI's validation of a body)."""
-    try:
-        body = response.json()
-    except ValueError:
-        return response.text.strip() or response.reason
-    message = (body.get("error") or body.get("detail")) if isinstance(body, dict) else None
-    if isinstance(message, list):  # FastAPI 422: [{"loc": [...], "msg": ...}, ...]
-        message = "; ".join(f"{'.'.join(str(p) for p in item.get('loc', [])[1:])}: {item.get('msg')}"
-                            for item in message)
-    return str(message) if message else json.dumps(body)
 
 
 # --- rendering ---
@@ -199,6 +178,12 @@ def cmd_inject(client: FtClient, args, console: Console) -> int:
     return 0
 
 
+def cmd_events(client: FtClient, args, console: Console) -> int:
+    from sglang_ft.ctl_events import follow
+
+    return follow(client.url, client.api_key, args.last_event_id, args.count, client.timeout)
+
+
 def _find_worker(status: dict, worker: int) -> dict:
     return next((w for w in status.get("workers", []) if w.get("worker") == worker), {})
 
@@ -277,6 +262,12 @@ def build_parser() -> argparse.ArgumentParser:
     inject.add_argument("--kind", required=True, choices=FAULT_KINDS, help=FAULT_HELP)
     inject.add_argument("--dp-rank", type=int, default=0, help="its data-parallel replica (with --dp-size)")
     inject.set_defaults(run=cmd_inject)
+
+    events = sub.add_parser("events", parents=[common], help="follow the fault events (GET /ft/events), one JSON "
+                            "line each, reconnecting with Last-Event-ID")
+    events.add_argument("--last-event-id", type=int, help="replay the events after this id first")
+    events.add_argument("--count", type=int, help="stop after this many events")
+    events.set_defaults(run=cmd_events)
 
     for name, (what, done) in WORKER_OPS.items():
         op = sub.add_parser(name, parents=[common], help=f"{what} (POST /ft/{name})", description=f"{what[0].upper()}{what[1:]}.")

@@ -15,6 +15,7 @@ import time
 from sglang.srt.plugins.hook_registry import HookType
 
 from sglang_ft.distributed.collective_failure import CollectiveFailure
+from sglang_ft.entrypoints.ft_events import around_is_ready
 from sglang_ft.launch_checks import ELASTIC_ARCHITECTURES, check_ft_launch
 from sglang_ft.server_args import (
     FT_DEFAULT_MAX_QUEUED_REQUESTS,
@@ -555,6 +556,7 @@ HOOKS: list[tuple[str, HookType, object]] = [
     ("sglang.srt.managers.tokenizer_manager.TokenizerManager._validate_one_request", HookType.BEFORE,
      before_validate_one_request),
     ("sglang.srt.managers.tokenizer_manager.SignalHandler.sigterm_handler", HookType.AFTER, after_sigterm),
+    ("sglang.srt.managers.tokenizer_manager.TokenizerManager.is_ready", HookType.AROUND, around_is_ready),
     ("sglang.srt.entrypoints.openai.serving_tokenize.OpenAIServingDetokenize._validate_request", HookType.AFTER,
      after_validate_detokenize),
     (

@@ -54,6 +54,7 @@ class FtArgs:
     # runtime_dir/dp<k> (see `for_replica`).
     dp_size: int = 1
     dp_rank: int | None = None  # this replica's, in the options `for_replica` gives it (its metrics' label)
+    events_endpoint: str = ""  # where the HTTP server also publishes fault events (ZMQ PUB), "" for nowhere
 
     def _endpoint(self, name: str, offset: int) -> str:
         if self.controller_port:
@@ -110,6 +111,8 @@ class FtArgs:
             found.append("--ft-kv-placement cyclic and --ft-attention hybrid both place the remainder heads (by "
                          "block over every worker, or whole per request on one): choose one")
         found += self._secret_problems()
+        if self.events_endpoint and not self.events_endpoint.startswith(("tcp://", "ipc://")):
+            found.append(f"--ft-events-endpoint must be tcp://HOST:PORT or ipc://PATH, got {self.events_endpoint}")
         if self.heartbeat_timeout_ms <= self.heartbeat_interval_ms:
             found.append(
                 f"--ft-heartbeat-timeout-ms ({self.heartbeat_timeout_ms}) must exceed "
@@ -180,6 +183,7 @@ class FtArgs:
             routing=getattr(args, "ft_routing", cls.routing),
             kv_placement=getattr(args, "ft_kv_placement", cls.kv_placement),
             secret_file=os.path.abspath(secret) if (secret := getattr(args, "ft_secret_file", None)) else "",
+            events_endpoint=getattr(args, "ft_events_endpoint", None) or "",
         )
 
 
@@ -295,6 +299,14 @@ def add_ft_cli_args(parser: argparse.ArgumentParser) -> None:
         "every node, e.g. `openssl rand -hex 32`): the FT controller's and the KV backup store's TCP sockets are "
         "authenticated and encrypted with keys derived from it (ZMQ CURVE), and refuse any peer without it. "
         "Required with --nnodes > 1 unless --dist-init-addr is a loopback address.",
+    )
+    group.add_argument(
+        "--ft-events-endpoint",
+        default=None,
+        metavar="tcp://HOST:PORT",
+        help="Also publish the fault events of GET /ft/events on a ZMQ PUB socket bound here (frames: topic "
+        "'sglang_ft', then the event's JSON); off by default. Over TCP with --ft-secret-file it is CURVE-encrypted "
+        "like the other sglang-ft sockets.",
     )
     group.add_argument(
         "--ft-enable-fault-injection",

@@ -43,12 +43,12 @@ def stop_others(servers) -> None:
         server.stop()
 
 
-def start_tp4(servers, tiny_model):
+def start_tp4(servers, tiny_model, *extra: str):
     """A TP 4 server with fault injection."""
     from sglang_ft.tools.server_process import ServerProcess
 
     stop_others(servers)
-    return ServerProcess(tiny_model, tp_size=4, ft=True, extra_args=FT_FLAGS).start()
+    return ServerProcess(tiny_model, tp_size=4, ft=True, extra_args=FT_FLAGS + list(extra)).start()
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +61,15 @@ def ft_server(servers, tiny_moe_model):
 
 
 @pytest.fixture
-def fresh_ft_server(servers, tiny_model):
-    server = start_tp4(servers, tiny_model)
+def fresh_ft_server(servers, tiny_model, tmp_path):
+    """A fresh TP 4 server that also publishes its fault events on a PUB socket, CURVE-keyed by a secret."""
+    from ft.ports import free_port
+
+    secret = tmp_path / "secret"
+    secret.write_text("a deployment secret of enough bytes")
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    server = start_tp4(servers, tiny_model, "--ft-events-endpoint", endpoint, "--ft-secret-file", str(secret))
+    server.events_endpoint, server.secret_file = endpoint, str(secret)
     yield server
     server.stop()
 
@@ -237,9 +244,28 @@ def test_the_last_failure_streams_across_down_to_tp1_then_a_rejoin_by_hand(ft_se
     assert 0 < recovery["kv_tokens_recomputed"] <= len(FAILOVER_PROMPTS) and recovery["kv_blocks_restored"] > 0
 
 
+def _metric_values(server) -> dict:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value for family in
+            text_string_to_metric_families(requests.get(f"{server.url}/metrics", timeout=30).text)
+            for sample in family.samples}
+
+
 def test_rank0_death_then_a_hung_worker_is_fenced_then_a_drain(fresh_ft_server, reference):
+    """Also the fault events (SSE and PUB), the probes through a regroup, and the end: every worker lost."""
+    from event_stream import EventStream, ProbeWatch, PubEvents, stalled_client
+    from ft.sockets import load_keys
+
     ft_server = fresh_ft_server
     expected = reference(FAILOVER_PROMPTS)
+    stream = EventStream(ft_server.url)
+    pub = PubEvents(ft_server.events_endpoint, load_keys(ft_server.secret_file))
+    stalled = stalled_client(ft_server.url)  # reads nothing through every fault below: slows nobody
+    wait_for(lambda: requests.get(f"{ft_server.url}/ft/events/stats", timeout=10).json()["clients"] == 2,
+             what="both event clients")
+    time.sleep(0.5)  # let the PUB subscription reach the server
+    probes = ProbeWatch(ft_server.url, ("/ready", "/ft/ready", "/health_generate"))
     # rank 0 dies at the worst instant: every rank finished a step, rank 0 never sent its tokens (kill_unsent)
     results = run_with_fault(ft_server, lambda: inject(ft_server, 0, "kill_unsent"))
     assert [r["output_ids"] for r in results] == expected  # the streamed one too: no token missing
@@ -248,6 +274,33 @@ def test_rank0_death_then_a_hung_worker_is_fenced_then_a_drain(fresh_ft_server, 
     assert re.search(r"the old rank 0 died before sending its last output: [1-9]\d* requests rewound", log)
     st = wait_for(lambda: (s := status(ft_server))["epoch"] == 1 and len(s["recoveries"]) == 1 and s)
     assert st["tp_size"] == 3 and [w["rank"] for w in st["workers"]] == [None, 0, 1, 2]
+    codes = probes.stop()
+    assert all(c and set(c) == {200} for c in codes.values()), codes  # liveness and readiness through the regroup
+    # the events, in order, with ids: worker 0 dead at rank 0, the regroup to epoch 1 started and done at TP 3
+    events = stream.wait_for(lambda e: any(x["type"] == "regroup_done" for x in e), what="regroup_done")
+    ids = [e["id"] for e in events]
+    assert ids == list(range(ids[0], ids[0] + len(ids)))
+    kinds = [e["type"] for e in events if e["type"] not in ("worker_suspect", "worker_healthy")]
+    assert kinds == ["worker_dead", "regroup_started", "regroup_done"], events
+    dead, _, done = (e for e in events if e["type"] in kinds)
+    assert (dead["worker"], dead["rank"], dead["epoch"], dead["cause"]) == (0, 0, 0, "process exit")
+    assert (done["epoch"], done["tp_size"]) == (1, 3) and done["recover_ms"] == st["recoveries"][0]["recover_ms"]
+    ready = requests.get(f"{ft_server.url}/ft/ready", timeout=10)
+    assert ready.status_code == 200 and ready.json()["tp_size"] == 3 and ready.json()["launch_tp_size"] == 4
+    assert ready.json()["degraded"] is True
+    metrics = _metric_values(ft_server)
+    assert metrics[("sglang_ft_capacity_ratio", ())] == 0.75
+    # SGLang's own KV gauges come from the new rank 0 (worker 1); the dead rank 0's are gone, not frozen
+    gauges = lambda name, m: {dict(k[1]).get("tp_rank"): v for k, v in m.items() if k[0] == name}  # noqa: E731
+    new_rank0 = st["workers"][1]
+    assert gauges("sglang:max_total_num_tokens", metrics)["1"] == new_rank0["kv_tokens_used"] + \
+        new_rank0["kv_tokens_free"]
+    assert not [k for k in metrics if k[0].startswith("sglang:") and dict(k[1]).get("tp_rank") == "0"
+                and k[0] in ("sglang:max_total_num_tokens", "sglang:token_usage", "sglang:num_used_tokens")]
+    wait_for(lambda: "1" in gauges("sglang:num_used_tokens", _metric_values(ft_server)), timeout_s=30,
+             what="the new rank 0's sglang:num_used_tokens")
+    last_seen = events[-1]["id"]
+    stream.close()  # a client goes away; it reconnects after the next two faults with Last-Event-ID
     # the new rank 0 publishes /v1/loads (SGLang gave a snapshot writer only to the rank 0 it started)
     load = server_load(ft_server.url, timeout_s=10)
     assert load["num_running_reqs"] == 0 and load["num_used_tokens"] == 0
@@ -280,3 +333,37 @@ def test_rank0_death_then_a_hung_worker_is_fenced_then_a_drain(fresh_ft_server, 
     wait_for(lambda: not psutil.pid_exists(drained) or psutil.Process(drained).status() == psutil.STATUS_ZOMBIE,
              timeout_s=30, what="the drained worker to exit")
     assert drain(1).status_code == 409  # the last worker of the group stays
+
+    # the client reconnects with Last-Event-ID: every event since, in order, nothing twice
+    stream = EventStream(ft_server.url, last_id=last_seen)
+    events = stream.wait_for(lambda e: any(x["type"] == "regroup_done" and x["epoch"] == 3 for x in e),
+                             what="the drain's regroup_done")
+    assert [e["id"] for e in events] == list(range(last_seen + 1, last_seen + 1 + len(events)))
+    kinds = [(e["type"], e["epoch"]) for e in events if e["type"] not in ("worker_suspect", "worker_healthy")]
+    assert kinds == [("worker_dead", 1), ("regroup_started", 2), ("regroup_done", 2), ("worker_drained", 2),
+                     ("regroup_started", 3), ("regroup_done", 3)], events
+    assert events[-1]["tp_size"] == 1 and next(e for e in events if e["type"] == "worker_dead")["worker"] == 3
+    # the PUB socket carried the same events (ids included) as the stream, from before the first fault
+    replay = EventStream(ft_server.url, last_id=0)
+    everything = replay.wait_for(lambda e: e and e[-1]["id"] == events[-1]["id"], what="the whole replay")
+    replay.close()
+    wait_for(lambda: pub.events and pub.events[-1]["id"] == events[-1]["id"], what="the PUB socket's events")
+    assert pub.events[0]["id"] <= ids[0] and pub.events == [e for e in everything if e["id"] >= pub.events[0]["id"]]
+    stats = requests.get(f"{ft_server.url}/ft/events/stats", timeout=10).json()
+    assert stats["pub"]["sent"] >= len(pub.events) and stats["missed_upstream"] == 0
+
+    # every worker that holds the model is lost (a restarted one is still loading): no group can serve
+    assert requests.post(f"{ft_server.url}/ft/rejoin", json={"worker": 2}, timeout=30).status_code == 200
+    wait_for(lambda: "restarted worker 2 as pid" in ft_server.log_text(), what="worker 2's restart")
+    inject(ft_server, 0, "kill")
+    events = stream.wait_for(lambda e: any(x["type"] == "replica_lost" for x in e), what="replica_lost")
+    assert [e["type"] for e in events if e["type"] in ("worker_dead", "replica_lost")][-2:] == ["worker_dead",
+                                                                                                 "replica_lost"]
+    wait_for(lambda: requests.get(f"{ft_server.url}/ready", timeout=10).status_code == 503, timeout_s=10,
+             what="/ready to answer 503")
+    ready = requests.get(f"{ft_server.url}/ft/ready", timeout=10)
+    assert ready.status_code == 503 and ready.json()["ready"] is False and ready.json()["live_workers"] == 0
+    assert ready.json()["reason"].startswith("worker 1: process exit")
+    stream.close()
+    pub.close()
+    stalled.close()

@@ -30,7 +30,7 @@ def drive(sockets: str, dp_rank: int | None = None, fail: bool = True) -> dict:
     controller = FtController(f"ipc://{sockets}/hb", f"ipc://{sockets}/ctl", 3, interval_s=0.05, timeout_s=30,
                               parent_pid=os.getpid(), enable_fault_injection=False,
                               shape=ModelShape(8, 4, 8, 64, 160, 512, 2), dp_rank=dp_rank)
-    store = types.SimpleNamespace(alive=True, check=lambda: False, status=lambda: {})
+    store = types.SimpleNamespace(alive=True, check=lambda: False, status=lambda: {}, events=[])
     controller.state.kv_backup = store
     for worker in range(3):
         beat = Heartbeat(worker, os.getpid(), 0, 0, (10, 0, 1000), kv_backup_queued=5 + worker, serving=True,
@@ -96,6 +96,7 @@ def test_controller_state_reaches_the_multiprocess_collector(tmp_path):
 
     assert values[("sglang_ft_epoch", ())] == 1
     assert values[("sglang_ft_tp_size", ())] == 2 and values[("sglang_ft_live_workers", ())] == 2
+    assert values[("sglang_ft_capacity_ratio", ())] == pytest.approx(2 / 3)  # 2 live of the 3 launched
     assert values[("sglang_ft_recoveries_total", failure)] == 1 and values[("sglang_ft_recoveries_total", drain)] == 0
     assert values[("sglang_ft_recovery_seconds_count", failure)] == 1
     seconds = (recovery["detect_ms"] + recovery["recover_ms"]) / 1e3

@@ -105,6 +105,9 @@ def take_over_tokenizer_channels(scheduler, port_args) -> None:
         scheduler.request_receiver, recv_from_tokenizer=fresh.recv_from_tokenizer, recv_from_rpc=fresh.recv_from_rpc
     )
     take_over_load_snapshots(scheduler, port_args)
+    from sglang_ft.observability.metrics_collector import take_over_scheduler_metrics
+
+    take_over_scheduler_metrics(scheduler)
     logger.warning("sglang-ft: this worker is now TP rank 0 and talks to the tokenizer manager")
 
 
@@ -225,6 +228,9 @@ def regroup_in_place(ft_worker, order: Regroup) -> RegroupDone:
         if missing:
             recomputed += keep_held_prefixes(scheduler, lacking, ft_worker.kv_stream, placement)
     ft_worker.kv_rebuilt()
+    from sglang_ft.observability.metrics_collector import after_kv_reshape
+
+    after_kv_reshape(scheduler)  # SGLang's KV gauges describe the reshaped pool
     clock.done("restore_kv", f"({new_heads[1] - new_heads[0]} KV heads here; " + (
         f"{kv.live_slots} cached slots: {kv.heads_kept} heads kept, {kv.bytes_p2p_in} B from peers, "
         f"{kv.blocks_restored} blocks from the backup store" if kv else "not restored") +

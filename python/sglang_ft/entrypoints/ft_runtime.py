@@ -72,6 +72,9 @@ def start_ft_runtime(tp_size: int, model_path: str, app: FastAPI,
         processes.append(spawn_controller(replica.controller_options(tp_size, model_path), os.getpid()))
         logger.info("sglang-ft: controller pid %d, runtime dir %s", processes[-1].pid, replica.runtime_dir)
     add_ft_routes(app, ft)
+    from sglang_ft.entrypoints.ft_events import start_event_feed
+
+    start_event_feed(ft, ask_controller)
     from sglang_ft.entrypoints.overload import RetryAfterOn503
 
     app.add_middleware(RetryAfterOn503)
@@ -137,6 +140,9 @@ def add_ft_routes(app: FastAPI, ft: FtArgs) -> None:
     admin = auth_level(AuthLevel.ADMIN_OPTIONAL)
     if any(getattr(route, "path", None) == "/ft/status" for route in app.routes):
         return
+    from sglang_ft.entrypoints.ft_events import add_event_routes
+
+    add_event_routes(app)
 
     @app.get("/ft/status")
     async def ft_status() -> JSONResponse:
