@@ -50,30 +50,40 @@ def sglang_forward(model_runner, batch):
 
 @pytest.fixture
 def sglang_capture(monkeypatch):
-    """SGLang's capture replaced by a fake runner of the sizes its config asks for; the config's list is read at
-    the call, as `get_batch_sizes_to_capture` does. Yields the list of captures (sizes, in a forward?)."""
-    from sglang.srt.model_executor.model_runner_components import cuda_graph_setup
-
+    """SGLang's decode graph runner replaced by a fake that captures as it is built, the sizes SGLang's config
+    asks for at that moment (as `get_batch_sizes_to_capture` reads them). Yields the captures made."""
     every = [1, 2, 4, 8]
     config = SimpleNamespace(decode=SimpleNamespace(bs=every))
     exec_state = SimpleNamespace(graph=SimpleNamespace(cuda_graph_config=config))
     monkeypatch.setattr("sglang.srt.runtime_context.get_exec", lambda: exec_state)
-    captures = []
+    monkeypatch.setattr("sglang.srt.runtime_context.get_parallel", lambda: SimpleNamespace(attn_tp_size=2))
+    captures, backends = [], []
 
-    def capture_decode_graph(*, model_runner):
-        assert not model_runner.in_forward, "a capture ran during a forward pass"
-        captures.append(tuple(sorted(config.decode.bs)))
-        return SimpleNamespace(runner=FakeChunkRunner(config.decode.bs, model_runner.padding))
+    class FakeDecodeGraphRunner(FakeChunkRunner):
+        def __init__(self, model_runner, *, attn_backend):
+            assert not model_runner.in_forward, "a capture ran during a forward pass"
+            captures.append(tuple(sorted(config.decode.bs)))
+            backends.append(attn_backend)
+            super().__init__(config.decode.bs, model_runner.padding)
 
-    monkeypatch.setattr(cuda_graph_setup, "capture_decode_graph", capture_decode_graph)
-    yield SimpleNamespace(captures=captures, config=config, every=every)
+    monkeypatch.setattr(FakeModelRunner, "_decode_cuda_graph_runner_cls", lambda self: FakeDecodeGraphRunner,
+                        raising=False)
+    yield SimpleNamespace(captures=captures, backends=backends, config=config, every=every)
     assert config.decode.bs is every  # SGLang's own list is back after every capture
 
 
+class FakeModelRunner(SimpleNamespace):
+    def _get_attention_backend(self):
+        # built with this rank's heads: 3 KV heads (of 8) at TP 2, 24 query heads, SGLang's division says 32
+        return ("backend", self.model_config.num_attention_heads // 2)
+
+
 def fake_model_runner(padding=True):
-    return SimpleNamespace(decode_cuda_graph_runner=None, prefill_cuda_graph_runner=None, eager_runner=object(),
+    config = SimpleNamespace(num_attention_heads=64, get_total_num_kv_heads=lambda: 8,
+                             get_num_kv_heads=lambda tp, *a: 3)
+    return FakeModelRunner(decode_cuda_graph_runner=None, prefill_cuda_graph_runner=None, eager_runner=object(),
                            in_forward=False, padding=padding, _kernel_warmed_up=True, device="cuda",
-                           init_prefill_cuda_graph=lambda: None)
+                           init_prefill_cuda_graph=lambda: None, model_config=config)
 
 
 def schedule_for(model_runner, sizes, *, prefill=False, agree=lambda i: None, per_step=1, done=None):
@@ -101,6 +111,11 @@ def test_every_batch_runs_eagerly_until_a_captured_size_fits_it(sglang_capture):
     # largest first (SGLang's order), each through SGLang's capture with the decode sizes set to that chunk alone
     assert sglang_capture.captures == [(s,) for s in sorted(SGLANG_DEFAULT_DECODE_SIZES, reverse=True)]
     assert runner._kernel_warmed_up is False  # the first capture warms the new model up again
+    # every chunk's graphs have their own attention backend (a runner resets its backend's graph buffers), each
+    # built for this rank's 24 query heads
+    backends = sglang_capture.backends
+    assert len({id(b) for b in backends}) == len(backends) and {b[1] for b in backends} == {24}
+    assert runner.model_config.num_attention_heads == 64
 
 
 def test_without_padding_each_size_switches_to_its_own_graph(sglang_capture):

@@ -189,8 +189,11 @@ class CapturedGraphs:
 
 
 class SglangCapture:
-    """Captures through SGLang's own initialisers: `capture_decode_graph` with the decode sizes set to one chunk
-    (the sizes-to-capture path SGLang's PD role switch takes), `init_prefill_cuda_graph` for prefill."""
+    """Captures through SGLang's own initialisers: its decode graph runner class, built (it captures as it is
+    built) with the decode sizes set to one chunk (the sizes-to-capture path SGLang's PD role switch takes) and an
+    attention backend of its own from SGLang's `get_attention_backend`: a graph runner resets its backend's graph
+    state (`init_cuda_graph_state`) to its sizes, which would pull the buffers from under the graphs of the chunks
+    captured before; `init_prefill_cuda_graph` for prefill."""
 
     def __init__(self, model_runner, target_sizes):
         self.model_runner = model_runner
@@ -198,7 +201,6 @@ class SglangCapture:
         self.first = True
 
     def decode(self, sizes: tuple[int, ...]) -> None:
-        from sglang.srt.model_executor.model_runner_components.cuda_graph_setup import capture_decode_graph
         from sglang.srt.runtime_context import get_exec
 
         runner = self.model_runner
@@ -209,12 +211,12 @@ class SglangCapture:
         every = config.decode.bs
         config.decode.bs = list(sizes)  # rebound, never mutated (cuda_graph_config.with_phase)
         try:
-            capture = capture_decode_graph(model_runner=runner)
+            with per_rank_heads(runner.model_config):
+                backend = runner._get_attention_backend()
+            graphs = runner._decode_cuda_graph_runner_cls()(runner, attn_backend=backend)
         finally:
             config.decode.bs = every
-        if capture.runner is None:
-            raise RuntimeError(f"sglang-ft: SGLang captured no decode graph for batch sizes {list(sizes)}")
-        self.graphs.add(capture.runner)
+        self.graphs.add(graphs)
         runner.decode_cuda_graph_runner = self.graphs
 
     def prefill(self) -> None:
