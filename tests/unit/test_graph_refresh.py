@@ -81,9 +81,11 @@ class FakeModelRunner(SimpleNamespace):
 def fake_model_runner(padding=True):
     config = SimpleNamespace(num_attention_heads=64, get_total_num_kv_heads=lambda: 8,
                              get_num_kv_heads=lambda tp, *a: 3)
+    bound = []
     return FakeModelRunner(decode_cuda_graph_runner=None, prefill_cuda_graph_runner=None, eager_runner=object(),
                            in_forward=False, padding=padding, _kernel_warmed_up=True, device="cuda",
-                           init_prefill_cuda_graph=lambda: None, model_config=config)
+                           init_prefill_cuda_graph=lambda: None, model_config=config,
+                           kv_index_translator=SimpleNamespace(bound=bound, bind_and_verify_backends=bound.extend))
 
 
 def schedule_for(model_runner, sizes, *, prefill=False, agree=lambda i: None, per_step=1, done=None):
@@ -115,6 +117,7 @@ def test_every_batch_runs_eagerly_until_a_captured_size_fits_it(sglang_capture):
     # built for this rank's 24 query heads
     backends = sglang_capture.backends
     assert len({id(b) for b in backends}) == len(backends) and {b[1] for b in backends} == {24}
+    assert runner.kv_index_translator.bound == backends  # each bound to the runner's KV index translator
     assert runner.model_config.num_attention_heads == 64
 
 

@@ -213,6 +213,7 @@ class SglangCapture:
         try:
             with per_rank_heads(runner.model_config):
                 backend = runner._get_attention_backend()
+            runner.kv_index_translator.bind_and_verify_backends([backend])  # as init_attention_backends does
             graphs = runner._decode_cuda_graph_runner_cls()(runner, attn_backend=backend)
         finally:
             config.decode.bs = every
