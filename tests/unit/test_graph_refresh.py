@@ -138,7 +138,8 @@ def test_every_rank_captures_the_same_sizes_at_the_same_iteration(sglang_capture
 
     def rank_loop(rank):
         captured = []
-        agree = lambda i: logs[rank].append(("agree", i, int(group.all_reduce_for(rank)(torch.tensor(i)))))  # noqa: E731
+        def agree(values):
+            logs[rank].append(("agree", values, group.all_reduce_for(rank)(torch.tensor(values)).tolist()))
         schedule = gr.GraphRecapture(3, gr.DroppedGraphs((1, 2, 4, 8, 16), True),
                                      lambda sizes: captured.append(sizes), lambda: captured.append("prefill"),
                                      agree, lambda s: None, per_step=2)
@@ -151,8 +152,9 @@ def test_every_rank_captures_the_same_sizes_at_the_same_iteration(sglang_capture
     everyone = on_every_rank(3, rank_loop)
     assert everyone[0] == everyone[1] == everyone[2] == [(16, 8), (4, 2), (1,), "prefill"]
     assert logs[0] == logs[1] == logs[2]
-    # each chunk's agreement: the three ranks at the same index (the sum of three equal indices)
-    assert [entry[2] for entry in logs[0] if entry[0] == "agree"] == [0, 3, 6, 9]
+    # each chunk's agreement: the three ranks pass the same (index, chunks, sizes' sum), summed by the collective
+    assert [entry[1:] for entry in logs[0] if entry[0] == "agree"] == [
+        ((i, 4, key), [3 * i, 12, 3 * key]) for i, key in enumerate((24, 6, 1, -1))]
 
 
 def _agree_on_gloo(rank, size, path, skip_rank, out):
@@ -164,7 +166,7 @@ def _agree_on_gloo(rank, size, path, skip_rank, out):
     for index in range(3):
         mine = index + 1 if (rank == skip_rank and index == 2) else index  # one rank a chunk ahead at the end
         try:
-            agree(mine)
+            agree((mine, 3, 8))
             result.append("ok")
         except RuntimeError as exc:
             result.append(str(exc))
@@ -186,7 +188,8 @@ def test_a_rank_out_of_step_fails_the_agreement_on_every_rank(tmp_path):
         p.join(30)
     for rank in range(3):
         assert results[rank][:2] == ["ok", "ok"]
-        assert "graph re-capture out of step" in results[rank][2] and "between 2 and 3" in results[rank][2]
+        assert "graph re-capture out of step" in results[rank][2] and "between (2, 3, 8) and (3, 3, 8)" in results[
+            rank][2]
 
 
 def test_no_capture_inside_a_step_through_the_scheduler_hooks(sglang_capture, monkeypatch):

@@ -238,7 +238,8 @@ class GraphRecapture:
     """The schedule: decode sizes largest first (SGLang's order: smaller graphs reuse the larger ones' memory),
     `per_step` of them at the top of each scheduler iteration, then prefill's graphs in one more.
 
-    `agree(chunk_index)` runs a collective that fails when the ranks are not at the same chunk; `capture_decode`
+    `agree((chunk index, chunks, chunk key))` runs a collective that fails unless every rank passes the same: the
+    same chunk of the same schedule (a rank with another size list fails at the first chunk); `capture_decode`
     and `capture_prefill` do the capturing; `done` gets the summary once the last chunk is in.
     """
 
@@ -246,7 +247,7 @@ class GraphRecapture:
     dropped: DroppedGraphs
     capture_decode: Callable[[tuple[int, ...]], None]
     capture_prefill: Callable[[], None]
-    agree: Callable[[int], None]
+    agree: Callable[[tuple[int, int, int]], None]
     done: Callable[[GraphsRecaptured], None]
     per_step: int = SIZES_PER_STEP
     clock: Callable[[], float] = time.monotonic
@@ -277,8 +278,8 @@ class GraphRecapture:
             return
         if self.started is None:
             self.started = self.clock()
-        self.agree(self.steps)
         chunk = self.chunks[self.steps]
+        self.agree((self.steps, len(self.chunks), -1 if chunk == "prefill" else sum(chunk)))
         if chunk == "prefill":
             self.capture_prefill()
         else:
@@ -314,18 +315,20 @@ def between_steps() -> None:
             _SCHEDULE, _OWED = None, DroppedGraphs()
 
 
-def agree_on_chunk(cpu_group) -> Callable[[int], None]:
-    """A collective over the TP group's CPU group: every rank must be at the same chunk of the schedule."""
+def agree_on_chunk(cpu_group) -> Callable[[tuple[int, ...]], None]:
+    """A collective over the TP group's CPU group: every rank must pass the same values (one all-reduce of each
+    value and its negation: the maxima and minima)."""
 
-    def agree(index: int) -> None:
+    def agree(values: tuple[int, ...]) -> None:
         import torch
         import torch.distributed as dist
 
-        bounds = torch.tensor([index, -index], dtype=torch.int64)
+        bounds = torch.tensor([*values, *(-v for v in values)], dtype=torch.int64)
         dist.all_reduce(bounds, op=dist.ReduceOp.MAX, group=cpu_group)
-        if int(bounds[0]) != index or int(-bounds[1]) != index:
-            raise RuntimeError(f"sglang-ft: graph re-capture out of step: this rank is at chunk {index}, the group "
-                               f"between {int(-bounds[1])} and {int(bounds[0])}")
+        highest, lowest = bounds[:len(values)].tolist(), [-v for v in bounds[len(values):].tolist()]
+        if highest != lowest:
+            raise RuntimeError(f"sglang-ft: graph re-capture out of step: this rank is at (chunk, chunks, sizes) "
+                               f"{tuple(values)}, the group between {tuple(lowest)} and {tuple(highest)}")
 
     return agree
 
