@@ -138,8 +138,10 @@ def test_every_rank_captures_the_same_sizes_at_the_same_iteration(sglang_capture
 
     def rank_loop(rank):
         captured = []
+
         def agree(values):
             logs[rank].append(("agree", values, group.all_reduce_for(rank)(torch.tensor(values)).tolist()))
+
         schedule = gr.GraphRecapture(3, gr.DroppedGraphs((1, 2, 4, 8, 16), True),
                                      lambda sizes: captured.append(sizes), lambda: captured.append("prefill"),
                                      agree, lambda s: None, per_step=2)
