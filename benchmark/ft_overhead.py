@@ -6,7 +6,9 @@
 Each round serves the same model once plain and once with `--ft` (heartbeats, the FT controller, KV backup
 streaming to the store process: everything on by default), alternating which goes first so a drift of the
 machine does not favour one. Each measurement: a closed loop of `--clients` greedy requests of
-`--max-new-tokens` tokens for `--duration-s` after a warm-up; tokens/s and the p50/p99 of request latency.
+`--max-new-tokens` tokens for `--duration-s` after a warm-up; tokens/s and the p50/p99 of request latency, and the
+CPU seconds the server's processes (every process of it: schedulers, the FT controller, the backup store) spent per
+generated token: on a machine other work shares, throughput follows the other work, CPU time per token much less.
 Target (issue 9): `--ft` loses at most 5% throughput. Writes benchmark/results/ft_overhead.json.
 """
 
@@ -21,6 +23,7 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
 import requests
 from sglang_ft.tools import make_tiny_model
 from sglang_ft.tools.server_process import ServerProcess
@@ -71,10 +74,27 @@ def percentile(values: list[float], q: float) -> float | None:
     return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process and every live descendant."""
+    total = 0.0
+    root = psutil.Process(pid)
+    for proc in [root, *root.children(recursive=True)]:
+        try:
+            times = proc.cpu_times()
+            total += times.user + times.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
 def measure(model: str, ft: bool, args) -> dict:
     with ServerProcess(model, tp_size=args.tp, ft=ft) as server:
         closed_loop(server.url, args.clients, args.max_new_tokens, 3.0)  # warm-up: first batches, caches
-        return closed_loop(server.url, args.clients, args.max_new_tokens, args.duration_s)
+        before = cpu_seconds(server.proc.pid)
+        run = closed_loop(server.url, args.clients, args.max_new_tokens, args.duration_s)
+        tokens = run["requests"] * args.max_new_tokens
+        run["cpu_ms_per_token"] = round((cpu_seconds(server.proc.pid) - before) * 1e3 / tokens, 2) if tokens else None
+        return run
 
 
 def summarize(runs: list[dict]) -> dict:
@@ -85,7 +105,8 @@ def summarize(runs: list[dict]) -> dict:
             "failures": sum(run["failures"] for run in runs),
             "latency_p50_s": round(percentile(latencies, 50), 3) if latencies else None,
             "latency_p99_s": round(percentile(latencies, 99), 3) if latencies else None,
-            "per_round_tokens_per_s": [run["tokens_per_s"] for run in runs]}
+            "per_round_tokens_per_s": [run["tokens_per_s"] for run in runs],
+            "per_round_cpu_ms_per_token": [run.get("cpu_ms_per_token") for run in runs]}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -112,8 +133,8 @@ def main(argv: list[str] | None = None) -> dict:
         for system in order:
             run = measure(str(args.model_dir), system == "ft", args)
             runs[system].append(run)
-            print(f"round {round_index + 1} {system}: {run['tokens_per_s']} tok/s, {run['requests']} requests",
-                  flush=True)
+            print(f"round {round_index + 1} {system}: {run['tokens_per_s']} tok/s, {run['requests']} requests, "
+                  f"{run['cpu_ms_per_token']} CPU ms per token, load average {os.getloadavg()[0]:.1f}", flush=True)
     plain, ft = summarize(runs["plain"]), summarize(runs["ft"])
     report = {
         "date": dt.date.today().isoformat(),
@@ -127,11 +148,20 @@ def main(argv: list[str] | None = None) -> dict:
                              for f, p in zip(runs["ft"], runs["plain"], strict=True) if p["tokens_per_s"]],
         "ft_p99_ratio": round(ft["latency_p99_s"] / plain["latency_p99_s"], 3)
         if ft["latency_p99_s"] and plain["latency_p99_s"] else None,
+        # --ft's extra work per token, whatever else the machine ran: its CPU time per token over plain's
+        "ft_cpu_per_token_ratio": _ratio(ft["per_round_cpu_ms_per_token"], plain["per_round_cpu_ms_per_token"]),
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "ft_overhead.json").write_text(json.dumps(report, indent=1))
     print(table(report))
     return report
+
+
+def _ratio(ft_rounds: list, plain_rounds: list) -> float | None:
+    ft_rounds, plain_rounds = [x for x in ft_rounds if x], [x for x in plain_rounds if x]
+    if not ft_rounds or not plain_rounds:
+        return None
+    return round(sum(ft_rounds) / len(ft_rounds) / (sum(plain_rounds) / len(plain_rounds)), 3)
 
 
 def table(report: dict) -> str:
@@ -142,7 +172,8 @@ def table(report: dict) -> str:
                        ("latency p50 (s)", "latency_p50_s"), ("latency p99 (s)", "latency_p99_s")):
         lines.append(f"| {label} | {plain[key]} | {ft[key]} |")
     lines.append(f"\n--ft / plain throughput {report['ft_throughput_ratio']} (target >= 0.95; per round "
-                 f"{report.get('per_round_ratios')}), p99 latency ratio {report['ft_p99_ratio']}")
+                 f"{report.get('per_round_ratios')}), p99 latency ratio {report['ft_p99_ratio']}, CPU time per "
+                 f"token ratio {report.get('ft_cpu_per_token_ratio')}")
     return "\n".join(lines)
 
 

@@ -11,10 +11,13 @@ is the one whose loss takes sglang-ft longest to recover (worst case, lowest id 
 
 sglang-ft, in place: detection + group rebuild + park + weight transfers (the planner's schedule: peer-to-peer over
 NVLink and the slices only the dead GPU held from disk, at once) + KV restore (the lost heads' KV of the in-flight
-tokens from the node's host backup store; heads moving between survivors over NVLink).
+tokens from the node's host backup store; heads moving between survivors over NVLink) + CUDA graph re-capture
+(charged as to restart-and-reload, though sglang-ft serves eagerly while it captures between steps).
 Restart-and-reload: detection + a new process with its CUDA context + reading the whole checkpoint (every rank its
 shard) + warm-up and CUDA graph capture + re-prefill of every in-flight token, at the widest TP plain SGLang accepts
 on the survivors (a divisor of the head counts: 8 KV heads on 7 GPUs restart at TP 4).
+The KV backup's cost per decode step (the step's rows gathered on the device, copied to pinned host memory on a
+copy stream) is projected from the measured rates for Llama-3-70B at the in-flight batch (`backup_step_cost`).
 
 Every figure is measured (benchmark/results/device_bandwidth.json: one H100 80GB HBM3 lent to this project, in a
 VM), cited (datasheets), or a parameter stated as an assumption; `sources_and_assumptions()` lists them, and the
@@ -102,6 +105,13 @@ NVLINK_PER_DIRECTION_GBPS = 450.0  # NVIDIA H100 SXM datasheet: NVLink 900 GB/s 
 PCIE_GEN5_X16_GBPS = 64.0  # PCIe 5.0 x16, per direction (32 GT/s x 16 lanes); the ceiling of host <-> device copies
 NVME_GBPS = 7.0  # PCIe Gen4 x4 datacenter NVMe class (e.g. Samsung PM9A3 U.2: up to 6.9 GB/s sequential read)
 H100_BF16_DENSE_FLOPS = 989e12  # NVIDIA H100 SXM datasheet: 989 TFLOPS bf16 dense (1,979 with sparsity)
+H100_HBM_GBPS = 3350.0  # NVIDIA H100 SXM datasheet: HBM3 3.35 TB/s
+# Documented capture cost: SGLang's log in sgl-project/sglang#10088 (2025-09-05), a TP-8 target model with FA3:
+# "Capture cuda graph end. Time elapsed: 12.11 s". Spread over SGLang's decode batch sizes up to 256
+# (`generate_decode_cuda_graph_batch_sizes`: 1, 2, 4, 8, 12, then every 8 to 256), an assumption about that run.
+CAPTURE_LOG_S = 12.11
+CAPTURE_SIZES = (1, 2, 4, 8, 12, *range(16, 257, 8))
+CAPTURE_SOURCE = "sgl-project/sglang#10088"
 PAPERS = ("AnchorTP: TFS up to 11x lower, TTP up to 59% lower than restart-and-reload; "
           "FailSafe: ~100x lower recovery latency, up to 2x throughput")
 
@@ -143,7 +153,9 @@ class Params:
     detect_s: float = 1.0  # sglang-ft's default heartbeat timeout (200 ms interval)
     rebuild_s: float = 0.46  # group rebuild, the largest measured on CPU with gloo (README: 0.06-0.46 s)
     park_s: float = 0.085  # parking in-flight requests in the radix cache, measured on CPU (README: 50-85 ms)
-    warmup_s: float = 20.0  # assumption: restart's warm-up and CUDA graph capture
+    warmup_s: float = 20.0  # assumption: restart's warm-up and CUDA graph capture (the capture below included)
+    capture_per_size_s: float = CAPTURE_LOG_S / len(CAPTURE_SIZES)  # one decode batch size's graph
+    capture_sizes: int = len(CAPTURE_SIZES)
     mfu: float = 0.4  # assumption: prefill reaches 40% of the bf16 dense peak
     requests: int = 64
     tokens: int = 2048  # per in-flight request
@@ -152,6 +164,11 @@ class Params:
     @property
     def in_flight_tokens(self) -> int:
         return self.requests * self.tokens
+
+    @property
+    def capture_s(self) -> float:
+        """Capturing every decode batch size's CUDA graph, for either system."""
+        return self.capture_per_size_s * self.capture_sizes
 
 
 def default_params(measured: dict, disk: str = "nvme", kv_host: str = "pinned", **overrides) -> Params:
@@ -189,7 +206,8 @@ def sglang_ft_recovery(model: Model, held: dict, dead: int, p: Params) -> dict:
             peer_out[m.src] = peer_out.get(m.src, 0) + nbytes
     kv_s = max([b / (p.kv_host_gbps * GB) for b in host_in.values()]
                + [b / nvlink for b in (*peer_in.values(), *peer_out.values())], default=0.0)
-    total = p.detect_s + p.rebuild_s + p.park_s + weights_s + kv_s
+    serving_s = p.detect_s + p.rebuild_s + p.park_s + weights_s + kv_s  # serving resumes here, eagerly
+    total = serving_s + p.capture_s
     # not what the planner does: every survivor reads an equal share of the missing slices and forwards it over
     # NVLink, so no rank's disk link carries more than its share (the same as the schedule for a shared disk)
     fanout_s = max(schedule_transfers(plan, Bandwidth(nvlink, math.inf)).estimated_s,
@@ -198,8 +216,8 @@ def sglang_ft_recovery(model: Model, held: dict, dead: int, p: Params) -> dict:
             "bytes_reloaded": plan.bytes_reloaded, "kv_bytes_restored": sum(host_in.values()),
             "kv_bytes_p2p": sum(peer_in.values()), "kv_heads_per_rank": [s.num_kv_heads for s in plan.layout.shards],
             "terms_s": {"detect": p.detect_s, "rebuild": p.rebuild_s, "park": p.park_s, "weights": weights_s,
-                        "kv_restore": kv_s},
-            "recovery_s": total, "weights_s_reads_fanned_out": fanout_s}
+                        "kv_restore": kv_s, "graph_capture": p.capture_s},
+            "recovery_s": total, "serving_resumes_s": serving_s, "weights_s_reads_fanned_out": fanout_s}
 
 
 def restart_width(model: Model, gpus: int) -> int:
@@ -228,9 +246,57 @@ def restart_and_reload(model: Model, gpus: int, p: Params) -> dict:
     read_s = checkpoint / (p.disk.gbps * GB) / (1 if p.disk.shared else width)
     prefill_s = prefill_flops(model, p.requests, p.tokens) / (width * p.mfu * H100_BF16_DENSE_FLOPS)
     terms = {"detect": p.detect_s, "process_start": p.process_start_s, "checkpoint_read": read_s,
-             "warmup": p.warmup_s, "re_prefill": prefill_s}
+             "warmup": max(p.warmup_s - p.capture_s, 0.0), "graph_capture": p.capture_s, "re_prefill": prefill_s}
     return {"tp": width, "bytes_reloaded": checkpoint, "terms_s": terms, "recovery_s": sum(terms.values()),
             "prefill_tokens_per_s_per_gpu": prefill_rate(model, p)}
+
+
+LAUNCH_US = 5.0  # assumption: CPU time of one CUDA kernel or copy launch (a few microseconds; not measured here)
+BACKUP_MODEL = "Llama-3-70B"
+
+
+def backup_step_cost(model: Model, measured: dict, batch: int, context_tokens: int, tp: int = TP,
+                     launch_us: float = LAUNCH_US) -> dict:
+    """The KV backup's work per decode step on the rank holding the most KV heads: the step's new rows (one token
+    per request, every layer, K and V of this rank's heads) gathered on the compute stream (`index_select`, one
+    per layer and K/V) and copied to pinned host memory on a copy stream (one per layer and K/V), at the measured
+    rates; next to the step itself, bounded below by reading this rank's weights and the batch's KV once from HBM.
+
+    The gather lengthens the step; the copy overlaps the next step (its stream waits for nothing of the step); the
+    launches are CPU time between two steps, when SGLang's scheduler has nothing else queued on the device."""
+    kv_heads = max(s.num_kv_heads for s in TPLayout.even(model.shape(), tp).shards)
+    rows_bytes = model.kv_bytes_per_head(batch) * kv_heads
+    rates = measured["kv_rows"]
+    gather_s = rows_bytes / (rates["gather_on_device"] * GB)
+    copy_s = rows_bytes / (rates["gather_to_pinned_host"] * GB)
+    launches = 2 * 2 * model.num_hidden_layers  # gather and copy, K and V, per layer
+    launch_s = launches * launch_us * 1e-6
+    step_s = (model.parameters() * model.dtype_bytes / tp
+              + model.kv_bytes_per_head(batch * context_tokens) * kv_heads) / (H100_HBM_GBPS * GB)
+    return {"model": model.name, "tp": tp, "batch": batch, "context_tokens": context_tokens, "kv_heads": kv_heads,
+            "bytes_per_step": rows_bytes, "gather_on_device_us": gather_s * 1e6,
+            "copy_to_pinned_host_us": copy_s * 1e6, "launches": launches, "launch_us_each": launch_us,
+            "launches_ms": launch_s * 1e3, "decode_step_ms_memory_bound": step_s * 1e3,
+            "on_the_step_share": gather_s / step_s, "with_launches_share": (gather_s + launch_s) / step_s,
+            "copy_share_of_step": copy_s / step_s, "host_gbps_per_rank": rows_bytes / step_s / GB}
+
+
+def backup_lines(cost: dict) -> list[str]:
+    return [
+        f"{cost['model']} at TP {cost['tp']}, decode batch {cost['batch']} ({cost['context_tokens']} tokens of "
+        f"context each), {cost['kv_heads']} KV head(s) on the busiest rank: {cost['bytes_per_step'] / 1e6:.2f} MB "
+        f"of new KV rows per step",
+        f"gathered on the device in {cost['gather_on_device_us']:.1f} us (measured index_select rate), copied to "
+        f"pinned host memory in {cost['copy_to_pinned_host_us']:.1f} us on the copy stream (measured "
+        "gather-to-pinned rate), overlapping the next step",
+        f"the step itself: at least {cost['decode_step_ms_memory_bound']:.2f} ms (this rank's weights and the batch's "
+        "KV read once at the H100's 3.35 TB/s); the gather adds "
+        f"{cost['on_the_step_share']:.2%} to it; the host link carries {cost['host_gbps_per_rank']:.2f} GB/s per rank",
+        f"the {cost['launches']} launches (gather and copy of K and V per layer) take {cost['launches_ms']:.2f} ms of "
+        f"CPU time between steps at an assumed {cost['launch_us_each']:g} us each: with them the backup adds "
+        f"{cost['with_launches_share']:.1%} to a decode step; batching the gathers into one kernel per step (not "
+        "done) would remove most of it",
+    ]
 
 
 def project(model: Model, p: Params, lose: list[int] | None = None) -> list[dict]:
@@ -246,20 +312,23 @@ def project(model: Model, p: Params, lose: list[int] | None = None) -> list[dict
         rr = restart_and_reload(model, len(held), p)
         rows.append({"model": model.name, "disk": p.disk.name, "losses": step, "dead_worker": ft.pop("dead"),
                      "sglang_ft": ft, "restart_and_reload": rr, "ratio": rr["recovery_s"] / ft["recovery_s"],
-                     "ratio_without_warmup": (rr["recovery_s"] - p.warmup_s) / ft["recovery_s"]})
+                     # neither warm-up nor graph capture, on either side
+                     "ratio_without_warmup": (rr["recovery_s"] - rr["terms_s"]["warmup"] - p.capture_s)
+                     / (ft["recovery_s"] - p.capture_s)})
     return rows
 
 
 def markdown_table(rows: list[dict]) -> str:
     head = ("| model | disk | lost | TP after | kept GB | p2p GB | reloaded GB | KV restored GB | weights s | KV s "
-            "| sglang-ft s | restart TP | restart GB | restart s | ratio | ratio, no warm-up |")
+            "| serving resumes s | sglang-ft s | restart TP | restart GB | restart s | ratio | ratio, no warm-up |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         ft, rr = r["sglang_ft"], r["restart_and_reload"]
         lines.append(
             f"| {r['model']} | {r['disk']} | {r['losses']} | {ft['tp']} | {ft['bytes_kept'] / GB:.1f} "
             f"| {ft['bytes_p2p'] / GB:.2f} | {ft['bytes_reloaded'] / GB:.2f} | {ft['kv_bytes_restored'] / GB:.2f} "
-            f"| {ft['terms_s']['weights']:.2f} | {ft['terms_s']['kv_restore']:.2f} | {ft['recovery_s']:.2f} "
+            f"| {ft['terms_s']['weights']:.2f} | {ft['terms_s']['kv_restore']:.2f} | {ft['serving_resumes_s']:.2f} "
+            f"| {ft['recovery_s']:.2f} "
             f"| {rr['tp']} | {rr['bytes_reloaded'] / GB:.1f} | {rr['recovery_s']:.1f} | {r['ratio']:.1f}x "
             f"| {r['ratio_without_warmup']:.1f}x |")
     return "\n".join(lines)
@@ -322,6 +391,13 @@ def sources_and_assumptions(measured: dict, p: Params) -> list[str]:
         f"parking {p.park_s:g} s measured on CPU with gloo and a tiny model (README), not on NCCL",
         f"assumption: restart-and-reload's warm-up and CUDA graph capture {p.warmup_s:g} s; it restarts at the "
         "widest TP dividing the head counts (TP 4 on 5-7 GPUs for 8 KV heads) and reads the whole checkpoint",
+        f"CUDA graph capture {p.capture_s:.2f} s, charged to both systems: SGLang's log in {CAPTURE_SOURCE} "
+        f"(\"Capture cuda graph end. Time elapsed: {CAPTURE_LOG_S} s\", a TP-8 target model with FA3), taken as "
+        f"{p.capture_sizes} decode batch sizes (SGLang's list up to 256, an assumption about that run) at "
+        f"{p.capture_per_size_s:.3f} s each; restart's warm-up is the rest of its {p.warmup_s:g} s. sglang-ft "
+        "serves eagerly from `serving resumes s` and captures one batch size between two steps (model_executor/"
+        f"graph_refresh.py), so {p.capture_sizes} steps each pause about {p.capture_per_size_s:.2f} s; 'ratio, no "
+        "warm-up' leaves out warm-up and capture on both sides",
         "model shapes: the public config.json of each model, bf16; Mixtral's experts are modelled as "
         "8 x 14336 MLP columns per layer because the planner has no expert dimension yet",
         "8 KV heads at TP 7, 6, 5 split unevenly (one rank holds 2 heads at TP 7): that rank does twice the "
@@ -359,11 +435,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\npapers, as reported: {PAPERS}")
     args.out_dir.mkdir(parents=True, exist_ok=True)
     command = "python benchmark/scale_model.py" + (" --full" if args.full else "")
+    backup = backup_step_cost(next(m for m in MODELS if m.name == BACKUP_MODEL), measured, params[0].requests,
+                              params[0].tokens)
+    print("\nKV backup per decode step:\n" + "\n".join(f"- {line}" for line in backup_lines(backup)))
     (args.out_dir / "scale_model.json").write_text(json.dumps({
         "date": dt.date.today().isoformat(), "command": command, "lose": args.lose,
         "params": [asdict(p) for p in params], "models": [asdict(m) for m in MODELS],
-        "sources_and_assumptions": notes, "observations": observations(rows), "papers": PAPERS, "rows": rows},
-        indent=1) + "\n")
+        "sources_and_assumptions": notes, "observations": observations(rows), "papers": PAPERS,
+        "kv_backup_per_step": backup, "rows": rows}, indent=1) + "\n")
     (args.out_dir / "scale_model.md").write_text(
         f"# Scale model: sglang-ft recovery vs restart-and-reload, 8 x H100 at TP 8\n\n`{command}` "
         f"({dt.date.today().isoformat()}): arithmetic on the project's own planner, not a measurement on 8 GPUs. "
@@ -371,6 +450,8 @@ def main(argv: list[str] | None = None) -> int:
         f"in flight: {params[0].requests} requests x {params[0].tokens} tokens. GB = 1e9 bytes; ratio = restart s / "
         f"sglang-ft s.\n\n{table}\n\nPapers, as reported (their setups, not comparable one to one): {PAPERS}.\n\n"
         "## Observations\n\n" + "\n".join(f"- {n}" for n in observations(rows)) + "\n\n"
+        "## The KV backup's cost per decode step (H100, projected from measured rates)\n\n"
+        + "\n".join(f"- {line}" for line in backup_lines(backup)) + "\n\n"
         "## Assumptions and sources\n\n" + "\n".join(f"- {n}" for n in notes) + "\n")
     print(f"\nwrote {args.out_dir / 'scale_model.json'} and scale_model.md")
     return 0

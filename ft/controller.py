@@ -34,6 +34,7 @@ from ft.messages import (
     Fenced,
     GroupLost,
     Heartbeat,
+    LateStageDone,
     Regroup,
     RegroupDone,
     Respawn,
@@ -127,6 +128,7 @@ class PendingRecovery:
     waiting: set[int]
     done: list[RegroupDone] = field(default_factory=list)
     last_sent: float = 0.0
+    late_stage_ms: dict[str, float] = field(default_factory=dict)  # stages ended before the last RegroupDone
 
     def still_joining(self) -> tuple[int, ...]:
         """Joiners of this order that have not finished it: they still hold nothing."""
@@ -243,6 +245,8 @@ class FtController:
             return
         if isinstance(message, RegroupDone):
             self._on_regroup_done(message, now)
+        elif isinstance(message, LateStageDone):
+            self._on_late_stage(message)
         elif isinstance(message, Heartbeat) and self.pending and message.worker in self.pending.still_joining():
             record = membership.workers[message.worker]  # joining until its first regroup completes
             record.pid, record.last_beat = message.pid, now
@@ -325,6 +329,7 @@ class FtController:
         for report in pending.done:
             for stage, ms in report.stage_ms.items():
                 stages[stage] = max(stages.get(stage, 0.0), ms)
+        stages.update(pending.late_stage_ms)
         self.state.recoveries.append({
             "epoch": pending.order.epoch,
             "cause": pending.order.cause,
@@ -352,6 +357,15 @@ class FtController:
         self.pending = None
         self.state.regrouping = None
         self.events.regroup_done(self.state.recoveries[-1])
+
+    def _on_late_stage(self, done: LateStageDone) -> None:
+        """A stage that ends after serving resumed (graph re-capture) joins its recovery's stages: the slowest
+        worker's time, like every stage."""
+        stages = next((r["stage_ms"] for r in reversed(self.state.recoveries) if r["epoch"] == done.epoch), None)
+        if stages is None and self.pending is not None and self.pending.order.epoch == done.epoch:
+            stages = self.pending.late_stage_ms
+        if stages is not None:
+            stages[done.stage] = max(stages.get(done.stage, 0.0), done.ms)
 
     def _record(self, change: Transition, cause: str) -> None:
         pid = self.state.membership.workers[change.worker].pid

@@ -157,6 +157,17 @@ class RegroupDone(msgspec.Struct, tag=True, frozen=True):
     expert_bytes_moved: Count = 0  # MoE: expert weights received from peers or disk (part of bytes_p2p + reloaded)
 
 
+class LateStageDone(msgspec.Struct, tag=True, frozen=True):
+    """A stage of the recovery to `epoch` that ends after serving resumed (the device graphs' re-capture, done
+    between steps): the controller adds it to that recovery's stages."""
+
+    worker: Worker
+    epoch: Epoch
+    stage: Annotated[str, Meta(max_length=64)]
+    ms: Ms
+    pid: PidOrUnknown = 0
+
+
 class GroupLost(msgspec.Struct, tag=True, frozen=True):
     """The controller has no worker left that holds the model: this TP group (a data-parallel replica, under
     `--dp-size`) serves nothing more, and its unfinished requests must go on elsewhere."""
@@ -178,7 +189,7 @@ def msgpack_codec(union):
     return encoder.encode, decode
 
 
-Report = Heartbeat | WorkerFailed | RegroupDone  # workers -> the controller's PULL socket
+Report = Heartbeat | WorkerFailed | RegroupDone | LateStageDone  # workers -> the controller's PULL socket
 Order = Regroup | Respawn | Fenced | BackupResync | GroupLost  # the controller's PUB socket -> its subscribers
 Message = Report | Order
 encode, decode = msgpack_codec(Message)

@@ -17,6 +17,7 @@ from sglang.srt.plugins.hook_registry import HookType
 from sglang_ft.distributed.collective_failure import CollectiveFailure
 from sglang_ft.entrypoints.ft_events import around_is_ready
 from sglang_ft.launch_checks import ELASTIC_ARCHITECTURES, check_ft_launch
+from sglang_ft.elastic_tp import graph_refresh
 from sglang_ft.server_args import (
     FT_DEFAULT_MAX_QUEUED_REQUESTS,
     FtArgs,
@@ -130,6 +131,7 @@ def before_ingest_requests(scheduler, *args, **kwargs):
     worker = current_worker()
     if worker is not None:
         worker.check_orders()
+        graph_refresh.between_steps()  # a chunk of the device graphs' re-capture after a regroup, if any
         worker.begin_iteration()
 
 
@@ -570,6 +572,8 @@ HOOKS: list[tuple[str, HookType, object]] = [
         around_create_ipc_channels,
     ),
     ("sglang.srt.model_loader.utils.get_model_architecture", HookType.AFTER, after_get_model_architecture),
+    ("sglang.srt.model_executor.model_runner.ModelRunner.init_attention_backends", HookType.AROUND,
+     graph_refresh.around_init_attention_backends),
     ("sglang.srt.configs.model_config.ModelConfig.get_num_kv_heads", HookType.AROUND, around_get_num_kv_heads),
     (
         "sglang.srt.configs.model_config.ModelConfig.get_num_attention_heads",

@@ -12,6 +12,7 @@ import os
 import re
 import signal
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -166,8 +167,20 @@ def test_sigkill_mid_decode_restores_kv_without_reprefill(ft_server, moe_referen
     resumed = ft_server.log_text().split("epoch 1 recovered")[1]
     first_prefill = re.search(r"Prefill batch, #new-seq: (\d+), #new-token: (\d+), #cached-token: (\d+)", resumed)
     assert first_prefill and int(first_prefill[1]) == int(first_prefill[2]) == len(FAILOVER_PROMPTS)
-    for stage in ("rebuild_process_groups", "park_requests", "reshard_weights", "restore_kv"):
+    for stage in ("rebuild_process_groups", "park_requests", "reshard_weights", "restore_kv",
+                  "recreate_attention_backend"):
         assert f"recovery to epoch 1: {stage} done" in ft_server.log_text()
+    # SGLang's attention backend was built again on each survivor for its new (uneven) heads: 3 ranks share the
+    # config's KV heads, each with its GQA groups' query heads; CPU has no graphs, so none is re-captured
+    config = json.loads((Path(ft_server.model_path) / "config.json").read_text())
+    rebuilt = re.findall(r"recovery to epoch 1: recreate_attention_backend done in [\d.]+ ms \((\w+) re-created for "
+                         r"(\d+) query heads, (\d+) KV heads here\)", ft_server.log_text())
+    assert len(rebuilt) == 3 and {name for name, _, _ in rebuilt} == {"TorchNativeAttnBackend"}
+    assert sum(int(kv) for _, _, kv in rebuilt) == config["num_key_value_heads"]
+    group = config["num_attention_heads"] // config["num_key_value_heads"]
+    assert all(int(q) == int(kv) * group for _, q, kv in rebuilt)
+    assert "recreate_attention_backend" in recovery["stage_ms"] and "recapture_graphs" not in recovery["stage_ms"]
+    assert ft_server.log_text().count("no device graphs to re-capture for epoch 1 (graphs off on cpu)") == 3
     # A prefix cached before the failure is still cached after it, with the restored heads' KV correct.
     after = generate(ft_server.url, CACHED_PROMPT, NEW_TOKENS)
     assert after["meta_info"]["cached_tokens"] >= before["meta_info"]["prompt_tokens"] - 1

@@ -164,6 +164,28 @@ def test_a_dead_member_gets_a_regroup_order_of_the_survivors(orchestrating_contr
     assert recovery["kv_tokens_recomputed"] == 40 and controller.pending is None
 
 
+def test_a_late_stage_joins_its_recovery_whenever_it_arrives(orchestrating_controller):
+    """The graphs' re-capture ends after serving resumed: its time joins the recovery's stages (the slowest
+    worker's), whether it arrives after the recovery was recorded or before the last worker's RegroupDone."""
+    from ft.messages import LateStageDone, RegroupDone
+
+    controller, _ = orchestrating_controller
+    now = time.monotonic()
+    for worker in range(3):
+        controller._on_message(Heartbeat(worker, os.getpid(), 0, 0), now)
+    controller._record(controller.state.detector.declare_dead(1, now), "process exit")
+    controller._on_message(RegroupDone(0, 1, {"reshard_weights": 1.0}, 10, 20, 30, 40), time.monotonic())
+    controller._on_message(LateStageDone(0, 1, "recapture_graphs", 800.0), time.monotonic())  # early
+    controller._on_message(RegroupDone(2, 1, {"reshard_weights": 2.0}, 10, 20, 30, 40), time.monotonic())
+    (recovery,) = controller.state.recoveries
+    assert recovery["stage_ms"] == {"reshard_weights": 2.0, "recapture_graphs": 800.0}
+    controller._on_message(LateStageDone(2, 1, "recapture_graphs", 950.5), time.monotonic())  # late, slower
+    controller._on_message(LateStageDone(0, 1, "recapture_graphs", 10.0), time.monotonic())
+    assert recovery["stage_ms"] == {"reshard_weights": 2.0, "recapture_graphs": 950.5}
+    controller._on_message(LateStageDone(2, 0, "recapture_graphs", 5.0), time.monotonic())  # no such recovery
+    assert controller.state.recoveries == [recovery]
+
+
 def test_a_failed_collective_with_everyone_alive_rebuilds_the_same_group(orchestrating_controller):
     from ft.messages import WorkerFailed
 

@@ -25,3 +25,30 @@ def test_bad_flags_are_refused_by_name(capsys):
     with pytest.raises(SystemExit) as exit_info:
         overhead.main(["--rounds", "0"])
     assert exit_info.value.code == 2 and "--rounds" in capsys.readouterr().err
+
+
+def test_cpu_seconds_count_every_process_of_the_server():
+    """A server's CPU time is its launcher's and its children's (schedulers, the FT controller, the store)."""
+    import subprocess
+    import sys
+    import time
+
+    busy = "import time\nend = time.process_time() + 0.6\nwhile time.process_time() < end: pass\ntime.sleep(30)"
+    parent = subprocess.Popen([sys.executable, "-c", f"import subprocess, sys, time\n"
+                               f"subprocess.Popen([sys.executable, '-c', {busy!r}])\ntime.sleep(30)"])
+    try:
+        time.sleep(3.0)  # the child has burnt its 0.6 s of CPU by now
+        assert overhead.cpu_seconds(parent.pid) >= 0.6
+    finally:
+        import psutil
+
+        for proc in psutil.Process(parent.pid).children(recursive=True):
+            proc.kill()
+        parent.kill()
+        parent.wait()
+
+
+def test_cpu_per_token_ratio_averages_rounds_and_skips_missing_ones():
+    assert overhead._ratio([2.0, 4.0], [3.0, 3.0]) == 1.0
+    assert overhead._ratio([2.0, None], [4.0]) == 0.5
+    assert overhead._ratio([None], [4.0]) is None

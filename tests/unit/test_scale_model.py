@@ -134,3 +134,33 @@ def test_cli_writes_results_with_sources(tmp_path, capsys):
     assert {r["disk"] for r in json.loads((tmp_path / "scale_model.json").read_text())["rows"]} == {"vm-disk"}
     with pytest.raises(SystemExit):
         sm.main(["--out-dir", str(tmp_path), "--lose", "0,0,1"])
+
+
+def test_graph_capture_is_charged_to_both_systems_alike():
+    model = MODELS["Llama-3-70B"]
+    p = sm.default_params(MEASURED, "nvme")
+    row = sm.project(model, p)[0]
+    ft, rr = row["sglang_ft"], row["restart_and_reload"]
+    # the documented whole-capture time (sgl-project/sglang#10088), one share per decode batch size
+    assert ft["terms_s"]["graph_capture"] == rr["terms_s"]["graph_capture"] == pytest.approx(12.11)
+    assert p.capture_sizes == len([1, 2, 4, 8, 12] + list(range(16, 257, 8))) == 36
+    # sglang-ft serves eagerly before its capture ends; restart-and-reload's 20 s of warm-up include its capture
+    assert ft["recovery_s"] - ft["serving_resumes_s"] == pytest.approx(12.11)
+    assert rr["terms_s"]["warmup"] + rr["terms_s"]["graph_capture"] == pytest.approx(p.warmup_s)
+    assert row["ratio_without_warmup"] == pytest.approx(
+        (rr["recovery_s"] - p.warmup_s) / ft["serving_resumes_s"])
+
+
+def test_backup_cost_per_decode_step_follows_the_measured_rates():
+    model = MODELS["Llama-3-70B"]
+    cost = sm.backup_step_cost(model, MEASURED, batch=64, context_tokens=2048)
+    # one token per request, 80 layers, K and V, one KV head of 128 bf16 values on every rank at TP 8
+    assert cost["bytes_per_step"] == 64 * 80 * 2 * 128 * 2 == 2_621_440
+    assert cost["gather_on_device_us"] == pytest.approx(2_621_440 / 253.41e9 * 1e6)
+    assert cost["copy_to_pinned_host_us"] == pytest.approx(2_621_440 / 44.84e9 * 1e6)
+    # the step reads 1/8 of the 141 GB of weights and 64 x 2048 tokens of one head's KV from HBM at 3.35 TB/s
+    assert cost["decode_step_ms_memory_bound"] == pytest.approx((141.1e9 / 8 + 64 * 2048 * 80 * 2 * 128 * 2)
+                                                                / 3.35e12 * 1e3, rel=1e-3)
+    assert cost["on_the_step_share"] < 0.01 and cost["launches"] == 320
+    twice = sm.backup_step_cost(model, MEASURED, batch=128, context_tokens=2048)
+    assert twice["bytes_per_step"] == 2 * cost["bytes_per_step"] and twice["launches"] == cost["launches"]

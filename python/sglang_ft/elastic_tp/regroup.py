@@ -153,6 +153,7 @@ def regroup_in_place(ft_worker, order: Regroup) -> RegroupDone:
     from sglang_ft.elastic_tp.scheduler_sync import sync_scheduler_state
     from sglang_ft.elastic_tp.torn_step import complete_torn_step
     from sglang_ft.layers.attention import remainder_placement
+    from sglang_ft.elastic_tp import graph_refresh
 
     scheduler, me = ft_worker.scheduler, ft_worker.worker
     runner = scheduler.tp_worker.model_runner
@@ -162,6 +163,7 @@ def regroup_in_place(ft_worker, order: Regroup) -> RegroupDone:
     scheduler._engine_paused = True  # SGLang's pause flag: lets the caches be flushed with requests queued
     if ft_worker.kv_stream is not None:  # the completed steps' KV copies still in flight go to the store first
         ft_worker.kv_stream.pipeline.flush()
+    graphs = graph_refresh.drop_device_graphs(runner)  # they replay the old model: eager until re-captured
 
     old_model = runner.model
     new_rank = order.workers.index(me)
@@ -237,9 +239,13 @@ def regroup_in_place(ft_worker, order: Regroup) -> RegroupDone:
         (f"; remainder heads' rows of {remainder_restored} slots" if placement is not None else "") +
         (f"; {recomputed} tokens to recompute" if missing else "") + ")")
 
+    backend = graph_refresh.recreate_attention_backend(runner)
+    clock.done("recreate_attention_backend", f"({backend.describe()})")
+
     dropped, resent = reconcile(scheduler, ft_worker.ledger, scheduler.tp_cpu_group, is_source=new_rank == 0)
     scheduler._engine_paused = False
     clock.done("reconcile_and_resume", f"(dropped {dropped}, re-sent {resent})")
+    graph_refresh.schedule_recapture(ft_worker, graphs, order.epoch)  # between the next steps: its own stage
     return RegroupDone(me, order.epoch, clock.ms, stats.bytes_kept, stats.bytes_p2p_in, stats.bytes_reloaded,
                        recomputed, kv_blocks_restored=0 if flushed else kv.blocks_restored,
                        kv_bytes_p2p=0 if kv is None else kv.bytes_p2p_in, pid=os.getpid(),
