@@ -116,6 +116,10 @@ def after_scheduler_init(_result, scheduler, server_args, port_args, *args, **kw
     signal.signal(signal.SIGURG, lambda *_: setattr(worker, "die_before_next_copy", True))
     # From now on a collective stuck on a dead or hung peer fails after the FT timeout, so survivors regroup.
     set_collective_timeout(ft.collective_timeout_s)
+    if joiner is None:  # the groups a single failure leaves, connected in the background from now on
+        from sglang_ft.distributed.standby_groups import form_next
+
+        form_next(worker, worker.group, 0)
 
 
 def around_dispatch_event_loop(original, scheduler, *args, **kwargs):
