@@ -203,3 +203,20 @@ def test_sets_are_dropped_when_a_newer_epoch_forms_its_own():
     standby, sets = holding((0, 1))
     assert standby.prepare(5, (0, 1, 2), 0, lambda _: None, 1.0, None) is None  # nothing to form (count None)
     assert not standby.ready((0, 1)) and released(sets[(0, 1)])
+
+
+def test_without_nccl_groups_the_listener_aborts_as_before_and_never_meets():
+    """On CPU there is nothing to shrink: the order listener interrupts the old group as before (`interrupt_for`),
+    without meeting the others on the set (which the regroup's own take does)."""
+    from types import SimpleNamespace
+
+    from sglang_ft.distributed.standby_nccl import shrink_for
+
+    class NoMeeting(FakeBackend):
+        def allreduce(self, *_):
+            raise AssertionError("met on the agreement backend")
+
+    standby, sets = holding((0, 2))
+    sets[(0, 2)].agreement = NoMeeting()
+    assert shrink_for(SimpleNamespace(workers=(0, 2), epoch=5), (0, 1, 2), standby) is False
+    assert standby.ready((0, 2))  # left for the regroup

@@ -10,7 +10,7 @@ whose set is not fully formed, a superseded or fenced process) falls back to the
 Each set lives on a store prefix keyed by the epoch it was formed in and its members, and is dropped when a newer
 epoch's sets replace it. Before a set is used, its members meet once on a small agreement backend of the set:
 only members holding the complete set join it, so the meeting completes only when every member holds it.
-The NCCL side (`standby_nccl.py`) is separate: gloo standbys are installed only where every group is gloo (CPU).
+On a GPU the NCCL backends are shrunk to the survivors instead (`standby_nccl.py`).
 """
 
 from __future__ import annotations
@@ -123,6 +123,11 @@ class StandbyGroups:
         with self._lock:
             return tuple(members) in self._ready
 
+    def peek(self, members: tuple[int, ...]) -> StandbySet | None:
+        """The set for `members` if one is ready, left in place (the NCCL shrink meets on its agreement backend)."""
+        with self._lock:
+            return self._ready.get(tuple(members))
+
     def _current(self, generation: int) -> bool:
         with self._lock:
             return generation == self._generation
@@ -163,8 +168,9 @@ class StandbyGroups:
             logger.info("sglang-ft: standby groups of epoch %d not formed: %s", epoch, str(exc).splitlines()[0][:200])
             return
         self.formed_cpu_s = time.thread_time() - cpu
-        logger.info("sglang-ft: standby groups of epoch %d ready for %d memberships (%d backends each) in %.0f ms, "
-                    "%.0f ms CPU", epoch, len(memberships), count + 1, (time.monotonic() - started) * 1e3,
+        logger.info("sglang-ft: standby groups of epoch %d ready for memberships %s (%d gloo backends each) in "
+                    "%.0f ms, %.0f ms CPU", epoch, [list(m) for m in memberships],
+                    count + 1 if len(memberships[0]) > 1 else 0, (time.monotonic() - started) * 1e3,
                     self.formed_cpu_s * 1e3)
 
     def _opened(self):
@@ -215,43 +221,46 @@ def agree(backend) -> bool:
 
 
 class installing:
-    """While active, torch's gloo backends of the standby's size come from the standby, in order; the others (a
-    group of one) are created as usual. SGLang's build then wraps them in its process groups and coordinators
-    exactly as if it had connected them itself."""
+    """While active, torch's gloo backends of the standby's size come from the standby, in order (and the NCCL ones
+    from `nccl`, the shrunk communicators, on a GPU); the others (a group of one) are created as usual. SGLang's
+    build then wraps them in its process groups and coordinators exactly as if it had connected them itself."""
 
-    def __init__(self, standby: StandbySet):
-        self.standby = standby
-        self.left = list(standby.backends)
+    def __init__(self, standby: StandbySet, nccl: list | None = None):
+        self.left = {"GLOO": list(standby.backends)}
+        if nccl is not None:
+            self.left["NCCL"] = list(nccl)
+        self._plugins: dict = {}
 
     def __enter__(self):
         from torch.distributed.distributed_c10d import Backend
 
-        self._plugin = Backend._plugins["GLOO"]
-        Backend._plugins["GLOO"] = Backend._BackendPlugin(self._create, True)
+        for name in self.left:
+            self._plugins[name] = Backend._plugins[name]
+            Backend._plugins[name] = Backend._BackendPlugin(lambda o, b, name=name: self._create(name, o, b), True)
         return self
 
     def __exit__(self, *exc) -> None:
         from torch.distributed.distributed_c10d import Backend
 
-        Backend._plugins["GLOO"] = self._plugin
-        for unused in self.left:  # an upstream build that asks for fewer than the count it held
-            unused.shutdown()
+        for name, plugin in self._plugins.items():
+            Backend._plugins[name] = plugin
+        discard([StandbySet(-1, (), 0, None, [b for left in self.left.values() for b in left], set())])
 
-    def _create(self, opts, backend_options):
-        creator, extended = self._plugin
+    def _create(self, name: str, opts, backend_options):
+        creator, extended = self._plugins[name]
         if opts.group_size == 1:
             return creator(opts, backend_options) if extended else creator(opts.store, opts.group_rank, 1,
                                                                                opts.timeout)
-        if not self.left:
-            raise StandbyMismatch(f"the build asked for more gloo backends than the {len(self.standby.backends)} "
-                                  f"formed in advance")
-        backend = self.left.pop(0)
+        if not self.left[name]:
+            raise StandbyMismatch(f"the build asked for more {name.lower()} backends than were formed in advance")
+        backend = self.left[name].pop(0)
         if (backend.size(), backend.rank()) != (opts.group_size, opts.group_rank):
             raise StandbyMismatch(f"the build asked for rank {opts.group_rank} of {opts.group_size}; the standby "
-                                  f"backend is rank {backend.rank()} of {backend.size()}")
-        backend.set_timeout(opts.timeout)
-        backend.options.global_ranks_in_group = opts.global_ranks_in_group
-        backend.options.group_name = opts.group_id
+                                  f"{name.lower()} backend is rank {backend.rank()} of {backend.size()}")
+        if name == "GLOO":
+            backend.set_timeout(opts.timeout)
+            backend.options.global_ranks_in_group = opts.global_ranks_in_group
+            backend.options.group_name = opts.group_id
         return backend
 
 
@@ -296,12 +305,22 @@ def build_groups(ft_worker, order, superseded) -> bool:
     latest = ft_worker.orders.latest
     standby = STANDBY.take(me, ft_worker.epoch, order.epoch, tuple(order.workers),
                            order.epoch if latest is None else latest.epoch)
+    nccl = None
+    if not _on_cpu():  # the NCCL backends come from the order listener's shrink, or the groups are rebuilt
+        from sglang_ft.distributed.standby_nccl import take_shrunk
+
+        nccl = take_shrunk(order.epoch)
+        if nccl is None and standby is not None:
+            discard([standby])
+            standby = None
     if standby is not None:
         try:
-            with installing(standby):
+            with installing(standby, nccl):
                 groups.rebuild_process_groups(rank, size, order.store_port, timeout_s, superseded, host,
                                               store=dist.HashStore())
             _connections().adopt(standby.connections)
+            standby.backends = []  # SGLang's groups' now
+            discard([standby])  # its agreement backend, shut down off the critical path
             STANDBY.own_store_port = order.store_port  # the order's store was never opened: the next sets' own
             return True
         except StandbyMismatch as exc:
@@ -314,8 +333,11 @@ def build_groups(ft_worker, order, superseded) -> bool:
 def form_next(ft_worker, workers: tuple[int, ...], epoch: int) -> None:
     """Form the standby sets of the group now in place (after startup and after every regroup, between steps).
 
-    Gloo only: an NCCL group's survivors shrink its communicators instead (`standby_nccl.py`)."""
-    if not _on_cpu():
+    On a GPU the sets hold the CPU groups' gloo backends; the NCCL ones are shrunk at the failure
+    (`standby_nccl.py`), so without a torch that shrinks nothing is formed."""
+    from sglang_ft.distributed.standby_nccl import shrink_available
+
+    if not _on_cpu() and not shrink_available():
         return
     import torch.distributed as dist
 
