@@ -111,6 +111,10 @@ def after_scheduler_init(_result, scheduler, server_args, port_args, *args, **kw
     worker.arm_faults_on_signals()  # kill_unsent, fail_step, kill_uncopied (ft/faults.py)
     # From now on a collective stuck on a dead or hung peer fails after the FT timeout, so survivors regroup.
     set_collective_timeout(ft.collective_timeout_s)
+    if joiner is None:  # the groups a single failure leaves, connected in the background from now on
+        from sglang_ft.distributed.standby_groups import form_next
+
+        form_next(worker, worker.group, 0)
 
 
 def around_dispatch_event_loop(original, scheduler, *args, **kwargs):

@@ -54,6 +54,19 @@ class GroupConnections:
                 self._open_windows.remove(before)
                 self._known |= opened
 
+    @contextlib.contextmanager
+    def opened(self) -> Iterator[set]:
+        """The connections opened while the block runs, kept apart from the group's (a standby set's, which
+        becomes the group's only when it is installed: `adopt`)."""
+        before, opened = set(_established()), set()
+        yield opened
+        opened |= set(_established()) - before
+
+    def adopt(self, connections: set) -> None:
+        """Standby connections became the group's (`standby_groups.py`): an interrupt shuts them from now on."""
+        with self._lock:
+            self._known |= set(connections)
+
     def shut_down(self) -> int:
         """Shut down the group's connections still open; returns how many.
 

@@ -88,9 +88,10 @@ def join_store(rank: int, size: int, port: int, timeout_s: float, superseded, ho
 
 
 def rebuild_process_groups(new_rank: int, new_size: int, store_port: int, timeout_s: float,
-                           superseded=lambda: False, host: str = "127.0.0.1") -> None:
+                           superseded=lambda: False, host: str = "127.0.0.1", store=None) -> None:
     """Drop this process's groups and build SGLang's for the new world; the new rank 0 hosts the store, which the
-    others reach at `host` (the new rank 0's address: 127.0.0.1 on one node)."""
+    others reach at `host` (the new rank 0's address: 127.0.0.1 on one node). A `store` given is used instead
+    (a standby set's install, whose backends are connected already: `standby_groups.py`)."""
     import torch.distributed as dist
     from sglang.srt.distributed import parallel_state as ps
     from sglang.srt.distributed.bootstrap import _init_parallel_groups
@@ -119,7 +120,7 @@ def rebuild_process_groups(new_rank: int, new_size: int, store_port: int, timeou
     # collective timeouts; collectives in the new group time out after `timeout_s`.
     GROUP_CONNECTIONS.forget()
     with GROUP_CONNECTIONS.recording():  # what a newer order's interrupt may shut (group_interrupt.py)
-        store = join_store(new_rank, new_size, store_port, timeout_s, superseded, host)
+        store = join_store(new_rank, new_size, store_port, timeout_s, superseded, host) if store is None else store
         dist.init_process_group(backend, store=store, world_size=new_size, rank=new_rank,
                                 timeout=timedelta(seconds=timeout_s))
         ps._MODEL_PARALLEL_GROUP_TIMEOUT = timedelta(seconds=timeout_s)

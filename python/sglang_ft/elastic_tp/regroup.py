@@ -143,6 +143,7 @@ def take_over_load_snapshots(scheduler, port_args) -> None:
 def regroup_in_place(ft_worker, order: Regroup) -> RegroupDone:
     from ft.kv_backup import BLOCK_TOKENS
     from sglang_ft.distributed.rank_agreement import all_gather_object, any_rank
+    from sglang_ft.distributed.standby_groups import build_groups, form_next
     from sglang_ft.distributed_state import install_layout
     from sglang_ft.elastic_tp.groups import rebuild_process_groups
     from sglang_ft.elastic_tp.kv_restore import reshape_kv_heads, restore_kv
@@ -168,8 +169,7 @@ def regroup_in_place(ft_worker, order: Regroup) -> RegroupDone:
     old_model = runner.model
     new_rank = order.workers.index(me)
     newer = lambda: (latest := ft_worker.orders.latest) is not None and latest.epoch > order.epoch  # noqa: E731
-    rebuild_process_groups(new_rank, len(order.workers), order.store_port, ft_worker.ft.collective_timeout_s, newer,
-                           ft_worker.ft.rendezvous_host)  # rank 0 stays on node 0, the controller's
+    standby = build_groups(ft_worker, order, newer)  # rank 0 stays on node 0, the controller's
     refresh_group_handles(scheduler)
     if new_rank == 0 and (not ft_worker.group or ft_worker.group[0] != me):
         take_over_tokenizer_channels(scheduler, ft_worker.port_args)
@@ -177,7 +177,8 @@ def regroup_in_place(ft_worker, order: Regroup) -> RegroupDone:
     held, remainder_held = agree_on_holdings(old_model if ft_worker.holds_weights else None, order,
                                              scheduler.tp_cpu_group)
     plan = plan_regroup(old_model.layout.shape, held, remainder_held, order, ft_worker.ft.splits_remainder)
-    clock.done("rebuild_process_groups", f"(rank {new_rank} of {len(order.workers)})")
+    clock.done("rebuild_process_groups", f"(rank {new_rank} of {len(order.workers)}"
+                                         f"{', from standby groups' if standby else ''})")
 
     cpu_group = scheduler.tp_cpu_group
     complete_torn_step(scheduler, ft_worker.failed_batch, lambda mine: all_gather_object(mine, cpu_group), new_rank,
@@ -246,6 +247,7 @@ def regroup_in_place(ft_worker, order: Regroup) -> RegroupDone:
     scheduler._engine_paused = False
     clock.done("reconcile_and_resume", f"(dropped {dropped}, re-sent {resent})")
     graph_refresh.schedule_recapture(ft_worker, graphs, order.epoch)  # between the next steps: its own stage
+    form_next(ft_worker, tuple(order.workers), order.epoch)  # in the background, for the next single failure
     return RegroupDone(me, order.epoch, clock.ms, stats.bytes_kept, stats.bytes_p2p_in, stats.bytes_reloaded,
                        recomputed, kv_blocks_restored=0 if flushed else kv.blocks_restored,
                        kv_bytes_p2p=0 if kv is None else kv.bytes_p2p_in, pid=os.getpid(),

@@ -89,9 +89,9 @@ class FtWorker:
 
     def _interrupt_old_group(self, order: Regroup) -> None:
         """A newer group is ordered: make a collective of the old group that is still waiting fail now."""
-        from sglang_ft.distributed.group_interrupt import interrupt_old_group
+        from sglang_ft.distributed.standby_groups import interrupt_for
 
-        aborted, shut = interrupt_old_group()
+        aborted, shut = interrupt_for(order, self.group)  # NCCL: shrunk when a standby set fits
         logger.info("sglang-ft: worker %d: epoch %d ordered; aborted %d NCCL communicators and shut down %d "
                     "connections of the old group", self.worker, order.epoch, aborted, shut)
 
