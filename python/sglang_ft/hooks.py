@@ -1,6 +1,6 @@
 """Every hook sglang-ft puts on SGLang, in one table: target -> (hook type, handler).
 
-This is the plugin's whole surface on SGLang 0.5.23; `tests/test_hooks.py` resolves every target so an SGLang
+This is the plugin's whole surface on SGLang 0.5.23; `tests/unit/test_hooks.py` resolves every target so an SGLang
 upgrade that moves one fails loudly. Each handler leaves SGLang's behaviour untouched unless `--ft` is on.
 """
 

@@ -236,13 +236,15 @@ def test_killing_both_workers_of_a_replica_loses_no_request(server, expected):
     assert [o["output_ids"] for o in others] == expected[1:-1]
     routing = status(server)["routing"]
     assert routing["lost"] == [1] and routing["moved_requests"] >= 1
-    # the streamed request went on from the tokens its client had, with the KV of all but the newest of them
+    # the streamed request went on from the tokens its client had, with the KV of all but the newest of them; the
+    # backup copies a step's rows after the step, so a kill between a step's send and its copy also takes that
+    # step's row (the guarantee: at most the last step's tokens recomputed)
     prompt = streamed["meta_info"]["prompt_tokens"]
     moved = re.search(rf"request {streamed['meta_info']['id']} moved here from a lost replica, going on after its "
-                      r"(\d+) output tokens \(KV of (\d+) tokens taken over, 1 to compute\)", server.log_text())
+                      r"(\d+) output tokens \(KV of (\d+) tokens taken over, (\d+) to compute\)", server.log_text())
     assert moved, "the streamed request did not take its KV over"
-    delivered, taken = int(moved[1]), int(moved[2])
-    assert delivered >= 8 and taken == prompt + delivered - 1
+    delivered, taken, to_compute = int(moved[1]), int(moved[2]), int(moved[3])
+    assert delivered >= 8 and to_compute in (1, 2) and taken + to_compute == prompt + delivered
     assert streamed["meta_info"]["cached_tokens"] >= taken  # SGLang's own prefix match found that KV
     assert routing["moved_tokens_kv_taken_over"] >= taken
     state = status(server)

@@ -1,6 +1,6 @@
 """Refuse request inputs that upstream SGLang 0.5.23 accepts but should not, before they reach a worker.
 
-Found by sending malformed bodies to a live `--ft` server (tests/test_reliability.py): an `input_ids` token outside
+Found by sending malformed bodies to a live `--ft` server (tests/server/test_reliability.py): an `input_ids` token outside
 the vocabulary is served (the embedding maps it to garbage on CPU; on a GPU an out-of-range index is a device-side
 assert that takes the worker down, which `--ft` would then treat as a failure), and `n: 0` silently returns one
 completion. Found by schemathesis on the live server: an empty prompt (`"text": ""`, or `""` in a completions

@@ -1,7 +1,7 @@
 """Cyclic placement (`--ft-kv-placement cyclic`): a request's remainder KV rotates over the workers token by token.
 
 Its first token goes on the worker holding the fewest rows, so every worker stores the same rows to within a few
-(one block of 16 at most on a mixed workload, `tests/test_remainder_owners.py`); every worker attends over the rows
+(one block of 16 at most on a mixed workload, `tests/unit/test_remainder_owners.py`); every worker attends over the rows
 it holds and the partials are merged (`remainder_attention.py`). No owners, no copies: a cached prefix is used
 wherever its rows are. (Rotating by token rather than by block of 16: the remainder pool maps rows one by one, so
 nothing is gained by blocks, and blocks leave the workers up to several blocks apart while requests grow and
