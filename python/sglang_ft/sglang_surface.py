@@ -52,6 +52,8 @@ PARAMETERS = {
     "sglang.srt.managers.tokenizer_manager.TokenizerManager._dispatch_to_scheduler": "self obj",
     "sglang.srt.mem_cache.memory_pool.MHATokenToKVPool._create_buffers": "self",
     "sglang.srt.mem_cache.common.release_kv_cache": "req tree_cache checkpoint",
+    "sglang.srt.managers.schedule_batch.Req.reset_for_retract": "self",
+    "sglang.srt.mem_cache.base_prefix_cache.BasePrefixCache.free_kv_row": "self kv ranges",
     "sglang.srt.mem_cache.base_prefix_cache.MatchPrefixParams": "key cow_mamba req",
     "sglang.srt.mem_cache.base_prefix_cache.InsertParams": "key value mamba_value mamba_keep_idx c128_value "
                                                            "prev_prefix_len swa_branching_seqlen inserted_len "
@@ -88,6 +90,8 @@ ATTRIBUTES = {
                                                                                           "recv_from_rpc",
     "sglang.srt.managers.scheduler_components.output_sender.SenderWrapper": "socket",
     "sglang.srt.managers.schedule_batch.ScheduleBatch": "reqs batch_is_full",
+    "sglang.srt.managers.schedule_batch.Req": "rid kv skip_radix_cache_insert",
+    "sglang.srt.managers.schedule_batch.ReqKvInfo": "kv_committed_len kv_allocated_len cache_protected_len",
     "sglang.srt.mem_cache.allocator.token.TokenToKVPoolAllocator": "size free_pages release_pages",
     "sglang.srt.mem_cache.memory_pool.MHATokenToKVPool": "head_num head_dim v_head_dim k_buffer v_buffer row_dim "
                                                          "v_row_dim",
