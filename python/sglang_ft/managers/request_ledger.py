@@ -71,8 +71,9 @@ def held_rids(scheduler) -> set[str]:
 def reconcile(scheduler, ledger: RequestLedger, cpu_group, is_source: bool) -> tuple[int, int]:
     """Make every rank's waiting queue the same; returns (dropped here, re-injected)."""
     import torch.distributed as dist
-    from sglang_ft.distributed.regroup_groups import all_gather_object
     from sglang_ft.sglang_surface import broadcast_pyobj, set_waiting_queue
+
+    from sglang_ft.distributed.regroup_groups import all_gather_object
 
     waiting = [r.rid for r in scheduler.waiting_queue]
     mine = (waiting, [rid for rid in ledger.seen if rid not in set(waiting)])
