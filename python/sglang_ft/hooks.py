@@ -2,7 +2,7 @@
 
 Each handler lives in the adapter module of the SGLang module it extends, at the same path under `sglang_ft/`
 (`sglang.srt.managers.scheduler` -> `sglang_ft.managers.scheduler`). `PARAMETERS` pins each target's parameters in
-SGLang 0.5.23: `tests/unit/test_hooks.py` resolves every target and compares its signature, so an upgrade that moves
+SGLang 0.5.23: `test_hooks.py` resolves every target and compares its signature, so an upgrade that moves
 or changes one fails with its name. Each handler leaves SGLang's behaviour untouched unless `--ft` is on. SGLang
 internals touched outside this table go through `sglang_surface.py`.
 """
@@ -107,7 +107,7 @@ HOOKS: list[tuple[str, HookType, object]] = [(f"sglang.srt.{module}.{attr}", kin
                                              for module, entries in _GROUPS.items() for attr, kind, handler in entries]
 
 # Each target's parameters in SGLang 0.5.23 (`inspect.signature`; bound classmethods without `cls`), as its handler
-# takes them: tests/unit/test_hooks.py fails, naming the target, where the installed SGLang differs.
+# takes them: test_hooks.py fails, naming the target, where the installed SGLang differs.
 PARAMETERS = {
     "server_args.ServerArgs.add_cli_args": "parser",
     "server_args.ServerArgs.from_cli_args": "args",
