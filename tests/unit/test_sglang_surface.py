@@ -90,3 +90,15 @@ def test_recreated_kv_buffers_have_the_new_heads_on_every_layer():
     assert [tuple(pool.get_key_buffer(layer).shape) for layer in range(2)] == [(9, 3, 4)] * 2
     assert [tuple(pool.get_value_buffer(layer).shape) for layer in range(2)] == [(9, 3, 4)] * 2
     assert (pool.row_dim, pool.v_row_dim) == (12, 12) and tuple(old_k[0].shape) == (9, 2, 4)
+
+
+def test_the_joiner_launch_binds_to_sglangs_scheduler_process_by_name():
+    """The restarted worker's scheduler starts through SGLang's `run_scheduler_process`, every argument by name."""
+    from sglang.srt.managers.scheduler import run_scheduler_process
+
+    calls = []
+    sglang_surface.run_scheduler_process(lambda **kwargs: calls.append(kwargs), server_args="args", port_args="ports",
+                                         gpu_id=3, tp_rank=0, pp_rank=0, dp_rank=None, pipe_writer="pipe")
+    bound = inspect.signature(run_scheduler_process).bind(**calls[0]).arguments
+    assert bound == {"server_args": "args", "port_args": "ports", "gpu_id": 3, "tp_rank": 0, "pp_rank": 0,
+                     "dp_rank": None, "pipe_writer": "pipe"}
