@@ -2,7 +2,10 @@
 
 Folders mirror `sglang/srt/` so an SGLang engineer knows where to look:
 - platforms/: the `torch_cpu` platform plugin (serve real SGLang on a machine with no GPU);
-- plugin.py, hooks.py: the `ft` general plugin entry point and the table of every hook on SGLang;
+- plugin.py, hooks.py: the `ft` general plugin entry point and the table of every hook on SGLang; each hook's
+  handler lives in the adapter of the SGLang module it extends, at the same path (`sglang.srt.managers.scheduler`
+  -> `managers/scheduler.py`, `configs/`, `utils/`, `mem_cache/allocator/` ...);
+- sglang_surface.py: every other touch of an SGLang internal, by name, checked against the pinned SGLang;
 - server_args.py, launch_checks.py: the `--ft` / `--ft-*` flags, their carrier into subprocesses, launch errors;
 - entrypoints/: the FT runtime beside SGLang's processes and the `/ft/*` HTTP routes;
 - managers/: the FT controller process, the per-scheduler FT worker, and sglang-ft's parts of SGLang's processes,

@@ -14,7 +14,7 @@ _layout_rank: int | None = None  # this process's shard in the layout, where it 
 
 
 def _tp_rank_and_size() -> tuple[int, int]:
-    from sglang.srt.runtime_context import get_parallel
+    from sglang_ft.sglang_surface import get_parallel
 
     parallel = get_parallel()
     return parallel.tp_rank, parallel.tp_size

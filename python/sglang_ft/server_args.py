@@ -1,4 +1,4 @@
-"""The `--ft` flags on SGLang's own command line, and their carrier into SGLang's subprocesses.
+"""Adapter of `sglang.srt.server_args`: the `--ft` flags on SGLang's command line, carried into its subprocesses.
 
 `ServerArgs.from_cli_args` keeps only dataclass fields, and the scheduler processes are spawned, so the FT options
 travel in one environment variable (JSON) that every child inherits and reads back with `ft_args()`.
@@ -346,3 +346,35 @@ def cli_error(message: str) -> None:
     """Exit like argparse does: usage-style message on stderr, status 2."""
     print(f"sglang serve: error: {message}", file=sys.stderr)
     raise SystemExit(2)
+
+
+def after_add_cli_args(_result, parser, *_args, **_kwargs):
+    """List the `--ft` flags in SGLang's own parser (`--help` included)."""
+    add_ft_cli_args(parser)
+
+
+def around_from_cli_args(original, cls, args, *rest, **kwargs):
+    """Carry the FT options to the subprocesses and refuse a bad `--ft` launch before anything starts."""
+    from sglang_ft.launch_checks import check_ft_launch
+
+    ft = FtArgs.from_namespace(args)
+    publish(ft)
+    server_args = original(cls, args, *rest, **kwargs)
+    if ft.enabled:
+        problems = check_ft_launch(server_args)
+        if not problems:
+            ft = dataclasses.replace(across_nodes(ft, server_args), dp_size=server_args.dp_size or 1)
+            publish(ft)
+        problems = ft.problems() + problems
+        if problems:
+            cli_error("; ".join(problems))
+        # Recovery re-enters SGLang's plain loop; overlap scheduling buys nothing without an accelerator stream.
+        server_args.disable_overlap_schedule = True
+        # SGLang's custom all-reduce spins on flags in a peer's memory and has no abort: a survivor would spin for
+        # ever on a dead peer. NCCL (pynccl) is aborted by the interrupt (group_interrupt.py).
+        server_args.disable_custom_all_reduce = True
+        if ft.splits_remainder:  # which rows a worker computes changes with every batch's placement
+            server_args.disable_cuda_graph = True
+        if server_args.max_queued_requests is None:  # a flood gets 503 + Retry-After, not unbounded memory
+            server_args.max_queued_requests = FT_DEFAULT_MAX_QUEUED_REQUESTS
+    return server_args

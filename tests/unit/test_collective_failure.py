@@ -179,7 +179,7 @@ def test_an_interrupt_aborts_nccl_groups_and_pynccl_communicators_with_what_torc
 def _read_after_the_hook(results=None) -> dict:
     """What a scheduler process does before its first group: SGLang's group creation, wrapped by the hook; the
     variables as SGLang's group creation sees them."""
-    from sglang_ft.hooks import around_init_parallel_groups
+    from sglang_ft.distributed.bootstrap import around_init_parallel_groups
 
     seen = around_init_parallel_groups(lambda **_: {n: os.environ.get(n) for n in NCCL_ERROR_HANDLING}, backend="nccl")
     if results is not None:

@@ -1,10 +1,12 @@
-"""The plugin's surface on SGLang: every hook target exists in the pinned SGLang (`--help` is in test_cli_errors)."""
+"""The plugin's hooks on SGLang: every target exists in the pinned SGLang with the parameters its handler expects,
+every handler lives in the adapter of the module it extends (`--help` is in test_cli_errors)."""
 
+import inspect
 import pkgutil
 from importlib.metadata import entry_points, version
 
 import pytest
-from sglang_ft.hooks import HOOKS
+from sglang_ft.hooks import HOOKS, PARAMETERS
 
 
 def test_sglang_is_the_pinned_version():
@@ -15,6 +17,28 @@ def test_sglang_is_the_pinned_version():
 def test_every_hook_target_resolves(target):
     owner, attr = target.rsplit(".", 1)
     assert hasattr(pkgutil.resolve_name(owner), attr), f"{target} is gone from this SGLang"
+
+
+def test_every_hook_target_has_its_parameters_pinned():
+    assert sorted(t.removeprefix("sglang.srt.") for t, _, _ in HOOKS) == sorted(PARAMETERS)
+
+
+@pytest.mark.parametrize("target", sorted(PARAMETERS))
+def test_every_hook_target_takes_the_parameters_its_handler_expects(target):
+    """A signature SGLang changed fails here, naming the target, before a handler meets the new arguments."""
+    owner, attr = f"sglang.srt.{target}".rsplit(".", 1)
+    found = list(inspect.signature(getattr(pkgutil.resolve_name(owner), attr)).parameters)
+    assert found == PARAMETERS[target].split(), (f"sglang.srt.{target} now takes ({', '.join(found)}); the "
+                                                 f"handler expects ({', '.join(PARAMETERS[target].split())})")
+
+
+@pytest.mark.parametrize("target, handler", [(t, h) for t, _, h in HOOKS])
+def test_every_handler_lives_in_the_adapter_of_the_module_it_extends(target, handler):
+    """`sglang.srt.<path>.<name>.<attr>` is extended in `sglang_ft.<path>.<name>`, the module of the same path."""
+    owner, _ = target.rsplit(".", 1)
+    while not inspect.ismodule(pkgutil.resolve_name(owner)):
+        owner = owner.rsplit(".", 1)[0]
+    assert handler.__module__ == owner.replace("sglang.srt.", "sglang_ft.", 1)
 
 
 def test_both_entry_points_are_registered():
@@ -60,15 +84,15 @@ def test_the_watchdog_counts_restarted_workers_as_the_group(monkeypatch, restart
     took the server for dead and SIGQUIT it while the restarted workers served."""
     from types import SimpleNamespace
 
-    from sglang_ft import hooks
     from sglang_ft.entrypoints import worker_spawner
+    from sglang_ft.utils import watchdog as watchdog_adapter
 
-    monkeypatch.setattr(hooks, "ft_enabled", lambda: True)
+    monkeypatch.setattr(watchdog_adapter, "ft_enabled", lambda: True)
     monkeypatch.setattr(worker_spawner, "_RESTARTED", {1: _Process(restarted_alive)})
     watchdog = SimpleNamespace(_processes=[_Process(False), _Process(False), _Process(True)],
                                _names=["scheduler_0", "scheduler_1", "detokenizer"])
     seen = []
-    hooks.around_watchdog_check(lambda w: seen.extend(w._names), watchdog)
+    watchdog_adapter.around_watchdog_check(lambda w: seen.extend(w._names), watchdog)
     assert seen == checked
     assert watchdog._names == ["scheduler_0", "scheduler_1", "detokenizer"]  # restored after the check
 

@@ -173,14 +173,14 @@ def test_a_restarted_backup_store_gets_every_remainder_row_this_worker_holds_aga
 
 def test_sglang_dropping_a_queued_request_reaches_the_placement(monkeypatch):
     """The AFTER hook on SGLang's `Scheduler._release_aborted_request` (every queue it drops requests from)."""
-    from sglang_ft import hooks
     from sglang_ft.layers.attention import remainder_placement
+    from sglang_ft.managers import scheduler
 
     placement = placements(2, "load")[0][0]
     placement.owner_of("queued", 300)
     monkeypatch.setattr(remainder_placement, "_active", placement)
-    hooks.after_release_aborted_request(None, object(), SimpleNamespace(rid="queued",
-                                                                        kv=SimpleNamespace(holds_kv=False)))
+    scheduler.after_release_aborted_request(None, object(), SimpleNamespace(rid="queued",
+                                                                            kv=SimpleNamespace(holds_kv=False)))
     assert placement.router.load() == {0: 0, 1: 0}
 
 

@@ -145,11 +145,9 @@ def abort_pynccl_communicators(coordinators=None) -> int:
     know: `ncclCommAbort` through the library SGLang loaded, if it exports it. Each is then disabled, so SGLang
     never calls into it again; its teardown only drops the reference."""
     if coordinators is None:
-        try:
-            from sglang.srt.distributed import parallel_state as ps
-        except ImportError:
-            return 0
-        coordinators = [ref() for ref in list(ps._groups.values())]
+        from sglang_ft.sglang_surface import group_coordinators
+
+        coordinators = group_coordinators()
     aborted = 0
     for coordinator in coordinators:
         comm = getattr(coordinator, "pynccl_comm", None)

@@ -93,23 +93,14 @@ def rebuild_process_groups(new_rank: int, new_size: int, store_port: int, timeou
     others reach at `host` (the new rank 0's address: 127.0.0.1 on one node). A `store` given is used instead
     (a standby set's install, whose backends are connected already: `standby_groups.py`)."""
     import torch.distributed as dist
-    from sglang.srt.distributed import parallel_state as ps
-    from sglang.srt.distributed.bootstrap import _init_parallel_groups
-    from sglang.srt.runtime_context import get_device, get_parallel, get_server_args
+
+    from sglang_ft.sglang_surface import (build_parallel_groups, get_device, get_parallel, parallel_group_stamp,
+                                          tear_down_parallel_groups)
 
     parallel = get_parallel()
     # Ranks and widths the launcher stamped; tearing the groups down clears them, so keep the plain values.
-    placement = {k: v for k, v in parallel._stamp.items() if isinstance(v, (int, bool, str, type(None)))}
-    ps.abort_distributed_environment()
-    for teardown in (ps.destroy_model_parallel, ps.destroy_distributed_environment):
-        try:
-            teardown()
-        except Exception as exc:  # groups already aborted: forget them
-            logger.debug("sglang-ft: %s after abort: %s", teardown.__name__, exc)
-    for handle in ("_WORLD", "_TP", "_PP", "_ATTN_TP", "_ATTN_CP", "_DCP", "_MOE_EP", "_MOE_TP", "_MOE_DP",
-                   "_SHARED_EXPERTS_TP", "_PDMUX_PREFILL_TP_GROUP"):
-        if hasattr(ps, handle):
-            setattr(ps, handle, None)  # a teardown that raised half-way leaves stale handles behind
+    placement = parallel_group_stamp()
+    tear_down_parallel_groups()
     if dist.is_initialized():
         dist.distributed_c10d._world.default_pg = None
     for name in ("tp", "attn_tp", "moe_tp", "launch_world"):
@@ -123,9 +114,7 @@ def rebuild_process_groups(new_rank: int, new_size: int, store_port: int, timeou
         store = join_store(new_rank, new_size, store_port, timeout_s, superseded, host) if store is None else store
         dist.init_process_group(backend, store=store, world_size=new_size, rank=new_rank,
                                 timeout=timedelta(seconds=timeout_s))
-        ps._MODEL_PARALLEL_GROUP_TIMEOUT = timedelta(seconds=timeout_s)
-        _init_parallel_groups(backend=backend, dist_init_method=f"tcp://{host}:{store_port}",
-                              server_args=get_server_args(), gpu_id=get_device().gpu_id)
+        build_parallel_groups(backend, f"tcp://{host}:{store_port}", timedelta(seconds=timeout_s))
     set_collective_timeout(timeout_s)
 
 
@@ -136,9 +125,9 @@ def set_collective_timeout(timeout_s: float) -> None:
     meet there every iteration, so a long wait there means a peer is gone, and an idle survivor learns it fast.
     """
     import torch.distributed as dist
-    from sglang.srt.runtime_context import get_parallel
 
     from sglang_ft.distributed.p2p import set_wait_timeout
+    from sglang_ft.sglang_surface import get_parallel
 
     set_wait_timeout(timeout_s)  # the regroup's peer transfers (p2p.py)
     request_group = get_parallel().tp_group.cpu_group

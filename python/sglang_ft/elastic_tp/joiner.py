@@ -59,6 +59,7 @@ def run_joiner_process(*args) -> None:
 def _run_joiner_scheduler(worker: int, kv_slots: int, server_args, port_args, gpu_id: int, pipe_writer,
                           run_scheduler_process) -> None:
     from ft.ports import free_port
+    from sglang_ft import sglang_surface
 
     os.environ[JOINER_ENV] = json.dumps({"worker": worker, "kv_slots": kv_slots,
                                          "launch_tp_size": server_args.tp_size})
@@ -67,7 +68,8 @@ def _run_joiner_scheduler(worker: int, kv_slots: int, server_args, port_args, gp
     alone.tp_size = 1
     alone.load_format = "dummy"
     install_provisional_layout(server_args.model_path, server_args.tp_size, worker)
-    run_scheduler_process(alone, port_args, gpu_id, 0, 0, None, pipe_writer)
+    sglang_surface.run_scheduler_process(run_scheduler_process, server_args=alone, port_args=port_args, gpu_id=gpu_id,
+                                         tp_rank=0, pp_rank=0, dp_rank=None, pipe_writer=pipe_writer)
 
 
 def install_provisional_layout(model_path: str, launch_tp_size: int, worker: int) -> None:

@@ -18,6 +18,7 @@ from ft.kv_backup import BLOCK_TOKENS, StoreUnavailable, fetch_kv
 from ft.planner import MigrationPlan
 from sglang_ft.distributed.p2p import exchange, wait_all
 from sglang_ft.mem_cache.kv_backup_stream import live_slots, rows_from_raw
+from sglang_ft.sglang_surface import recreate_kv_buffers
 
 KV_TAG_BASE = 1 << 16  # peer KV transfers' tags, apart from the weight transfers' (0..moves)
 
@@ -35,11 +36,7 @@ class KvRestoreStats:
 def reshape_kv_heads(pool, new_head_num: int) -> tuple[list, list]:
     """Give `pool` `new_head_num` heads per layer (fresh buffers, same slots); returns the old K and V buffers."""
     old = pool.k_buffer, pool.v_buffer
-    pool.head_num = new_head_num
-    pool.k_buffer = pool.v_buffer = None
-    pool._create_buffers()
-    pool.row_dim = pool.head_num * pool.head_dim
-    pool.v_row_dim = pool.head_num * pool.v_head_dim
+    recreate_kv_buffers(pool, new_head_num)
     return old
 
 

@@ -13,6 +13,8 @@ rank's radix tree stays identical.
 
 from __future__ import annotations
 
+from sglang_ft.sglang_surface import forget_running_batch, requeue_retracted
+
 
 def committed_kv_len(req, failed_batch) -> int:
     """Tokens of `req` whose KV every layer wrote in a step that completed."""
@@ -48,7 +50,7 @@ def agree_on_lengths(lengths: dict[str, int] | None, cpu_group) -> dict[str, int
 def park(req, keep: int, tree_cache) -> int:
     """Insert `req`'s first `keep` tokens of KV into the radix cache and release the rest; returns tokens that
     will have to be recomputed (all of them when the radix cache is off for this request)."""
-    from sglang.srt.mem_cache.common import release_kv_cache
+    from sglang_ft.sglang_surface import release_kv_cache
 
     kv = req.kv
     keep = max(keep, kv.cache_protected_len)
@@ -80,19 +82,7 @@ def park_every_request(scheduler, failed_batch, cpu_group, joining: bool = False
             kept += lengths[req.rid]
     finally:
         allocator.free_group_end()
-    scheduler.running_batch.reqs = []
-    scheduler.running_batch.batch_is_full = False
-    scheduler.last_batch = scheduler.cur_batch_for_debug = None
-    scheduler.chunked_req = None
+    forget_running_batch(scheduler)
     waiting = {id(r) for r in scheduler.waiting_queue}
-    # Accepted work is never turned away: `--max-queued-requests` bounds what new clients may add, but SGLang's
-    # queue check would also abort a parked request (as "queue full") when a flood filled the queue.
-    limit = getattr(scheduler, "max_queued_requests", None)
-    scheduler.max_queued_requests = None
-    try:
-        for req in reqs:
-            if id(req) not in waiting:
-                scheduler._add_request_to_queue(req, is_retracted=True)
-    finally:
-        scheduler.max_queued_requests = limit
+    requeue_retracted(scheduler, [req for req in reqs if id(req) not in waiting])  # never turned away as "queue full"
     return len(reqs), kept, recomputed

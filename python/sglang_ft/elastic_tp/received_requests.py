@@ -16,7 +16,7 @@ HISTORY = 4096
 def is_new_request(message) -> bool:
     """Does `message` start a request? An abort (or another control message) names a request by its rid too, and
     must never be taken for a re-send of that request and dropped."""
-    from sglang.srt.managers.io_struct import TokenizedEmbeddingReqInput, TokenizedGenerateReqInput
+    from sglang_ft.sglang_surface import TokenizedEmbeddingReqInput, TokenizedGenerateReqInput
 
     return isinstance(message, (TokenizedGenerateReqInput, TokenizedEmbeddingReqInput))
 
@@ -71,7 +71,7 @@ def held_rids(scheduler) -> set[str]:
 def reconcile(scheduler, ledger: RequestLedger, cpu_group, is_source: bool) -> tuple[int, int]:
     """Make every rank's waiting queue the same; returns (dropped here, re-injected)."""
     import torch.distributed as dist
-    from sglang.srt.utils import broadcast_pyobj
+    from sglang_ft.sglang_surface import broadcast_pyobj, set_waiting_queue
 
     from sglang_ft.distributed.rank_agreement import all_gather_object
 
@@ -81,7 +81,7 @@ def reconcile(scheduler, ledger: RequestLedger, cpu_group, is_source: bool) -> t
     common = set.intersection(*(set(w) for w, _ in everyone))
     finished_somewhere = set().union(*(set(f) for _, f in everyone))
     dropped = [r for r in scheduler.waiting_queue if r.rid not in common]
-    scheduler.waiting_queue = [r for r in scheduler.waiting_queue if r.rid in common]
+    set_waiting_queue(scheduler, [r for r in scheduler.waiting_queue if r.rid in common])
     ledger.forget(r.rid for r in dropped)  # so a re-send of them is processed here like everywhere else
     resend = None
     if is_source:

@@ -23,6 +23,13 @@ import time
 from ft.messages import Regroup, RegroupDone
 from ft.partition import RankShard
 from ft.planner import plan_migration
+from sglang_ft.sglang_surface import (
+    point_scheduler_at_parallel_groups,
+    set_engine_paused,
+    start_load_snapshot_writer,
+    swap_model,
+    swap_scheduler_ipc_sockets,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -58,24 +65,6 @@ def agree_on_lacking(num_slots: int, kv, placement, cpu_group):
     return mask.bool()
 
 
-def refresh_group_handles(scheduler) -> None:
-    """The scheduler, its TP worker and model runner cache group handles at init; point them at the new ones."""
-    from sglang.srt.runtime_context import get_parallel
-
-    parallel = get_parallel()
-    scheduler.tp_group = parallel.tp_group
-    scheduler.tp_cpu_group = parallel.tp_group.cpu_group
-    scheduler.attn_tp_group = parallel.attn_tp_group
-    scheduler.attn_tp_cpu_group = parallel.attn_tp_group.cpu_group
-    scheduler.attn_cp_group = parallel.attn_cp_group
-    scheduler.attn_cp_cpu_group = parallel.attn_cp_group.cpu_group
-    scheduler.pp_group = parallel.pp_group
-    scheduler.world_group = parallel.world_group
-    scheduler.tp_size = parallel.tp_size
-    worker = scheduler.tp_worker
-    worker.pp_group = parallel.pp_group
-    worker.world_group = parallel.world_group
-    worker.model_runner.pp_group = parallel.pp_group
 
 
 def take_over_tokenizer_channels(scheduler, port_args) -> None:
@@ -84,27 +73,10 @@ def take_over_tokenizer_channels(scheduler, port_args) -> None:
     The tokenizer manager binds its PUSH socket and the detokenizer its PULL socket, so connecting here is all it
     takes; requests queued for the old rank 0 now flow to this one, and the journal re-sends the rest.
     """
-    from sglang.srt.managers.scheduler_components.ipc_channels import SchedulerIpcChannels
-
-    fresh = SchedulerIpcChannels.create(
-        port_args=port_args,
-        is_rank_zero=True,
-        skip_tokenizer_init=scheduler.skip_tokenizer_init,
-        metrics_enabled=False,
-        enable_scripted_runtime=False,
-    )
-    channels = scheduler.ipc_channels
-    # Components captured the sender wrappers at init: give those wrappers the new sockets.
-    channels.send_to_tokenizer.socket = fresh.send_to_tokenizer.socket
-    channels.send_to_detokenizer.socket = fresh.send_to_detokenizer.socket
-    scheduler.ipc_channels = dataclasses.replace(
-        channels, recv_from_tokenizer=fresh.recv_from_tokenizer, recv_from_rpc=fresh.recv_from_rpc
-    )
-    scheduler.recv_from_tokenizer = fresh.recv_from_tokenizer
-    scheduler.request_receiver = dataclasses.replace(
-        scheduler.request_receiver, recv_from_tokenizer=fresh.recv_from_tokenizer, recv_from_rpc=fresh.recv_from_rpc
-    )
-    take_over_load_snapshots(scheduler, port_args)
+    swap_scheduler_ipc_sockets(scheduler, port_args)
+    # Publish /v1/loads from here on: SGLang gives only the rank 0 it started a snapshot writer, so after that
+    # process dies the endpoint (and every router reading it) would report its last load forever.
+    start_load_snapshot_writer(scheduler, port_args)
     from sglang_ft.observability.metrics_collector import take_over_scheduler_metrics
 
     take_over_scheduler_metrics(scheduler)
@@ -125,19 +97,6 @@ def await_output_counts(ft_worker, epoch: int) -> None:
         # the other ranks wait in the request broadcast meanwhile: stay well inside its timeout
         bound = min(REQUEST_BROADCAST_TIMEOUT_S, ft_worker.ft.collective_timeout_s) / 2
         ft_worker.expect_output_counts(ReceivedTokensWait(epoch, min(MAX_WAIT_S, bound)))
-
-
-def take_over_load_snapshots(scheduler, port_args) -> None:
-    """Publish /v1/loads from here on: SGLang gives only the rank 0 it started a snapshot writer, so after that
-    process dies the endpoint (and every router reading it) would report its last load forever."""
-    from sglang.srt.managers.load_snapshot import create_load_snapshot_writer
-    from sglang.srt.runtime_context import get_observability, get_parallel
-
-    parallel = get_parallel()
-    scheduler.load_snapshot_writer = create_load_snapshot_writer(
-        port_args, parallel.num_dp_ranks, parallel.dp_rank or 0,
-        publish_interval=get_observability().load_snapshot_publish_interval,
-    )
 
 
 def regroup_in_place(ft_worker, order: Regroup) -> RegroupDone:
@@ -161,7 +120,7 @@ def regroup_in_place(ft_worker, order: Regroup) -> RegroupDone:
     clock = StageClock(order.epoch)
     logger.warning("sglang-ft: worker %d regrouping to epoch %d with workers %s (%s)", me, order.epoch,
                    list(order.workers), order.cause)
-    scheduler._engine_paused = True  # SGLang's pause flag: lets the caches be flushed with requests queued
+    set_engine_paused(scheduler, True)  # lets the caches be flushed with requests queued
     if ft_worker.kv_stream is not None:  # the completed steps' KV copies still in flight go to the store first
         ft_worker.kv_stream.pipeline.flush()
     graphs = graph_refresh.drop_device_graphs(runner)  # they replay the old model: eager until re-captured
@@ -170,7 +129,7 @@ def regroup_in_place(ft_worker, order: Regroup) -> RegroupDone:
     new_rank = order.workers.index(me)
     newer = lambda: (latest := ft_worker.orders.latest) is not None and latest.epoch > order.epoch  # noqa: E731
     standby = build_groups(ft_worker, order, newer)  # rank 0 stays on node 0, the controller's
-    refresh_group_handles(scheduler)
+    point_scheduler_at_parallel_groups(scheduler)
     if new_rank == 0 and (not ft_worker.group or ft_worker.group[0] != me):
         take_over_tokenizer_channels(scheduler, ft_worker.port_args)
         await_output_counts(ft_worker, order.epoch)
@@ -198,7 +157,7 @@ def regroup_in_place(ft_worker, order: Regroup) -> RegroupDone:
     device_group = scheduler.tp_group.device_group  # the transfers' tensors live on the model's device
     stats = reshard(old_model, new_model, plan, me, runner.model_config.model_path, held.get(me),
                     replicated_from=0 if order.joining else None, group=device_group)
-    runner.model = new_model  # complete: every slice arrived, whatever happens to the rest of the regroup
+    swap_model(runner, new_model)  # complete: every slice arrived, whatever happens to the rest of the regroup
     placement = remainder_placement.install(scheduler, ft_worker.ft, ft_worker.kv_stream)  # hybrid attention only
     ft_worker.holds_group(order.workers)  # what this worker holds now matches the new group, even if a later
     del old_model                         # stage fails and another regroup follows
@@ -244,7 +203,7 @@ def regroup_in_place(ft_worker, order: Regroup) -> RegroupDone:
     clock.done("recreate_attention_backend", f"({backend.describe()})")
 
     dropped, resent = reconcile(scheduler, ft_worker.ledger, scheduler.tp_cpu_group, is_source=new_rank == 0)
-    scheduler._engine_paused = False
+    set_engine_paused(scheduler, False)
     clock.done("reconcile_and_resume", f"(dropped {dropped}, re-sent {resent})")
     graph_refresh.schedule_recapture(ft_worker, graphs, order.epoch)  # between the next steps: its own stage
     form_next(ft_worker, tuple(order.workers), order.epoch)  # in the background, for the next single failure

@@ -53,7 +53,7 @@ def _unflatten_into(flat: torch.Tensor, pieces) -> None:
 
 def build_model_like(old_model, model_runner):
     """A fresh elastic model for the layout now installed, on the runner's device and dtype (weights unset)."""
-    from sglang.srt.model_loader.utils import set_default_torch_dtype
+    from sglang_ft.sglang_surface import set_default_torch_dtype
 
     with set_default_torch_dtype(model_runner.model_config.dtype), torch.device(model_runner.device):
         new_model = type(old_model)(old_model.config)

@@ -26,6 +26,7 @@ import torch
 
 from sglang_ft.mem_cache.kv_backup_stream import slots_in_use
 from sglang_ft.mem_cache.radix_lookup import matched_slots, radix_key
+from sglang_ft.sglang_surface import set_free_slots, set_new_token_ratio, set_waiting_queue
 
 logger = logging.getLogger(__name__)
 # Fields of a Req that point into this process (its tokenizer, metrics, radix tree nodes and locks): a joiner
@@ -57,7 +58,7 @@ class SyncStats:
 
 def cached_sequences(scheduler) -> list[CachedSequence]:
     """For every waiting request, the longest prefix of its tokens the radix cache holds, with its slots."""
-    from sglang.srt.mem_cache.base_prefix_cache import MatchPrefixParams
+    from sglang_ft.sglang_surface import MatchPrefixParams
 
     tree, found = scheduler.tree_cache, []
     for req in scheduler.waiting_queue:
@@ -90,7 +91,7 @@ def portable_request(req) -> tuple[dict, list[str]]:
 
 def rebuild_request(state: dict, scheduler):
     """A Req equal to rank 0's, with this process's tokenizer and metrics."""
-    from sglang.srt.managers.schedule_batch import Req
+    from sglang_ft.sglang_surface import Req
 
     req = Req.__new__(Req)
     vars(req).update(state)
@@ -129,7 +130,7 @@ def take_snapshot(scheduler, with_requests: bool) -> dict:
 
 def _rebuild_tree(scheduler, sequences, num_slots: int, stats: SyncStats) -> torch.Tensor:
     """Reset the radix cache and insert rank 0's sequences with their slots; returns which of `num_slots` they use."""
-    from sglang.srt.mem_cache.base_prefix_cache import InsertParams
+    from sglang_ft.sglang_surface import InsertParams
 
     tree = scheduler.tree_cache
     tree.reset()
@@ -158,7 +159,7 @@ def apply_snapshot(scheduler, snapshot: dict, take_requests: bool, kv_stream=Non
         raise NotImplementedError("sglang-ft: re-admitting a worker needs SGLang's token allocator (--page-size 1)")
     stats = SyncStats()
     if take_requests:
-        scheduler.waiting_queue = [rebuild_request(state, scheduler) for state in snapshot["requests"]]
+        set_waiting_queue(scheduler, [rebuild_request(state, scheduler) for state in snapshot["requests"]])
     stats.requests = len(scheduler.waiting_queue)
 
     before = slots_in_use(allocator)
@@ -168,14 +169,13 @@ def apply_snapshot(scheduler, snapshot: dict, take_requests: bool, kv_stream=Non
         in_use = _rebuild_tree(scheduler, snapshot["sequences"], len(before), stats)
     in_use[0] = True  # SGLang's padding slot is never handed out
     device = allocator.free_pages.device
-    allocator.free_pages = torch.nonzero(~in_use).flatten().to(device, torch.int64)
-    allocator.release_pages = torch.empty((0,), dtype=torch.int64, device=device)
+    set_free_slots(allocator, torch.nonzero(~in_use).flatten().to(device, torch.int64))
     freed = torch.nonzero(before & ~in_use).flatten()
     stats.freed_slots = len(freed)
     if kv_stream is not None and len(freed):
         kv_stream.on_slots_freed(allocator, freed)
 
-    scheduler.new_token_ratio_tracker.current = snapshot["new_token_ratio"]
+    set_new_token_ratio(scheduler, snapshot["new_token_ratio"])
     torch.set_rng_state(snapshot["rng"])
     if snapshot["cuda_rng"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(snapshot["cuda_rng"])
@@ -185,7 +185,8 @@ def apply_snapshot(scheduler, snapshot: dict, take_requests: bool, kv_stream=Non
 def sync_scheduler_state(scheduler, ft_worker, cpu_group, receive: bool) -> SyncStats:
     """Rank 0 broadcasts its state; every rank rebuilds from it; joiners (`receive`) also take the requests."""
     import torch.distributed as dist
-    from sglang.srt.utils import broadcast_pyobj
+
+    from sglang_ft.sglang_surface import broadcast_pyobj
 
     rank = dist.get_rank(cpu_group)
     snapshot = take_snapshot(scheduler, with_requests=True) if rank == 0 else None

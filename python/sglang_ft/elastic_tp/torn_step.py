@@ -96,7 +96,7 @@ def complete_torn_step(scheduler, failed_batch, gather: Gather, me: int, joining
             advanced.append(req)
     finished = [req for req in advanced if req.finished()]
     if finished:
-        from sglang.srt.mem_cache.common import release_kv_cache
+        from sglang_ft.sglang_surface import release_kv_cache
 
         for req in finished:
             release_kv_cache(req, scheduler.tree_cache, checkpoint=True)  # as SGLang's finish does

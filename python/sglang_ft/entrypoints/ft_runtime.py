@@ -135,7 +135,7 @@ def add_ft_routes(app: FastAPI, ft: FtArgs) -> None:
     """`/ft/status` is an ordinary route (SGLang's --api-key, where set); inject, rejoin and drain are admin
     operations, at SGLang's admin level: --admin-api-key where set, else --api-key (SGLang's own middleware checks
     both before a route runs)."""
-    from sglang.srt.utils.auth import AuthLevel, auth_level
+    from sglang_ft.sglang_surface import AuthLevel, auth_level
 
     admin = auth_level(AuthLevel.ADMIN_OPTIONAL)
     if any(getattr(route, "path", None) == "/ft/status" for route in app.routes):

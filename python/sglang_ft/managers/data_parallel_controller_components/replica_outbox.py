@@ -25,6 +25,7 @@ import zmq
 
 from sglang_ft.managers.io_struct import RenewReplicaSocket
 from sglang_ft.managers.push_socket import bind_blocking, fresh_push_socket
+from sglang_ft.sglang_surface import refresh_active_replicas
 
 logger = logging.getLogger(__name__)
 FLUSH_EVERY_S = 0.005
@@ -118,7 +119,7 @@ def renew_on_request(controller, message) -> bool:
 def drop_inactive(controller) -> None:
     """After SGLang's `update_active_ranks`: route and broadcast only to the active replicas, and let nothing wait
     for the others."""
-    controller._refresh_active_workers()
+    refresh_active_replicas(controller)
     for i, outbox in enumerate(controller.workers):
         if isinstance(outbox, ReplicaOutbox) and not controller.status[i] and not outbox.closed:
             logger.warning("sglang-ft: replica %d is out of the DP controller's routing (%d messages dropped)", i,

@@ -33,7 +33,7 @@ def can_take_kv(scheduler) -> bool:
 
 def _room_for(tree, allocator, need: int, node) -> torch.Tensor | None:
     """`need` free slots, evicting unused cached prefixes as SGLang does, but never `node`'s path."""
-    from sglang.srt.mem_cache.base_prefix_cache import EvictParams
+    from sglang_ft.sglang_surface import EvictParams
 
     lock = tree.lock(node)
     try:
@@ -47,7 +47,7 @@ def _room_for(tree, allocator, need: int, node) -> torch.Tensor | None:
 def take_over_kv(scheduler, req, endpoint: str, old_slots: list[int], kv_stream=None) -> int:
     """Give queued `req` the KV of its first `len(old_slots)` tokens from the lost replica's store at `endpoint`;
     returns how many tokens it will not compute again (0 when it cannot: then it is prefilled as any request)."""
-    from sglang.srt.mem_cache.base_prefix_cache import InsertParams, MatchPrefixParams
+    from sglang_ft.sglang_surface import InsertParams, MatchPrefixParams
 
     from sglang_ft.distributed.rank_agreement import any_rank
     from sglang_ft.elastic_tp.kv_restore import fetch_rows, put_rows

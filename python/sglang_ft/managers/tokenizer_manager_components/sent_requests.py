@@ -35,6 +35,7 @@ from ft.wire import Dropped
 from sglang_ft.managers.io_struct import ReceivedTokens, RenewReplicaSocket, ResumeTokens
 from sglang_ft.managers.push_socket import fresh_push_socket, try_bind
 from sglang_ft.managers.tokenizer_manager_components.replica_router import ReplicaRouter
+from sglang_ft.sglang_surface import dispatch_to_scheduler
 
 logger = logging.getLogger(__name__)
 PRUNE_EVERY = 64
@@ -102,7 +103,7 @@ class RequestJournal:
         self.prune()
         unfinished = self._unfinished_of(replica)
         for obj in unfinished.values():
-            self.tokenizer_manager._dispatch_to_scheduler(obj)
+            dispatch_to_scheduler(self.tokenizer_manager, obj)
         self.resent_total += len(unfinished)
         logger.warning("sglang-ft: re-sent %d unfinished requests to the new TP rank 0%s", len(unfinished),
                        f" of replica {replica}" if self.router is not None else "")
@@ -117,9 +118,9 @@ class RequestJournal:
     async def resend_and_count(self, epoch: int, replica: int = 0) -> int:
         await asyncio.sleep(SETTLE_S)
         resent = self.resend_unfinished(replica)
-        from sglang.srt.managers.io_struct import wrap_as_pickle
+        from sglang_ft.sglang_surface import wrap_as_pickle
 
-        self.tokenizer_manager._dispatch_to_scheduler(wrap_as_pickle(self.received_tokens(epoch, replica)))
+        dispatch_to_scheduler(self.tokenizer_manager, wrap_as_pickle(self.received_tokens(epoch, replica)))
         return resent
 
     async def move_lost_replica(self, replica: int) -> int:
@@ -128,14 +129,14 @@ class RequestJournal:
         holds it, where its KV is there (the new replica takes that KV and prefills only the newest token;
         replica_kv.py). Runs on the tokenizer manager's event loop."""
         await asyncio.sleep(SETTLE_S)
-        from sglang.srt.managers.io_struct import ActiveRanksOutput, wrap_as_pickle
+        from sglang_ft.sglang_surface import ActiveRanksOutput, wrap_as_pickle
 
         self.prune()
         states = self.tokenizer_manager.rid_to_state
         self.router.refresh(states, force=True)
         moved = self.router.lose(replica)
         # SGLang's DP controller stops sending to it (replica_outbox.py), broadcasts included
-        self.tokenizer_manager._dispatch_to_scheduler(ActiveRanksOutput(status=self.router.live_mask()))
+        dispatch_to_scheduler(self.tokenizer_manager, ActiveRanksOutput(status=self.router.live_mask()))
         moving = {rid: target for rid, target in moved.items()
                   if self.sent.get(rid) is not None and rid in states and not states[rid].finished}
         # KV that existed: prompt and output but the newest token (its KV is the next step's, wherever it runs)
@@ -150,9 +151,9 @@ class RequestJournal:
             obj.routed_dp_rank = target
             slots = kv_slots.get(rid, ())
             # the same socket to SGLang's DP controller, then the same socket to `target`: the tokens arrive first
-            self.tokenizer_manager._dispatch_to_scheduler(wrap_as_pickle(ResumeTokens(
+            dispatch_to_scheduler(self.tokenizer_manager, wrap_as_pickle(ResumeTokens(
                 rid, output_ids, target, store if len(slots) else None, [int(s) for s in slots])))
-            self.tokenizer_manager._dispatch_to_scheduler(obj)
+            dispatch_to_scheduler(self.tokenizer_manager, obj)
             self.router.tokens_taken_over += len(slots)
             self.router.tokens_recomputed += max(0, with_kv[rid] - len(slots))
             self.router.moved_total += 1
@@ -172,9 +173,9 @@ class RequestJournal:
         renews its socket to that replica instead, and only the requests of that replica are re-sent."""
         manager = self.tokenizer_manager
         if self.router is not None:  # the replica's socket is the DP controller's: it renews it (replica_outbox.py)
-            from sglang.srt.managers.io_struct import wrap_as_pickle
+            from sglang_ft.sglang_surface import wrap_as_pickle
 
-            manager._dispatch_to_scheduler(wrap_as_pickle(RenewReplicaSocket(replica)))
+            dispatch_to_scheduler(manager, wrap_as_pickle(RenewReplicaSocket(replica)))
             return await self.resend_and_count(epoch, replica)
         if getattr(manager, "tokenizer_ipc_name", None) is not None:  # several tokenizers: theirs is a connect
             return await self.resend_and_count(epoch)

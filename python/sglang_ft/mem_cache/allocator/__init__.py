@@ -1,0 +1,1 @@
+"""Adapters of `sglang.srt.mem_cache.allocator`: freed token slots."""

@@ -1,0 +1,1 @@
+"""Adapters of `sglang.srt.model_executor`."""

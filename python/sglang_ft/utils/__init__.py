@@ -1,0 +1,1 @@
+"""Adapters of `sglang.srt.utils`: the launcher's watchdog."""
