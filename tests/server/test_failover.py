@@ -272,7 +272,7 @@ def _metric_values(server) -> dict:
 
 def test_rank0_death_then_a_hung_worker_is_fenced_then_a_drain(fresh_ft_server, reference):
     """Also the fault events (SSE and PUB), the probes through a regroup, and the end: every worker lost."""
-    from event_stream import EventStream, ProbeWatch, PubEvents, stalled_client
+    from tests.event_stream import EventStream, ProbeWatch, PubEvents, stalled_client
     from ft.sockets import load_keys
 
     ft_server = fresh_ft_server

@@ -197,7 +197,7 @@ def test_a_rank_out_of_step_fails_the_agreement_on_every_rank(tmp_path):
 def test_no_capture_inside_a_step_through_the_scheduler_hooks(sglang_capture, monkeypatch):
     """SGLang's loop through sglang-ft's hooks: the re-capture runs at the top of an iteration
     (`before_ingest_requests`), never inside `run_batch`, whose forward is where the fake runner is busy."""
-    from sglang_ft import hooks
+    from sglang_ft.managers import scheduler as scheduler_hooks
     from sglang_ft.managers import ft_worker as ft_worker_module
 
     runner = fake_model_runner()
@@ -219,8 +219,8 @@ def test_no_capture_inside_a_step_through_the_scheduler_hooks(sglang_capture, mo
             runner.in_forward = False
 
     for _ in range(5):
-        hooks.before_ingest_requests(scheduler)
-        hooks.around_run_batch(run_batch, scheduler, SimpleNamespace(batch_size=2))
+        scheduler_hooks.before_ingest_requests(scheduler)
+        scheduler_hooks.around_run_batch(run_batch, scheduler, SimpleNamespace(batch_size=2))
     assert sglang_capture.captures == [(4,), (2,), (1,)]
     # iteration by iteration: the graph is used from the step after its capture; the schedule ends by itself
     assert order == ["orders", "begin", "graph"] * 5

@@ -1,6 +1,8 @@
 """A restore that lacks a step's rows keeps every cached prefix up to its first lacking token
 (elastic_tp/partial_restore.py), on SGLang's own radix cache and allocator, with rows from a real backup store."""
 
+import contextlib
+
 import numpy as np
 import torch
 from tests.unit.test_scheduler_sync import SLOTS, cache, make_rank, request, slots_of
@@ -77,7 +79,8 @@ def test_remainder_rows_of_the_freed_slots_are_released():
     rank = parked_rank()
     a = slots_of(rank, (1, 2, 3, 4, 10, 11, 12))
     released = []
-    placement = type("Placement", (), {"release_slots": lambda self, s: released.extend(s.tolist())})()
+    placement = type("Placement", (), {"release_slots": lambda self, s: released.extend(s.tolist()),
+                                       "keeping_slots": lambda self: contextlib.nullcontext()})()
     keep_held_prefixes(rank, lacking_slots(SLOTS, torch.tensor([a[-1]])), placement=placement)
     assert released == [a[-1]]
 
@@ -91,3 +94,48 @@ def test_cut_sequences_counts_what_it_cuts():
     lacking[[6, 9]] = True
     kept, cut = cut_sequences(seqs, lacking)
     assert [(s.token_ids, s.slots.tolist()) for s in kept] == [([1], [5])] and cut == 3
+
+
+def test_a_kept_prefix_keeps_its_remainder_rows_through_the_rebuilds_frees(monkeypatch):
+    """SGLang's radix insert "frees" a key's duplicate slots, which during the rebuild are slots the tree keeps; with
+    the free hook on (as in a server), only the slots the cut really freed lose their remainder rows. Before, the
+    rebuild released the shared prompt's rows too, and the next step found "a cached slot has no holder of its
+    remainder heads' KV" (a chaos soak: a rejoin into hybrid attention after the backup store restarted)."""
+    from sglang_ft.layers.attention import remainder_placement
+    from sglang_ft.mem_cache.allocator import token as allocator_hooks
+    from sglang_ft.layers.attention.hybrid_attention import RemainderPlacement
+
+    from sglang.srt.mem_cache.cache_init_params import CacheInitParams
+    from sglang.srt.mem_cache.unified_radix_cache import ComponentType, UnifiedRadixCache
+
+    rank = make_rank()  # the tree SGLang 0.5.23 serves with (its Rust core frees an inserted key's duplicate slots)
+    rank.tree_cache = UnifiedRadixCache(CacheInitParams(
+        disable=False, req_to_token_pool=None, token_to_kv_pool_allocator=rank.token_to_kv_pool_allocator,
+        page_size=1, tree_components=(ComponentType.FULL,)))
+    cache(rank, [1, 2, 3, 4, 10, 11, 12])
+    cache(rank, [1, 2, 3, 4, 20, 21])
+    rank.waiting_queue = [request("a", [1, 2, 3, 4], [10, 11, 12, 13]), request("b", [1, 2, 3, 4], [20, 21, 22])]
+    a = slots_of(rank, (1, 2, 3, 4, 10, 11, 12))
+    released = []
+
+    class Recording(RemainderPlacement):
+        def __init__(self):  # only the release bookkeeping matters here
+            pass
+
+        def release_slots(self, slots):
+            released.extend(slots.tolist())
+
+    placement = Recording()
+    monkeypatch.setattr(remainder_placement, "_active", placement)
+    allocator = rank.token_to_kv_pool_allocator
+    free = allocator.free
+
+    def free_with_the_hook(free_index):  # what the plugin's AFTER hook on TokenToKVPoolAllocator.free does
+        result = free(free_index)
+        allocator_hooks.after_free(result, allocator, free_index)
+        return result
+
+    monkeypatch.setattr(allocator, "free", free_with_the_hook)
+    keep_held_prefixes(rank, lacking_slots(SLOTS, torch.tensor([a[-1]])), placement=placement)
+    assert released == [a[-1]]
+    assert slots_of(rank, (1, 2, 3, 4, 10, 11, 12)) == a[:-1]

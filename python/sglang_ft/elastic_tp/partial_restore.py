@@ -12,6 +12,7 @@ cannot be listed from Python; it is recomputed only if it is asked for again.)
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import numpy as np
@@ -55,7 +56,11 @@ def keep_held_prefixes(scheduler, lacking: torch.Tensor, kv_stream=None, placeme
     snapshot["sequences"], cut = cut_sequences(snapshot["sequences"], lacking.numpy())
     allocator = scheduler.token_to_kv_pool_allocator
     before = slots_in_use(allocator)
-    apply_snapshot(scheduler, snapshot, take_requests=False, kv_stream=kv_stream)
+    # SGLang's radix insert "frees" a key's duplicate slots, which during the rebuild are slots the tree keeps: the
+    # free hook must not release their remainder rows (a kept prefix would lose its holders); what the cut really
+    # freed is released below
+    with placement.keeping_slots() if placement is not None else contextlib.nullcontext():
+        apply_snapshot(scheduler, snapshot, take_requests=False, kv_stream=kv_stream)
     if placement is not None:  # the remainder heads' rows of the freed slots go too
         placement.release_slots(torch.nonzero(before & ~slots_in_use(allocator)).flatten())
     return cut

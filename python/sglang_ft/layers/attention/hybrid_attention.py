@@ -11,6 +11,8 @@ The other placement, per token, is `cyclic_placement.py`; `remainder_placement.p
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 
@@ -23,6 +25,7 @@ ADOPT_BLOCK_SLOTS = 16  # cached slots no resumed request uses are spread over t
 
 class RemainderPlacement:
     owns_requests = True  # each request's remainder heads on one owner (hybrid attention)
+    keeping = False  # inside `keeping_slots`: SGLang's frees are a rebuild's, not real
 
     @staticmethod
     def pool_rows(slots: int, workers: int) -> int:
@@ -164,6 +167,21 @@ class RemainderPlacement:
         if not missing:  # rows written outside a forward: backed up here (the regroup's are in the store already)
             self._back_up(new[(self.holders[new] >> self.rank & 1) == 1])
         return restored, missing
+
+    @contextlib.contextmanager
+    def keeping_slots(self):
+        """While a rebuild of SGLang's radix cache re-inserts the slots it keeps (SGLang's insert "frees" a key's
+        duplicate slots): the free hook's releases are ignored; the caller releases what it really freed."""
+        self.keeping = True
+        try:
+            yield
+        finally:
+            self.keeping = False
+
+    def freed_by_sglang(self, slots: torch.Tensor) -> None:
+        """SGLang's allocator freed `slots` (its free hook): release their rows, unless a rebuild keeps them."""
+        if not self.keeping:
+            self.release_slots(slots)
 
     def release_slots(self, slots: torch.Tensor) -> None:
         slots = slots.to(torch.int64).cpu()

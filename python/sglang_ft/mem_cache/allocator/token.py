@@ -15,7 +15,7 @@ def after_free(_result, allocator, free_index, *_args, **_kwargs):
     from sglang_ft.layers.attention.remainder_placement import active
 
     if (placement := active()) is not None:
-        placement.release_slots(free_index)
+        placement.freed_by_sglang(free_index)
     stream = _kv_stream()
     if stream is not None:
         stream.on_slots_freed(allocator, free_index)
