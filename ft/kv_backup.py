@@ -29,7 +29,7 @@ import zmq
 from msgspec import Meta
 
 from ft.messages import msgpack_codec
-from ft.sockets import connect_socket, process_keys
+from ft.sockets import connect_socket, process_keys, request
 from ft.wire import (
     MAX_HEAD_DIM,
     MAX_KV_HEADS,
@@ -291,11 +291,4 @@ def store_stats(endpoint: str, timeout_s: float = 0.5) -> dict | None:
 
 def _ask(endpoint: str, frames: list, timeout_s: float) -> list[bytes] | None:
     """One request to the store's REP socket and its reply frames; None when it does not answer in time."""
-    socket = connect_socket(zmq.REQ, endpoint, process_keys())
-    try:
-        socket.send_multipart(frames)
-        if not socket.poll(int(timeout_s * 1e3)):
-            return None
-        return socket.recv_multipart()
-    finally:
-        socket.close()
+    return request(endpoint, frames, int(timeout_s * 1e3), process_keys())

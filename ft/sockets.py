@@ -131,6 +131,23 @@ def connect_socket(kind: int, endpoint: str, keys: CurveKeys | None = None, *, l
     return socket
 
 
+def request(endpoint: str, frames: list[bytes], timeout_ms: int, keys: CurveKeys | None = None) -> list[bytes] | None:
+    """One request/reply on a fresh REQ socket, bounded both ways; None when no answer came in `timeout_ms`.
+
+    The send is bounded too: a REQ socket whose CURVE handshake was refused has no peer left, and a plain send on it
+    would block forever (a misconfigured node must not wedge the caller's thread).
+    """
+    socket = connect_socket(zmq.REQ, endpoint, keys, options={zmq.SNDTIMEO: timeout_ms})
+    try:
+        try:
+            socket.send_multipart(frames)
+        except zmq.Again:
+            return None
+        return socket.recv_multipart() if socket.poll(timeout_ms) else None
+    finally:
+        socket.close()
+
+
 def refused_connections() -> int:
     """Connections this process's CURVE servers refused so far (a client that keeps retrying counts each time)."""
     guard = _GUARDS.get(zmq.Context.instance())

@@ -134,15 +134,22 @@ def orchestrating_controller(tmp_path):
         yield pair
 
 
-def _orders(subscriber):
-    from ft.messages import Regroup, decode
+def _published(subscriber, kind):
+    """The messages of type `kind` the controller published (others read and skipped)."""
+    from ft.messages import decode
 
     found = []
     while subscriber.poll(200):
         message = decode(subscriber.recv())
-        if isinstance(message, Regroup):
+        if isinstance(message, kind):
             found.append(message)
     return found
+
+
+def _orders(subscriber):
+    from ft.messages import Regroup
+
+    return _published(subscriber, Regroup)
 
 
 def test_a_dead_member_gets_a_regroup_order_of_the_survivors(orchestrating_controller):
@@ -224,14 +231,9 @@ def test_a_regroup_that_failed_on_its_members_is_ordered_again(orchestrating_con
 
 
 def _respawns(subscriber):
-    from ft.messages import Respawn, decode
+    from ft.messages import Respawn
 
-    found = []
-    while subscriber.poll(200):
-        message = decode(subscriber.recv())
-        if isinstance(message, Respawn):
-            found.append(message)
-    return found
+    return _published(subscriber, Respawn)
 
 
 @pytest.fixture

@@ -6,12 +6,13 @@ import json
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import zmq
 
 from ft.ports import free_port
-from ft.sockets import CurveKeys, bind_socket, connect_socket, load_keys, read_secret, refused_connections
+from ft.sockets import CurveKeys, bind_socket, connect_socket, load_keys, read_secret, refused_connections, request
 
 SECRET = b"0123456789abcdef0123456789abcdef"
 KEYS = CurveKeys.from_secret(SECRET)
@@ -35,15 +36,14 @@ def refused_since(before: int, at_least: int = 1, timeout_s: float = 5.0) -> int
 
 
 def ask(endpoint: str, keys: CurveKeys | None, server: zmq.Socket) -> bytes | None:
-    """One request from a fresh client; the server echoes whatever reaches it. None: no answer."""
-    client = connect_socket(zmq.REQ, endpoint, keys)
-    try:
-        client.send(b"status")
+    """One request from a fresh client (`ft.sockets.request`, bounded both ways); the server echoes whatever reaches
+    it. None: no answer."""
+    with ThreadPoolExecutor(1) as pool:
+        asked = pool.submit(request, endpoint, [b"status"], NO_ANSWER_MS, keys)
         if server.poll(NO_ANSWER_MS):
             server.send(server.recv())
-        return client.recv() if client.poll(NO_ANSWER_MS) else None
-    finally:
-        client.close()
+        reply = asked.result(timeout=10 * NO_ANSWER_MS / 1e3)  # a send that blocks forever fails here, not at 900 s
+    return None if reply is None else reply[0]
 
 
 @pytest.fixture

@@ -15,7 +15,6 @@ import tempfile
 from typing import Literal
 
 import msgspec
-import zmq
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
@@ -23,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ft.controller import spawn_controller
 from ft.faults import FAULT_HELP, FAULT_KINDS
 from ft.messages import ControlRequest, encode_control
-from ft.sockets import connect_socket, process_keys
+from ft.sockets import process_keys, request
 from sglang_ft.server_args import FtArgs, ft_args, publish
 
 logger = logging.getLogger(__name__)
@@ -89,20 +88,16 @@ def start_ft_runtime(tp_size: int, model_path: str, app: FastAPI,
     return processes
 
 
-def ask_controller(ft: FtArgs, request: ControlRequest) -> dict:
+def ask_controller(ft: FtArgs, control: ControlRequest) -> dict:
     """One request/reply with the controller (a fresh REQ socket each time, so a lost reply never wedges it)."""
-    socket = connect_socket(zmq.REQ, ft.control_endpoint, process_keys())
+    frames = request(ft.control_endpoint, [encode_control(control)], CONTROL_TIMEOUT_MS, process_keys())
+    if frames is None:
+        return {"error": "the FT controller did not answer", "code": 503}
     try:
-        socket.send(encode_control(request))
-        if not socket.poll(CONTROL_TIMEOUT_MS):
-            return {"error": "the FT controller did not answer", "code": 503}
-        try:
-            reply = msgspec.json.decode(socket.recv())
-        except msgspec.DecodeError:
-            reply = None
-        return reply if isinstance(reply, dict) else {"error": "the FT controller's reply is malformed", "code": 502}
-    finally:
-        socket.close()
+        reply = msgspec.json.decode(frames[0])
+    except msgspec.DecodeError:
+        reply = None
+    return reply if isinstance(reply, dict) else {"error": "the FT controller's reply is malformed", "code": 502}
 
 
 def _respond(reply: dict) -> JSONResponse:
