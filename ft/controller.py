@@ -3,9 +3,10 @@
 It receives heartbeats (ZMQ PULL), declares workers suspect or dead by silence (the heartbeat timeout, sooner when a
 peer is blocked on a silent one) or at once when a worker's process exits, refuses messages of an older epoch,
 orders regroups, asks the launcher to restart dead workers (automatically, or on an operator's rejoin) and plans
-them back in once they beat as joining, and serves status, fault injection (`faults.py`), drain and rejoin to the
-HTTP server over a REP socket; with metrics on, its state also shows as Prometheus metrics (`metrics.py`). The
-launcher starts it with its options (`options.py`) by `spawn_controller`; it exits when the launcher does.
+them back in once they beat as joining, and serves status (`controller_state.py`) and the operator's requests
+(`admin_requests.py`: fault injection, drain, rejoin) to the HTTP server over a REP socket; with metrics on, its
+state also shows as Prometheus metrics (`metrics.py`). The launcher starts it with its options (`options.py`) by
+`spawn_controller`; it exits when the launcher does.
 """
 
 from __future__ import annotations
@@ -17,14 +18,14 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 
 import msgspec
 import zmq
 
+from ft.admin_requests import ADMIN_OPS
+from ft.controller_state import ControllerState, PendingRecovery, recovery_record
 from ft.events import EventLog
 from ft.failure_detector import HEARTBEAT_TIMEOUT, FailureDetector, Transition
-from ft.faults import FAULT_KINDS, FAULT_SIGNALS
 from ft.heartbeat import MessageReceiver
 from ft.kv_store_keeper import KvStoreKeeper
 from ft.membership import Membership, WorkerState
@@ -39,7 +40,6 @@ from ft.messages import (
     RegroupDone,
     Respawn,
     WorkerFailed,
-    WorkerLoad,
     decode_control,
     encode,
 )
@@ -50,89 +50,10 @@ from ft.partition import ModelShape, TPLayout
 from ft.process_watch import ProcessWatch
 from ft.ports import free_port
 from ft.respawn import Respawner, RespawnPolicy
-from ft.sockets import bind_socket, process_keys, refused_connections, use_secret_file
+from ft.sockets import bind_socket, process_keys, use_secret_file
 from ft.wire import Dropped
 
 logger = logging.getLogger("sglang_ft.controller")
-
-
-@dataclass
-class ControllerState:
-    membership: Membership
-    detector: FailureDetector
-    started: float = field(default_factory=time.monotonic)
-    detections: list[dict] = field(default_factory=list)
-    recoveries: list[dict] = field(default_factory=list)
-    fenced_messages: int = 0
-    kv_backup: object = None  # KvStoreKeeper when --ft-kv-backup is on
-    kv_senders: dict[int, Heartbeat] = field(default_factory=dict)  # worker -> its latest beat with KV counters
-    loads: dict[int, WorkerLoad] = field(default_factory=dict)  # worker -> its latest reported load
-    respawns: list[dict] = field(default_factory=list)
-    regrouping: int | None = None  # the epoch of the regroup under way
-
-    def status(self, now: float) -> dict:
-        group = self.membership.members()
-        workers = []
-        for worker_id, record in sorted(self.membership.workers.items()):
-            workers.append({
-                "worker": worker_id,
-                "rank": group.index(worker_id) if worker_id in group else None,
-                "pid": record.pid,
-                "state": record.state.value,
-                "last_beat_ms_ago": None if record.last_beat is None else round((now - record.last_beat) * 1e3, 1),
-                "max_beat_gap_ms": round(record.max_beat_gap_s * 1e3, 1),
-                "step_running_ms": None if (step := self.detector.blocked_s(worker_id, now)) is None else
-                round(step * 1e3, 1),
-                "max_step_ms": round(record.max_step_s * 1e3, 1),
-                **_kv_sender_fields(self.kv_senders.get(worker_id)),
-                **_load_fields(self.loads.get(worker_id) if worker_id in group else None),
-            })
-        return {
-            "epoch": self.membership.epoch,
-            "tp_size": len(group),
-            "live_workers": len(self.membership.live_members()),
-            "workers": workers,
-            "detections": self.detections,
-            "recoveries": self.recoveries,
-            "fenced_messages": self.fenced_messages,
-            "kv_blocks_restored": sum(r["kv_blocks_restored"] for r in self.recoveries),
-            "kv_tokens_recomputed": sum(r["kv_tokens_recomputed"] for r in self.recoveries),
-            "kv_backup": {"state": "off"} if self.kv_backup is None else self.kv_backup.status(),
-            "respawns": self.respawns,
-            "regrouping": self.regrouping,
-            "refused_connections": refused_connections(),  # peers without the deployment's key (ft/sockets.py)
-        }
-
-
-def _load_fields(load: WorkerLoad | None) -> dict:
-    if load is None:
-        return {}
-    return {**msgspec.structs.asdict(load), "kv_bytes_used": load.kv_bytes_used}
-
-
-def _kv_sender_fields(beat: Heartbeat | None) -> dict:
-    if beat is None:
-        return {}
-    sent, dropped, sent_bytes = beat.kv_backup
-    return {"kv_backup_sent": sent, "kv_backup_dropped": dropped, "kv_backup_bytes": sent_bytes,
-            "kv_backup_queued": beat.kv_backup_queued}
-
-
-@dataclass
-class PendingRecovery:
-    """A regroup the controller ordered and is waiting for every survivor to finish."""
-
-    order: Regroup
-    detected_at: float
-    detect_ms: float
-    waiting: set[int]
-    done: list[RegroupDone] = field(default_factory=list)
-    last_sent: float = 0.0
-    late_stage_ms: dict[str, float] = field(default_factory=dict)  # stages ended before the last RegroupDone
-
-    def still_joining(self) -> tuple[int, ...]:
-        """Joiners of this order that have not finished it: they still hold nothing."""
-        return tuple(w for w in self.order.joining if w in self.waiting)
 
 
 class FtController:
@@ -212,10 +133,10 @@ class FtController:
             # under load): order the same group again (joiners of a failed regroup stay joiners)
             cause = "collective failure with every worker alive" if self.pending is None else \
                 f"regroup to epoch {self.pending.order.epoch} failed with every worker alive"
-            self._start_recovery(cause, (now - reported) * 1e3)
+            self.start_recovery(cause, (now - reported) * 1e3)
         if self.pending is None and self.ready_joiners:
             joiners = tuple(sorted(self.ready_joiners))
-            self._start_recovery(f"rejoin of worker{'s' if len(joiners) > 1 else ''} "
+            self.start_recovery(f"rejoin of worker{'s' if len(joiners) > 1 else ''} "
                                  f"{', '.join(map(str, joiners))}", 0.0, joiners)
         if self.lost is not None and now - self.lost_published > 1.0:
             self._publish(self.lost)  # the tokenizer's journal moves this group's requests elsewhere
@@ -273,7 +194,7 @@ class FtController:
             if isinstance(message, GroupLost):
                 self.lost_published = time.monotonic()
 
-    def _start_recovery(self, cause: str, detect_ms: float, new_joiners: tuple[int, ...] = ()) -> None:
+    def start_recovery(self, cause: str, detect_ms: float, new_joiners: tuple[int, ...] = ()) -> None:
         """Order the live members (and ready joiners, last, so rank 0 stays with a member that holds the
         scheduler's state) to form a group; its members plan the migration from what each holds."""
         membership = self.state.membership
@@ -325,27 +246,7 @@ class FtController:
         pending.done.append(done)
         if pending.waiting:
             return
-        stages = {}
-        for report in pending.done:
-            for stage, ms in report.stage_ms.items():
-                stages[stage] = max(stages.get(stage, 0.0), ms)
-        stages.update(pending.late_stage_ms)
-        self.state.recoveries.append({
-            "epoch": pending.order.epoch,
-            "cause": pending.order.cause,
-            "detect_ms": pending.detect_ms,
-            "recover_ms": round((now - pending.detected_at) * 1e3, 1),
-            "bytes_p2p": sum(r.bytes_p2p for r in pending.done),
-            "bytes_reloaded": sum(r.bytes_reloaded for r in pending.done),
-            "bytes_kept": sum(r.bytes_kept for r in pending.done),
-            "expert_bytes_moved": sum(r.expert_bytes_moved for r in pending.done),
-            "kv_blocks_restored": sum(r.kv_blocks_restored for r in pending.done),
-            "kv_bytes_p2p": sum(r.kv_bytes_p2p for r in pending.done),
-            "kv_tokens_recomputed": max(r.kv_tokens_recomputed for r in pending.done),
-            "stage_ms": stages,
-            "workers": list(pending.order.workers),
-            "joined": list(pending.order.joining),
-        })
+        self.state.recoveries.append(recovery_record(pending, now))
         for worker in pending.order.joining:
             self.respawner.on_joined(worker)
             self.state.membership.set_state(worker, WorkerState.HEALTHY, now)
@@ -383,7 +284,7 @@ class FtController:
             self.respawner.on_dead(change.worker, time.monotonic())
             self.ready_joiners.discard(change.worker)
             if change.worker in self.state.membership.members():
-                self._start_recovery(f"worker {change.worker}: {cause}", change.silent_s * 1e3)
+                self.start_recovery(f"worker {change.worker}: {cause}", change.silent_s * 1e3)
 
     # --- restarting dead workers and planning them back in ---
 
@@ -454,75 +355,9 @@ class FtController:
             membership = self.state.membership
             return self.events.answer(request.after, len(membership.members()), len(membership.workers),
                                       len(membership.live_members()), self.state.regrouping)
-        if request.op == "inject":
-            return self._inject(request)
-        if request.op == "rejoin":
-            return self._rejoin(request, now)
-        if request.op == "drain":
-            return self._drain(request, now)
+        if request.op in ADMIN_OPS:
+            return ADMIN_OPS[request.op](self, request, now)
         return {"error": f"unknown op {request.op!r}", "code": 400}
-
-    def _drain(self, request: ControlRequest, now: float) -> dict:
-        """Take a healthy worker out of the group on purpose (maintenance): the others regroup without it, as after
-        a failure but with no detection delay, and it exits when it sees the order. It stays out until a rejoin."""
-        if not self.enable_fault_injection:
-            return {"error": "drain is an admin operation; start the server with --ft-enable-fault-injection",
-                    "code": 403}
-        membership = self.state.membership
-        record = membership.workers.get(request.worker)
-        if record is None:
-            return {"error": f"worker must be one of {sorted(membership.workers)}, got {request.worker}", "code": 400}
-        if request.worker not in membership.live_members() or record.state is not WorkerState.HEALTHY:
-            return {"error": f"worker {request.worker} is not a healthy member ({record.state.value})", "code": 409}
-        if len(membership.live_members()) < 2:
-            return {"error": "the last worker of the group cannot be drained", "code": 409}
-        if self.pending is not None:
-            return {"error": f"a regroup (epoch {self.pending.order.epoch}) is under way; try again", "code": 409}
-        self.events.emit("worker_drained", membership.epoch, worker=request.worker,
-                         rank=membership.members().index(request.worker), cause="drained")
-        membership.set_state(request.worker, WorkerState.DEAD, now)
-        self.exits.forget(record.pid)
-        self.state.detections.append({"worker": request.worker, "pid": record.pid, "state": "dead",
-                                      "cause": "drained", "silent_ms": 0.0,
-                                      "at_s": round(now - self.state.started, 3)})
-        self._start_recovery(f"drain of worker {request.worker}", 0.0)
-        return {"draining": request.worker}
-
-    def _rejoin(self, request: ControlRequest, now: float) -> dict:
-        if not self.enable_fault_injection:
-            return {"error": "rejoin is an admin operation; start the server with --ft-enable-fault-injection",
-                    "code": 403}
-        record = self.state.membership.workers.get(request.worker)
-        if record is None:
-            return {"error": f"worker must be one of {sorted(self.state.membership.workers)}, got {request.worker}",
-                    "code": 400}
-        if record.state is not WorkerState.DEAD or request.worker in self.state.membership.members():
-            return {"error": f"worker {request.worker} is {record.state.value}, not dead: nothing to rejoin",
-                    "code": 409}
-        if not self.respawner.request(request.worker, now):
-            return {"error": f"worker {request.worker} is already being restarted", "code": 409}
-        return {"rejoining": request.worker}
-
-    def _inject(self, request: ControlRequest) -> dict:
-        if not self.enable_fault_injection:
-            return {"error": "fault injection is disabled; start the server with --ft-enable-fault-injection",
-                    "code": 403}
-        group = self.state.membership.members()
-        if not 0 <= request.rank < len(group):
-            return {"error": f"rank must be in [0, {len(group)}), got {request.rank}", "code": 400}
-        if request.kind not in FAULT_KINDS:
-            return {"error": f"kind must be one of {sorted(FAULT_KINDS)}, got {request.kind!r}", "code": 400}
-        worker = group[request.rank]
-        if worker not in self.local_workers:
-            return {"error": f"rank {request.rank} (worker {worker}) runs on another node: fault injection signals "
-                             "processes of the controller's node only", "code": 409}
-        pid = self.state.membership.workers[worker].pid
-        if pid is None:
-            return {"error": f"rank {request.rank} has not registered a pid yet", "code": 409}
-        os.kill(pid, FAULT_SIGNALS[request.kind])
-        logger.warning("sglang-ft controller: injected %s into rank %d (pid %d)", request.kind, request.rank, pid)
-        return {"injected": request.kind, "rank": request.rank, "worker": worker, "pid": pid}
-
 
 def _reported_layout(text: str, planned: TPLayout | None, ranks: int) -> TPLayout | None:
     """The layout the members report they formed, if it is one for this model with a shard per rank; else None."""

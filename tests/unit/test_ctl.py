@@ -15,7 +15,7 @@ from tests.fake_http import serving
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from ft.controller import ControllerState
+from ft.controller_state import ControllerState
 from ft.failure_detector import FailureDetector
 from ft.membership import Membership, WorkerState
 from ft.messages import Heartbeat, WorkerLoad

@@ -444,7 +444,7 @@ def test_a_group_left_without_a_node_0_worker_is_not_formed(tmp_path, caplog):
         for worker in (0, 1):
             assert controller.state.detector.declare_dead(worker, time.monotonic())
         with caplog.at_level("ERROR"):
-            controller._start_recovery("workers 0, 1: process exit", 0.0)
+            controller.start_recovery("workers 0, 1: process exit", 0.0)
         assert controller.pending is None and controller.state.membership.epoch == 0
         assert _orders(subscriber) == []
         assert "no worker left alive on node 0" in caplog.text

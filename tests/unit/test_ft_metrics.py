@@ -174,7 +174,7 @@ def test_cause_kinds_are_few(cause, kind):
 def test_a_workers_kv_bytes_count_its_remainder_rows_under_hybrid_attention():
     """Status and metrics read the same number: TP heads' rows plus the remainder rows the worker owns."""
     from ft.messages import WorkerLoad
-    from ft.controller import _load_fields
+    from ft.controller_state import _load_fields
 
     load = WorkerLoad(4, 2, 100, 900, 256, 1, 0, 10, 5.0, remainder_kv_heads=2, remainder_kv_tokens_used=30,
                       remainder_kv_bytes_per_token=256)
