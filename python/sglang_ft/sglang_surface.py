@@ -21,6 +21,11 @@ NAMES = {
     "get_parallel": "sglang.srt.runtime_context.get_parallel",
     "get_device": "sglang.srt.runtime_context.get_device",
     "get_server_args": "sglang.srt.runtime_context.get_server_args",
+    "get_exec": "sglang.srt.runtime_context.get_exec",
+    "http_server_state": "sglang.srt.entrypoints.http_server._global_state",
+    "ServerStatus": "sglang.srt.managers.tokenizer_manager.ServerStatus",
+    "drop_elastic_cuda_graph_state": "sglang.srt.model_executor.model_runner_components.cuda_graph_setup."
+                                     "drop_elastic_cuda_graph_state",
     "Req": "sglang.srt.managers.schedule_batch.Req",
     "TokenizedGenerateReqInput": "sglang.srt.managers.io_struct.TokenizedGenerateReqInput",
     "TokenizedEmbeddingReqInput": "sglang.srt.managers.io_struct.TokenizedEmbeddingReqInput",
@@ -52,6 +57,8 @@ PARAMETERS = {
     "sglang.srt.managers.tokenizer_manager.TokenizerManager._dispatch_to_scheduler": "self obj",
     "sglang.srt.mem_cache.memory_pool.MHATokenToKVPool._create_buffers": "self",
     "sglang.srt.mem_cache.common.release_kv_cache": "req tree_cache checkpoint",
+    "sglang.srt.model_executor.model_runner_components.cuda_graph_setup.drop_elastic_cuda_graph_state":
+        "decode_runner eager_runner",
     "sglang.srt.managers.schedule_batch.Req.reset_for_retract": "self",
     "sglang.srt.mem_cache.base_prefix_cache.BasePrefixCache.free_kv_row": "self kv ranges",
     "sglang.srt.mem_cache.base_prefix_cache.MatchPrefixParams": "key cow_mamba req",

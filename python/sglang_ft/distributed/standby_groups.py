@@ -287,7 +287,7 @@ def _regroup_groups():
 
 
 def _on_cpu() -> bool:
-    from sglang.srt.runtime_context import get_device
+    from sglang_ft.sglang_surface import get_device
 
     return get_device().device == "cpu"
 

@@ -41,7 +41,7 @@ STAGE = "recapture_graphs"
 def rank_heads(model_config) -> tuple[int, int]:
     """(query heads, KV heads) this rank computes: `get_num_kv_heads` answers with the elastic layout's count
     under `--ft` (hooks.py); the query heads are its GQA groups."""
-    from sglang.srt.runtime_context import get_parallel
+    from sglang_ft.sglang_surface import get_parallel
 
     parallel = get_parallel()
     kv = model_config.get_num_kv_heads(parallel.attn_tp_size)
@@ -55,7 +55,7 @@ def per_rank_heads(model_config):
     Nothing inside asks the (hooked) `get_num_attention_heads`, which derives the group size from the true total;
     the true total is back before this returns, whatever happens inside.
     """
-    from sglang.srt.runtime_context import get_parallel
+    from sglang_ft.sglang_surface import get_parallel
 
     total = model_config.num_attention_heads
     q_heads, _ = rank_heads(model_config)
@@ -138,7 +138,7 @@ def drop_device_graphs(model_runner) -> DroppedGraphs:
         sizes |= set(decode.capture_bs)
     dropped = _OWED = DroppedGraphs(tuple(sorted(sizes)), _OWED.prefill or is_graph_runner(prefill, model_runner))
     if is_graph_runner(decode, model_runner) or is_graph_runner(prefill, model_runner):
-        from sglang.srt.model_executor.model_runner_components.cuda_graph_setup import drop_elastic_cuda_graph_state
+        from sglang_ft.sglang_surface import drop_elastic_cuda_graph_state
 
         if is_graph_runner(prefill, model_runner):
             prefill.backend.cleanup()
@@ -201,7 +201,7 @@ class SglangCapture:
         self.first = True
 
     def decode(self, sizes: tuple[int, ...]) -> None:
-        from sglang.srt.runtime_context import get_exec
+        from sglang_ft.sglang_surface import get_exec
 
         runner = self.model_runner
         if self.first:  # the model changed: SGLang's warm-up (which may communicate) runs again on every rank

@@ -192,7 +192,7 @@ class HealthThroughRegroup:
 
 
 def _tokenizer_manager():
-    from sglang.srt.entrypoints.http_server import _global_state
+    from sglang_ft.sglang_surface import http_server_state as _global_state
 
     return getattr(_global_state, "tokenizer_manager", None)
 
@@ -204,6 +204,6 @@ def _shutting_down() -> bool:
 
 def _mark_up() -> None:
     """Undo SGLang's UnHealthy mark of a probe failed only by a regroup (it would fail `/ready` until the next)."""
-    from sglang.srt.managers.tokenizer_manager import ServerStatus
+    from sglang_ft.sglang_surface import ServerStatus
 
     _tokenizer_manager().server_status = ServerStatus.Up

@@ -11,7 +11,7 @@ import torch
 
 def radix_key(token_ids, extra_key, cache_salt, page_size: int):
     """SGLang's key for `token_ids` (with the request's extra key and cache salt), page-aligned as its match does."""
-    from sglang.srt.mem_cache.radix_cache import RadixKey
+    from sglang_ft.sglang_surface import RadixKey
 
     return RadixKey(array("q", token_ids), extra_key, cache_salt=cache_salt).page_aligned(page_size)
 
