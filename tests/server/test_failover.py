@@ -360,7 +360,8 @@ def test_rank0_death_then_a_hung_worker_is_fenced_then_a_drain(fresh_ft_server, 
     kinds = [(e["type"], e["epoch"]) for e in events if e["type"] not in ("worker_suspect", "worker_healthy")]
     assert kinds == [("worker_dead", 1), ("regroup_started", 2), ("regroup_done", 2), ("worker_drained", 2),
                      ("regroup_started", 3), ("regroup_done", 3)], events
-    assert events[-1]["tp_size"] == 1 and next(e for e in events if e["type"] == "worker_dead")["worker"] == 3
+    last_done = [e for e in events if e["type"] == "regroup_done"][-1]  # a busy machine may add suspect records after
+    assert last_done["tp_size"] == 1 and next(e for e in events if e["type"] == "worker_dead")["worker"] == 3
     # the PUB socket carried the same events (ids included) as the stream, from before the first fault
     replay = EventStream(ft_server.url, last_id=0)
     everything = replay.wait_for(lambda e: e and e[-1]["id"] == events[-1]["id"], what="the whole replay")
