@@ -18,6 +18,7 @@ logger = logging.getLogger(__name__)
 JOIN_TIMEOUT_FACTOR = 3
 JOIN_POLL_S = 1.0
 REQUEST_BROADCAST_TIMEOUT_S = 2.0
+LAST_REBUILD_MS: dict[str, float] = {}  # the last rebuild's parts (teardown, store, SGLang's groups), for its log line
 
 
 class Superseded(RuntimeError):
@@ -98,6 +99,7 @@ def rebuild_process_groups(new_rank: int, new_size: int, store_port: int, timeou
                                           tear_down_parallel_groups)
 
     parallel = get_parallel()
+    started = time.monotonic()
     # Ranks and widths the launcher stamped; tearing the groups down clears them, so keep the plain values.
     placement = parallel_group_stamp()
     tear_down_parallel_groups()
@@ -110,12 +112,22 @@ def rebuild_process_groups(new_rank: int, new_size: int, store_port: int, timeou
     # Our own store: survivors still stuck in an old collective join late, so joining may take up to a few
     # collective timeouts; collectives in the new group time out after `timeout_s`.
     GROUP_CONNECTIONS.forget()
+    torn_down = time.monotonic()
     with GROUP_CONNECTIONS.recording():  # what a newer order's interrupt may shut (group_interrupt.py)
         store = join_store(new_rank, new_size, store_port, timeout_s, superseded, host) if store is None else store
+        joined = time.monotonic()
         dist.init_process_group(backend, store=store, world_size=new_size, rank=new_rank,
                                 timeout=timedelta(seconds=timeout_s))
         build_parallel_groups(backend, f"tcp://{host}:{store_port}", timedelta(seconds=timeout_s))
     set_collective_timeout(timeout_s)
+    LAST_REBUILD_MS.clear()
+    LAST_REBUILD_MS.update(teardown=(torn_down - started) * 1e3, store=(joined - torn_down) * 1e3,
+                           groups=(time.monotonic() - joined) * 1e3)
+
+
+def describe_last_rebuild() -> str:
+    """The last rebuild's parts, for the stage's log line: where its time went."""
+    return ", ".join(f"{part} {ms:.1f} ms" for part, ms in LAST_REBUILD_MS.items())
 
 
 def set_collective_timeout(timeout_s: float) -> None:

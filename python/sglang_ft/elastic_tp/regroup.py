@@ -104,7 +104,7 @@ def regroup_in_place(ft_worker, order: Regroup) -> RegroupDone:
     from sglang_ft.distributed.rank_agreement import all_gather_object, any_rank
     from sglang_ft.distributed.standby_groups import build_groups, form_next
     from sglang_ft.distributed_state import install_layout
-    from sglang_ft.elastic_tp.groups import rebuild_process_groups
+    from sglang_ft.elastic_tp.groups import describe_last_rebuild
     from sglang_ft.elastic_tp.kv_restore import reshape_kv_heads, restore_kv
     from sglang_ft.elastic_tp.park_requests import park_every_request
     from sglang_ft.elastic_tp.partial_restore import keep_held_prefixes
@@ -130,14 +130,16 @@ def regroup_in_place(ft_worker, order: Regroup) -> RegroupDone:
     newer = lambda: (latest := ft_worker.orders.latest) is not None and latest.epoch > order.epoch  # noqa: E731
     standby = build_groups(ft_worker, order, newer)  # rank 0 stays on node 0, the controller's
     point_scheduler_at_parallel_groups(scheduler)
+    clock.done("rebuild_process_groups", f"(rank {new_rank} of {len(order.workers)}"
+                                         f"{', from standby groups' if standby else ''}: {describe_last_rebuild()})")
     if new_rank == 0 and (not ft_worker.group or ft_worker.group[0] != me):
         take_over_tokenizer_channels(scheduler, ft_worker.port_args)
         await_output_counts(ft_worker, order.epoch)
+        clock.done("take_over_tokenizer", "(this worker is the new rank 0)")
     held, remainder_held = agree_on_holdings(old_model if ft_worker.holds_weights else None, order,
                                              scheduler.tp_cpu_group)
     plan = plan_regroup(old_model.layout.shape, held, remainder_held, order, ft_worker.ft.splits_remainder)
-    clock.done("rebuild_process_groups", f"(rank {new_rank} of {len(order.workers)}"
-                                         f"{', from standby groups' if standby else ''})")
+    clock.done("plan_migration", f"(holdings of {len(held)} members agreed, {len(plan.moves)} moves)")
 
     cpu_group = scheduler.tp_cpu_group
     complete_torn_step(scheduler, ft_worker.failed_batch, lambda mine: all_gather_object(mine, cpu_group), new_rank,
