@@ -58,7 +58,7 @@ def summary_rows(out: Path, since: float | None = None) -> list[tuple[str, str, 
     rows = []
     if scale := _load(out, "scale_model.json"):
         ratios = [row["ratio"] for row in scale["rows"]]
-        rows.append(("scale model: restart-and-reload / sglang-ft recovery time, 8 GPUs losing 1-3",
+        rows.append(("scale model: restart-and-reload / sglang-ft time until serving resumes, 8 GPUs losing 1-3",
                      f"{min(ratios):.1f}x .. {max(ratios):.1f}x", "projection"))
     if throughput := _load(out, "throughput.json"):
         by_key = {(r["tp"], r["ft"]): r for r in throughput["rows"] if "batch32_tok_s" in r}

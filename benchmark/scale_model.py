@@ -1,26 +1,30 @@
 """Project sglang-ft's recovery against restart-and-reload on an 8-GPU H100 server, with the planner the server runs.
 
-    python benchmark/scale_model.py [--full] [--disk vm-disk|nvme|page-cache] [--requests 64] [--tokens 2048]
-        [--detect-s 1.0] [--rebuild-s 0.46] [--warmup-s 20] [--mfu 0.4] [--kv-host pinned|pageable]
-        [--lose worst|W,W,W] [--out-dir benchmark/results]
+    python -m benchmark.scale_model [--full] [--disk vm-disk|nvme|page-cache] [--weights-host pinned|pageable|off]
+        [--failure process-exit|hang] [--detect-s S] [--rebuild-s 0.17] [--warmup-s 0] [--requests 64]
+        [--tokens 2048] [--mfu 0.4] [--kv-host pinned|pageable] [--lose worst|W,W,W] [--out-dir benchmark/results]
 
 Arithmetic only (no GPU, no sglang; it runs in well under a second). Four public models in bf16 are served at TP 8
 and lose one, two, then three GPUs, each loss planned from the layout the previous one left, by the same
 `ft.planner.plan_migration` and `schedule_transfers` the FT controller runs. By default the worker lost at each step
 is the one whose loss takes sglang-ft longest to recover (worst case, lowest id on ties); `--lose` names them.
 
-sglang-ft, in place: detection + group rebuild + park + weight transfers (the planner's schedule: peer-to-peer over
-NVLink and the slices only the dead GPU held from disk, at once) + KV restore (the lost heads' KV of the in-flight
-tokens from the node's host backup store; heads moving between survivors over NVLink) + CUDA graph re-capture
-(charged as to restart-and-reload, though sglang-ft serves eagerly while it captures between steps).
-Restart-and-reload: detection + a new process with its CUDA context + reading the whole checkpoint (every rank its
-shard) + warm-up and CUDA graph capture + re-prefill of every in-flight token, at the widest TP plain SGLang accepts
-on the survivors (a divisor of the head counts: 8 KV heads on 7 GPUs restart at TP 4).
-The KV backup's cost per decode step (the step's rows gathered on the device, copied to pinned host memory on a
-copy stream) is projected from the measured rates for Llama-3-70B at the in-flight batch (`backup_step_cost`).
+Each side is charged its own stages, and both the same detection and the same CUDA graph capture:
+- sglang-ft, in place: detection + installing the standby groups + parking + weights by the planner's schedule (per
+  link queues: peer moves over NVLink, the slices only the lost GPU held read by the survivors whose new spans cover
+  them from the node's host copy of the checkpoint, or from disk with `--weights-host off`) + KV restore (the lost
+  heads' KV from the host backup store). Serving resumes here, eagerly; it is back at full speed when the CUDA graphs
+  are captured again, one batch size between two steps.
+- restart-and-reload: detection + a new process with its CUDA context + reading the whole checkpoint (every rank its
+  shard) + warm-up beyond the capture (`--warmup-s`, none by default) + CUDA graph capture + re-prefill of every
+  in-flight token, at the widest TP plain SGLang accepts on the survivors (8 KV heads on 7 GPUs restart at TP 4).
+  Serving resumes and full speed coincide: SGLang captures before it serves.
+The headline is the 'serving resumes' ratio; the 'full speed' ratio sets the same capture on both sides.
+The KV backup's cost per decode step is projected from the measured rates for Llama-3-70B (`backup_step_cost`).
 
 Every figure is measured (benchmark/results/device_bandwidth.json: one H100 80GB HBM3 lent to this project, in a
-VM), cited (datasheets), or a parameter stated as an assumption; `sources_and_assumptions()` lists them, and the
+VM; the standby-group and hang-detection stages on this project's CPU servers, docs/architecture.md), cited
+(datasheets, an SGLang log), or a parameter stated as an assumption; `sources_and_assumptions()` lists them, and the
 results (benchmark/results/scale_model.json, .md) carry the list.
 """
 
@@ -146,14 +150,40 @@ def disks(measured: dict) -> dict[str, Disk]:
 
 
 @dataclass(frozen=True)
+class Failure:
+    """How the worker is lost, which sets how soon the controller knows (charged to both systems alike)."""
+
+    name: str
+    detect_s: float
+    source: str
+
+
+FAILURES = {f.name: f for f in (
+    Failure("process-exit", 0.1,
+            "a SIGKILLed or crashed worker: the controller's pidfd watch (ft/process_watch.py) wakes at the exit on "
+            "the same node; 0.1 s also covers the order to the survivors (issue 26: 80-180 ms before the pidfd "
+            "watch)"),
+    Failure("hang", 0.6,
+            "a hung worker: the hang rule (ft/failure_detector.py) declares it when silent two beats (400 ms) while "
+            "a peer is blocked 500 ms at the defaults; 368-491 ms measured at a 400 ms bound "
+            "(docs/architecture.md), 600 ms issue 26's target"),
+)}
+STANDBY_STAGE_S = 0.17  # rebuild_process_groups with standby groups, CPU gloo TP 4 -> 3: 136-168 ms (the groups 6-18)
+WEIGHTS_HOST = ("pinned", "pageable", "off")
+
+
+@dataclass(frozen=True)
 class Params:
     disk: Disk
     kv_host_gbps: float  # host backup store -> device, KV rows scattered into slots
     process_start_s: float  # python + torch + CUDA context of a fresh process
-    detect_s: float = 1.0  # sglang-ft's default heartbeat timeout (200 ms interval)
-    rebuild_s: float = 0.46  # group rebuild, the largest measured on CPU with gloo (README: 0.06-0.46 s)
+    weights_host: str = "pinned"  # the node's host copy of the checkpoint: pinned, pageable or off (read from disk)
+    weights_host_gbps: float = 0.0  # host copy -> device per rank (each GPU its own PCIe link)
+    failure: str = "process-exit"
+    detect_s: float = FAILURES["process-exit"].detect_s
+    rebuild_s: float = STANDBY_STAGE_S  # installing the standby groups: the whole measured stage (docs/architecture)
     park_s: float = 0.085  # parking in-flight requests in the radix cache, measured on CPU (README: 50-85 ms)
-    warmup_s: float = 20.0  # assumption: restart's warm-up and CUDA graph capture (the capture below included)
+    warmup_s: float = 0.0  # restart's warm-up beyond the graph capture: unsourced, so none unless given
     capture_per_size_s: float = CAPTURE_LOG_S / len(CAPTURE_SIZES)  # one decode batch size's graph
     capture_sizes: int = len(CAPTURE_SIZES)
     mfu: float = 0.4  # assumption: prefill reaches 40% of the bf16 dense peak
@@ -170,12 +200,22 @@ class Params:
         """Capturing every decode batch size's CUDA graph, for either system."""
         return self.capture_per_size_s * self.capture_sizes
 
+    def lost_share_link(self) -> tuple[str, float, bool]:
+        """Where the slices only the lost GPU held come from: the host copy (every rank over its own PCIe link, in
+        parallel) or, with the copy off, the disk. Returns (name, GB/s, one link for the whole node)."""
+        if self.weights_host == "off":
+            return self.disk.name, self.disk.gbps, self.disk.shared
+        return f"host copy ({self.weights_host})", self.weights_host_gbps, False
 
-def default_params(measured: dict, disk: str = "nvme", kv_host: str = "pinned", **overrides) -> Params:
-    rows = measured["kv_rows"]
+
+def default_params(measured: dict, disk: str = "nvme", kv_host: str = "pinned", weights_host: str = "pinned",
+                   failure: str = "process-exit", **overrides) -> Params:
+    rows, copies = measured["kv_rows"], measured["copies"]
     kv_host_gbps = rows["scatter_from_pinned_host"] if kv_host == "pinned" else rows["scatter_from_pageable_host"]
+    host_gbps = {"pinned": copies["h2d_pinned"], "pageable": copies["h2d_pageable"], "off": 0.0}[weights_host]
     return replace(Params(disks(measured)[disk], kv_host_gbps,
-                          measured["process_start"]["python_import_torch_cuda_context_s"]), **overrides)
+                          measured["process_start"]["python_import_torch_cuda_context_s"], weights_host, host_gbps,
+                          failure, FAILURES[failure].detect_s), **overrides)
 
 
 def sglang_ft_recovery(model: Model, held: dict, dead: int, p: Params) -> dict:
@@ -183,12 +223,13 @@ def sglang_ft_recovery(model: Model, held: dict, dead: int, p: Params) -> dict:
     shape = model.shape()
     plan = plan_migration(shape, held, [w for w in held if w != dead],
                           bytes_per_unit(shape, model.tie_word_embeddings))
-    nvlink, disk = p.nvlink_gbps * GB, p.disk.gbps * GB
-    if p.disk.shared:  # one disk for the node: its reads are one link, whoever they are for
+    nvlink = p.nvlink_gbps * GB
+    source, gbps, shared = p.lost_share_link()
+    if shared:  # one disk for the node: its reads are one link, whoever they are for
         p2p_s = schedule_transfers(plan, Bandwidth(nvlink, math.inf)).estimated_s
-        weights_s = max(p2p_s, plan.bytes_reloaded / disk)
-    else:
-        weights_s = schedule_transfers(plan, Bandwidth(nvlink, disk)).estimated_s
+        weights_s = max(p2p_s, plan.bytes_reloaded / (gbps * GB))
+    else:  # the planner's schedule as it is: every rank's peer and read queues at once, the busiest link's time
+        weights_s = schedule_transfers(plan, Bandwidth(nvlink, gbps * GB)).estimated_s
     # KV follows its head: a head only the dead worker held comes from the host store, one moving between
     # survivors comes peer to peer; every link at once, like the weights
     per_head = model.kv_bytes_per_head(p.in_flight_tokens)
@@ -206,18 +247,21 @@ def sglang_ft_recovery(model: Model, held: dict, dead: int, p: Params) -> dict:
             peer_out[m.src] = peer_out.get(m.src, 0) + nbytes
     kv_s = max([b / (p.kv_host_gbps * GB) for b in host_in.values()]
                + [b / nvlink for b in (*peer_in.values(), *peer_out.values())], default=0.0)
-    serving_s = p.detect_s + p.rebuild_s + p.park_s + weights_s + kv_s  # serving resumes here, eagerly
-    total = serving_s + p.capture_s
+    terms = {"detect": p.detect_s, "groups": p.rebuild_s, "park": p.park_s, "weights": weights_s,
+             "kv_restore": kv_s}
+    serving_s = sum(terms.values())  # serving resumes here, eagerly
     # not what the planner does: every survivor reads an equal share of the missing slices and forwards it over
-    # NVLink, so no rank's disk link carries more than its share (the same as the schedule for a shared disk)
+    # NVLink, so no rank's read link carries more than its share (the same as the schedule for a shared disk)
     fanout_s = max(schedule_transfers(plan, Bandwidth(nvlink, math.inf)).estimated_s,
-                   plan.bytes_reloaded / disk / (1 if p.disk.shared else len(plan.workers)))
+                   plan.bytes_reloaded / (gbps * GB) / (1 if shared else len(plan.workers)))
+    from_host = p.weights_host != "off"
     return {"plan": plan, "tp": len(plan.workers), "bytes_kept": plan.bytes_kept, "bytes_p2p": plan.bytes_p2p,
-            "bytes_reloaded": plan.bytes_reloaded, "kv_bytes_restored": sum(host_in.values()),
+            "bytes_reloaded": plan.bytes_reloaded, "lost_share_from": source,
+            "bytes_from_host_copy": plan.bytes_reloaded if from_host else 0,
+            "bytes_from_disk": 0 if from_host else plan.bytes_reloaded, "kv_bytes_restored": sum(host_in.values()),
             "kv_bytes_p2p": sum(peer_in.values()), "kv_heads_per_rank": [s.num_kv_heads for s in plan.layout.shards],
-            "terms_s": {"detect": p.detect_s, "rebuild": p.rebuild_s, "park": p.park_s, "weights": weights_s,
-                        "kv_restore": kv_s, "graph_capture": p.capture_s},
-            "recovery_s": total, "serving_resumes_s": serving_s, "weights_s_reads_fanned_out": fanout_s}
+            "terms_s": terms | {"graph_capture": p.capture_s}, "serving_resumes_s": serving_s,
+            "full_speed_s": serving_s + p.capture_s, "weights_s_reads_fanned_out": fanout_s}
 
 
 def restart_width(model: Model, gpus: int) -> int:
@@ -240,15 +284,22 @@ def prefill_rate(model: Model, p: Params) -> float:
     return p.in_flight_tokens * p.mfu * H100_BF16_DENSE_FLOPS / prefill_flops(model, p.requests, p.tokens)
 
 
-def restart_and_reload(model: Model, gpus: int, p: Params) -> dict:
+def restart_and_reload(model: Model, gpus: int, p: Params, from_host_copy: bool = False) -> dict:
+    """A fresh server on `gpus` GPUs. It reads the checkpoint from `p.disk` (plain SGLang's loader; `page-cache` is
+    the checkpoint already in host memory, which a tmpfs host copy gives it too), or with `from_host_copy` at the
+    host copy's rate per rank, as if its loader read sglang-ft's copy (a sensitivity: SGLang has no such loader)."""
     width = restart_width(model, gpus)
     checkpoint = model.parameters() * model.dtype_bytes
-    read_s = checkpoint / (p.disk.gbps * GB) / (1 if p.disk.shared else width)
+    if from_host_copy and p.weights_host != "off":
+        read_s = checkpoint / (p.weights_host_gbps * GB) / width
+    else:
+        read_s = checkpoint / (p.disk.gbps * GB) / (1 if p.disk.shared else width)
     prefill_s = prefill_flops(model, p.requests, p.tokens) / (width * p.mfu * H100_BF16_DENSE_FLOPS)
     terms = {"detect": p.detect_s, "process_start": p.process_start_s, "checkpoint_read": read_s,
-             "warmup": max(p.warmup_s - p.capture_s, 0.0), "graph_capture": p.capture_s, "re_prefill": prefill_s}
-    return {"tp": width, "bytes_reloaded": checkpoint, "terms_s": terms, "recovery_s": sum(terms.values()),
-            "prefill_tokens_per_s_per_gpu": prefill_rate(model, p)}
+             "warmup": p.warmup_s, "graph_capture": p.capture_s, "re_prefill": prefill_s}
+    total = sum(terms.values())  # SGLang captures before it serves: serving resumes at full speed
+    return {"tp": width, "bytes_reloaded": checkpoint, "terms_s": terms, "serving_resumes_s": total,
+            "full_speed_s": total, "prefill_tokens_per_s_per_gpu": prefill_rate(model, p)}
 
 
 LAUNCH_US = 5.0  # assumption: CPU time of one CUDA kernel or copy launch (a few microseconds; not measured here)
@@ -306,31 +357,116 @@ def project(model: Model, p: Params, lose: list[int] | None = None) -> list[dict
     for step in range(1, LOSSES + 1):
         candidates = [lose[step - 1]] if lose else list(held)
         ft = max((sglang_ft_recovery(model, held, dead, p) | {"dead": dead} for dead in candidates),
-                 key=lambda r: r["recovery_s"])  # the first of equals
+                 key=lambda r: r["serving_resumes_s"])  # the first of equals
         plan = ft.pop("plan")
         held = {w: plan.shard_of(w) for w in plan.workers}
         rr = restart_and_reload(model, len(held), p)
-        rows.append({"model": model.name, "disk": p.disk.name, "losses": step, "dead_worker": ft.pop("dead"),
-                     "sglang_ft": ft, "restart_and_reload": rr, "ratio": rr["recovery_s"] / ft["recovery_s"],
-                     # neither warm-up nor graph capture, on either side
-                     "ratio_without_warmup": (rr["recovery_s"] - rr["terms_s"]["warmup"] - p.capture_s)
-                     / (ft["recovery_s"] - p.capture_s)})
+        rr_host = restart_and_reload(model, len(held), p, from_host_copy=True)
+        rows.append({"model": model.name, "failure": p.failure, "disk": p.disk.name, "weights_host": p.weights_host,
+                     "losses": step, "dead_worker": ft.pop("dead"), "sglang_ft": ft, "restart_and_reload": rr,
+                     "restart_from_host_copy": rr_host,
+                     "ratio": rr["serving_resumes_s"] / ft["serving_resumes_s"],  # the headline
+                     "ratio_full_speed": rr["full_speed_s"] / ft["full_speed_s"],
+                     "ratio_vs_restart_from_host_copy": rr_host["serving_resumes_s"] / ft["serving_resumes_s"]})
     return rows
 
 
 def markdown_table(rows: list[dict]) -> str:
-    head = ("| model | disk | lost | TP after | kept GB | p2p GB | reloaded GB | KV restored GB | weights s | KV s "
-            "| serving resumes s | sglang-ft s | restart TP | restart GB | restart s | ratio | ratio, no warm-up |")
+    head = ("| model | failure | disk | lost | TP after | p2p GB | lost share GB | KV restored GB | weights s | KV s "
+            "| serving resumes s | full speed s | restart TP | restart s | restart s, host copy | ratio, serving "
+            "resumes | ratio, full speed | ratio vs restart from host copy |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
-        ft, rr = r["sglang_ft"], r["restart_and_reload"]
+        ft, rr, rh = r["sglang_ft"], r["restart_and_reload"], r["restart_from_host_copy"]
         lines.append(
-            f"| {r['model']} | {r['disk']} | {r['losses']} | {ft['tp']} | {ft['bytes_kept'] / GB:.1f} "
-            f"| {ft['bytes_p2p'] / GB:.2f} | {ft['bytes_reloaded'] / GB:.2f} | {ft['kv_bytes_restored'] / GB:.2f} "
+            f"| {r['model']} | {r['failure']} | {r['disk']} | {r['losses']} | {ft['tp']} | {ft['bytes_p2p'] / GB:.2f} "
+            f"| {ft['bytes_reloaded'] / GB:.2f} | {ft['kv_bytes_restored'] / GB:.2f} "
             f"| {ft['terms_s']['weights']:.2f} | {ft['terms_s']['kv_restore']:.2f} | {ft['serving_resumes_s']:.2f} "
-            f"| {ft['recovery_s']:.2f} "
-            f"| {rr['tp']} | {rr['bytes_reloaded'] / GB:.1f} | {rr['recovery_s']:.1f} | {r['ratio']:.1f}x "
-            f"| {r['ratio_without_warmup']:.1f}x |")
+            f"| {ft['full_speed_s']:.2f} | {rr['tp']} | {rr['serving_resumes_s']:.1f} | {rh['serving_resumes_s']:.1f} "
+            f"| {r['ratio']:.1f}x | {r['ratio_full_speed']:.1f}x | {r['ratio_vs_restart_from_host_copy']:.1f}x |")
+    return "\n".join(lines)
+
+
+TARGET_MODEL, TARGET_RATIO = "Llama-3-70B", 30.0  # issue 26: Llama-3-70B, one GPU lost, >= 30x
+
+
+def target_table(rows: list[dict]) -> str:
+    """Issue 26's target row in every scenario run: both milestones of both sides and their ratios."""
+    head = ("| failure | disk | sglang-ft: serving resumes s | sglang-ft: full speed s | restart s | restart s, host "
+            "copy | ratio, serving resumes | ratio, full speed | ratio vs restart from host copy |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in _target_rows(rows):
+        ft = r["sglang_ft"]
+        lines.append(f"| {r['failure']} | {r['disk']} | {ft['serving_resumes_s']:.2f} | {ft['full_speed_s']:.2f} "
+                     f"| {r['restart_and_reload']['serving_resumes_s']:.1f} "
+                     f"| {r['restart_from_host_copy']['serving_resumes_s']:.1f} | {r['ratio']:.1f}x "
+                     f"| {r['ratio_full_speed']:.1f}x | {r['ratio_vs_restart_from_host_copy']:.1f}x |")
+    return "\n".join(lines)
+
+
+def _target_rows(rows: list[dict]) -> list[dict]:
+    return [r for r in rows if r["model"] == TARGET_MODEL and r["losses"] == 1]
+
+
+def target_verdict(rows: list[dict]) -> list[str]:
+    """The target against each ratio, and what dominates where it is missed."""
+    target = _target_rows(rows)
+    notes = []
+    for key, name in (("ratio", "serving resumes"), ("ratio_full_speed", "full speed"),
+                      ("ratio_vs_restart_from_host_copy", "serving resumes, restart reading the host copy")):
+        values = [r[key] for r in target]
+        met = sum(v >= TARGET_RATIO for v in values)
+        notes.append(f"ratio, {name}: {min(values):.1f}x-{max(values):.1f}x; >= {TARGET_RATIO:g}x in {met} of "
+                     f"{len(values)} scenarios")
+    slow = min(target, key=lambda r: r["ratio_full_speed"])
+    ft = slow["sglang_ft"]
+    notes.append(f"full speed: the graph capture ({ft['terms_s']['graph_capture']:.2f} s, charged to both) is "
+                 f"{ft['terms_s']['graph_capture'] / ft['full_speed_s']:.0%} of sglang-ft's {ft['full_speed_s']:.2f} s "
+                 f"({slow['failure']}, {slow['disk']}), so no in-place speed-up can reach {TARGET_RATIO:g}x on this "
+                 "milestone while capture costs what it costs on a fresh server")
+    worst = min(target, key=lambda r: r["ratio_vs_restart_from_host_copy"])
+    ft, rh = worst["sglang_ft"], worst["restart_from_host_copy"]
+    ft_top = max(ft["terms_s"].items() - {("graph_capture", ft["terms_s"]["graph_capture"])}, key=lambda kv: kv[1])
+    rr_top = sorted(rh["terms_s"].items(), key=lambda kv: -kv[1])[:2]
+    notes.append(f"lowest serving-resumes ratio ({worst['failure']}, restart reading the host copy, whatever the "
+                 f"disk): {worst['ratio_vs_restart_from_host_copy']:.1f}x; sglang-ft's largest stage is "
+                 f"{ft_top[0]} ({ft_top[1]:.2f} s of {ft['serving_resumes_s']:.2f} s), restart's "
+                 + " and ".join(f"{k} ({v:.1f} s)" for k, v in rr_top) + f" of {rh['serving_resumes_s']:.1f} s")
+    return notes
+
+
+NOT_CHARGED = "not charged"
+STAGES = (  # (label, sglang-ft's term, restart's term, why a side does not pay it)
+    ("detect", "detect", "detect", ""),
+    ("process start (python, torch, CUDA context)", None, "process_start",
+     "sglang-ft: the survivors keep their processes"),
+    ("groups", "groups", NOT_CHARGED,
+     "restart: a fresh server's NCCL init, not modelled (0 s charged)"),
+    ("park in-flight requests", "park", None, "restart: its requests are submitted again"),
+    ("weights", "weights", "checkpoint_read", ""),
+    ("KV of in-flight tokens", "kv_restore", None, "restart: recomputed by re-prefill"),
+    ("warm-up beyond capture", None, "warmup",
+     "restart: memory profiling, KV pool, warm-up request: unsourced, 0 s unless `--warmup-s`; sglang-ft: its "
+     "memory pool, KV cache and warm server stay (the attention backend it rebuilds is not charged: not measured "
+     "on a GPU)"),
+    ("CUDA graph capture", "graph_capture", "graph_capture",
+     "sglang-ft: after serving resumes (eager meanwhile); restart: before serving"),
+    ("re-prefill", None, "re_prefill", "sglang-ft: the KV is kept or restored"),
+)
+
+
+def costs_table(row: dict) -> str:
+    """Which costs each side pays, in seconds, for one row."""
+    ft, rr = row["sglang_ft"]["terms_s"], row["restart_and_reload"]["terms_s"]
+    def cell(terms: dict, key: str | None) -> str:
+        return "no" if key is None else "yes, not charged" if key == NOT_CHARGED else f"yes, {terms[key]:.2f} s"
+
+    lines = ["| stage | sglang-ft | restart-and-reload | note |", "|---|---|---|---|"]
+    lines += [f"| {label} | {cell(ft, f)} | {cell(rr, r)} | {note} |" for label, f, r, note in STAGES]
+    lines.append(f"| **serving resumes** | {row['sglang_ft']['serving_resumes_s']:.2f} s "
+                 f"| {row['restart_and_reload']['serving_resumes_s']:.2f} s | ratio {row['ratio']:.1f}x |")
+    lines.append(f"| **full speed** (graphs captured) | {row['sglang_ft']['full_speed_s']:.2f} s "
+                 f"| {row['restart_and_reload']['full_speed_s']:.2f} s | ratio {row['ratio_full_speed']:.1f}x |")
     return "\n".join(lines)
 
 
@@ -343,15 +479,16 @@ def observations(rows: list[dict]) -> list[str]:
         f"after one loss the survivors keep as little as {kept['sglang_ft']['bytes_kept'] / _weights(kept):.0%} of "
         f"the weights in these rows ({kept['model']}, worker {kept['dead_worker']} lost), not 7/8: balanced "
         "contiguous spans shift, so the rest of what a survivor needs comes over NVLink, and only the lost GPU's "
-        "share from disk")
+        "share from the host copy (or disk)")
     gain = {id(r): r["sglang_ft"]["terms_s"]["weights"] / r["sglang_ft"]["weights_s_reads_fanned_out"]
             for r in rows}
     per_rank = [r for r in rows if gain[id(r)] > 1.01]
     if per_rank:
         r = max(per_rank, key=lambda r: gain[id(r)])
         notes.append(
-            f"with a disk link per rank (`{r['disk']}`) the schedule reads the lost GPU's slices on the one or two "
-            f"ranks whose new spans cover them: {r['model']} with {r['losses']} GPU(s) lost spends "
+            f"with a read link per rank ({r['sglang_ft']['lost_share_from']}, {r['disk']}) the schedule reads the "
+            f"lost GPU's slices on the one or two ranks whose new spans cover them: {r['model']} with {r['losses']} "
+            "GPU(s) lost spends "
             f"{r['sglang_ft']['terms_s']['weights']:.2f} s on weights, "
             f"{r['sglang_ft']['weights_s_reads_fanned_out']:.2f} s if every survivor read an equal share and "
             "forwarded it over NVLink (not implemented)")
@@ -386,18 +523,40 @@ def sources_and_assumptions(measured: dict, p: Params) -> list[str]:
         f"KV restore: the lost heads' KV of the in-flight tokens from the host backup store at {p.kv_host_gbps:g} "
         "GB/s (`--kv-host pinned`, the measured scatter from pinned memory; today the store's rows land in pageable "
         "memory, `--kv-host pageable`); the ZMQ hop from the store process is not modelled",
-        f"parameters: detection {p.detect_s:g} s (sglang-ft's heartbeat timeout, 200 ms beats; a SIGKILL is seen "
-        f"at once, a hang only after the timeout), used for both systems; group rebuild {p.rebuild_s:g} s and "
-        f"parking {p.park_s:g} s measured on CPU with gloo and a tiny model (README), not on NCCL",
-        f"assumption: restart-and-reload's warm-up and CUDA graph capture {p.warmup_s:g} s; it restarts at the "
-        "widest TP dividing the head counts (TP 4 on 5-7 GPUs for 8 KV heads) and reads the whole checkpoint",
+        "weights (issue 26 item 3, being built): each node keeps one copy of the checkpoint's tensors in shared host "
+        "memory; the slices only the lost GPU held are read from it by the survivors whose new spans cover them, "
+        "each over its own PCIe link in parallel, at the measured host->device rate: `--weights-host pinned` "
+        f"{c['h2d_pinned']} GB/s (the default: the copy pinned where a GPU is present), `pageable` {c['h2d_pageable']} GB/s, `off` "
+        "from the disk scenario; this run: "
+        + (f"{p.weights_host}, {p.weights_host_gbps:g} GB/s per rank" if p.weights_host != "off" else "off (disk)")
+        + ". Assumed: the one or two ranks reading at once do not share a PCIe switch's uplink (HGX boards put GPUs "
+        "in pairs under a switch; if they shared it, their reads would take up to twice as long)",
+        "weights (issue 26 item 2, being built): by the planner's `schedule_transfers` (per-link queues, longest "
+        "first, peer sends and reads at once, the busiest link's bytes over its rate), as the server's reshard is to "
+        "run it (before, it posted every peer move at once, then read disk); with one shared disk for the node its "
+        "reads are one link. Peer links at the NVLink peak, not a measured NCCL rate",
+        "restart-and-reload reads the whole checkpoint with plain SGLang's loader from the disk scenario; the "
+        "`page-cache` scenario is a checkpoint already in host memory (which a tmpfs host copy gives it too) at the "
+        f"measured page-cache-to-device rate per rank; 'restart s, host copy' is a sensitivity: restart reading at "
+        f"the host copy's rate per rank ({p.weights_host_gbps:g} GB/s), as if SGLang's loader read the pinned copy "
+        "(it has no such loader)",
+        f"detection {p.detect_s:g} s ({p.failure}), charged to both systems: "
+        + "; ".join(f"`--failure {f.name}` {f.detect_s:g} s: {f.source}" for f in FAILURES.values()),
+        f"groups {p.rebuild_s:g} s: installing the standby groups (issue 26 item 1), the whole measured "
+        "`rebuild_process_groups` stage on CPU with gloo, TP 4 -> 3, 136-168 ms (the groups alone 6-18 ms; the rest "
+        "is SGLang's teardown and group construction), docs/architecture.md; on NCCL the design shrinks the "
+        "communicator (`ProcessGroupNCCL.shrink`), never run here; parking "
+        f"{p.park_s:g} s measured on CPU with gloo and a tiny model (README)",
+        f"restart-and-reload's warm-up beyond the graph capture (memory profiling, KV pool, SGLang's warm-up "
+        f"request): {p.warmup_s:g} s (`--warmup-s`; unsourced, so none by default: the earlier 20 s assumption "
+        "is not charged); it restarts at the widest TP dividing the head counts (TP 4 on 5-7 GPUs for 8 KV heads)",
         f"CUDA graph capture {p.capture_s:.2f} s, charged to both systems: SGLang's log in {CAPTURE_SOURCE} "
         f"(\"Capture cuda graph end. Time elapsed: {CAPTURE_LOG_S} s\", a TP-8 target model with FA3), taken as "
         f"{p.capture_sizes} decode batch sizes (SGLang's list up to 256, an assumption about that run) at "
-        f"{p.capture_per_size_s:.3f} s each; restart's warm-up is the rest of its {p.warmup_s:g} s. sglang-ft "
-        "serves eagerly from `serving resumes s` and captures one batch size between two steps (model_executor/"
-        f"graph_refresh.py), so {p.capture_sizes} steps each pause about {p.capture_per_size_s:.2f} s; 'ratio, no "
-        "warm-up' leaves out warm-up and capture on both sides",
+        f"{p.capture_per_size_s:.3f} s each. Restart captures before it serves; sglang-ft serves eagerly from "
+        "'serving resumes' and captures one batch size between two steps (elastic_tp/graph_refresh.py), so "
+        f"{p.capture_sizes} steps each pause about {p.capture_per_size_s:.2f} s until 'full speed'; eager decode is "
+        "slower than graphed decode meanwhile (not modelled)",
         "model shapes: the public config.json of each model, bf16; Mixtral's experts are modelled as "
         "8 x 14336 MLP columns per layer because the planner has no expert dimension yet",
         "8 KV heads at TP 7, 6, 5 split unevenly (one rank holds 2 heads at TP 7): that rank does twice the "
@@ -408,14 +567,19 @@ def sources_and_assumptions(measured: dict, p: Params) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--full", action="store_true", help="every disk scenario (default: --disk only)")
+    parser.add_argument("--full", action="store_true", help="every disk and failure scenario (default: the given)")
     parser.add_argument("--disk", choices=("vm-disk", "nvme", "page-cache"), default="nvme")
+    parser.add_argument("--weights-host", choices=WEIGHTS_HOST, default="pinned",
+                        help="where the lost GPU's slices are read from: the node's host copy (pinned or pageable) "
+                        "or, with off, the disk")
+    parser.add_argument("--failure", choices=tuple(FAILURES), default="process-exit",
+                        help="sets the detection time charged to both sides")
+    parser.add_argument("--detect-s", type=float, default=None, help="overrides the failure's detection time")
     parser.add_argument("--kv-host", choices=("pinned", "pageable"), default="pinned")
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--tokens", type=int, default=2048, help="tokens per in-flight request")
-    parser.add_argument("--detect-s", type=float, default=Params.detect_s)
-    parser.add_argument("--rebuild-s", type=float, default=0.46)
-    parser.add_argument("--warmup-s", type=float, default=20.0)
+    parser.add_argument("--rebuild-s", type=float, default=STANDBY_STAGE_S)
+    parser.add_argument("--warmup-s", type=float, default=0.0, help="restart's warm-up beyond the graph capture")
     parser.add_argument("--mfu", type=float, default=0.4)
     parser.add_argument("--lose", default="worst", help="'worst' or three worker ids lost in order, e.g. 3,5,0")
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
@@ -423,32 +587,57 @@ def main(argv: list[str] | None = None) -> int:
     lose = None if args.lose == "worst" else [int(w) for w in args.lose.split(",")]
     if lose is not None and (len(lose) != LOSSES or len(set(lose)) != LOSSES or not set(lose) <= set(range(TP))):
         parser.error(f"--lose needs {LOSSES} distinct worker ids in 0..{TP - 1}")
+    for flag in ("detect_s", "rebuild_s", "warmup_s"):
+        if (getattr(args, flag) or 0.0) < 0:
+            parser.error(f"--{flag.replace('_', '-')[:-2]}-s must not be negative")
+    if args.mfu <= 0 or args.requests <= 0 or args.tokens <= 0:
+        parser.error("--mfu, --requests and --tokens must be positive")
     measured = load_measured()
-    overrides = dict(requests=args.requests, tokens=args.tokens, detect_s=args.detect_s, rebuild_s=args.rebuild_s,
-                     warmup_s=args.warmup_s, mfu=args.mfu)
+    overrides = dict(requests=args.requests, tokens=args.tokens, rebuild_s=args.rebuild_s, warmup_s=args.warmup_s,
+                     mfu=args.mfu) | ({} if args.detect_s is None else {"detect_s": args.detect_s})
+    failures = list(FAILURES) if args.full else [args.failure]
     scenarios = list(disks(measured)) if args.full else [args.disk]
-    params = [default_params(measured, d, args.kv_host, **overrides) for d in scenarios]
+    params = [default_params(measured, d, args.kv_host, args.weights_host, f, **overrides)
+              for f in failures for d in scenarios]
     rows = [row for p in params for model in MODELS for row in project(model, p, lose)]
+    headline = next(r for r in _target_rows(rows) if r["failure"] == args.failure and r["disk"] == args.disk)
     table = markdown_table(rows)
     notes = sources_and_assumptions(measured, params[0])
-    print(table)
-    print(f"\npapers, as reported: {PAPERS}")
+    verdict = target_verdict(rows)
+    print(target_table(rows) + "\n\n" + "\n".join(f"- {n}" for n in verdict))
+    print(f"\n{TARGET_MODEL}, one GPU lost ({args.failure}, {args.disk}, weights host {args.weights_host}):\n"
+          + costs_table(headline))
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    command = "python benchmark/scale_model.py" + (" --full" if args.full else "")
+    command = "python -m benchmark.scale_model " + (
+        "--full" if args.full else f"--disk {args.disk} --failure {args.failure}") + "".join(
+        f" --{flag.replace('_', '-')} {getattr(args, flag)}" for flag, default in (
+            ("weights_host", "pinned"), ("detect_s", None), ("rebuild_s", STANDBY_STAGE_S), ("warmup_s", 0.0),
+            ("kv_host", "pinned"), ("requests", 64), ("tokens", 2048), ("mfu", 0.4), ("lose", "worst"))
+        if getattr(args, flag) != default)
     backup = backup_step_cost(next(m for m in MODELS if m.name == BACKUP_MODEL), measured, params[0].requests,
                               params[0].tokens)
-    print("\nKV backup per decode step:\n" + "\n".join(f"- {line}" for line in backup_lines(backup)))
+    today = dt.date.today().isoformat()
     (args.out_dir / "scale_model.json").write_text(json.dumps({
-        "date": dt.date.today().isoformat(), "command": command, "lose": args.lose,
-        "params": [asdict(p) for p in params], "models": [asdict(m) for m in MODELS],
+        "date": today, "command": command, "lose": args.lose, "headline": {
+            "model": TARGET_MODEL, "losses": 1, "failure": args.failure, "disk": args.disk,
+            "weights_host": args.weights_host, "ratio_serving_resumes": headline["ratio"],
+            "ratio_full_speed": headline["ratio_full_speed"], "target": TARGET_RATIO},
+        "target_verdict": verdict, "params": [asdict(p) for p in params], "models": [asdict(m) for m in MODELS],
         "sources_and_assumptions": notes, "observations": observations(rows), "papers": PAPERS,
         "kv_backup_per_step": backup, "rows": rows}, indent=1) + "\n")
     (args.out_dir / "scale_model.md").write_text(
-        f"# Scale model: sglang-ft recovery vs restart-and-reload, 8 x H100 at TP 8\n\n`{command}` "
-        f"({dt.date.today().isoformat()}): arithmetic on the project's own planner, not a measurement on 8 GPUs. "
+        f"# Scale model: sglang-ft recovery vs restart-and-reload, 8 x H100 at TP 8\n\n`{command}` ({today}): "
+        "arithmetic on the project's own planner, not a measurement on 8 GPUs. "
         f"Lost workers: {args.lose} ({'the slowest to recover at each step' if lose is None else 'as given'}); "
-        f"in flight: {params[0].requests} requests x {params[0].tokens} tokens. GB = 1e9 bytes; ratio = restart s / "
-        f"sglang-ft s.\n\n{table}\n\nPapers, as reported (their setups, not comparable one to one): {PAPERS}.\n\n"
+        f"in flight: {params[0].requests} requests x {params[0].tokens} tokens; the lost GPU's weights from the "
+        f"host copy: `--weights-host {args.weights_host}`. GB = 1e9 bytes. Two milestones per side: 'serving "
+        "resumes' (the in-flight streams' next token; the headline ratio) and 'full speed' (CUDA graphs captured, "
+        "the same capture charged to both). ratio = restart s / sglang-ft s.\n\n"
+        f"## {TARGET_MODEL}, one GPU lost (issue 26's target: >= {TARGET_RATIO:g}x)\n\n{target_table(rows)}\n\n"
+        + "\n".join(f"- {n}" for n in verdict) + "\n\n"
+        f"### Which costs each side pays ({args.failure}, {args.disk}, weights host {args.weights_host})\n\n"
+        f"{costs_table(headline)}\n\n## Every row\n\n{table}\n\n"
+        f"Papers, as reported (their setups, not comparable one to one): {PAPERS}.\n\n"
         "## Observations\n\n" + "\n".join(f"- {n}" for n in observations(rows)) + "\n\n"
         "## The KV backup's cost per decode step (H100, projected from measured rates)\n\n"
         + "\n".join(f"- {line}" for line in backup_lines(backup)) + "\n\n"
