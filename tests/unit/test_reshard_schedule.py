@@ -181,4 +181,5 @@ def test_the_weights_equal_the_checkpoints_slices(resharded, plan_and_schedule, 
         assert sorted(params) == sorted(expected)
         for name, value in params.items():
             assert torch.equal(value, expected[name]), (rank, name)
-        assert stats.bytes_p2p_in == sum(m.nbytes for m in plan.moves if m.dst == NEW_WORKERS[rank] and m.src is not None)
+        me = NEW_WORKERS[rank]
+        assert stats.bytes_p2p_in == sum(m.nbytes for m in plan.moves if m.dst == me and m.src is not None)

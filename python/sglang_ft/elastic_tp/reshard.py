@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import glob
 import os
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -28,9 +29,9 @@ from sglang_ft.distributed.p2p import arrived, exchange, receive, send, wait, wa
 
 # What the schedule's predicted time assumes (configured, not measured at runtime: the order it executes depends on
 # bytes alone, longest first). GPUs: NVLink per direction and an NVMe drive (the scale model's figures, from their
-# datasheets); CPUs: gloo over loopback and page-cached slice reads, measured on the 2-core development machine
-# (benchmark/results/reshard_schedule_2026-12-02.json).
-DEFAULT_BANDWIDTH = {"cuda": Bandwidth(p2p=450e9, disk=7e9), "cpu": Bandwidth(p2p=1e9, disk=1e9)}
+# datasheets); CPUs: gloo over loopback and page-cached slice reads on the 2-core development machine (measured
+# 2.0-3.0 GB/s and 0.56-1.97 GB/s under other sessions' load, benchmark/results/reshard_schedule_2026-12-02.json).
+DEFAULT_BANDWIDTH = {"cuda": Bandwidth(p2p=450e9, disk=7e9), "cpu": Bandwidth(p2p=2e9, disk=1e9)}
 
 
 @dataclass
@@ -40,6 +41,7 @@ class ReshardStats:
     bytes_reloaded: int = 0
     expert_bytes_moved: int = 0  # MoE experts' columns among bytes_p2p_in + bytes_reloaded
     predicted_s: float = 0.0  # the schedule's estimate of the transfers' time (the busiest link's)
+    transfers_s: float = 0.0  # the peer and disk transfers' time here, what `predicted_s` estimates
 
 
 def _nbytes(pieces) -> int:
@@ -56,6 +58,11 @@ def _copy(src_pieces, dst_pieces) -> int:
 
 def _flat(pieces) -> torch.Tensor:
     return torch.cat([p.view.reshape(-1) for p in pieces])
+
+
+def _landing_buffer(pieces) -> torch.Tensor:
+    """A flat buffer for `pieces`, on their device (the group's)."""
+    return torch.empty(sum(p.view.numel() for p in pieces), dtype=pieces[0].view.dtype, device=pieces[0].view.device)
 
 
 def _unflatten_into(flat: torch.Tensor, pieces) -> None:
@@ -115,8 +122,10 @@ def reshard(old_model, new_model, plan: MigrationPlan, me: int, checkpoint_dir: 
     device = next(iter(new_model.replicated_params().values())).device
     schedule = schedule_transfers(plan, bandwidth or DEFAULT_BANDWIDTH.get(device.type, DEFAULT_BANDWIDTH["cuda"]))
     stats.predicted_s = schedule.estimated_s
+    started = time.monotonic()
     (_scheduled_transfers if scheduled else _transfers_at_once)(old_model, new_model, plan, schedule, me,
                                                                  checkpoint_dir, group, stats)
+    stats.transfers_s = time.monotonic() - started
     return stats
 
 
@@ -132,8 +141,7 @@ def _scheduled_transfers(old_model, new_model, plan: MigrationPlan, schedule, me
             sent.append(send(rank_of[move.dst], tag_of[move], flat, group))
         elif move.dst == me:
             pieces = _target_pieces(new_model, move)
-            buffer = torch.empty(sum(p.view.numel() for p in pieces), dtype=pieces[0].view.dtype,
-                                 device=pieces[0].view.device)
+            buffer = _landing_buffer(pieces)
             landing.append((receive(rank_of[move.src], tag_of[move], buffer, group), buffer, pieces))
 
     def land(block: bool) -> None:
@@ -162,8 +170,7 @@ def _transfers_at_once(old_model, new_model, plan: MigrationPlan, schedule, me: 
             sends.append((rank_of[move.dst], tag, _flat(_source_pieces(old_model, move))))
         elif move.dst == me and move.src not in (None, me):
             pieces = _target_pieces(new_model, move)
-            buffer = torch.empty(sum(p.view.numel() for p in pieces), dtype=pieces[0].view.dtype,
-                                 device=pieces[0].view.device)
+            buffer = _landing_buffer(pieces)
             recvs.append((rank_of[move.src], tag, buffer))
             landing.append((buffer, pieces))
     requests = exchange(rank_of[me], sends, recvs, group)
