@@ -285,3 +285,17 @@ def schedule_transfers(plan: MigrationPlan, bandwidth: Bandwidth) -> TransferSch
         max(link_times, default=0.0),
         sequential,
     )
+
+
+def issue_order(schedule: TransferSchedule) -> tuple[Move, ...]:
+    """Every peer move of `schedule` in one order that all ranks derive alike: the inbound queues interleaved
+    position by position (destinations by id), so every link starts on its longest move and runs its queue in the
+    schedule's order.
+
+    Each rank issues its own sends and receives as a subsequence of this order, so the ends of every pair issue
+    their transfers in the same order (NCCL matches a pair's transfers by order, not tag) and the earliest
+    unfinished move always has both ends at it: no wait can close a cycle.
+    """
+    queues = [schedule.p2p_queues[worker] for worker in sorted(schedule.p2p_queues)]
+    depth = max((len(queue) for queue in queues), default=0)
+    return tuple(queue[i] for i in range(depth) for queue in queues if i < len(queue))

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ft.partition import ModelShape, TPLayout, balanced_sizes, spans_from_sizes
-from ft.planner import Bandwidth, best_spans, bytes_per_unit, plan_migration, schedule_transfers
+from ft.planner import Bandwidth, best_spans, bytes_per_unit, issue_order, plan_migration, schedule_transfers
 
 
 def brute_force_overlap(total, old):
@@ -118,6 +118,22 @@ def test_schedule_overlaps_peer_copies_and_disk_reads():
     assert 0 < schedule.estimated_s <= schedule.sequential_s
     for queue in schedule.p2p_queues.values():
         assert [m.nbytes for m in queue] == sorted((m.nbytes for m in queue), reverse=True)
+
+
+@pytest.mark.parametrize("old_width,new_workers,hybrid", [
+    (4, [0, 1, 2], False), (4, [1, 2, 3], False), (8, [0, 1, 2, 4, 5, 6, 7], False), (8, [0, 2, 3, 5, 6, 7], False),
+    (4, [0, 1, 3], True), (2, [0, 1, 2], False)])  # deaths, a hybrid layout, a rejoin (worker 2 holds nothing)
+def test_the_issue_order_keeps_every_links_queue_and_starts_every_link_at_once(old_width, new_workers, hybrid):
+    shape = ModelShape(16, 8, 8, 128, 96, 128, 2)
+    plan = plan_migration(shape, dict(enumerate(TPLayout.even(shape, old_width).shards)), new_workers, hybrid=hybrid)
+    schedule = schedule_transfers(plan, Bandwidth(p2p=1e9, disk=1e8))
+    order = issue_order(schedule)
+    peer_moves = [m for m in plan.moves if m.src is not None and m.src != m.dst]
+    assert peer_moves and sorted(order, key=repr) == sorted(peer_moves, key=repr)
+    for dst, queue in schedule.p2p_queues.items():
+        assert tuple(m for m in order if m.dst == dst) == queue
+    firsts = {queue[0] for queue in schedule.p2p_queues.values()}  # every link starts on its longest move
+    assert set(order[:len(firsts)]) == firsts
 
 
 def test_a_hybrid_plan_spreads_the_divisible_heads_and_gives_every_rank_the_remainder():

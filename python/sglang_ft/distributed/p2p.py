@@ -4,7 +4,8 @@ waited on within the collective timeout.
 NCCL serialises a pair's sends and receives and a send waits for its receive, so two ranks that both send first
 wait on each other for ever. Every rank here goes through its peers in rank order and, with each, the lower rank
 sends first: all ranks walk the pairs in the same order, so the first unfinished pair always has both sides ready.
-Gloo matches by tag and does not care; the order is the same there.
+Gloo matches by tag and does not care; the order is the same there. `send` and `receive` issue one transfer each,
+for a caller that walks one order every rank agrees on (`ft.planner.issue_order`).
 """
 
 from __future__ import annotations
@@ -34,18 +35,37 @@ def exchange(me: int, sends: list[tuple[int, int, torch.Tensor]], recvs: list[tu
     requests = []
     for peer in sorted(by_peer):
         out, into = by_peer[peer]
-        issue_sends = [lambda t=t, x=x: dist.isend(x, group=group, tag=t, group_dst=peer) for t, x in out]
-        issue_recvs = [lambda t=t, x=x: dist.irecv(x, group=group, tag=t, group_src=peer) for t, x in into]
+        issue_sends = [lambda t=t, x=x: send(peer, t, x, group) for t, x in out]
+        issue_recvs = [lambda t=t, x=x: receive(peer, t, x, group) for t, x in into]
         for issue in issue_sends + issue_recvs if me < peer else issue_recvs + issue_sends:
             requests.append(issue())
     return requests
 
 
+def send(peer: int, tag: int, tensor: torch.Tensor, group):
+    """Start sending `tensor` (on the group's device) to group rank `peer`; the request, for `wait`."""
+    return dist.isend(tensor, group=group, tag=tag, group_dst=peer)
+
+
+def receive(peer: int, tag: int, tensor: torch.Tensor, group):
+    """Start receiving into `tensor` (on the group's device) from group rank `peer`; the request, for `wait`."""
+    return dist.irecv(tensor, group=group, tag=tag, group_src=peer)
+
+
+def arrived(request) -> bool:
+    """Whether `request` finished (or failed: its `wait` raises), without blocking."""
+    return request.is_completed()
+
+
+def wait(request) -> None:
+    """Wait for one request within the collective timeout (a dead peer fails the wait, never hangs it)."""
+    if _timeout_s is None:
+        request.wait()
+    else:
+        request.wait(timedelta(seconds=_timeout_s))
+
+
 def wait_all(requests) -> None:
-    """Wait for every request, each within the collective timeout (a dead peer fails the wait, never hangs it)."""
-    timeout = None if _timeout_s is None else timedelta(seconds=_timeout_s)
+    """Wait for every request, each within the collective timeout."""
     for request in requests:
-        if timeout is None:
-            request.wait()
-        else:
-            request.wait(timeout)
+        wait(request)

@@ -163,8 +163,8 @@ def regroup_in_place(ft_worker, order: Regroup) -> RegroupDone:
     placement = remainder_placement.install(scheduler, ft_worker.ft, ft_worker.kv_stream)  # hybrid attention only
     ft_worker.holds_group(order.workers)  # what this worker holds now matches the new group, even if a later
     del old_model                         # stage fails and another regroup follows
-    clock.done("reshard_weights", f"(kept {stats.bytes_kept} B, peers {stats.bytes_p2p_in} B, "
-                                  f"disk {stats.bytes_reloaded} B)")
+    clock.done("reshard_weights", f"(kept {stats.bytes_kept} B, peers {stats.bytes_p2p_in} B, disk "
+                                  f"{stats.bytes_reloaded} B; schedule predicted {stats.predicted_s * 1e3:.1f} ms)")
 
     old_heads = held[me].kv_heads if held.get(me) is not None else None
     pool, new_heads = runner.token_to_kv_pool, new_model.shard.kv_heads

@@ -4,19 +4,34 @@ read only the slices nobody alive holds from the safetensors files.
 Every rank computes the same plan (`ft.planner.plan_migration`), so peer transfers need no negotiation: each move
 is one tagged isend/irecv pair of a flat buffer whose layout both sides derive from `unit_pieces`, over the TP
 group's device group: both sides' buffers live on the model's device (NCCL takes device tensors only).
+
+The transfers follow the planner's schedule (`schedule_transfers`, AnchorTP's bandwidth-aware transfers): every
+rank issues its peer moves in `issue_order` (each inbound link's queue longest first, the same order on both ends
+of every pair), each send's buffer flattened just before it goes, so the first moves are on the wire while later
+ones are packed; then it reads its disk queue, in the schedule's order, one checkpoint tensor at a time, landing the
+peer buffers that arrived between tensors, so disk and network overlap and the reshard takes about the busiest
+link's bytes over its bandwidth.
 """
 
 from __future__ import annotations
 
 import glob
 import os
+import time
+from collections import deque
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from ft.planner import DIMENSIONS, MigrationPlan
-from sglang_ft.distributed.p2p import exchange, wait_all
+from ft.planner import DIMENSIONS, Bandwidth, MigrationPlan, issue_order, schedule_transfers
+from sglang_ft.distributed.p2p import arrived, exchange, receive, send, wait, wait_all
+
+# What the schedule's predicted time assumes (configured, not measured at runtime: the order it executes depends on
+# bytes alone, longest first). GPUs: NVLink per direction and an NVMe drive (the scale model's figures, from their
+# datasheets); CPUs: gloo over loopback and page-cached slice reads on the 2-core development machine (measured
+# 2.0-3.0 GB/s and 0.56-1.97 GB/s under other sessions' load, benchmark/results/reshard_schedule_2026-12-02.json).
+DEFAULT_BANDWIDTH = {"cuda": Bandwidth(p2p=450e9, disk=7e9), "cpu": Bandwidth(p2p=2e9, disk=1e9)}
 
 
 @dataclass
@@ -25,6 +40,8 @@ class ReshardStats:
     bytes_p2p_in: int = 0
     bytes_reloaded: int = 0
     expert_bytes_moved: int = 0  # MoE experts' columns among bytes_p2p_in + bytes_reloaded
+    predicted_s: float = 0.0  # the schedule's estimate of the transfers' time (the busiest link's)
+    transfers_s: float = 0.0  # the peer and disk transfers' time here, what `predicted_s` estimates
 
 
 def _nbytes(pieces) -> int:
@@ -41,6 +58,11 @@ def _copy(src_pieces, dst_pieces) -> int:
 
 def _flat(pieces) -> torch.Tensor:
     return torch.cat([p.view.reshape(-1) for p in pieces])
+
+
+def _landing_buffer(pieces) -> torch.Tensor:
+    """A flat buffer for `pieces`, on their device (the group's)."""
+    return torch.empty(sum(p.view.numel() for p in pieces), dtype=pieces[0].view.dtype, device=pieces[0].view.device)
 
 
 def _unflatten_into(flat: torch.Tensor, pieces) -> None:
@@ -66,12 +88,15 @@ def build_model_like(old_model, model_runner):
 
 @torch.no_grad()
 def reshard(old_model, new_model, plan: MigrationPlan, me: int, checkpoint_dir: str, held,
-            replicated_from: int | None = None, group=None) -> ReshardStats:
+            replicated_from: int | None = None, group=None, bandwidth: Bandwidth | None = None,
+            scheduled: bool = True) -> ReshardStats:
     """Fill `new_model` (this worker's new shard) from `old_model`, peers and the checkpoint.
 
     `held` is what this worker held before (None for a restarted worker: its old model is a placeholder). With
     restarted workers in the group, rank `replicated_from` broadcasts the replicated tensors (norms) to all.
-    `group` is the new TP group's device group (None: torch's default group).
+    `group` is the new TP group's device group (None: torch's default group). `bandwidth` is what the predicted
+    time assumes (default: `DEFAULT_BANDWIDTH` for the model's device). `scheduled=False` takes the former path
+    (every peer move posted at once, then every disk slice in one read), kept to measure the schedule against.
     """
     stats = ReshardStats()
     if held is not None:
@@ -88,42 +113,93 @@ def reshard(old_model, new_model, plan: MigrationPlan, me: int, checkpoint_dir: 
             dist.broadcast(param.data, group=group, group_src=replicated_from)
     if held is not None:
         _keep_remainder_heads(old_model, new_model, stats)
-
-    rank_of = {worker: rank for rank, worker in enumerate(plan.workers)}
-    sends, recvs, landing = [], [], []
-    for tag, move in enumerate(plan.moves):
-        if move.src is None:
-            continue
-        if move.src == me:
-            held_pieces = _source_pieces(old_model, move)
-            if move.dst == me:  # own remainder heads that become TP heads here
-                stats.bytes_kept += _copy(held_pieces, _target_pieces(new_model, move))
-                continue
-            sends.append((rank_of[move.dst], tag, _flat(held_pieces)))
-        elif move.dst == me:
-            pieces = _target_pieces(new_model, move)
-            buffer = torch.empty(sum(p.view.numel() for p in pieces), dtype=pieces[0].view.dtype,
-                                 device=pieces[0].view.device)
-            recvs.append((rank_of[move.src], tag, buffer))
-            landing.append((buffer, pieces))
-    requests = exchange(rank_of[me], sends, recvs, group)
-    # Peer transfers are in flight; read the slices nobody alive holds from disk meanwhile (both links busy).
-    from_disk = [p for m in plan.moves if m.src is None and m.dst == me for p in _target_pieces(new_model, m)]
+    for move in plan.moves:
+        if move.src == me and move.dst == me:  # own remainder heads that become TP heads here
+            stats.bytes_kept += _copy(_source_pieces(old_model, move), _target_pieces(new_model, move))
     if new_model.layout.shape.num_experts:  # every unit of MLP columns is expert weights
         stats.expert_bytes_moved = sum(_nbytes(new_model.unit_pieces(m.dim, m.start, m.end)) for m in plan.moves
                                        if m.dst == me and m.dim == "mlp_columns")
-    if from_disk:
-        from sglang_ft.model_loader.lazy_safetensors import lazy_safetensors_iterator
-        from sglang_ft.models.weight_pieces import fill_from_checkpoint
+    device = next(iter(new_model.replicated_params().values())).device
+    schedule = schedule_transfers(plan, bandwidth or DEFAULT_BANDWIDTH.get(device.type, DEFAULT_BANDWIDTH["cuda"]))
+    stats.predicted_s = schedule.estimated_s
+    started = time.monotonic()
+    (_scheduled_transfers if scheduled else _transfers_at_once)(old_model, new_model, plan, schedule, me,
+                                                                 checkpoint_dir, group, stats)
+    stats.transfers_s = time.monotonic() - started
+    return stats
 
-        files = sorted(glob.glob(os.path.join(checkpoint_dir, "*.safetensors")))
-        fill_from_checkpoint(lazy_safetensors_iterator(files), from_disk, {})
+
+def _scheduled_transfers(old_model, new_model, plan: MigrationPlan, schedule, me: int, checkpoint_dir: str, group,
+                         stats: ReshardStats) -> None:
+    """The peer moves in `issue_order`, then the disk queue tensor by tensor, landing arrived buffers meanwhile."""
+    tag_of = {move: tag for tag, move in enumerate(plan.moves)}
+    rank_of = {worker: rank for rank, worker in enumerate(plan.workers)}
+    sent, landing = [], deque()
+    for move in issue_order(schedule):
+        if move.src == me:
+            flat = _flat(_source_pieces(old_model, move))
+            sent.append(send(rank_of[move.dst], tag_of[move], flat, group))
+        elif move.dst == me:
+            pieces = _target_pieces(new_model, move)
+            buffer = _landing_buffer(pieces)
+            landing.append((receive(rank_of[move.src], tag_of[move], buffer, group), buffer, pieces))
+
+    def land(block: bool) -> None:
+        while landing and (block or arrived(landing[0][0])):
+            request, buffer, pieces = landing.popleft()
+            wait(request)  # raises if the transfer failed
+            _unflatten_into(buffer, pieces)
+            stats.bytes_p2p_in += buffer.numel() * buffer.element_size()
+
+    for move in schedule.disk_queues.get(me, ()):
+        pieces = _target_pieces(new_model, move)
+        read_from_disk(checkpoint_dir, pieces, between_tensors=lambda: land(block=False))
+        stats.bytes_reloaded += _nbytes(pieces)
+    land(block=True)
+    wait_all(sent)
+
+
+def _transfers_at_once(old_model, new_model, plan: MigrationPlan, schedule, me: int, checkpoint_dir: str, group,
+                       stats: ReshardStats) -> None:
+    """The former path: every peer move posted at once (by peer, in plan order), every disk slice read in one go
+    meanwhile, then every wait."""
+    rank_of = {worker: rank for rank, worker in enumerate(plan.workers)}
+    sends, recvs, landing = [], [], []
+    for tag, move in enumerate(plan.moves):
+        if move.src == me and move.dst != me:
+            sends.append((rank_of[move.dst], tag, _flat(_source_pieces(old_model, move))))
+        elif move.dst == me and move.src not in (None, me):
+            pieces = _target_pieces(new_model, move)
+            buffer = _landing_buffer(pieces)
+            recvs.append((rank_of[move.src], tag, buffer))
+            landing.append((buffer, pieces))
+    requests = exchange(rank_of[me], sends, recvs, group)
+    from_disk = [p for m in plan.moves if m.src is None and m.dst == me for p in _target_pieces(new_model, m)]
+    if from_disk:
+        read_from_disk(checkpoint_dir, from_disk)
         stats.bytes_reloaded = _nbytes(from_disk)
     wait_all(requests)
     for buffer, pieces in landing:
         _unflatten_into(buffer, pieces)
         stats.bytes_p2p_in += buffer.numel() * buffer.element_size()
-    return stats
+
+
+def read_from_disk(checkpoint_dir: str, pieces, between_tensors=None) -> None:
+    """Fill `pieces` from the checkpoint's safetensors files in one pass; `between_tensors()`, if given, runs after
+    each checkpoint tensor (the chunk the reshard pipelines its peer transfers against)."""
+    from sglang_ft.model_loader.lazy_safetensors import lazy_safetensors_iterator
+    from sglang_ft.models.weight_pieces import fill_from_checkpoint
+
+    files = sorted(glob.glob(os.path.join(checkpoint_dir, "*.safetensors")))
+    fill_from_checkpoint(_pausing(lazy_safetensors_iterator(files), between_tensors), pieces, {})
+
+
+def _pausing(weights, between):
+    """`weights`, calling `between()` each time the consumer asks for the next tensor (after it used the last)."""
+    for item in weights:
+        yield item
+        if between is not None:
+            between()
 
 
 def _source_pieces(old_model, move) -> list:
