@@ -8,8 +8,6 @@ group's device group: both sides' buffers live on the model's device (NCCL takes
 
 from __future__ import annotations
 
-import glob
-import os
 from dataclasses import dataclass
 
 import torch
@@ -23,7 +21,8 @@ from sglang_ft.distributed.p2p import exchange, wait_all
 class ReshardStats:
     bytes_kept: int = 0
     bytes_p2p_in: int = 0
-    bytes_reloaded: int = 0
+    bytes_reloaded: int = 0  # from disk
+    bytes_from_host_cache: int = 0  # from the node's copy of the checkpoint in host memory
     expert_bytes_moved: int = 0  # MoE experts' columns among bytes_p2p_in + bytes_reloaded
 
 
@@ -112,13 +111,10 @@ def reshard(old_model, new_model, plan: MigrationPlan, me: int, checkpoint_dir: 
     if new_model.layout.shape.num_experts:  # every unit of MLP columns is expert weights
         stats.expert_bytes_moved = sum(_nbytes(new_model.unit_pieces(m.dim, m.start, m.end)) for m in plan.moves
                                        if m.dst == me and m.dim == "mlp_columns")
-    if from_disk:
-        from sglang_ft.model_loader.lazy_safetensors import lazy_safetensors_iterator
-        from sglang_ft.models.weight_pieces import fill_from_checkpoint
+    if from_disk:  # from the node's copy in host memory where it holds them (--ft-weight-cache), else from disk
+        from sglang_ft.model_loader.weight_cache import read_slices
 
-        files = sorted(glob.glob(os.path.join(checkpoint_dir, "*.safetensors")))
-        fill_from_checkpoint(lazy_safetensors_iterator(files), from_disk, {})
-        stats.bytes_reloaded = _nbytes(from_disk)
+        stats.bytes_from_host_cache, stats.bytes_reloaded = read_slices(checkpoint_dir, from_disk)
     wait_all(requests)
     for buffer, pieces in landing:
         _unflatten_into(buffer, pieces)

@@ -46,10 +46,12 @@ class WorkerRequest(BaseModel):
     dp_rank: int = Field(0, ge=0, description="the data-parallel replica of the worker (under --dp-size)")
 
 
-def join_ft_runtime() -> None:
+def join_ft_runtime(model_path: str) -> None:
     """On a node other than 0: no controller, store, journal or routes here; a runtime directory of its own (for
-    what its processes keep locally) and the controller's TCP endpoints, already in the published options."""
+    what its processes keep locally), this node's weight cache and the controller's TCP endpoints, already in the
+    published options."""
     ft = dataclasses.replace(ft_args(), runtime_dir=tempfile.mkdtemp(prefix="sglang-ft-"))
+    ft, _ = with_weight_cache(ft, model_path)
     publish(ft)
     logger.info("sglang-ft: node %d of %d; FT controller at %s", ft.node_rank, ft.nnodes, ft.heartbeat_endpoint)
 
@@ -59,13 +61,14 @@ def start_ft_runtime(tp_size: int, model_path: str, app: FastAPI,
     """Make the runtime directory, start the FT controller (one per data-parallel replica), publish their endpoints,
     add the routes."""
     ft = dataclasses.replace(ft_args(), runtime_dir=tempfile.mkdtemp(prefix="sglang-ft-"))
+    ft, holder = with_weight_cache(ft, model_path)
     publish(ft)
     if enable_metrics:  # before the spawn: the controller inherits it and writes its metrics there
         from ft.metrics import prepare_multiproc_dir
 
         prepare_multiproc_dir(ft.runtime_dir)
     replicas = [ft.for_replica(k) for k in range(ft.dp_size)]
-    processes = []
+    processes = [holder] if holder else []
     for replica in replicas:
         os.makedirs(replica.runtime_dir, exist_ok=True)
         processes.append(spawn_controller(replica.controller_options(tp_size, model_path), os.getpid()))
@@ -86,6 +89,27 @@ def start_ft_runtime(tp_size: int, model_path: str, app: FastAPI,
 
         WorkerSpawner(ft.order_endpoint)
     return processes
+
+
+def with_weight_cache(ft: FtArgs, model_path: str) -> tuple[FtArgs, subprocess.Popen | None]:
+    """Under `--ft-weight-cache host`, start this node's holder of the checkpoint's copy in host memory
+    (ft/weight_cache.py) and name its directory in the options, which the schedulers spawned later inherit. Without
+    a GPU the workers' weights take host memory too, so the copy's bound leaves room for them."""
+    import torch
+
+    from ft.weight_cache import SHM_ROOT, cache_dir_for, checkpoint_files, spawn_holder
+
+    if ft.weight_cache != "host":
+        return ft, None
+    if not os.path.isdir(SHM_ROOT):
+        logger.warning("sglang-ft: --ft-weight-cache host is off: this node has no %s (tmpfs); a lost worker's "
+                       "slices are read from disk", SHM_ROOT)
+        return ft, None
+    cache_dir = cache_dir_for(os.getpid())
+    weights_on_host = 0 if torch.cuda.is_available() else sum(os.path.getsize(f) for f in checkpoint_files(model_path))
+    holder = spawn_holder(model_path, cache_dir, os.getpid(), int(ft.weight_cache_max_gb * 2**30), weights_on_host)
+    logger.info("sglang-ft: weight cache holder pid %d, copying %s to %s", holder.pid, model_path, cache_dir)
+    return dataclasses.replace(ft, weight_cache_dir=cache_dir), holder
 
 
 def ask_controller(ft: FtArgs, control: ControlRequest) -> dict:
