@@ -51,6 +51,7 @@ from ft.process_watch import ProcessWatch
 from ft.ports import free_port
 from ft.respawn import Respawner, RespawnPolicy
 from ft.sockets import bind_socket, process_keys, refused_connections, use_secret_file
+from ft.weight_cache import cache_status
 from ft.wire import Dropped
 
 logger = logging.getLogger("sglang_ft.controller")
@@ -69,6 +70,7 @@ class ControllerState:
     loads: dict[int, WorkerLoad] = field(default_factory=dict)  # worker -> its latest reported load
     respawns: list[dict] = field(default_factory=list)
     regrouping: int | None = None  # the epoch of the regroup under way
+    weight_cache_dir: str = ""  # the node's copy of the checkpoint in host memory (ft/weight_cache.py), "" if off
 
     def status(self, now: float) -> dict:
         group = self.membership.members()
@@ -98,6 +100,7 @@ class ControllerState:
             "kv_blocks_restored": sum(r["kv_blocks_restored"] for r in self.recoveries),
             "kv_tokens_recomputed": sum(r["kv_tokens_recomputed"] for r in self.recoveries),
             "kv_backup": {"state": "off"} if self.kv_backup is None else self.kv_backup.status(),
+            "weight_cache": cache_status(self.weight_cache_dir),
             "respawns": self.respawns,
             "regrouping": self.regrouping,
             "refused_connections": refused_connections(),  # peers without the deployment's key (ft/sockets.py)
@@ -337,6 +340,7 @@ class FtController:
             "recover_ms": round((now - pending.detected_at) * 1e3, 1),
             "bytes_p2p": sum(r.bytes_p2p for r in pending.done),
             "bytes_reloaded": sum(r.bytes_reloaded for r in pending.done),
+            "bytes_from_host_cache": sum(r.bytes_from_host_cache for r in pending.done),
             "bytes_kept": sum(r.bytes_kept for r in pending.done),
             "expert_bytes_moved": sum(r.expert_bytes_moved for r in pending.done),
             "kv_blocks_restored": sum(r.kv_blocks_restored for r in pending.done),
@@ -546,6 +550,7 @@ def run_ft_controller(options: ControllerOptions, parent_pid: int) -> None:
                               model_shape_from_dir(options.model_path),
                               RespawnPolicy(automatic=options.respawn, delay_s=options.respawn_delay_s),
                               range(tp_size // options.nnodes), dp_rank=options.dp_rank, hybrid=options.hybrid)
+    controller.state.weight_cache_dir = options.weight_cache_dir
     if options.kv_backup:
         controller.state.kv_backup = KvStoreKeeper(options.kv_backup_endpoint, options.kv_fetch_endpoint,
                                                    options.respawn, options.secret_file)
