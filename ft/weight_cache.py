@@ -37,12 +37,14 @@ def checkpoint_files(checkpoint_dir: str) -> list[str]:
 
 
 def _start_ticks(pid: int) -> str | None:
-    """The start time of process `pid` (field 22 of /proc/PID/stat): with the pid, an identity a reused pid lacks."""
+    """The start time of process `pid` (field 22 of /proc/PID/stat): with the pid, an identity a reused pid lacks.
+    None once it has exited (a zombie included)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
         return None
+    return None if len(fields) < 20 or fields[0] in ("Z", "X") else fields[19]
 
 
 def cache_dir_for(owner_pid: int, root: str = SHM_ROOT) -> str:
@@ -163,11 +165,15 @@ def hold(checkpoint_dir: str, cache_dir: str, parent_pid: int, max_bytes: int = 
 
 
 def spawn_holder(checkpoint_dir: str, cache_dir: str, parent_pid: int, max_bytes: int = 0,
-                 reserve_bytes: int = 0) -> subprocess.Popen:
-    """Start the node's holder: a plain child process (it needs neither torch nor SGLang), gone with `parent_pid`."""
-    return subprocess.Popen([sys.executable, "-m", "ft.weight_cache", "--checkpoint", checkpoint_dir,
-                             "--dir", cache_dir, "--parent-pid", str(parent_pid), "--max-bytes", str(max_bytes),
-                             "--reserve-bytes", str(reserve_bytes)])
+                 reserve_bytes: int = 0) -> int:
+    """Start the node's holder (it needs neither torch nor SGLang); its pid. It is detached (forked twice, a session
+    of its own): SGLang's shutdown SIGKILLs every descendant of the launcher (`kill_process_tree`), and a killed
+    holder would leave its copy in RAM until the next launch; detached, it sees the launcher gone and removes it."""
+    starter = subprocess.run([sys.executable, "-m", "ft.weight_cache", "--checkpoint", checkpoint_dir,
+                              "--dir", cache_dir, "--parent-pid", str(parent_pid), "--max-bytes", str(max_bytes),
+                              "--reserve-bytes", str(reserve_bytes), "--detach"],
+                             stdout=subprocess.PIPE, text=True, check=True, timeout=60)
+    return int(starter.stdout.split()[-1])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -177,7 +183,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--parent-pid", type=int, required=True)
     parser.add_argument("--max-bytes", type=int, default=0)
     parser.add_argument("--reserve-bytes", type=int, default=0)
+    parser.add_argument("--detach", action="store_true", help="print the holder's pid and leave it running apart")
     args = parser.parse_args(argv)
+    if args.detach:
+        holder = os.fork()
+        if holder:
+            print(holder, flush=True)
+            os._exit(0)
+        os.setsid()
+        os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+        os.dup2(2, 1)  # off the starter's pipe (its reader waits for the pipe to close); onto the launcher's stderr
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s FT] %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the launcher's Ctrl-C is the launcher's; its exit ends the hold
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # a stopped server: remove the copy (`hold`'s finally)

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 import torch
 from safetensors import safe_open
@@ -38,7 +39,8 @@ def test_the_holder_copies_the_checkpoint_and_removes_it_when_its_owner_exits(ti
     owner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
     try:
         cache_dir = weight_cache.cache_dir_for(owner.pid, root=str(tmp_path))
-        holder = weight_cache.spawn_holder(tiny_model, cache_dir, owner.pid)
+        holder = psutil.Process(weight_cache.spawn_holder(tiny_model, cache_dir, owner.pid))
+        assert holder.ppid() != os.getpid()  # detached: SGLang's kill of the launcher's process tree misses it
         _wait_for(lambda: weight_cache.cache_status(cache_dir)["state"] == "complete")
         names = [f for f in os.listdir(tiny_model) if f.endswith(".safetensors")]
         assert names and all(filecmp.cmp(os.path.join(tiny_model, n), os.path.join(cache_dir, n), shallow=False)
@@ -46,12 +48,12 @@ def test_the_holder_copies_the_checkpoint_and_removes_it_when_its_owner_exits(ti
         status = weight_cache.cache_status(cache_dir)
         assert status["bytes"] == status["checkpoint_bytes"] == _checkpoint_bytes(tiny_model)
         assert status["bytes"] <= status["bound_bytes"]
-        assert holder.poll() is None  # it holds the copy while its owner lives
+        assert holder.is_running() and holder.status() != psutil.STATUS_ZOMBIE  # holding the copy: its owner lives
     finally:
-        owner.kill()
-        owner.wait()
-    holder.wait(timeout=30)
-    assert holder.returncode == 0 and not os.path.exists(cache_dir)
+        owner.kill()  # (not reaped yet: a zombie owner is gone too)
+    _wait_for(lambda: not os.path.exists(cache_dir), timeout_s=30)
+    owner.wait()
+    _wait_for(lambda: not holder.is_running() or holder.status() == psutil.STATUS_ZOMBIE, timeout_s=30)
 
 
 def test_a_bound_below_the_checkpoint_turns_the_cache_off_and_says_so(tiny_model, tmp_path, caplog):

@@ -51,7 +51,7 @@ def join_ft_runtime(model_path: str) -> None:
     what its processes keep locally), this node's weight cache and the controller's TCP endpoints, already in the
     published options."""
     ft = dataclasses.replace(ft_args(), runtime_dir=tempfile.mkdtemp(prefix="sglang-ft-"))
-    ft, _ = with_weight_cache(ft, model_path)
+    ft = with_weight_cache(ft, model_path)
     publish(ft)
     logger.info("sglang-ft: node %d of %d; FT controller at %s", ft.node_rank, ft.nnodes, ft.heartbeat_endpoint)
 
@@ -61,14 +61,14 @@ def start_ft_runtime(tp_size: int, model_path: str, app: FastAPI,
     """Make the runtime directory, start the FT controller (one per data-parallel replica), publish their endpoints,
     add the routes."""
     ft = dataclasses.replace(ft_args(), runtime_dir=tempfile.mkdtemp(prefix="sglang-ft-"))
-    ft, holder = with_weight_cache(ft, model_path)
+    ft = with_weight_cache(ft, model_path)
     publish(ft)
     if enable_metrics:  # before the spawn: the controller inherits it and writes its metrics there
         from ft.metrics import prepare_multiproc_dir
 
         prepare_multiproc_dir(ft.runtime_dir)
     replicas = [ft.for_replica(k) for k in range(ft.dp_size)]
-    processes = [holder] if holder else []
+    processes = []
     for replica in replicas:
         os.makedirs(replica.runtime_dir, exist_ok=True)
         processes.append(spawn_controller(replica.controller_options(tp_size, model_path), os.getpid()))
@@ -91,7 +91,7 @@ def start_ft_runtime(tp_size: int, model_path: str, app: FastAPI,
     return processes
 
 
-def with_weight_cache(ft: FtArgs, model_path: str) -> tuple[FtArgs, subprocess.Popen | None]:
+def with_weight_cache(ft: FtArgs, model_path: str) -> FtArgs:
     """Under `--ft-weight-cache host`, start this node's holder of the checkpoint's copy in host memory
     (ft/weight_cache.py) and name its directory in the options, which the schedulers spawned later inherit. Without
     a GPU the workers' weights take host memory too, so the copy's bound leaves room for them."""
@@ -100,16 +100,21 @@ def with_weight_cache(ft: FtArgs, model_path: str) -> tuple[FtArgs, subprocess.P
     from ft.weight_cache import SHM_ROOT, cache_dir_for, checkpoint_files, spawn_holder
 
     if ft.weight_cache != "host":
-        return ft, None
+        return ft
     if not os.path.isdir(SHM_ROOT):
         logger.warning("sglang-ft: --ft-weight-cache host is off: this node has no %s (tmpfs); a lost worker's "
                        "slices are read from disk", SHM_ROOT)
-        return ft, None
+        return ft
     cache_dir = cache_dir_for(os.getpid())
     weights_on_host = 0 if torch.cuda.is_available() else sum(os.path.getsize(f) for f in checkpoint_files(model_path))
-    holder = spawn_holder(model_path, cache_dir, os.getpid(), int(ft.weight_cache_max_gb * 2**30), weights_on_host)
-    logger.info("sglang-ft: weight cache holder pid %d, copying %s to %s", holder.pid, model_path, cache_dir)
-    return dataclasses.replace(ft, weight_cache_dir=cache_dir), holder
+    try:
+        holder = spawn_holder(model_path, cache_dir, os.getpid(), int(ft.weight_cache_max_gb * 2**30), weights_on_host)
+    except (OSError, ValueError, subprocess.SubprocessError) as exc:  # serving goes on without the cache
+        logger.warning("sglang-ft: --ft-weight-cache host is off: its holder did not start (%s); a lost worker's "
+                       "slices are read from disk", exc)
+        return ft
+    logger.info("sglang-ft: weight cache holder pid %d, copying %s to %s", holder, model_path, cache_dir)
+    return dataclasses.replace(ft, weight_cache_dir=cache_dir)
 
 
 def ask_controller(ft: FtArgs, control: ControlRequest) -> dict:
