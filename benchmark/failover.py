@@ -104,7 +104,8 @@ def measure_sglang_ft(model: str, args) -> dict:
             startup_s=round(server.startup_s, 1),
             detect_ms=recovery["detect_ms"],
             recover_ms=recovery["recover_ms"],
-            bytes_moved=recovery["bytes_p2p"] + recovery["bytes_reloaded"] + recovery.get("kv_bytes_p2p", 0),
+            bytes_moved=recovery["bytes_p2p"] + recovery["bytes_reloaded"] + recovery.get("bytes_from_host_cache", 0)
+            + recovery.get("kv_bytes_p2p", 0),
             kv_blocks_restored=recovery["kv_blocks_restored"],
             kv_tokens_recomputed=recovery["kv_tokens_recomputed"],
             stage_ms=recovery["stage_ms"],

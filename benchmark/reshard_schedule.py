@@ -7,7 +7,7 @@ worker 3 died (TP 4 -> 3): each loads its old TP 4 shard, then reshards by the p
 the dead worker's from the safetensors file). In the same run:
 
 1. the links' bandwidths, each measured alone: a gloo send of the largest move's bytes between two of the processes
-   (the others idle), and each disk reader's own slice reads (the reshard's `read_from_disk`, nothing else running),
+   (the others idle), and each disk reader's own slice reads (the reshard's `read_slices` from disk, nothing else running),
    plus a plain sequential read of the checkpoint file for context;
 2. `schedule_transfers(plan, measured bandwidths)`: the predicted time (the busiest link's bytes over its bandwidth)
    and the sequential time (every move one after the other);
@@ -60,8 +60,9 @@ def _survivor(rank: int, model_dir: str, reps: int, init_file: str, out: str) ->
     from transformers import AutoConfig
 
     from sglang_ft.distributed_state import install_layout
-    from sglang_ft.elastic_tp.reshard import read_from_disk, reshard
+    from sglang_ft.elastic_tp.reshard import reshard
     from sglang_ft.model_loader.lazy_safetensors import lazy_safetensors_iterator
+    from sglang_ft.model_loader.weight_cache import read_slices
     from sglang_ft.models import elastic_llama
 
     torch.set_num_threads(1)  # three processes on the machine's cores
@@ -99,7 +100,7 @@ def _survivor(rank: int, model_dir: str, reps: int, init_file: str, out: str) ->
             scratch = build(plan.layout, rank)
             pieces = [p for m in mine for p in scratch.unit_pieces(m.dim, m.start, m.end)]
             start = time.monotonic()
-            read_from_disk(model_dir, pieces)
+            read_slices(model_dir, pieces, cache_dir="")  # the checkpoint on disk, no host copy
             result["disk_s"] = time.monotonic() - start
             result["disk_bytes"] = sum(p.view.numel() * p.view.element_size() for p in pieces)
             del scratch, pieces

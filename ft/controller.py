@@ -381,6 +381,7 @@ def run_ft_controller(options: ControllerOptions, parent_pid: int) -> None:
                               model_shape_from_dir(options.model_path),
                               RespawnPolicy(automatic=options.respawn, delay_s=options.respawn_delay_s),
                               range(tp_size // options.nnodes), dp_rank=options.dp_rank, hybrid=options.hybrid)
+    controller.state.weight_cache_dir = options.weight_cache_dir
     if options.kv_backup:
         controller.state.kv_backup = KvStoreKeeper(options.kv_backup_endpoint, options.kv_fetch_endpoint,
                                                    options.respawn, options.secret_file)

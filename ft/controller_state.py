@@ -12,6 +12,7 @@ from ft.failure_detector import FailureDetector
 from ft.membership import Membership
 from ft.messages import Heartbeat, Regroup, RegroupDone, WorkerLoad
 from ft.sockets import refused_connections
+from ft.weight_cache import cache_status
 
 
 @dataclass
@@ -27,6 +28,7 @@ class ControllerState:
     loads: dict[int, WorkerLoad] = field(default_factory=dict)  # worker -> its latest reported load
     respawns: list[dict] = field(default_factory=list)
     regrouping: int | None = None  # the epoch of the regroup under way
+    weight_cache_dir: str = ""  # the node's copy of the checkpoint in host memory (ft/weight_cache.py), "" if off
 
     def status(self, now: float) -> dict:
         group = self.membership.members()
@@ -56,6 +58,7 @@ class ControllerState:
             "kv_blocks_restored": sum(r["kv_blocks_restored"] for r in self.recoveries),
             "kv_tokens_recomputed": sum(r["kv_tokens_recomputed"] for r in self.recoveries),
             "kv_backup": {"state": "off"} if self.kv_backup is None else self.kv_backup.status(),
+            "weight_cache": cache_status(self.weight_cache_dir),
             "respawns": self.respawns,
             "regrouping": self.regrouping,
             "refused_connections": refused_connections(),  # peers without the deployment's key (ft/sockets.py)
@@ -108,6 +111,7 @@ def recovery_record(pending: PendingRecovery, now: float) -> dict:
         "recover_ms": round((now - pending.detected_at) * 1e3, 1),
         "bytes_p2p": sum(r.bytes_p2p for r in pending.done),
         "bytes_reloaded": sum(r.bytes_reloaded for r in pending.done),
+        "bytes_from_host_cache": sum(r.bytes_from_host_cache for r in pending.done),
         "bytes_kept": sum(r.bytes_kept for r in pending.done),
         "expert_bytes_moved": sum(r.expert_bytes_moved for r in pending.done),
         "kv_blocks_restored": sum(r.kv_blocks_restored for r in pending.done),

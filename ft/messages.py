@@ -155,6 +155,7 @@ class RegroupDone(msgspec.Struct, tag=True, frozen=True):
     pid: PidOrUnknown = 0
     layout_json: Text = ""  # the layout the group formed (every member reports the same)
     expert_bytes_moved: Count = 0  # MoE: expert weights received from peers or disk (part of bytes_p2p + reloaded)
+    bytes_from_host_cache: Count = 0  # slices read from the node's copy of the checkpoint in host memory, not disk
 
 
 class LateStageDone(msgspec.Struct, tag=True, frozen=True):

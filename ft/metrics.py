@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import glob
 import os
+import time
 
 MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"
 CAUSE_KINDS = ("failure", "drain", "rejoin")
@@ -122,6 +123,14 @@ class FtMetrics:
         self.kv_tokens_recomputed = counter("kv_tokens_recomputed", "Tokens whose KV regroups had to recompute")
         self.kv_backup_bytes = counter("kv_backup_bytes", "Bytes the workers streamed to the KV backup store")
         self.kv_backup_dropped = counter("kv_backup_dropped", "KV backup messages dropped on a full queue")
+        self.weights_from_host_cache = counter("weights_from_host_cache_bytes", "Weight bytes regroups read from "
+                                               "the node's copy of the checkpoint in host memory")
+        self.weights_from_disk = counter("weights_from_disk_bytes", "Weight bytes regroups read from the checkpoint "
+                                         "on disk")
+        self.weight_cache_bytes = gauge("weight_cache_bytes", "Host memory the node's copy of the checkpoint takes "
+                                        "(--ft-weight-cache host; 0 while off)")
+        self.weight_cache_bound = gauge("weight_cache_bound_bytes", "The most host memory the copy may take")
+        self._weight_cache_seen = 0.0  # when the copy was last measured (once a second: it reads a directory)
         self.store_healthy = None  # made once a KV backup store exists: with backup off there is no series
         self._recoveries_seen = 0
         self._senders: dict[int, tuple[int, int, int]] = {}  # worker -> (pid, bytes, dropped) already counted
@@ -156,6 +165,8 @@ class FtMetrics:
                 self.detection_seconds.observe(recovery["detect_ms"] / 1e3)
             self.kv_blocks_restored.inc(recovery["kv_blocks_restored"])
             self.kv_tokens_recomputed.inc(recovery["kv_tokens_recomputed"])
+            self.weights_from_host_cache.inc(recovery.get("bytes_from_host_cache", 0))
+            self.weights_from_disk.inc(recovery["bytes_reloaded"])
         self._recoveries_seen = len(state.recoveries)
         for worker, beat in state.kv_senders.items():
             _, dropped, sent_bytes = beat.kv_backup
@@ -168,12 +179,24 @@ class FtMetrics:
                 self.kv_backup_dropped.inc(dropped - counted_dropped)
             self._senders[worker] = (beat.pid, sent_bytes, dropped)
         self._observe_loads(state)
+        self._observe_weight_cache(state)
         self.kv_backup_lag.set(sum(state.kv_senders[w].kv_backup_queued for w in live if w in state.kv_senders))
         if state.kv_backup is not None:
             if self.store_healthy is None:
                 self.store_healthy = self._gauge("kv_backup_store_healthy", "1 while the KV backup store runs, 0 while "
                                             "it is down (backup degraded)")
             self.store_healthy.set(1 if state.kv_backup.alive else 0)
+
+    def _observe_weight_cache(self, state) -> None:
+        from ft.weight_cache import cache_status
+
+        now = time.monotonic()
+        if now - self._weight_cache_seen < 1.0:
+            return
+        self._weight_cache_seen = now
+        cache = cache_status(state.weight_cache_dir)
+        self.weight_cache_bytes.set(cache["bytes"])
+        self.weight_cache_bound.set(cache.get("bound_bytes") or 0)
 
     def _observe_loads(self, state) -> None:
         """Per-worker load from the members' heartbeats; a worker outside the group reads 0 (a multiprocess gauge

@@ -36,6 +36,7 @@ class ControllerOptions:
     kv_backup_endpoint: str = ""
     kv_fetch_endpoint: str = ""
     secret_file: str = ""  # the deployment secret keying TCP sockets (ft/sockets.py)
+    weight_cache_dir: str = ""  # the node's copy of the checkpoint in host memory (ft/weight_cache.py), "" if off
 
     def to_json(self) -> str:
         return msgspec.json.encode(self).decode()

@@ -94,6 +94,13 @@ def _table(title: str, columns: tuple[str, ...], text_columns: tuple[str, ...]) 
     return table
 
 
+def _weight_cache(cache: dict | None) -> str:
+    """The node's copy of the checkpoint in host memory: its state, and its size while it holds any."""
+    if not cache:
+        return "?"
+    return f"{cache.get('state', '?')} {_size(cache['bytes'])}" if cache.get("bytes") else cache.get("state", "?")
+
+
 def _heads(worker: dict) -> str:
     """KV heads by TP, plus the remainder heads it runs for the requests it owns under hybrid attention ("1+1")."""
     remainder = worker.get("remainder_kv_heads")
@@ -129,9 +136,10 @@ def render_status(status: dict) -> Group:
         ("  regrouping ", "bold"), "no" if regrouping is None else f"to epoch {regrouping}",
         ("  kv_backup ", "bold"), str(status.get("kv_backup", {}).get("state", "?")),
         ("  kv_blocks_restored ", "bold"), str(status.get("kv_blocks_restored", 0)),
-        ("  kv_tokens_recomputed ", "bold"), str(status.get("kv_tokens_recomputed", 0)))
-    columns = ("epoch", "cause", "detect_ms", "recover_ms", "bytes_p2p", "bytes_reloaded", "kv_blocks_restored",
-               "kv_tokens_recomputed", "joined")
+        ("  kv_tokens_recomputed ", "bold"), str(status.get("kv_tokens_recomputed", 0)),
+        ("  weight_cache ", "bold"), _weight_cache(status.get("weight_cache")))
+    columns = ("epoch", "cause", "detect_ms", "recover_ms", "bytes_p2p", "bytes_from_host_cache", "bytes_reloaded",
+               "kv_blocks_restored", "kv_tokens_recomputed", "joined")
     recoveries = _table("recoveries", columns, ("cause", "joined"))
     for r in status.get("recoveries", []):
         recoveries.add_row(*(_size(r.get(c)) if c.startswith("bytes_") else _cell(r.get(c)) for c in columns))

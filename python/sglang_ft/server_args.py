@@ -55,6 +55,9 @@ class FtArgs:
     dp_size: int = 1
     dp_rank: int | None = None  # this replica's, in the options `for_replica` gives it (its metrics' label)
     events_endpoint: str = ""  # where the HTTP server also publishes fault events (ZMQ PUB), "" for nowhere
+    weight_cache: str = "host"  # or "off": the node's copy of the checkpoint in host memory (ft/weight_cache.py)
+    weight_cache_max_gb: float = 0.0  # its bound besides the node's free memory; 0 for none of its own
+    weight_cache_dir: str = ""  # where the copy is (set by the launcher), "" when off
 
     def _endpoint(self, name: str, offset: int) -> str:
         if self.controller_port:
@@ -102,6 +105,8 @@ class FtArgs:
             found.append(f"--ft-respawn-delay-s must not be negative, got {self.respawn_delay_s}")
         if self.drain_timeout_s < 0:
             found.append(f"--ft-drain-timeout-s must not be negative, got {self.drain_timeout_s}")
+        if not self.weight_cache_max_gb >= 0:  # (NaN too)
+            found.append(f"--ft-weight-cache-max-gb must not be negative, got {self.weight_cache_max_gb}")
         if self.nnodes > 1 and self.respawn:
             found.append("--ft-respawn is not supported with --nnodes > 1 yet (a node restarts its own workers)")
         if self.dp_size > 1 and self.respawn:
@@ -157,7 +162,7 @@ class FtArgs:
             hybrid=self.splits_remainder, respawn=self.respawn, respawn_delay_s=self.respawn_delay_s,
             nnodes=self.nnodes, dp_rank=self.dp_rank, kv_backup=self.kv_backup,
             kv_backup_endpoint=self.kv_backup_endpoint, kv_fetch_endpoint=self.kv_fetch_endpoint,
-            secret_file=self.secret_file)
+            secret_file=self.secret_file, weight_cache_dir=self.weight_cache_dir)
 
     def agent_options(self, worker: int) -> AgentOptions:
         """What worker `worker`'s FT agent (ft/agent.py) is started with."""
@@ -184,6 +189,8 @@ class FtArgs:
             kv_placement=getattr(args, "ft_kv_placement", cls.kv_placement),
             secret_file=os.path.abspath(secret) if (secret := getattr(args, "ft_secret_file", None)) else "",
             events_endpoint=getattr(args, "ft_events_endpoint", None) or "",
+            weight_cache=getattr(args, "ft_weight_cache", cls.weight_cache),
+            weight_cache_max_gb=getattr(args, "ft_weight_cache_max_gb", cls.weight_cache_max_gb),
         )
 
 
@@ -238,6 +245,23 @@ def add_ft_cli_args(parser: argparse.ArgumentParser) -> None:
         help="Messages (one per layer and forward) a worker queues for the backup store; when the queue is full "
         "the newest is dropped rather than blocking the forward pass, and that worker's backup is marked "
         "incomplete (its blocks are recomputed after a failure).",
+    )
+    group.add_argument(
+        "--ft-weight-cache",
+        choices=("host", "off"),
+        default=FtArgs.weight_cache,
+        help="host: every node keeps one copy of the checkpoint's safetensors files in shared host memory (/dev/shm), "
+        "so after a failure the survivors read the lost worker's slices from RAM, and from disk only what the copy "
+        "lacks (still copying, or off). The copy is made only if it fits in half the node's available memory, the "
+        "free space of /dev/shm and --ft-weight-cache-max-gb; otherwise the log says so and the cache is off. Its "
+        "size and state are in /ft/status (weight_cache). Default host.",
+    )
+    group.add_argument(
+        "--ft-weight-cache-max-gb",
+        type=float,
+        default=FtArgs.weight_cache_max_gb,
+        help="With --ft-weight-cache host, the most GiB the copy may take (default 0: bounded by the node's memory "
+        "only); a checkpoint larger than the bound is not copied.",
     )
     group.add_argument(
         "--ft-respawn",

@@ -7,6 +7,7 @@ MLP's); the rank-0 test has a server of its own, on the dense tiny Llama (test_f
 backup).
 """
 
+import glob
 import json
 import os
 import re
@@ -126,9 +127,15 @@ def one_worker_share_bytes(server) -> int:
     return int(reads[0])  # rank 0's slices at launch (TP 4): one worker's share, norms included
 
 
+def checkpoint_bytes(model_path: str) -> int:
+    return sum(os.path.getsize(path) for path in glob.glob(os.path.join(model_path, "*.safetensors")))
+
+
 def test_sigkill_mid_decode_restores_kv_without_reprefill(ft_server, moe_reference):
     expected = moe_reference(FAILOVER_PROMPTS + [CACHED_PROMPT])
     before = generate(ft_server.url, CACHED_PROMPT, NEW_TOKENS)  # finished: its KV stays in the radix cache
+    cache = status(ft_server)["weight_cache"]  # the node's copy of the checkpoint (--ft-weight-cache host, default)
+    assert cache["state"] == "complete" and cache["bytes"] == checkpoint_bytes(ft_server.model_path)
     victim = status(ft_server)["workers"][2]["pid"]
     results = run_with_fault(ft_server, lambda: inject(ft_server, 2, "kill"))
     assert [r["output_ids"] for r in results] == expected[:-1]
@@ -137,7 +144,8 @@ def test_sigkill_mid_decode_restores_kv_without_reprefill(ft_server, moe_referen
     assert st["epoch"] == 1 and st["tp_size"] == 3
     (recovery,) = st["recoveries"]
     assert recovery["cause"].startswith("worker 2")
-    assert 0 < recovery["bytes_reloaded"] < one_worker_share_bytes(ft_server)
+    # the slices only the dead worker held came from the copy in host memory, none from disk
+    assert recovery["bytes_reloaded"] == 0 and 0 < recovery["bytes_from_host_cache"] < one_worker_share_bytes(ft_server)
     assert recovery["bytes_p2p"] > 0 and recovery["detect_ms"] >= 0 and recovery["recover_ms"] > 0
     # the experts' columns moved exactly as the planner's MLP-column moves say (every expert's slice of them)
     assert recovery["expert_bytes_moved"] == planned_expert_bytes(ft_server.model_path, dead=2) > 0

@@ -169,3 +169,34 @@ def test_a_quantized_checkpoint_is_refused_at_launch_naming_the_model_path(tiny_
     (quantized / "config.json").write_text(json.dumps(config))
     [problem] = check_ft_launch(server_args(str(quantized)))
     assert "--model-path" in problem and "gptq" in problem and "quantized" in problem
+
+
+@pytest.mark.parametrize("argv, flag", [(["--ft-weight-cache", "disk"], "--ft-weight-cache"),
+                                        (["--ft-weight-cache-max-gb", "-1"], "--ft-weight-cache-max-gb"),
+                                        (["--ft-weight-cache-max-gb", "nan"], "--ft-weight-cache-max-gb")])
+def test_a_bad_weight_cache_flag_is_refused_by_name(capsys, argv, flag):
+    import argparse
+
+    from sglang_ft.server_args import FtArgs, add_ft_cli_args
+
+    parser = argparse.ArgumentParser(prog="sglang serve")
+    add_ft_cli_args(parser)
+    try:
+        problems = FtArgs.from_namespace(parser.parse_args(["--ft", *argv])).problems()
+    except SystemExit as exc:  # argparse refuses a value outside the flag's choices
+        assert exc.code == 2 and flag in capsys.readouterr().err
+        return
+    assert len(problems) == 1 and problems[0].startswith(flag)
+
+
+def test_the_weight_cache_is_on_by_default_and_can_be_turned_off():
+    import argparse
+
+    from sglang_ft.server_args import FtArgs, add_ft_cli_args
+
+    parser = argparse.ArgumentParser()
+    add_ft_cli_args(parser)
+    assert FtArgs.from_namespace(parser.parse_args(["--ft"])).weight_cache == "host"
+    off = FtArgs.from_namespace(parser.parse_args(["--ft", "--ft-weight-cache", "off",
+                                                   "--ft-weight-cache-max-gb", "2"]))
+    assert (off.weight_cache, off.weight_cache_max_gb, off.problems()) == ("off", 2.0, [])

@@ -35,7 +35,7 @@ class _Store:
 def _recovery(epoch: int, cause: str, joined: list[int], blocks: int = 0) -> dict:
     """A recovery entry as the controller records it when a regroup completes."""
     return {"epoch": epoch, "cause": cause, "detect_ms": 2012.4, "recover_ms": 845.2, "bytes_p2p": 3 << 20,
-            "bytes_reloaded": 0, "bytes_kept": 9 << 20, "kv_blocks_restored": blocks, "kv_bytes_p2p": 0,
+            "bytes_from_host_cache": 2 << 20, "bytes_reloaded": 0, "bytes_kept": 9 << 20, "kv_blocks_restored": blocks, "kv_bytes_p2p": 0,
             "kv_tokens_recomputed": 0, "stage_ms": {"plan": 0.4}, "workers": [0, 1, 3], "joined": joined}
 
 
@@ -173,17 +173,17 @@ def test_status_tables(capsys, fake):
         [" ".join(filter(None, cells)) for cells in zip(*_rows(out, "┃")[i:i + 2])] for i in (0, 2)]
     assert workers_header == ["worker", "rank", "pid", "state", "kv heads", "kv_bytes used", "outstanding tokens",
                               "last_step ms", "kv_backup dropped", "kv_backup bytes"]
-    assert recoveries_header == ["epoch", "cause", "detect ms", "recover ms", "bytes p2p", "bytes reloaded",
-                                 "kv_blocks restored", "kv_tokens recomputed", "joined"]
+    assert recoveries_header == ["epoch", "cause", "detect ms", "recover ms", "bytes p2p", "bytes_from_host cache",
+                                 "bytes reloaded", "kv_blocks restored", "kv_tokens recomputed", "joined"]
     rows = _rows(out)
     workers = {row[0]: row for row in rows[:4]}
     assert workers["0"] == ["0", "0", "1000", "healthy", "3", "300.0 KiB", "40", "12.5", "0", "1.0 MiB"]
     assert workers["2"] == ["2", "-", "1002", "dead", "-", "-", "-", "-", "2", "3.0 MiB"]  # no load: not a member
     assert workers["3"][1:6] == ["2", "1003", "suspect", "2", "200.0 KiB"]
     assert re.search(r"epoch 1\s+tp_size 3\s+regrouping no\s+kv_backup healthy\s+kv_blocks_restored 12\s+"
-                     r"kv_tokens_recomputed 0", out)
-    assert rows[4:] == [["1", "worker 2: no heartbeat for 2000 ms", "2012.4", "845.2", "3.0 MiB", "0 B", "12", "0",
-                         "-"]]
+                     r"kv_tokens_recomputed 0\s+weight_cache off", out)
+    assert rows[4:] == [["1", "worker 2: no heartbeat for 2000 ms", "2012.4", "845.2", "3.0 MiB", "2.0 MiB", "0 B",
+                         "12", "0", "-"]]
     assert fake.requests == [("GET", "/ft/status", None, f"Bearer {KEY}")]
 
 

@@ -32,6 +32,7 @@ def drive(sockets: str, dp_rank: int | None = None, fail: bool = True) -> dict:
                               shape=ModelShape(8, 4, 8, 64, 160, 512, 2), dp_rank=dp_rank)
     store = types.SimpleNamespace(alive=True, check=lambda: False, status=lambda: {}, events=[])
     controller.state.kv_backup = store
+    controller.state.weight_cache_dir = _weight_cache(sockets)
     for worker in range(3):
         beat = Heartbeat(worker, os.getpid(), 0, 0, (10, 0, 1000), kv_backup_queued=5 + worker, serving=True,
                          load=load((2, 1, 1)[worker], 40))
@@ -42,7 +43,8 @@ def drive(sockets: str, dp_rank: int | None = None, fail: bool = True) -> dict:
         return {"first": first}
     controller._record(controller.state.detector.declare_dead(1, time.monotonic()), "process exit")
     for worker in (0, 2):
-        controller._on_message(RegroupDone(worker, 1, {}, 0, 0, 0, 7, kv_blocks_restored=5), time.monotonic())
+        controller._on_message(RegroupDone(worker, 1, {}, 0, 0, 40 * worker, 7, kv_blocks_restored=5,
+                                           bytes_from_host_cache=300 + worker), time.monotonic())
     controller._on_message(Heartbeat(0, os.getpid(), 1, 1, (15, 2, 1500), kv_backup_queued=3, serving=True,
                                      load=load(3, 7)), time.monotonic())  # (heads 3 + 1: a spread to see)
     restarted = os.getppid()  # another live process: worker 2's counters start again
@@ -53,6 +55,17 @@ def drive(sockets: str, dp_rank: int | None = None, fail: bool = True) -> dict:
     workers = controller.state.status(time.monotonic())["workers"]
     return {"first": first, "gaps_ms": {w["worker"]: w["max_beat_gap_ms"] for w in workers if w["state"] != "dead"}, "recoveries": controller.state.recoveries, "metrics_on": controller.metrics is not None,
             "prometheus_imported": "prometheus_client" in sys.modules}
+
+
+def _weight_cache(sockets: str) -> str:
+    """A copy of a one-file checkpoint of 1234 bytes (the copy never parses it)."""
+    from ft.weight_cache import make_copy
+
+    os.makedirs(f"{sockets}/checkpoint")
+    with open(f"{sockets}/checkpoint/model.safetensors", "wb") as f:
+        f.write(b"w" * 1234)
+    make_copy(f"{sockets}/checkpoint", f"{sockets}/cache")
+    return f"{sockets}/cache"
 
 
 def _values(controller) -> dict:
@@ -107,6 +120,12 @@ def test_controller_state_reaches_the_multiprocess_collector(tmp_path):
     assert values[("sglang_ft_detection_seconds_sum", ())] == pytest.approx(recovery["detect_ms"] / 1e3)
     assert values[("sglang_ft_kv_blocks_restored_total", ())] == 10
     assert values[("sglang_ft_kv_tokens_recomputed_total", ())] == 7
+    # worker 0 read 300 weight bytes from the host copy, worker 2 302 and 80 from disk
+    assert (recovery["bytes_from_host_cache"], recovery["bytes_reloaded"]) == (602, 80)
+    assert values[("sglang_ft_weights_from_host_cache_bytes_total", ())] == 602
+    assert values[("sglang_ft_weights_from_disk_bytes_total", ())] == 80
+    assert values[("sglang_ft_weight_cache_bytes", ())] == 1234
+    assert values[("sglang_ft_weight_cache_bound_bytes", ())] > 0
     # 3 x 1000 bytes, then worker 0 sent 500 more and worker 2's new process 200 (its counters restart at 0)
     assert values[("sglang_ft_kv_backup_bytes_total", ())] == 3700
     assert values[("sglang_ft_kv_backup_dropped_total", ())] == 2

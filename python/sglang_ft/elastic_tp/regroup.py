@@ -163,8 +163,9 @@ def regroup_in_place(ft_worker, order: Regroup) -> RegroupDone:
     placement = remainder_placement.install(scheduler, ft_worker.ft, ft_worker.kv_stream)  # hybrid attention only
     ft_worker.holds_group(order.workers)  # what this worker holds now matches the new group, even if a later
     del old_model                         # stage fails and another regroup follows
-    clock.done("reshard_weights", f"(kept {stats.bytes_kept} B, peers {stats.bytes_p2p_in} B, disk "
-                                  f"{stats.bytes_reloaded} B; schedule predicted {stats.predicted_s * 1e3:.1f} ms)")
+    clock.done("reshard_weights", f"(kept {stats.bytes_kept} B, peers {stats.bytes_p2p_in} B, host cache "
+                                  f"{stats.bytes_from_host_cache} B, disk {stats.bytes_reloaded} B; schedule predicted "
+                                  f"{stats.predicted_s * 1e3:.1f} ms)")
 
     old_heads = held[me].kv_heads if held.get(me) is not None else None
     pool, new_heads = runner.token_to_kv_pool, new_model.shard.kv_heads
@@ -212,7 +213,8 @@ def regroup_in_place(ft_worker, order: Regroup) -> RegroupDone:
     return RegroupDone(me, order.epoch, clock.ms, stats.bytes_kept, stats.bytes_p2p_in, stats.bytes_reloaded,
                        recomputed, kv_blocks_restored=0 if flushed else kv.blocks_restored,
                        kv_bytes_p2p=0 if kv is None else kv.bytes_p2p_in, pid=os.getpid(),
-                       layout_json=plan.layout.to_json(), expert_bytes_moved=stats.expert_bytes_moved)
+                       layout_json=plan.layout.to_json(), expert_bytes_moved=stats.expert_bytes_moved,
+                       bytes_from_host_cache=stats.bytes_from_host_cache)
 
 
 def restore_remainder_kv(placement, ft_worker, order: Regroup) -> tuple[int, int]:

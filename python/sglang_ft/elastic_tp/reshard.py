@@ -15,8 +15,6 @@ link's bytes over its bandwidth.
 
 from __future__ import annotations
 
-import glob
-import os
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -38,7 +36,8 @@ DEFAULT_BANDWIDTH = {"cuda": Bandwidth(p2p=450e9, disk=7e9), "cpu": Bandwidth(p2
 class ReshardStats:
     bytes_kept: int = 0
     bytes_p2p_in: int = 0
-    bytes_reloaded: int = 0
+    bytes_reloaded: int = 0  # from disk
+    bytes_from_host_cache: int = 0  # from the node's copy of the checkpoint in host memory
     expert_bytes_moved: int = 0  # MoE experts' columns among bytes_p2p_in + bytes_reloaded
     predicted_s: float = 0.0  # the schedule's estimate of the transfers' time (the busiest link's)
     transfers_s: float = 0.0  # the peer and disk transfers' time here, what `predicted_s` estimates
@@ -153,8 +152,7 @@ def _scheduled_transfers(old_model, new_model, plan: MigrationPlan, schedule, me
 
     for move in schedule.disk_queues.get(me, ()):
         pieces = _target_pieces(new_model, move)
-        read_from_disk(checkpoint_dir, pieces, between_tensors=lambda: land(block=False))
-        stats.bytes_reloaded += _nbytes(pieces)
+        _read_checkpoint(checkpoint_dir, pieces, stats, between_tensors=lambda: land(block=False))
     land(block=True)
     wait_all(sent)
 
@@ -176,30 +174,22 @@ def _transfers_at_once(old_model, new_model, plan: MigrationPlan, schedule, me: 
     requests = exchange(rank_of[me], sends, recvs, group)
     from_disk = [p for m in plan.moves if m.src is None and m.dst == me for p in _target_pieces(new_model, m)]
     if from_disk:
-        read_from_disk(checkpoint_dir, from_disk)
-        stats.bytes_reloaded = _nbytes(from_disk)
+        _read_checkpoint(checkpoint_dir, from_disk, stats)
     wait_all(requests)
     for buffer, pieces in landing:
         _unflatten_into(buffer, pieces)
         stats.bytes_p2p_in += buffer.numel() * buffer.element_size()
 
 
-def read_from_disk(checkpoint_dir: str, pieces, between_tensors=None) -> None:
-    """Fill `pieces` from the checkpoint's safetensors files in one pass; `between_tensors()`, if given, runs after
-    each checkpoint tensor (the chunk the reshard pipelines its peer transfers against)."""
-    from sglang_ft.model_loader.lazy_safetensors import lazy_safetensors_iterator
-    from sglang_ft.models.weight_pieces import fill_from_checkpoint
+def _read_checkpoint(checkpoint_dir: str, pieces, stats: ReshardStats, between_tensors=None) -> None:
+    """Fill `pieces` from the node's copy in host memory where it holds them (--ft-weight-cache), else from the
+    checkpoint on disk, counting the bytes by source; `between_tensors()`, if given, runs after each checkpoint tensor
+    (the chunk the reshard pipelines its peer transfers against)."""
+    from sglang_ft.model_loader.weight_cache import read_slices
 
-    files = sorted(glob.glob(os.path.join(checkpoint_dir, "*.safetensors")))
-    fill_from_checkpoint(_pausing(lazy_safetensors_iterator(files), between_tensors), pieces, {})
-
-
-def _pausing(weights, between):
-    """`weights`, calling `between()` each time the consumer asks for the next tensor (after it used the last)."""
-    for item in weights:
-        yield item
-        if between is not None:
-            between()
+    from_cache, from_disk = read_slices(checkpoint_dir, pieces, between_tensors=between_tensors)
+    stats.bytes_from_host_cache += from_cache
+    stats.bytes_reloaded += from_disk
 
 
 def _source_pieces(old_model, move) -> list:

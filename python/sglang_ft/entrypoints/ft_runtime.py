@@ -46,10 +46,12 @@ class WorkerRequest(BaseModel):
     dp_rank: int = Field(0, ge=0, description="the data-parallel replica of the worker (under --dp-size)")
 
 
-def join_ft_runtime() -> None:
+def join_ft_runtime(model_path: str) -> None:
     """On a node other than 0: no controller, store, journal or routes here; a runtime directory of its own (for
-    what its processes keep locally) and the controller's TCP endpoints, already in the published options."""
+    what its processes keep locally), this node's weight cache and the controller's TCP endpoints, already in the
+    published options."""
     ft = dataclasses.replace(ft_args(), runtime_dir=tempfile.mkdtemp(prefix="sglang-ft-"))
+    ft = with_weight_cache(ft, model_path)
     publish(ft)
     logger.info("sglang-ft: node %d of %d; FT controller at %s", ft.node_rank, ft.nnodes, ft.heartbeat_endpoint)
 
@@ -59,6 +61,7 @@ def start_ft_runtime(tp_size: int, model_path: str, app: FastAPI,
     """Make the runtime directory, start the FT controller (one per data-parallel replica), publish their endpoints,
     add the routes."""
     ft = dataclasses.replace(ft_args(), runtime_dir=tempfile.mkdtemp(prefix="sglang-ft-"))
+    ft = with_weight_cache(ft, model_path)
     publish(ft)
     if enable_metrics:  # before the spawn: the controller inherits it and writes its metrics there
         from ft.metrics import prepare_multiproc_dir
@@ -86,6 +89,32 @@ def start_ft_runtime(tp_size: int, model_path: str, app: FastAPI,
 
         WorkerSpawner(ft.order_endpoint)
     return processes
+
+
+def with_weight_cache(ft: FtArgs, model_path: str) -> FtArgs:
+    """Under `--ft-weight-cache host`, start this node's holder of the checkpoint's copy in host memory
+    (ft/weight_cache.py) and name its directory in the options, which the schedulers spawned later inherit. Without
+    a GPU the workers' weights take host memory too, so the copy's bound leaves room for them."""
+    import torch
+
+    from ft.weight_cache import SHM_ROOT, cache_dir_for, checkpoint_files, spawn_holder
+
+    if ft.weight_cache != "host":
+        return ft
+    if not os.path.isdir(SHM_ROOT):
+        logger.warning("sglang-ft: --ft-weight-cache host is off: this node has no %s (tmpfs); a lost worker's "
+                       "slices are read from disk", SHM_ROOT)
+        return ft
+    cache_dir = cache_dir_for(os.getpid())
+    weights_on_host = 0 if torch.cuda.is_available() else sum(os.path.getsize(f) for f in checkpoint_files(model_path))
+    try:
+        holder = spawn_holder(model_path, cache_dir, os.getpid(), int(ft.weight_cache_max_gb * 2**30), weights_on_host)
+    except (OSError, ValueError, subprocess.SubprocessError) as exc:  # serving goes on without the cache
+        logger.warning("sglang-ft: --ft-weight-cache host is off: its holder did not start (%s); a lost worker's "
+                       "slices are read from disk", exc)
+        return ft
+    logger.info("sglang-ft: weight cache holder pid %d, copying %s to %s", holder, model_path, cache_dir)
+    return dataclasses.replace(ft, weight_cache_dir=cache_dir)
 
 
 def ask_controller(ft: FtArgs, control: ControlRequest) -> dict:

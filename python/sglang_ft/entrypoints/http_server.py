@@ -13,7 +13,7 @@ def before_launch_server(server_args, *args, **kwargs):
         from sglang_ft.entrypoints.ft_runtime import join_ft_runtime, start_ft_runtime
 
         if ft_args().node_rank > 0:  # the controller runs on node 0; this node's workers reach it over TCP
-            join_ft_runtime()
+            join_ft_runtime(server_args.model_path)
             return
         start_ft_runtime(server_args.tp_size, server_args.model_path, http_server.app,
                          server_args.enable_metrics)
