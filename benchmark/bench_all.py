@@ -27,6 +27,8 @@ BENCHMARKS = [
     ("failover", "failover.py", None, []),
     ("under faults", "under_faults.py", [], ["--full"]),
     ("balance", "balance.py", None, []),
+    # ten faults, each followed by the respawned worker's relaunch and rejoin: about 10 minutes here
+    ("stream stall", "stream_stall.py", None, []),
 ]
 
 
@@ -97,6 +99,16 @@ def summary_rows(out: Path, since: float | None = None) -> list[tuple[str, str, 
                          f"{after['busy_slowest_mean_ratio']}", "-" if naive else "<= 1.10"))
             rows.append((f"balance: prefix cache hit rate after the failure ({name})",
                          f"{after.get('prefix_hit_rate')}", "-"))
+    if stall := _load(out, "stream_stall.json"):
+        for kind, fault in (("kill", "SIGKILL"), ("stop", "SIGSTOP")):
+            phase = stall["summary"][kind]
+            if phase["faults"]:
+                spread = phase["stall_ms"]
+                rows.append((f"stream stall: a {fault} (TP {stall['tp']}) to every in-flight stream's next token, "
+                             f"ms, median / max over {phase['faults']} faults",
+                             f"{spread['median']} / {spread['max']}", f"<= {phase['target_ms']:.0f} (median)"))
+        rows.append(("stream stall: requests lost or wrong", f"{stall['load']['lost'] + stall['load']['mismatched']}",
+                     "0"))
     return rows
 
 

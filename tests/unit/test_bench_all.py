@@ -24,6 +24,13 @@ def test_summary_reads_every_recorded_result():
         str(balance["hybrid-load"]["after"]["kv_max_min_ratio"]), "<= 1.05")
     assert rows["balance: KV bytes apart, fullest - emptiest worker, in blocks, median (cyclic)"] == (
         str(balance["cyclic"]["after"]["kv_blocks_apart_median"]), "<= 1")
+    stall = json.loads((RESULTS / "stream_stall.json").read_text())
+    kill = stall["summary"]["kill"]
+    assert rows[f"stream stall: a SIGKILL (TP 4 -> 3) to every in-flight stream's next token, ms, median / max over "
+                f"{kill['faults']} faults"] == (f"{kill['stall_ms']['median']} / {kill['stall_ms']['max']}",
+                                                "<= 250 (median)")
+    assert rows["stream stall: requests lost or wrong"] == (str(stall["load"]["lost"] + stall["load"]["mismatched"]),
+                                                           "0")
     assert any(measure.startswith("scale model") for measure in rows)
     assert any(measure.startswith("throughput: --ft / plain, TP 4") for measure in rows)
 
