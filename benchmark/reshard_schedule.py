@@ -53,19 +53,19 @@ def planned(config):
     return old_layout, held, plan_migration(shape, held, list(NEW_WORKERS))
 
 
-def _survivor(rank: int, model_dir: str, reps: int, init_file: str, out: str) -> None:
-    """One survivor process: measure its links, then reshard `reps` times by each path."""
+def join_as_survivor(rank: int, model_dir: str, init_file: str):
+    """In a survivor process: join the gloo group of the three survivors and load this worker's old TP 4 shard.
+
+    Returns (what each worker held, the plan, this worker, `build(layout, rank)` making an elastic model for a
+    layout, the old model). Shared with tests/unit/test_reshard_schedule.py."""
     import torch
     import torch.distributed as dist
     from transformers import AutoConfig
 
     from sglang_ft.distributed_state import install_layout
-    from sglang_ft.elastic_tp.reshard import reshard
     from sglang_ft.model_loader.lazy_safetensors import lazy_safetensors_iterator
-    from sglang_ft.model_loader.weight_cache import read_slices
     from sglang_ft.models import elastic_llama
 
-    torch.set_num_threads(1)  # three processes on the machine's cores
     elastic_llama.LogitsProcessor = lambda *args, **kwargs: torch.nn.Identity()  # no weights; reads SGLang's context
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=len(NEW_WORKERS))
     config = AutoConfig.from_pretrained(model_dir)
@@ -78,6 +78,19 @@ def _survivor(rank: int, model_dir: str, reps: int, init_file: str, out: str) ->
 
     old = build(old_layout, OLD_WORKERS.index(me))
     old.load_weights(lazy_safetensors_iterator(sorted(glob.glob(f"{model_dir}/*.safetensors"))))
+    return held, plan, me, build, old
+
+
+def _survivor(rank: int, model_dir: str, reps: int, init_file: str, out: str) -> None:
+    """One survivor process: measure its links, then reshard `reps` times by each path."""
+    import torch
+    import torch.distributed as dist
+
+    from sglang_ft.elastic_tp.reshard import reshard
+    from sglang_ft.model_loader.weight_cache import read_slices
+
+    torch.set_num_threads(1)  # three processes on the machine's cores
+    held, plan, me, build, old = join_as_survivor(rank, model_dir, init_file)
     result: dict = {"rank": rank, "worker": me, "p2p_s": [], "disk_s": None, "disk_bytes": 0,
                     "scheduled": [], "at_once": []}
 

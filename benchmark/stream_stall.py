@@ -46,7 +46,7 @@ import requests
 from sglang_ft.ctl_events import read_events
 from sglang_ft.tools import make_tiny_model
 from sglang_ft.tools.hf_reference import greedy_token_ids
-from sglang_ft.tools.load import stream_generate
+from sglang_ft.tools.load import ClientThreads, stream_generate
 from sglang_ft.tools.server_process import ServerProcess
 
 if __package__ in (None, ""):  # run as `python benchmark/x.py`: import `benchmark.*` from the repository root
@@ -148,7 +148,7 @@ class StreamRecord:
     failed_attempts: int = 0
 
 
-class StreamClients:
+class StreamClients(ClientThreads):
     """`clients` closed-loop greedy streams; client i asks for `max_new_tokens - i * stagger` tokens, so they drift
     apart. A failed attempt is re-sent and counted; its chunks stay in the record (the stream's view)."""
 
@@ -159,18 +159,7 @@ class StreamClients:
         self.stop = threading.Event()
         self.threads: list[threading.Thread] = []
 
-    def start(self, clients: int) -> "StreamClients":
-        self.threads = [threading.Thread(target=self._client, args=(i,), daemon=True) for i in range(clients)]
-        for thread in self.threads:
-            thread.start()
-        return self
-
-    def finish(self, timeout_s: float = 180.0) -> None:
-        self.stop.set()
-        for thread in self.threads:
-            thread.join(timeout=timeout_s)
-
-    def _client(self, index: int) -> None:
+    def client(self, index: int) -> None:
         n, tokens = index, max(1, self.max_new_tokens - index * self.stagger)
         while not self.stop.is_set():
             record = StreamRecord(index, self.prompts[n % len(self.prompts)], tokens)

@@ -59,3 +59,35 @@ def test_the_host_listens_on_the_rendezvous_address_only():
     for address in others:  # this machine's other addresses (none in a bare container) find nothing listening
         with pytest.raises(OSError):
             socket.create_connection((address, port), timeout=1).close()
+
+
+def test_a_store_port_held_by_a_connection_fails_the_regroup_at_once_and_the_worker_survives_it():
+    """A connection's local port is the order's store port (the kernel gave it to an outgoing connection): the new
+    rank 0 cannot listen there. It fails at once as a collective does (the controller orders again), not after the
+    join timeout, and not as a bug that stops the worker."""
+    from sglang_ft.elastic_tp.groups import StorePortTaken
+    from sglang_ft.managers.ft_worker import is_collective_failure
+
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        client = socket.create_connection(server.getsockname())
+        accepted, _ = server.accept()
+        taken = client.getsockname()[1]  # an ephemeral port in use by a live connection
+        started = time.monotonic()
+        with pytest.raises(StorePortTaken) as raised:
+            join_store(0, 2, taken, 30, lambda: False)
+        assert time.monotonic() - started < 2  # not the 100 s join timeout
+        assert is_collective_failure(raised.value)
+        client.close()
+        accepted.close()
+
+
+def test_free_ports_lie_below_the_ephemeral_range():
+    """Read independently of ft.ports: a port below the range is never handed to an outgoing connection."""
+    from pathlib import Path
+
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    ports = {free_port() for _ in range(20)}
+    assert all(10000 <= port < low for port in ports), (low, ports)
+    for port in ports:  # each was free: it binds
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", port))

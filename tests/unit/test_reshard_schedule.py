@@ -16,31 +16,16 @@ import multiprocessing
 import pytest
 import torch
 
-from ft.partition import TPLayout
-from ft.planner import Bandwidth, plan_migration, schedule_transfers
-
-OLD_WORKERS, DEAD = (0, 1, 2, 3), 3
-NEW_WORKERS = tuple(w for w in OLD_WORKERS if w != DEAD)
-
-
-def _planned(config):
-    from ft.model_config import model_shape_of
-
-    shape = model_shape_of(config)
-    old_layout = TPLayout.even(shape, len(OLD_WORKERS))
-    held = {w: old_layout.shard(r) for r, w in enumerate(OLD_WORKERS)}
-    return old_layout, held, plan_migration(shape, held, list(NEW_WORKERS))
+from benchmark.reshard_schedule import NEW_WORKERS, join_as_survivor, planned
+from ft.planner import Bandwidth, schedule_transfers
 
 
 def _rank(rank: int, model_dir: str, init_file: str, out: str) -> None:
     """One survivor: its old TP 4 shard loaded from the checkpoint, resharded by both paths, recorded."""
     import torch.distributed as dist
-    from transformers import AutoConfig
 
-    from sglang_ft.distributed_state import install_layout
     from sglang_ft.elastic_tp.reshard import reshard
-    from sglang_ft.model_loader.lazy_safetensors import LazyTensor, lazy_safetensors_iterator
-    from sglang_ft.models import elastic_llama
+    from sglang_ft.model_loader.lazy_safetensors import LazyTensor
 
     events: list[tuple] = []
     real_isend, real_irecv = dist.isend, dist.irecv
@@ -51,19 +36,7 @@ def _rank(rank: int, model_dir: str, init_file: str, out: str) -> None:
     for read in ("read_rows", "read_cols"):
         real = getattr(LazyTensor, read)
         setattr(LazyTensor, read, lambda self, a, b, real=real: events.append(("disk", self.name)) or real(self, a, b))
-    elastic_llama.LogitsProcessor = lambda *args, **kwargs: torch.nn.Identity()  # no weights; reads SGLang's context
-
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=len(NEW_WORKERS))
-    config = AutoConfig.from_pretrained(model_dir)
-    old_layout, held, plan = _planned(config)
-    me = NEW_WORKERS[rank]
-
-    def build(layout, layout_rank):
-        install_layout(layout, layout_rank)
-        return elastic_llama.ElasticLlamaForCausalLM(config).eval()
-
-    old = build(old_layout, OLD_WORKERS.index(me))
-    old.load_weights(lazy_safetensors_iterator(sorted(glob.glob(f"{model_dir}/*.safetensors"))))
+    held, plan, me, build, old = join_as_survivor(rank, model_dir, init_file)
     results = {}
     for scheduled in (True, False):
         new = build(plan.layout, rank)
@@ -95,7 +68,7 @@ def resharded(tiny_model, tmp_path_factory):
 def plan_and_schedule(tiny_model):
     from transformers import AutoConfig
 
-    _, _, plan = _planned(AutoConfig.from_pretrained(tiny_model))
+    _, _, plan = planned(AutoConfig.from_pretrained(tiny_model))
     return plan, schedule_transfers(plan, Bandwidth(p2p=1e9, disk=1e9))
 
 

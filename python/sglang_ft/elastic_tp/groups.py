@@ -7,6 +7,7 @@ connections the new group opens are recorded, so a later interrupt shuts those a
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import time
@@ -23,6 +24,12 @@ LAST_REBUILD_MS: dict[str, float] = {}  # the last rebuild's parts (teardown, st
 
 class Superseded(RuntimeError):
     """A newer regroup was ordered while this one was still gathering its members: drop it for the newer one."""
+
+
+class StorePortTaken(RuntimeError):
+    """The new rank 0 cannot listen on the order's store port (another socket holds it): this regroup fails like a
+    collective, the worker reports it and the controller orders the group again on another port. Waiting would not
+    help: a connection holding the port keeps it as long as it lives."""
 
 
 def _listening(host: str, port: int) -> bool:
@@ -46,7 +53,13 @@ def _open_store(host: str, port: int, size: int, master: bool):
     timeout = timedelta(seconds=JOIN_POLL_S)
     if not master:
         return dist.TCPStore(host, port, size, is_master=False, timeout=timeout)
-    with socket.create_server((host, port)) as listener:
+    try:
+        listener = socket.create_server((host, port))
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise StorePortTaken(f"the new group's store port {host}:{port} is in use: {exc}") from exc
+        raise
+    with listener:
         return dist.TCPStore(host, port, size, is_master=True, wait_for_workers=False, timeout=timeout,
                              master_listen_fd=os.dup(listener.fileno()))
 
@@ -72,6 +85,8 @@ def join_store(rank: int, size: int, port: int, timeout_s: float, superseded, ho
         try:
             store = _open_store(host, port, size, rank == 0)
             break
+        except StorePortTaken:
+            raise
         except (RuntimeError, dist.DistError, OSError):  # the host of the store is not listening (yet, or any more)
             if superseded():
                 raise Superseded("a newer regroup was ordered while connecting to this one's store") from None

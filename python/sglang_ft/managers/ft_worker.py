@@ -26,11 +26,12 @@ logger = logging.getLogger(__name__)
 
 def is_collective_failure(exc: BaseException) -> bool:
     """Is this a peer vanishing in a collective or a rendezvous (not a bug in a step)? By type only: the
-    collectives raise `CollectiveFailure` (`collectives_may_fail`), a newer order `RegroupOrdered`."""
+    collectives raise `CollectiveFailure` (`collectives_may_fail`), a newer order `RegroupOrdered`, a rendezvous
+    `Superseded` or `StorePortTaken` (the order's store port held by another socket: ordered again elsewhere)."""
     from sglang_ft.distributed.collective_failure import CollectiveFailure
-    from sglang_ft.elastic_tp.groups import Superseded
+    from sglang_ft.elastic_tp.groups import StorePortTaken, Superseded
 
-    return isinstance(exc, (CollectiveFailure, RegroupOrdered, Superseded))
+    return isinstance(exc, (CollectiveFailure, RegroupOrdered, Superseded, StorePortTaken))
 
 
 def _collectives_may_fail():

@@ -28,8 +28,30 @@ import psutil
 import requests
 
 
+class ClientThreads:
+    """Closed-loop clients on threads: `client(i)` runs until `stop` is set (it finishes the request in flight)."""
+
+    stop: threading.Event
+    threads: list[threading.Thread]
+
+    def client(self, index: int) -> None:
+        raise NotImplementedError
+
+    def start(self, clients: int):
+        self.threads = [threading.Thread(target=self.client, args=(i,), daemon=True) for i in range(clients)]
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def finish(self, timeout_s: float = 180.0) -> None:
+        """Stop sending new requests; the ones in flight are read to their end (or counted unfinished)."""
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(timeout=timeout_s)
+
+
 @dataclass
-class Load:
+class Load(ClientThreads):
     url: str
     prompts: list[str]
     max_new_tokens: int
@@ -45,18 +67,6 @@ class Load:
     stop: threading.Event = field(default_factory=threading.Event)
     lock: threading.Lock = field(default_factory=threading.Lock)
     threads: list[threading.Thread] = field(default_factory=list)
-
-    def start(self, clients: int) -> "Load":
-        self.threads = [threading.Thread(target=self.client, args=(i,), daemon=True) for i in range(clients)]
-        for thread in self.threads:
-            thread.start()
-        return self
-
-    def finish(self, timeout_s: float = 180.0) -> None:
-        """Stop sending new requests; the ones in flight are read to their end (or counted unfinished)."""
-        self.stop.set()
-        for thread in self.threads:
-            thread.join(timeout=timeout_s)
 
     def client(self, index: int) -> None:
         n = index
