@@ -178,9 +178,8 @@ def main(argv: list[str] | None = None) -> dict:
     if unknown or not variants:
         parser.error(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
     model = args.model_dir or Path.home() / f".cache/sglang-ft/models/tiny-llama-{args.kv_heads}kv"
-    if not (model / "config.json").exists():
-        make_tiny_model.main([str(model), "--num-attention-heads", str(args.kv_heads),
-                              "--num-key-value-heads", str(args.kv_heads)])
+    make_tiny_model.ensure_model(model, "--num-attention-heads", str(args.kv_heads),
+                                 "--num-key-value-heads", str(args.kv_heads))
 
     results = {name: run_variant(model, name, args.clients, args.duration_s) for name in variants}
     report = {

@@ -54,7 +54,7 @@ from ft.process_watch import ProcessWatch
 from ft.remainder_routing import POLICIES
 from sglang_ft.server_args import FtArgs
 from sglang_ft.tools import make_tiny_model
-from sglang_ft.tools.hf_reference import greedy_token_ids
+from sglang_ft.tools.hf_reference import greedy_references
 from sglang_ft.tools.load import Load, longest_gap, server_load
 from sglang_ft.tools.server_process import ServerProcess
 
@@ -420,8 +420,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def launch(args: argparse.Namespace) -> ServerProcess:
     """The `--ft` server the soak runs on, healthy (the tiny model made first if `--model-dir` has none)."""
-    if not (args.model_dir / "config.json").exists():
-        make_tiny_model.main([str(args.model_dir)])
+    make_tiny_model.ensure_model(args.model_dir)
     flags = ["--ft-enable-fault-injection", "--ft-heartbeat-timeout-ms", str(args.heartbeat_timeout_ms),
              "--ft-attention", args.attention, "--ft-routing", args.routing, "--ft-kv-placement", args.kv_placement]
     flags += ["--ft-respawn", "--ft-respawn-delay-s", "1"] if args.rejoin == "auto" else []
@@ -436,7 +435,7 @@ def run(server: ServerProcess, args: argparse.Namespace) -> dict:
           f"~{args.interval_s:g} s apart, rejoins {args.rejoin}, for at most "
           f"{args.duration_s:g} s (seed {args.seed})", flush=True)
     try:
-        expected = dict(zip(PROMPTS, greedy_token_ids(str(args.model_dir), PROMPTS, args.max_new_tokens)))
+        expected = greedy_references(str(args.model_dir), PROMPTS, args.max_new_tokens)
         report = soak(server, args, expected)
     finally:
         server.stop()

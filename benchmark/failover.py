@@ -167,8 +167,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--model-dir", type=Path, default=Path("/tmp/sglang-ft-bench-model-12h"))
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args(argv)
-    if not (args.model_dir / "config.json").exists():
-        make_tiny_model.main([str(args.model_dir), *BENCH_MODEL_FLAGS])
+    make_tiny_model.ensure_model(args.model_dir, *BENCH_MODEL_FLAGS)
     model = str(args.model_dir)
 
     ft = measure_sglang_ft(model, args)

@@ -124,8 +124,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.rounds, args.duration_s = 3, 60.0
     if args.rounds < 1 or args.duration_s <= 0 or args.clients < 1:
         parser.error("--rounds, --duration-s and --clients must be positive")
-    if not (args.model_dir / "config.json").exists():
-        make_tiny_model.main([str(args.model_dir)])
+    make_tiny_model.ensure_model(args.model_dir)
 
     runs: dict[str, list[dict]] = {"plain": [], "ft": []}
     for round_index in range(args.rounds):

@@ -36,7 +36,7 @@ from ft.failure_detector import blocked_bound
 from ft.process_watch import ProcessWatch
 from sglang_ft.server_args import FtArgs
 from sglang_ft.tools import make_tiny_model
-from sglang_ft.tools.hf_reference import greedy_token_ids
+from sglang_ft.tools.hf_reference import greedy_references
 from sglang_ft.tools.load import Load
 from sglang_ft.tools.server_process import ServerProcess
 
@@ -179,9 +179,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    if not (args.model_dir / "config.json").exists():
-        make_tiny_model.main([str(args.model_dir)])
-    expected = dict(zip(PROMPTS, greedy_token_ids(str(args.model_dir), PROMPTS, args.max_new_tokens)))
+    make_tiny_model.ensure_model(args.model_dir)
+    expected = greedy_references(str(args.model_dir), PROMPTS, args.max_new_tokens)
     flags = ["--ft-enable-fault-injection", "--ft-respawn", "--ft-respawn-delay-s", "1",
              "--ft-heartbeat-interval-ms", str(args.heartbeat_interval_ms),
              "--ft-heartbeat-timeout-ms", str(args.heartbeat_timeout_ms)]

@@ -45,7 +45,7 @@ import requests
 
 from sglang_ft.ctl_events import read_events
 from sglang_ft.tools import make_tiny_model
-from sglang_ft.tools.hf_reference import greedy_token_ids
+from sglang_ft.tools.hf_reference import greedy_references
 from sglang_ft.tools.load import ClientThreads, stream_generate
 from sglang_ft.tools.server_process import ServerProcess
 
@@ -333,9 +333,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    if not (args.model_dir / "config.json").exists():
-        make_tiny_model.main([str(args.model_dir)])
-    expected = dict(zip(PROMPTS, greedy_token_ids(str(args.model_dir), PROMPTS, args.max_new_tokens)))
+    make_tiny_model.ensure_model(args.model_dir)
+    expected = greedy_references(str(args.model_dir), PROMPTS, args.max_new_tokens)
     flags = ["--ft-enable-fault-injection", "--ft-respawn", "--ft-respawn-delay-s", str(args.respawn_delay_s)]
     server = ServerProcess(str(args.model_dir), tp_size=args.tp, ft=True, extra_args=flags).start(args.start_timeout_s)
     print(f"[stall] TP {args.tp} --ft server healthy in {server.startup_s:.1f} s", flush=True)

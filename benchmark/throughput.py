@@ -57,9 +57,7 @@ def hf_tokens_per_s(model_path: str, max_new_tokens: int) -> float:
 
 
 def run(args) -> dict:
-    model = args.model_dir
-    if not (model / "config.json").exists():
-        make_tiny_model.main([str(model)])
+    model = make_tiny_model.ensure_model(args.model_dir)
     results = {"date": dt.date.today().isoformat(), "machine": machine(), "model": str(model),
                "max_new_tokens": args.max_new_tokens, "hf_batch1_tok_s": hf_tokens_per_s(str(model), args.max_new_tokens),
                "rows": []}

@@ -395,8 +395,7 @@ def main(argv: list[str] | None = None) -> dict:
         trace = paced(trace, args.min_fault_gap_s)
     window_s = trace.header.window_s
     offsets = arrival_times(args.rate, window_s, args.seed, args.arrivals)
-    if not (args.model_dir / "config.json").exists():
-        make_tiny_model.main([str(args.model_dir), *BENCH_MODEL_FLAGS])
+    make_tiny_model.ensure_model(args.model_dir, *BENCH_MODEL_FLAGS)
     counts = {e: sum(x.event == e for x in trace.events) for e in ("kill", "hang", "resume", "rejoin")}
     summary = ", ".join(f"{n} {e}" for e, n in counts.items() if n)
     print(f"[under_faults] TP {args.tp}, {len(offsets)} requests over {window_s:g} s ({args.rate} req/s "

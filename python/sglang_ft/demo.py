@@ -37,12 +37,6 @@ DEMO_PROMPTS = [
 ]
 
 
-def ensure_model(path: Path) -> Path:
-    if not (path / "config.json").exists():
-        make_tiny_model.main([str(path)])
-    return path
-
-
 def ft_status(url: str) -> dict:
     return requests.get(f"{url}/ft/status", timeout=10).json()
 
@@ -121,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.clients < 1 or args.max_new_tokens < 1 or args.before_s <= 0 or args.after_s <= 0:
         parser.error("--clients, --max-new-tokens, --before-s and --after-s must be positive")
 
-    model = ensure_model(args.model_dir)
+    model = make_tiny_model.ensure_model(args.model_dir)
     print("[demo] greedy reference outputs from HuggingFace transformers ...", flush=True)
     expected = dict(zip(DEMO_PROMPTS, greedy_token_ids(str(model), DEMO_PROMPTS, args.max_new_tokens)))
     print(f"[demo] launching: python -m sglang.launch_server --ft --model-path {model} --tp-size {args.tp_size}",

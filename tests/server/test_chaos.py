@@ -14,7 +14,7 @@ import requests
 
 from benchmark import chaos
 from ft.process_watch import ProcessWatch
-from sglang_ft.tools.hf_reference import greedy_token_ids
+from sglang_ft.tools.hf_reference import greedy_references, greedy_token_ids
 from sglang_ft.tools.load import Load
 from tests.client import generate, wait_for
 
@@ -62,7 +62,7 @@ def test_a_killed_worker_is_restarted_and_rejoins_under_load_then_serves(chaos_s
     its own step count and KV slots grow across a request sent after the rejoin."""
     server, args = chaos_server
     url, n = server.url, args.max_new_tokens
-    expected = dict(zip(chaos.PROMPTS, greedy_token_ids(str(args.model_dir), chaos.PROMPTS, n)))
+    expected = greedy_references(str(args.model_dir), chaos.PROMPTS, n)
     start = ft_status(url)
     assert (start["epoch"], start["tp_size"], start["recoveries"]) == (0, 4, [])
     victim = next(w for w in start["workers"] if w["rank"] == 1)

@@ -26,6 +26,11 @@ def greedy_token_ids(model_path: str, prompts: list[str], max_new_tokens: int) -
     return [_greedy(model_path, prompt, max_new_tokens) for prompt in prompts]
 
 
+def greedy_references(model_path: str, prompts: list[str], max_new_tokens: int) -> dict[str, list[int]]:
+    """`greedy_token_ids` by prompt: what a load checks each completed output against."""
+    return dict(zip(prompts, greedy_token_ids(model_path, prompts, max_new_tokens)))
+
+
 def _greedy(model_path: str, prompt: str, max_new_tokens: int) -> list[int]:
     import torch
 

@@ -210,5 +210,12 @@ def main(argv: list[str] | None = None) -> Path:
     return args.out_dir
 
 
+def ensure_model(path: Path, *flags: str) -> Path:
+    """The tiny model at `path`, made with `flags` first if the folder holds none (benchmarks and the demo reuse it)."""
+    if not (path / "config.json").exists():
+        main([str(path), *flags])
+    return path
+
+
 if __name__ == "__main__":
     main(sys.argv[1:])
