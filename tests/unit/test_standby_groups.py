@@ -135,12 +135,17 @@ def test_a_single_failure_installs_the_preformed_groups_without_connecting():
         print(f"rank {rank}: install {result['install_s'] * 1e3:.1f} ms, forming {result['cpu_s'] * 1e3:.0f} ms CPU")
 
 
+GLOO_TIMER_SLACK_S = 0.05
+
+
 def test_a_member_without_the_set_makes_every_member_rebuild():
     out = run_ranks(4, "disagree")
     assert out[3]["taken"] is False and out[3]["fallback_after_s"] < 0.1  # it knows at once
     for rank in (1, 2):  # they meet on the set's agreement backend; the member without it never comes
         assert out[rank]["taken"] is False
-        assert AGREE_TIMEOUT_S <= out[rank]["fallback_after_s"] < AGREE_TIMEOUT_S + 4, out[rank]
+        # waited out the agreement timeout (not at once, as rank 3): gloo's own timer fired 6 ms before this
+        # process's clock read 1.0 s in one clean run, so its precision, not ours, is allowed for
+        assert AGREE_TIMEOUT_S - GLOO_TIMER_SLACK_S <= out[rank]["fallback_after_s"] < AGREE_TIMEOUT_S + 4, out[rank]
 
 
 def released(*sets: StandbySet) -> bool:
