@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import os
 import sys
 from functools import lru_cache
@@ -16,7 +17,9 @@ from functools import lru_cache
 from ft.options import AgentOptions, ControllerOptions
 from ft.remainder_routing import POLICIES
 from ft.sockets import read_secret, use_secret_file
+from sglang_ft.sglang_surface import IDLE_SLEEP_POLL_S
 
+logger = logging.getLogger(__name__)
 FT_ENV = "SGLANG_FT_ARGS"
 # SGLang's --max-queued-requests when --ft is on and it is not given: beyond it new requests get 503 (a few MB of
 # queued prompts at most, where upstream's default queues without bound)
@@ -401,4 +404,17 @@ def around_from_cli_args(original, cls, args, *rest, **kwargs):
             server_args.disable_cuda_graph = True
         if server_args.max_queued_requests is None:  # a flood gets 503 + Retry-After, not unbounded memory
             server_args.max_queued_requests = FT_DEFAULT_MAX_QUEUED_REQUESTS
+        if server_args.sleep_on_idle and not idle_sleep_fits(ft.collective_timeout_s):
+            server_args.sleep_on_idle = False
+            logger.warning("sglang-ft: --sleep-on-idle off: an idle rank 0 sleeps up to %.0f s while the others wait "
+                           "for it in a request broadcast that --ft-collective-timeout-s %d would fail",
+                           IDLE_SLEEP_POLL_S, ft.collective_timeout_s)
     return server_args
+
+
+def idle_sleep_fits(collective_timeout_s: float) -> bool:
+    """Whether the other ranks' request broadcast (bounded by the collective timeout, at most
+    REQUEST_BROADCAST_TIMEOUT_S) outlasts an idle rank 0's sleep with room to spare."""
+    from sglang_ft.elastic_tp.groups import REQUEST_BROADCAST_TIMEOUT_S
+
+    return min(collective_timeout_s, REQUEST_BROADCAST_TIMEOUT_S) >= 2 * IDLE_SLEEP_POLL_S

@@ -76,6 +76,8 @@ PARAMETERS = {
     "sglang.srt.managers.io_struct.wrap_as_pickle": "obj",
     "sglang.srt.model_loader.utils.set_default_torch_dtype": "dtype",
     "sglang.srt.utils.auth.auth_level": "level",
+    "sglang.srt.managers.scheduler.Scheduler.init_idle_sleeper": "self",
+    "sglang.srt.managers.scheduler_components.idle_sleeper.IdleSleeper": "sockets can_empty_cache",
 }
 
 # Instance attributes sglang-ft reads or sets on SGLang's objects: each is assigned in its class's code (or is a
@@ -87,7 +89,7 @@ ATTRIBUTES = {
                                                "skip_tokenizer_init _engine_paused running_batch last_batch "
                                                "cur_batch_for_debug chunked_req max_queued_requests waiting_queue "
                                                "tree_cache token_to_kv_pool_allocator req_to_token_pool page_size "
-                                               "new_token_ratio_tracker",
+                                               "new_token_ratio_tracker idle_sleeper",
     "sglang.srt.managers.tp_worker.TpModelWorker": "pp_group world_group model_runner",
     "sglang.srt.model_executor.model_runner.ModelRunner": "pp_group model device",
     "sglang.srt.managers.scheduler_components.ipc_channels.SchedulerIpcChannels": "send_to_tokenizer "
@@ -107,7 +109,11 @@ ATTRIBUTES = {
     "sglang.srt.utils.watchdog.SubprocessWatchdog": "_processes _names",
     "sglang.srt.runtime_context.ParallelContext": "_stamp",
     "sglang.srt.distributed.parallel_state": "_groups _MODEL_PARALLEL_GROUP_TIMEOUT",
+    "sglang.srt.managers.scheduler_components.idle_sleeper.IdleSleeper": "poller",
 }
+
+# SGLang's IdleSleeper.maybe_sleep polls its sockets this long (`--sleep-on-idle`); test_sglang_surface times it.
+IDLE_SLEEP_POLL_S = 1.0
 
 # Handles of SGLang's process groups in `parallel_state` (those a version lacks are skipped).
 _GROUP_HANDLES = ("_WORLD", "_TP", "_PP", "_ATTN_TP", "_ATTN_CP", "_DCP", "_MOE_EP", "_MOE_TP", "_MOE_DP",
@@ -307,3 +313,15 @@ def dispatch_to_scheduler(tokenizer_manager, obj) -> None:
 def refresh_active_replicas(controller) -> None:
     """SGLang's DP controller recomputes which replicas it routes to and broadcasts to from its `status`."""
     controller._refresh_active_workers()
+
+
+def restart_idle_sleeper(scheduler) -> None:
+    """SGLang gives only the TP rank 0 it started an idle sleeper (a poll on its tokenizer sockets, under
+    `--sleep-on-idle`): a new rank 0 gets one on the sockets it took over (its `get_parallel()` says rank 0 now)."""
+    scheduler.init_idle_sleeper()
+
+
+def idle_poller(scheduler):
+    """The zmq poller an idle rank 0 sleeps in, or None (not rank 0, or `--sleep-on-idle` off)."""
+    sleeper = getattr(scheduler, "idle_sleeper", None)
+    return None if sleeper is None else sleeper.poller

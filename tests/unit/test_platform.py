@@ -58,3 +58,68 @@ def test_emptying_the_cache_collects_only_young_generations(monkeypatch):
     monkeypatch.setattr(gc, "collect", lambda generation=2: generations.append(generation) or 0)
     current_platform.empty_cache()
     assert generations == [1]
+
+
+def test_idle_schedulers_sleep_unless_a_short_collective_timeout_would_fail_the_others_broadcast(tiny_model,
+                                                                                              monkeypatch):
+    """On CPU every server sleeps between requests (rank 0 in a poll of its sockets, the others in the request
+    broadcast); under `--ft` only where the broadcast's bound outlasts that sleep twice over."""
+    import argparse
+
+    from sglang.srt.arg_groups.overrides import resolution_result
+    from sglang.srt.plugins import load_plugins
+    from sglang.srt.server_args import ServerArgs
+    from sglang_ft.server_args import FT_ENV, ft_args
+
+    load_plugins()
+    monkeypatch.delenv(FT_ENV, raising=False)
+    parser = argparse.ArgumentParser()
+    ServerArgs.add_cli_args(parser)
+
+    def sleeps(*flags: str) -> bool:
+        server_args = ServerArgs.from_cli_args(parser.parse_args(["--model-path", tiny_model, *flags]))
+        server_args.resolve_once()  # what the launcher does: the platform's defaults are applied here
+        return resolution_result(server_args, "sleep_on_idle")
+
+    try:
+        assert sleeps() and sleeps("--ft") and sleeps("--ft", "--ft-collective-timeout-s", "2")
+        assert not sleeps("--ft", "--ft-collective-timeout-s", "1")
+        assert not sleeps("--ft", "--ft-collective-timeout-s", "1", "--sleep-on-idle")
+    finally:
+        ft_args.cache_clear()
+
+
+def test_sglangs_idle_sleep_lasts_what_the_surface_says_and_the_wake_pipe_ends_it():
+    """SGLang's IdleSleeper polls its sockets IDLE_SLEEP_POLL_S (the bound the FT check above relies on); the FT
+    worker's wake pipe, registered in that poll, ends it at once, and a drained pipe lets it sleep again."""
+    import threading
+    import time
+
+    import zmq
+    from sglang.srt.managers.scheduler_components.idle_sleeper import IdleSleeper
+    from sglang_ft.managers.scheduler_components.idle_wake import IdleWake
+    from sglang_ft.sglang_surface import IDLE_SLEEP_POLL_S
+
+    context = zmq.Context()
+    socket = context.socket(zmq.PULL)
+    try:
+        sleeper = IdleSleeper([socket])
+        sleeper.empty_cache_interval = 0
+        wake = IdleWake()
+        wake.attach(type("Scheduler", (), {"idle_sleeper": sleeper})())
+        assert wake.attached
+
+        def slept() -> float:
+            start = time.monotonic()
+            sleeper.maybe_sleep()
+            return time.monotonic() - start
+
+        assert IDLE_SLEEP_POLL_S * 0.9 <= slept() <= IDLE_SLEEP_POLL_S * 1.5
+        threading.Timer(0.1, wake.wake).start()
+        assert slept() < IDLE_SLEEP_POLL_S / 2
+        assert slept() < 0.05  # not drained yet: the wake is still there
+        wake.drain()
+        assert slept() >= IDLE_SLEEP_POLL_S * 0.9
+    finally:
+        socket.close(0)
+        context.term()

@@ -16,6 +16,7 @@ import time
 from ft.agent import Engine, FtAgent, RegroupOrdered
 from ft.faults import ARMED_FAULTS, FAULT_SIGNALS
 from ft.messages import Regroup, RegroupDone
+from sglang_ft.managers.scheduler_components.idle_wake import IdleWake
 from sglang_ft.managers.scheduler_components.output_rewind import FinishedRequests
 from sglang_ft.elastic_tp.received_requests import RequestLedger
 from sglang_ft.managers.scheduler_components.worker_load import probe_load
@@ -68,6 +69,7 @@ class FtWorker:
         engine = Engine(regroup=self._regroup, is_collective_failure=is_collective_failure,
                         interrupt=self._interrupt_old_group, load=lambda: probe_load(self),
                         collectives_may_fail=_collectives_may_fail)
+        self.idle_wake = IdleWake()  # rank 0's idle sleep ends when a newer group is ordered
         self.agent = FtAgent(ft.agent_options(worker), engine, joining=joining, kv_slots=kv_slots)
 
     @property
@@ -89,7 +91,9 @@ class FtWorker:
         return regroup_in_place(self, order)
 
     def _interrupt_old_group(self, order: Regroup) -> None:
-        """A newer group is ordered: make a collective of the old group that is still waiting fail now."""
+        """A newer group is ordered: make a collective of the old group that is still waiting fail now, and end an
+        idle rank 0's sleep."""
+        self.idle_wake.wake()
         from sglang_ft.distributed.standby_groups import interrupt_for
 
         aborted, shut = interrupt_for(order, self.group)  # NCCL: shrunk when a standby set fits
@@ -147,6 +151,8 @@ class FtWorker:
     def check_orders(self) -> None:
         """Called at the top of every scheduler iteration (no forward in flight, every allocated slot written):
         re-send the KV to a restarted backup store; leave the loop if a newer group was ordered."""
+        if self.idle_wake.attached:
+            self.idle_wake.drain()
         if self.kv_stream is not None:
             self.kv_stream.pipeline.pump()  # hand over the KV copies that completed since the last step
         if self.agent.take_resync_request() and self.kv_stream is not None:

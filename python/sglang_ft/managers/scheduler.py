@@ -47,6 +47,7 @@ def after_init(_result, scheduler, server_args, port_args, *args, **kwargs):
     if ft.kv_backup:
         worker.start_kv_backup(scheduler.tp_worker.model_runner, scheduler.token_to_kv_pool_allocator)
     install_worker(worker)
+    worker.idle_wake.attach(scheduler)  # under --sleep-on-idle: an order wakes an idle rank 0
     from sglang_ft.layers.attention import remainder_placement
 
     remainder_placement.install(scheduler, ft, worker.kv_stream)
