@@ -91,7 +91,7 @@ _GROUPS = {  # SGLang module under sglang.srt -> (attribute, hook type, handler)
         ("KVCacheConfigurator._apply_token_constraints", AFTER, kv_cache_configurator.after_apply_token_constraints),
     ],
     # scheduler, model: the elastic model, its unequal head counts, true sizes, lazily read weight slices
-    "model_loader.utils": [("get_model_architecture", AFTER, loader_utils.after_get_model_architecture)],
+    "model_loader.utils": [("get_model_architecture", AROUND, loader_utils.around_get_model_architecture)],
     # scheduler, model runner: attention backends for this rank's uneven heads, again after every regroup
     "model_executor.model_runner": [
         ("ModelRunner.init_attention_backends", AROUND, model_runner.around_init_attention_backends),

@@ -315,10 +315,14 @@ def refresh_active_replicas(controller) -> None:
     controller._refresh_active_workers()
 
 
-def restart_idle_sleeper(scheduler) -> None:
-    """SGLang gives only the TP rank 0 it started an idle sleeper (a poll on its tokenizer sockets, under
-    `--sleep-on-idle`): a new rank 0 gets one on the sockets it took over (its `get_parallel()` says rank 0 now)."""
-    scheduler.init_idle_sleeper()
+def restart_idle_sleeper(scheduler, rank_zero: bool) -> None:
+    """Under `--sleep-on-idle` only TP rank 0 sleeps between requests, in a poll of its tokenizer sockets (the
+    others wait for it in the request broadcast). SGLang decides that once, at start; after a regroup a new rank 0
+    gets a sleeper on the sockets it took over, and any other rank none (a restarted worker started as the rank 0 of
+    a group of one, with no sockets to poll)."""
+    scheduler.idle_sleeper = None
+    if rank_zero:
+        scheduler.init_idle_sleeper()
 
 
 def idle_poller(scheduler):

@@ -1,9 +1,10 @@
 """SGLang's own clients against an `--ft` server, unchanged: the openai client, frontend programs
-(`sgl.function` + `RuntimeEndpoint`), `bench_serving`, and the control CLI; the frontend program and a streaming
-chat keep going across a worker failure.
+(`sgl.function` + `RuntimeEndpoint`), `bench_serving`, and the control CLI; `make demo`'s load, kill and report
+(`python -m sglang_ft.demo --url`), then the frontend program and a streaming chat keep going across a worker
+failure.
 
 One TP 4 server serves the whole module; the tests that need no failure run first, then each failure test
-takes one worker away (TP 4 -> 3 -> 2).
+takes one worker away (TP 4 -> 3 -> 2 -> 1).
 """
 
 import json
@@ -127,6 +128,28 @@ def program_results(states) -> list[dict]:
     return [{k: s[k] for k in ("kind", "step0", "step1", "step2")} | {"text": s.text()} for s in states]
 
 
+def test_the_demo_survives_the_kill_with_nothing_lost_and_leaves_a_plot(server, tiny_model, tmp_path):
+    """`make demo`'s run on this server (TP 4 -> 3, into hybrid attention): its clients' every output equal to
+    transformers, nothing lost, no KV recomputed, the plot written. The demo's own launch is `ServerProcess`, as
+    this module's; stopping with no process left behind is the SIGTERM test's (test_reliability.py)."""
+    out = tmp_path / "demo"
+    run = subprocess.run(
+        [sys.executable, "-m", "sglang_ft.demo", "--url", server.url, "--model-dir", tiny_model, "--before-s", "4",
+         "--after-s", "8", "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["lost"] == 0 and summary["mismatched"] == 0 and summary["served"] > 0
+    assert summary["recovered"] and summary["tp_after"] == 3 and summary["leftover_processes"] == []
+    assert summary["kv_tokens_recomputed"] == 0 and summary["tokens_per_s_after"] > 0
+    assert (out / "throughput.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "SIGKILL -> worker 2" in run.stdout and "regrouped in place to TP 3" in run.stdout
+    assert wait_for_epoch(server, 1)["tp_size"] == 3
+    # bad flags are refused by name, before anything starts
+    for argv, flag in ((["--kill-rank", "9"], "--kill-rank"), (["--url", "http://127.0.0.1:9"], "--url")):
+        bad = subprocess.run([sys.executable, "-m", "sglang_ft.demo", *argv], capture_output=True, text=True)
+        assert bad.returncode == 2 and flag in bad.stderr, bad.stderr
+
+
 def test_frontend_program_runs_across_a_worker_failure(server):
     import sglang as sgl
 
@@ -141,9 +164,9 @@ def test_frontend_program_runs_across_a_worker_failure(server):
     time.sleep(2.0)  # the programs are on their first steps; each has five more round trips to go
     kill_worker(server, 2)
     runner.join(timeout=600)
-    assert wait_for_epoch(server, 1)["tp_size"] == 3
+    assert wait_for_epoch(server, 2)["tp_size"] == 2
     assert all(state.error() is None for state in during)
-    assert program_results(during) == before  # same selections, same greedy text, TP 4 and across the failure
+    assert program_results(during) == before  # same selections, same greedy text, TP 3 and across the failure
 
 
 def test_streaming_chat_keeps_streaming_across_a_worker_failure(server, openai_client):
@@ -160,7 +183,7 @@ def test_streaming_chat_keeps_streaming_across_a_worker_failure(server, openai_c
         if chunk.choices:
             pieces.append(chunk.choices[0].delta.content or "")
     assert "".join(pieces) == whole
-    assert wait_for_epoch(server, 2)["tp_size"] == 2
+    assert wait_for_epoch(server, 3)["tp_size"] == 1
 
 
 def test_bench_serving_runs_against_the_ft_server(server, tiny_model, tmp_path):
@@ -204,7 +227,7 @@ def test_sigkill_of_the_servers_main_process_leaves_no_orphan(server):
     family = launcher.children(recursive=True)
     family = [p for p in family if p.status() != psutil.STATUS_ZOMBIE]  # workers killed by the tests above
     names = " ".join(p.name() + " " + " ".join(p.cmdline()[:4]) for p in family)
-    assert "ft.controller" in names and "kv_store" in names and names.count("scheduler") >= 2, names
+    assert "ft.controller" in names and "kv_store" in names and names.count("scheduler") >= 1, names
     os.kill(launcher.pid, signal.SIGKILL)
     alive = still_running(family, timeout_s=30)
     assert not alive, [(p.pid, p.name()) for p in alive]

@@ -1,9 +1,12 @@
-"""SGLang's router (sglang-router) in front of two `--ft` servers, as deploy/k8s/router.yaml runs it.
+"""SGLang's router (sglang-router) in front of an `--ft` server A and a plain SGLang server B (no `--ft`: the
+torch_cpu platform alone), both TP 2; deploy/k8s/router.yaml runs it in front of `--ft` servers.
 
-The router is `python -m sglang_router.launch_router --worker-urls A B`, unchanged. Its probe endpoints answer,
-every request through it equals `transformers`' greedy output, both servers serve a share, and after server A loses a
-TP worker (kill, regroup TP 2 -> 1) the router keeps sending it requests, still equal. Last, server B dies whole
-under load: no non-streaming request is lost (the router retries them on A), a stream running on B ends short.
+First, B alone: unmodified SGLang through the platform plugin equals `transformers` at TP 2 (several ranks over
+gloo), without the elastic model. The router is `python -m sglang_router.launch_router --worker-urls A B`,
+unchanged. Its probe endpoints answer, every request through it equals `transformers`' greedy output, both servers
+serve a share, and after server A loses a TP worker (kill, regroup TP 2 -> 1) the router keeps sending it requests,
+still equal. Last, server B dies whole under load: no non-streaming request is lost (the router retries them on A),
+a stream running on B ends short.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import requests
 import yaml
 
 from tests.conftest import MAX_NEW_TOKENS, PROMPTS
-from tests.client import GREEDY, generate, start_together, wait_for
+from tests.client import GREEDY, generate, generate_concurrently, start_together, wait_for
 from tests.server.test_ecosystem import kill_worker, wait_for_epoch
 from tests.unit.test_k8s import K8S
 
@@ -35,7 +38,8 @@ def backends(servers, tiny_model):
     from sglang_ft.tools.server_process import ServerProcess
 
     servers.close()  # A is degraded by a fault here: never shared with the pool
-    started = [ServerProcess(tiny_model, tp_size=2, ft=True, extra_args=FT_FLAGS) for _ in range(2)]
+    started = [ServerProcess(tiny_model, tp_size=2, ft=True, extra_args=FT_FLAGS),
+               ServerProcess(tiny_model, tp_size=2, ft=False, extra_args=["--enable-metrics"])]
     try:
         start_together(started)
         yield started
@@ -81,6 +85,14 @@ def requests_served(server) -> float:
     text = requests.get(f"{server.url}/metrics", timeout=30).text
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                if line.startswith("sglang:num_requests_total"))
+
+
+def test_the_plain_server_equals_transformers_without_the_elastic_model(backends, tiny_model, hf_outputs):
+    plain = backends[1]
+    outputs = generate_concurrently(plain.url, PROMPTS, MAX_NEW_TOKENS)
+    assert [o["output_ids"] for o in outputs] == hf_outputs(tiny_model)
+    assert "sglang-ft: TP rank" not in plain.log_text()  # the elastic model is not in play without --ft
+    assert "sglang-ft: TP rank" in backends[0].log_text()
 
 
 def test_router_answers_the_probes_of_its_manifest(router):
@@ -137,7 +149,7 @@ def _stream(url: str, prompt: str, outcome: dict) -> None:
 
 
 def test_a_whole_server_sigkilled_under_load_costs_no_request_through_the_router(router, backends, tiny_model):
-    """Last: server B (full width) is SIGKILLed whole, every process of it, while requests run on both servers.
+    """Last: server B (full width, plain) is SIGKILLed whole, every process of it, while requests run on both servers.
     Every non-streaming request completes through the router's retry on A and equals transformers. A stream that
     was running on B is not replayed by the router (its first bytes were sent): it ends short, without [DONE]."""
     from sglang_ft.tools.hf_reference import greedy_token_ids
@@ -159,7 +171,7 @@ def test_a_whole_server_sigkilled_under_load_costs_no_request_through_the_router
     for thread in threads[2:]:
         thread.start()
     wait_for(lambda: all(len(s["output_ids"]) >= 4 for s in streams), timeout_s=300, what="both streams decoding")
-    os.killpg(victim.proc.pid, signal.SIGKILL)  # the launcher, its schedulers, the FT controller: all at once
+    os.killpg(victim.proc.pid, signal.SIGKILL)  # the launcher and its schedulers: all at once
     for thread in threads:
         thread.join(timeout=600)
     assert results == expected * 2  # no request lost: those on B were retried on A from the start

@@ -1,7 +1,7 @@
 """A step finished on some ranks only (torn_step.py): the ranks behind take its tokens, and its finishes.
 
 Ranks run as threads over an in-memory all-gather, each with SGLang's own `Req`s; the end-to-end case is
-`make demo`'s kill (test_demo.py), where a worker died as the last collective of a step had reached some peers.
+`make demo`'s kill (test_ecosystem.py), where a worker died as the last collective of a step had reached some peers.
 """
 
 from __future__ import annotations

@@ -81,7 +81,6 @@ def take_over_tokenizer_channels(scheduler, port_args) -> None:
     from sglang_ft.observability.metrics_collector import take_over_scheduler_metrics
 
     take_over_scheduler_metrics(scheduler)
-    restart_idle_sleeper(scheduler)  # under --sleep-on-idle: sleep between requests as the first rank 0 did
     logger.warning("sglang-ft: this worker is now TP rank 0 and talks to the tokenizer manager")
 
 
@@ -136,9 +135,10 @@ def regroup_in_place(ft_worker, order: Regroup) -> RegroupDone:
                                          f"{', from standby groups' if standby else ''}: {describe_last_rebuild()})")
     if new_rank == 0 and (not ft_worker.group or ft_worker.group[0] != me):
         take_over_tokenizer_channels(scheduler, ft_worker.port_args)
-        ft_worker.idle_wake.attach(scheduler)  # the new idle sleeper's poll, too
         await_output_counts(ft_worker, order.epoch)
         clock.done("take_over_tokenizer", "(this worker is the new rank 0)")
+    restart_idle_sleeper(scheduler, rank_zero=new_rank == 0)  # --sleep-on-idle: rank 0 only, on the sockets it holds
+    ft_worker.idle_wake.attach(scheduler)
     held, remainder_held = agree_on_holdings(old_model if ft_worker.holds_weights else None, order,
                                              scheduler.tp_cpu_group)
     plan = plan_regroup(old_model.layout.shape, held, remainder_held, order, ft_worker.ft.splits_remainder)

@@ -40,6 +40,9 @@ def after_init(_result, scheduler, server_args, port_args, *args, **kwargs):
     else:  # a restarted worker: alone until the controller plans it back in (elastic_tp/joiner.py)
         worker = FtWorker(scheduler, ft, joiner.worker, port_args, joining=True, dp_rank=parallel.dp_rank or 0,
                           kv_slots=scheduler.token_to_kv_pool_allocator.size)
+        from sglang_ft.sglang_surface import restart_idle_sleeper
+
+        restart_idle_sleeper(scheduler, rank_zero=False)  # never rank 0 when planned in, and no socket to poll yet
         allocator_slots = scheduler.token_to_kv_pool_allocator.size
         if allocator_slots != joiner.kv_slots:
             raise RuntimeError(f"sglang-ft: restarted worker {joiner.worker} has {allocator_slots} KV slots, the "
