@@ -139,8 +139,12 @@ def test_a_whole_node_killed_mid_decode_loses_nothing_and_its_kv_comes_from_the_
 
             results: list = [None] * len(PROMPTS)
             threads = start_requests(url, results)
-            wait_for(lambda: status_of(url)["workers"][2].get("running_requests"), timeout_s=120, poll_s=0.05,
-                     what="node 1 to decode")
+            # every request decoding on node 1, and two of its steps since: a step's KV rows reach the store after
+            # the step, so a kill right after the prefill would (rightly) leave the prompts' rows to recompute
+            running = wait_for(lambda: (w := status_of(url)["workers"][2]).get("running_requests") == len(PROMPTS)
+                               and w, timeout_s=120, poll_s=0.05, what="node 1 to decode every request")
+            wait_for(lambda: status_of(url)["workers"][2]["steps"] >= running["steps"] + 2, timeout_s=60,
+                     poll_s=0.05, what="node 1's next two steps")
             killed = nodes.kill(1)  # the whole node at once: its launcher, schedulers and detokenizer-less rest
             assert len(killed) >= 3
             for thread in threads:
