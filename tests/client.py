@@ -116,3 +116,26 @@ def start_together(servers) -> None:
         for server in servers:
             server.stop()
         raise
+
+
+def _first_mapping(pid: int, library: str) -> str:
+    with open(f"/proc/{pid}/maps") as maps:
+        return next(line.split("-")[0] for line in maps if line.rstrip().endswith(library))
+
+
+def worker_start_methods(server, library: str = "libtorch_cpu.so") -> list[str]:
+    """How each worker of a live --ft server was started by its launcher, told apart by address: a fork keeps the
+    launcher's address space, so `library` sits at the launcher's address; a spawned child exec'd Python afresh,
+    and address-space randomisation put it elsewhere. (SGLang retitles its processes, so command lines cannot tell.)"""
+    import psutil
+    import requests
+
+    with open("/proc/sys/kernel/randomize_va_space") as aslr:
+        assert aslr.read().strip() != "0", "without address-space randomisation a spawned worker looks forked"
+    launcher = server.proc.pid
+    methods = []
+    for worker in requests.get(f"{server.url}/ft/status", timeout=30).json()["workers"]:
+        assert psutil.Process(worker["pid"]).parent().pid == launcher, worker
+        same = _first_mapping(worker["pid"], library) == _first_mapping(launcher, library)
+        methods.append("fork" if same else "spawn")
+    return methods

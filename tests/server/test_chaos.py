@@ -81,7 +81,8 @@ def test_a_killed_worker_is_restarted_and_rejoins_under_load_then_serves(chaos_s
         wait_for(lambda: load.completed >= served["rejoin"] + args.clients, 120, "requests served after the rejoin")
     finally:
         load.finish()
-    assert (load.mismatched, load.failed_attempts, load.unfinished) == (0, 0, 0), load.failures
+    assert (load.mismatched, load.failed_attempts, load.unfinished) == (0, 0, 0), \
+        (load.failures, load.mismatches)
     assert 0 < served["TP 4"] <= served["regroup"] < served["rejoin"] < load.completed  # served at TP 4, 3, 4
 
     failure, rejoin = rejoined["recoveries"]

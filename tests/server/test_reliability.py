@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, given, settings
 
 from ft.messages import Heartbeat, WorkerFailed, encode
 from sglang_ft.tools.load import server_load
-from tests.client import GREEDY, generate, still_running
+from tests.client import GREEDY, generate, still_running, worker_start_methods
 from tests.client import wait_for as client_wait_for
 
 pytestmark = pytest.mark.server
@@ -35,8 +35,13 @@ LIMITS = ["--max-running-requests", "2", "--max-queued-requests", "3", "--ft-dra
 def server(servers, tiny_model):
     from sglang_ft.tools.server_process import ServerProcess
 
+    from sglang_ft.platforms.torch_cpu import START_METHOD_ENV
+
     servers.close()  # this module's last test stops its server: never shared with the pool
-    process = ServerProcess(tiny_model, tp_size=2, ft=True, extra_args=LIMITS).start()
+    # SGLang's own `spawn`, as on GPUs (the other CPU servers fork their children): each child loads sglang-ft's
+    # plugin and hooks by itself here
+    process = ServerProcess(tiny_model, tp_size=2, ft=True, extra_args=LIMITS,
+                            extra_env={START_METHOD_ENV: "spawn"}).start()
     yield process
     process.stop()
 
@@ -70,6 +75,10 @@ BAD_BODIES = [
     ("/ft/drain", {"worker": -1}),
     ("/ft/rejoin", {"worker": 0, "extra": 1}),
 ]
+
+
+def test_this_servers_workers_were_spawned_as_on_gpus(server):
+    assert worker_start_methods(server) == ["spawn", "spawn"]
 
 
 def test_malformed_bodies_get_4xx_with_a_message_and_change_nothing(server):
@@ -238,9 +247,11 @@ def test_hypothesis_on_sampling_parameters_finds_no_server_error(server):
               suppress_health_check=list(HealthCheck))
     @given(params=st.dictionaries(st.sampled_from(SAMPLING_KEYS), sampling_values(), max_size=4))
     def no_server_error(params):
-        if isinstance(params.get("max_new_tokens"), int) and not isinstance(params["max_new_tokens"], bool):
-            params["max_new_tokens"] = min(params["max_new_tokens"], 8)  # keep each call short on CPU
-        params.setdefault("max_new_tokens", 4)
+        limit = params.get("max_new_tokens")
+        if isinstance(limit, int) and not isinstance(limit, bool):
+            params["max_new_tokens"] = min(limit, 8)  # keep each call short on CPU
+        elif limit is None:  # absent or null: SGLang's default runs to the context length (1,470 tokens, 60 s here)
+            params["max_new_tokens"] = 8
         payload = json.dumps({"text": "sample", "sampling_params": params})  # NaN and Infinity go out as such
         response = requests.post(f"{server.url}/generate", data=payload, headers={"content-type": "application/json"},
                                  timeout=120)

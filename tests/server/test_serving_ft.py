@@ -13,7 +13,8 @@ import json
 
 import pytest
 import requests
-from tests.client import GREEDY, assert_ranks_read_only_their_slices, generate, generate_concurrently, wait_for
+from tests.client import (GREEDY, assert_ranks_read_only_their_slices, generate, generate_concurrently, wait_for,
+                          worker_start_methods)
 from tests.conftest import MAX_NEW_TOKENS, PROMPTS
 
 pytestmark = pytest.mark.server
@@ -45,6 +46,12 @@ def test_greedy_equals_transformers_and_ranks_read_only_their_slices(servers, mo
 @pytest.fixture
 def tp3(servers, tiny_qwen2_moe_12h):
     return servers.get(tiny_qwen2_moe_12h, 3, True, *TP3_FLAGS)
+
+
+def test_on_cpu_the_launcher_forks_its_workers(tp3):
+    """The torch_cpu platform's children are forks of the launcher, which has imported SGLang already (a spawned
+    child imports it again; test_reliability's server is launched that way, as GPU servers are)."""
+    assert worker_start_methods(tp3) == ["fork"] * 3
 
 
 def test_radix_prefix_cache_hits_and_keeps_output(tp3):

@@ -123,3 +123,37 @@ def test_sglangs_idle_sleep_lasts_what_the_surface_says_and_the_wake_pipe_ends_i
     finally:
         socket.close(0)
         context.term()
+
+
+def test_cpu_children_fork_unless_the_variable_asks_for_sglangs_spawn(monkeypatch):
+    from sglang_ft.platforms.torch_cpu import START_METHOD_ENV, children_start_method, cpu_start_method
+
+    monkeypatch.delenv(START_METHOD_ENV, raising=False)
+    assert cpu_start_method() == "fork"
+    assert children_start_method() == "fork"  # this machine has no GPU: the torch_cpu platform is SGLang's
+    monkeypatch.setenv(START_METHOD_ENV, "spawn")
+    assert children_start_method() == "spawn"
+    monkeypatch.setenv(START_METHOD_ENV, "forkserver")
+    with pytest.raises(ValueError, match=f"{START_METHOD_ENV}='forkserver': use one of fork, spawn"):
+        cpu_start_method()
+
+
+def test_a_launch_sets_the_platforms_start_method_after_sglang_set_spawn(monkeypatch):
+    """SGLang's launcher forces `spawn` before it launches the schedulers; the adapter of that launch sets the
+    platform's method, which SGLang's `mp.Process` children (schedulers, DP controller, detokenizer) then use."""
+    import multiprocessing as mp
+
+    from sglang_ft.entrypoints.engine import around_launch_scheduler_processes
+    from sglang_ft.platforms.torch_cpu import START_METHOD_ENV
+
+    seen = []
+    before = mp.get_start_method(allow_none=True)
+    try:
+        for method in ("fork", "spawn"):
+            monkeypatch.setenv(START_METHOD_ENV, method)
+            mp.set_start_method("spawn" if method == "fork" else "fork", force=True)
+            around_launch_scheduler_processes(lambda *a, **k: seen.append(mp.get_start_method()), None, None, None,
+                                              None)
+        assert seen == ["fork", "spawn"]
+    finally:
+        mp.set_start_method(before, force=True)

@@ -41,15 +41,19 @@ def run_joiner_process(*args) -> None:
 
     SGLang's scheduler process signals its parent (SIGQUIT, which takes the whole server down) when it fails. The
     restarted worker's parent is this supervisor instead, so a worker that fails to start or dies later is the
-    controller's to handle, like any dead worker, and the server keeps serving.
+    controller's to handle, like any dead worker, and the server keeps serving. The supervisor has imported SGLang
+    already (unpickling its arguments does), so on the torch_cpu platform it forks the worker rather than having a
+    spawned one import it again; it runs no thread, so the fork is safe.
     """
     import multiprocessing as mp
     import signal
     import sys
 
+    from sglang_ft.platforms.torch_cpu import children_start_method
+
     worker = args[0]
     signal.signal(signal.SIGQUIT, lambda *_: print(f"sglang-ft: restarted worker {worker} failed", file=sys.stderr))
-    process = mp.get_context("spawn").Process(target=_run_joiner_scheduler, args=args,
+    process = mp.get_context(children_start_method()).Process(target=_run_joiner_scheduler, args=args,
                                               name=f"sglang-ft-scheduler-{worker}")
     process.start()
     process.join()

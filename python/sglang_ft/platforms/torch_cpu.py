@@ -19,6 +19,8 @@ from sglang.srt.platforms.device_mixin import PlatformEnum
 logger = logging.getLogger(__name__)
 
 OMP_BIND_ENV = "SGLANG_CPU_OMP_THREADS_BIND"
+START_METHOD_ENV = "SGLANG_FT_CPU_START_METHOD"
+START_METHODS = ("fork", "spawn")
 
 
 def thread_binding(num_ranks: int, cpu_ids: list[int]) -> str:
@@ -35,6 +37,27 @@ def thread_binding(num_ranks: int, cpu_ids: list[int]) -> str:
     per_rank = len(cpu_ids) // num_ranks
     groups = [cpu_ids[r * per_rank : (r + 1) * per_rank] for r in range(num_ranks)]
     return "|".join(",".join(str(c) for c in g) for g in groups)
+
+
+def cpu_start_method() -> str:
+    """How a CPU launcher starts SGLang's children: `fork` unless SGLANG_FT_CPU_START_METHOD says `spawn`.
+
+    SGLang spawns its schedulers, detokenizer and DP controller, and each spawned child imports SGLang again: a
+    scheduler's import is about 15 s of CPU, and on a small machine four of them at once were most of a TP 4
+    launch (68 s; 21 s forked from the launcher, which has imported it all already). GPU launches keep SGLang's
+    `spawn` (CUDA cannot be used across a fork); `spawn` here runs the children exactly as a GPU launch does.
+    """
+    method = os.environ.get(START_METHOD_ENV, "fork")
+    if method not in START_METHODS:
+        raise ValueError(f"{START_METHOD_ENV}={method!r}: use one of {', '.join(START_METHODS)}")
+    return method
+
+
+def children_start_method() -> str:
+    """The start method for SGLang's children in this process: the torch_cpu platform's, else SGLang's `spawn`."""
+    from sglang.srt.platforms import current_platform
+
+    return cpu_start_method() if isinstance(current_platform, TorchCpuPlatform) else "spawn"
 
 
 KV_MEMORY_FRACTION = 0.2  # of the machine's available RAM, shared by every rank's KV pool

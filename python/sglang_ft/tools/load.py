@@ -60,6 +60,7 @@ class Load(ClientThreads):
     tokens: list[float] = field(default_factory=list)  # arrival time of every streamed token
     completed: int = 0
     mismatched: int = 0
+    mismatches: list[tuple[str, list[int], list[int]]] = field(default_factory=list)  # (prompt, got, expected)
     failed_attempts: int = 0
     failures: list[tuple[float, str]] = field(default_factory=list)  # (time.monotonic(), why) of each failed attempt
     unfinished: int = 0  # accepted by a client but not completed when the load stopped
@@ -88,6 +89,7 @@ class Load(ClientThreads):
                     self.durations.append(time.monotonic() - first_sent)
                     if self.expected is not None and output_ids != self.expected[prompt][:max_new_tokens]:
                         self.mismatched += 1
+                        self.mismatches.append((prompt, output_ids, self.expected[prompt][:max_new_tokens]))
                 return True
             except (requests.RequestException, RuntimeError, ValueError) as exc:
                 with self.lock:

@@ -30,6 +30,7 @@ class ServerProcess:
     tp_size: int = 1
     ft: bool = False
     extra_args: list[str] = field(default_factory=list)
+    extra_env: dict[str, str] = field(default_factory=dict)
     port: int = 0
     log_path: Path | None = None
     startup_s: float = 0.0
@@ -63,7 +64,7 @@ class ServerProcess:
         if self.log_path is None:
             self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"sglang-ft-server-{self.port}.log"
         log = open(self.log_path, "w")
-        env = dict(os.environ, PYTHONWARNINGS="ignore")
+        env = dict(os.environ, PYTHONWARNINGS="ignore", **self.extra_env)
         # `stop` signals the whole group, so the launcher sees its schedulers exit and runs SGLang's crash path,
         # which sleeps 5 s for py-spy and CUDA core dumps first: nothing to dump here, and 5 s per server stopped.
         for flag in ("SGLANG_PYSPY_DUMP_BEFORE_CRASH", "SGLANG_CUDA_COREDUMP_BEFORE_CRASH"):
