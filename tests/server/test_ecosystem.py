@@ -130,8 +130,9 @@ def program_results(states) -> list[dict]:
 
 def test_the_demo_survives_the_kill_with_nothing_lost_and_leaves_a_plot(server, tiny_model, tmp_path):
     """`make demo`'s run on this server (TP 4 -> 3, into hybrid attention): its clients' every output equal to
-    transformers, nothing lost, no KV recomputed, the plot written. The demo's own launch is `ServerProcess`, as
-    this module's; stopping with no process left behind is the SIGTERM test's (test_reliability.py)."""
+    transformers, nothing lost, the lost KV from the backup store, the plot written. The demo's own launch is
+    `ServerProcess`, as this module's; stopping with no process left behind is the SIGTERM test's
+    (test_reliability.py)."""
     out = tmp_path / "demo"
     run = subprocess.run(
         [sys.executable, "-m", "sglang_ft.demo", "--url", server.url, "--model-dir", tiny_model, "--before-s", "4",
@@ -140,7 +141,11 @@ def test_the_demo_survives_the_kill_with_nothing_lost_and_leaves_a_plot(server, 
     summary = json.loads((out / "summary.json").read_text())
     assert summary["lost"] == 0 and summary["mismatched"] == 0 and summary["served"] > 0
     assert summary["recovered"] and summary["tp_after"] == 3 and summary["leftover_processes"] == []
-    assert summary["kv_tokens_recomputed"] == 0 and summary["tokens_per_s_after"] > 0
+    # the lost heads' KV from the backup store; a SIGKILL between a step's end and that step's copy to the store
+    # takes the step's rows with it, at most one token of each of the 6 clients' requests to compute again
+    # (test_failover's kill_uncopied pins that instant down)
+    assert summary["kv_blocks_restored"] > 0 and summary["kv_tokens_recomputed"] <= 6
+    assert summary["tokens_per_s_after"] > 0
     assert (out / "throughput.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "SIGKILL -> worker 2" in run.stdout and "regrouped in place to TP 3" in run.stdout
     assert wait_for_epoch(server, 1)["tp_size"] == 3
