@@ -133,9 +133,9 @@ def worker_start_methods(server, library: str = "libtorch_cpu.so") -> list[str]:
     with open("/proc/sys/kernel/randomize_va_space") as aslr:
         assert aslr.read().strip() != "0", "without address-space randomisation a spawned worker looks forked"
     launcher = server.proc.pid
+    launcher_address = _first_mapping(launcher, library)
     methods = []
     for worker in requests.get(f"{server.url}/ft/status", timeout=30).json()["workers"]:
         assert psutil.Process(worker["pid"]).parent().pid == launcher, worker
-        same = _first_mapping(worker["pid"], library) == _first_mapping(launcher, library)
-        methods.append("fork" if same else "spawn")
+        methods.append("fork" if _first_mapping(worker["pid"], library) == launcher_address else "spawn")
     return methods

@@ -33,9 +33,8 @@ LIMITS = ["--max-running-requests", "2", "--max-queued-requests", "3", "--ft-dra
 
 @pytest.fixture(scope="module")
 def server(servers, tiny_model):
-    from sglang_ft.tools.server_process import ServerProcess
-
     from sglang_ft.platforms.torch_cpu import START_METHOD_ENV
+    from sglang_ft.tools.server_process import ServerProcess
 
     servers.close()  # this module's last test stops its server: never shared with the pool
     # SGLang's own `spawn`, as on GPUs (the other CPU servers fork their children): each child loads sglang-ft's

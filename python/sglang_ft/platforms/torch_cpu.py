@@ -44,7 +44,8 @@ def cpu_start_method() -> str:
 
     SGLang spawns its schedulers, detokenizer and DP controller, and each spawned child imports SGLang again: a
     scheduler's import is about 15 s of CPU, and on a small machine four of them at once were most of a TP 4
-    launch (68 s; 21 s forked from the launcher, which has imported it all already). GPU launches keep SGLang's
+    launch (62.0 s; 18.5 s forked from the launcher, which has imported it all already:
+    benchmark/results/launch_time_2026-12-03.json). GPU launches keep SGLang's
     `spawn` (CUDA cannot be used across a fork); `spawn` here runs the children exactly as a GPU launch does.
     """
     method = os.environ.get(START_METHOD_ENV, "fork")

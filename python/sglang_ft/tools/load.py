@@ -59,7 +59,6 @@ class Load(ClientThreads):
     stagger_tokens: int = 0  # client i asks for max_new_tokens - i * stagger_tokens (at least 1)
     tokens: list[float] = field(default_factory=list)  # arrival time of every streamed token
     completed: int = 0
-    mismatched: int = 0
     mismatches: list[tuple[str, list[int], list[int]]] = field(default_factory=list)  # (prompt, got, expected)
     failed_attempts: int = 0
     failures: list[tuple[float, str]] = field(default_factory=list)  # (time.monotonic(), why) of each failed attempt
@@ -68,6 +67,11 @@ class Load(ClientThreads):
     stop: threading.Event = field(default_factory=threading.Event)
     lock: threading.Lock = field(default_factory=threading.Lock)
     threads: list[threading.Thread] = field(default_factory=list)
+
+    @property
+    def mismatched(self) -> int:
+        """Completed requests whose tokens differed from `expected`."""
+        return len(self.mismatches)
 
     def client(self, index: int) -> None:
         n = index
@@ -88,7 +92,6 @@ class Load(ClientThreads):
                     self.completed += 1
                     self.durations.append(time.monotonic() - first_sent)
                     if self.expected is not None and output_ids != self.expected[prompt][:max_new_tokens]:
-                        self.mismatched += 1
                         self.mismatches.append((prompt, output_ids, self.expected[prompt][:max_new_tokens]))
                 return True
             except (requests.RequestException, RuntimeError, ValueError) as exc:
