@@ -177,11 +177,13 @@ def test_a_worker_hung_mid_decode_is_declared_dead_in_time_and_its_lost_kv_is_re
     assert detections[-1]["cause"].startswith("hang confirmed by a blocked peer (worker 0 blocked ")
     recovery = wait_for(lambda: [r for r in replica0(server)["recoveries"]
                                  if "hang confirmed" in r["cause"]], what="the recovery")[0]
-    # the silence at the declaration (since its last beat: at least the time since the stop), and the stop until a
-    # 50 ms poll saw it dead: both well before the 1.5 s timeout
+    # the silence at the declaration (since its last beat: at least the time since the stop), well before the
+    # timeout; and, measured here, the stop until a 50 ms poll saw it dead: that includes the status request's own
+    # latency on a busy 2-core machine (a CI run saw 1.13 s for a declaration at 669 ms), so it bounds the
+    # declaration from above by the timeout itself, which would have declared it at 1.5 s at the earliest
     print(f"hang declared {recovery['detect_ms']} ms after its last beat, seen dead {detected[0] * 1e3:.0f} ms after "
           "the stop")
-    assert recovery["detect_ms"] < 1000 and detected[0] < 1.0, (recovery["detect_ms"], detected)
+    assert recovery["detect_ms"] < 1000 and detected[0] < TIMEOUT_MS / 1000, (recovery["detect_ms"], detected)
     assert recovery["kv_tokens_recomputed"] > 0 and recovery["kv_blocks_restored"] == 0
     assert recovery["stage_ms"]["restore_kv"] < 5000  # the dead store is not asked (its fetch would wait 10 s)
     assert "tokens to recompute" in server.log_text()

@@ -155,8 +155,10 @@ def test_a_whole_node_killed_mid_decode_loses_nothing_and_its_kv_comes_from_the_
             assert status["tp_size"] == 2 and [w["rank"] for w in status["workers"]] == [0, 1, None, None]
             (recovery,) = status["recoveries"]  # the node's two workers leave in one regroup
             assert recovery["workers"] == [0, 1] and declared_for_silence(recovery["cause"])
-            # node 1's heads' KV came from the backup store, which runs on node 0
-            assert recovery["kv_blocks_restored"] > 0 and recovery["kv_tokens_recomputed"] == 0
+            # node 1's heads' KV came from the backup store, which runs on node 0; the kill may land between a
+            # step's end and that step's copy to the store: then that step's token of each request is computed again
+            # (the design's bound, pinned by test_failover's kill_uncopied; a CI run measured 6, one per request)
+            assert recovery["kv_blocks_restored"] > 0 and recovery["kv_tokens_recomputed"] <= len(PROMPTS)
             assert status["kv_backup"]["store"]["sequence_gaps"] == 0  # the survivors' heads stayed backed up
             assert [generate(url, p, NEW_TOKENS)["output_ids"] for p in PROMPTS[:2]] == expected[:2]
         finally:
