@@ -11,9 +11,16 @@ message, refused). A gap invalidates every head span that sending process ever w
 message that revealed it: one process writes several (its TP heads and hybrid attention's remainder heads, and other
 heads after a regroup), and the lost message may have covered any of them. A process that stays in the group
 keeps its older writes: the regroup's fetch can overtake what it sent just before (its drops while parking
-requests), and refusing those would invalidate all its heads. (Such a write could only do harm if it arrived
-after its slot was freed, reused and written again by another member, i.e. delayed in the sender's ZMQ I/O
-thread across a whole regroup and a new request's prefill.)
+requests), and refusing those would invalidate all its heads.
+
+Writes and drops are ordered by when they happened, not by when they arrive. One head's rows of one slot can come
+from several workers over separate sockets, which ZMQ reads in no set order: hybrid attention's remainder rows (each
+request's on its owner, its slots freed by their holders) and cyclic placement's, and a worker that held a head
+before a regroup and sent its last rows late. Every message carries its (epoch, moment) (`KvBackupSender.moment`:
+the same on every rank of a group); a drop invalidates only rows written before it, and a write older than the
+slot's latest drop or latest write is refused. Ordered by arrival, a holder's drop overtaken by the next owner's
+write lost that row (recomputed at the next regroup), and an old holder's late write brought a freed row back to
+life (restored into a request that never had it).
 
 It also keeps which slots hold each running request's tokens, as the group's TP rank 0 reports them after each
 step (`ft.request_slots`): a data-parallel replica that loses every worker is gone with its schedulers, and this
@@ -70,9 +77,11 @@ class KvStore:
         self.started = time.monotonic()
         self.requests = RequestSlotMap()  # which slots hold each request's tokens (moving it to another group)
         self.generation = None  # per slot: how many times it was dropped (a map naming it is stale after one)
+        self.written_at = None  # per (layer, head, slot): the (epoch, moment) of the row held (`when`)
+        self.dropped_at = None  # per (head, slot): the (epoch, moment) of its latest drop
         self.counters = dict(writes=0, drops=0, fetches=0, rows_fetched=0, rows_missing=0, stale_refused=0,
                              sequence_gaps=0, malformed=0, failed=0, bytes_received=0, request_maps=0,
-                             request_queries=0)
+                             request_queries=0, late_rows_refused=0)
         self.dropped = Dropped(logger, "kv store", self.counters)  # counts into `malformed` and `failed`
 
     def apply(self, frames: list[bytes]) -> None:
@@ -163,11 +172,24 @@ class KvStore:
         if not self._accept(header.epoch, header.worker, header.seq, header.heads, header.sender):
             return
         dtype = raw_dtype(g.itemsize)
-        k = np.frombuffer(k_raw, dtype=dtype).reshape(shape)
-        v = np.frombuffer(v_raw, dtype=dtype).reshape(shape)
-        self.k[header.layer][h0:h1, slots] = k.transpose(1, 0, 2)  # [heads, n, dim]
-        self.v[header.layer][h0:h1, slots] = v.transpose(1, 0, 2)
-        self.valid[header.layer][h0:h1, slots] = True
+        k = np.frombuffer(k_raw, dtype=dtype).reshape(shape).transpose(1, 0, 2)  # [heads, n, dim]
+        v = np.frombuffer(v_raw, dtype=dtype).reshape(shape).transpose(1, 0, 2)
+        at = when(header.epoch, header.moment)
+        layer = header.layer
+        # not older than the slot's latest drop (else a freed slot's late row) nor than the row held (drops happen
+        # at odd moments, writes at even ones: no tie between them, except in unstamped messages, taken in order)
+        newer = (at >= self.dropped_at[h0:h1, slots]) & (at >= self.written_at[layer][h0:h1, slots])
+        if newer.all():
+            self.k[layer][h0:h1, slots], self.v[layer][h0:h1, slots] = k, v
+            self.valid[layer][h0:h1, slots] = True
+            self.written_at[layer][h0:h1, slots] = at
+        else:
+            self.counters["late_rows_refused"] += int((~newer).sum())
+            heads, index = np.nonzero(newer)
+            heads_g, slots_g = heads + h0, slots[index]
+            self.k[layer][heads_g, slots_g], self.v[layer][heads_g, slots_g] = k[heads, index], v[heads, index]
+            self.valid[layer][heads_g, slots_g] = True
+            self.written_at[layer][heads_g, slots_g] = at
         self.counters["writes"] += 1
 
     def _drop(self, header: KvDrop, slots_raw: bytes) -> None:
@@ -175,7 +197,9 @@ class KvStore:
         slots = self._slots(slots_raw)
         if not self._accept(header.epoch, header.worker, header.seq, header.heads, header.sender) or self.valid is None:
             return
-        self.valid[:, h0:h1, slots] = False
+        at = when(header.epoch, header.moment)
+        self.dropped_at[h0:h1, slots] = np.maximum(self.dropped_at[h0:h1, slots], at)
+        self.valid[:, h0:h1, slots] &= self.written_at[:, h0:h1, slots] > at  # a later owner's row stays
         self.generation[slots] += 1
         self.counters["drops"] += 1
 
@@ -219,6 +243,8 @@ class KvStore:
         self.v = np.zeros_like(self.k)
         self.valid = np.zeros((g.num_layers, g.num_kv_heads, g.slots), dtype=bool)
         self.generation = np.zeros(g.slots, dtype=np.int64)
+        self.written_at = np.zeros((g.num_layers, g.num_kv_heads, g.slots), dtype=np.int64)  # 8 B per row of
+        self.dropped_at = np.zeros((g.num_kv_heads, g.slots), dtype=np.int64)  # 2 x head_dim x itemsize B
         logger.info("kv store: holding %d layers x %d KV heads x %d slots (%.1f MiB)", g.num_layers,
                     g.num_kv_heads, g.slots, 2 * self.k.nbytes / 2**20)
 
@@ -254,6 +280,15 @@ class KvStore:
             "uptime_s": round(time.monotonic() - self.started, 1),
             "refused_connections": refused_connections(),  # peers without the deployment's key (ft/sockets.py)
         }
+
+
+EPOCH_BITS, MOMENT_BITS = 22, 40
+
+
+def when(epoch: int, moment: int) -> int:
+    """(epoch, moment) as one ordered int64 (an epoch past 4 million regroups, or a moment past 2^40, counts as the
+    last one: a forged header cannot overflow it)."""
+    return min(max(epoch, 0), (1 << EPOCH_BITS) - 1) << MOMENT_BITS | min(moment, (1 << MOMENT_BITS) - 1)
 
 
 def serve(push_endpoint: str, fetch_endpoint: str, parent_pid: int) -> None:

@@ -139,3 +139,32 @@ def worker_start_methods(server, library: str = "libtorch_cpu.so") -> list[str]:
         assert psutil.Process(worker["pid"]).parent().pid == launcher, worker
         methods.append("fork" if _first_mapping(worker["pid"], library) == launcher_address else "spawn")
     return methods
+
+
+class LongStream(threading.Thread):
+    """One streamed greedy request, long enough to outlast whatever the test does meanwhile (regroups, a restart),
+    read until `hang_up` is set and then abandoned (the server aborts it); its output so far in `output_ids`."""
+
+    def __init__(self, url: str, prompt: str, max_new_tokens: int = 1500):
+        super().__init__(daemon=True)
+        self.url, self.prompt, self.max_new_tokens = url, prompt, max_new_tokens
+        self.output_ids: list[int] = []
+        self.error = None
+        self.hang_up = threading.Event()
+
+    def run(self) -> None:
+        body = {"text": self.prompt, "stream": True,
+                "sampling_params": {**GREEDY, "max_new_tokens": self.max_new_tokens}}
+        try:
+            with requests.post(f"{self.url}/generate", json=body, stream=True, timeout=600) as response:
+                for line in response.iter_lines():
+                    if line.startswith(b"data:") and line != b"data: [DONE]":
+                        chunk = json.loads(line[5:])
+                        if "error" in chunk:
+                            self.error = chunk
+                            return
+                        self.output_ids = chunk["output_ids"]
+                    if self.hang_up.is_set():
+                        return
+        except requests.RequestException as exc:
+            self.error = repr(exc)

@@ -22,10 +22,12 @@ from tests import client
 from tests.client import GREEDY, generate, wait_for
 from tests.conftest import PROMPTS
 from ft.failure_detector import declared_for_silence
-from sglang_ft.tools.load import server_load
+from sglang_ft.tools.hf_reference import greedy_references, greedy_token_ids
+from sglang_ft.tools.load import Load, server_load
 
 pytestmark = pytest.mark.server
 NEW_TOKENS = 64
+LONG_TOKENS = 150  # a closed loop of requests this long is decoding whenever a rejoin comes
 FAILOVER_PROMPTS = PROMPTS + ["Tell me about heartbeats", "The worker rank"]  # 8 concurrent requests
 CACHED_PROMPT = "A prefix served before the failure stays in the radix cache through the regroup"
 
@@ -92,8 +94,6 @@ def run_with_fault(server, fault, prompts=FAILOVER_PROMPTS, after_tokens: int = 
 
 
 def _reference(model_path: str):
-    from sglang_ft.tools.hf_reference import greedy_token_ids
-
     return lambda prompts: greedy_token_ids(model_path, prompts, NEW_TOKENS)
 
 
@@ -251,10 +251,24 @@ def test_the_last_failure_streams_across_down_to_tp1_then_a_rejoin_by_hand(ft_se
     survivor = next(w["worker"] for w in st["workers"] if w["rank"] == 0)
     rejoin = lambda worker: requests.post(f"{ft_server.url}/ft/rejoin", json={"worker": worker}, timeout=30)  # noqa
     assert rejoin(survivor).status_code == 409 and rejoin(9).status_code == 400
-    assert rejoin(victim).json() == {"rejoining": victim}
-    st = wait_for(lambda: (s := status(ft_server))["tp_size"] == 2 and len(s["recoveries"]) == 4 and s,
-                  timeout_s=300, what=f"worker {victim} to rejoin")
-    assert st["recoveries"][-1]["joined"] == [victim] and st["recoveries"][-1]["bytes_reloaded"] == 0
+    # one client in a closed loop of long requests through the rejoin (TP 1 -> 2): the joiner takes half the KV
+    # heads of the request in flight from the survivor, peer to peer
+    long_prompts = FAILOVER_PROMPTS[:2]
+    load = Load(ft_server.url, long_prompts, LONG_TOKENS,
+                expected=greedy_references(ft_server.model_path, long_prompts, LONG_TOKENS)).start(1)
+    try:
+        wait_for(lambda: load.completed >= 1, timeout_s=120, what="a long request at TP 1")
+        assert rejoin(victim).json() == {"rejoining": victim}
+        st = wait_for(lambda: (s := status(ft_server))["tp_size"] == 2 and len(s["recoveries"]) == 4 and s,
+                      timeout_s=300, what=f"worker {victim} to rejoin")
+        at_rejoin = load.completed
+        wait_for(lambda: load.completed > at_rejoin, timeout_s=120, what="a long request at TP 2")
+    finally:
+        load.finish()
+    assert (load.mismatched, load.failed_attempts, load.unfinished) == (0, 0, 0), (load.failures, load.mismatches)
+    joined = st["recoveries"][-1]
+    assert joined["joined"] == [victim] and joined["bytes_reloaded"] == 0
+    assert joined["kv_bytes_p2p"] > 0 and joined["kv_tokens_recomputed"] == 0  # its KV heads from the survivor
     assert [r["output_ids"] for r in [generate(ft_server.url, p, NEW_TOKENS) for p in FAILOVER_PROMPTS[:3]]] == \
         expected[:3]
 

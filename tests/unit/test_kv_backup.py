@@ -20,8 +20,8 @@ def rows(n, heads, seed):
         np.uint32)
 
 
-def write(store, worker, seq, layer, heads, slots, k, v, epoch=0, sender=0):
-    header = KvWrite(epoch, worker, seq, layer, heads, G, sender)
+def write(store, worker, seq, layer, heads, slots, k, v, epoch=0, sender=0, moment=0):
+    header = KvWrite(epoch, worker, seq, layer, heads, G, sender, moment)
     store.apply([encode(header), np.asarray(slots, dtype=np.int64).tobytes(), k.tobytes(), v.tobytes()])
 
 
@@ -33,12 +33,12 @@ def fetch(store, heads, slots, epoch=0, members=()):
     return k, v, np.frombuffer(found, dtype=bool)
 
 
-def fill(store, worker, heads, slots, seed, seq0=0, epoch=0, sender=0):
+def fill(store, worker, heads, slots, seed, seq0=0, epoch=0, sender=0, moment=0, layers=range(G.num_layers)):
     data = []
-    for layer in range(G.num_layers):
+    for layer in layers:
         width = heads[1] - heads[0]
         k, v = rows(len(slots), width, seed + layer), rows(len(slots), width, seed + 100 + layer)
-        write(store, worker, seq0 + layer, layer, heads, slots, k, v, epoch, sender)
+        write(store, worker, seq0 + layer, layer, heads, slots, k, v, epoch, sender, moment)
         data.append((k, v))
     return data
 
@@ -67,6 +67,57 @@ def test_freed_slots_are_dropped():
     fill(store, 0, (0, 2), [3, 4], seed=1)
     store.apply([encode(KvDrop(0, 0, 2, (0, 2))), np.array([4], dtype=np.int64).tobytes()])
     assert fetch(store, (0, 2), [3, 4])[2].tolist() == [True, False]
+
+
+def drop(store, worker, seq, heads, slots, epoch=0, moment=0, sender=0):
+    store.apply([encode(KvDrop(epoch, worker, seq, heads, sender, moment)), np.asarray(slots, dtype=np.int64).tobytes()])
+
+
+# Hybrid attention: remainder head 3's rows of a slot are written by each request's owner and dropped by the slot's
+# holders when SGLang frees it, over separate sockets that the store reads in no set order. Moments as the workers
+# stamp them: step j's rows at 2j, slots freed after step j at 2j + 1.
+
+def test_a_holders_drop_overtaken_by_the_next_owners_write_keeps_that_write():
+    store = KvStore()
+    fill(store, worker=0, heads=(3, 4), slots=[5], seed=1, moment=4)  # request A on worker 0, step 2
+    newer = fill(store, worker=1, heads=(3, 4), slots=[5], seed=2, moment=8)  # slot 5 reused: B on worker 1, step 4
+    drop(store, 0, 2, (3, 4), [5], moment=5)  # worker 0 freed it after step 2; its socket was behind
+    k, v, found = fetch(store, (3, 4), [5])
+    assert found.tolist() == [True] and np.array_equal(k[1, 0], newer[1][0][0]) and np.array_equal(v[0, 0],
+                                                                                                  newer[0][1][0])
+
+
+def test_a_late_write_of_a_freed_slot_does_not_bring_it_back():
+    """Worker 2 held head 3 in epoch 0 and stays in the group; its last step's rows were still in its socket when
+    the slot, freed in epoch 1 by the holder then, reached the store."""
+    store = KvStore()
+    fill(store, worker=2, heads=(3, 4), slots=[5], seed=1, epoch=0, moment=38, sender=7)  # epoch 0, step 19
+    drop(store, 1, 0, (3, 4), [5], epoch=1, moment=3)
+    fill(store, worker=2, heads=(3, 4), slots=[5], seed=3, epoch=0, moment=40, sender=7, seq0=2)  # step 20, late
+    assert fetch(store, (3, 4), [5], epoch=1, members=((2, 7),))[2].tolist() == [False]
+    assert store.counters["late_rows_refused"] == G.num_layers
+
+
+def test_an_older_write_arriving_after_a_newer_one_does_not_replace_it():
+    store = KvStore()
+    newer = fill(store, worker=1, heads=(3, 4), slots=[5, 6], seed=2, moment=8)
+    old = fill(store, worker=0, heads=(3, 4), slots=[6, 7], seed=1, moment=4)  # slot 7 is only in the old write
+    k, _, found = fetch(store, (3, 4), [5, 6, 7])
+    assert found.tolist() == [True, True, True]
+    assert np.array_equal(k[0, 1], newer[0][0][1]) and np.array_equal(k[0, 2], old[0][0][1])
+
+
+def test_a_drop_invalidates_the_layers_written_before_it_only():
+    """The next owner's write had reached layer 0 when the drop came: the slot is whole again only once every
+    layer of the new rows arrived."""
+    store = KvStore()
+    fill(store, worker=0, heads=(3, 4), slots=[5], seed=1, moment=4)
+    fill(store, worker=1, heads=(3, 4), slots=[5], seed=2, moment=8, layers=[0])
+    drop(store, 0, 2, (3, 4), [5], moment=5)
+    assert fetch(store, (3, 4), [5])[2].tolist() == [False]  # layer 1 still held A's row: dropped
+    newer = fill(store, worker=1, heads=(3, 4), slots=[5], seed=2, moment=8, layers=[1], seq0=0)
+    k, _, found = fetch(store, (3, 4), [5])
+    assert found.tolist() == [True] and np.array_equal(k[1, 0], newer[0][0][0])
 
 
 def test_a_sequence_gap_invalidates_that_workers_heads():

@@ -251,3 +251,58 @@ def test_an_empty_or_idle_step_stages_nothing(extend):
     idle = SimpleNamespace(is_extend=lambda: False, is_decode=lambda: False)
     streamer.after_step(SimpleNamespace(forward_mode=idle, out_cache_loc=torch.tensor([1])))
     assert streamer.counters()[0] == 0
+
+
+class DelayedSender(StoreSender):
+    """A worker whose socket is behind: its messages reach the store only when `deliver()` is called."""
+
+    def _send(self, frames) -> bool:
+        self.seq += 1
+        self.frames.append([bytes(memoryview(np.ascontiguousarray(f)).cast("B")) if not isinstance(f, bytes) else f
+                            for f in frames])
+        self.sent += 1
+        return True
+
+    def deliver(self) -> None:
+        for frames in self.frames:
+            self.store.apply(frames)
+        self.frames = []
+
+
+def remainder_writer(rows: torch.Tensor, slots: list[int]):
+    """A rank's hybrid-attention placement that wrote remainder head 3's `rows` at `slots` in the latest step."""
+    from sglang_ft.layers.attention.remainder_attention import RemainderKvPool
+
+    remainder = RemainderKvPool(LAYERS, 1, DIM, SLOTS, capacity=8)
+    written = torch.tensor(slots, dtype=torch.int64)
+    if slots:
+        remainder.put_rows(written, rows, -rows)
+    placement = SimpleNamespace(pool=remainder, heads=(3, 4), written=written)
+    placement.take_written = lambda: placement.__dict__.pop("written", None)
+    return placement
+
+
+def test_a_freed_remainder_row_and_its_next_owners_write_reach_the_store_in_any_order():
+    """Worker 0 owns request A, whose remainder row lands in slot 11 at step 1; SGLang frees the slot after step 1
+    (worker 0, its holder, drops it); at step 2 request B, owned by worker 1, writes slot 11. Worker 0's socket is
+    behind, so its drop reaches the store after worker 1's write: B's row must stay (it was lost, to be computed
+    again at the next regroup, when the store went by arrival)."""
+    store = KvStore()
+    streamers = [streamer_with(store, SyncCopyEngine(), fake_pool(20 + w)) for w in (0, 1)]
+    streamers[0].sender = streamers[0].pipeline.sender = DelayedSender(store, worker=0)
+    streamers[0].follow(streamers[0].pool, (0, HEADS), 0)
+    streamers[1].sender = streamers[1].pipeline.sender = StoreSender(store, worker=1, heads=(HEADS, 3))
+    streamers[1].follow(streamers[1].pool, (HEADS, 3), 0)
+    a_rows = torch.full((LAYERS, 1, 1, DIM), 1.0)
+    b_rows = torch.full((LAYERS, 1, 1, DIM), 2.0)
+    step = SimpleNamespace(forward_mode=mode(False), out_cache_loc=torch.tensor([11]))
+    streamers[0].after_step(step, remainder_writer(a_rows, [11]))  # step 1
+    streamers[1].after_step(step, remainder_writer(a_rows, []))
+    streamers[0].drop_rows((3, 4), torch.tensor([11]))  # freed after step 1
+    streamers[0].on_slots_freed(streamers[0].allocator, torch.tensor([11]))
+    streamers[1].on_slots_freed(streamers[1].allocator, torch.tensor([11]))
+    streamers[0].after_step(step, remainder_writer(a_rows, []))  # step 2: B, owned by worker 1, writes slot 11
+    streamers[1].after_step(step, remainder_writer(b_rows, [11]))
+    streamers[0].sender.deliver()
+    assert held(store, [11], heads=(3, 4)).all()
+    assert torch.equal(as_float(store.k[1][3, [11]]), b_rows[1, :, 0])

@@ -157,3 +157,21 @@ def test_a_launch_sets_the_platforms_start_method_after_sglang_set_spawn(monkeyp
         assert seen == ["fork", "spawn"]
     finally:
         mp.set_start_method(before, force=True)
+
+
+def test_restarted_workers_start_from_a_fork_server_that_imported_sglang_or_spawned_as_on_gpus(monkeypatch):
+    """A restart (entrypoints/worker_spawner.py) comes after the HTTP server's threads started, so it is never a
+    fork of the launcher: on the torch_cpu platform it forks from a fork server that preloads what a worker runs,
+    and where SGLang's children are spawned (GPUs, or the variable asking for it) it is spawned too."""
+    from multiprocessing import forkserver
+
+    import sglang  # noqa: F401  (SGLang first, as its plugin loader imports the platform)
+    from sglang_ft.entrypoints.worker_spawner import restart_context
+    from sglang_ft.platforms.torch_cpu import START_METHOD_ENV
+
+    monkeypatch.delenv(START_METHOD_ENV, raising=False)
+    context = restart_context()
+    assert context.get_start_method() == "forkserver"
+    assert "sglang.srt.managers.scheduler" in forkserver._forkserver._preload_modules  # what a worker imports
+    monkeypatch.setenv(START_METHOD_ENV, "spawn")
+    assert restart_context().get_start_method() == "spawn"

@@ -147,7 +147,7 @@ def test_the_rebuild_drops_from_the_kv_backup_only_what_it_freed(leader):
     streamer = KvStreamer("inproc://kv-backup-test", 0, 16, None, allocator, 4)
     streamer.sender.geometry = object()  # streaming
     dropped = []
-    streamer.sender.drop = lambda slots: dropped.extend(slots.tolist())
+    streamer.sender.drop = lambda slots, **_: dropped.extend(slots.tolist())
     free = allocator.free
     allocator.free = lambda slots: (free(slots), streamer.on_slots_freed(allocator, slots))  # the plugin's hook
 

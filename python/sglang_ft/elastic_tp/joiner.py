@@ -37,13 +37,14 @@ def joiner_identity() -> JoinerIdentity | None:
 
 
 def run_joiner_process(*args) -> None:
-    """Process entry point (spawned by the launcher's WorkerSpawner): a small supervisor of the restarted worker.
+    """Process entry point (started by the launcher's WorkerSpawner: spawned on GPUs, forked from the fork server on
+    the torch_cpu platform): a small supervisor of the restarted worker.
 
     SGLang's scheduler process signals its parent (SIGQUIT, which takes the whole server down) when it fails. The
     restarted worker's parent is this supervisor instead, so a worker that fails to start or dies later is the
     controller's to handle, like any dead worker, and the server keeps serving. The supervisor has imported SGLang
-    already (unpickling its arguments does), so on the torch_cpu platform it forks the worker rather than having a
-    spawned one import it again; it runs no thread, so the fork is safe.
+    already (the fork server's preload, or unpickling its arguments when spawned), so on the torch_cpu platform it
+    forks the worker rather than having a spawned one import it again; it runs no thread, so the fork is safe.
     """
     import multiprocessing as mp
     import signal

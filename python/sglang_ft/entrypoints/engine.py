@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 
-from sglang_ft.server_args import ft_enabled
+from sglang_ft.server_args import ft_args, ft_enabled
 
 logger = logging.getLogger(__name__)
 
@@ -23,7 +23,9 @@ def around_launch_scheduler_processes(original, cls, server_args, port_args, run
         logger.info("sglang-ft: SGLang's processes start by %s on this platform", method)
         mp.set_start_method(method, force=True)
     if ft_enabled():
-        from sglang_ft.entrypoints.worker_spawner import remember_launch
+        from sglang_ft.entrypoints.worker_spawner import prepare_restarts, remember_launch, restarts_come_soon
 
         remember_launch(server_args, port_args, run_scheduler_process_func)
+        if restarts_come_soon(ft_args().respawn, ft_args().respawn_delay_s):
+            prepare_restarts()
     return original(cls, server_args, port_args, run_scheduler_process_func, *args, **kwargs)

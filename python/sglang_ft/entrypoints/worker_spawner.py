@@ -2,7 +2,10 @@
 
 An AROUND hook on SGLang's `Engine._launch_scheduler_processes` keeps those arguments. The spawner listens to the
 controller's orders and, on a `Respawn`, starts a fresh scheduler process for that worker on the same device
-through `sglang_ft.elastic_tp.joiner.run_joiner_process`; the launcher stays its parent, as for every scheduler.
+through `sglang_ft.elastic_tp.joiner.run_joiner_process`. On GPUs it is spawned, as SGLang spawns every scheduler.
+On the torch_cpu platform it is forked from a fork server that has imported SGLang once (`restart_context`): a
+spawned restart imported SGLang again, about 15 s of CPU that, under load on a small machine, made a restarted
+worker take about 50 s to start.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import logging
 import multiprocessing as mp
 import threading
 from dataclasses import dataclass
+from multiprocessing import forkserver
 
 import zmq
 
@@ -38,6 +42,40 @@ _LAUNCH: LaunchArgs | None = None
 def remember_launch(server_args, port_args, run_scheduler_process) -> None:
     global _LAUNCH
     _LAUNCH = LaunchArgs(server_args, port_args, run_scheduler_process)
+
+
+# What a restarted worker runs, imported once by the fork server (on the torch_cpu platform)
+RESTART_PRELOAD = ["sglang.srt.managers.scheduler", "sglang_ft.elastic_tp.joiner"]
+
+
+def restart_context():
+    """How restarted workers start: SGLang's `spawn`, or where the platform forks SGLang's children (torch_cpu),
+    from a fork server that imported what a worker runs. Not a fork of the launcher itself: by the time a worker
+    dies it runs the HTTP server's threads, and a fork copies none of them and whatever locks they held."""
+    from sglang_ft.platforms.torch_cpu import children_start_method
+
+    if children_start_method() != "fork":
+        return mp.get_context("spawn")
+    context = mp.get_context("forkserver")
+    context.set_forkserver_preload(RESTART_PRELOAD)
+    return context
+
+
+RESTART_SOON_S = 30.0  # a restart this soon after a death should not wait for the fork server's imports
+
+
+def restarts_come_soon(respawn: bool, respawn_delay_s: float) -> bool:
+    """Whether the fork server should import SGLang while the server starts: automatic restarts that come sooner
+    after a death than its imports take under load. Otherwise it starts with the first restart (an operator's
+    rejoin, or a long repair delay), which then pays one import, as a spawned restart does."""
+    return respawn and respawn_delay_s < RESTART_SOON_S
+
+
+def prepare_restarts() -> None:
+    """Start the fork server now (it imports SGLang in the background). Called once SGLang has set the launcher's
+    environment, which the fork server's children inherit."""
+    if restart_context().get_start_method() == "forkserver":
+        forkserver.ensure_running()
 
 
 _RESTARTED: dict[int, mp.Process] = {}  # worker -> the process of its latest restart
@@ -87,7 +125,7 @@ class WorkerSpawner:
                 logger.warning("sglang-ft: stopping worker %d's previous restart (pid %d)", order.worker, old.pid)
                 old.kill()
                 old.join(timeout=10)
-        context = mp.get_context("spawn")
+        context = restart_context()
         reader, writer = context.Pipe(duplex=False)
         process = context.Process(
             target=run_joiner_process,

@@ -29,9 +29,11 @@ def raw(tensor: torch.Tensor) -> np.ndarray:
 class _Staged:
     """A step's rows of `heads` for `layers`, being copied into a ring buffer (`rows` [2, layers, n, heads, dim])."""
 
-    def __init__(self, buffer, slots: torch.Tensor, rows: torch.Tensor, layers: list[int], heads, event):
+    def __init__(self, buffer, slots: torch.Tensor, rows: torch.Tensor, layers: list[int], heads, event,
+                 moment: int):
         self.buffer, self.slots, self.rows, self.layers, self.heads, self.event = buffer, slots, rows, layers, heads, \
             event
+        self.moment = moment  # when the rows were written (the sender's moment as they were staged)
 
     def ready(self) -> bool:
         return self.event.query()
@@ -45,7 +47,8 @@ class _Staged:
     def send(self, sender) -> None:
         slots = raw(self.slots)
         for i, layer in enumerate(self.layers):
-            sender.write(layer, slots, raw(self.rows[0, i]), raw(self.rows[1, i]), heads=self.heads)
+            sender.write(layer, slots, raw(self.rows[0, i]), raw(self.rows[1, i]), heads=self.heads,
+                         moment=self.moment)
 
 
 class _Message:
@@ -124,14 +127,16 @@ class BackupPipeline:
             self.staging_dropped += 1
             self.messages_dropped += len(layers)
             lost = slots.to("cpu", torch.int64).numpy()  # a full ring is rare: a host copy of the slots is fine
-            self._append(_Message(lambda sender: sender.drop(lost, heads=heads)))
+            after = self.sender.moment + 1  # just after the rows were written: whatever the store holds is older
+            self._append(_Message(lambda sender: sender.drop(lost, heads=heads, moment=after)))
             return False
         first = k_sources[0]
         rows, host_slots = buffer.views(self.engine, (2, len(layers), *first.shape[1:]), first.dtype, len(index))
         copies = [(host_slots, slots.to(torch.int64), None)]
         for i, (k, v) in enumerate(zip(k_sources, v_sources, strict=True)):
             copies += [(rows[0, i], k, index), (rows[1, i], v, index)]
-        self._append(_Staged(buffer, host_slots, rows, list(layers), heads, self.engine.start(copies)))
+        self._append(_Staged(buffer, host_slots, rows, list(layers), heads, self.engine.start(copies),
+                             self.sender.moment))
         return True
 
     def send_in_turn(self, send) -> None:

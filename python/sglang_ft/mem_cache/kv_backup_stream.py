@@ -66,6 +66,7 @@ class KvStreamer:
         self.allocator = allocator
         self.num_kv_heads_total = num_kv_heads_total
         self.drops_muted = False
+        self.steps = 0  # steps that wrote KV in this epoch: the same count on every rank of the group
 
     @contextlib.contextmanager
     def muting_drops(self):
@@ -84,6 +85,7 @@ class KvStreamer:
         self.pool = pool
         self.sender.heads = tuple(heads)
         self.sender.epoch = epoch
+        self.steps, self.sender.moment = 0, 1
         self.sender.geometry = Geometry(
             num_layers=pool.layer_num,
             num_kv_heads=self.num_kv_heads_total,
@@ -101,11 +103,14 @@ class KvStreamer:
         mode = batch.forward_mode
         if self.sender.geometry is not None and slots is not None and slots.numel() \
                 and (mode.is_extend() or mode.is_decode()):
+            self.steps += 1
+            self.sender.moment = 2 * self.steps  # this step's rows (the pipeline keeps the moment it staged them at)
             pool, index = self.pool, slots.to(torch.int64)
             layers = range(pool.start_layer, pool.start_layer + len(pool.k_buffer))
             self.pipeline.stage(layers, self.sender.heads, index, index, pool.k_buffer, pool.v_buffer)
             if placement is not None:
                 self._stage_remainder(placement)
+            self.sender.moment += 1  # what is freed after it
         self.pipeline.pump()
 
     def _stage_remainder(self, placement) -> None:
@@ -120,7 +125,12 @@ class KvStreamer:
         """Send the pool's rows of `slots` in layer `index` (this rank's heads), at once (outside a step)."""
         pool = self.pool
         return self.sender.write(index + pool.start_layer, raw_rows(slots), raw_rows(pool.k_buffer[index][slots]),
-                                 raw_rows(pool.v_buffer[index][slots]))
+                                 raw_rows(pool.v_buffer[index][slots]), moment=self.between_steps())
+
+    def between_steps(self) -> int:
+        """The moment of rows written outside a step: as new as the next step's (they can be of slots freed since
+        the last step)."""
+        return 2 * self.steps + 2
 
     def write_rows(self, layer_id: int, heads: tuple[int, int], slots: torch.Tensor, k: torch.Tensor,
                    v: torch.Tensor) -> None:
@@ -128,7 +138,8 @@ class KvStreamer:
         request's rows): hybrid attention's remainder heads, [n, heads, dim]; after everything staged before."""
         if self.sender.geometry is not None and slots.numel():
             self.pipeline.flush()
-            self.sender.write(layer_id, raw_rows(slots), raw_rows(k), raw_rows(v), heads=heads)
+            self.sender.write(layer_id, raw_rows(slots), raw_rows(k), raw_rows(v), heads=heads,
+                              moment=self.between_steps())
 
     def drop_rows(self, heads: tuple[int, int], slots: torch.Tensor) -> None:
         if not self.drops_muted and self.sender.geometry is not None and slots.numel():
@@ -145,10 +156,8 @@ class KvStreamer:
     def _drop_in_turn(self, slots: np.ndarray, heads: tuple[int, int] | None = None) -> None:
         """Drop `slots` from the store (for this rank's heads, or `heads`) after every write staged before: a write
         of a slot freed since must not land after its drop. (The queue is flushed before the heads change.)"""
-        if heads is None:
-            self.pipeline.send_in_turn(lambda sender: sender.drop(slots))
-        else:
-            self.pipeline.send_in_turn(lambda sender: sender.drop(slots, heads=heads))
+        moment = self.sender.moment  # now, not when its turn comes
+        self.pipeline.send_in_turn(lambda sender: sender.drop(slots, heads=heads, moment=moment))
 
     def counters(self) -> tuple[int, int, int, int]:
         """What heartbeats carry: messages sent, dropped (a full ZMQ queue, or a step's rows on a full staging ring,
