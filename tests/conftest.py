@@ -18,16 +18,41 @@ PROMPTS = [
 MAX_NEW_TOKENS = 24
 
 
+def kind(item) -> str:
+    """"server" for a test under tests/server/ (it launches SGLang), else "unit"."""
+    return "server" if item.module.__name__.startswith("tests.server.") else "unit"
+
+
 def pytest_collection_modifyitems(config, items):
-    """GPU tests are skipped where no CUDA device exists; every CPU path runs."""
+    """The unit tests first (those whose subprocesses start early, `tests/early.py`, last among them), then the
+    server tests. GPU tests are skipped where no CUDA device exists; every CPU path runs."""
     import torch
 
+    rank = {("unit", False): 0, ("unit", True): 1, ("server", False): 2, ("server", True): 2}
+    items.sort(key=lambda item: rank[kind(item), hasattr(item.module, "start_early")])  # stable within a rank
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+_UNITS_STARTED = []
+
+
+@pytest.fixture(autouse=True)
+def _unit_test(request):
+    """At the first unit test: start the slow subprocesses of the modules that ask for it (`tests/early.py`), to
+    run beside the unit tests before them (not beside the server tests, whose timing they would disturb: tried
+    with the unit tests on a second pytest-xdist worker, at a lower priority, the server tests took longer and a
+    chaos soak's workers missed heartbeats)."""
+    if kind(request.node) == "unit" and not _UNITS_STARTED:
+        _UNITS_STARTED.append(True)
+        from tests import early
+
+        early.start_all(request, {item.module for item in request.session.items
+                                  if hasattr(item.module, "start_early")})
 
 
 def _make(tmp_path_factory, name: str, *flags: str) -> str:

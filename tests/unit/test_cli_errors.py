@@ -13,21 +13,21 @@ from types import SimpleNamespace
 import pytest
 
 from sglang_ft.launch_checks import check_ft_launch
+from tests.early import Background, taken
+
+
+def start_early(request) -> dict[str, Background]:
+    """The two launches, started with the test session (tests/early.py)."""
+    cases = {
+        "tp5": ["--ft", "--model-path", request.getfixturevalue("tiny_model"), "--tp-size", "5"],
+        "help": ["--help"],
+    }
+    return {name: Background([sys.executable, "-m", "sglang.launch_server", *argv]) for name, argv in cases.items()}
 
 
 @pytest.fixture(scope="module")
-def launched(tiny_model) -> dict[str, subprocess.CompletedProcess]:
-    cases = {
-        "tp5": ["--ft", "--model-path", tiny_model, "--tp-size", "5"],
-        "help": ["--help"],
-    }
-    procs = {name: subprocess.Popen([sys.executable, "-m", "sglang.launch_server", *argv], stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, text=True) for name, argv in cases.items()}
-    results = {}
-    for name, proc in procs.items():
-        stdout, stderr = proc.communicate(timeout=300)
-        results[name] = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
-    return results
+def launched(request) -> dict[str, subprocess.CompletedProcess]:
+    return {name: job.result() for name, job in taken(request, start_early).items()}
 
 
 def server_args(model_path, **overrides):

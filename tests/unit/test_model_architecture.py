@@ -6,10 +6,11 @@ scheduler); without `--ft`, SGLang's own class through its registry. Each mode i
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 
 import pytest
+
+from tests.early import Background, taken
 
 RESOLVE = """
 import json, sys
@@ -27,17 +28,21 @@ for path in sys.argv[2:]:
 """
 
 
+def start_early(request) -> dict[str, Background]:
+    """Both interpreters, started with the test session (tests/early.py)."""
+    models = [request.getfixturevalue("tiny_model"), request.getfixturevalue("tiny_moe_model")]
+    return {mode: Background([sys.executable, "-W", "ignore", "-c", RESOLVE, mode, *models])
+            for mode in ("ft", "plain")}
+
+
 @pytest.fixture(scope="module")
-def resolved(tiny_model, tiny_moe_model) -> dict[str, list]:
+def resolved(request) -> dict[str, list]:
     """mode -> one [class, architecture, registry imported, implementation] per model (the dense, then the MoE)."""
-    procs = {mode: subprocess.Popen([sys.executable, "-W", "ignore", "-c", RESOLVE, mode, tiny_model, tiny_moe_model],
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for mode in ("ft", "plain")}
     results = {}
-    for mode, proc in procs.items():
-        stdout, stderr = proc.communicate(timeout=300)
-        assert proc.returncode == 0, stderr[-3000:]
-        results[mode] = [json.loads(line) for line in stdout.strip().splitlines()[-2:]]
+    for mode, job in taken(request, start_early).items():
+        done = job.result()
+        assert done.returncode == 0, done.stderr[-3000:]
+        results[mode] = [json.loads(line) for line in done.stdout.strip().splitlines()[-2:]]
     return results
 
 

@@ -18,6 +18,7 @@ import torch
 
 from benchmark.reshard_schedule import NEW_WORKERS, join_as_survivor, planned
 from ft.planner import Bandwidth, schedule_transfers
+from tests.early import niced, taken
 
 
 def _rank(rank: int, model_dir: str, init_file: str, out: str) -> None:
@@ -48,18 +49,25 @@ def _rank(rank: int, model_dir: str, init_file: str, out: str) -> None:
     torch.save(results, out)
 
 
-@pytest.fixture(scope="module")
-def resharded(tiny_model, tmp_path_factory):
-    """{rank: {scheduled: (parameters, events, stats)}} from three gloo processes."""
-    tmp = tmp_path_factory.mktemp("reshard-schedule")
+def start_early(request) -> tuple[list, list[str]]:
+    """The three gloo processes, started with the test session (tests/early.py), and their output files."""
+    tmp = request.getfixturevalue("tmp_path_factory").mktemp("reshard-schedule")
+    model = request.getfixturevalue("tiny_model")
     context = multiprocessing.get_context("spawn")
     outs = [str(tmp / f"rank{r}.pt") for r in range(len(NEW_WORKERS))]
-    ranks = [context.Process(target=_rank, args=(r, tiny_model, str(tmp / "init"), outs[r]))
+    ranks = [context.Process(target=niced, args=(_rank, r, model, str(tmp / "init"), outs[r]))
              for r in range(len(NEW_WORKERS))]
     for process in ranks:
         process.start()
+    return ranks, outs
+
+
+@pytest.fixture(scope="module")
+def resharded(request):
+    """{rank: {scheduled: (parameters, events, stats)}} from three gloo processes."""
+    ranks, outs = taken(request, start_early)
     for process in ranks:
-        process.join(timeout=180)
+        process.join(timeout=300)
     assert all(p.exitcode == 0 for p in ranks), [p.exitcode for p in ranks]
     return {r: torch.load(outs[r], weights_only=False) for r in range(len(NEW_WORKERS))}
 
