@@ -43,16 +43,25 @@ _UNITS_STARTED = []
 
 @pytest.fixture(autouse=True)
 def _unit_test(request):
-    """At the first unit test: start the slow subprocesses of the modules that ask for it (`tests/early.py`), to
-    run beside the unit tests before them (not beside the server tests, whose timing they would disturb: tried
-    with the unit tests on a second pytest-xdist worker, at a lower priority, the server tests took longer and a
-    chaos soak's workers missed heartbeats)."""
-    if kind(request.node) == "unit" and not _UNITS_STARTED:
+    """Around each unit test: its changes to the environment undone. At the first one: start the slow subprocesses
+    of the modules that ask for it (`tests/early.py`), to run beside the unit tests before them (not beside the
+    server tests, whose timing they would disturb: tried with the unit tests on a second pytest-xdist worker, at a
+    lower priority, the server tests took longer and a chaos soak's workers missed heartbeats)."""
+    if kind(request.node) != "unit":
+        yield
+        return
+    if not _UNITS_STARTED:
         _UNITS_STARTED.append(True)
         from tests import early
 
         early.start_all(request, {item.module for item in request.session.items
                                   if hasattr(item.module, "start_early")})
+    environment = dict(os.environ)
+    yield
+    # what a unit test set in this process's environment (the platform's thread binding, published --ft arguments)
+    # must not reach the servers the server tests launch after it
+    os.environ.clear()
+    os.environ.update(environment)
 
 
 def _make(tmp_path_factory, name: str, *flags: str) -> str:
