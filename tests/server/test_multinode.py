@@ -181,8 +181,12 @@ def test_a_node_cut_off_mid_decode_is_fenced_and_when_its_link_returns_it_change
             cut_off = status_of(url)["workers"][1]["pid"]
             results: list = [None] * len(PROMPTS)
             threads = start_requests(url, results)
-            wait_for(lambda: status_of(url)["workers"][1].get("running_requests"), timeout_s=120, poll_s=0.05,
-                     what="node 1 to decode")
+            # every request decoding on node 1, and two of its steps since (as for the whole-node kill: a cut right
+            # after the prefill step leaves the prompts' rows to compute again, rightly; a clean run measured 72)
+            running_on_1 = wait_for(lambda: (w := status_of(url)["workers"][1]).get("running_requests")
+                                    == len(PROMPTS) and w, timeout_s=120, poll_s=0.05, what="node 1 to decode")
+            wait_for(lambda: status_of(url)["workers"][1]["steps"] >= running_on_1["steps"] + 2, timeout_s=60,
+                     poll_s=0.05, what="node 1's next two steps")
             nodes.cut(1)
             for thread in threads:
                 thread.join(timeout=300)
