@@ -72,7 +72,7 @@ class KvWrite(msgspec.Struct, tag=True, frozen=True):
     heads: Span
     geometry: Geometry
     sender: PidOrUnknown = 0  # the sending process (a restarted worker numbers its messages from 0 again)
-    moment: Count = 0  # when in its epoch the rows were written (see `KvBackupSender.moment`)
+    moment: Count = 0  # when in its epoch the rows were written (see `KvStreamer`'s moments)
 
 
 class KvDrop(msgspec.Struct, tag=True, frozen=True):
@@ -83,7 +83,7 @@ class KvDrop(msgspec.Struct, tag=True, frozen=True):
     seq: Count
     heads: Span
     sender: PidOrUnknown = 0
-    moment: Count = 0  # when in its epoch the slots were freed (see `KvBackupSender.moment`)
+    moment: Count = 0  # when in its epoch the slots were freed (see `KvStreamer`'s moments)
 
 
 class KvFetch(msgspec.Struct, tag=True, frozen=True):
@@ -159,12 +159,6 @@ class KvBackupSender:
         self.heads: Span = (0, 0)
         self.geometry: Geometry | None = None
         self.seq = 0
-        # When in the epoch the next message happens, the same on every rank of the group (their schedulers run the
-        # same steps): 2j for step j's rows, 2j + 1 for slots freed after step j, 2j + 2 for rows written between
-        # steps j and j + 1 (they are as new as step j + 1's). Several workers write one head's rows under hybrid
-        # attention and cyclic placement, over separate sockets the store reads in no set order: it orders their
-        # writes and drops of a slot by (epoch, moment), not by arrival (`ft.kv_store`).
-        self.moment = 0
         self.sender = os.getpid()
         self.sent = self.dropped = self.bytes_sent = 0
         self._probes: deque[tuple[int, zmq.MessageTracker]] = deque()  # (index among sent messages, tracker)
@@ -172,19 +166,19 @@ class KvBackupSender:
         self._socket = connect_socket(zmq.PUSH, endpoint, process_keys(), options={zmq.SNDHWM: queue_messages})
 
     def write(self, layer: int, slots: np.ndarray, k_rows: np.ndarray, v_rows: np.ndarray,
-              heads: Span | None = None, moment: int | None = None) -> bool:
+              heads: Span | None = None, moment: int = 0) -> bool:
         """Back up `k_rows`/`v_rows` ([n, heads, dim], raw dtype) of `slots` for this worker's heads (or `heads`:
-        the remainder heads of hybrid attention, for the requests it owns), written at `moment` (now if None)."""
+        the remainder heads of hybrid attention, for the requests it owns), written at `moment` of the epoch (the
+        store orders one slot's writes and drops from several workers by it: `ft.kv_store`)."""
         header = KvWrite(self.epoch, self.worker, self.seq, layer, heads or self.heads, self.geometry, self.sender,
-                         self.moment if moment is None else moment)
+                         moment)
         return self._send([encode(header), _int64(slots), np.ascontiguousarray(k_rows),
                            np.ascontiguousarray(v_rows)])
 
-    def drop(self, slots: np.ndarray, heads: Span | None = None, moment: int | None = None) -> bool:
-        """Tell the store `slots` were freed at `moment` (now if None): their rows for this worker's heads, or
+    def drop(self, slots: np.ndarray, heads: Span | None = None, moment: int = 0) -> bool:
+        """Tell the store `slots` were freed at `moment` of the epoch: their rows for this worker's heads, or
         `heads`, written before then are stale."""
-        header = KvDrop(self.epoch, self.worker, self.seq, heads or self.heads, self.sender,
-                        self.moment if moment is None else moment)
+        header = KvDrop(self.epoch, self.worker, self.seq, heads or self.heads, self.sender, moment)
         return self._send([encode(header), _int64(slots)])
 
     def request_slots(self, rids, starts, counts, slots) -> bool:

@@ -16,7 +16,7 @@ requests), and refusing those would invalidate all its heads.
 Writes and drops are ordered by when they happened, not by when they arrive. One head's rows of one slot can come
 from several workers over separate sockets, which ZMQ reads in no set order: hybrid attention's remainder rows (each
 request's on its owner, its slots freed by their holders) and cyclic placement's, and a worker that held a head
-before a regroup and sent its last rows late. Every message carries its (epoch, moment) (`KvBackupSender.moment`:
+before a regroup and sent its last rows late. Every message carries its (epoch, moment) (`KvStreamer`'s moments:
 the same on every rank of a group); a drop invalidates only rows written before it, and a write older than the
 slot's latest drop or latest write is refused. Ordered by arrival, a holder's drop overtaken by the next owner's
 write lost that row (recomputed at the next regroup), and an old holder's late write brought a freed row back to
@@ -179,18 +179,19 @@ class KvStore:
         # not older than the slot's latest drop (else a freed slot's late row) nor than the row held (drops happen
         # at odd moments, writes at even ones: no tie between them, except in unstamped messages, taken in order)
         newer = (at >= self.dropped_at[h0:h1, slots]) & (at >= self.written_at[layer][h0:h1, slots])
-        if newer.all():
-            self.k[layer][h0:h1, slots], self.v[layer][h0:h1, slots] = k, v
-            self.valid[layer][h0:h1, slots] = True
-            self.written_at[layer][h0:h1, slots] = at
+        if newer.all():  # the usual case: the whole block at once
+            self._put(layer, (slice(h0, h1), slots), k, v, at)
         else:
             self.counters["late_rows_refused"] += int((~newer).sum())
             heads, index = np.nonzero(newer)
-            heads_g, slots_g = heads + h0, slots[index]
-            self.k[layer][heads_g, slots_g], self.v[layer][heads_g, slots_g] = k[heads, index], v[heads, index]
-            self.valid[layer][heads_g, slots_g] = True
-            self.written_at[layer][heads_g, slots_g] = at
+            self._put(layer, (heads + h0, slots[index]), k[heads, index], v[heads, index], at)
         self.counters["writes"] += 1
+
+    def _put(self, layer: int, where: tuple, k: np.ndarray, v: np.ndarray, at: int) -> None:
+        """Hold rows `k`, `v` at `where` ((heads, slots) of `layer`), written at `at`."""
+        self.k[layer][where], self.v[layer][where] = k, v
+        self.valid[layer][where] = True
+        self.written_at[layer][where] = at
 
     def _drop(self, header: KvDrop, slots_raw: bytes) -> None:
         h0, h1 = self._heads(header.heads, empty=True)

@@ -28,17 +28,13 @@ def pytest_collection_modifyitems(config, items):
     server tests. GPU tests are skipped where no CUDA device exists; every CPU path runs."""
     import torch
 
-    rank = {("unit", False): 0, ("unit", True): 1, ("server", False): 2, ("server", True): 2}
-    items.sort(key=lambda item: rank[kind(item), hasattr(item.module, "start_early")])  # stable within a rank
+    items.sort(key=lambda item: (kind(item) == "server", hasattr(item.module, "start_early")))  # stable
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
-
-
-_UNITS_STARTED = []
 
 
 @pytest.fixture(autouse=True)
@@ -50,12 +46,9 @@ def _unit_test(request):
     if kind(request.node) != "unit":
         yield
         return
-    if not _UNITS_STARTED:
-        _UNITS_STARTED.append(True)
-        from tests import early
+    from tests import early
 
-        early.start_all(request, {item.module for item in request.session.items
-                                  if hasattr(item.module, "start_early")})
+    early.start_once(request)
     environment = dict(os.environ)
     yield
     # what a unit test set in this process's environment (the platform's thread binding, published --ft arguments)

@@ -1,8 +1,8 @@
 """Subprocesses that a few unit-test modules' fixtures need and that are slow to start (each imports SGLang: about
-20 s of CPU), started as the session starts so they run on the core the other tests leave free. Those modules run
-last among the unit tests (`tests/conftest.py` orders them), by which time the work is done. A module opts in with
-a `start_early(request)` function; its fixture calls `taken(request, start_early)`, which returns what was started
-for it at the session's start, or starts it then (the module run on its own)."""
+20 s of CPU), started at the first unit test so they run on the core the other unit tests leave free. Those modules
+run last among the unit tests (`tests/conftest.py` orders them), by which time the work is done. A module opts in
+with a `start_early(request)` function; its fixture calls `taken(request, start_early)`, which returns what was
+started for it early, or starts it then (the module run on its own)."""
 
 from __future__ import annotations
 
@@ -12,11 +12,16 @@ import tempfile
 
 NICENESS = 10  # background work: the tests in the foreground keep their core
 _started: dict[str, object] = {}  # module name -> what its `start_early` returned
+_once: list[bool] = []
 
 
-def start_all(request, modules) -> None:
-    for module in modules:
-        _started[module.__name__] = module.start_early(request)
+def start_once(request) -> None:
+    """Call the `start_early` of each module of the session's tests that has one (the first time only: later calls
+    do nothing)."""
+    if not _once:
+        _once.append(True)
+        for module in {item.module for item in request.session.items if hasattr(item.module, "start_early")}:
+            _started[module.__name__] = module.start_early(request)
 
 
 def taken(request, start_early):

@@ -26,6 +26,7 @@ def around_launch_scheduler_processes(original, cls, server_args, port_args, run
         from sglang_ft.entrypoints.worker_spawner import prepare_restarts, remember_launch, restarts_come_soon
 
         remember_launch(server_args, port_args, run_scheduler_process_func)
-        if restarts_come_soon(ft_args().respawn, ft_args().respawn_delay_s):
+        ft = ft_args()
+        if restarts_come_soon(ft.respawn, ft.respawn_delay_s):
             prepare_restarts()
     return original(cls, server_args, port_args, run_scheduler_process_func, *args, **kwargs)

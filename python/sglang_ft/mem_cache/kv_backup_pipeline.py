@@ -33,7 +33,7 @@ class _Staged:
                  moment: int):
         self.buffer, self.slots, self.rows, self.layers, self.heads, self.event = buffer, slots, rows, layers, heads, \
             event
-        self.moment = moment  # when the rows were written (the sender's moment as they were staged)
+        self.moment = moment  # when in the epoch the rows were written
 
     def ready(self) -> bool:
         return self.event.query()
@@ -119,15 +119,16 @@ class BackupPipeline:
         self.messages_dropped = 0  # the messages (one per layer) those would have been
 
     def stage(self, layers: list[int], heads: tuple[int, int], slots: torch.Tensor, index: torch.Tensor,
-              k_sources: list[torch.Tensor], v_sources: list[torch.Tensor]) -> bool:
-        """Start copying `k_sources[i][index]` and `v_sources[i][index]` (the rows of `slots`, [n, heads, dim]) for
-        each of `layers`; False when the ring was full (the store is told to drop those slots instead)."""
+              k_sources: list[torch.Tensor], v_sources: list[torch.Tensor], moment: int = 0) -> bool:
+        """Start copying `k_sources[i][index]` and `v_sources[i][index]` (the rows of `slots`, [n, heads, dim],
+        written at `moment` of the epoch) for each of `layers`; False when the ring was full (the store is told to
+        drop those slots instead)."""
         buffer = self.ring.take()
         if buffer is None:
             self.staging_dropped += 1
             self.messages_dropped += len(layers)
             lost = slots.to("cpu", torch.int64).numpy()  # a full ring is rare: a host copy of the slots is fine
-            after = self.sender.moment + 1  # just after the rows were written: whatever the store holds is older
+            after = moment + 1  # just after the rows were written: whatever the store holds is older
             self._append(_Message(lambda sender: sender.drop(lost, heads=heads, moment=after)))
             return False
         first = k_sources[0]
@@ -135,8 +136,7 @@ class BackupPipeline:
         copies = [(host_slots, slots.to(torch.int64), None)]
         for i, (k, v) in enumerate(zip(k_sources, v_sources, strict=True)):
             copies += [(rows[0, i], k, index), (rows[1, i], v, index)]
-        self._append(_Staged(buffer, host_slots, rows, list(layers), heads, self.engine.start(copies),
-                             self.sender.moment))
+        self._append(_Staged(buffer, host_slots, rows, list(layers), heads, self.engine.start(copies), moment))
         return True
 
     def send_in_turn(self, send) -> None:

@@ -66,7 +66,12 @@ class KvStreamer:
         self.allocator = allocator
         self.num_kv_heads_total = num_kv_heads_total
         self.drops_muted = False
-        self.steps = 0  # steps that wrote KV in this epoch: the same count on every rank of the group
+        # Steps that wrote KV in this epoch, the same count on every rank of the group (their schedulers run the
+        # same steps), and from it when each message happens: 2j for step j's rows, 2j + 1 for slots freed after
+        # step j, 2j + 2 for rows written between steps j and j + 1 (as new as step j + 1's). Several workers write
+        # one head's rows under hybrid attention and cyclic placement, over separate sockets the store reads in no
+        # set order: it orders their writes and drops of a slot by (epoch, moment), not by arrival (`ft.kv_store`).
+        self.steps = 0
 
     @contextlib.contextmanager
     def muting_drops(self):
@@ -85,7 +90,7 @@ class KvStreamer:
         self.pool = pool
         self.sender.heads = tuple(heads)
         self.sender.epoch = epoch
-        self.steps, self.sender.moment = 0, 1
+        self.steps = 0
         self.sender.geometry = Geometry(
             num_layers=pool.layer_num,
             num_kv_heads=self.num_kv_heads_total,
@@ -104,13 +109,11 @@ class KvStreamer:
         if self.sender.geometry is not None and slots is not None and slots.numel() \
                 and (mode.is_extend() or mode.is_decode()):
             self.steps += 1
-            self.sender.moment = 2 * self.steps  # this step's rows (the pipeline keeps the moment it staged them at)
             pool, index = self.pool, slots.to(torch.int64)
             layers = range(pool.start_layer, pool.start_layer + len(pool.k_buffer))
-            self.pipeline.stage(layers, self.sender.heads, index, index, pool.k_buffer, pool.v_buffer)
+            self.pipeline.stage(layers, self.sender.heads, index, index, pool.k_buffer, pool.v_buffer, 2 * self.steps)
             if placement is not None:
                 self._stage_remainder(placement)
-            self.sender.moment += 1  # what is freed after it
         self.pipeline.pump()
 
     def _stage_remainder(self, placement) -> None:
@@ -119,7 +122,8 @@ class KvStreamer:
             return
         pool = placement.pool
         local = pool.local_of[written.to(pool.local_of.device)]
-        self.pipeline.stage(range(pool.k.shape[0]), placement.heads, written, local, list(pool.k), list(pool.v))
+        self.pipeline.stage(range(pool.k.shape[0]), placement.heads, written, local, list(pool.k), list(pool.v),
+                            2 * self.steps)
 
     def _write_layer(self, index: int, slots: torch.Tensor) -> bool:
         """Send the pool's rows of `slots` in layer `index` (this rank's heads), at once (outside a step)."""
@@ -156,7 +160,7 @@ class KvStreamer:
     def _drop_in_turn(self, slots: np.ndarray, heads: tuple[int, int] | None = None) -> None:
         """Drop `slots` from the store (for this rank's heads, or `heads`) after every write staged before: a write
         of a slot freed since must not land after its drop. (The queue is flushed before the heads change.)"""
-        moment = self.sender.moment  # now, not when its turn comes
+        moment = 2 * self.steps + 1  # freed after the latest step
         self.pipeline.send_in_turn(lambda sender: sender.drop(slots, heads=heads, moment=moment))
 
     def counters(self) -> tuple[int, int, int, int]:
