@@ -222,3 +222,36 @@ def _check_nccl_env(monkeypatch, ft_args) -> None:
     monkeypatch.setenv(FT_ENV, FtArgs(enabled=False).to_env())  # without --ft, SGLang's defaults
     ft_args.cache_clear()
     assert _read_after_the_hook() == {"TORCH_NCCL_ASYNC_ERROR_HANDLING": None, "TORCH_NCCL_BLOCKING_WAIT": None}
+
+
+def test_a_descriptor_reused_since_it_was_listed_is_not_shut(monkeypatch):
+    """The group's connection was listed, then closed, and its descriptor number reused by another socket before
+    the interrupt reached it (a standby set forming in the background opens gloo listeners): that socket is left
+    alone. (A gloo listener shut down fails its accept, which gloo answers by aborting the whole process: a chaos
+    soak's survivor died so.)"""
+    import socket
+
+    from sglang_ft.distributed import group_interrupt
+    from sglang_ft.distributed.group_interrupt import GroupConnections
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(listener.getsockname())
+    accepted, _ = listener.accept()
+    gone = ((("127.0.0.1", 1), ("127.0.0.1", 2)))  # the listed connection's addresses, its descriptor now another's
+    connections = GroupConnections()
+    connections._known = {gone}
+    for fd in (listener.fileno(), accepted.fileno()):  # the number reused by a listener, or by another connection
+        monkeypatch.setattr(group_interrupt, "_established", lambda fd=fd: {gone: fd})
+        assert connections.shut_down() == 0
+    listener.settimeout(5)
+    late = socket.create_connection(listener.getsockname())
+    assert listener.accept()[0]  # the listener still accepts
+    client.sendall(b"x")
+    assert accepted.recv(1) == b"x"  # and the other connection still carries data
+    # the real connection, listed as it is, is shut
+    monkeypatch.setattr(group_interrupt, "_established",
+                        lambda: {(accepted.getsockname(), accepted.getpeername()): accepted.fileno()})
+    connections._known = {(accepted.getsockname(), accepted.getpeername())}
+    assert connections.shut_down() == 1 and client.recv(1) == b""
+    for sock in (late, client, accepted, listener):
+        sock.close()

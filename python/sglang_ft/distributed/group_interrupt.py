@@ -86,9 +86,14 @@ class GroupConnections:
                 continue
             try:
                 with socket.socket(fileno=os.dup(fd)) as sock:
+                    # the descriptor may have been closed since it was listed and reused (a standby set forming in
+                    # the background opens gloo's listening sockets): shut it only if it is still that connection.
+                    # Shutting a gloo listener makes its accept fail, which gloo answers by aborting the process.
+                    if (sock.getsockname()[:2], sock.getpeername()[:2]) != (tuple(address[0]), tuple(address[1])):
+                        continue
                     sock.shutdown(socket.SHUT_RDWR)
                 count += 1
-            except OSError:
+            except OSError:  # gone, or not connected (a listener): not the group's connection
                 continue
         return count
 
