@@ -1,4 +1,4 @@
-"""Small HTTP helpers the server tests share."""
+"""Small HTTP helpers and checks the server tests share."""
 
 from __future__ import annotations
 
@@ -63,6 +63,15 @@ def run_with_fault(url: str, fault, prompts: list[str], max_new_tokens: int, aft
 
 
 READ_LINE = re.compile(r"(?:TP(\d+)\] )?sglang-ft: read (\d+) of (\d+) checkpoint bytes")  # no TP tag at TP 1
+
+
+def assert_kv_came_from_the_store(recovery: dict, requests_in_flight: int) -> None:
+    """The lost heads' KV of a SIGKILLed worker came back from the backup store. The kill may land between a step's
+    end and that step's copy to the store: then that step's row of each request in flight is lost with the worker and
+    its token is computed again, at most one per request (the design's bound; test_failover's kill_uncopied pins that
+    instant and sees it happen). Anything more would be a re-prefill."""
+    assert recovery["kv_blocks_restored"] > 0, recovery
+    assert recovery["kv_tokens_recomputed"] <= requests_in_flight, recovery
 
 
 def assert_ranks_read_only_their_slices(log_text: str, tp: int) -> None:

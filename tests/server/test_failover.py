@@ -19,7 +19,7 @@ import psutil
 import pytest
 import requests
 from tests import client
-from tests.client import GREEDY, generate, wait_for
+from tests.client import GREEDY, assert_kv_came_from_the_store, generate, wait_for
 from tests.conftest import PROMPTS
 from ft.failure_detector import declared_for_silence
 from sglang_ft.tools.hf_reference import greedy_references, greedy_token_ids
@@ -151,8 +151,9 @@ def test_sigkill_mid_decode_restores_kv_without_reprefill(ft_server, moe_referen
     assert recovery["expert_bytes_moved"] == planned_expert_bytes(ft_server.model_path, dead=2) > 0
     # The dead worker's KV heads came back from the backup store; nothing was prefilled again: every in-flight
     # request was re-admitted with its whole prompt (and more) matched in the radix cache.
-    assert recovery["kv_blocks_restored"] > 0 and recovery["kv_tokens_recomputed"] == 0
-    assert st["kv_blocks_restored"] == recovery["kv_blocks_restored"] and st["kv_tokens_recomputed"] == 0
+    assert_kv_came_from_the_store(recovery, len(FAILOVER_PROMPTS))
+    assert (st["kv_blocks_restored"], st["kv_tokens_recomputed"]) == (recovery["kv_blocks_restored"],
+                                                                     recovery["kv_tokens_recomputed"])
     live = [w for w in st["workers"] if w["rank"] is not None]
     assert all(w["kv_backup_sent"] > 0 and w["kv_backup_dropped"] == 0 for w in live)  # from their heartbeats
     # SGLang's own /metrics shows the same, beside SGLang's sglang:* metrics
@@ -222,7 +223,7 @@ def test_backup_store_death_under_load_then_respawn_and_resync(ft_server, moe_re
     st = wait_for(lambda: (s := status(ft_server))["epoch"] == 2 and len(s["recoveries"]) == 2 and s,
                   what="the recovery")
     assert st["tp_size"] == 2
-    assert st["recoveries"][-1]["kv_blocks_restored"] > 0 and st["recoveries"][-1]["kv_tokens_recomputed"] == 0
+    assert_kv_came_from_the_store(st["recoveries"][-1], len(FAILOVER_PROMPTS))
 
 
 def test_the_last_failure_streams_across_down_to_tp1_then_a_rejoin_by_hand(ft_server, moe_reference):

@@ -16,7 +16,7 @@ import time
 import psutil
 import pytest
 import requests
-from tests.client import generate, wait_for
+from tests.client import assert_kv_came_from_the_store, generate, wait_for
 from tests.conftest import PROMPTS
 from ft.failure_detector import declared_for_silence
 
@@ -155,10 +155,9 @@ def test_a_whole_node_killed_mid_decode_loses_nothing_and_its_kv_comes_from_the_
             assert status["tp_size"] == 2 and [w["rank"] for w in status["workers"]] == [0, 1, None, None]
             (recovery,) = status["recoveries"]  # the node's two workers leave in one regroup
             assert recovery["workers"] == [0, 1] and declared_for_silence(recovery["cause"])
-            # node 1's heads' KV came from the backup store, which runs on node 0; the kill may land between a
-            # step's end and that step's copy to the store: then that step's token of each request is computed again
-            # (the design's bound, pinned by test_failover's kill_uncopied; a CI run measured 6, one per request)
-            assert recovery["kv_blocks_restored"] > 0 and recovery["kv_tokens_recomputed"] <= len(PROMPTS)
+            # node 1's heads' KV came from the backup store, which runs on node 0 (a CI run measured 6 tokens
+            # recomputed, one per request: the kill landed before its last step's copy)
+            assert_kv_came_from_the_store(recovery, len(PROMPTS))
             assert status["kv_backup"]["store"]["sequence_gaps"] == 0  # the survivors' heads stayed backed up
             assert [generate(url, p, NEW_TOKENS)["output_ids"] for p in PROMPTS[:2]] == expected[:2]
         finally:
@@ -195,7 +194,7 @@ def test_a_node_cut_off_mid_decode_is_fenced_and_when_its_link_returns_it_change
             assert status["tp_size"] == 1 and [w["rank"] for w in status["workers"]] == [0, None]
             (recovery,) = status["recoveries"]
             assert recovery["workers"] == [0] and declared_for_silence(recovery["cause"])
-            assert recovery["kv_blocks_restored"] > 0 and recovery["kv_tokens_recomputed"] == 0
+            assert_kv_came_from_the_store(recovery, len(PROMPTS))  # the cut may fall before a step's copy
             assert running(cut_off)  # cut off, not dead: it still runs on node 1
             # the survivor's heads stayed backed up through the regroup (its last writes before it count)
             assert status["kv_backup"]["store"]["sequence_gaps"] == 0
