@@ -36,6 +36,15 @@ class EventStream:
         return list(self.events)
 
     def close(self) -> None:
+        """Hang up at once. The reader thread sits in recv until the next event or the server's 15 s keepalive, and
+        holds the response buffer's lock there: a plain close waited for it (up to 15 s a close). Shutting the
+        socket down first ends the read."""
+        connection = self.response.raw.connection
+        if connection is not None and connection.sock is not None:
+            try:
+                connection.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:  # already closed by the server
+                pass
         self.response.close()
 
 

@@ -175,6 +175,24 @@ def test_the_spawner_drops_malformed_orders_and_restarts_of_workers_it_never_had
     socket.close()
 
 
+@pytest.mark.parametrize("respawn", [True, False])
+def test_under_respawn_the_first_regroup_starts_the_fork_server_once(tmp_path, monkeypatch, respawn):
+    """A failure makes a restart likely: under --ft-respawn the fork server starts importing then, not when the
+    restart is ordered. Without --ft-respawn only an operator's rejoin starts it."""
+    spawned, prepared = [], []
+    launch = worker_spawner.LaunchArgs(SimpleNamespace(tp_size=2, base_gpu_id=0, gpu_id_step=1), None, None)
+    monkeypatch.setattr(worker_spawner, "_LAUNCH", launch)
+    monkeypatch.setattr(worker_spawner.WorkerSpawner, "spawn", lambda self, order: spawned.append(order))
+    monkeypatch.setattr(worker_spawner, "prepare_restarts", lambda: prepared.append(len(spawned)))
+    socket = publisher(tmp_path)
+    worker_spawner.WorkerSpawner(f"ipc://{tmp_path}/orders", prepare_at_first_regroup=respawn)
+    publish_until(socket, [], lambda: socket.send(encode(Respawn(0, 0, 64))) or spawned)
+    later = Respawn(1, 1, 64)
+    publish_until(socket, [encode(REGROUP), encode(REGROUP), encode(later)], lambda: later in spawned)
+    assert prepared == ([len(spawned) - 1] if respawn else [])  # once, at the first regroup, before the restart
+    socket.close()
+
+
 @pytest.mark.parametrize("name", hostile.ORDERS)
 def test_every_malformed_order_is_refused_as_it_is_decoded(name):
     (frame,) = hostile.ORDERS[name]

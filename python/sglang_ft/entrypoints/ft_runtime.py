@@ -87,7 +87,7 @@ def start_ft_runtime(tp_size: int, model_path: str, app: FastAPI,
     if ft.dp_size == 1:  # restarts need SGLang's launch arguments, which only a single group's launcher holds
         from sglang_ft.entrypoints.worker_spawner import WorkerSpawner
 
-        WorkerSpawner(ft.order_endpoint)
+        WorkerSpawner(ft.order_endpoint, prepare_at_first_regroup=ft.respawn)
     return processes
 
 

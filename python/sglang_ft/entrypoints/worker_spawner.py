@@ -5,7 +5,9 @@ controller's orders and, on a `Respawn`, starts a fresh scheduler process for th
 through `sglang_ft.elastic_tp.joiner.run_joiner_process`. On GPUs it is spawned, as SGLang spawns every scheduler.
 On the torch_cpu platform it is forked from a fork server that has imported SGLang once (`restart_context`): a
 spawned restart imported SGLang again, about 15 s of CPU that, under load on a small machine, made a restarted
-worker take about 50 s to start.
+worker take about 50 s to start. The fork server imports during the launch when automatic restarts come soon, else
+(under `--ft-respawn`) at the first regroup, when a restart has become likely; without `--ft-respawn`, at the first
+operator's rejoin.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from multiprocessing import forkserver
 
 import zmq
 
-from ft.messages import Respawn, decode_order
+from ft.messages import Regroup, Respawn, decode_order
 from ft.sockets import connect_socket, process_keys
 from ft.wire import Dropped
 
@@ -66,8 +68,8 @@ RESTART_SOON_S = 30.0  # a restart this soon after a death should not wait for t
 
 def restarts_come_soon(respawn: bool, respawn_delay_s: float) -> bool:
     """Whether the fork server should import SGLang while the server starts: automatic restarts that come sooner
-    after a death than its imports take under load. Otherwise it starts with the first restart (an operator's
-    rejoin, or a long repair delay), which then pays one import, as a spawned restart does."""
+    after a death than its imports take under load. Otherwise it starts at the first regroup under `--ft-respawn`
+    (`WorkerSpawner`), or with the first restart, which then pays one import, as a spawned restart does."""
     return respawn and respawn_delay_s < RESTART_SOON_S
 
 
@@ -88,8 +90,11 @@ def restarted_worker_alive() -> bool:
 
 
 class WorkerSpawner:
-    def __init__(self, order_endpoint: str):
+    def __init__(self, order_endpoint: str, prepare_at_first_regroup: bool = False):
         self.order_endpoint = order_endpoint
+        # under --ft-respawn with a long repair delay: a failure makes a restart (delayed, or an operator's rejoin)
+        # likely, so the fork server imports then, in its own process, not when the restart is ordered
+        self.prepare_at_first_regroup = prepare_at_first_regroup
         self.processes = _RESTARTED
         self.dropped = Dropped(logger, "sglang-ft worker spawner")
         threading.Thread(target=self._run, name="ft-spawner", daemon=True).start()
@@ -112,6 +117,12 @@ class WorkerSpawner:
                 self.spawn(order)
             except Exception:  # a failed start is the controller's to notice (the worker never beats)
                 logger.exception("sglang-ft: could not restart worker %d", order.worker)
+        elif isinstance(order, Regroup) and self.prepare_at_first_regroup:
+            self.prepare_at_first_regroup = False
+            try:
+                prepare_restarts()
+            except Exception:  # the restart itself starts it again, or reports why it cannot
+                logger.exception("sglang-ft: could not start the fork server for restarts")
 
     def spawn(self, order: Respawn) -> None:
         from sglang_ft.elastic_tp.joiner import run_joiner_process
