@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from sglang_ft.distributed.collective_failure import CollectiveFailure, collectives_may_fail
 from sglang_ft.distributed.nccl_env import NCCL_ERROR_HANDLING
+from tests.rank_processes import rank_context
 
 
 def _free_port() -> int:
@@ -54,7 +55,7 @@ def _gloo_rank(rank: int, port: int, peer_fault: str, results) -> None:
 
 @pytest.mark.parametrize("peer_fault", ["dies", "hangs"])
 def test_a_gloo_collective_with_a_dead_or_hung_peer_raises_collective_failure(peer_fault):
-    context = multiprocessing.get_context("spawn")
+    context = rank_context()
     results, port = context.Queue(), _free_port()
     ranks = [context.Process(target=_gloo_rank, args=(rank, port, peer_fault, results)) for rank in (0, 1)]
     for process in ranks:

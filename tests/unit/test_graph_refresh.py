@@ -178,9 +178,9 @@ def _agree_on_gloo(rank, size, path, skip_rank, out):
 
 def test_a_rank_out_of_step_fails_the_agreement_on_every_rank(tmp_path):
     """The agreement is a real gloo all-reduce over the TP group's CPU group (three processes)."""
-    import multiprocessing
+    from tests.rank_processes import rank_context
 
-    ctx = multiprocessing.get_context("spawn")
+    ctx = rank_context()
     out = ctx.Queue()
     procs = [ctx.Process(target=_agree_on_gloo, args=(r, 3, tmp_path / "store", 1, out)) for r in range(3)]
     for p in procs:

@@ -7,7 +7,6 @@ group, then a device and a CPU group per coordinator, groups of one besides), wi
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import time
 from datetime import timedelta
@@ -16,6 +15,7 @@ import pytest
 from ft.ports import free_port
 
 from sglang_ft.distributed.standby_groups import AGREE_TIMEOUT_S, StandbyGroups, StandbySet, gloo_backends_needed, installing
+from tests.rank_processes import rank_context
 
 TIMEOUT = timedelta(seconds=30)
 
@@ -98,7 +98,7 @@ def rank_main(rank: int, size: int, port: int, scenario: str, results) -> None:
 
 
 def run_ranks(size: int, scenario: str, timeout_s: float = 240.0) -> dict:
-    context = multiprocessing.get_context("spawn")
+    context = rank_context()
     results = context.Queue()
     port = free_port()
     procs = [context.Process(target=rank_main, args=(r, size, port, scenario, results)) for r in range(size)]
