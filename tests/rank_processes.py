@@ -12,7 +12,8 @@ import multiprocessing
 # Imported once by the fork server: torch, and the sglang-ft modules the rank functions import. The server starts
 # with the first rank process of the session, with this list (later changes to it do not reach a running server).
 PRELOAD = ["torch", "torch.distributed", "sglang_ft.distributed.standby_groups", "sglang_ft.elastic_tp.graph_refresh",
-           "sglang_ft.distributed.collective_failure", "sglang_ft.managers.ft_worker"]
+           "sglang_ft.distributed.collective_failure", "sglang_ft.managers.ft_worker", "sglang_ft.elastic_tp.reshard",
+           "sglang_ft.model_loader.lazy_safetensors", "benchmark.reshard_schedule"]
 
 
 def rank_context():

@@ -11,7 +11,6 @@ with safetensors alone, bit for bit, as the former all-at-once path's do.
 from __future__ import annotations
 
 import glob
-import multiprocessing
 
 import pytest
 import torch
@@ -19,6 +18,7 @@ import torch
 from benchmark.reshard_schedule import NEW_WORKERS, join_as_survivor, planned
 from ft.planner import Bandwidth, schedule_transfers
 from tests.early import niced, taken
+from tests.rank_processes import rank_context
 
 
 def _rank(rank: int, model_dir: str, init_file: str, out: str) -> None:
@@ -53,7 +53,7 @@ def start_early(request) -> tuple[list, list[str]]:
     """The three gloo processes, started with the test session (tests/early.py), and their output files."""
     tmp = request.getfixturevalue("tmp_path_factory").mktemp("reshard-schedule")
     model = request.getfixturevalue("tiny_model")
-    context = multiprocessing.get_context("spawn")
+    context = rank_context()
     outs = [str(tmp / f"rank{r}.pt") for r in range(len(NEW_WORKERS))]
     ranks = [context.Process(target=niced, args=(_rank, r, model, str(tmp / "init"), outs[r]))
              for r in range(len(NEW_WORKERS))]
