@@ -87,14 +87,15 @@ def stop(procs) -> None:
     time.sleep(1)
 
 
-def probe_from_node1(nodes: NetnsNodes, offset: int, secret: str = "") -> str:
-    """What a process on node 1 gets back from node 0's FT socket at `offset` (server_args.FtArgs._endpoint)."""
+def probes_from_node1(nodes: NetnsNodes, *probes: tuple[int, str]) -> list[str]:
+    """What processes on node 1 get back from node 0's FT sockets, one per (offset, secret) (the offset as in
+    server_args.FtArgs._endpoint; "" for no key), all run at once."""
     from sglang_ft.server_args import CONTROLLER_PORT_OFFSET
 
-    endpoint = f"tcp://{nodes.nodes[0].address}:{DIST_PORT + CONTROLLER_PORT_OFFSET + offset}"
-    proc = nodes.popen(1, [sys.executable, "-c", PROBE, endpoint, secret], stdout=subprocess.PIPE,
-                       stderr=subprocess.STDOUT, text=True)
-    return proc.communicate(timeout=60)[0].strip()
+    procs = [nodes.popen(1, [sys.executable, "-c", PROBE,
+                             f"tcp://{nodes.nodes[0].address}:{DIST_PORT + CONTROLLER_PORT_OFFSET + offset}", secret],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for offset, secret in probes]
+    return [proc.communicate(timeout=60)[0].strip() for proc in procs]
 
 
 def refused(url: str) -> tuple[int, int]:
@@ -129,10 +130,10 @@ def test_a_whole_node_killed_mid_decode_loses_nothing_and_its_kv_comes_from_the_
             # a process on node 1 without the secret: no key, another secret; the controller's control socket
             # (status, and fault injection) and the store's fetch socket
             control, fetch = 1, 4
-            assert probe_from_node1(nodes, control, SECRET).startswith("b'{")  # the holder of the secret is answered
-            assert probe_from_node1(nodes, control) == "no answer"
-            assert probe_from_node1(nodes, control, "not-the-deployment-secret") == "no answer"
-            assert probe_from_node1(nodes, fetch) == "no answer"
+            holder, keyless, stranger, keyless_fetch = probes_from_node1(
+                nodes, (control, SECRET), (control, ""), (control, "not-the-deployment-secret"), (fetch, ""))
+            assert holder.startswith("b'{")  # the holder of the secret is answered
+            assert (keyless, stranger, keyless_fetch) == ("no answer",) * 3
             controller_refused, store_refused = wait_for(lambda: (r := refused(url))[0] >= 2 and r[1] >= 1 and r,
                                                          timeout_s=30, poll_s=0.5, what="the refusals counted")
             assert controller_refused >= 2 and store_refused >= 1
