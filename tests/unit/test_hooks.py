@@ -97,6 +97,49 @@ def test_the_watchdog_counts_restarted_workers_as_the_group(monkeypatch, restart
     assert watchdog._names == ["scheduler_0", "scheduler_1", "detokenizer"]  # restored after the check
 
 
+def test_a_restart_being_started_counts_as_the_group_for_the_watchdog(monkeypatch):
+    """Found by a test: the last original worker died while an operator's restart waited for the fork server's
+    import; no restarted process existed yet, so the watchdog took the server for dead and SIGQUIT it."""
+    import multiprocessing
+    import threading
+    from types import SimpleNamespace
+
+    from sglang_ft.entrypoints import worker_spawner
+    from ft.messages import Respawn
+
+    release, started = threading.Event(), threading.Event()
+
+    class SlowStart(_Process):  # a fork server still importing: start() returns when it is ready
+        def __init__(self, **_):
+            super().__init__(False)
+
+        def start(self):
+            started.set()
+            assert release.wait(10)
+            self.alive = True
+
+        def join(self, timeout=None):
+            pass
+
+    context = SimpleNamespace(Pipe=multiprocessing.Pipe, Process=SlowStart)
+    monkeypatch.setattr(worker_spawner, "restart_context", lambda: context)
+    monkeypatch.setattr(worker_spawner, "_RESTARTED", {})
+    launch = worker_spawner.LaunchArgs(SimpleNamespace(tp_size=2, base_gpu_id=0, gpu_id_step=1), None, None)
+    monkeypatch.setattr(worker_spawner, "_LAUNCH", launch)
+    spawner = object.__new__(worker_spawner.WorkerSpawner)  # no order socket: its spawn alone
+    spawner.processes = worker_spawner._RESTARTED
+    assert not worker_spawner.restarted_worker_alive()
+    spawning = threading.Thread(target=spawner.spawn, args=(Respawn(1, 2, 64),))
+    spawning.start()
+    assert started.wait(10)
+    assert worker_spawner.restarted_worker_alive()  # being started: the group lives on
+    release.set()
+    spawning.join(10)
+    assert worker_spawner.restarted_worker_alive() and worker_spawner._STARTING == set()  # now its process runs
+    worker_spawner._RESTARTED[1].alive = False
+    assert not worker_spawner.restarted_worker_alive()
+
+
 def _inside_forward(target: str) -> str | None:
     """Why `target` runs inside the model's forward pass (None: it does not). Inside: the KV pool's read and write
     path (methods of SGLang's `KVCache` classes that set or get KV buffers), any method of `RadixAttention`,

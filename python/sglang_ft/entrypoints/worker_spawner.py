@@ -81,12 +81,14 @@ def prepare_restarts() -> None:
 
 
 _RESTARTED: dict[int, mp.Process] = {}  # worker -> the process of its latest restart
+_STARTING: set[int] = set()  # workers whose restart is being started (the fork server may still be importing)
 
 
 def restarted_worker_alive() -> bool:
-    """Whether a restarted worker runs. SGLang's watchdog knows only the schedulers it launched first: once those
-    are all replaced, the group lives on in restarted processes that it has never heard of."""
-    return any(process.is_alive() for process in list(_RESTARTED.values()))
+    """Whether a restarted worker runs, or is being started. SGLang's watchdog knows only the schedulers it launched
+    first: once those are all gone, the group lives on in restarted processes that it has never heard of, or will
+    once the one being started exists (a first restart waits for the fork server's import, seconds)."""
+    return bool(_STARTING) or any(process.is_alive() for process in list(_RESTARTED.values()))
 
 
 class WorkerSpawner:
@@ -144,9 +146,13 @@ class WorkerSpawner:
                   _LAUNCH.gpu_id(order.worker), writer, _LAUNCH.run_scheduler_process),
             name=f"sglang-ft-worker-{order.worker}",
         )
-        process.start()
+        _STARTING.add(order.worker)
+        try:
+            process.start()
+            self.processes[order.worker] = process
+        finally:
+            _STARTING.discard(order.worker)
         writer.close()
-        self.processes[order.worker] = process
         logger.warning("sglang-ft: restarted worker %d as pid %d (attempt %d)", order.worker, process.pid,
                        order.attempt)
         threading.Thread(target=self._reap, args=(order.worker, process, reader), daemon=True).start()
