@@ -111,7 +111,8 @@ class KvStreamer:
             self.steps += 1
             pool, index = self.pool, slots.to(torch.int64)
             layers = range(pool.start_layer, pool.start_layer + len(pool.k_buffer))
-            self.pipeline.stage(layers, self.sender.heads, index, index, pool.k_buffer, pool.v_buffer, 2 * self.steps)
+            self.pipeline.stage(layers, self.sender.heads, index, index, pool.k_buffer, pool.v_buffer,
+                                self.step_rows())
             if placement is not None:
                 self._stage_remainder(placement)
         self.pipeline.pump()
@@ -123,13 +124,21 @@ class KvStreamer:
         pool = placement.pool
         local = pool.local_of[written.to(pool.local_of.device)]
         self.pipeline.stage(range(pool.k.shape[0]), placement.heads, written, local, list(pool.k), list(pool.v),
-                            2 * self.steps)
+                            self.step_rows())
 
     def _write_layer(self, index: int, slots: torch.Tensor) -> bool:
         """Send the pool's rows of `slots` in layer `index` (this rank's heads), at once (outside a step)."""
         pool = self.pool
         return self.sender.write(index + pool.start_layer, raw_rows(slots), raw_rows(pool.k_buffer[index][slots]),
                                  raw_rows(pool.v_buffer[index][slots]), moment=self.between_steps())
+
+    def step_rows(self) -> int:
+        """The moment of the latest step's rows."""
+        return 2 * self.steps
+
+    def freed(self) -> int:
+        """The moment of slots freed now: after the latest step's rows."""
+        return 2 * self.steps + 1
 
     def between_steps(self) -> int:
         """The moment of rows written outside a step: as new as the next step's (they can be of slots freed since
@@ -160,7 +169,7 @@ class KvStreamer:
     def _drop_in_turn(self, slots: np.ndarray, heads: tuple[int, int] | None = None) -> None:
         """Drop `slots` from the store (for this rank's heads, or `heads`) after every write staged before: a write
         of a slot freed since must not land after its drop. (The queue is flushed before the heads change.)"""
-        moment = 2 * self.steps + 1  # freed after the latest step
+        moment = self.freed()  # now, not when its turn comes
         self.pipeline.send_in_turn(lambda sender: sender.drop(slots, heads=heads, moment=moment))
 
     def counters(self) -> tuple[int, int, int, int]:
