@@ -418,13 +418,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def launch(args: argparse.Namespace) -> ServerProcess:
-    """The `--ft` server the soak runs on, healthy (the tiny model made first if `--model-dir` has none)."""
+def launch(args: argparse.Namespace, server_process=ServerProcess) -> ServerProcess:
+    """The `--ft` server the soak runs on, healthy (the tiny model made first if `--model-dir` has none); the tests
+    pass their `server_process` factory (their launcher)."""
     make_tiny_model.ensure_model(args.model_dir)
     flags = ["--ft-enable-fault-injection", "--ft-heartbeat-timeout-ms", str(args.heartbeat_timeout_ms),
              "--ft-attention", args.attention, "--ft-routing", args.routing, "--ft-kv-placement", args.kv_placement]
     flags += ["--ft-respawn", "--ft-respawn-delay-s", "1"] if args.rejoin == "auto" else []
-    return ServerProcess(str(args.model_dir), tp_size=args.tp, ft=True, extra_args=flags).start()
+    return server_process(str(args.model_dir), tp_size=args.tp, ft=True, extra_args=flags).start()
 
 
 def run(server: ServerProcess, args: argparse.Namespace) -> dict:

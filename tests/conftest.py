@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 from sglang_ft.tools import make_tiny_model
@@ -29,6 +30,8 @@ def pytest_collection_modifyitems(config, items):
     import torch
 
     items.sort(key=lambda item: (kind(item) == "server", hasattr(item.module, "start_early")))  # stable
+    if any(kind(item) == "server" for item in items):
+        _start_the_launcher_fork_server()  # its imports run beside the unit tests
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")
@@ -104,20 +107,37 @@ def hf_outputs():
     return get
 
 
+_LAUNCHER_FORK_SERVER = []
+
+
+def _start_the_launcher_fork_server():
+    from tests.launcher_fork_server import LauncherForkServer
+
+    if not _LAUNCHER_FORK_SERVER:
+        log = Path(os.environ.get("TMPDIR", "/tmp")) / f"sglang-ft-launcher-fork-server-{os.getpid()}.log"
+        _LAUNCHER_FORK_SERVER.append(LauncherForkServer(log))
+    return _LAUNCHER_FORK_SERVER[0]
+
+
 class ServerPool:
-    """One live SGLang server at a time, reused by consecutive tests that ask for the same configuration."""
+    """One live SGLang server at a time, reused by consecutive tests that ask for the same configuration; and the
+    launcher of every server test's server but those about the real command (`tests/launcher_fork_server.py`)."""
 
     def __init__(self):
         self.key = None
         self.server = None
 
-    def get(self, model_path: str, tp_size: int, ft: bool, *extra: str):
+    def process(self, model_path: str, **kwargs):
+        """A `ServerProcess` (not started) launched through the fork server that imported SGLang's launcher."""
         from sglang_ft.tools.server_process import ServerProcess
 
+        return ServerProcess(model_path, launcher=_start_the_launcher_fork_server(), **kwargs)
+
+    def get(self, model_path: str, tp_size: int, ft: bool, *extra: str):
         key = (model_path, tp_size, ft, extra)
         if key != self.key:
             self.close()
-            self.server = ServerProcess(model_path, tp_size=tp_size, ft=ft, extra_args=list(extra)).start()
+            self.server = self.process(model_path, tp_size=tp_size, ft=ft, extra_args=list(extra)).start()
             self.key = key
         return self.server
 
@@ -132,6 +152,8 @@ def servers():
     pool = ServerPool()
     yield pool
     pool.close()
+    if _LAUNCHER_FORK_SERVER:
+        _LAUNCHER_FORK_SERVER.pop().close()
 
 
 @pytest.fixture(autouse=True, scope="session")

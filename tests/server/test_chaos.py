@@ -29,7 +29,7 @@ def chaos_server(servers, tiny_model, tmp_path_factory):
     servers.close()  # its own server: the faults leave it unfit for the pool
     args = chaos.parse_args(["--model-dir", tiny_model, "--out", str(tmp_path_factory.mktemp("chaos")), "--seed", "0",
                              "--interval-s", "4", "--attention", "hybrid", "--routing", "load"])
-    server = chaos.launch(args)
+    server = chaos.launch(args, servers.process)
     yield server, args
     server.stop()
 

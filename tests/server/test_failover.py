@@ -52,10 +52,8 @@ def stop_others(servers) -> None:
 
 def start_tp4(servers, model_path, *extra: str):
     """A TP 4 server with fault injection."""
-    from sglang_ft.tools.server_process import ServerProcess
-
     stop_others(servers)
-    return ServerProcess(model_path, tp_size=4, ft=True, extra_args=FT_FLAGS + list(extra)).start()
+    return servers.process(model_path, tp_size=4, ft=True, extra_args=FT_FLAGS + list(extra)).start()
 
 
 @pytest.fixture(scope="module")

@@ -35,10 +35,8 @@ MOVED_PROMPT = "A request that moves to another replica keeps the cache it built
 
 @pytest.fixture(scope="module")
 def server(servers, tiny_mistral):
-    from sglang_ft.tools.server_process import ServerProcess
-
     servers.close()  # degraded by its faults, and a replica lost at the end: never shared with the pool
-    process = ServerProcess(tiny_mistral, tp_size=2, ft=True, extra_args=[
+    process = servers.process(tiny_mistral, tp_size=2, ft=True, extra_args=[
         "--dp-size", "2", "--ft-enable-fault-injection", "--api-key", KEY, "--ft-heartbeat-interval-ms", "100",
         "--ft-heartbeat-timeout-ms", str(TIMEOUT_MS), "--ft-collective-timeout-s", "4"]).start()
     yield process

@@ -35,11 +35,9 @@ FT_FLAGS = ["--ft-enable-fault-injection", "--ft-heartbeat-interval-ms", "100", 
 
 @pytest.fixture(scope="module")
 def backends(servers, tiny_model):
-    from sglang_ft.tools.server_process import ServerProcess
-
     servers.close()  # A is degraded by a fault here: never shared with the pool
-    started = [ServerProcess(tiny_model, tp_size=2, ft=True, extra_args=FT_FLAGS),
-               ServerProcess(tiny_model, tp_size=2, ft=False, extra_args=["--enable-metrics"])]
+    started = [servers.process(tiny_model, tp_size=2, ft=True, extra_args=FT_FLAGS),
+               servers.process(tiny_model, tp_size=2, ft=False, extra_args=["--enable-metrics"])]
     try:
         start_together(started)
         yield started

@@ -10,12 +10,19 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import requests
 
 from ft.ports import free_port
+
+
+def popen_launcher(cmd: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen:
+    """The launch a user runs: the command in a new session, its output to the log."""
+    with open(log_path, "w") as log:
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
 
 class PortTaken(RuntimeError):
@@ -36,6 +43,8 @@ class ServerProcess:
     startup_s: float = 0.0
     proc: subprocess.Popen | None = None
     stragglers: list[int] = field(default_factory=list)  # left running after the launcher exited at the last stop
+    # how the command is started: `popen_launcher` (the real command) unless a test passes its fork server's
+    launcher: Callable[[list[str], dict[str, str], Path], subprocess.Popen] = popen_launcher
 
     @property
     def url(self) -> str:
@@ -63,16 +72,13 @@ class ServerProcess:
         self.port = self.port or free_port()
         if self.log_path is None:
             self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"sglang-ft-server-{self.port}.log"
-        log = open(self.log_path, "w")
         env = dict(os.environ, PYTHONWARNINGS="ignore", **self.extra_env)
         # `stop` signals the whole group, so the launcher sees its schedulers exit and runs SGLang's crash path,
         # which sleeps 5 s for py-spy and CUDA core dumps first: nothing to dump here, and 5 s per server stopped.
         for flag in ("SGLANG_PYSPY_DUMP_BEFORE_CRASH", "SGLANG_CUDA_COREDUMP_BEFORE_CRASH"):
             env.setdefault(flag, "false")
         started = time.monotonic()
-        self.proc = subprocess.Popen(
-            self.command(), stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
+        self.proc = self.launcher(self.command(), env, self.log_path)
         try:
             self._wait_healthy(timeout_s)
         except BaseException:
