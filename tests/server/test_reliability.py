@@ -33,13 +33,13 @@ LIMITS = ["--max-running-requests", "2", "--max-queued-requests", "3", "--ft-dra
 
 @pytest.fixture(scope="module")
 def server(servers, tiny_model):
+    import sglang.srt.platforms  # noqa: F401  (SGLang's platforms first: the plugin's module imports from them)
     from sglang_ft.platforms.torch_cpu import START_METHOD_ENV
-    from sglang_ft.tools.server_process import ServerProcess
 
     servers.close()  # this module's last test stops its server: never shared with the pool
     # SGLang's own `spawn`, as on GPUs (the other CPU servers fork their children): each child loads sglang-ft's
-    # plugin and hooks by itself here
-    process = ServerProcess(tiny_model, tp_size=2, ft=True, extra_args=LIMITS,
+    # plugin and hooks by itself here, in a fresh interpreter that imports `sglang.launch_server` as its main module
+    process = servers.process(tiny_model, tp_size=2, ft=True, extra_args=LIMITS,
                             extra_env={START_METHOD_ENV: "spawn"}).start()
     yield process
     process.stop()
