@@ -97,17 +97,20 @@ def rank_main(rank: int, size: int, port: int, scenario: str, results) -> None:
         results.put((rank, {"error": repr(exc)}))
 
 
-def run_ranks(size: int, scenario: str, timeout_s: float = 240.0) -> dict:
+def run_ranks(size: int, scenario: str, timeout_s: float = 240.0, target=None, expected=None) -> dict:
+    """Run `target` (rank_main for `scenario`) on `size` ranks; the results of the `expected` ranks (all)."""
     context = rank_context()
     results = context.Queue()
     port = free_port()
-    procs = [context.Process(target=rank_main, args=(r, size, port, scenario, results)) for r in range(size)]
+    args = (lambda r: (r, size, port, scenario, results)) if target is None else (lambda r: (r, size, port, results))
+    procs = [context.Process(target=target or rank_main, args=args(r)) for r in range(size)]
     for proc in procs:
         proc.start()
     out = {}
     deadline = time.monotonic() + timeout_s
+    expected = range(size) if expected is None else expected
     try:
-        while len(out) < size and time.monotonic() < deadline:
+        while len(out) < len(expected) and time.monotonic() < deadline:
             rank, result = results.get(timeout=max(1.0, deadline - time.monotonic()))
             out[rank] = result
     finally:
@@ -133,6 +136,79 @@ def test_a_single_failure_installs_the_preformed_groups_without_connecting():
         assert result["install_s"] < 0.2, result  # milliseconds in fact; bounded loosely on a shared 2-core host
         assert result["cpu_s"] < 1.0, result  # forming 3 sets of 6 backends, in the background
         print(f"rank {rank}: install {result['install_s'] * 1e3:.1f} ms, forming {result['cpu_s'] * 1e3:.0f} ms CPU")
+
+
+MEMBER_STAYS_S = 6.0
+
+
+def install_blocked_main(rank: int, size: int, port: int, results) -> None:
+    """Rank 0 goes; the survivors 1 and 2 take their set. Rank 2 installs it through the regroup's
+    `rebuild_process_groups` (SGLang's build stood in for by `build_like_sglang` and a collective on the new TP
+    group, as SGLang's own build runs one); rank 1 never comes, so rank 2 blocks there until the interrupt a newer
+    order would send (`interrupt_old_group`'s shutdown of the group's connections, from another thread) frees it."""
+    import threading
+    from types import SimpleNamespace
+
+    import torch
+    import torch.distributed as dist
+
+    from sglang_ft import sglang_surface
+    from sglang_ft.distributed.group_interrupt import GROUP_CONNECTIONS, GroupConnections
+    from sglang_ft.elastic_tp.groups import rebuild_process_groups
+
+    try:
+        store = dist.TCPStore("127.0.0.1", port, size, is_master=rank == 0, wait_for_workers=False, timeout=TIMEOUT)
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=size, timeout=TIMEOUT)
+        build_like_sglang(size, rank)
+        standby = StandbyGroups(GroupConnections())
+        standby.prepare(0, tuple(range(size)), rank, lambda _superseded: dist.distributed_c10d._get_default_store(),
+                        30.0, gloo_backends_needed(size)).join()
+        dist.barrier()
+        if rank == 0:
+            os._exit(0)
+        dist.destroy_process_group()
+        taken = standby.take(rank, 0, 1, (1, 2), 1)
+        if rank == 1:  # holds its set (its connections open) and never builds; when it goes, rank 2 is freed anyway
+            time.sleep(MEMBER_STAYS_S)
+            results.put((rank, {"taken": taken is not None}))
+            return
+
+        def build(*_args):
+            groups = build_like_sglang(2, 1)
+            dist.all_reduce(torch.ones(2), group=groups[-3])  # the TP CPU group: rank 1 never joins it
+
+        for name, value in {"build_parallel_groups": build, "tear_down_parallel_groups": lambda: None,
+                            "parallel_group_stamp": dict, "get_device": lambda: SimpleNamespace(device="cpu"),
+                            "get_parallel": lambda: SimpleNamespace(override_permanently=lambda **_: None)}.items():
+            setattr(sglang_surface, name, value)
+        shut = []
+        # the interrupt's gloo half (its NCCL half would import SGLang here: seconds, and nothing to abort on CPU)
+        interrupt = threading.Timer(0.5, lambda: shut.append((time.monotonic(), GROUP_CONNECTIONS.shut_down())))
+        interrupt.start()
+        started = time.monotonic()
+        try:
+            with installing(taken):
+                rebuild_process_groups(1, 2, port, 30.0, store=dist.HashStore(), connections=taken.connections)
+            outcome = "built"
+        except Exception as exc:  # the blocked collective, freed
+            outcome = f"{type(exc).__name__}: {exc}"[:300]
+        results.put((rank, {"taken": taken is not None, "outcome": outcome, "ended_s": time.monotonic() - started,
+                            "interrupted_s": shut[0][0] - started if shut else None,
+                            "connections_shut": shut[0][1] if shut else 0}))
+    except Exception as exc:  # reported to the test, with the rank
+        results.put((rank, {"error": repr(exc)}))
+
+
+def test_an_interrupt_frees_a_member_blocked_inside_the_install_of_a_standby_set():
+    """The set's connections are the group's from the start of its install: a member blocked in the install's own
+    collectives (a peer died or moved on meanwhile) is freed by the newer order's interrupt, not by the 30 s
+    timeout. (They were adopted only once the install was done, and an interrupt then shut none of them.)"""
+    out = run_ranks(3, "install_blocked", target=install_blocked_main, expected=(1, 2))
+    assert out[1]["taken"] and out[2]["taken"]
+    result = out[2]
+    assert result["outcome"] != "built" and result["connections_shut"] > 0, result
+    # freed by the interrupt: long before the absent member goes (which would free it too), let alone 30 s
+    assert result["ended_s"] - result["interrupted_s"] < MEMBER_STAYS_S - 3, result
 
 
 GLOO_TIMER_SLACK_S = 0.05

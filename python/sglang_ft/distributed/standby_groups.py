@@ -328,8 +328,7 @@ def _install_or_rebuild(ft_worker, order, superseded, groups, rank, size, timeou
         try:
             with installing(standby, nccl):
                 groups.rebuild_process_groups(rank, size, order.store_port, timeout_s, superseded, host,
-                                              store=dist.HashStore())
-            _connections().adopt(standby.connections)
+                                              store=dist.HashStore(), connections=standby.connections)
             standby.backends = []  # SGLang's groups' now
             discard([standby])  # its agreement backend, shut down off the critical path
             STANDBY.own_store_port = order.store_port  # the order's store was never opened: the next sets' own

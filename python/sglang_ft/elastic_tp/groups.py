@@ -104,10 +104,15 @@ def join_store(rank: int, size: int, port: int, timeout_s: float, superseded, ho
 
 
 def rebuild_process_groups(new_rank: int, new_size: int, store_port: int, timeout_s: float,
-                           superseded=lambda: False, host: str = "127.0.0.1", store=None) -> None:
+                           superseded=lambda: False, host: str = "127.0.0.1", store=None,
+                           connections: set | None = None) -> None:
     """Drop this process's groups and build SGLang's for the new world; the new rank 0 hosts the store, which the
     others reach at `host` (the new rank 0's address: 127.0.0.1 on one node). A `store` given is used instead
-    (a standby set's install, whose backends are connected already: `standby_groups.py`)."""
+    (a standby set's install, whose backends are connected already: `standby_groups.py`); the set's `connections`
+    are the group's from the start of the install, so an interrupt frees a rank blocked in the install's own
+    collectives, and no connection is recorded (the install opens none; listing them cost 20-40 ms per scan)."""
+    import contextlib
+
     import torch.distributed as dist
 
     from sglang_ft.sglang_surface import (build_parallel_groups, get_device, get_parallel, parallel_group_stamp,
@@ -127,8 +132,11 @@ def rebuild_process_groups(new_rank: int, new_size: int, store_port: int, timeou
     # Our own store: survivors still stuck in an old collective join late, so joining may take up to a few
     # collective timeouts; collectives in the new group time out after `timeout_s`.
     GROUP_CONNECTIONS.forget()
+    if store is not None:
+        GROUP_CONNECTIONS.adopt(connections or set())
     torn_down = time.monotonic()
-    with GROUP_CONNECTIONS.recording():  # what a newer order's interrupt may shut (group_interrupt.py)
+    # what a newer order's interrupt may shut (group_interrupt.py)
+    with GROUP_CONNECTIONS.recording() if store is None else contextlib.nullcontext():
         store = join_store(new_rank, new_size, store_port, timeout_s, superseded, host) if store is None else store
         joined = time.monotonic()
         dist.init_process_group(backend, store=store, world_size=new_size, rank=new_rank,
