@@ -2,6 +2,8 @@
 
 `ServerArgs.from_cli_args` keeps only dataclass fields, and the scheduler processes are spawned, so the FT options
 travel in one environment variable (JSON) that every child inherits and reads back with `ft_args()`.
+Over 400 lines because it is the table of every `--ft-*` flag (declaration, help, and the check that names the flag
+when its value is refused), which reads best in one place.
 """
 
 from __future__ import annotations
