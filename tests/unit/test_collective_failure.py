@@ -256,3 +256,36 @@ def test_a_descriptor_reused_since_it_was_listed_is_not_shut(monkeypatch):
     assert connections.shut_down() == 1 and client.recv(1) == b""
     for sock in (late, client, accepted, listener):
         sock.close()
+
+
+def test_a_recording_inside_another_lists_nothing_and_loses_nothing(monkeypatch):
+    """The regroup's rebuild records around SGLang's build, whose hook records too: the inner recording lists no
+    connection (each listing costs 20-40 ms under load) and the outer one still records what the inner block
+    opened; a recording in another thread (the standby formation's) is not affected."""
+    from sglang_ft.distributed import group_interrupt
+
+    established = {("a", "b"): 3}
+    listings = []
+
+    def listing():
+        listings.append(dict(established))
+        return dict(established)
+
+    monkeypatch.setattr(group_interrupt, "_established", listing)
+    connections = group_interrupt.GroupConnections()
+    with connections.recording():
+        established[("c", "d")] = 4  # opened by the store join
+        with connections.recording():  # SGLang's build, through its hook
+            established[("e", "f")] = 5
+        def other_thread_records():
+            with connections.recording():
+                pass
+
+        other = threading.Thread(target=other_thread_records)
+        other.start()
+        other.join()
+    assert len(listings) == 4  # the outer window's two and the other thread's two; the inner block's none
+    assert connections._known == {("c", "d"), ("e", "f")}
+    with connections.recording():  # after it, a recording lists again
+        pass
+    assert len(listings) == 6

@@ -110,7 +110,7 @@ def rebuild_process_groups(new_rank: int, new_size: int, store_port: int, timeou
     others reach at `host` (the new rank 0's address: 127.0.0.1 on one node). A `store` given is used instead
     (a standby set's install, whose backends are connected already: `standby_groups.py`); the set's `connections`
     are the group's from the start of the install, so an interrupt frees a rank blocked in the install's own
-    collectives, and no connection is recorded (the install opens none; listing them cost 20-40 ms per scan)."""
+    collectives; the few the install opens itself are recorded by SGLang's build's hook (`distributed/bootstrap.py`)."""
     import contextlib
 
     import torch.distributed as dist
@@ -135,7 +135,8 @@ def rebuild_process_groups(new_rank: int, new_size: int, store_port: int, timeou
     if store is not None:
         GROUP_CONNECTIONS.adopt(connections or set())
     torn_down = time.monotonic()
-    # what a newer order's interrupt may shut (group_interrupt.py)
+    # What a newer order's interrupt may shut (group_interrupt.py). A standby install still opens a connection or
+    # two (SGLang's build; 1-2 per member measured at TP 4 -> 3): its hook's recording catches them.
     with GROUP_CONNECTIONS.recording() if store is None else contextlib.nullcontext():
         store = join_store(new_rank, new_size, store_port, timeout_s, superseded, host) if store is None else store
         joined = time.monotonic()
