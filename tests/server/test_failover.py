@@ -27,7 +27,7 @@ from sglang_ft.tools.load import Load, server_load
 
 pytestmark = pytest.mark.server
 NEW_TOKENS = 64
-LONG_TOKENS = 150  # a closed loop of requests this long is decoding whenever a rejoin comes
+LONG_TOKENS = 150  # a closed loop of requests this long is decoding at a rejoin sent once one of them streams
 FAILOVER_PROMPTS = PROMPTS + ["Tell me about heartbeats", "The worker rank"]  # 8 concurrent requests
 CACHED_PROMPT = "A prefix served before the failure stays in the radix cache through the regroup"
 
@@ -261,6 +261,11 @@ def test_the_last_failure_streams_across_down_to_tp1_then_a_rejoin_by_hand(ft_se
                 expected=greedy_references(ft_server.model_path, long_prompts, LONG_TOKENS)).start(1)
     try:
         wait_for(lambda: load.completed >= 1, timeout_s=120, what="a long request at TP 1")
+        # the next request decoding, so one is in the scheduler at the rejoin (a clean run ordered it in the gap
+        # between two requests of the closed loop: nothing in flight, no KV to move)
+        completed_at = time.monotonic()
+        wait_for(lambda: load.tokens_between(completed_at, float("inf")) >= 2, timeout_s=60,
+                 what="the next long request decoding")
         assert rejoin(victim).json() == {"rejoining": victim}
         st = wait_for(lambda: (s := status(ft_server))["tp_size"] == 2 and len(s["recoveries"]) == 4 and s,
                       timeout_s=300, what=f"worker {victim} to rejoin")
