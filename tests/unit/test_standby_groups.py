@@ -43,20 +43,29 @@ def tcp_connections() -> set:
     return {(c.laddr, c.raddr) for c in psutil.Process().net_connections(kind="tcp") if c.status == "ESTABLISHED"}
 
 
-def rank_main(rank: int, size: int, port: int, scenario: str, results) -> None:
-    import torch
+def serving_with_standby_sets(rank: int, size: int, port: int) -> tuple[StandbyGroups, int]:
+    """A rank of a group of `size` with SGLang-like groups, once its standby sets are formed; and how many gloo
+    backends each set holds."""
     import torch.distributed as dist
 
     from sglang_ft.distributed.group_interrupt import GroupConnections
 
+    store = dist.TCPStore("127.0.0.1", port, size, is_master=rank == 0, wait_for_workers=False, timeout=TIMEOUT)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=size, timeout=TIMEOUT)
+    build_like_sglang(size, rank)
+    count = gloo_backends_needed(size)
+    standby = StandbyGroups(GroupConnections())
+    standby.prepare(0, tuple(range(size)), rank, lambda _superseded: dist.distributed_c10d._get_default_store(),
+                    30.0, count).join()
+    return standby, count
+
+
+def rank_main(rank: int, size: int, port: int, scenario: str, results) -> None:
+    import torch
+    import torch.distributed as dist
+
     try:
-        store = dist.TCPStore("127.0.0.1", port, size, is_master=rank == 0, wait_for_workers=False, timeout=TIMEOUT)
-        dist.init_process_group("gloo", store=store, rank=rank, world_size=size, timeout=TIMEOUT)
-        build_like_sglang(size, rank)
-        count = gloo_backends_needed(size)
-        standby = StandbyGroups(GroupConnections())
-        standby.prepare(0, tuple(range(size)), rank, lambda _superseded: dist.distributed_c10d._get_default_store(),
-                        30.0, count).join()
+        standby, count = serving_with_standby_sets(rank, size, port)
         formed = {m for m in [tuple(w for w in range(size) if w != lost) for lost in range(size)]
                   if standby.ready(m)}
         dist.barrier()  # every rank holds its sets before worker 0 (the store's host) goes
@@ -98,12 +107,11 @@ def rank_main(rank: int, size: int, port: int, scenario: str, results) -> None:
 
 
 def run_ranks(size: int, scenario: str, timeout_s: float = 240.0, target=None, expected=None) -> dict:
-    """Run `target` (rank_main for `scenario`) on `size` ranks; the results of the `expected` ranks (all)."""
+    """Run `target` (rank_main) for `scenario` on `size` ranks; the results of the `expected` ranks (all)."""
     context = rank_context()
     results = context.Queue()
     port = free_port()
-    args = (lambda r: (r, size, port, scenario, results)) if target is None else (lambda r: (r, size, port, results))
-    procs = [context.Process(target=target or rank_main, args=args(r)) for r in range(size)]
+    procs = [context.Process(target=target or rank_main, args=(r, size, port, scenario, results)) for r in range(size)]
     for proc in procs:
         proc.start()
     out = {}
@@ -141,7 +149,7 @@ def test_a_single_failure_installs_the_preformed_groups_without_connecting():
 MEMBER_STAYS_S = 6.0
 
 
-def install_blocked_main(rank: int, size: int, port: int, results) -> None:
+def install_blocked_main(rank: int, size: int, port: int, _scenario: str, results) -> None:
     """Rank 0 goes; the survivors 1 and 2 take their set. Rank 2 installs it through the regroup's
     `rebuild_process_groups` (SGLang's build stood in for by `build_like_sglang` and a collective on the new TP
     group, as SGLang's own build runs one); rank 1 never comes, so rank 2 blocks there until the interrupt a newer
@@ -153,16 +161,11 @@ def install_blocked_main(rank: int, size: int, port: int, results) -> None:
     import torch.distributed as dist
 
     from sglang_ft import sglang_surface
-    from sglang_ft.distributed.group_interrupt import GROUP_CONNECTIONS, GroupConnections
+    from sglang_ft.distributed.group_interrupt import GROUP_CONNECTIONS
     from sglang_ft.elastic_tp.groups import rebuild_process_groups
 
     try:
-        store = dist.TCPStore("127.0.0.1", port, size, is_master=rank == 0, wait_for_workers=False, timeout=TIMEOUT)
-        dist.init_process_group("gloo", store=store, rank=rank, world_size=size, timeout=TIMEOUT)
-        build_like_sglang(size, rank)
-        standby = StandbyGroups(GroupConnections())
-        standby.prepare(0, tuple(range(size)), rank, lambda _superseded: dist.distributed_c10d._get_default_store(),
-                        30.0, gloo_backends_needed(size)).join()
+        standby, _count = serving_with_standby_sets(rank, size, port)
         dist.barrier()
         if rank == 0:
             os._exit(0)
