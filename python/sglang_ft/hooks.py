@@ -3,7 +3,8 @@
 Each handler lives in the adapter module of the SGLang module it extends, at the same path under `sglang_ft/`
 (`sglang.srt.managers.scheduler` -> `sglang_ft.managers.scheduler`). `PARAMETERS` pins each target's parameters in
 SGLang 0.5.23: `test_hooks.py` resolves every target and compares its signature, so an upgrade that moves
-or changes one fails with its name. Each handler leaves SGLang's behaviour untouched unless `--ft` is on. SGLang
+or changes one fails with its name. Each handler leaves SGLang's behaviour untouched unless `--ft` is on, but the
+`torch_cpu` platform's thread count (that platform only). SGLang
 internals touched outside this table go through `sglang_surface.py`.
 """
 
@@ -79,8 +80,12 @@ _GROUPS = {  # SGLang module under sglang.srt -> (attribute, hook type, handler)
     "managers.scheduler_components.ipc_channels": [
         ("SchedulerIpcChannels.create", AROUND, ipc_channels.around_create_ipc_channels),
     ],
-    # scheduler: process groups whose failures raise in the survivor
-    "distributed.bootstrap": [("_init_parallel_groups", AROUND, bootstrap.around_init_parallel_groups)],
+    # scheduler: process groups whose failures raise in the survivor; on the torch_cpu platform (with or without
+    # --ft) the rank's torch threads fitted to its cores
+    "distributed.bootstrap": [
+        ("_init_parallel_groups", AROUND, bootstrap.around_init_parallel_groups),
+        ("_init_cpu_threads_env", AROUND, bootstrap.around_init_cpu_threads_env),
+    ],
     # scheduler, KV cache: freed slots, the hybrid-attention owner at the first match, equal slots on every rank
     "mem_cache.allocator.token": [
         ("TokenToKVPoolAllocator.free", AFTER, token.after_free),
@@ -147,6 +152,7 @@ PARAMETERS = {
                                                                               "skip_tokenizer_init metrics_enabled "
                                                                               "enable_scripted_runtime",
     "distributed.bootstrap._init_parallel_groups": "backend dist_init_method server_args gpu_id",
+    "distributed.bootstrap._init_cpu_threads_env": "local_omp_cpuid dist_init_method",
     "mem_cache.allocator.token.TokenToKVPoolAllocator.free": "self free_index",
     "mem_cache.allocator.token.TokenToKVPoolAllocator.clear": "self",
     "mem_cache.common.match_kv_cache": "req tree_cache token_ids cow_mamba max_prefix_len",

@@ -1,4 +1,5 @@
-"""Adapter of `sglang.srt.distributed.bootstrap`: SGLang's process groups built so a survivor outlives a dead peer."""
+"""Adapter of `sglang.srt.distributed.bootstrap`: SGLang's process groups built so a survivor outlives a dead peer,
+and a `torch_cpu` rank's threads fitted to its cores."""
 
 from __future__ import annotations
 
@@ -17,3 +18,16 @@ def around_init_parallel_groups(original, *args, **kwargs):
     apply_nccl_error_handling()
     with GROUP_CONNECTIONS.recording():
         return original(*args, **kwargs)
+
+
+def around_init_cpu_threads_env(original, *args, **kwargs):
+    """On the `torch_cpu` platform, with or without `--ft`: the rank's torch threads from its cores
+    (`torch_cpu.use_rank_cores`); SGLang's own binding needs sgl_kernel's CPU ops, which that platform is without.
+    Any other platform: SGLang's."""
+    from sglang.srt.platforms import current_platform
+
+    from sglang_ft.platforms.torch_cpu import TorchCpuPlatform, use_rank_cores
+
+    if not isinstance(current_platform, TorchCpuPlatform):
+        return original(*args, **kwargs)
+    use_rank_cores(kwargs.get("local_omp_cpuid"))
