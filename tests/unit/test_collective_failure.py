@@ -146,6 +146,36 @@ def test_the_interrupt_frees_a_blocked_gloo_collective_and_leaves_zmq_connected(
     context.destroy(linger=0)
 
 
+def test_the_connection_listing_from_the_process_own_sockets_equals_psutils():
+    """The interrupt's listing reads the process's own socket descriptors instead of the machine's TCP tables: the
+    same established connections (IPv4 and IPv6, both ends of each) as psutil lists, and neither lists a listener
+    or a connection whose peer has closed it."""
+    import socket
+
+    import psutil
+
+    from sglang_ft.distributed.group_interrupt import _established
+
+    held = []
+    for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+        server = socket.create_server((host, 0), family=family)
+        client = socket.create_connection(server.getsockname()[:2])
+        accepted, _ = server.accept()
+        held += [server, client, accepted]
+    half = socket.create_connection(held[0].getsockname()[:2])
+    peer, _ = held[0].accept()
+    peer.close()  # `half` is left in CLOSE_WAIT
+    time.sleep(0.1)
+    mine = _established()
+    by_psutil = {(tuple(c.laddr), tuple(c.raddr)): c.fd for c in psutil.Process().net_connections(kind="tcp")
+                 if c.status == psutil.CONN_ESTABLISHED}
+    assert {(tuple(a), tuple(b)): fd for (a, b), fd in mine.items()} == by_psutil
+    assert len([a for a in mine if a[0].ip in ("127.0.0.1", "::1")]) >= 4  # two connections, both ends each
+    assert half.fileno() not in mine.values() and held[0].fileno() not in mine.values()
+    for sock in held + [half]:
+        sock.close()
+
+
 def test_an_interrupt_aborts_nccl_groups_and_pynccl_communicators_with_what_torch_offers():
     from sglang_ft.distributed.group_interrupt import abort_nccl_groups, abort_pynccl_communicators
 
