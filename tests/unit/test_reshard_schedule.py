@@ -3,8 +3,8 @@ so the survivors take slices from each other and the dead worker's from the chec
 
 Each rank records what it hands to torch.distributed (isend/irecv: peer and tag, in call order) and which
 checkpoint tensors it reads. Checked: every rank receives in its inbound queue's order (longest first), every
-sender sends a link's moves in the order its receiver takes them, the disk queue is read in the schedule's order
-after every peer transfer was started (so they overlap), and the weights equal the checkpoint's slices read here
+sender sends a link's moves in the order its receiver takes them, the kept slices are copied and the disk queue is
+read in the schedule's order after every peer transfer was started (so they overlap), and the weights equal the checkpoint's slices read here
 with safetensors alone, bit for bit, as the former all-at-once path's do.
 """
 
@@ -34,6 +34,10 @@ def _rank(rank: int, model_dir: str, init_file: str, out: str) -> None:
         events.append(("send", group_dst, tag)) or real_isend(tensor, group=group, tag=tag, group_dst=group_dst))
     dist.irecv = lambda tensor, group=None, tag=0, group_src=None: (
         events.append(("recv", group_src, tag)) or real_irecv(tensor, group=group, tag=tag, group_src=group_src))
+    from sglang_ft.elastic_tp import reshard as reshard_module
+
+    real_copy = reshard_module._copy
+    reshard_module._copy = lambda src, dst: events.append(("keep", None, None)) or real_copy(src, dst)
     for read in ("read_rows", "read_cols"):
         real = getattr(LazyTensor, read)
         setattr(LazyTensor, read, lambda self, a, b, real=real: events.append(("disk", self.name)) or real(self, a, b))
@@ -121,10 +125,25 @@ def test_the_disk_queue_is_read_in_order_while_the_peer_transfers_are_in_flight(
             assert not reads
             continue
         readers += 1
-        assert max(i for i, e in enumerate(events) if e[0] != "disk") < reads[0]  # every transfer started first
+        assert max(i for i, e in enumerate(events) if e[0] not in ("disk", "keep")) < reads[0]  # transfers first
         dims = [dim_of(events[i][1]) for i in reads]
         assert [d for i, d in enumerate(dims) if i == 0 or dims[i - 1] != d] == [m.dim for m in queue]
     assert readers
+
+
+def test_the_kept_slices_are_copied_while_the_peer_moves_are_on_the_wire(resharded):
+    """The scheduled path posts every peer move, then copies what each rank keeps, then reads its disk queue; the
+    former path copied first."""
+    for results in resharded.values():
+        events = results[True][1]
+        kinds = [kind for kind, *_ in events]
+        keeps = [i for i, kind in enumerate(kinds) if kind == "keep"]
+        transfers = [i for i, kind in enumerate(kinds) if kind in ("send", "recv")]
+        assert keeps and transfers and max(transfers) < min(keeps)
+        assert all(i < min(keeps) or kind == "disk" or kind == "keep" for i, kind in enumerate(kinds))
+        assert not [i for i, kind in enumerate(kinds) if kind == "disk" and i < max(keeps)]
+        former = [kind for kind, *_ in results[False][1]]
+        assert former.index("keep") < min(i for i, kind in enumerate(former) if kind in ("send", "recv"))
 
 
 def _expected_weights(model_dir: str, shard, shape) -> dict[str, torch.Tensor]:

@@ -8,9 +8,10 @@ group's device group: both sides' buffers live on the model's device (NCCL takes
 The transfers follow the planner's schedule (`schedule_transfers`, AnchorTP's bandwidth-aware transfers): every
 rank issues its peer moves in `issue_order` (each inbound link's queue longest first, the same order on both ends
 of every pair), each send's buffer flattened just before it goes, so the first moves are on the wire while later
-ones are packed; then it reads its disk queue, in the schedule's order, one checkpoint tensor at a time, landing the
-peer buffers that arrived between tensors, so disk and network overlap and the reshard takes about the busiest
-link's bytes over its bandwidth.
+ones are packed; then it copies the slices it keeps (local copies, not a link of the schedule) and reads its disk
+queue, in the schedule's order, one checkpoint tensor at a time, landing the peer buffers that arrived between
+tensors, so the local copies, disk and network overlap and the reshard takes about the busiest link's bytes over
+its bandwidth.
 """
 
 from __future__ import annotations
@@ -27,9 +28,10 @@ from sglang_ft.distributed.p2p import arrived, exchange, receive, send, wait, wa
 
 # What the schedule's predicted time assumes (configured, not measured at runtime: the order it executes depends on
 # bytes alone, longest first). GPUs: NVLink per direction and an NVMe drive (the scale model's figures, from their
-# datasheets); CPUs: gloo over loopback and page-cached slice reads on the 2-core development machine (measured
-# 2.0-3.0 GB/s and 0.56-1.97 GB/s under other sessions' load, benchmark/results/reshard_schedule_2026-12-02.json).
-DEFAULT_BANDWIDTH = {"cuda": Bandwidth(p2p=450e9, disk=7e9), "cpu": Bandwidth(p2p=2e9, disk=1e9)}
+# datasheets); CPUs: gloo over loopback and page-cached slice reads on the 2-core development machine (each alone
+# 1.7-3.0 GB/s and 2.6-4.3 GB/s, benchmark/results/reshard_schedule_2026-12-03.md; the links share the cores, so the
+# reshard there takes 4-5x what independent links would).
+DEFAULT_BANDWIDTH = {"cuda": Bandwidth(p2p=450e9, disk=7e9), "cpu": Bandwidth(p2p=2e9, disk=4e9)}
 
 
 @dataclass
@@ -40,7 +42,8 @@ class ReshardStats:
     bytes_from_host_cache: int = 0  # from the node's copy of the checkpoint in host memory
     expert_bytes_moved: int = 0  # MoE experts' columns among bytes_p2p_in + bytes_reloaded
     predicted_s: float = 0.0  # the schedule's estimate of the transfers' time (the busiest link's)
-    transfers_s: float = 0.0  # the peer and disk transfers' time here, what `predicted_s` estimates
+    transfers_s: float = 0.0  # the peer and disk transfers' time here (and the kept slices' copies, which the
+    #                           scheduled path runs while its peer moves are on the wire): what `predicted_s` estimates
 
 
 def _nbytes(pieces) -> int:
@@ -99,38 +102,49 @@ def reshard(old_model, new_model, plan: MigrationPlan, me: int, checkpoint_dir: 
     """
     stats = ReshardStats()
     if held is not None:
-        for dim in DIMENSIONS:
-            (o0, o1), (n0, n1) = getattr(held, dim), getattr(new_model.shard, dim)
-            lo, hi = max(o0, n0), min(o1, n1)
-            if lo < hi:
-                stats.bytes_kept += _copy(old_model.unit_pieces(dim, lo, hi), new_model.unit_pieces(dim, lo, hi))
         old_replicated = old_model.replicated_params()
         for name, param in new_model.replicated_params().items():
             param.copy_(old_replicated[name])
     if replicated_from is not None:
         for _name, param in sorted(new_model.replicated_params().items()):
             dist.broadcast(param.data, group=group, group_src=replicated_from)
-    if held is not None:
-        _keep_remainder_heads(old_model, new_model, stats)
-    for move in plan.moves:
-        if move.src == me and move.dst == me:  # own remainder heads that become TP heads here
-            stats.bytes_kept += _copy(_source_pieces(old_model, move), _target_pieces(new_model, move))
     if new_model.layout.shape.num_experts:  # every unit of MLP columns is expert weights
         stats.expert_bytes_moved = sum(_nbytes(new_model.unit_pieces(m.dim, m.start, m.end)) for m in plan.moves
                                        if m.dst == me and m.dim == "mlp_columns")
     device = next(iter(new_model.replicated_params().values())).device
     schedule = schedule_transfers(plan, bandwidth or DEFAULT_BANDWIDTH.get(device.type, DEFAULT_BANDWIDTH["cuda"]))
     stats.predicted_s = schedule.estimated_s
+    keep = lambda: _keep_local_slices(old_model, new_model, plan, me, held, stats)  # noqa: E731
+    if not scheduled:  # the former path copied first
+        keep()
     started = time.monotonic()
-    (_scheduled_transfers if scheduled else _transfers_at_once)(old_model, new_model, plan, schedule, me,
-                                                                 checkpoint_dir, group, stats)
+    if scheduled:
+        _scheduled_transfers(old_model, new_model, plan, schedule, me, checkpoint_dir, group, stats, keep)
+    else:
+        _transfers_at_once(old_model, new_model, plan, schedule, me, checkpoint_dir, group, stats)
     stats.transfers_s = time.monotonic() - started
     return stats
 
 
+def _keep_local_slices(old_model, new_model, plan: MigrationPlan, me: int, held, stats: ReshardStats) -> None:
+    """Copy what this worker holds and keeps (its spans' overlap, its remainder heads, own moves) into the new
+    shard: local copies, which the scheduled path runs while its peer moves are on the wire."""
+    if held is not None:
+        for dim in DIMENSIONS:
+            (o0, o1), (n0, n1) = getattr(held, dim), getattr(new_model.shard, dim)
+            lo, hi = max(o0, n0), min(o1, n1)
+            if lo < hi:
+                stats.bytes_kept += _copy(old_model.unit_pieces(dim, lo, hi), new_model.unit_pieces(dim, lo, hi))
+        _keep_remainder_heads(old_model, new_model, stats)
+    for move in plan.moves:
+        if move.src == me and move.dst == me:  # own remainder heads that become TP heads here
+            stats.bytes_kept += _copy(_source_pieces(old_model, move), _target_pieces(new_model, move))
+
+
 def _scheduled_transfers(old_model, new_model, plan: MigrationPlan, schedule, me: int, checkpoint_dir: str, group,
-                         stats: ReshardStats) -> None:
-    """The peer moves in `issue_order`, then the disk queue tensor by tensor, landing arrived buffers meanwhile."""
+                         stats: ReshardStats, keep) -> None:
+    """The peer moves in `issue_order`, then the local copies (`keep`) and the disk queue tensor by tensor, landing
+    arrived buffers meanwhile."""
     tag_of = {move: tag for tag, move in enumerate(plan.moves)}
     rank_of = {worker: rank for rank, worker in enumerate(plan.workers)}
     sent, landing = [], deque()
@@ -150,6 +164,7 @@ def _scheduled_transfers(old_model, new_model, plan: MigrationPlan, schedule, me
             _unflatten_into(buffer, pieces)
             stats.bytes_p2p_in += buffer.numel() * buffer.element_size()
 
+    keep()
     for move in schedule.disk_queues.get(me, ()):
         pieces = _target_pieces(new_model, move)
         _read_checkpoint(checkpoint_dir, pieces, stats, between_tensors=lambda: land(block=False))
