@@ -234,8 +234,9 @@ def test_cyclic_placement_rotates_each_request_over_the_workers_from_the_one_wit
 
     req_to_token[2, :20] = req_to_token[0, :20]  # c reuses a's first 20 cached tokens, then 5 new ones
     req_to_token[2, 20:25] = torch.arange(70, 75)
+    assert ranks[0].rows_of.tolist() == [17, 18, 18]  # 17, 17, 16 and the three decoded tokens on workers 1, 2, 2
     [p.batch(extend_batch(["c"], [2], [25], [5], list(range(70, 75)))) for p in ranks]
-    assert holder_of(ranks[0], range(70, 75)) == [2, 0, 1, 2, 0]  # on from the holder of a's position 19
+    assert holder_of(ranks[0], range(70, 75)) == [0, 1, 2, 0, 1]  # from the fewest rows, not on from a's position 19
 
     before = ranks[0].rows_of.clone()
     ranks[0].release_slots(torch.arange(0, 9))
@@ -262,6 +263,35 @@ def test_cyclic_placement_keeps_a_mixed_workload_within_one_block_per_worker():
         for i in range(requests):
             if step + 1 == to_generate[i]:  # finished: SGLang frees its slots
                 placement.release_slots(torch.arange(i * 200, i * 200 + lengths[i] + to_generate[i]))
+        rows = placement.rows_of
+        spread.append(int(rows.max() - rows.min()))
+        assert rows.tolist() == [int((placement.holders >> w & 1).sum()) for w in range(size)]
+    assert max(spread) < BLOCK_TOKENS, spread
+
+
+def test_cyclic_placement_keeps_requests_sharing_a_cached_prefix_within_one_block():
+    """Requests that reuse one cached system prompt, each with its own suffix and output length: the workers' rows
+    stay within one block. Each request's new rows start on the worker with the fewest; going on from the holder
+    of the prefix's last token started all of them on one worker (a server's mixed workload: 30 rows apart)."""
+    torch.manual_seed(1)
+    size, requests, shared = 3, 24, 30
+    req_to_token = torch.zeros((requests + 1, 200), dtype=torch.int32)
+    placement = cyclic_ranks(size, req_to_token, slots=(requests + 1) * 200)[0]
+    req_to_token[requests, :shared] = torch.arange(shared)  # the system prompt, cached by a first request
+    placement.batch(extend_batch(["system"], [requests], [shared], [shared], list(range(shared))))
+    suffixes = torch.randint(3, 20, (requests,)).tolist()
+    to_generate = torch.randint(1, 60, (requests,)).tolist()
+    base = lambda i: 200 * (i + 1)  # noqa: E731  (slot numbers of request i's own tokens)
+    for i, n in enumerate(suffixes):
+        req_to_token[i, :shared] = torch.arange(shared)
+        req_to_token[i, shared:200] = torch.arange(base(i), base(i) + 200 - shared)
+        placement.batch(extend_batch([str(i)], [i], [shared + n], [n], list(range(base(i), base(i) + n))))
+    spread = []
+    for step in range(max(to_generate)):
+        live = [i for i in range(requests) if step < to_generate[i]]
+        seq = [shared + suffixes[i] + step + 1 for i in live]
+        placement.batch(decode_batch([str(i) for i in live], live, seq,
+                                     [base(i) + n - shared - 1 for i, n in zip(live, seq)]))
         rows = placement.rows_of
         spread.append(int(rows.max() - rows.min()))
         assert rows.tolist() == [int((placement.holders >> w & 1).sum()) for w in range(size)]
@@ -296,7 +326,7 @@ def test_a_full_pool_is_passed_over_and_the_rotation_goes_on_where_there_is_room
         p.rows_of[0] = 4  # rank 0's pool is full
     req_to_token[1, :2], req_to_token[1, 2:6] = torch.tensor([0, 1]), torch.arange(20, 24)
     [p.batch(extend_batch(["b"], [1], [6], [4], list(range(20, 24)))) for p in ranks]  # a's 2 tokens cached
-    assert holder_of(ranks[0], range(20, 24)) == [2, 1, 2, 1]  # from rank 2 (after slot 1's rank 1), past rank 0
+    assert holder_of(ranks[0], range(20, 24)) == [1, 2, 1, 2]  # from rank 1 (fewest rows, 2 = 2), past rank 0
     assert ranks[0].rows_of.tolist() == [4, 4, 4]
     req_to_token[2, :1] = torch.tensor([40])
     with pytest.raises(RuntimeError, match="every worker's remainder KV pool is full"):

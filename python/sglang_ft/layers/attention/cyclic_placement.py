@@ -1,6 +1,6 @@
 """Cyclic placement (`--ft-kv-placement cyclic`): a request's remainder KV rotates over the workers token by token.
 
-Its first token goes on the worker holding the fewest rows, so every worker stores the same rows to within a few
+Its new tokens start on the worker holding the fewest rows, so every worker stores the same rows to within a few
 (one block of 16 at most on a mixed workload, `tests/unit/test_remainder_owners.py`); every worker attends over the rows
 it holds and the partials are merged (`remainder_attention.py`). No owners, no copies: a cached prefix is used
 wherever its rows are. (Rotating by token rather than by block of 16: the remainder pool maps rows one by one, so
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from sglang_ft.layers.attention.hybrid_attention import RemainderPlacement, lowest_bit, lowest_set_bits
+from sglang_ft.layers.attention.hybrid_attention import RemainderPlacement, lowest_set_bits
 from sglang_ft.layers.attention.remainder_attention import CyclicBatch, HeldSpan
 
 
@@ -89,15 +89,15 @@ class CyclicPlacement(RemainderPlacement):
                            self.all_reduce, **decode)
 
     def _place(self, sequence: torch.Tensor, prefix: int) -> None:
-        """Holders for positions [prefix, len(sequence)), in turn over the workers from the one after the holder of
-        the position before (a cached prefix's last token, wherever it is); a request's first token goes to the
-        worker with the fewest rows (the lowest on a tie). So each request's rows are spread evenly, to within a
-        row, growing and freed as evenly, and the group stays within a few rows. A worker whose pool is full is
-        passed over (every pool is sized for its share plus a margin, and together they hold every slot). Every
-        rank decides the same, from the same holders."""
+        """Holders for positions [prefix, len(sequence)), in turn over the workers from the one with the fewest rows
+        (the lowest on a tie), whatever holds a cached prefix. So each request's new rows are spread evenly, to
+        within a row, growing and freed as evenly, and the group stays within a few rows. (Going on from the
+        holder of a cached prefix's last token instead sent every request sharing a system prompt to the same
+        first worker: 30 rows apart on a server's mixed workload, more than a block.) A worker whose pool is full
+        is passed over (every pool is sized for its share plus a margin, and together they hold every slot).
+        Every rank decides the same, from the same holders."""
         size = len(self.router.workers)
-        before = lowest_bit(int(self.holders[sequence[prefix - 1]])) if prefix else None
-        first = int(torch.argmin(self.rows_of)) if before is None else (before + 1) % size
+        first = int(torch.argmin(self.rows_of))
         workers = (first + torch.arange(len(sequence) - prefix)) % size
         counts = torch.bincount(workers, minlength=size)
         if bool((self.rows_of + counts > self.capacity).any()):
