@@ -99,3 +99,30 @@ def test_a_request_still_held_is_never_taken_twice_even_past_the_bounded_history
     ledger = RequestLedger(is_new_request=ANY_MESSAGE)  # a fresh history: none of them recorded
     resend = [SimpleNamespace(rid=rid) for rid in ("w", "r", "c", "new")]
     assert [m.rid for m in ledger.unseen(resend, held=held_rids(scheduler))] == ["new"]
+
+
+def test_a_prefilled_request_not_yet_running_counts_as_held():
+    """Between a prefill and the next scheduling its requests are in the last batch only: a re-sent copy arriving
+    then must be dropped (on 2026-12-03 one ran beside its original and the detokenizer ended the server)."""
+    from sglang_ft.elastic_tp.received_requests import held_rids
+
+    def req(rid, finished=False):
+        return SimpleNamespace(rid=rid, finished=lambda: finished)
+
+    scheduler = FakeScheduler([])
+    scheduler.running_batch = SimpleNamespace(reqs=[])
+    scheduler.chunked_req = None
+    scheduler.last_batch = SimpleNamespace(reqs=[req("prefilled"), req("done", finished=True)])
+    assert held_rids(scheduler) == {"prefilled"}
+    ledger = RequestLedger(is_new_request=ANY_MESSAGE)
+    resend = [SimpleNamespace(rid=rid) for rid in ("prefilled", "done", "new")]
+    assert [m.rid for m in ledger.unseen(resend, held=held_rids(scheduler))] == ["done", "new"]
+
+
+def test_a_request_arriving_twice_in_one_pull_is_taken_once():
+    """A request dispatched to a new rank 0 just before the tokenizer manager re-sends every unfinished request
+    comes twice; control messages naming it still pass."""
+    ledger = RequestLedger(is_new_request=lambda m: m.kind == "request")
+    messages = [SimpleNamespace(rid="x", kind="request"), SimpleNamespace(rid="x", kind="abort"),
+                SimpleNamespace(rid="x", kind="request"), SimpleNamespace(rid="y", kind="request")]
+    assert [(m.rid, m.kind) for m in ledger.unseen(messages)] == [("x", "request"), ("x", "abort"), ("y", "request")]

@@ -35,9 +35,15 @@ class RequestLedger:
 
     def unseen(self, reqs, held=()) -> list:
         """The messages of `reqs` minus requests this rank has processed before or still holds (`held` rids; the
-        history is bounded, a long-running request is not), control messages always passing."""
+        history is bounded, a long-running request is not) and minus a second copy of one in `reqs` itself (a
+        request dispatched to a new rank 0 just before the tokenizer manager's re-send of every unfinished one
+        arrives twice); control messages always pass."""
         seen = set(self.seen).union(held)
-        repeats = {id(r) for r in self._requests(reqs) if r.rid in seen}
+        repeats = set()
+        for request in self._requests(reqs):
+            if request.rid in seen:
+                repeats.add(id(request))
+            seen.add(request.rid)
         return [r for r in reqs if id(r) not in repeats]
 
     def forget(self, rids) -> None:
@@ -56,9 +62,16 @@ class RequestLedger:
 
 
 def held_requests(scheduler) -> dict[str, object]:
-    """The requests a scheduler holds, by rid: waiting, running, or the one being prefilled in chunks."""
+    """The requests a scheduler holds, by rid: waiting, running, the one being prefilled in chunks, and the
+    unfinished ones of its last batch: a prefill batch's requests join the running batch only at the next
+    iteration's scheduling, after that iteration's new messages were processed (a re-sent copy arriving then was
+    taken as new, ran beside the original, and the detokenizer, meeting one rid twice in an output, ended the
+    server)."""
     held = {r.rid: r for r in scheduler.waiting_queue}
     held.update({r.rid: r for r in scheduler.running_batch.reqs})
+    last = getattr(scheduler, "last_batch", None)
+    if last is not None:
+        held.update({r.rid: r for r in last.reqs if not r.finished()})
     if scheduler.chunked_req is not None:
         held[scheduler.chunked_req.rid] = scheduler.chunked_req
     return held
