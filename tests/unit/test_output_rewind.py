@@ -97,7 +97,7 @@ class FakeStreamer:
 
 def fake_scheduler(waiting=(), running=()):
     return SimpleNamespace(waiting_queue=list(waiting), running_batch=SimpleNamespace(reqs=list(running)),
-                           chunked_req=None, output_streamer=FakeStreamer())
+                           chunked_req=None, last_batch=None, output_streamer=FakeStreamer())
 
 
 def test_held_requests_are_rewound_and_a_finished_one_is_streamed_again():

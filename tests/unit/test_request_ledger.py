@@ -24,6 +24,7 @@ ANY_MESSAGE = lambda message: True  # noqa: E731  (the fakes below stand for SGL
 class FakeScheduler:
     def __init__(self, rids):
         self.waiting_queue = [SimpleNamespace(rid=r) for r in rids]
+        self.last_batch = None  # as SGLang's scheduler before its first batch
         self.processed = []
 
     def process_input_requests(self, reqs):

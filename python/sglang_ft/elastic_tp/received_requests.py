@@ -69,9 +69,8 @@ def held_requests(scheduler) -> dict[str, object]:
     server)."""
     held = {r.rid: r for r in scheduler.waiting_queue}
     held.update({r.rid: r for r in scheduler.running_batch.reqs})
-    last = getattr(scheduler, "last_batch", None)
-    if last is not None:
-        held.update({r.rid: r for r in last.reqs if not r.finished()})
+    if scheduler.last_batch is not None:
+        held.update({r.rid: r for r in scheduler.last_batch.reqs if not r.finished()})
     if scheduler.chunked_req is not None:
         held[scheduler.chunked_req.rid] = scheduler.chunked_req
     return held
