@@ -178,7 +178,7 @@ def test_sigkill_mid_decode_restores_kv_without_reprefill(ft_server, moe_referen
     resumed = ft_server.log_text().split("epoch 1 recovered")[1]
     first_prefill = re.search(r"Prefill batch, #new-seq: (\d+), #new-token: (\d+), #cached-token: (\d+)", resumed)
     assert first_prefill and int(first_prefill[1]) == int(first_prefill[2]) == len(FAILOVER_PROMPTS)
-    for stage in ("rebuild_process_groups", "park_requests", "reshard_weights", "restore_kv",
+    for stage in ("rebuild_process_groups", "park_requests", "lockstep_check", "reshard_weights", "restore_kv",
                   "recreate_attention_backend"):
         assert f"recovery to epoch 1: {stage} done" in ft_server.log_text()
     # SGLang's attention backend was built again on each survivor for its new (uneven) heads: 3 ranks share the

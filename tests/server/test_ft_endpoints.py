@@ -17,12 +17,13 @@ import re
 import signal
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import psutil
 import pytest
 import requests
 from tests.client import (GREEDY, assert_ranks_read_only_their_slices, generate, generate_concurrently, run_with_fault,
-                    wait_for)
+                          wait_for)
 from tests.conftest import MAX_NEW_TOKENS, PROMPTS
 
 pytestmark = pytest.mark.server
@@ -114,6 +115,31 @@ def test_a_step_finished_on_one_rank_and_failed_on_the_other_is_finished_on_both
     assert recovery["epoch"] == epoch + 1 and recovery["cause"] == "collective failure with every worker alive"
     assert replica0(server)["tp_size"] == 2
     assert "take its tokens here" in server.log_text()
+
+
+def test_a_prefill_finished_on_one_rank_and_failed_on_the_other_stays_cached_on_both(server, tiny_mistral):
+    """`fail_step` on rank 1 of an idle replica 0, then requests for it: the next step is their prefill, which rank
+    0 finishes (it samples their first tokens and, as SGLang does, puts the prompts in its radix cache) and rank 1
+    takes as failed. Rank 1 takes the tokens and counts the step as completed (torn_step.py, park_requests.py), so
+    both ranks keep the prompts cached: nothing is recomputed and the regroup's lockstep check finds the schedulers
+    equal. Parking at rank 1's failed-step length instead left prompts in rank 0's radix cache that rank 1's lacked:
+    the first batch after the regroup then differed in size between the ranks (a clean run saw gloo abort one)."""
+    from sglang_ft.tools.hf_reference import greedy_token_ids
+
+    prompts = [f"{prompt}, never cached before a torn prefill" for prompt in PROMPTS[:4]]  # a cached prompt
+    epoch = replica0(server)["epoch"]                                      # would prefill one token only
+    log_start = len(server.log_text())
+    _inject(server, {"rank": 1, "kind": "fail_step"}).raise_for_status()
+    time.sleep(0.5)  # the signal arms the worker; replica 0 runs no step meanwhile
+    with ThreadPoolExecutor(max_workers=len(prompts)) as pool:
+        outputs = list(pool.map(lambda p: generate(server.url, p, MAX_NEW_TOKENS, KEY, routed_dp_rank=0), prompts))
+    assert [o["output_ids"] for o in outputs] == greedy_token_ids(tiny_mistral, prompts, MAX_NEW_TOKENS)
+    recovery = wait_for(lambda: [r for r in replica0(server)["recoveries"] if r["epoch"] == epoch + 1],
+                        what="the recovery")[0]
+    assert recovery["cause"] == "collective failure with every worker alive" and replica0(server)["tp_size"] == 2
+    assert recovery["kv_tokens_recomputed"] == 0
+    log = server.log_text()[log_start:]
+    assert "take its tokens here" in log and "schedulers differ" not in log
 
 
 def test_stalls_of_250_ms_mid_decode_change_nothing(server, tiny_mistral, hf_outputs):

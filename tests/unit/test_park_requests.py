@@ -61,7 +61,9 @@ def prefilling(tree, pool, allocator, rid: str, prompt: list[int]):
     from sglang.srt.mem_cache.base_prefix_cache import MatchPrefixParams
     from sglang.srt.mem_cache.radix_cache import RadixKey
 
-    req = Req(rid, "", array("q", prompt), SamplingParams(max_new_tokens=8))
+    params = SamplingParams(max_new_tokens=8)
+    params.normalize(None)  # as the tokenizer manager leaves them (its finish checks read the stop lists)
+    req = Req(rid, "", array("q", prompt), params)
     match = tree.match_prefix(MatchPrefixParams(key=RadixKey(array("q", prompt))))
     req.lock, req.last_node = tree.lock(match.last_device_node), match.last_device_node
     (row,) = pool.alloc([req])
@@ -71,14 +73,22 @@ def prefilling(tree, pool, allocator, rid: str, prompt: list[int]):
     req.kv.cache_protected_len = prefix
     req.kv.kv_allocated_len = req.kv.kv_committed_len = len(prompt)
     req.prefix_len, req.extend_end = prefix, len(prompt)
+    req.refresh_fill_ids()  # the tokens the step computes, as SGLang's round set-up leaves them
     return req
 
 
-@pytest.fixture
-def radix(monkeypatch):
-    """SGLang's own token allocator, request pool and radix cache, with a 3-token prefix already cached."""
+def outside_a_server(monkeypatch) -> None:
+    """SGLang reads two launch settings from its runtime context; outside a server, give them their defaults."""
     import sglang.srt.managers.schedule_batch as schedule_batch
     import sglang.srt.mem_cache.common as mem_cache_common
+
+    for module in (schedule_batch, mem_cache_common):
+        monkeypatch.setattr(module, "get_serving", lambda: SimpleNamespace(strip_thinking_cache=False))
+        monkeypatch.setattr(module, "get_spec", lambda: SimpleNamespace(speculative_algorithm=None))
+
+
+def make_radix():
+    """SGLang's own token allocator, request pool and radix cache, with a 3-token prefix already cached."""
     import torch
     from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
     from sglang.srt.mem_cache.base_prefix_cache import InsertParams
@@ -86,16 +96,18 @@ def radix(monkeypatch):
     from sglang.srt.mem_cache.memory_pool import ReqToTokenPool
     from sglang.srt.mem_cache.radix_cache import RadixCache, RadixKey
 
-    # SGLang reads two launch settings from its runtime context; outside a server, give them their defaults
-    for module in (schedule_batch, mem_cache_common):
-        monkeypatch.setattr(module, "get_serving", lambda: SimpleNamespace(strip_thinking_cache=False))
-        monkeypatch.setattr(module, "get_spec", lambda: SimpleNamespace(speculative_algorithm=None))
     allocator = TokenToKVPoolAllocator(64, torch.float32, "cpu", None, need_sort=False)
     pool = ReqToTokenPool(4, 32, "cpu", False)
     tree = RadixCache(CacheInitParams(disable=False, req_to_token_pool=pool, token_to_kv_pool_allocator=allocator,
                                       page_size=1))
     tree.insert(InsertParams(key=RadixKey(array("q", [7, 8, 9])), value=allocator.alloc(3)))
     return SimpleNamespace(allocator=allocator, pool=pool, tree=tree)
+
+
+@pytest.fixture
+def radix(monkeypatch):
+    outside_a_server(monkeypatch)
+    return make_radix()
 
 
 def test_parking_after_a_failed_first_prefill_frees_all_but_the_cached_prefix(radix):
@@ -133,7 +145,6 @@ def test_parking_every_request_frees_in_one_batch_and_queues_them(radix, monkeyp
     merges = []
     free = allocator.free
     monkeypatch.setattr(allocator, "free", lambda index: (merges.append(allocator.free_group is None), free(index)))
-    monkeypatch.setattr(park_requests, "agree_on_lengths", lambda lengths, group: lengths)  # one rank
     queued = []
 
     def add_to_queue(req, is_retracted):  # SGLang aborts instead of queueing beyond --max-queued-requests
@@ -145,7 +156,7 @@ def test_parking_every_request_frees_in_one_batch_and_queues_them(radix, monkeyp
         cur_batch_for_debug=None, chunked_req=None, waiting_queue=[], tree_cache=tree,
         token_to_kv_pool_allocator=allocator, _add_request_to_queue=add_to_queue)
 
-    parked, kept, recomputed = park_requests.park_every_request(scheduler, failed, cpu_group=None)
+    parked, kept, recomputed = park_requests.park_every_request(scheduler, failed, gather=lambda mine: [mine])  # one rank
 
     # a request with no output yet keeps its prompt but the last token (the one its first decode step feeds)
     assert (parked, kept, recomputed) == (3, 0 + 4 + 2, 0)
@@ -155,3 +166,58 @@ def test_parking_every_request_frees_in_one_batch_and_queues_them(radix, monkeyp
     assert allocator.free_group is None
     # "a" gave everything back; "b" and "c" are in the radix cache now (with the old prefix: 3 + 1 + 2 tokens)
     assert allocator.available_size() == free_before - 3 and tree.total_size() == 6
+
+
+def scheduler_over(radix, running=(), last_batch=None):
+    """The scheduler fields parking reads and writes, over SGLang's own cache structures."""
+    scheduler = SimpleNamespace(max_queued_requests=None, running_batch=SimpleNamespace(reqs=list(running),
+                                batch_is_full=False), last_batch=last_batch, cur_batch_for_debug=None,
+                                chunked_req=None, waiting_queue=[], tree_cache=radix.tree,
+                                token_to_kv_pool_allocator=radix.allocator, output_streamer=None)
+    scheduler._add_request_to_queue = lambda req, is_retracted: scheduler.waiting_queue.append(req)
+    return scheduler
+
+
+def test_a_prefill_torn_between_ranks_leaves_every_ranks_radix_cache_the_same(monkeypatch):
+    """Rank 0 finished a prefill step (sampled its token and, as SGLang does, put the prompt in its radix cache);
+    rank 1 failed inside the step's last collective. Rank 1 takes the token (torn_step) and the step counts as
+    completed on both, so both keep the whole prompt: parking at rank 1's failed-step length instead left rank 0's
+    tree 3 tokens longer (a clean run's first batch after the regroup then differed in size between ranks and gloo
+    aborted one). Two ranks as threads, each on SGLang's own structures, through the regroup's two calls."""
+    from sglang.srt.mem_cache.base_prefix_cache import MatchPrefixParams
+    from sglang.srt.mem_cache.common import checkpoint_kv_cache
+    from sglang.srt.mem_cache.radix_cache import RadixKey
+    from tests.thread_ranks import ThreadGroup, on_every_rank
+
+    from sglang_ft.elastic_tp.torn_step import complete_torn_step
+
+    outside_a_server(monkeypatch)
+    prompt = [7, 8, 9, 10, 11, 12]  # 3 tokens cached before, 3 prefilled by the torn step
+    ranks = [make_radix() for _ in range(2)]
+    reqs = [prefilling(r.tree, r.pool, r.allocator, "x", prompt) for r in ranks]
+    steps = [SimpleNamespace(reqs=[req], forward_mode=Mode(decode=False)) for req in reqs]
+    reqs[0].output_ids.append(42)  # rank 0 processed the step's result
+    reqs[0].update_finish_state()
+    checkpoint_kv_cache(reqs[0], ranks[0].tree)
+    assert reqs[0].kv.cache_protected_len == len(prompt) and reqs[1].kv.cache_protected_len == 3
+    schedulers = [scheduler_over(ranks[0], last_batch=steps[0]), scheduler_over(ranks[1])]
+    failed = [None, steps[1]]
+    group = ThreadGroup(2)
+
+    def regroup_stages(rank):
+        gather = group.gather_for(rank)
+        advanced = complete_torn_step(schedulers[rank], failed[rank], gather, rank)
+        return park_requests.park_every_request(schedulers[rank], failed[rank], gather,
+                                                completed_elsewhere=advanced)
+
+    import sglang_ft.elastic_tp.park_requests as park_requests
+
+    results = on_every_rank(2, regroup_stages)
+    assert results[0] == results[1] == (1, len(prompt), 0)  # one request, its prompt kept, nothing to recompute
+    assert [list(r.output_ids) for r in reqs] == [[42], [42]]
+    for rank, scheduler in zip(ranks, schedulers):
+        match = rank.tree.match_prefix(MatchPrefixParams(key=RadixKey(array("q", prompt + [42]))))
+        assert match.device_prefix_len == len(prompt)
+        assert [r.rid for r in scheduler.waiting_queue] == ["x"]
+    assert ranks[0].allocator.available_size() == ranks[1].allocator.available_size()
+    assert ranks[0].tree.total_size() == ranks[1].tree.total_size() == len(prompt)

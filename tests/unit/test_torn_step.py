@@ -20,7 +20,7 @@ def run_ranks(schedulers, failed_batches, joining=()):
     group = ThreadGroup(len(schedulers))
     results = on_every_rank(len(schedulers), lambda rank: complete_torn_step(
         schedulers[rank], failed_batches[rank], group.gather_for(rank), rank, joining=rank in joining))
-    return results, group.calls
+    return [len(advanced) for advanced in results], group.calls
 
 
 def scheduler_with(last=(), running=()):

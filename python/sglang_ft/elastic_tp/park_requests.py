@@ -7,7 +7,8 @@ requests take) and puts the request back in the waiting queue. After the regroup
 newest token: what the next decode step would have computed anyway.
 
 Which KV is committed: a step that failed mid-forward wrote some layers of its tokens, so those tokens are cut
-off; the newest output token never has KV yet. Ranks agree on the length per request (the minimum), so every
+off, unless another rank completed that step (`torn_step`: then every rank wrote it, and this rank took its
+tokens); the newest output token never has KV yet. Ranks agree on the length per request (the minimum), so every
 rank's radix tree stays identical.
 """
 
@@ -16,10 +17,12 @@ from __future__ import annotations
 from sglang_ft.sglang_surface import forget_running_batch, requeue_retracted
 
 
-def committed_kv_len(req, failed_batch) -> int:
-    """Tokens of `req` whose KV every layer wrote in a step that completed."""
+def committed_kv_len(req, failed_batch, completed_elsewhere=()) -> int:
+    """Tokens of `req` whose KV every layer wrote in a step that completed (here, or on another rank for the
+    requests `completed_elsewhere`)."""
     length = req.kv.kv_committed_len
-    if failed_batch is not None and any(r is req for r in failed_batch.reqs):
+    if failed_batch is not None and any(r is req for r in failed_batch.reqs) \
+            and not any(r is req for r in completed_elsewhere):
         length -= 1 if failed_batch.forward_mode.is_decode() else req.extend_len
     newest_without_kv = len(req.origin_input_ids) + len(req.output_ids) - 1
     return max(req.kv.cache_protected_len, min(length, newest_without_kv))
@@ -37,12 +40,10 @@ def requests_holding_kv(scheduler, failed_batch) -> list:
     return list(unique.values())
 
 
-def agree_on_lengths(lengths: dict[str, int] | None, cpu_group) -> dict[str, int]:
+def agree_on_lengths(lengths: dict[str, int] | None, gather) -> dict[str, int]:
     """Every rank's minimum per request; a request some rank does not hold keeps nothing. A restarted worker
     (`lengths` None) holds no request yet and takes no part: it receives the survivors' state afterwards."""
-    from sglang_ft.distributed.rank_agreement import all_gather_object
-
-    everyone = all_gather_object(lengths, cpu_group)
+    everyone = gather(lengths)
     holders = [other for other in everyone if other is not None]
     return {rid: min(other.get(rid, 0) for other in holders) for rid in lengths or {}}
 
@@ -68,11 +69,13 @@ def park(req, keep: int, tree_cache) -> int:
     return 0 if cached else keep
 
 
-def park_every_request(scheduler, failed_batch, cpu_group, joining: bool = False) -> tuple[int, int, int]:
-    """Park every unfinished request; returns (requests parked, their KV tokens, tokens left to recompute)."""
+def park_every_request(scheduler, failed_batch, gather, joining: bool = False,
+                       completed_elsewhere=()) -> tuple[int, int, int]:
+    """Park every unfinished request; returns (requests parked, their KV tokens, tokens left to recompute).
+    `gather`: this rank's object in, every rank's out (all_gather_object over the group's CPU channel)."""
     reqs = requests_holding_kv(scheduler, failed_batch)
-    mine = None if joining else {r.rid: committed_kv_len(r, failed_batch) for r in reqs}
-    lengths = agree_on_lengths(mine, cpu_group)
+    mine = None if joining else {r.rid: committed_kv_len(r, failed_batch, completed_elsewhere) for r in reqs}
+    lengths = agree_on_lengths(mine, gather)
     recomputed = kept = 0
     allocator = scheduler.token_to_kv_pool_allocator
     allocator.free_group_begin()  # one merge of the free list for all of them, as SGLang's own batch frees do

@@ -5,6 +5,8 @@
    prefilled again, each request computes only its next token when it is re-admitted;
    when restarted workers join, every rank then takes rank 0's scheduler state (`scheduler_sync`): the waiting
    requests, the radix cache of their KV and the allocator, so the newcomers are in lockstep with the others;
+   then every rank checks that all agree on what shapes the next batch (`lockstep_check`: where not, every rank
+   flushes its radix cache, before any KV moves by slot number);
 3. reshard the weights by the plan (keep, peer to peer, disk);
 4. reshape the KV pool to this rank's new heads and fill every cached slot: kept heads stay, heads that move
    between survivors go peer to peer, the dead worker's heads come from the KV backup store. Where the store
@@ -107,6 +109,7 @@ def regroup_in_place(ft_worker, order: Regroup) -> RegroupDone:
     from sglang_ft.distributed_state import install_layout
     from sglang_ft.elastic_tp.groups import describe_last_rebuild
     from sglang_ft.elastic_tp.kv_restore import reshape_kv_heads, restore_kv
+    from sglang_ft.elastic_tp.lockstep_check import agree_or_flush
     from sglang_ft.elastic_tp.park_requests import park_every_request
     from sglang_ft.elastic_tp.partial_restore import keep_held_prefixes
     from sglang_ft.elastic_tp.received_requests import reconcile
@@ -145,10 +148,10 @@ def regroup_in_place(ft_worker, order: Regroup) -> RegroupDone:
     clock.done("plan_migration", f"(holdings of {len(held)} members agreed, {len(plan.moves)} moves)")
 
     cpu_group = scheduler.tp_cpu_group
-    complete_torn_step(scheduler, ft_worker.failed_batch, lambda mine: all_gather_object(mine, cpu_group), new_rank,
-                       joining=me in order.joining)
-    parked, kv_tokens, recomputed = park_every_request(scheduler, ft_worker.failed_batch, cpu_group,
-                                                       joining=me in order.joining)
+    gather = lambda mine: all_gather_object(mine, cpu_group)  # noqa: E731
+    advanced = complete_torn_step(scheduler, ft_worker.failed_batch, gather, new_rank, joining=me in order.joining)
+    parked, kv_tokens, recomputed = park_every_request(scheduler, ft_worker.failed_batch, gather,
+                                                       joining=me in order.joining, completed_elsewhere=advanced)
     ft_worker.forget_failed_batch()
     kv_was_intact = ft_worker.start_kv_rebuild()  # not intact until the pool holds every cached slot's new heads
     clock.done("park_requests", f"({parked} requests, {kv_tokens} KV tokens kept in the radix cache)")
@@ -156,6 +159,10 @@ def regroup_in_place(ft_worker, order: Regroup) -> RegroupDone:
         synced = sync_scheduler_state(scheduler, ft_worker, scheduler.tp_cpu_group, receive=me in order.joining)
         clock.done("sync_scheduler_state", f"({synced.requests} waiting requests, {synced.cached_tokens} cached "
                                            f"tokens in {synced.sequences} sequences, from rank 0)")
+    differed = agree_or_flush(scheduler, gather, lambda: recompute_everything(scheduler))  # before KV moves by slot
+    if differed:
+        recomputed = kv_tokens
+    clock.done("lockstep_check", "(the schedulers differed: radix caches flushed)" if differed else "")
 
     install_layout(plan.layout)
     new_model = build_model_like(old_model, runner)

@@ -78,13 +78,14 @@ def adopt(req, tail: dict) -> None:
         setattr(req, name, value)
 
 
-def complete_torn_step(scheduler, failed_batch, gather: Gather, me: int, joining: bool = False) -> int:
-    """Bring this rank's requests to the most advanced rank's step; returns how many it advanced here."""
+def complete_torn_step(scheduler, failed_batch, gather: Gather, me: int, joining: bool = False) -> list:
+    """Bring this rank's requests to the most advanced rank's step; returns the requests it advanced here (their
+    step completed: its KV is written on every rank)."""
     reqs_by_rid = {req.rid: req for req in _batch_reqs(scheduler, failed_batch)}
     mine = None if joining else {rid: len(req.output_ids) for rid, req in reqs_by_rid.items()}
     everyone = gather(mine)
     if not any(behind(everyone, other) for other in everyone):
-        return 0  # the usual case: every rank stopped at the same step
+        return []  # the usual case: every rank stopped at the same step
     merged: dict[str, dict] = {}
     for tails in gather(None if joining else tails_to_send(reqs_by_rid, everyone, me)):
         merged.update(tails or {})
@@ -104,4 +105,4 @@ def complete_torn_step(scheduler, failed_batch, gather: Gather, me: int, joining
     if advanced:
         logger.warning("sglang-ft: the failed step had finished on another rank: %d requests take its tokens here "
                        "(%d of them finish)", len(advanced), len(finished))
-    return len(advanced)
+    return advanced

@@ -1,0 +1,69 @@
+"""A regroup's check once every request is parked: do the ranks' schedulers agree on what shapes a batch?
+
+SGLang's TP ranks each choose their next batch from their own waiting queue, radix cache and free KV slots, and
+stay in lockstep only while those are the same. Every regroup stage is written to keep them the same, but a failure
+can tear a step at different points on different ranks, and a difference that slips through breaks what follows:
+the KV restore moves rows by slot (a peer sends the rows of the slots it holds) and the first batch after resuming
+differs in size between ranks (gloo aborts a rank, ending the group; NCCL could silently mix requests). A clean run
+met one such case (a prefill finished on one rank only, fixed in park_requests; this check found it again when that
+fix was taken out).
+
+So each rank reports a fingerprint of that state (the waiting queue in order with each request's token count and
+cached prefix, the free slots, the radix cache's size); where any rank differs, every rank logs where, flushes its
+radix cache and takes rank 0's queue order: the parked requests then prefill their tokens again (the fallback a lost
+KV pool takes), which costs time, never correctness.
+"""
+
+from __future__ import annotations
+
+import logging
+
+logger = logging.getLogger(__name__)
+
+
+def fingerprint(scheduler) -> tuple:
+    """What decides the next batches on this rank, in a form equal on ranks in lockstep: the waiting requests in
+    order as (rid, tokens, tokens cached), the free KV slots, the radix cache's evictable and locked tokens."""
+    from sglang_ft.mem_cache.radix_lookup import radix_key
+    from sglang_ft.sglang_surface import MatchPrefixParams
+
+    tree = scheduler.tree_cache
+    waiting = []
+    for req in scheduler.waiting_queue:
+        tokens = list(req.origin_input_ids) + list(req.output_ids)
+        key = radix_key(tokens, req.extra_key, req.cache_salt, scheduler.page_size)
+        waiting.append((req.rid, len(tokens), tree.match_prefix(MatchPrefixParams(key=key)).device_prefix_len))
+    return (tuple(waiting), scheduler.token_to_kv_pool_allocator.available_size(), tree.evictable_size(),
+            tree.protected_size())
+
+
+def describe_difference(everyone: list) -> str:
+    """Where the fingerprints part, for the log (the whole queues can be long)."""
+    parts = []
+    for rank, (waiting, free, evictable, protected) in enumerate(everyone):
+        differing = [entry for entry in waiting if entry not in everyone[0][0]][:3]
+        parts.append(f"rank {rank}: {len(waiting)} waiting, {free} free slots, {evictable} cached (+{protected} "
+                     f"locked) tokens" + (f", unlike rank 0's: {differing}" if differing else ""))
+    return "; ".join(parts)
+
+
+def in_rank_zero_order(waiting: list, rank_zero_waiting: tuple) -> list:
+    """`waiting` (requests) in rank 0's order of their rids; any rank 0 lacks keep their order, after."""
+    position = {entry[0]: i for i, entry in enumerate(rank_zero_waiting)}
+    return sorted(waiting, key=lambda req: position.get(req.rid, len(position)))
+
+
+def agree_or_flush(scheduler, gather, flush) -> bool:
+    """Compare every rank's fingerprint (`gather`: this rank's object in, every rank's out); where they differ,
+    `flush` the radix cache here and order the queue as rank 0's. Returns whether they differed (the same answer
+    on every rank)."""
+    from sglang_ft.sglang_surface import set_waiting_queue
+
+    everyone = gather(fingerprint(scheduler))
+    if all(theirs == everyone[0] for theirs in everyone):
+        return False
+    logger.error("sglang-ft: the ranks' schedulers differ after parking (%s); every rank flushes its radix cache "
+                 "and the parked requests compute their tokens again", describe_difference(everyone))
+    flush()
+    set_waiting_queue(scheduler, in_rank_zero_order(scheduler.waiting_queue, everyone[0][0]))
+    return True

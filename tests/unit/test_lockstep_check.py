@@ -1,0 +1,60 @@
+"""The regroup's last check (elastic_tp/lockstep_check.py): ranks whose schedulers differ after a regroup flush their
+radix caches and take rank 0's queue order, so their first batches agree; ranks that agree change nothing. Two
+ranks as threads, each on SGLang's own radix cache, allocator and requests."""
+
+from tests.thread_ranks import ThreadGroup, on_every_rank
+from tests.unit.test_scheduler_sync import cache, make_rank, request
+
+from sglang_ft.elastic_tp.lockstep_check import agree_or_flush, fingerprint
+
+
+def parked_ranks():
+    """Two ranks with the same two parked requests and the same cached prefixes (the same allocation history)."""
+    ranks = []
+    for _ in range(2):
+        rank = make_rank()
+        cache(rank, [1, 2, 3, 4, 10, 11])
+        cache(rank, [1, 2, 3, 4, 20])
+        rank.waiting_queue = [request("a", [1, 2, 3, 4], [10, 11, 12]), request("b", [1, 2, 3, 4], [20, 21])]
+        ranks.append(rank)
+    return ranks
+
+
+def check_every_rank(ranks):
+    """Each rank's answer and the flushes it made (a flush as SGLang's: empty tree, every slot free)."""
+    group, flushes = ThreadGroup(len(ranks)), [0] * len(ranks)
+
+    def flush(rank):
+        flushes[rank] += 1
+        ranks[rank].tree_cache.reset()
+        ranks[rank].token_to_kv_pool_allocator.clear()
+
+    answers = on_every_rank(len(ranks), lambda r: agree_or_flush(ranks[r], group.gather_for(r), lambda: flush(r)))
+    return answers, flushes, group.calls
+
+
+def test_ranks_in_lockstep_change_nothing_after_one_gather():
+    ranks = parked_ranks()
+    before = [fingerprint(rank) for rank in ranks]
+    assert before[0] == before[1] and before[0][0] == (("a", 7, 6), ("b", 6, 5))  # (rid, tokens, cached)
+    assert check_every_rank(ranks) == ([False, False], [0, 0], 1)
+    assert [fingerprint(rank) for rank in ranks] == before
+
+
+def test_a_rank_holding_more_of_a_prefix_makes_every_rank_flush():
+    """The case a clean run met: one rank's radix cache held a request's prompt tokens the other's did not."""
+    ranks = parked_ranks()
+    cache(ranks[0], [1, 2, 3, 4, 10, 11, 12])  # rank 0 cached one token more of "a"
+    assert fingerprint(ranks[0]) != fingerprint(ranks[1])
+    answers, flushes, _ = check_every_rank(ranks)
+    assert answers == [True, True] and flushes == [1, 1]
+    after = [fingerprint(rank) for rank in ranks]
+    assert after[0] == after[1] and after[0][0] == (("a", 7, 0), ("b", 6, 0))  # nothing cached: all recomputed
+
+
+def test_queues_in_different_orders_end_in_rank_zeros_order():
+    ranks = parked_ranks()
+    ranks[1].waiting_queue.reverse()
+    answers, flushes, _ = check_every_rank(ranks)
+    assert answers == [True, True] and flushes == [1, 1]
+    assert [[r.rid for r in rank.waiting_queue] for rank in ranks] == [["a", "b"], ["a", "b"]]
