@@ -58,3 +58,15 @@ def test_queues_in_different_orders_end_in_rank_zeros_order():
     answers, flushes, _ = check_every_rank(ranks)
     assert answers == [True, True] and flushes == [1, 1]
     assert [[r.rid for r in rank.waiting_queue] for rank in ranks] == [["a", "b"], ["a", "b"]]
+
+
+def test_only_the_queues_head_is_matched_in_the_radix_cache(monkeypatch):
+    """A flood of queued requests must not lengthen the regroup: past the head, a request counts by rid and length."""
+    from sglang_ft.elastic_tp import lockstep_check
+
+    rank = parked_ranks()[0]
+    matches = []
+    match = rank.tree_cache.match_prefix
+    monkeypatch.setattr(rank.tree_cache, "match_prefix", lambda params: (matches.append(params), match(params))[1])
+    monkeypatch.setattr(lockstep_check, "MATCHED_REQUESTS", 1)
+    assert fingerprint(rank)[0] == (("a", 7, 6), ("b", 6, -1)) and len(matches) == 1

@@ -21,18 +21,26 @@ import logging
 logger = logging.getLogger(__name__)
 
 
+MATCHED_REQUESTS = 256  # the queue's head, whose cached prefixes the next batches use; the rest by rid and length
+
+
 def fingerprint(scheduler) -> tuple:
     """What decides the next batches on this rank, in a form equal on ranks in lockstep: the waiting requests in
-    order as (rid, tokens, tokens cached), the free KV slots, the radix cache's evictable and locked tokens."""
+    order as (rid, tokens, tokens cached; -1 past the queue's head, which is not matched: a flood of queued requests
+    must not lengthen the regroup), the free KV slots, the radix cache's evictable and locked tokens."""
     from sglang_ft.mem_cache.radix_lookup import radix_key
     from sglang_ft.sglang_surface import MatchPrefixParams
 
     tree = scheduler.tree_cache
     waiting = []
-    for req in scheduler.waiting_queue:
-        tokens = list(req.origin_input_ids) + list(req.output_ids)
-        key = radix_key(tokens, req.extra_key, req.cache_salt, scheduler.page_size)
-        waiting.append((req.rid, len(tokens), tree.match_prefix(MatchPrefixParams(key=key)).device_prefix_len))
+    for position, req in enumerate(scheduler.waiting_queue):
+        tokens = len(req.origin_input_ids) + len(req.output_ids)
+        cached = -1
+        if position < MATCHED_REQUESTS:
+            key = radix_key(list(req.origin_input_ids) + list(req.output_ids), req.extra_key, req.cache_salt,
+                            scheduler.page_size)
+            cached = tree.match_prefix(MatchPrefixParams(key=key)).device_prefix_len
+        waiting.append((req.rid, tokens, cached))
     return (tuple(waiting), scheduler.token_to_kv_pool_allocator.available_size(), tree.evictable_size(),
             tree.protected_size())
 
