@@ -3,6 +3,7 @@ head per worker by TP plus 1 remainder head per request on its owner (prefix_loa
 down to TP 2 (even again). Every output equals transformers; no KV is recomputed at either failure."""
 
 import threading
+import time
 
 import pytest
 import requests
@@ -30,8 +31,31 @@ def status(url):
     return requests.get(f"{url}/ft/status", timeout=30).json()
 
 
+KV_FIELDS = ("kv_tokens_used", "kv_tokens_free", "remainder_kv_tokens_used")
+HEARTBEAT_INTERVAL_S = 0.2  # the default: each worker's KV use reaches /ft/status with its heartbeats
+
+
 def workers(url):
+    """The serving workers' status by rank, as their latest heartbeats reported it."""
     return sorted((w for w in status(url)["workers"] if w.get("rank") is not None), key=lambda w: w["rank"])
+
+
+def settled_workers(url, timeout_s: float = 10.0):
+    """`workers` once their KV use has settled, for checks after a load: each worker reports it with its
+    heartbeats, so a reading right after the last response can hold one worker's from a few steps earlier (its
+    last beat came before them; a clean run read workers 28 rows apart that way). Two readings a beat and a half
+    apart must agree."""
+    def kv(found):
+        return [tuple(w.get(field) for field in KV_FIELDS) for w in found]
+
+    last, deadline = workers(url), time.monotonic() + timeout_s
+    while True:
+        time.sleep(1.5 * HEARTBEAT_INTERVAL_S)
+        now = workers(url)
+        if kv(now) == kv(last):
+            return now
+        assert time.monotonic() < deadline, f"the workers' KV use did not settle: {kv(last)} then {kv(now)}"
+        last = now
 
 
 def kill_and_wait(url, rank, tp_after, prompts):
@@ -50,7 +74,7 @@ def fail_into_a_remainder_layout(server, expected) -> list[dict]:
     outputs, recovery = kill_and_wait(server.url, 1, 3, PROMPTS)
     assert [o["output_ids"] for o in outputs] == expected
     assert_kv_came_from_the_store(recovery, len(PROMPTS))
-    after = workers(server.url)
+    after = settled_workers(server.url)
     assert [w["kv_heads"] for w in after] == [1, 1, 1] and [w["remainder_kv_heads"] for w in after] == [1, 1, 1]
     assert "remainder heads' rows of" in server.log_text()
     return after
@@ -70,7 +94,7 @@ def test_hybrid_outputs_equal_transformers_computed_from_scratch(server, tiny_mo
     assert requests.post(f"{server.url}/flush_cache", timeout=30).status_code == 200
     outputs = generate_concurrently(server.url, PROMPTS, MAX_NEW_TOKENS)
     assert [o["output_ids"] for o in outputs] == hf_outputs(tiny_model)
-    used = [w["remainder_kv_tokens_used"] for w in workers(server.url)]
+    used = [w["remainder_kv_tokens_used"] for w in settled_workers(server.url)]
     assert sum(1 for u in used if u > 0) >= 2  # the requests' remainder heads ran on more than one worker
 
 
@@ -78,11 +102,11 @@ def test_prefix_load_sends_a_request_where_its_prefix_is_cached(server, shared_o
     requests.post(f"{server.url}/flush_cache", timeout=30).raise_for_status()
     prompts = [SYSTEM + p for p in PROMPTS]
     first = generate(server.url, prompts[0], MAX_NEW_TOKENS)
-    copied = [w["remainder_rows_copied"] for w in workers(server.url)]
+    copied = [w["remainder_rows_copied"] for w in settled_workers(server.url)]
     rest = [generate(server.url, p, MAX_NEW_TOKENS) for p in prompts[1:]]
     assert [o["output_ids"] for o in [first] + rest] == shared_outputs
     assert all(o["meta_info"]["cached_tokens"] >= 16 for o in rest)  # the shared system prompt
-    assert [w["remainder_rows_copied"] for w in workers(server.url)] == copied  # served where it was cached
+    assert [w["remainder_rows_copied"] for w in settled_workers(server.url)] == copied  # served where it was cached
 
 
 def test_a_flood_of_one_prefix_spreads_past_the_load_threshold_and_still_reuses_it(server, shared_outputs):
@@ -108,7 +132,7 @@ def test_a_flood_of_one_prefix_spreads_past_the_load_threshold_and_still_reuses_
     assert [o["output_ids"][:MAX_NEW_TOKENS] for o in outputs] == shared_outputs * 2
     assert all(o["meta_info"]["cached_tokens"] >= 16 for o in outputs)
     assert len(owners_seen) >= 2
-    assert sum(w["remainder_rows_copied"] for w in workers(server.url)) > 0
+    assert sum(w["remainder_rows_copied"] for w in settled_workers(server.url)) > 0
 
 
 def test_a_second_failure_leaves_hybrid_attention_with_the_remainder_rows_from_the_backup(servers, server,
