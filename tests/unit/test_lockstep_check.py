@@ -70,3 +70,19 @@ def test_only_the_queues_head_is_matched_in_the_radix_cache(monkeypatch):
     monkeypatch.setattr(rank.tree_cache, "match_prefix", lambda params: (matches.append(params), match(params))[1])
     monkeypatch.setattr(lockstep_check, "MATCHED_REQUESTS", 1)
     assert fingerprint(rank)[0] == (("a", 7, 6), ("b", 6, -1)) and len(matches) == 1
+
+
+def test_the_same_free_slots_in_another_order_make_every_rank_flush():
+    """Slot numbers must stay in lockstep, not only their count (the KV backup and restore address rows by slot):
+    ranks that freed the same slots in another order would hand them out differently."""
+    import torch
+
+    ranks = parked_ranks()
+    for rank, order in zip(ranks, ([10, 11, 12], [12, 10, 11])):
+        allocator = rank.token_to_kv_pool_allocator
+        allocator.free_pages = allocator.free_pages[3:]  # three slots handed out, then freed in `order`
+        allocator.free(torch.tensor(order, dtype=torch.int64))
+    assert fingerprint(ranks[0])[1][0] == fingerprint(ranks[1])[1][0]  # the same count
+    answers, flushes, _ = check_every_rank(ranks)
+    assert answers == [True, True] and flushes == [1, 1]
+    assert torch.equal(ranks[0].token_to_kv_pool_allocator.free_pages, ranks[1].token_to_kv_pool_allocator.free_pages)

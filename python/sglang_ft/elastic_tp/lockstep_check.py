@@ -9,7 +9,7 @@ met one such case (a prefill finished on one rank only, fixed in park_requests; 
 fix was taken out).
 
 So each rank reports a fingerprint of that state (the waiting queue in order with each request's token count and
-cached prefix, the free slots, the radix cache's size); where any rank differs, every rank logs where, flushes its
+cached prefix, the free slots and their order, the radix cache's size); where any rank differs, every rank logs where, flushes its
 radix cache and takes rank 0's queue order: the parked requests then prefill their tokens again (the fallback a lost
 KV pool takes), which costs time, never correctness.
 """
@@ -27,7 +27,8 @@ MATCHED_REQUESTS = 256  # the queue's head, whose cached prefixes the next batch
 def fingerprint(scheduler) -> tuple:
     """What decides the next batches on this rank, in a form equal on ranks in lockstep: the waiting requests in
     order as (rid, tokens, tokens cached; -1 past the queue's head, which is not matched: a flood of queued requests
-    must not lengthen the regroup), the free KV slots, the radix cache's evictable and locked tokens."""
+    must not lengthen the regroup), the free KV slots in their order, the radix cache's evictable and locked
+    tokens."""
     from sglang_ft.mem_cache.radix_lookup import radix_key
     from sglang_ft.sglang_surface import MatchPrefixParams
 
@@ -41,14 +42,31 @@ def fingerprint(scheduler) -> tuple:
                             scheduler.page_size)
             cached = tree.match_prefix(MatchPrefixParams(key=key)).device_prefix_len
         waiting.append((req.rid, tokens, cached))
-    return (tuple(waiting), scheduler.token_to_kv_pool_allocator.available_size(), tree.evictable_size(),
+    return (tuple(waiting), free_slots_digest(scheduler.token_to_kv_pool_allocator), tree.evictable_size(),
             tree.protected_size())
+
+
+def free_slots_digest(allocator) -> tuple[int, int]:
+    """(free slots, a checksum of the order they will be handed out in). Slot numbers must stay in lockstep, not
+    only their count: the KV backup and restore address a token's rows by its slot on every rank. SGLang hands out
+    `free_pages` in order and, where it sorts, merges `release_pages` sorted first; any other allocator counts
+    only."""
+    import torch
+
+    free = getattr(allocator, "free_pages", None)
+    if free is None:
+        return allocator.available_size(), 0
+    released = getattr(allocator, "release_pages", None)
+    if released is not None and len(released):
+        free = torch.cat([free, released.sort().values if getattr(allocator, "need_sort", False) else released])
+    weights = torch.arange(1, len(free) + 1, dtype=torch.int64, device=free.device)
+    return allocator.available_size(), int((free.to(torch.int64) * weights).sum())  # int64 wraps alike everywhere
 
 
 def describe_difference(everyone: list) -> str:
     """Where the fingerprints part, for the log (the whole queues can be long)."""
     parts = []
-    for rank, (waiting, free, evictable, protected) in enumerate(everyone):
+    for rank, (waiting, (free, _order), evictable, protected) in enumerate(everyone):
         differing = [entry for entry in waiting if entry not in everyone[0][0]][:3]
         parts.append(f"rank {rank}: {len(waiting)} waiting, {free} free slots, {evictable} cached (+{protected} "
                      f"locked) tokens" + (f", unlike rank 0's: {differing}" if differing else ""))
