@@ -101,7 +101,7 @@ ATTRIBUTES = {
     "sglang.srt.managers.schedule_batch.ScheduleBatch": "reqs batch_is_full",
     "sglang.srt.managers.schedule_batch.Req": "rid kv skip_radix_cache_insert",
     "sglang.srt.managers.schedule_batch.ReqKvInfo": "kv_committed_len kv_allocated_len cache_protected_len",
-    "sglang.srt.mem_cache.allocator.token.TokenToKVPoolAllocator": "size free_pages release_pages",
+    "sglang.srt.mem_cache.allocator.token.TokenToKVPoolAllocator": "size free_pages release_pages need_sort",
     "sglang.srt.mem_cache.memory_pool.MHATokenToKVPool": "head_num head_dim v_head_dim k_buffer v_buffer row_dim "
                                                          "v_row_dim",
     "sglang.srt.managers.data_parallel_controller.DataParallelController": "workers status",

@@ -189,6 +189,7 @@ def test_a_prefill_torn_between_ranks_leaves_every_ranks_radix_cache_the_same(mo
     from sglang.srt.mem_cache.radix_cache import RadixKey
     from tests.thread_ranks import ThreadGroup, on_every_rank
 
+    import sglang_ft.elastic_tp.park_requests as park_requests
     from sglang_ft.elastic_tp.torn_step import complete_torn_step
 
     outside_a_server(monkeypatch)
@@ -209,8 +210,6 @@ def test_a_prefill_torn_between_ranks_leaves_every_ranks_radix_cache_the_same(mo
         advanced = complete_torn_step(schedulers[rank], failed[rank], gather, rank)
         return park_requests.park_every_request(schedulers[rank], failed[rank], gather,
                                                 completed_elsewhere=advanced)
-
-    import sglang_ft.elastic_tp.park_requests as park_requests
 
     results = on_every_rank(2, regroup_stages)
     assert results[0] == results[1] == (1, len(prompt), 0)  # one request, its prompt kept, nothing to recompute

@@ -29,19 +29,16 @@ def fingerprint(scheduler) -> tuple:
     order as (rid, tokens, tokens cached; -1 past the queue's head, which is not matched: a flood of queued requests
     must not lengthen the regroup), the free KV slots in their order, the radix cache's evictable and locked
     tokens."""
-    from sglang_ft.mem_cache.radix_lookup import radix_key
-    from sglang_ft.sglang_surface import MatchPrefixParams
+    from sglang_ft.mem_cache.radix_lookup import match_request
 
     tree = scheduler.tree_cache
     waiting = []
     for position, req in enumerate(scheduler.waiting_queue):
-        tokens = len(req.origin_input_ids) + len(req.output_ids)
-        cached = -1
         if position < MATCHED_REQUESTS:
-            key = radix_key(list(req.origin_input_ids) + list(req.output_ids), req.extra_key, req.cache_salt,
-                            scheduler.page_size)
-            cached = tree.match_prefix(MatchPrefixParams(key=key)).device_prefix_len
-        waiting.append((req.rid, tokens, cached))
+            tokens, match = match_request(tree, req, scheduler.page_size)
+            waiting.append((req.rid, len(tokens), match.device_prefix_len))
+        else:
+            waiting.append((req.rid, len(req.origin_input_ids) + len(req.output_ids), -1))
     return (tuple(waiting), free_slots_digest(scheduler.token_to_kv_pool_allocator), tree.evictable_size(),
             tree.protected_size())
 
@@ -49,16 +46,11 @@ def fingerprint(scheduler) -> tuple:
 def free_slots_digest(allocator) -> tuple[int, int]:
     """(free slots, a checksum of the order they will be handed out in). Slot numbers must stay in lockstep, not
     only their count: the KV backup and restore address a token's rows by its slot on every rank. SGLang hands out
-    `free_pages` in order and, where it sorts, merges `release_pages` sorted first; any other allocator counts
-    only."""
+    `free_pages` in order and, where it sorts, merges `release_pages` sorted first."""
     import torch
 
-    free = getattr(allocator, "free_pages", None)
-    if free is None:
-        return allocator.available_size(), 0
-    released = getattr(allocator, "release_pages", None)
-    if released is not None and len(released):
-        free = torch.cat([free, released.sort().values if getattr(allocator, "need_sort", False) else released])
+    released = allocator.release_pages
+    free = torch.cat([allocator.free_pages, released.sort().values if allocator.need_sort else released])
     weights = torch.arange(1, len(free) + 1, dtype=torch.int64, device=free.device)
     return allocator.available_size(), int((free.to(torch.int64) * weights).sum())  # int64 wraps alike everywhere
 

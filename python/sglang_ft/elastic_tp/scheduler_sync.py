@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from sglang_ft.mem_cache.kv_backup_stream import slots_in_use
-from sglang_ft.mem_cache.radix_lookup import matched_slots, radix_key
+from sglang_ft.mem_cache.radix_lookup import match_request, matched_slots, radix_key
 from sglang_ft.sglang_surface import set_free_slots, set_new_token_ratio, set_waiting_queue
 
 logger = logging.getLogger(__name__)
@@ -58,13 +58,9 @@ class SyncStats:
 
 def cached_sequences(scheduler) -> list[CachedSequence]:
     """For every waiting request, the longest prefix of its tokens the radix cache holds, with its slots."""
-    from sglang_ft.sglang_surface import MatchPrefixParams
-
     tree, found = scheduler.tree_cache, []
     for req in scheduler.waiting_queue:
-        tokens = list(req.origin_input_ids) + list(req.output_ids)
-        key = radix_key(tokens, req.extra_key, req.cache_salt, scheduler.page_size)
-        match = tree.match_prefix(MatchPrefixParams(key=key))
+        tokens, match = match_request(tree, req, scheduler.page_size)
         if match.device_prefix_len == 0:
             continue
         slots = matched_slots(tree, match, req).to("cpu", torch.int64).numpy()

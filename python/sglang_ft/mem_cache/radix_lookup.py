@@ -16,6 +16,15 @@ def radix_key(token_ids, extra_key, cache_salt, page_size: int):
     return RadixKey(array("q", token_ids), extra_key, cache_salt=cache_salt).page_aligned(page_size)
 
 
+def match_request(tree, req, page_size: int):
+    """A queued request's tokens (its prompt and output so far) and SGLang's radix-cache match of them."""
+    from sglang_ft.sglang_surface import MatchPrefixParams
+
+    tokens = list(req.origin_input_ids) + list(req.output_ids)
+    key = radix_key(tokens, req.extra_key, req.cache_salt, page_size)
+    return tokens, tree.match_prefix(MatchPrefixParams(key=key))
+
+
 def matched_slots(tree, match, req) -> torch.Tensor:
     """The KV slots of the prefix `match` found for `req` in SGLang's radix cache (either of its trees)."""
     probe = types.SimpleNamespace(last_node=match.last_device_node, prefix_len=match.device_prefix_len,
