@@ -288,6 +288,16 @@ def set_free_slots(allocator, free_slots) -> None:
     allocator.release_pages = torch.empty((0,), dtype=torch.int64, device=free_slots.device)
 
 
+def sort_free_slots(allocator) -> None:
+    """From now on the allocator hands out its free slots (pages) in ascending order, whatever order they were
+    freed in: SGLang's own order where it sorts (`need_sort`: `merge_and_sort_free`)."""
+    import torch
+
+    free = torch.cat([allocator.free_pages, allocator.release_pages])
+    allocator.free_pages = torch.sort(free).values
+    allocator.release_pages = free[:0]
+
+
 def set_new_token_ratio(scheduler, ratio: float) -> None:
     scheduler.new_token_ratio_tracker.current = ratio
 

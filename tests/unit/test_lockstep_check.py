@@ -86,3 +86,16 @@ def test_the_same_free_slots_in_another_order_make_every_rank_flush():
     answers, flushes, _ = check_every_rank(ranks)
     assert answers == [True, True] and flushes == [1, 1]
     assert torch.equal(ranks[0].token_to_kv_pool_allocator.free_pages, ranks[1].token_to_kv_pool_allocator.free_pages)
+
+
+def test_the_log_line_names_what_differs():
+    from sglang_ft.elastic_tp.lockstep_check import describe_difference
+
+    ranks = parked_ranks()
+    same = fingerprint(ranks[0])
+    slots = ranks[1].token_to_kv_pool_allocator
+    slots.free_pages = slots.free_pages.flip(0)  # the same free slots, handed out in another order
+    assert "unlike" not in describe_difference([same, same])
+    assert describe_difference([same, fingerprint(ranks[1])]).endswith("unlike rank 0: free-slot order")
+    ranks[1].waiting_queue.reverse()
+    assert "unlike rank 0: queue order, free-slot order" in describe_difference([same, fingerprint(ranks[1])])

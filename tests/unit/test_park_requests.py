@@ -173,7 +173,7 @@ def scheduler_over(radix, running=(), last_batch=None):
     scheduler = SimpleNamespace(max_queued_requests=None, running_batch=SimpleNamespace(reqs=list(running),
                                 batch_is_full=False), last_batch=last_batch, cur_batch_for_debug=None,
                                 chunked_req=None, waiting_queue=[], tree_cache=radix.tree,
-                                token_to_kv_pool_allocator=radix.allocator, output_streamer=None)
+                                token_to_kv_pool_allocator=radix.allocator, output_streamer=None, page_size=1)
     scheduler._add_request_to_queue = lambda req, is_retracted: scheduler.waiting_queue.append(req)
     return scheduler
 
@@ -220,3 +220,54 @@ def test_a_prefill_torn_between_ranks_leaves_every_ranks_radix_cache_the_same(mo
         assert [r.rid for r in scheduler.waiting_queue] == ["x"]
     assert ranks[0].allocator.available_size() == ranks[1].allocator.available_size()
     assert ranks[0].tree.total_size() == ranks[1].tree.total_size() == len(prompt)
+
+
+def decoding(tree, pool, allocator, rid: str, prompt: list[int]):
+    """A request between decode steps: its prompt prefilled, one output token sampled (it has no KV yet)."""
+    req = prefilling(tree, pool, allocator, rid, prompt)
+    req.output_ids.append(42)
+    return req
+
+
+def begin_decode_step(allocator, pool, req) -> None:
+    """SGLang's decode set-up for `req`: a slot for its newest token, allocated and committed."""
+    import torch
+
+    position = req.kv.kv_allocated_len
+    pool.write((req.kv.req_pool_idx, slice(position, position + 1)), allocator.alloc(1).to(torch.int32))
+    req.kv.kv_allocated_len = req.kv.kv_committed_len = position + 1
+
+
+def test_a_decode_step_one_rank_had_begun_leaves_every_ranks_free_slots_in_the_same_order(monkeypatch):
+    """Rank 1 received the step's new requests and began the decode step (a slot per request from the head of its
+    free list) before the failure; rank 0 failed in that broadcast and took none. Both keep the same KV and the
+    same set of free slots; parking gives rank 1's slots back at the tail of its list, so the next allocations
+    differed between ranks (the KV backup addresses rows by slot), a CI run's lockstep check caught it and flushed
+    every cached prefix. After parking both lists are in the same order and the lockstep check finds no difference
+    (it did before the sort)."""
+    from tests.thread_ranks import ThreadGroup, on_every_rank
+
+    import sglang_ft.elastic_tp.park_requests as park_requests
+    from sglang_ft.elastic_tp.lockstep_check import agree_or_flush, free_slots_digest
+
+    outside_a_server(monkeypatch)
+    ranks = [make_radix() for _ in range(2)]
+    reqs = [[decoding(r.tree, r.pool, r.allocator, rid, prompt)
+             for rid, prompt in (("a", [1, 2, 3, 4]), ("b", [7, 8, 9, 5, 6]))] for r in ranks]
+    for req in reqs[1]:
+        begin_decode_step(ranks[1].allocator, ranks[1].pool, req)
+    step = SimpleNamespace(reqs=reqs[1], forward_mode=Mode(decode=True))
+    schedulers = [scheduler_over(r, running=rank_reqs) for r, rank_reqs in zip(ranks, reqs)]
+    failed = [None, step]
+    group = ThreadGroup(2)
+
+    def regroup_stages(rank):
+        gather = group.gather_for(rank)
+        parked = park_requests.park_every_request(schedulers[rank], failed[rank], gather)
+        flushed = agree_or_flush(schedulers[rank], gather, lambda: None)
+        return parked, flushed
+
+    results = on_every_rank(2, regroup_stages)
+    assert results[0] == results[1] == ((2, 4 + 5, 0), False)  # every prompt kept, nothing differed
+    assert free_slots_digest(ranks[0].allocator) == free_slots_digest(ranks[1].allocator)
+    assert ranks[0].allocator.alloc(3).tolist() == ranks[1].allocator.alloc(3).tolist()

@@ -56,12 +56,17 @@ def free_slots_digest(allocator) -> tuple[int, int]:
 
 
 def describe_difference(everyone: list) -> str:
-    """Where the fingerprints part, for the log (the whole queues can be long)."""
+    """Where the fingerprints part, for the log (the whole queues can be long): each rank's sizes and what of
+    them differs from rank 0's."""
     parts = []
-    for rank, (waiting, (free, _order), evictable, protected) in enumerate(everyone):
-        differing = [entry for entry in waiting if entry not in everyone[0][0]][:3]
+    first_waiting, (_free, first_order), *_ = everyone[0]
+    for rank, (waiting, (free, order), evictable, protected) in enumerate(everyone):
+        differing = [entry for entry in waiting if entry not in first_waiting][:3]
+        unlike = ([f"queue entries {differing}"] if differing else
+                  ["queue order"] if waiting != first_waiting else []) + \
+            (["free-slot order"] if order != first_order and free == everyone[0][1][0] else [])
         parts.append(f"rank {rank}: {len(waiting)} waiting, {free} free slots, {evictable} cached (+{protected} "
-                     f"locked) tokens" + (f", unlike rank 0's: {differing}" if differing else ""))
+                     f"locked) tokens" + (f", unlike rank 0: {', '.join(unlike)}" if unlike else ""))
     return "; ".join(parts)
 
 

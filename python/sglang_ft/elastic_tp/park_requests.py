@@ -10,11 +10,18 @@ Which KV is committed: a step that failed mid-forward wrote some layers of its t
 off, unless another rank completed that step (`torn_step`: then every rank wrote it, and this rank took its
 tokens); the newest output token never has KV yet. Ranks agree on the length per request (the minimum), so every
 rank's radix tree stays identical.
+
+The free slots end in ascending order. Once parked, the ranks hold the same set of them (identical trees, every
+request's row released) but not always in the same order: a rank that had begun the failed decode step took a
+slot per request from the head of its free list and gives them back at the tail, while a rank that failed before
+the step (in the broadcast of new requests) took none. Slot numbers must stay in lockstep (the KV backup and
+restore address a token's rows by its slot on every rank), so every rank sorts its free list; a CI run's lockstep
+check caught exactly this difference and flushed every cached prefix.
 """
 
 from __future__ import annotations
 
-from sglang_ft.sglang_surface import forget_running_batch, requeue_retracted
+from sglang_ft.sglang_surface import forget_running_batch, requeue_retracted, sort_free_slots
 
 
 def committed_kv_len(req, failed_batch, completed_elsewhere=()) -> int:
@@ -85,6 +92,7 @@ def park_every_request(scheduler, failed_batch, gather, joining: bool = False,
             kept += lengths[req.rid]
     finally:
         allocator.free_group_end()
+    sort_free_slots(allocator)  # the same free slots in the same order on every rank (see the module's docstring)
     forget_running_batch(scheduler)
     waiting = {id(r) for r in scheduler.waiting_queue}
     requeue_retracted(scheduler, [req for req in reqs if id(req) not in waiting])  # never turned away as "queue full"
