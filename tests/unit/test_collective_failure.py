@@ -297,11 +297,16 @@ def test_a_recording_inside_another_lists_nothing_and_loses_nothing(monkeypatch)
     established = {("a", "b"): 3}
     listings = []
 
-    def listing():
+    def snapshot():
         listings.append(dict(established))
-        return dict(established)
+        return set(established)
 
-    monkeypatch.setattr(group_interrupt, "_established", listing)
+    def opened_since(before):
+        listings.append(dict(established))
+        return set(established) - before
+
+    monkeypatch.setattr(group_interrupt, "_snapshot", snapshot)
+    monkeypatch.setattr(group_interrupt, "_opened_since", opened_since)
     connections = group_interrupt.GroupConnections()
     with connections.recording():
         established[("c", "d")] = 4  # opened by the store join
@@ -319,3 +324,61 @@ def test_a_recording_inside_another_lists_nothing_and_loses_nothing(monkeypatch)
     with connections.recording():  # after it, a recording lists again
         pass
     assert len(listings) == 6
+
+
+def test_under_ft_sglangs_groups_broadcast_objects_over_gloo_not_the_shared_memory_queue(monkeypatch, caplog):
+    """SGLang's shared-memory broadcaster waits on a dead writer forever (its readers spin, warning only), where a
+    gloo broadcast raises; under --ft the hook turns it off before the first group unless the user set it (then
+    kept, with a warning); without --ft SGLang's default stands. Read back through SGLang's own setting, which its
+    group build reads."""
+    from sglang.srt.environ import envs
+
+    from sglang_ft.server_args import FT_ENV, FtArgs, ft_args
+    from sglang_ft.distributed.bootstrap import around_init_parallel_groups
+
+    name = "SGLANG_USE_MESSAGE_QUEUE_BROADCASTER"
+    as_sglang_reads_it = lambda **_: envs.SGLANG_USE_MESSAGE_QUEUE_BROADCASTER.get()  # noqa: E731
+    saved = dict(os.environ)  # the hook sets NCCL's variables too: this process's environment is put back whole
+    try:
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv(FT_ENV, FtArgs(enabled=False).to_env())
+        ft_args.cache_clear()
+        assert around_init_parallel_groups(as_sglang_reads_it, backend="gloo") is True  # SGLang's default
+        monkeypatch.setenv(FT_ENV, FtArgs(enabled=True).to_env())
+        ft_args.cache_clear()
+        assert around_init_parallel_groups(as_sglang_reads_it, backend="gloo") is False
+        monkeypatch.setenv(name, "true")
+        with caplog.at_level("WARNING"):
+            assert around_init_parallel_groups(as_sglang_reads_it, backend="gloo") is True
+        assert "waits forever on a dead peer" in caplog.text
+    finally:
+        monkeypatch.undo()
+        os.environ.clear()
+        os.environ.update(saved)
+        ft_args.cache_clear()
+
+
+def test_a_recording_lists_the_connections_opened_in_it_even_on_a_reused_descriptor():
+    """A recording's second listing reads only the sockets new since its first: a connection opened on the
+    descriptor number of one closed meanwhile is new (another inode), one open throughout is not."""
+    import socket
+
+    from sglang_ft.distributed.group_interrupt import GroupConnections, _established
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    throughout = socket.create_connection(listener.getsockname())
+    closing = socket.create_connection(listener.getsockname())
+    accepted = [listener.accept()[0] for _ in range(2)]
+    old_fd = closing.fileno()
+    connections = GroupConnections()
+    with connections.recording():
+        closing.close()
+        reused = socket.create_connection(listener.getsockname())
+        accepted.append(listener.accept()[0])
+    assert reused.fileno() == old_fd  # the lowest free number: the one just closed
+    address = lambda sock: (sock.getsockname()[:2], sock.getpeername()[:2])  # noqa: E731
+    assert {address(reused), address(accepted[-1])} <= {(tuple(a), tuple(b)) for a, b in connections._known}
+    assert address(throughout) not in {(tuple(a), tuple(b)) for a, b in connections._known}
+    assert address(throughout) in {(tuple(a), tuple(b)) for a, b in _established()}
+    for sock in [throughout, reused, listener] + accepted:
+        sock.close()

@@ -16,8 +16,28 @@ def around_init_parallel_groups(original, *args, **kwargs):
     from sglang_ft.distributed.nccl_env import apply_nccl_error_handling
 
     apply_nccl_error_handling()
+    broadcast_objects_over_the_cpu_group()
     with GROUP_CONNECTIONS.recording():
         return original(*args, **kwargs)
+
+
+def broadcast_objects_over_the_cpu_group() -> None:
+    """Under `--ft`, SGLang's groups broadcast Python objects over their gloo CPU group, not their shared-memory
+    queue (`SGLANG_USE_MESSAGE_QUEUE_BROADCASTER`): the queue's readers spin on shared memory with no timeout
+    (`MessageQueue.acquire_read` only warns), so a dead writer would hang a survivor where a gloo broadcast
+    raises; TP serving never broadcasts through it (the scheduler's requests go over the CPU group); and building
+    it cost each group build about 10 ms (a same-node check, a handle broadcast, a ZMQ connection per reader),
+    every regroup included. A user's explicit setting is kept, with a warning."""
+    import logging
+
+    from sglang.srt.environ import envs
+
+    if not envs.SGLANG_USE_MESSAGE_QUEUE_BROADCASTER.is_set():
+        envs.SGLANG_USE_MESSAGE_QUEUE_BROADCASTER.set(False)
+    elif envs.SGLANG_USE_MESSAGE_QUEUE_BROADCASTER.get():
+        logging.getLogger(__name__).warning(
+            "sglang-ft: SGLANG_USE_MESSAGE_QUEUE_BROADCASTER is set: a broadcast through its shared-memory queue "
+            "waits forever on a dead peer instead of failing")
 
 
 def around_init_cpu_threads_env(original, *args, **kwargs):
