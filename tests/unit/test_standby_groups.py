@@ -14,7 +14,8 @@ from datetime import timedelta
 import pytest
 from ft.ports import free_port
 
-from sglang_ft.distributed.standby_groups import AGREE_TIMEOUT_S, StandbyGroups, StandbySet, gloo_backends_needed, installing
+from sglang_ft.distributed.standby_groups import (AGREE_TIMEOUT_S, StandbyGroups, StandbySet, gloo_backends_needed,
+                                                  gloo_singletons_held, installing)
 from tests.rank_processes import rank_context
 
 TIMEOUT = timedelta(seconds=30)
@@ -56,7 +57,7 @@ def serving_with_standby_sets(rank: int, size: int, port: int) -> tuple[StandbyG
     count = gloo_backends_needed(size)
     standby = StandbyGroups(GroupConnections())
     standby.prepare(0, tuple(range(size)), rank, lambda _superseded: dist.distributed_c10d._get_default_store(),
-                    30.0, count).join()
+                    30.0, count, gloo_singletons_held()).join()
     return standby, count
 
 
@@ -84,12 +85,15 @@ def rank_main(rank: int, size: int, port: int, scenario: str, results) -> None:
         taken = standby.take(rank, 0, 1, survivors, 1)
         out = {"formed": formed, "count": count, "taken": taken is not None, "cpu_s": standby.formed_cpu_s}
         if taken is not None:
+            formed_singles = {id(b) for b in taken.singles}
             with installing(taken):
                 dist.init_process_group("gloo", store=dist.HashStore(), rank=new_rank, world_size=len(survivors),
                                         timeout=TIMEOUT)
                 groups = build_like_sglang(len(survivors), new_rank)
             out["install_s"] = time.perf_counter() - started
             out["new_connections"] = len(tcp_connections() - before)
+            ones = [g._get_backend(torch.device("cpu")) for g in groups if dist.get_world_size(g) == 1]
+            out["singles_from_the_set"] = (len(formed_singles), sum(id(b) in formed_singles for b in ones))
             sums = []
             for group in [None] + groups:
                 ones = torch.ones(2)
@@ -140,6 +144,7 @@ def test_a_single_failure_installs_the_preformed_groups_without_connecting():
         assert result["count"] == 5  # the default group and a device and a CPU group per coordinator
         assert result["taken"] and result["new_connections"] == 0  # nothing connected on the critical path
         assert result["sizes"] == [3] * 5 + [1, 1]
+        assert result["singles_from_the_set"] == (2, 2)  # the groups of one were formed in advance too
         assert result["sums"] == [[3.0, 3.0]] * 5 + [[1.0, 1.0]] * 2  # every group works across the survivors
         assert result["install_s"] < 0.2, result  # milliseconds in fact; bounded loosely on a shared 2-core host
         assert result["cpu_s"] < 1.0, result  # forming 3 sets of 6 backends, in the background
@@ -235,6 +240,14 @@ def released(*sets: StandbySet) -> bool:
     return not any(s.backends for s in sets)
 
 
+def all_shut(backends) -> bool:
+    """Every (fake) backend shut down (by the discarding thread) within a few seconds."""
+    deadline = time.monotonic() + 5
+    while not all(b.shut for b in backends) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return all(b.shut for b in backends)
+
+
 class FakeBackend:
     def __init__(self):
         self.shut = False
@@ -252,6 +265,7 @@ def holding(*memberships, epoch: int = 4) -> tuple[StandbyGroups, dict]:
     for members in memberships:
         sets[members] = StandbySet(epoch, members, 0, None, [FakeBackend()], set())
     standby._ready = dict(sets)
+    standby._singles = [FakeBackend(), FakeBackend()]  # the groups of one, for whichever set is taken
     return standby, sets
 
 
@@ -259,15 +273,19 @@ def holding(*memberships, epoch: int = 4) -> tuple[StandbyGroups, dict]:
     "second_failure", "rejoin", "newcomer", "other_rank_order"])
 def test_a_different_membership_discards_every_set(workers):
     standby, sets = holding((0, 1), (0, 2), (1, 2))
+    singles = list(standby._singles)
     assert standby.take(0, 4, 5, workers, 5) is None
     assert not any(standby.ready(m) for m in sets)
     assert released(*sets.values())  # shut down, not just forgotten
+    assert all_shut(singles) and standby._singles == []
 
 
 def test_the_matching_membership_takes_its_set_and_drops_the_others():
     standby, sets = holding((0, 1), (0, 2), (1, 2))
+    singles = list(standby._singles)
     taken = standby.take(0, 4, 5, (0, 2), 5)
     assert taken is sets[(0, 2)] and taken.backends and not taken.backends[0].shut
+    assert taken.singles == singles and not any(b.shut for b in singles)  # handed over with the set
     assert released(sets[(0, 1)], sets[(1, 2)]) and not standby.ready((0, 1))
 
 
@@ -285,8 +303,10 @@ def test_a_fenced_or_superseded_process_never_uses_a_set(me, epoch, order_epoch,
 
 def test_sets_are_dropped_when_a_newer_epoch_forms_its_own():
     standby, sets = holding((0, 1))
+    singles = list(standby._singles)
     assert standby.prepare(5, (0, 1, 2), 0, lambda _: None, 1.0, None) is None  # nothing to form (count None)
     assert not standby.ready((0, 1)) and released(sets[(0, 1)])
+    assert all_shut(singles)
 
 
 def test_without_nccl_groups_the_listener_aborts_as_before_and_never_meets():

@@ -4,7 +4,8 @@ A regroup's most expensive stage on CPU was connecting SGLang's gloo groups for 
 full mesh per group). After startup and after every regroup, a background thread connects, for every membership
 that loses one worker (N <= 8), the gloo backends SGLang's groups will need; when a single failure (or a drain)
 leaves exactly such a membership, the survivors build SGLang's groups from those backends instead of connecting new
-ones (`installing`). Anything else (no ready set, a second failure, a rejoin, another order of ranks, a member
+ones (`installing`); the gloo backends of one member the build also creates (PP's at TP only, about 1 ms each on
+CPU) are formed in advance too, one shared lot for whichever set is taken. Anything else (no ready set, a second failure, a rejoin, another order of ranks, a member
 whose set is not fully formed, a superseded or fenced process) falls back to the full rebuild.
 
 Each set lives on a store prefix keyed by the epoch it was formed in and its members, and is dropped when a newer
@@ -38,24 +39,23 @@ class StandbySet:
     backends: list  # in the order SGLang's build asks for its gloo backends of the members' size
     connections: set  # the TCP connections they opened (shut by an interrupt once the set is the group)
     cpu_s: float = 0.0  # this thread's CPU time forming it
+    singles: list = dataclasses.field(default_factory=list)  # gloo backends of one member, handed over by `take`
 
     def release(self) -> None:
-        for backend in ([self.agreement] if self.agreement is not None else []) + self.backends:
+        for backend in ([self.agreement] if self.agreement is not None else []) + self.backends + self.singles:
             try:
                 backend.shutdown()
             except Exception as exc:  # a peer already gone: nothing left to close cleanly
                 logger.debug("sglang-ft: shutting a standby backend down: %s", exc)
-        self.backends, self.agreement = [], None
+        self.backends, self.agreement, self.singles = [], None, []
 
 
-def gloo_backends_needed(size: int) -> int | None:
-    """How many gloo backends of the group's full size this process's SGLang groups hold (the count its next
-    build asks for at any width), read from torch's registry; None when a gloo group has a size other than 1 or
-    `size` (a layout whose groups do not all scale with the TP width: no standby)."""
+def _sglang_gloo_sizes() -> list[int]:
+    """The sizes of the gloo backends of this process's SGLang groups, from torch's registry."""
     import torch
     import torch.distributed as dist
 
-    count = 0
+    sizes = []
     for group in list(dist.distributed_c10d._world.pg_map):
         desc = getattr(group, "group_desc", "")
         if desc != "default_pg" and not desc.endswith((":device", ":cpu")):
@@ -64,13 +64,25 @@ def gloo_backends_needed(size: int) -> int | None:
             backend = group._get_backend(torch.device("cpu"))
         except RuntimeError:
             continue  # no CPU backend (an NCCL-only group)
-        if not isinstance(backend, dist.ProcessGroupGloo):
-            continue
-        if backend.size() == size and size > 1:
-            count += 1
-        elif backend.size() != 1:
-            return None
-    return count
+        if isinstance(backend, dist.ProcessGroupGloo):
+            sizes.append(backend.size())
+    return sizes
+
+
+def gloo_backends_needed(size: int) -> int | None:
+    """How many gloo backends of the group's full size this process's SGLang groups hold (the count its next
+    build asks for at any width), read from torch's registry; None when a gloo group has a size other than 1 or
+    `size` (a layout whose groups do not all scale with the TP width: no standby)."""
+    sizes = _sglang_gloo_sizes()
+    if any(s not in (1, size) for s in sizes):
+        return None
+    return sum(1 for s in sizes if s == size and size > 1)
+
+
+def gloo_singletons_held() -> int:
+    """How many gloo backends of one member (PP's groups at TP only) SGLang's groups hold: its next build creates
+    as many (about 1 ms each on CPU), which the standby sets create in advance too."""
+    return sum(1 for s in _sglang_gloo_sizes() if s == 1)
 
 
 def next_memberships(workers: tuple[int, ...]) -> list[tuple[int, ...]]:
@@ -89,17 +101,19 @@ class StandbyGroups:
         self._generation = 0  # bumped whenever the sets in hand are superseded
         self._epoch = -1  # the epoch the sets in hand were formed in
         self._ready: dict[tuple[int, ...], StandbySet] = {}
+        self._singles: list = []  # gloo backends of one member, for whichever set is taken (none is per membership)
         self._store = None  # a store this process opened for the sets (kept alive while they are formed)
         self.formed_cpu_s = 0.0  # CPU time of the latest generation's formation, for the log and tests
         self._connections = connections  # records the TCP connections a set opens (group_interrupt's)
 
     def prepare(self, epoch: int, workers: tuple[int, ...], me: int, open_store, timeout_s: float,
-                count: int | None) -> threading.Thread | None:
+                count: int | None, singles: int = 0) -> threading.Thread | None:
         """Drop the sets of older epochs and form this epoch's in a background thread. Call between steps.
 
         `open_store(superseded)` returns the store the members share (run in the thread: it may wait for the others
         until `superseded()`);
-        `count` is `gloo_backends_needed` of the group now (None: nothing to form)."""
+        `count` is `gloo_backends_needed` of the group now (None: nothing to form), `singles` its
+        `gloo_singletons_held`."""
         self.drop()
         memberships = [m for m in next_memberships(tuple(workers)) if me in m]
         if count is None or not memberships:
@@ -107,7 +121,7 @@ class StandbyGroups:
         with self._lock:
             self._epoch, generation = epoch, self._generation
         thread = threading.Thread(target=self._form, name=f"ft-standby-{epoch}", daemon=True,
-                                  args=(generation, epoch, memberships, me, open_store, timeout_s, count))
+                                  args=(generation, epoch, memberships, me, open_store, timeout_s, count, singles))
         thread.start()
         return thread
 
@@ -116,7 +130,8 @@ class StandbyGroups:
         with self._lock:
             self._generation += 1
             dropped, self._ready = list(self._ready.values()), {}
-            self._store = None
+            dropped.append(StandbySet(-1, (), 0, None, [], set(), singles=self._singles))
+            self._store, self._singles = None, []
         discard(dropped)
 
     def ready(self, members: tuple[int, ...]) -> bool:
@@ -132,11 +147,20 @@ class StandbyGroups:
         with self._lock:
             return generation == self._generation
 
-    def _form(self, generation, epoch, memberships, me, open_store, timeout_s, count) -> None:
+    def _form(self, generation, epoch, memberships, me, open_store, timeout_s, count, singles) -> None:
         import torch.distributed as dist
 
         started, cpu = time.monotonic(), time.thread_time()
         try:
+            formed = [dist.ProcessGroupGloo(dist.HashStore(), 0, 1, timedelta(seconds=timeout_s))
+                      for _ in range(singles)]  # no peer to reach: no store shared, no connection
+            with self._lock:
+                current = generation == self._generation
+                if current:
+                    self._singles = formed
+            if not current:
+                discard([StandbySet(-1, (), 0, None, [], set(), singles=formed)])
+                return
             store = open_store(lambda: not self._current(generation))
             with self._lock:
                 if generation != self._generation:
@@ -168,9 +192,9 @@ class StandbyGroups:
             logger.info("sglang-ft: standby groups of epoch %d not formed: %s", epoch, str(exc).splitlines()[0][:200])
             return
         self.formed_cpu_s = time.thread_time() - cpu
-        logger.info("sglang-ft: standby groups of epoch %d ready for memberships %s (%d gloo backends each) in "
-                    "%.0f ms, %.0f ms CPU", epoch, [list(m) for m in memberships],
-                    count + 1 if len(memberships[0]) > 1 else 0, (time.monotonic() - started) * 1e3,
+        logger.info("sglang-ft: standby groups of epoch %d ready for memberships %s (%d gloo backends each, %d of "
+                    "one member for any) in %.0f ms, %.0f ms CPU", epoch, [list(m) for m in memberships],
+                    count + 1 if len(memberships[0]) > 1 else 0, singles, (time.monotonic() - started) * 1e3,
                     self.formed_cpu_s * 1e3)
 
     def _opened(self):
@@ -190,9 +214,14 @@ class StandbyGroups:
             formed_in = self._epoch
             self._generation += 1  # nothing more is formed for this epoch: the group is changing
             rest, self._ready = list(self._ready.values()), {}
-        discard(rest)
+            singles, self._singles = self._singles, []
         usable = (standby is not None and me in workers and formed_in == epoch == standby.epoch
                   and order_epoch > epoch and latest_epoch == order_epoch)
+        if usable:
+            standby.singles = singles
+        else:
+            rest.append(StandbySet(-1, (), 0, None, [], set(), singles=singles))
+        discard(rest)
         if usable and (standby.agreement is None or agree(standby.agreement)):
             return standby
         discard([standby] if standby is not None else [])
@@ -227,6 +256,7 @@ class installing:
 
     def __init__(self, standby: StandbySet, nccl: list | None = None):
         self.left = {"GLOO": list(standby.backends)}
+        self.singles = list(standby.singles)
         if nccl is not None:
             self.left["NCCL"] = list(nccl)
         self._plugins: dict = {}
@@ -244,23 +274,30 @@ class installing:
 
         for name, plugin in self._plugins.items():
             Backend._plugins[name] = plugin
-        discard([StandbySet(-1, (), 0, None, [b for left in self.left.values() for b in left], set())])
+        discard([StandbySet(-1, (), 0, None, [b for left in self.left.values() for b in left], set(),
+                            singles=self.singles)])
 
     def _create(self, name: str, opts, backend_options):
         creator, extended = self._plugins[name]
-        if opts.group_size == 1:
+        if opts.group_size == 1 and not (name == "GLOO" and self.singles):
             return creator(opts, backend_options) if extended else creator(opts.store, opts.group_rank, 1,
                                                                                opts.timeout)
+        if opts.group_size == 1:
+            return self._fitted(self.singles.pop(0), opts)
         if not self.left[name]:
             raise StandbyMismatch(f"the build asked for more {name.lower()} backends than were formed in advance")
         backend = self.left[name].pop(0)
         if (backend.size(), backend.rank()) != (opts.group_size, opts.group_rank):
             raise StandbyMismatch(f"the build asked for rank {opts.group_rank} of {opts.group_size}; the standby "
                                   f"{name.lower()} backend is rank {backend.rank()} of {backend.size()}")
-        if name == "GLOO":
-            backend.set_timeout(opts.timeout)
-            backend.options.global_ranks_in_group = opts.global_ranks_in_group
-            backend.options.group_name = opts.group_id
+        return self._fitted(backend, opts) if name == "GLOO" else backend
+
+    @staticmethod
+    def _fitted(backend, opts):
+        """A gloo backend formed in advance, given the timeout and names the build asks for."""
+        backend.set_timeout(opts.timeout)
+        backend.options.global_ranks_in_group = opts.global_ranks_in_group
+        backend.options.group_name = opts.group_id
         return backend
 
 
@@ -359,7 +396,8 @@ def form_next(ft_worker, workers: tuple[int, ...], epoch: int) -> None:
     else:  # the group was installed from a standby set on a store of its own: the sets need a shared one
         open_store = lambda superseded: groups.join_store(  # noqa: E731
             workers.index(me), len(workers), port, FORM_TIMEOUT_S, superseded, host)
-    STANDBY.prepare(epoch, workers, me, open_store, FORM_TIMEOUT_S, gloo_backends_needed(len(workers)))
+    STANDBY.prepare(epoch, workers, me, open_store, FORM_TIMEOUT_S, gloo_backends_needed(len(workers)),
+                    gloo_singletons_held())
 
 
 def interrupt_for(order, group: tuple[int, ...]) -> tuple[int, int]:
