@@ -168,7 +168,9 @@ FAILURES = {f.name: f for f in (
             "a peer is blocked 500 ms at the defaults; 368-491 ms measured at a 400 ms bound "
             "(docs/architecture.md), 600 ms issue 26's target"),
 )}
-STANDBY_STAGE_S = 0.17  # rebuild_process_groups with standby groups, CPU gloo TP 4 -> 3: 136-168 ms (the groups 6-18)
+# rebuild_process_groups with standby groups, CPU gloo TP 4 -> 3 at a SIGKILL: 38-70 ms (median 45) in
+# benchmark/results/stream_stall_2026-12-03_groups.json; the largest, rounded up (136-168 ms before 2026-12-03)
+STANDBY_STAGE_S = 0.07
 WEIGHTS_HOST = ("pinned", "pageable", "off")
 
 
@@ -182,7 +184,8 @@ class Params:
     failure: str = "process-exit"
     detect_s: float = FAILURES["process-exit"].detect_s
     rebuild_s: float = STANDBY_STAGE_S  # installing the standby groups: the whole measured stage (docs/architecture)
-    park_s: float = 0.085  # parking in-flight requests in the radix cache, measured on CPU (README: 50-85 ms)
+    park_s: float = 0.085  # parking in-flight requests, on CPU: 50-85 ms (docs/architecture.md); 19-48 ms median in
+    #                        the 2026-12-03 stream-stall runs: the larger kept
     warmup_s: float = 0.0  # restart's warm-up beyond the graph capture: unsourced, so none unless given
     capture_per_size_s: float = CAPTURE_LOG_S / len(CAPTURE_SIZES)  # one decode batch size's graph
     capture_sizes: int = len(CAPTURE_SIZES)
@@ -543,8 +546,9 @@ def sources_and_assumptions(measured: dict, p: Params) -> list[str]:
         f"detection {p.detect_s:g} s ({p.failure}), charged to both systems: "
         + "; ".join(f"`--failure {f.name}` {f.detect_s:g} s: {f.source}" for f in FAILURES.values()),
         f"groups {p.rebuild_s:g} s: installing the standby groups (issue 26 item 1), the whole measured "
-        "`rebuild_process_groups` stage on CPU with gloo, TP 4 -> 3, 136-168 ms (the groups alone 6-18 ms; the rest "
-        "is SGLang's teardown and group construction), docs/architecture.md; on NCCL the design shrinks the "
+        "`rebuild_process_groups` stage on CPU with gloo, TP 4 -> 3, at most 70 ms in five SIGKILLs (median 45 ms; "
+        "`benchmark/results/stream_stall_2026-12-03_groups.json`; 136-168 ms before 2026-12-03's changes; most of it "
+        "the members' arrival skew and SGLang's group construction), docs/architecture.md; on NCCL the design shrinks the "
         "communicator (`ProcessGroupNCCL.shrink`), never run here; parking "
         f"{p.park_s:g} s measured on CPU with gloo and a tiny model (README)",
         f"restart-and-reload's warm-up beyond the graph capture (memory profiling, KV pool, SGLang's warm-up "
