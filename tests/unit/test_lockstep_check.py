@@ -99,3 +99,25 @@ def test_the_log_line_names_what_differs():
     assert describe_difference([same, fingerprint(ranks[1])]).endswith("unlike rank 0: free-slot order")
     ranks[1].waiting_queue.reverse()
     assert "unlike rank 0: queue order, free-slot order" in describe_difference([same, fingerprint(ranks[1])])
+
+
+def test_a_request_only_some_ranks_received_is_left_to_the_reconcile_not_flushed():
+    """The broadcast of a new request was cut short by the failure: rank 0 began its prefill (parked with nothing
+    kept), rank 1 never saw it. Everything else agrees, so nothing is flushed: the reconcile stage after the KV
+    restore drops it and rank 0 sends it again (a stream-stall run's check flushed every parked request for this).
+    The same request at another length, or the common requests in another order, still differ."""
+    ranks = parked_ranks()
+    ranks[0].waiting_queue.insert(1, request("c", [5, 6, 7], []))  # between a and b, on rank 0 only
+    assert check_every_rank(ranks)[:2] == ([False, False], [0, 0])
+    assert [r.rid for r in ranks[0].waiting_queue] == ["a", "c", "b"]  # the reconcile's to settle, untouched here
+    ranks[1].waiting_queue.insert(1, request("c", [5, 6, 7, 8], []))  # both hold it now, at different lengths
+    assert check_every_rank(ranks)[:2] == ([True, True], [1, 1])
+
+
+def test_the_log_line_names_a_request_a_rank_lacks():
+    from sglang_ft.elastic_tp.lockstep_check import describe_difference
+
+    ranks = parked_ranks()
+    fewer = fingerprint(ranks[1])
+    ranks[0].waiting_queue.append(request("c", [5, 6, 7], []))
+    assert "unlike rank 0: lacks [('c', 3, 0)]" in describe_difference([fingerprint(ranks[0]), fewer])

@@ -55,6 +55,21 @@ def free_slots_digest(allocator) -> tuple[int, int]:
     return allocator.available_size(), int((free.to(torch.int64) * weights).sum())  # int64 wraps alike everywhere
 
 
+def comparable(everyone: list) -> list:
+    """The fingerprints as the check compares them: each queue reduced to the requests every rank holds. A request
+    only some ranks received (a failure cut the broadcast of new requests short: those ranks began its prefill,
+    the others never saw it) kept no KV anywhere (its prefill failed) and is the next stage's to settle
+    (`received_requests.reconcile` keeps the requests all hold and has rank 0 send the others again); flushing for
+    it recomputed every parked request (a stream-stall run met it). A request's cached prefix counts only where
+    every rank matched it (past the queue's head it is not matched, and a request the others lack shifts the
+    head)."""
+    rids = [{entry[0] for entry in waiting} for waiting, *_ in everyone]
+    common = set.intersection(*rids) if rids else set()
+    unmatched = {rid for waiting, *_ in everyone for rid, _tokens, cached in waiting if cached < 0}
+    return [(tuple((rid, tokens, None if rid in unmatched else cached) for rid, tokens, cached in waiting
+                   if rid in common), *rest) for waiting, *rest in everyone]
+
+
 def describe_difference(everyone: list) -> str:
     """Where the fingerprints part, for the log (the whole queues can be long): each rank's sizes and what of
     them differs from rank 0's."""
@@ -62,8 +77,10 @@ def describe_difference(everyone: list) -> str:
     first_waiting, (_free, first_order), *_ = everyone[0]
     for rank, (waiting, (free, order), evictable, protected) in enumerate(everyone):
         differing = [entry for entry in waiting if entry not in first_waiting][:3]
-        unlike = ([f"queue entries {differing}"] if differing else
-                  ["queue order"] if waiting != first_waiting else []) + \
+        missing = [entry for entry in first_waiting if entry not in waiting][:3]
+        unlike = ([f"queue entries {differing}"] if differing else []) + \
+            ([f"lacks {missing}"] if missing else []) + \
+            (["queue order"] if not (differing or missing) and waiting != first_waiting else []) + \
             (["free-slot order"] if order != first_order and free == everyone[0][1][0] else [])
         parts.append(f"rank {rank}: {len(waiting)} waiting, {free} free slots, {evictable} cached (+{protected} "
                      f"locked) tokens" + (f", unlike rank 0: {', '.join(unlike)}" if unlike else ""))
@@ -83,10 +100,11 @@ def agree_or_flush(scheduler, gather, flush) -> bool:
     from sglang_ft.sglang_surface import set_waiting_queue
 
     everyone = gather(fingerprint(scheduler))
-    if all(theirs == everyone[0] for theirs in everyone):
+    compared = comparable(everyone)
+    if all(theirs == compared[0] for theirs in compared):
         return False
     logger.error("sglang-ft: the ranks' schedulers differ after parking (%s); every rank flushes its radix cache "
-                 "and the parked requests compute their tokens again", describe_difference(everyone))
+                 "and the parked requests compute their tokens again", describe_difference(compared))
     flush()
     set_waiting_queue(scheduler, in_rank_zero_order(scheduler.waiting_queue, everyone[0][0]))
     return True
