@@ -5,8 +5,9 @@ full mesh per group). After startup and after every regroup, a background thread
 that loses one worker (N <= 8), the gloo backends SGLang's groups will need; when a single failure (or a drain)
 leaves exactly such a membership, the survivors build SGLang's groups from those backends instead of connecting new
 ones (`installing`); the gloo backends of one member the build also creates (PP's at TP only, about 1 ms each on
-CPU) are formed in advance too, one shared lot for whichever set is taken. Anything else (no ready set, a second failure, a rejoin, another order of ranks, a member
-whose set is not fully formed, a superseded or fenced process) falls back to the full rebuild.
+CPU) are formed in advance too, one shared lot for whichever set is taken. Anything else (no ready set, a second
+failure, a rejoin, another order of ranks, a member whose set is not fully formed, a superseded or fenced process)
+falls back to the full rebuild.
 
 Each set lives on a store prefix keyed by the epoch it was formed in and its members, and is dropped when a newer
 epoch's sets replace it. Before a set is used, its members meet once on a small agreement backend of the set:

@@ -9,9 +9,10 @@ met one such case (a prefill finished on one rank only, fixed in park_requests; 
 fix was taken out).
 
 So each rank reports a fingerprint of that state (the waiting queue in order with each request's token count and
-cached prefix, the free slots and their order, the radix cache's size); where any rank differs, every rank logs where, flushes its
-radix cache and takes rank 0's queue order: the parked requests then prefill their tokens again (the fallback a lost
-KV pool takes), which costs time, never correctness.
+cached prefix, the free slots and their order, the radix cache's size); where any rank differs, every rank logs
+where, flushes its radix cache and takes rank 0's queue order: the parked requests then prefill their tokens again
+(the fallback a lost KV pool takes), which costs time, never correctness. Requests only some ranks hold are left to
+the reconcile stage (`comparable`).
 """
 
 from __future__ import annotations
