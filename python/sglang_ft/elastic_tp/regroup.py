@@ -102,6 +102,27 @@ def await_output_counts(ft_worker, epoch: int) -> None:
         ft_worker.expect_output_counts(ReceivedTokensWait(epoch, min(MAX_WAIT_S, bound)))
 
 
+STAGE_MODULES = (  # what the regroup imports inside its functions (late: some import this module's callers)
+    "ft.kv_backup", "sglang_ft.distributed.rank_agreement", "sglang_ft.distributed.standby_groups",
+    "sglang_ft.distributed_state", "sglang_ft.elastic_tp.graph_refresh", "sglang_ft.elastic_tp.groups",
+    "sglang_ft.elastic_tp.kv_restore", "sglang_ft.elastic_tp.lockstep_check", "sglang_ft.elastic_tp.park_requests",
+    "sglang_ft.elastic_tp.partial_restore", "sglang_ft.elastic_tp.received_requests", "sglang_ft.elastic_tp.reshard",
+    "sglang_ft.elastic_tp.scheduler_sync", "sglang_ft.elastic_tp.torn_step",
+    "sglang_ft.layers.attention.remainder_placement", "sglang_ft.managers.scheduler_components.output_rewind",
+    "sglang_ft.mem_cache.kv_backup_stream", "sglang_ft.observability.metrics_collector",
+)
+
+
+def import_stage_modules() -> None:
+    """Import the regroup's stage modules at the worker's start, not during its first failure: their first import
+    cost 23 ms on an idle core (kv_restore alone 12), paid by every survivor at once on the critical path (a server
+    usually meets its first regroup then)."""
+    import importlib
+
+    for name in STAGE_MODULES:
+        importlib.import_module(name)
+
+
 def regroup_in_place(ft_worker, order: Regroup) -> RegroupDone:
     from ft.kv_backup import BLOCK_TOKENS
     from sglang_ft.distributed.rank_agreement import all_gather_object, any_rank

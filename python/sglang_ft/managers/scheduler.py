@@ -61,6 +61,9 @@ def after_init(_result, scheduler, server_args, port_args, *args, **kwargs):
         from sglang_ft.distributed.standby_groups import form_next
 
         form_next(worker, worker.group, 0)
+    from sglang_ft.elastic_tp.regroup import import_stage_modules
+
+    import_stage_modules()  # the first failure's survivors do not import them on the critical path
 
 
 def around_dispatch_event_loop(original, scheduler, *args, **kwargs):
