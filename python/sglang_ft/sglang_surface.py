@@ -293,9 +293,7 @@ def sort_free_slots(allocator) -> None:
     freed in: SGLang's own order where it sorts (`need_sort`: `merge_and_sort_free`)."""
     import torch
 
-    free = torch.cat([allocator.free_pages, allocator.release_pages])
-    allocator.free_pages = torch.sort(free).values
-    allocator.release_pages = free[:0]
+    set_free_slots(allocator, torch.cat([allocator.free_pages, allocator.release_pages]).sort().values)
 
 
 def set_new_token_ratio(scheduler, ratio: float) -> None:

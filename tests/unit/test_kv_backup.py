@@ -308,9 +308,9 @@ def test_a_request_map_that_does_not_match_its_slots_is_refused():
 def test_store_process_loop_applies_streamed_writes_before_answering_a_fetch(tmp_path):
     push, rep = f"ipc://{tmp_path}/push", f"ipc://{tmp_path}/fetch"
     threading.Thread(target=serve, args=(push, rep, os.getpid()), daemon=True).start()
-    # The store is listening before the sender connects, as in a server (the controller starts it when it starts): a PUSH
-    # socket that connects before the bind retries only after ZMQ's reconnect interval, so its writes could
-    # still be on their way when the fetch arrives (a unit run failed so).
+    # The store is listening before the sender connects, as in a server (the controller starts it when it
+    # starts): a PUSH socket that connects before the bind retries only after ZMQ's reconnect interval, so its
+    # writes could still be on their way when the fetch arrives (a unit run failed so).
     assert store_stats(rep, timeout_s=10.0) is not None
     sender = KvBackupSender(push, worker=3)
     sender.geometry, sender.heads = G, (1, 3)

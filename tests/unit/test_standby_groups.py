@@ -92,8 +92,8 @@ def rank_main(rank: int, size: int, port: int, scenario: str, results) -> None:
                 groups = build_like_sglang(len(survivors), new_rank)
             out["install_s"] = time.perf_counter() - started
             out["new_connections"] = len(tcp_connections() - before)
-            ones = [g._get_backend(torch.device("cpu")) for g in groups if dist.get_world_size(g) == 1]
-            out["singles_from_the_set"] = (len(formed_singles), sum(id(b) in formed_singles for b in ones))
+            of_one = [g._get_backend(torch.device("cpu")) for g in groups if dist.get_world_size(g) == 1]
+            out["singles_from_the_set"] = (len(formed_singles), sum(id(b) in formed_singles for b in of_one))
             sums = []
             for group in [None] + groups:
                 ones = torch.ones(2)
@@ -232,20 +232,22 @@ def test_a_member_without_the_set_makes_every_member_rebuild():
         assert AGREE_TIMEOUT_S - GLOO_TIMER_SLACK_S <= out[rank]["fallback_after_s"] < AGREE_TIMEOUT_S + 4, out[rank]
 
 
-def released(*sets: StandbySet) -> bool:
-    """Every set shut down (by the discarding thread) within a few seconds."""
-    deadline = time.monotonic() + 5
-    while any(s.backends for s in sets) and time.monotonic() < deadline:
+def eventually(condition, timeout_s: float = 5.0) -> bool:
+    """`condition()` within a few seconds (the discarding thread shuts sets down in the background)."""
+    deadline = time.monotonic() + timeout_s
+    while not condition() and time.monotonic() < deadline:
         time.sleep(0.01)
-    return not any(s.backends for s in sets)
+    return condition()
+
+
+def released(*sets: StandbySet) -> bool:
+    """Every set shut down."""
+    return eventually(lambda: not any(s.backends for s in sets))
 
 
 def all_shut(backends) -> bool:
-    """Every (fake) backend shut down (by the discarding thread) within a few seconds."""
-    deadline = time.monotonic() + 5
-    while not all(b.shut for b in backends) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    return all(b.shut for b in backends)
+    """Every (fake) backend shut down."""
+    return eventually(lambda: all(b.shut for b in backends))
 
 
 class FakeBackend:

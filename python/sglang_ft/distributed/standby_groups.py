@@ -50,6 +50,11 @@ class StandbySet:
                 logger.debug("sglang-ft: shutting a standby backend down: %s", exc)
         self.backends, self.agreement, self.singles = [], None, []
 
+    @classmethod
+    def loose(cls, backends=(), singles=()) -> StandbySet:
+        """Backends of no membership (left over, or of one member), held only to be shut down by `discard`."""
+        return cls(-1, (), 0, None, list(backends), set(), singles=list(singles))
+
 
 def _sglang_gloo_sizes() -> list[int]:
     """The sizes of the gloo backends of this process's SGLang groups, from torch's registry."""
@@ -131,7 +136,7 @@ class StandbyGroups:
         with self._lock:
             self._generation += 1
             dropped, self._ready = list(self._ready.values()), {}
-            dropped.append(StandbySet(-1, (), 0, None, [], set(), singles=self._singles))
+            dropped.append(StandbySet.loose(singles=self._singles))
             self._store, self._singles = None, []
         discard(dropped)
 
@@ -160,7 +165,7 @@ class StandbyGroups:
                 if current:
                     self._singles = formed
             if not current:
-                discard([StandbySet(-1, (), 0, None, [], set(), singles=formed)])
+                discard([StandbySet.loose(singles=formed)])
                 return
             store = open_store(lambda: not self._current(generation))
             with self._lock:
@@ -221,7 +226,7 @@ class StandbyGroups:
         if usable:
             standby.singles = singles
         else:
-            rest.append(StandbySet(-1, (), 0, None, [], set(), singles=singles))
+            rest.append(StandbySet.loose(singles=singles))
         discard(rest)
         if usable and (standby.agreement is None or agree(standby.agreement)):
             return standby
@@ -275,8 +280,7 @@ class installing:
 
         for name, plugin in self._plugins.items():
             Backend._plugins[name] = plugin
-        discard([StandbySet(-1, (), 0, None, [b for left in self.left.values() for b in left], set(),
-                            singles=self.singles)])
+        discard([StandbySet.loose([b for left in self.left.values() for b in left], self.singles)])
 
     def _create(self, name: str, opts, backend_options):
         creator, extended = self._plugins[name]
