@@ -29,15 +29,18 @@ def generate_concurrently(url: str, prompts: list[str], max_new_tokens: int | li
 
 
 def run_with_fault(url: str, fault, prompts: list[str], max_new_tokens: int, after_tokens: int = 8,
-                   api_key: str | None = None) -> list[dict]:
+                   api_key: str | None = None, **extra) -> list[dict]:
     """Send every prompt at once and call `fault()` once the first (streamed) one has decoded `after_tokens`
-    tokens, so the fault lands mid-decode however fast the machine is; return every final response."""
+    tokens, so the fault lands mid-decode however fast the machine is; return every final response. `extra`
+    goes into every request's body (`routed_dp_rank`: all on one replica, so the streamed one that times the
+    fault decodes beside the others)."""
     results: list = [None] * len(prompts)
     decoding = threading.Event()
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
     def streamed():
-        body = {"text": prompts[0], "sampling_params": {**GREEDY, "max_new_tokens": max_new_tokens}, "stream": True}
+        body = {"text": prompts[0], "sampling_params": {**GREEDY, "max_new_tokens": max_new_tokens}, "stream": True,
+                **extra}
         with requests.post(f"{url}/generate", json=body, headers=headers, stream=True, timeout=600) as response:
             for line in response.iter_lines():
                 if line.startswith(b"data:") and line != b"data: [DONE]":
@@ -47,7 +50,7 @@ def run_with_fault(url: str, fault, prompts: list[str], max_new_tokens: int, aft
         decoding.set()
 
     def one(i):
-        results[i] = generate(url, prompts[i], max_new_tokens, api_key)
+        results[i] = generate(url, prompts[i], max_new_tokens, api_key, **extra)
 
     threads = [threading.Thread(target=streamed)] + [threading.Thread(target=one, args=(i,))
                                                      for i in range(1, len(prompts))]

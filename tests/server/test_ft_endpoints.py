@@ -109,7 +109,7 @@ def test_a_step_finished_on_one_rank_and_failed_on_the_other_is_finished_on_both
     without that the ranks' requests differ by a token and the next batch's collectives mismatch."""
     epoch = replica0(server)["epoch"]
     outputs = run_with_fault(server.url, lambda: _inject(server, {"rank": 1, "kind": "fail_step"}).raise_for_status(),
-                             PROMPTS, MAX_NEW_TOKENS, api_key=KEY)
+                             PROMPTS, MAX_NEW_TOKENS, api_key=KEY, routed_dp_rank=0)
     assert [o["output_ids"] for o in outputs] == hf_outputs(tiny_mistral)
     (recovery,) = wait_for(lambda: replica0(server)["recoveries"], what="the recovery")
     assert recovery["epoch"] == epoch + 1 and recovery["cause"] == "collective failure with every worker alive"
@@ -155,7 +155,7 @@ def test_stalls_of_250_ms_mid_decode_change_nothing(server, tiny_mistral, hf_out
         os.kill(pid, signal.SIGCONT)
 
     for _ in range(4):
-        outputs = run_with_fault(server.url, stall, PROMPTS, MAX_NEW_TOKENS, api_key=KEY)
+        outputs = run_with_fault(server.url, stall, PROMPTS, MAX_NEW_TOKENS, api_key=KEY, routed_dp_rank=0)
         assert [o["output_ids"] for o in outputs] == hf_outputs(tiny_mistral)
     after = replica0(server)
     assert (after["epoch"], after["tp_size"]) == (before["epoch"], 2)
@@ -193,7 +193,9 @@ def test_a_worker_hung_mid_decode_is_declared_dead_in_time_and_its_lost_kv_is_re
         finally:
             _inject(server, {"rank": 1, "kind": "resume"})
 
-    outputs = run_with_fault(server.url, hang_and_watch, PROMPTS, MAX_NEW_TOKENS, api_key=KEY)
+    # every request on replica 0, so they are still decoding there when the hang lands (routed over both replicas,
+    # replica 0's two finished before the fault, timed by a stream on replica 1, and nothing was left to recompute)
+    outputs = run_with_fault(server.url, hang_and_watch, PROMPTS, MAX_NEW_TOKENS, api_key=KEY, routed_dp_rank=0)
     assert [o["output_ids"] for o in outputs] == hf_outputs(tiny_mistral)
     assert seen[-1] == "dead"
     detections = replica0(server)["detections"]
