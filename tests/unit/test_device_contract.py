@@ -34,7 +34,7 @@ class DeviceContract:
     def __init__(self, monkeypatch, world_size: int):
         self.devices = {None: MODEL_DEVICE, DEVICE_GROUP: MODEL_DEVICE, CPU_GROUP: torch.device("cpu")}
         self.world_size, self.calls = world_size, []
-        for name in ("isend", "irecv", "broadcast", "all_reduce", "all_gather_object", "get_world_size"):
+        for name in ("isend", "irecv", "broadcast", "all_reduce", "all_gather", "get_world_size"):
             monkeypatch.setattr(dist, name, getattr(self, name))
 
     def _check(self, op: str, tensor: torch.Tensor, group) -> Done:
@@ -58,11 +58,12 @@ class DeviceContract:
     def get_world_size(self, group=None):
         return self.world_size
 
-    def all_gather_object(self, object_list, obj, group=None):
-        """torch serialises the object onto the group's own device: the contract is that it goes over the CPU
-        group (a host tensor), never the device group."""
-        self._check("all_gather_object", torch.tensor(list(b"object")), group)
-        object_list[:] = [obj] * len(object_list)
+    def all_gather(self, tensor_list, tensor, group=None, async_op=False):
+        """The regroup's agreements (`rank_agreement.all_gather_object`) pickle onto a host tensor: the contract is
+        that they go over the CPU group, never the device group."""
+        for out in tensor_list:
+            out.copy_(tensor)
+        return self._check("all_gather", tensor, group)
 
 
 @pytest.fixture()
@@ -159,16 +160,21 @@ def test_the_kv_restore_hands_collectives_only_tensors_on_the_pools_device(elast
     assert all(group is DEVICE_GROUP for _, group in contract.calls)
 
 
-def test_the_holdings_exchange_goes_over_the_cpu_group(elastic, monkeypatch):
-    from sglang_ft.elastic_tp.regroup import agree_on_holdings
+def test_the_agreement_before_planning_goes_over_the_cpu_group(elastic, monkeypatch):
+    """The holdings, output lengths and committed KV of every member: one gather, over the CPU group."""
+    from types import SimpleNamespace
+
+    from sglang_ft.elastic_tp.regroup import agree_before_planning
 
     _path, shape, build = elastic
     layout = TPLayout.even(shape, 2)
     contract = DeviceContract(monkeypatch, 2)
     order = Regroup(epoch=1, workers=(0, 1), store_port=0, cause="test")
-    held, _ = agree_on_holdings(build(layout, 0), order, CPU_GROUP)
-    assert held == {0: layout.shard(0), 1: layout.shard(0)}  # every rank answered with rank 0's (the fake's echo)
-    assert contract.calls == [("all_gather_object", CPU_GROUP)]
+    idle = SimpleNamespace(last_batch=None, running_batch=SimpleNamespace(reqs=[]), chunked_req=None)
+    first = agree_before_planning(build(layout, 0), idle, None, False, order, CPU_GROUP)
+    assert first.held == {0: layout.shard(0), 1: layout.shard(0)}  # every rank answered with rank 0's (the fake's echo)
+    assert first.outputs == first.committed == [{}, {}]
+    assert contract.calls == [("all_gather", CPU_GROUP)]
 
 
 @pytest.mark.parametrize("cuda", [False, True])

@@ -29,7 +29,8 @@ def check_every_rank(ranks):
         ranks[rank].tree_cache.reset()
         ranks[rank].token_to_kv_pool_allocator.clear()
 
-    answers = on_every_rank(len(ranks), lambda r: agree_or_flush(ranks[r], group.gather_for(r), lambda: flush(r)))
+    answers = on_every_rank(len(ranks), lambda r: agree_or_flush(ranks[r], group.gather_for(r)(fingerprint(ranks[r])),
+                                                                lambda: flush(r)))
     return answers, flushes, group.calls
 
 

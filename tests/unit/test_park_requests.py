@@ -248,7 +248,7 @@ def test_a_decode_step_one_rank_had_begun_leaves_every_ranks_free_slots_in_the_s
     from tests.thread_ranks import ThreadGroup, on_every_rank
 
     import sglang_ft.elastic_tp.park_requests as park_requests
-    from sglang_ft.elastic_tp.lockstep_check import agree_or_flush, free_slots_digest
+    from sglang_ft.elastic_tp.lockstep_check import agree_or_flush, fingerprint, free_slots_digest
 
     outside_a_server(monkeypatch)
     ranks = [make_radix() for _ in range(2)]
@@ -264,7 +264,7 @@ def test_a_decode_step_one_rank_had_begun_leaves_every_ranks_free_slots_in_the_s
     def regroup_stages(rank):
         gather = group.gather_for(rank)
         parked = park_requests.park_every_request(schedulers[rank], failed[rank], gather)
-        flushed = agree_or_flush(schedulers[rank], gather, lambda: None)
+        flushed = agree_or_flush(schedulers[rank], gather(fingerprint(schedulers[rank])), lambda: None)
         return parked, flushed
 
     results = on_every_rank(2, regroup_stages)

@@ -4,7 +4,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch.distributed as dist
-from sglang_ft.elastic_tp.received_requests import RequestLedger, reconcile
+from sglang_ft.elastic_tp.received_requests import RequestLedger, reconcile, reconcile_report
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,8 @@ def test_rank0_resends_only_what_nobody_holds_and_nothing_that_finished(one_rank
     ledger.record_processed([SimpleNamespace(rid=r) for r in ("a", "b", "c")])  # c has finished since
     ledger.record_pulled([SimpleNamespace(rid=r) for r in ("b", "c", "d")])  # d was pulled, never processed
     scheduler = FakeScheduler(["a", "b"])
-    dropped, resent = reconcile(scheduler, ledger, one_rank_group, is_source=True)
+    everyone = [reconcile_report(scheduler, ledger, is_source=True)]
+    dropped, resent = reconcile(scheduler, ledger, one_rank_group, everyone, is_source=True)
     assert (dropped, resent) == (0, 1)
     assert [r.rid for r in scheduler.processed] == ["d"]
     assert [r.rid for r in scheduler.waiting_queue] == ["a", "b"]
@@ -127,3 +128,55 @@ def test_a_request_arriving_twice_in_one_pull_is_taken_once():
     messages = [SimpleNamespace(rid="x", kind="request"), SimpleNamespace(rid="x", kind="abort"),
                 SimpleNamespace(rid="x", kind="request"), SimpleNamespace(rid="y", kind="request")]
     assert [(m.rid, m.kind) for m in ledger.unseen(messages)] == [("x", "request"), ("x", "abort"), ("y", "request")]
+
+
+def reconcile_on_thread_ranks(monkeypatch, ranks):
+    """`reconcile` on each of `ranks` ((waiting rids, processed rids, pulled rids on rank 0 only)) as a thread, its
+    collectives in memory; (each rank's (dropped, resent, rids it processed again), collectives after the gather)."""
+    from tests.thread_ranks import ThreadGroup, on_every_rank
+
+    import sglang_ft.sglang_surface as surface
+    from sglang_ft.distributed import rank_agreement
+
+    group = ThreadGroup(len(ranks))
+    monkeypatch.setattr(rank_agreement, "all_gather_object", lambda mine, me: group.gather_for(me)(mine))
+    monkeypatch.setattr(surface, "broadcast_pyobj",
+                        lambda data, rank, me, src: group.gather_for(me)(data)[src], raising=False)
+    monkeypatch.setattr(dist, "get_rank", lambda me: me)
+    monkeypatch.setattr(dist, "get_process_group_ranks", lambda me: list(range(len(ranks))))
+
+    def one(rank):
+        waiting, processed, pulled = ranks[rank]
+        ledger = RequestLedger(is_new_request=ANY_MESSAGE)
+        ledger.record_processed([SimpleNamespace(rid=r) for r in processed])
+        ledger.record_pulled([SimpleNamespace(rid=r) for r in pulled])
+        scheduler = FakeScheduler(waiting)
+        everyone = group.gather_for(rank)(reconcile_report(scheduler, ledger, is_source=rank == 0))
+        dropped, resent = reconcile(scheduler, ledger, rank, everyone, is_source=rank == 0)
+        assert [r.rid for r in scheduler.waiting_queue] == [r for r in waiting if all(r in w for w, _, _ in ranks)]
+        return dropped, resent, [r.rid for r in scheduler.processed]
+
+    results = on_every_rank(len(ranks), one)
+    return results, group.calls - 1
+
+
+def test_ranks_holding_the_same_requests_reconcile_with_no_collective_past_the_reports(monkeypatch):
+    ranks = [(["a", "b"], ["a", "b", "c"], ["a", "b", "c"]), (["a", "b"], ["a", "b", "c"], []),
+             (["a", "b"], ["a", "b", "c"], [])]  # c finished everywhere
+    assert reconcile_on_thread_ranks(monkeypatch, ranks) == ([(0, 0, [])] * 3, 0)
+
+
+def test_a_request_one_rank_missed_is_dropped_where_held_and_sent_again_to_all(monkeypatch):
+    """The broadcast of new requests was cut short: ranks 0 and 1 queued n, rank 2 never saw it."""
+    ranks = [(["a", "n"], ["a", "n"], ["a", "n"]), (["a", "n"], ["a", "n"], []), (["a"], ["a"], [])]
+    results, collectives = reconcile_on_thread_ranks(monkeypatch, ranks)
+    assert results == [(1, 1, ["n"]), (1, 1, ["n"]), (0, 1, ["n"])]
+    assert collectives == 2  # whether any rank ran it, then rank 0's re-send
+
+
+def test_a_request_rank_zero_never_processed_is_not_sent_again_where_it_ran(monkeypatch):
+    """Rank 0 pulled r and x but processed neither; rank 1 processed r, which ran and left the queue (it is not
+    sent again: it would run twice); nobody processed x (sent again)."""
+    ranks = [(["a"], ["a"], ["a", "r", "x"]), (["a"], ["a", "r"], [])]
+    results, collectives = reconcile_on_thread_ranks(monkeypatch, ranks)
+    assert results == [(0, 1, ["x"]), (0, 1, ["x"])] and collectives == 2

@@ -3,14 +3,39 @@ rank says yes. The regroup's stages and a moved request's KV take-over agree thi
 
 from __future__ import annotations
 
+import pickle
+
+SLOT_BYTES = 16 << 10  # an object that pickles to this or less travels in one all-gather (the regroup's: < 2 KB)
+_LENGTH_BYTES = 8
+
 
 def all_gather_object(mine, group) -> list:
-    """Every rank's `mine`, in rank order (torch's all_gather_object, returning the list)."""
+    """Every rank's `mine`, in rank order, over `group` (a CPU group: the tensors are host tensors).
+
+    One all-gather of a fixed slot per rank when every rank's pickle fits in `SLOT_BYTES`; a second, sized to the
+    largest, only when one does not (each slot starts with its pickle's length, so every rank takes the same
+    branch). torch's `all_gather_object` always spends two collectives (the sizes, then the data) and more
+    bookkeeping: 5.5-6 ms against 2.7 for three gloo processes on this machine's 2 cores, and a regroup agrees
+    this way several times while every stream waits."""
+    import torch
     import torch.distributed as dist
 
-    everyone: list = [None] * dist.get_world_size(group)
-    dist.all_gather_object(everyone, mine, group=group)
-    return everyone
+    data = pickle.dumps(mine, protocol=pickle.HIGHEST_PROTOCOL)
+    size = dist.get_world_size(group)
+    slot = torch.zeros(_LENGTH_BYTES + SLOT_BYTES, dtype=torch.uint8)
+    slot[:_LENGTH_BYTES] = torch.tensor([len(data)], dtype=torch.int64).view(torch.uint8)
+    if len(data) <= SLOT_BYTES:
+        slot[_LENGTH_BYTES:_LENGTH_BYTES + len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    slots = [torch.empty_like(slot) for _ in range(size)]
+    dist.all_gather(slots, slot, group=group)
+    lengths = [int(s[:_LENGTH_BYTES].view(torch.int64)) for s in slots]
+    if max(lengths) <= SLOT_BYTES:
+        return [pickle.loads(s[_LENGTH_BYTES:_LENGTH_BYTES + n].numpy().tobytes()) for s, n in zip(slots, lengths)]
+    whole = torch.zeros(max(lengths), dtype=torch.uint8)
+    whole[:len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    wholes = [torch.empty_like(whole) for _ in range(size)]
+    dist.all_gather(wholes, whole, group=group)
+    return [pickle.loads(w[:n].numpy().tobytes()) for w, n in zip(wholes, lengths)]
 
 
 def any_rank(flag: bool, cpu_group) -> bool:

@@ -94,13 +94,12 @@ def in_rank_zero_order(waiting: list, rank_zero_waiting: tuple) -> list:
     return sorted(waiting, key=lambda req: position.get(req.rid, len(position)))
 
 
-def agree_or_flush(scheduler, gather, flush) -> bool:
-    """Compare every rank's fingerprint (`gather`: this rank's object in, every rank's out); where they differ,
-    `flush` the radix cache here and order the queue as rank 0's. Returns whether they differed (the same answer
-    on every rank)."""
+def agree_or_flush(scheduler, everyone: list, flush) -> bool:
+    """Compare every rank's `fingerprint` (`everyone`, in rank order: the regroup gathers them with the reconcile
+    stage's reports); where they differ, `flush` the radix cache here and order the queue as rank 0's. Returns
+    whether they differed (the same answer on every rank)."""
     from sglang_ft.sglang_surface import set_waiting_queue
 
-    everyone = gather(fingerprint(scheduler))
     compared = comparable(everyone)
     if all(theirs == compared[0] for theirs in compared):
         return False

@@ -47,12 +47,20 @@ def requests_holding_kv(scheduler, failed_batch) -> list:
     return list(unique.values())
 
 
-def agree_on_lengths(lengths: dict[str, int] | None, gather) -> dict[str, int]:
-    """Every rank's minimum per request; a request some rank does not hold keeps nothing. A restarted worker
-    (`lengths` None) holds no request yet and takes no part: it receives the survivors' state afterwards."""
-    everyone = gather(lengths)
+def committed_lengths(scheduler, failed_batch, joining: bool = False, completed_elsewhere=()) -> dict[str, int] | None:
+    """What this rank reports: the KV each unfinished request committed (None for a restarted worker, which holds
+    no request yet and takes no part: it receives the survivors' state afterwards)."""
+    if joining:
+        return None
+    return {r.rid: committed_kv_len(r, failed_batch, completed_elsewhere)
+            for r in requests_holding_kv(scheduler, failed_batch)}
+
+
+def agreed_lengths(mine: dict[str, int] | None, everyone: list) -> dict[str, int]:
+    """Every rank's minimum per request (`everyone`: each rank's `committed_lengths`); a request some rank does not
+    hold keeps nothing."""
     holders = [other for other in everyone if other is not None]
-    return {rid: min(other.get(rid, 0) for other in holders) for rid in lengths or {}}
+    return {rid: min(other.get(rid, 0) for other in holders) for rid in mine or {}}
 
 
 def park(req, keep: int, tree_cache) -> int:
@@ -77,12 +85,14 @@ def park(req, keep: int, tree_cache) -> int:
 
 
 def park_every_request(scheduler, failed_batch, gather, joining: bool = False,
-                       completed_elsewhere=()) -> tuple[int, int, int]:
+                       completed_elsewhere=(), everyone: list | None = None) -> tuple[int, int, int]:
     """Park every unfinished request; returns (requests parked, their KV tokens, tokens left to recompute).
-    `gather`: this rank's object in, every rank's out (all_gather_object over the group's CPU channel)."""
+    `gather`: this rank's object in, every rank's out (all_gather_object over the group's CPU channel); not called
+    when `everyone` holds every rank's `committed_lengths` already (the regroup gathers them with its other
+    reports, unless a torn step changed them)."""
     reqs = requests_holding_kv(scheduler, failed_batch)
-    mine = None if joining else {r.rid: committed_kv_len(r, failed_batch, completed_elsewhere) for r in reqs}
-    lengths = agree_on_lengths(mine, gather)
+    mine = committed_lengths(scheduler, failed_batch, joining, completed_elsewhere)
+    lengths = agreed_lengths(mine, gather(mine) if everyone is None else everyone)
     recomputed = kept = 0
     allocator = scheduler.token_to_kv_pool_allocator
     allocator.free_group_begin()  # one merge of the free list for all of them, as SGLang's own batch frees do

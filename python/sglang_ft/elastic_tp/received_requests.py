@@ -80,25 +80,42 @@ def held_rids(scheduler) -> set[str]:
     return set(held_requests(scheduler))
 
 
-def reconcile(scheduler, ledger: RequestLedger, cpu_group, is_source: bool) -> tuple[int, int]:
-    """Make every rank's waiting queue the same; returns (dropped here, re-injected)."""
+def reconcile_report(scheduler, ledger: RequestLedger, is_source: bool) -> tuple[list[str], list[str] | None]:
+    """What this rank says for `reconcile`: the rids it has waiting and, on rank 0 (`is_source`), those of the
+    requests it pulled that it could send again: still waiting there, or never processed there (one it processed
+    and no longer waits on is running or finished). The regroup gathers it with the lockstep check's fingerprint:
+    the queues do not change between the two stages (a flush and a cut prefix keep every request)."""
+    waiting = [r.rid for r in scheduler.waiting_queue]
+    candidates = None
+    if is_source:
+        queued, seen = set(waiting), set(ledger.seen)
+        candidates = list(dict.fromkeys(r.rid for r in ledger.pulled if r.rid in queued or r.rid not in seen))
+    return waiting, candidates
+
+
+def reconcile(scheduler, ledger: RequestLedger, cpu_group, everyone: list, is_source: bool) -> tuple[int, int]:
+    """Make every rank's waiting queue the same (`everyone`: each rank's `reconcile_report`, rank 0 first);
+    returns (dropped here, re-sent). Collectives only where rank 0 has a request some rank lacks (a failure cut
+    the broadcast of new requests short): whether any rank ran it, then rank 0's re-send."""
     import torch.distributed as dist
     from sglang_ft.sglang_surface import broadcast_pyobj, set_waiting_queue
 
     from sglang_ft.distributed.rank_agreement import all_gather_object
 
-    waiting = [r.rid for r in scheduler.waiting_queue]
-    mine = (waiting, [rid for rid in ledger.seen if rid not in set(waiting)])
-    everyone = all_gather_object(mine, cpu_group)
-    common = set.intersection(*(set(w) for w, _ in everyone))
-    finished_somewhere = set().union(*(set(f) for _, f in everyone))
+    common = set.intersection(*(set(waiting) for waiting, _ in everyone))
+    candidates = [rid for rid in everyone[0][1] or () if rid not in common]
+    waiting, seen = {r.rid for r in scheduler.waiting_queue}, set(ledger.seen)
+    ran_here = [rid for rid in candidates if rid in seen and rid not in waiting]
     dropped = [r for r in scheduler.waiting_queue if r.rid not in common]
     set_waiting_queue(scheduler, [r for r in scheduler.waiting_queue if r.rid in common])
     ledger.forget(r.rid for r in dropped)  # so a re-send of them is processed here like everywhere else
-    resend = None
-    if is_source:
-        resend = [r for r in ledger.pulled if r.rid not in common and r.rid not in finished_somewhere]
-        resend = list({r.rid: r for r in resend}.values())
+    if not candidates:
+        return len(dropped), 0
+    ran = set().union(*all_gather_object(ran_here, cpu_group))
+    again = [rid for rid in candidates if rid not in ran]
+    if not again:
+        return len(dropped), 0
+    resend = list({r.rid: r for r in ledger.pulled if r.rid in set(again)}.values()) if is_source else None
     resend = broadcast_pyobj(resend, dist.get_rank(cpu_group), cpu_group, src=dist.get_process_group_ranks(cpu_group)[0])
     if resend:
         scheduler.process_input_requests(resend)

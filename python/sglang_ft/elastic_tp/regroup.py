@@ -56,18 +56,21 @@ def recompute_everything(scheduler) -> None:
         raise RuntimeError("sglang-ft: could not flush the caches for the KV recompute fallback")
 
 
-def agree_on_lacking(num_slots: int, kv, placement, cpu_group):
-    """A bool per token slot, the same on every rank: does any rank lack rows of it after the restore?"""
+def agree_on_restore(num_slots: int, kv, placement, cpu_group) -> tuple[bool, object]:
+    """One all-reduce for the restore's outcome, the same on every rank: did any rank fail to restore at all (`kv`
+    None: its pool cannot be trusted), and else a bool per token slot: does any rank lack rows of it?"""
     import torch
     import torch.distributed as dist
 
     from sglang_ft.elastic_tp.partial_restore import lacking_slots
 
-    mask = lacking_slots(num_slots, *kv.lacking, placement.lacking if placement is not None else None).to(torch.uint8)
+    mask = torch.zeros(num_slots + 1, dtype=torch.uint8)
+    if kv is None:
+        mask[num_slots] = 1
+    else:
+        mask[:num_slots] = lacking_slots(num_slots, *kv.lacking, placement.lacking if placement is not None else None)
     dist.all_reduce(mask, op=dist.ReduceOp.MAX, group=cpu_group)
-    return mask.bool()
-
-
+    return bool(mask[num_slots]), None if mask[num_slots] else mask[:num_slots].bool()
 
 
 def take_over_tokenizer_channels(scheduler, port_args) -> None:
@@ -125,18 +128,18 @@ def import_stage_modules() -> None:
 
 def regroup_in_place(ft_worker, order: Regroup) -> RegroupDone:
     from ft.kv_backup import BLOCK_TOKENS
-    from sglang_ft.distributed.rank_agreement import all_gather_object, any_rank
+    from sglang_ft.distributed.rank_agreement import all_gather_object
     from sglang_ft.distributed.standby_groups import build_groups, form_next
     from sglang_ft.distributed_state import install_layout
     from sglang_ft.elastic_tp.groups import describe_last_rebuild
     from sglang_ft.elastic_tp.kv_restore import reshape_kv_heads, restore_kv
-    from sglang_ft.elastic_tp.lockstep_check import agree_or_flush
+    from sglang_ft.elastic_tp.lockstep_check import agree_or_flush, fingerprint
     from sglang_ft.elastic_tp.park_requests import park_every_request
     from sglang_ft.elastic_tp.partial_restore import keep_held_prefixes
-    from sglang_ft.elastic_tp.received_requests import reconcile
+    from sglang_ft.elastic_tp.received_requests import reconcile, reconcile_report
     from sglang_ft.elastic_tp.reshard import build_model_like, reshard
     from sglang_ft.elastic_tp.scheduler_sync import sync_scheduler_state
-    from sglang_ft.elastic_tp.torn_step import complete_torn_step
+    from sglang_ft.elastic_tp.torn_step import complete_torn_step, is_torn
     from sglang_ft.layers.attention import remainder_placement
     from sglang_ft.elastic_tp import graph_refresh
 
@@ -163,16 +166,18 @@ def regroup_in_place(ft_worker, order: Regroup) -> RegroupDone:
         clock.done("take_over_tokenizer", "(this worker is the new rank 0)")
     restart_idle_sleeper(scheduler, rank_zero=new_rank == 0)  # --sleep-on-idle: rank 0 only, on the sockets it holds
     ft_worker.idle_wake.attach(scheduler)
-    held, remainder_held = agree_on_holdings(old_model if ft_worker.holds_weights else None, order,
-                                             scheduler.tp_cpu_group)
-    plan = plan_regroup(old_model.layout.shape, held, remainder_held, order, ft_worker.ft.splits_remainder)
-    clock.done("plan_migration", f"(holdings of {len(held)} members agreed, {len(plan.moves)} moves)")
-
-    cpu_group = scheduler.tp_cpu_group
+    cpu_group, joining, failed = scheduler.tp_cpu_group, me in order.joining, ft_worker.failed_batch
     gather = lambda mine: all_gather_object(mine, cpu_group)  # noqa: E731
-    advanced = complete_torn_step(scheduler, ft_worker.failed_batch, gather, new_rank, joining=me in order.joining)
-    parked, kv_tokens, recomputed = park_every_request(scheduler, ft_worker.failed_batch, gather,
-                                                       joining=me in order.joining, completed_elsewhere=advanced)
+    first = agree_before_planning(old_model if ft_worker.holds_weights else None, scheduler, failed, joining,
+                                  order, cpu_group)
+    plan = plan_regroup(old_model.layout.shape, first.held, first.remainder_held, order,
+                        ft_worker.ft.splits_remainder)
+    clock.done("plan_migration", f"(holdings of {len(first.held)} members agreed, {len(plan.moves)} moves)")
+
+    advanced = complete_torn_step(scheduler, failed, gather, new_rank, joining=joining, everyone=first.outputs)
+    parked, kv_tokens, recomputed = park_every_request(  # a torn step changed what the ranks committed: asked again
+        scheduler, failed, gather, joining=joining, completed_elsewhere=advanced,
+        everyone=None if is_torn(first.outputs) else first.committed)
     ft_worker.forget_failed_batch()
     kv_was_intact = ft_worker.start_kv_rebuild()  # not intact until the pool holds every cached slot's new heads
     clock.done("park_requests", f"({parked} requests, {kv_tokens} KV tokens kept in the radix cache)")
@@ -180,7 +185,11 @@ def regroup_in_place(ft_worker, order: Regroup) -> RegroupDone:
         synced = sync_scheduler_state(scheduler, ft_worker, scheduler.tp_cpu_group, receive=me in order.joining)
         clock.done("sync_scheduler_state", f"({synced.requests} waiting requests, {synced.cached_tokens} cached "
                                            f"tokens in {synced.sequences} sequences, from rank 0)")
-    differed = agree_or_flush(scheduler, gather, lambda: recompute_everything(scheduler))  # before KV moves by slot
+    # the lockstep check's fingerprints and the reconcile stage's reports in one gather (the queues do not change
+    # in between); the check comes before any KV moves by slot
+    fingerprints, reports = zip(*gather((fingerprint(scheduler), reconcile_report(scheduler, ft_worker.ledger,
+                                                                                  is_source=new_rank == 0))))
+    differed = agree_or_flush(scheduler, list(fingerprints), lambda: recompute_everything(scheduler))
     if differed:
         recomputed = kv_tokens
     clock.done("lockstep_check", "(the schedulers differed: radix caches flushed)" if differed else "")
@@ -188,7 +197,7 @@ def regroup_in_place(ft_worker, order: Regroup) -> RegroupDone:
     install_layout(plan.layout)
     new_model = build_model_like(old_model, runner)
     device_group = scheduler.tp_group.device_group  # the transfers' tensors live on the model's device
-    stats = reshard(old_model, new_model, plan, me, runner.model_config.model_path, held.get(me),
+    stats = reshard(old_model, new_model, plan, me, runner.model_config.model_path, first.held.get(me),
                     replicated_from=0 if order.joining else None, group=device_group)
     swap_model(runner, new_model)  # complete: every slice arrived, whatever happens to the rest of the regroup
     placement = remainder_placement.install(scheduler, ft_worker.ft, ft_worker.kv_stream)  # hybrid attention only
@@ -198,7 +207,7 @@ def regroup_in_place(ft_worker, order: Regroup) -> RegroupDone:
                                   f"{stats.bytes_from_host_cache} B, disk {stats.bytes_reloaded} B; schedule predicted "
                                   f"{stats.predicted_s * 1e3:.1f} ms)")
 
-    old_heads = held[me].kv_heads if held.get(me) is not None else None
+    old_heads = first.held[me].kv_heads if first.held.get(me) is not None else None
     pool, new_heads = runner.token_to_kv_pool, new_model.shard.kv_heads
     kv = None
     if kv_was_intact:
@@ -213,13 +222,12 @@ def regroup_in_place(ft_worker, order: Regroup) -> RegroupDone:
     if placement is not None and kv is not None:
         remainder_restored, remainder_missing = restore_remainder_kv(placement, ft_worker, order)
         kv.blocks_restored += placement.pool.k.shape[2] * -(-remainder_restored // BLOCK_TOKENS)
-    flushed = any_rank(kv is None, scheduler.tp_cpu_group)  # a pool whose contents cannot be trusted at all
+    flushed, lacking = agree_on_restore(pool.k_buffer[0].shape[0], kv, placement, cpu_group)
     missing = flushed
-    if flushed:
+    if flushed:  # a pool whose contents cannot be trusted at all
         recompute_everything(scheduler)
         recomputed = kv_tokens
     else:  # rows the store lacked (a step's, copied after the step): every cached prefix is cut before them
-        lacking = agree_on_lacking(pool.k_buffer[0].shape[0], kv, placement, scheduler.tp_cpu_group)
         missing = bool(lacking.any())
         if missing:
             recomputed += keep_held_prefixes(scheduler, lacking, ft_worker.kv_stream, placement)
@@ -236,7 +244,7 @@ def regroup_in_place(ft_worker, order: Regroup) -> RegroupDone:
     backend = graph_refresh.recreate_attention_backend(runner)
     clock.done("recreate_attention_backend", f"({backend.describe()})")
 
-    dropped, resent = reconcile(scheduler, ft_worker.ledger, scheduler.tp_cpu_group, is_source=new_rank == 0)
+    dropped, resent = reconcile(scheduler, ft_worker.ledger, cpu_group, list(reports), is_source=new_rank == 0)
     set_engine_paused(scheduler, False)
     clock.done("reconcile_and_resume", f"(dropped {dropped}, re-sent {resent})")
     graph_refresh.schedule_recapture(ft_worker, graphs, order.epoch)  # between the next steps: its own stage
@@ -263,17 +271,37 @@ def restore_remainder_kv(placement, ft_worker, order: Regroup) -> tuple[int, int
     return placement.adopt(cached_sequences(scheduler), live_slots(scheduler.token_to_kv_pool_allocator), fetch)
 
 
-def agree_on_holdings(model, order: Regroup, cpu_group) -> tuple[dict, dict]:
-    """What every member of the new group holds, as each says itself (None: a restarted worker with no weights):
-    its shard, and the remainder KV heads it holds under hybrid attention.
+@dataclasses.dataclass(frozen=True)
+class FirstAgreement:
+    """What every member said before the plan: its holdings (`holdings_of`), and per rank its requests' output
+    lengths (`torn_step.output_lengths`) and committed KV (`park_requests.committed_lengths`)."""
 
-    Each member's model is always complete (a reshard replaces it only once every slice arrived), but a regroup
-    interrupted by another failure can leave members at different layouts: asking them is the only truth, and
-    every member then computes the same plan from the same answers.
+    held: dict
+    remainder_held: dict
+    outputs: list
+    committed: list
+
+
+def agree_before_planning(model, scheduler, failed_batch, joining: bool, order: Regroup, cpu_group) -> FirstAgreement:
+    """One all-gather over the CPU group for what three stages ask of every member: the holdings the plan is made
+    from, the output lengths that show a torn step, the KV lengths the parking keeps. Each was its own gather
+    (two collectives each in torch's form) while every stream waited; none depends on another stage's outcome,
+    except the parking's after a torn step (then asked again).
+
+    The holdings: each member's model is always complete (a reshard replaces it only once every slice arrived),
+    but a regroup interrupted by another failure can leave members at different layouts: asking them is the only
+    truth, and every member then computes the same plan from the same answers.
     """
     from sglang_ft.distributed.rank_agreement import all_gather_object
+    from sglang_ft.elastic_tp.park_requests import committed_lengths
+    from sglang_ft.elastic_tp.torn_step import output_lengths
 
-    return holdings_of(order, all_gather_object(holding_of(model), cpu_group))
+    mine = (holding_of(model), output_lengths(scheduler, failed_batch, joining),
+            committed_lengths(scheduler, failed_batch, joining))
+    everyone = all_gather_object(mine, cpu_group)
+    held, remainder_held = holdings_of(order, [holding for holding, _, _ in everyone])
+    return FirstAgreement(held, remainder_held, [outputs for _, outputs, _ in everyone],
+                          [committed for _, _, committed in everyone])
 
 
 def holding_of(model) -> tuple[dict, tuple[int, int]] | None:

@@ -78,13 +78,26 @@ def adopt(req, tail: dict) -> None:
         setattr(req, name, value)
 
 
-def complete_torn_step(scheduler, failed_batch, gather: Gather, me: int, joining: bool = False) -> list:
+def output_lengths(scheduler, failed_batch, joining: bool = False) -> dict[str, int] | None:
+    """What this rank reports: each request's output length (None for a joiner, which takes no part)."""
+    return None if joining else {req.rid: len(req.output_ids) for req in _batch_reqs(scheduler, failed_batch)}
+
+
+def is_torn(everyone: list) -> bool:
+    """Did some rank finish the failed step that another did not (the same answer on every rank)?"""
+    return any(behind(everyone, other) for other in everyone)
+
+
+def complete_torn_step(scheduler, failed_batch, gather: Gather, me: int, joining: bool = False,
+                       everyone: list | None = None) -> list:
     """Bring this rank's requests to the most advanced rank's step; returns the requests it advanced here (their
-    step completed: its KV is written on every rank)."""
+    step completed: its KV is written on every rank). `everyone`: every rank's `output_lengths`, where the caller
+    gathered them already (the regroup does, with its other reports); else they are gathered here."""
     reqs_by_rid = {req.rid: req for req in _batch_reqs(scheduler, failed_batch)}
-    mine = None if joining else {rid: len(req.output_ids) for rid, req in reqs_by_rid.items()}
-    everyone = gather(mine)
-    if not any(behind(everyone, other) for other in everyone):
+    mine = output_lengths(scheduler, failed_batch, joining)
+    if everyone is None:
+        everyone = gather(mine)
+    if not is_torn(everyone):
         return []  # the usual case: every rank stopped at the same step
     merged: dict[str, dict] = {}
     for tails in gather(None if joining else tails_to_send(reqs_by_rid, everyone, me)):
