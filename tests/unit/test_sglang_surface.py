@@ -102,3 +102,22 @@ def test_the_joiner_launch_binds_to_sglangs_scheduler_process_by_name():
     bound = inspect.signature(run_scheduler_process).bind(**calls[0]).arguments
     assert bound == {"server_args": "args", "port_args": "ports", "gpu_id": 3, "tp_rank": 0, "pp_rank": 0,
                      "dp_rank": None, "pipe_writer": "pipe"}
+
+
+@pytest.mark.parametrize("need_sort", [False, True])
+def test_the_free_slots_end_in_ascending_order_whatever_order_they_were_freed_in(need_sort):
+    """SGLang's own allocator, slots freed in a shuffled order (with `need_sort` they wait in `release_pages`): the
+    list it hands out next is every free slot in ascending order, against Python's sort of the same slots."""
+    import torch
+    from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
+
+    from sglang_ft.sglang_surface import sort_free_slots
+
+    allocator = TokenToKVPoolAllocator(4096, torch.float32, "cpu", None, need_sort=need_sort)
+    taken = allocator.alloc(1000)
+    allocator.free(taken[torch.randperm(len(taken), generator=torch.Generator().manual_seed(3))])
+    slots = sorted(torch.cat([allocator.free_pages, allocator.release_pages]).tolist())
+    dtype = allocator.free_pages.dtype
+    sort_free_slots(allocator)
+    assert allocator.free_pages.tolist() == slots and len(allocator.release_pages) == 0
+    assert allocator.free_pages.dtype == dtype and allocator.alloc(5).tolist() == slots[:5]
