@@ -81,8 +81,9 @@ def join_as_survivor(rank: int, model_dir: str, init_file: str):
     return held, plan, me, build, old
 
 
-def _survivor(rank: int, model_dir: str, reps: int, init_file: str, out: str) -> None:
-    """One survivor process: measure its links, then reshard `reps` times by each path."""
+def _survivor(rank: int, model_dir: str, reps: int, init_file: str, out: str, paced=None) -> None:
+    """One survivor process: measure its links, then reshard `reps` times by each path; then, with `paced`
+    ((bytes per second, shared dict, lock)), `reps` times each again on paced links (`benchmark/paced_links.py`)."""
     import torch
     import torch.distributed as dist
 
@@ -139,6 +140,25 @@ def _survivor(rank: int, model_dir: str, reps: int, init_file: str, out: str) ->
                 weights[scheduled] = {n: p.detach() for n, p in new.named_parameters()}
             del new
     result["identical"] = all(torch.equal(v, weights[False][n]) for n, v in weights[True].items())
+    if paced is not None:
+        from benchmark.paced_links import PacedLinks
+
+        links = PacedLinks(*paced, me=rank)
+        links.install()
+        result["paced_scheduled"], result["paced_at_once"] = [], []
+        for rep in range(reps):
+            for scheduled in (True, False) if rep % 2 == 0 else (False, True):
+                links.round += 1
+                new = build(plan.layout, rank)
+                for param in new.parameters():
+                    param.data.zero_()
+                gc.collect()
+                dist.barrier()
+                start = time.monotonic()
+                stats = reshard(old, new, plan, me, model_dir, held[me], scheduled=scheduled)
+                result["paced_scheduled" if scheduled else "paced_at_once"].append(
+                    (start, time.monotonic(), stats.transfers_s))
+                del new
     dist.barrier()
     dist.destroy_process_group()
     Path(out).write_text(json.dumps(result))
@@ -176,8 +196,10 @@ def run(args: argparse.Namespace) -> dict:
     sequential = sequential_read_gbps(model_dir)
     _, _, plan = planned(AutoConfig.from_pretrained(model_dir))
     context = multiprocessing.get_context("spawn")
+    manager = context.Manager() if args.paced_link_gbps else None
+    paced = (args.paced_link_gbps * 1e9, manager.dict(), manager.Lock()) if manager else None
     outs = [str(tmp / f"rank{r}.json") for r in range(len(NEW_WORKERS))]
-    ranks = [context.Process(target=_survivor, args=(r, model_dir, args.reps, str(tmp / "init"), outs[r]))
+    ranks = [context.Process(target=_survivor, args=(r, model_dir, args.reps, str(tmp / "init"), outs[r], paced))
              for r in range(len(NEW_WORKERS))]
     for process in ranks:
         process.start()
@@ -187,6 +209,8 @@ def run(args: argparse.Namespace) -> dict:
         raise SystemExit(f"a survivor process failed: exit codes {[p.exitcode for p in ranks]}")
     results = [json.loads(Path(o).read_text()) for o in outs]
     shutil.rmtree(tmp, ignore_errors=True)
+    if manager is not None:
+        manager.shutdown()
 
     p2p_bytes = max(m.nbytes for m in plan.moves if m.src is not None)
     p2p_bps = p2p_bytes / statistics.median(results[0]["p2p_s"])
@@ -201,7 +225,7 @@ def run(args: argparse.Namespace) -> dict:
                                                                       group_times(results, "at_once"))
     median = lambda times: round(statistics.median(times), 4)  # noqa: E731
     listed = lambda times: [round(t, 4) for t in times]  # noqa: E731
-    return {
+    report = {
         "date": dt.date.today().isoformat(),
         "command": "python -m benchmark.reshard_schedule " + " ".join(args.argv),
         "host": {"cpus": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version(),
@@ -229,6 +253,22 @@ def run(args: argparse.Namespace) -> dict:
         "bit_identical_paths": all(r["identical"] for r in results),
         "bytes_per_rank": {r["worker"]: r["bytes"] for r in results},
     }
+    if args.paced_link_gbps:
+        report["paced"] = paced_report(plan, results, args.paced_link_gbps)
+    return report
+
+
+def paced_report(plan, results: list[dict], gbps: float) -> dict:
+    """The reshards on paced links against the schedule's prediction at the links' bandwidth."""
+    schedule = schedule_transfers(plan, Bandwidth(p2p=gbps * 1e9, disk=gbps * 1e9))
+    (scheduled, _), (at_once, _) = group_times(results, "paced_scheduled"), group_times(results, "paced_at_once")
+    median = lambda times: round(statistics.median(times), 4)  # noqa: E731
+    return {"link_gbps": gbps, "predicted_s": round(schedule.estimated_s, 4),
+            "sequential_s": round(schedule.sequential_s, 4),
+            "scheduled_s": [round(t, 4) for t in scheduled], "at_once_s": [round(t, 4) for t in at_once],
+            "scheduled_median_s": median(scheduled), "at_once_median_s": median(at_once),
+            "scheduled_over_predicted": round(median(scheduled) / schedule.estimated_s, 2),
+            "at_once_over_predicted": round(median(at_once) / schedule.estimated_s, 2)}
 
 
 def markdown(report: dict) -> str:
@@ -271,6 +311,28 @@ bit-identical: {report['bit_identical_paths']}. The new model's pages are faulte
 allocation's cost, not the transfers').
 
 {report['dominates']}
+{paced_markdown(report.get("paced"))}"""
+
+
+def paced_markdown(paced: dict | None) -> str:
+    if not paced:
+        return ""
+    return f"""
+## The same reshards on paced links (`benchmark/paced_links.py`)
+
+Every link paced to {paced['link_gbps']} GB/s on one clock the three processes share, independent of each other (a
+worker's inbound and outbound peer traffic, its checkpoint reads), while every transfer, read and copy still runs
+for real: the links, not the two cores, decide the time, as on a GPU host. It measures the executor (does it keep
+every link busy in the schedule's order?), not the hardware.
+
+| | seconds |
+|---|---|
+| schedule's prediction at {paced['link_gbps']} GB/s (busiest link) | {paced['predicted_s']} |
+| every move in sequence | {paced['sequential_s']} |
+| reshard by the schedule, whole, median | {paced['scheduled_median_s']} ({paced['scheduled_s']}) |
+| former all-at-once reshard, whole, median | {paced['at_once_median_s']} ({paced['at_once_s']}) |
+
+Measured (median) / predicted: {paced['scheduled_over_predicted']}x by the schedule, {paced['at_once_over_predicted']}x all at once.
 """
 
 
@@ -280,10 +342,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--intermediate-size", type=int, default=4096)
     parser.add_argument("--num-layers", type=int, default=5)
     parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--paced-link-gbps", type=float, default=0.2,
+                        help="then reshard again on links paced to this bandwidth each, independent of each other "
+                             "(benchmark/paced_links.py); 0: skip")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args(argv)
     if args.reps < 1:
         parser.error("--reps must be at least 1")
+    if args.paced_link_gbps < 0:
+        parser.error("--paced-link-gbps must be 0 (skip) or more")
     args.argv = list(argv or [])
     return args
 
@@ -308,8 +375,9 @@ def main(argv: list[str] | None = None) -> dict:
     name = f"reshard_schedule_{report['date']}"
     (args.out / f"{name}.json").write_text(json.dumps(report, indent=1))
     (args.out / f"{name}.md").write_text(markdown(report))
-    print(json.dumps({k: report[k] for k in ("predicted_s", "scheduled_median_s", "at_once_median_s",
-                                             "measured_over_predicted", "bandwidth_gbps", "bit_identical_paths")}))
+    print(json.dumps({k: report.get(k) for k in ("predicted_s", "scheduled_median_s", "at_once_median_s",
+                                                 "measured_over_predicted", "bandwidth_gbps", "bit_identical_paths",
+                                                 "paced")}))
     return report
 
 
