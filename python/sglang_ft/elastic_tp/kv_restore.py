@@ -9,6 +9,8 @@ are not moved.
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -52,12 +54,58 @@ def put_rows(pool, slots: torch.Tensor, heads: slice, k_layers, v_layers) -> Non
 
 
 @torch.no_grad()
+def store_moves(plan: MigrationPlan, me: int) -> list:
+    """The KV moves this rank fills from the backup store: the lost heads, and heads that were hybrid attention's
+    remainder (their KV is spread over the old group by request, whole only in the store; the new layout's
+    remainder heads are spread by request too: hybrid_attention.py)."""
+    return [move for move in plan.moves if move.dim == "kv_heads" and (move.src is None or move.from_remainder)
+            and move.dst == me and not move.to_remainder]
+
+
+MISSED = object()  # `StorePrefetch.rows`: not asked for these slots (asked again then)
+
+
+class StorePrefetch:
+    """The backup store's rows for this rank's `store_moves`, asked for in a thread while the weights are
+    resharded (the store is another process, the wait a socket's); `restore_kv` takes them if the live slots are
+    still the ones asked for."""
+
+    def __init__(self, moves: list, fetch: Callable[[tuple[int, int], torch.Tensor], object], slots: torch.Tensor):
+        self.slots, self._rows = slots, {}
+        self._thread = threading.Thread(target=self._fetch_all, args=(moves, fetch), name="ft-kv-prefetch",
+                                        daemon=True)
+        self._thread.start()
+
+    def _fetch_all(self, moves, fetch) -> None:
+        for move in moves:
+            self._rows[move] = fetch((move.start, move.end), self.slots)
+
+    def rows(self, move, slots: torch.Tensor):
+        """What `fetch_rows` answered for `move`, or `MISSED` when the slots differ."""
+        self._thread.join()
+        if move not in self._rows or not torch.equal(slots, self.slots):
+            return MISSED
+        return self._rows[move]
+
+
+def prefetch_store_rows(plan: MigrationPlan, me: int, epoch: int, endpoint: str | None, members, allocator,
+                        dtype: torch.dtype) -> StorePrefetch | None:
+    """Ask the backup store for this rank's `store_moves` at the live slots now, in the background (None: nothing
+    to ask or no store)."""
+    moves = store_moves(plan, me)
+    if endpoint is None or not moves:
+        return None
+    fetch = lambda heads, slots: fetch_rows(endpoint, epoch, heads, slots, members, dtype)  # noqa: E731
+    return StorePrefetch(moves, fetch, live_slots(allocator))
+
+
 def restore_kv(pool, allocator, old_heads, new_heads, plan: MigrationPlan, me: int, epoch: int,
-               fetch_endpoint: str | None, members: tuple[tuple[int, int], ...] = (), group=None) -> KvRestoreStats:
+               fetch_endpoint: str | None, members: tuple[tuple[int, int], ...] = (), group=None,
+               prefetched: StorePrefetch | None = None) -> KvRestoreStats:
     """Reshape `pool` from global KV heads `old_heads` (None: a restarted worker, holding none) to `new_heads`
     and fill the live slots of every head. `members` ((worker, pid) of the new group) go to the backup store.
     Moved heads travel over `group`, the new TP group's device group (None: torch's default), on the pool's
-    device."""
+    device. `prefetched`: the store's rows asked for earlier (`StorePrefetch`)."""
     old_k, old_v = reshape_kv_heads(pool, new_heads[1] - new_heads[0])
     lo, hi = (max(old_heads[0], new_heads[0]), min(old_heads[1], new_heads[1])) if old_heads else (0, 0)
     stats = KvRestoreStats(heads_kept=max(0, hi - lo))
@@ -87,12 +135,12 @@ def restore_kv(pool, allocator, old_heads, new_heads, plan: MigrationPlan, me: i
             recvs.append((rank_of[move.src], KV_TAG_BASE + tag, buffer))
             landing.append((buffer, move))
     requests = exchange(rank_of[me], sends, recvs, group)
-    # Peer transfers are in flight; fetch the lost heads from the backup store meanwhile (and heads that were
-    # hybrid attention's remainder: their KV is spread over the old group by request, whole only in the store).
-    for move in plan.moves:
-        if move.dim == "kv_heads" and (move.src is None or move.from_remainder) and move.dst == me \
-                and not move.to_remainder:  # (the remainder heads' KV is spread by request: hybrid_attention.py)
-            _restore_from_store(pool, new_heads, move, slots, device_slots, epoch, fetch_endpoint, stats, members)
+    # Peer transfers are in flight; the backup store's rows meanwhile (asked for earlier where prefetched)
+    for move in store_moves(plan, me):
+        fetched = prefetched.rows(move, slots) if prefetched is not None else MISSED
+        if fetched is MISSED:
+            fetched = fetch_rows(fetch_endpoint, epoch, (move.start, move.end), slots, members, pool.k_buffer[0].dtype)
+        _restore_from_store(pool, new_heads, move, slots, device_slots, fetched, stats)
     wait_all(requests)
     for buffer, move in landing:
         put_rows(pool, device_slots, _local(new_heads, move.start, move.end), buffer[0], buffer[1])
@@ -115,9 +163,9 @@ def fetch_rows(endpoint: str | None, epoch: int, heads, slots: torch.Tensor, mem
             torch.stack([rows_from_raw(layer, dtype) for layer in v]), found)
 
 
-def _restore_from_store(pool, new_heads, move, slots, device_slots, epoch, endpoint, stats, members) -> None:
+def _restore_from_store(pool, new_heads, move, slots, device_slots, fetched, stats) -> None:
+    """Put the store's rows of `move` (`fetch_rows`' answer) in the pool; count what it lacked."""
     heads = move.end - move.start
-    fetched = fetch_rows(endpoint, epoch, (move.start, move.end), slots, members, pool.k_buffer[0].dtype)
     if fetched is None:
         stats.rows_missing += heads * len(slots)
         stats.lacking.append(slots)

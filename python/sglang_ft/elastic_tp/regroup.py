@@ -132,7 +132,7 @@ def regroup_in_place(ft_worker, order: Regroup) -> RegroupDone:
     from sglang_ft.distributed.standby_groups import build_groups, form_next
     from sglang_ft.distributed_state import install_layout
     from sglang_ft.elastic_tp.groups import describe_last_rebuild
-    from sglang_ft.elastic_tp.kv_restore import reshape_kv_heads, restore_kv
+    from sglang_ft.elastic_tp.kv_restore import prefetch_store_rows, reshape_kv_heads, restore_kv
     from sglang_ft.elastic_tp.lockstep_check import agree_or_flush, fingerprint
     from sglang_ft.elastic_tp.park_requests import park_every_request
     from sglang_ft.elastic_tp.partial_restore import keep_held_prefixes
@@ -194,7 +194,11 @@ def regroup_in_place(ft_worker, order: Regroup) -> RegroupDone:
         recomputed = kv_tokens
     clock.done("lockstep_check", "(the schedulers differed: radix caches flushed)" if differed else "")
 
-    install_layout(plan.layout)
+    store = ft_worker.ft.kv_fetch_endpoint if ft_worker.kv_stream and order.kv_store_alive else None
+    members = tuple(zip(order.workers, order.pids))
+    prefetch = prefetch_store_rows(plan, me, order.epoch, store, members, scheduler.token_to_kv_pool_allocator,
+                                   runner.token_to_kv_pool.k_buffer[0].dtype) if kv_was_intact else None
+    install_layout(plan.layout)  # the store's rows for the lost heads come meanwhile
     new_model = build_model_like(old_model, runner)
     device_group = scheduler.tp_group.device_group  # the transfers' tensors live on the model's device
     stats = reshard(old_model, new_model, plan, me, runner.model_config.model_path, first.held.get(me),
@@ -212,8 +216,7 @@ def regroup_in_place(ft_worker, order: Regroup) -> RegroupDone:
     kv = None
     if kv_was_intact:
         kv = restore_kv(pool, scheduler.token_to_kv_pool_allocator, old_heads, new_heads, plan, me, order.epoch,
-                        ft_worker.ft.kv_fetch_endpoint if ft_worker.kv_stream and order.kv_store_alive else None,
-                        tuple(zip(order.workers, order.pids)), group=device_group)
+                        store, members, group=device_group, prefetched=prefetch)
     else:  # an earlier attempt stopped half way through the KV: its contents cannot be trusted
         reshape_kv_heads(pool, new_heads[1] - new_heads[0])
     if ft_worker.kv_stream is not None:
