@@ -53,7 +53,6 @@ def put_rows(pool, slots: torch.Tensor, heads: slice, k_layers, v_layers) -> Non
         pool.v_buffer[layer][slots, heads] = v.to(pool.v_buffer[layer].device)
 
 
-@torch.no_grad()
 def store_moves(plan: MigrationPlan, me: int) -> list:
     """The KV moves this rank fills from the backup store: the lost heads, and heads that were hybrid attention's
     remainder (their KV is spread over the old group by request, whole only in the store; the new layout's
@@ -99,6 +98,7 @@ def prefetch_store_rows(plan: MigrationPlan, me: int, epoch: int, endpoint: str 
     return StorePrefetch(moves, fetch, live_slots(allocator))
 
 
+@torch.no_grad()
 def restore_kv(pool, allocator, old_heads, new_heads, plan: MigrationPlan, me: int, epoch: int,
                fetch_endpoint: str | None, members: tuple[tuple[int, int], ...] = (), group=None,
                prefetched: StorePrefetch | None = None) -> KvRestoreStats:
