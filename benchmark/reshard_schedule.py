@@ -124,31 +124,13 @@ def _survivor(rank: int, model_dir: str, reps: int, init_file: str, out: str, pa
             result["disk_bytes"] = sum(p.view.numel() * p.view.element_size() for p in pieces)
             del scratch, pieces
 
-    weights = {}
-    for rep in range(reps):
-        for scheduled in (True, False) if rep % 2 == 0 else (False, True):
-            new = build(plan.layout, rank)
-            for param in new.parameters():  # fault its pages in: the model's allocation, not the transfers
-                param.data.zero_()
-            gc.collect()
-            dist.barrier()
-            start = time.monotonic()
-            stats = reshard(old, new, plan, me, model_dir, held[me], scheduled=scheduled)
-            result["scheduled" if scheduled else "at_once"].append((start, time.monotonic(), stats.transfers_s))
-            result["bytes"] = {"kept": stats.bytes_kept, "p2p_in": stats.bytes_p2p_in, "disk": stats.bytes_reloaded}
-            if rep == 0:
-                weights[scheduled] = {n: p.detach() for n, p in new.named_parameters()}
-            del new
-    result["identical"] = all(torch.equal(v, weights[False][n]) for n, v in weights[True].items())
-    if paced is not None:
-        from benchmark.paced_links import PacedLinks
-
-        links = PacedLinks(*paced, me=rank)
-        links.install()
-        result["paced_scheduled"], result["paced_at_once"] = [], []
+    def timed_reshards(before_each=lambda: None):
+        """`reps` reshards by each path, alternating which goes first, each into a new model whose pages are
+        faulted in first (the model's allocation, not the transfers); yields (rep, scheduled, the new model, its
+        stats, (start, end, transfers_s))."""
         for rep in range(reps):
             for scheduled in (True, False) if rep % 2 == 0 else (False, True):
-                links.round += 1
+                before_each()
                 new = build(plan.layout, rank)
                 for param in new.parameters():
                     param.data.zero_()
@@ -156,9 +138,29 @@ def _survivor(rank: int, model_dir: str, reps: int, init_file: str, out: str, pa
                 dist.barrier()
                 start = time.monotonic()
                 stats = reshard(old, new, plan, me, model_dir, held[me], scheduled=scheduled)
-                result["paced_scheduled" if scheduled else "paced_at_once"].append(
-                    (start, time.monotonic(), stats.transfers_s))
-                del new
+                yield rep, scheduled, new, stats, (start, time.monotonic(), stats.transfers_s)
+
+    weights = {}
+    for rep, scheduled, new, stats, times in timed_reshards():
+        result["scheduled" if scheduled else "at_once"].append(times)
+        result["bytes"] = {"kept": stats.bytes_kept, "p2p_in": stats.bytes_p2p_in, "disk": stats.bytes_reloaded}
+        if rep == 0:
+            weights[scheduled] = {n: p.detach() for n, p in new.named_parameters()}
+        del new
+    result["identical"] = all(torch.equal(v, weights[False][n]) for n, v in weights[True].items())
+    if paced is not None:
+        from benchmark.paced_links import PacedLinks
+
+        links = PacedLinks(*paced, me=rank)
+        links.install()
+        result["paced_scheduled"], result["paced_at_once"] = [], []
+
+        def next_round():  # a tag names one transfer within a round
+            links.round += 1
+
+        for _rep, scheduled, new, _stats, times in timed_reshards(next_round):
+            result["paced_scheduled" if scheduled else "paced_at_once"].append(times)
+            del new
     dist.barrier()
     dist.destroy_process_group()
     Path(out).write_text(json.dumps(result))
@@ -172,6 +174,14 @@ def sequential_read_gbps(model_dir: str) -> float:
             while block := f.read(16 << 20):
                 total += len(block)
     return total / (time.monotonic() - start) / 1e9
+
+
+def median(times) -> float:
+    return round(statistics.median(times), 4)
+
+
+def listed(times) -> list[float]:
+    return [round(t, 4) for t in times]
 
 
 def group_times(results: list[dict], key: str) -> tuple[list[float], list[float]]:
@@ -223,8 +233,6 @@ def run(args: argparse.Namespace) -> dict:
     links.update({f"disk of {w}": sum(m.nbytes for m in q) for w, q in schedule.disk_queues.items()})
     (scheduled, scheduled_transfers), (at_once, at_once_transfers) = (group_times(results, "scheduled"),
                                                                       group_times(results, "at_once"))
-    median = lambda times: round(statistics.median(times), 4)  # noqa: E731
-    listed = lambda times: [round(t, 4) for t in times]  # noqa: E731
     report = {
         "date": dt.date.today().isoformat(),
         "command": "python -m benchmark.reshard_schedule " + " ".join(args.argv),
@@ -262,10 +270,9 @@ def paced_report(plan, results: list[dict], gbps: float) -> dict:
     """The reshards on paced links against the schedule's prediction at the links' bandwidth."""
     schedule = schedule_transfers(plan, Bandwidth(p2p=gbps * 1e9, disk=gbps * 1e9))
     (scheduled, _), (at_once, _) = group_times(results, "paced_scheduled"), group_times(results, "paced_at_once")
-    median = lambda times: round(statistics.median(times), 4)  # noqa: E731
     return {"link_gbps": gbps, "predicted_s": round(schedule.estimated_s, 4),
             "sequential_s": round(schedule.sequential_s, 4),
-            "scheduled_s": [round(t, 4) for t in scheduled], "at_once_s": [round(t, 4) for t in at_once],
+            "scheduled_s": listed(scheduled), "at_once_s": listed(at_once),
             "scheduled_median_s": median(scheduled), "at_once_median_s": median(at_once),
             "scheduled_over_predicted": round(median(scheduled) / schedule.estimated_s, 2),
             "at_once_over_predicted": round(median(at_once) / schedule.estimated_s, 2)}

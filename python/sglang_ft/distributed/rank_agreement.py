@@ -20,19 +20,19 @@ def all_gather_object(mine, group) -> list:
     import torch
     import torch.distributed as dist
 
-    data = pickle.dumps(mine, protocol=pickle.HIGHEST_PROTOCOL)
+    data = torch.frombuffer(bytearray(pickle.dumps(mine, protocol=pickle.HIGHEST_PROTOCOL)), dtype=torch.uint8)
     size = dist.get_world_size(group)
     slot = torch.zeros(_LENGTH_BYTES + SLOT_BYTES, dtype=torch.uint8)
     slot[:_LENGTH_BYTES] = torch.tensor([len(data)], dtype=torch.int64).view(torch.uint8)
     if len(data) <= SLOT_BYTES:
-        slot[_LENGTH_BYTES:_LENGTH_BYTES + len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        slot[_LENGTH_BYTES:_LENGTH_BYTES + len(data)] = data
     slots = [torch.empty_like(slot) for _ in range(size)]
     dist.all_gather(slots, slot, group=group)
     lengths = [int(s[:_LENGTH_BYTES].view(torch.int64)) for s in slots]
     if max(lengths) <= SLOT_BYTES:
         return [pickle.loads(s[_LENGTH_BYTES:_LENGTH_BYTES + n].numpy().tobytes()) for s, n in zip(slots, lengths)]
     whole = torch.zeros(max(lengths), dtype=torch.uint8)
-    whole[:len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    whole[:len(data)] = data
     wholes = [torch.empty_like(whole) for _ in range(size)]
     dist.all_gather(wholes, whole, group=group)
     return [pickle.loads(w[:n].numpy().tobytes()) for w, n in zip(wholes, lengths)]

@@ -112,10 +112,10 @@ def reconcile(scheduler, ledger: RequestLedger, cpu_group, everyone: list, is_so
     if not candidates:
         return len(dropped), 0
     ran = set().union(*all_gather_object(ran_here, cpu_group))
-    again = [rid for rid in candidates if rid not in ran]
+    again = set(candidates) - ran
     if not again:
         return len(dropped), 0
-    resend = list({r.rid: r for r in ledger.pulled if r.rid in set(again)}.values()) if is_source else None
+    resend = list({r.rid: r for r in ledger.pulled if r.rid in again}.values()) if is_source else None
     resend = broadcast_pyobj(resend, dist.get_rank(cpu_group), cpu_group, src=dist.get_process_group_ranks(cpu_group)[0])
     if resend:
         scheduler.process_input_requests(resend)
